@@ -1,0 +1,22 @@
+//! # fedpref-coordinator
+//!
+//! The server side of fedpref. Today it holds the command line of the privacy accountant
+//! ([`cli`]), which answers "what does this schedule spend?" and "how much noise does this
+//! budget need?" with the same code the coordinator and the devices account with. The round
+//! engine, aggregation, the store and ledger, and the gRPC services join it here (see
+//! ARCHITECTURE.md for what exists and what is planned).
+//!
+//! ```
+//! use clap::Parser;
+//! use fedpref_coordinator::cli::Cli;
+//!
+//! let cli = Cli::try_parse_from([
+//!     "fedpref-coordinator", "accountant", "epsilon", "--noise-multiplier", "1.1",
+//!     "--sampling-rate", "0.01", "--rounds", "1000", "--delta", "1e-5", "--json",
+//! ]).unwrap();
+//! let out = fedpref_coordinator::cli::run(&cli).unwrap();
+//! let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+//! assert!(v["epsilon"].as_f64().unwrap() < 2.0);
+//! ```
+
+pub mod cli;

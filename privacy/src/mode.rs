@@ -1,0 +1,351 @@
+//! The three privacy modes of fedpref, their neighbouring relations and sensitivities, and
+//! the audience each reported ε holds against.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::check;
+use crate::{OrderGrid, PrivacyError, RdpAccountant};
+
+/// Which pairs of datasets the guarantee distinguishes. The unit of privacy is always **one
+/// user** (one device's whole local dataset).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Neighbouring {
+    /// One user's data added to or removed from the population.
+    AddRemoveOne,
+    /// One user's data replaced by anything else.
+    ReplaceOne,
+}
+
+/// Who adds the noise, and so what is protected from whom. See DESIGN.md, "Privacy model".
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PrivacyMode {
+    /// **Local DP.** Each device clips its update to L2 norm C and adds N(0, (σC)²) to every
+    /// coordinate before upload.
+    ///
+    /// - Neighbouring: replace-one (the same device uploads either way; its data differs).
+    /// - Sensitivity: 2C (two clipped vectors differ by at most 2C), so the effective noise
+    ///   multiplier is σ/2 and each upload is (α, α/(2(σ/2)²))-RDP.
+    /// - Audience: anyone, the coordinator included.
+    /// - No amplification by sampling: the coordinator sees who uploaded, so each upload is
+    ///   composed at q = 1, and the rounds are the device's own uploads.
+    Local,
+    /// **Central DP.** Devices upload clipped updates; the trusted coordinator adds
+    /// N(0, (σC)²) once to the sum.
+    ///
+    /// - Neighbouring: add/remove-one user.
+    /// - Sensitivity: C, so the effective noise multiplier is σ.
+    /// - Amplified by Poisson sampling with rate q (Mironov, Talwar, Zhang 2019) against
+    ///   observers of the released models who do not learn who was sampled; composed at
+    ///   q = 1 for observers who do.
+    /// - No protection against the coordinator itself, which sees raw clipped updates.
+    Central,
+    /// **Distributed DP.** As [`PrivacyMode::Central`] (add/remove-one, sensitivity C, σ
+    /// effective), but each of the m devices in the cohort adds a share with variance
+    /// (σC)²/m and secure aggregation shows the coordinator only the sum, so the coordinator
+    /// is just another observer of the noised sum (one who knows the cohort, hence composed
+    /// without amplification).
+    Distributed,
+}
+
+impl PrivacyMode {
+    /// The neighbouring relation the mode's guarantee is stated for.
+    pub fn neighbouring(self) -> Neighbouring {
+        match self {
+            Self::Local => Neighbouring::ReplaceOne,
+            Self::Central | Self::Distributed => Neighbouring::AddRemoveOne,
+        }
+    }
+
+    /// L2 sensitivity in units of the clip norm C.
+    pub fn sensitivity(self) -> f64 {
+        match self {
+            Self::Local => 2.0,
+            Self::Central | Self::Distributed => 1.0,
+        }
+    }
+
+    /// The effective noise multiplier: configured σ over the sensitivity in units of C.
+    pub fn effective_noise_multiplier(self, noise_multiplier: f64) -> f64 {
+        noise_multiplier / self.sensitivity()
+    }
+
+    /// Whether Poisson sampling by the coordinator may be claimed as amplification.
+    pub fn amplifies_by_sampling(self) -> bool {
+        !matches!(self, Self::Local)
+    }
+
+    /// The audience an ε computed with sampling rate q holds against.
+    pub fn audience(self, sampling_rate: f64) -> Audience {
+        match self {
+            Self::Local => Audience::Anyone,
+            Self::Central | Self::Distributed if sampling_rate < 1.0 => {
+                Audience::ObserversUnawareOfParticipation
+            }
+            Self::Central | Self::Distributed => Audience::ReleaseObservers,
+        }
+    }
+
+    /// The mode's name as the CLI, the manifest and JSON spell it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Local => "local",
+            Self::Central => "central",
+            Self::Distributed => "distributed",
+        }
+    }
+}
+
+impl std::str::FromStr for PrivacyMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "local" => Ok(Self::Local),
+            "central" => Ok(Self::Central),
+            "distributed" => Ok(Self::Distributed),
+            other => Err(format!(
+                "unknown privacy mode '{other}' (expected local, central or distributed)"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for PrivacyMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Against whom an ε holds. Ordered from the widest audience to the narrowest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Audience {
+    /// Anyone who sees what left the device, the coordinator included (local DP; no
+    /// amplification claimed).
+    Anyone,
+    /// Anyone who sees the released models (or, in distributed mode, the noised sums),
+    /// including observers who know which devices took part; no amplification claimed.
+    ReleaseObservers,
+    /// Observers of the released models who do **not** learn which devices were sampled:
+    /// the only audience for which amplification by Poisson sampling holds. It also assumes
+    /// the coordinator really sampled each eligible device independently with rate q.
+    ObserversUnawareOfParticipation,
+}
+
+impl Audience {
+    /// The audience of a composition of two statements: the narrower of the two.
+    pub fn narrowest(self, other: Self) -> Self {
+        self.max(other)
+    }
+
+    /// A short identifier for JSON and the ledger.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Anyone => "anyone",
+            Self::ReleaseObservers => "release_observers",
+            Self::ObserversUnawareOfParticipation => "observers_unaware_of_participation",
+        }
+    }
+
+    /// One sentence for reports.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Self::Anyone => {
+                "holds against anyone who sees what left the device, the coordinator included"
+            }
+            Self::ReleaseObservers => {
+                "holds against anyone who sees the released models, even knowing who took part"
+            }
+            Self::ObserversUnawareOfParticipation => {
+                "holds against observers of the released models who do not learn who was sampled, \
+                 and only if devices really were Poisson-sampled with the stated rate"
+            }
+        }
+    }
+}
+
+/// One round's release as the accountant sees it: the mode, the configured σ and the
+/// sampling rate.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RoundRelease {
+    /// The privacy mode.
+    pub mode: PrivacyMode,
+    /// The configured noise multiplier σ (noise std = σ·C).
+    pub noise_multiplier: f64,
+    /// The Poisson sampling rate q; must be 1 in local mode.
+    pub sampling_rate: f64,
+}
+
+impl RoundRelease {
+    /// Validates the release and returns (q, effective σ) for the accountant.
+    pub fn effective(&self) -> Result<(f64, f64), PrivacyError> {
+        let sigma = check::positive("noise_multiplier", self.noise_multiplier)?;
+        let q = check::sampling_rate(self.sampling_rate)?;
+        if self.mode == PrivacyMode::Local && q != 1.0 {
+            return Err(PrivacyError::Unsupported(
+                "in local mode the sampling rate must be 1: the coordinator sees who uploaded, \
+                 so sampling does not amplify what it sees; count the device's own uploads as the rounds",
+            ));
+        }
+        Ok((q, self.mode.effective_noise_multiplier(sigma)))
+    }
+
+    /// The audience the release's ε holds against.
+    pub fn audience(&self) -> Audience {
+        self.mode.audience(self.sampling_rate)
+    }
+}
+
+/// An ε (or δ) with everything needed to read it: the mode, the audience and the order.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PrivacyStatement {
+    /// ε.
+    pub epsilon: f64,
+    /// δ.
+    pub delta: f64,
+    /// The Rényi order at which the conversion was tightest.
+    pub order: f64,
+    /// The privacy mode the releases were made in.
+    pub mode: PrivacyMode,
+    /// Against whom the statement holds.
+    pub audience: Audience,
+}
+
+/// ε after `rounds` identical releases, at δ.
+pub fn epsilon_after(
+    release: &RoundRelease,
+    rounds: u64,
+    delta: f64,
+    orders: &OrderGrid,
+) -> Result<PrivacyStatement, PrivacyError> {
+    let acc = composed(release, rounds, orders)?;
+    let e = acc.epsilon(delta)?;
+    Ok(PrivacyStatement {
+        epsilon: e.epsilon,
+        delta: e.delta,
+        order: e.order,
+        mode: release.mode,
+        audience: release.audience(),
+    })
+}
+
+/// δ after `rounds` identical releases, at ε.
+pub fn delta_after(
+    release: &RoundRelease,
+    rounds: u64,
+    epsilon: f64,
+    orders: &OrderGrid,
+) -> Result<PrivacyStatement, PrivacyError> {
+    let acc = composed(release, rounds, orders)?;
+    let d = acc.delta(epsilon)?;
+    Ok(PrivacyStatement {
+        epsilon: d.epsilon,
+        delta: d.delta,
+        order: d.order,
+        mode: release.mode,
+        audience: release.audience(),
+    })
+}
+
+/// The smallest configured σ for which `rounds` releases in `mode` with rate q stay within
+/// (target ε, δ). In local mode this is twice the effective σ (sensitivity 2C).
+pub fn calibrate(
+    mode: PrivacyMode,
+    target_epsilon: f64,
+    delta: f64,
+    sampling_rate: f64,
+    rounds: u64,
+    orders: &OrderGrid,
+) -> Result<(f64, PrivacyStatement), PrivacyError> {
+    // Validate q against the mode before searching.
+    let probe = RoundRelease {
+        mode,
+        noise_multiplier: 1.0,
+        sampling_rate,
+    };
+    probe.effective()?;
+    let c =
+        crate::calibrate_noise_multiplier(target_epsilon, delta, sampling_rate, rounds, orders)?;
+    let sigma = c.noise_multiplier * mode.sensitivity();
+    Ok((
+        sigma,
+        PrivacyStatement {
+            epsilon: c.epsilon,
+            delta,
+            order: c.order,
+            mode,
+            audience: probe.audience(),
+        },
+    ))
+}
+
+fn composed(
+    release: &RoundRelease,
+    rounds: u64,
+    orders: &OrderGrid,
+) -> Result<RdpAccountant, PrivacyError> {
+    if rounds == 0 {
+        return Err(PrivacyError::invalid("rounds", 0.0, "must be at least 1"));
+    }
+    let (q, sigma) = release.effective()?;
+    let mut acc = RdpAccountant::new(orders.clone());
+    acc.compose_subsampled_gaussian(q, sigma, rounds)?;
+    Ok(acc)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn local_mode_halves_sigma_and_refuses_sampling() {
+        let grid = OrderGrid::default();
+        let local = RoundRelease {
+            mode: PrivacyMode::Local,
+            noise_multiplier: 2.0,
+            sampling_rate: 1.0,
+        };
+        let central = RoundRelease {
+            mode: PrivacyMode::Central,
+            noise_multiplier: 1.0,
+            sampling_rate: 1.0,
+        };
+        let a = epsilon_after(&local, 10, 1e-5, &grid).unwrap();
+        let b = epsilon_after(&central, 10, 1e-5, &grid).unwrap();
+        assert_eq!(a.epsilon, b.epsilon);
+        assert_eq!(a.audience, Audience::Anyone);
+        assert_eq!(b.audience, Audience::ReleaseObservers);
+        let sampled = RoundRelease {
+            sampling_rate: 0.1,
+            ..local
+        };
+        let err = epsilon_after(&sampled, 10, 1e-5, &grid).unwrap_err();
+        assert!(
+            err.to_string().contains("sampling does not amplify"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn sampled_central_rounds_hold_only_for_observers_unaware_of_participation() {
+        let r = RoundRelease {
+            mode: PrivacyMode::Central,
+            noise_multiplier: 1.0,
+            sampling_rate: 0.01,
+        };
+        assert_eq!(r.audience(), Audience::ObserversUnawareOfParticipation);
+        assert_eq!(
+            Audience::Anyone.narrowest(Audience::ObserversUnawareOfParticipation),
+            Audience::ObserversUnawareOfParticipation
+        );
+    }
+
+    #[test]
+    fn local_calibration_returns_twice_the_effective_sigma() {
+        let grid = OrderGrid::default();
+        let (local, _) = calibrate(PrivacyMode::Local, 3.0, 1e-5, 1.0, 10, &grid).unwrap();
+        let (central, _) = calibrate(PrivacyMode::Central, 3.0, 1e-5, 1.0, 10, &grid).unwrap();
+        assert!((local - 2.0 * central).abs() < 1e-12 * local);
+    }
+}
