@@ -38,8 +38,8 @@
 //! - [`SecureSampler`] (production): the exact discrete Gaussian above, from ChaCha20
 //!   seeded from the operating system. Its releases are `Released<Secure>`.
 //! - [`SimulationSampler`] (simulations only): a ziggurat Gaussian from a seeded
-//!   Xoshiro256++, reproducible and cheap, added in floating point. Its releases are
-//!   `Released<Simulated>`.
+//!   Xoshiro256++, reproducible and cheap, added in floating point to the shrunk values
+//!   (no lattice rounding). Its releases are `Released<Simulated>`.
 //!
 //! Only this crate can make a `Released<Secure>`, and only from a `SecureSampler`; code that
 //! uploads or publishes takes `Released<Secure>`, so a simulation release cannot reach it.
@@ -92,12 +92,15 @@ impl Provenance for Simulated {
     const NAME: &'static str = "simulated";
 }
 
-/// A sampler that adds the mechanism's noise to a vector of lattice points. Sealed.
+/// A sampler that adds the mechanism's noise. Sealed: see [`SecureSampler`] and
+/// [`SimulationSampler`].
 pub trait GaussianSampler: sealed::Sealed {
     /// The provenance its releases carry.
     type Provenance: Provenance;
-    /// Returns `g·(n + noise)` for each lattice point n, with noise of std σC in real units.
-    fn perturb(&mut self, lattice: &[i64], grid: &Lattice) -> Vec<f64>;
+    /// Replaces each clipped value x by `(1 − η)·x` plus noise of std σC, in place.
+    fn perturb(&mut self, values: &mut [f64], lattice: &Lattice);
+    /// Returns `g·n` plus noise of std σC for each lattice point n.
+    fn perturb_points(&mut self, points: &[i64], lattice: &Lattice) -> Vec<f64>;
 }
 
 /// The lattice a release is rounded to: step g = σC/2²⁶ and the shrink η applied first.
@@ -112,9 +115,20 @@ pub struct Lattice {
 }
 
 impl Lattice {
-    fn round(&self, x: f64) -> i64 {
-        (x * (1.0 - self.shrink) / self.step).round() as i64
+    /// The lattice point nearest to `(1 − η)·x`, as an integer number of steps.
+    #[inline]
+    fn point(&self, x: f64) -> i64 {
+        round_to_integer(x * ((1.0 - self.shrink) / self.step))
     }
+}
+
+/// Round half to even by the 1.5·2⁵² trick: exact for |x| < 2⁵¹, and several times faster
+/// than `f64::round` on x86-64 without SSE4.1. Lattice coordinates are below 2³⁷ because
+/// σ ≥ 0.001 and |x| ≤ C.
+#[inline]
+fn round_to_integer(x: f64) -> i64 {
+    const MAGIC: f64 = 6_755_399_441_055_744.0; // 1.5 · 2^52
+    ((x + MAGIC) - MAGIC) as i64
 }
 
 /// The Gaussian mechanism with noise multiplier σ and clip norm C (noise std σC).
@@ -195,11 +209,9 @@ impl GaussianMechanism {
     ) -> Result<Released<S::Provenance>, PrivacyError> {
         self.check_clip(&clipped)?;
         let lattice = self.lattice(clipped.dimension())?;
-        let points: Vec<i64> = clipped.values().iter().map(|&x| lattice.round(x)).collect();
-        Ok(Released::new(
-            sampler.perturb(&points, &lattice),
-            self.noise_std(),
-        ))
+        let mut values = clipped.into_values();
+        sampler.perturb(&mut values, &lattice);
+        Ok(Released::new(values, self.noise_std()))
     }
 
     /// An empty sum of clipped updates for [`GaussianMechanism::release_sum`].
@@ -225,7 +237,7 @@ impl GaussianMechanism {
             ));
         }
         Ok(Released::new(
-            sampler.perturb(&sum.points, &sum.lattice),
+            sampler.perturb_points(&sum.points, &sum.lattice),
             self.noise_std(),
         ))
     }
@@ -264,7 +276,7 @@ impl ClippedSum {
         let rounded: Vec<i64> = clipped
             .values()
             .iter()
-            .map(|&x| self.lattice.round(weight * x))
+            .map(|&x| self.lattice.point(weight * x))
             .collect();
         let mut next = self.points.clone();
         for (total, p) in next.iter_mut().zip(rounded) {
@@ -360,13 +372,16 @@ impl SecureSampler {
 impl sealed::Sealed for SecureSampler {}
 impl GaussianSampler for SecureSampler {
     type Provenance = Secure;
-    fn perturb(&mut self, lattice: &[i64], grid: &Lattice) -> Vec<f64> {
-        lattice
+    fn perturb(&mut self, values: &mut [f64], lattice: &Lattice) {
+        for v in values {
+            let n = lattice.point(*v);
+            *v = n.saturating_add(self.gaussian.sample(&mut self.rng)) as f64 * lattice.step;
+        }
+    }
+    fn perturb_points(&mut self, points: &[i64], lattice: &Lattice) -> Vec<f64> {
+        points
             .iter()
-            .map(|&n| {
-                let z = self.gaussian.sample(&mut self.rng);
-                n.saturating_add(z) as f64 * grid.step
-            })
+            .map(|&n| n.saturating_add(self.gaussian.sample(&mut self.rng)) as f64 * lattice.step)
             .collect()
     }
 }
@@ -416,12 +431,21 @@ fn splitmix64(mut z: u64) -> u64 {
 impl sealed::Sealed for SimulationSampler {}
 impl GaussianSampler for SimulationSampler {
     type Provenance = Simulated;
-    fn perturb(&mut self, lattice: &[i64], grid: &Lattice) -> Vec<f64> {
-        lattice
+    /// Floating-point noise on the shrunk value, without rounding to the lattice: nothing a
+    /// simulation computes leaves the machine, so the rounding (a 2⁻²⁶·σC move) is skipped.
+    fn perturb(&mut self, values: &mut [f64], lattice: &Lattice) {
+        let keep = 1.0 - lattice.shrink;
+        for v in values {
+            let z: f64 = StandardNormal.sample(&mut self.rng);
+            *v = *v * keep + lattice.noise_std * z;
+        }
+    }
+    fn perturb_points(&mut self, points: &[i64], lattice: &Lattice) -> Vec<f64> {
+        points
             .iter()
             .map(|&n| {
                 let z: f64 = StandardNormal.sample(&mut self.rng);
-                n as f64 * grid.step + grid.noise_std * z
+                n as f64 * lattice.step + lattice.noise_std * z
             })
             .collect()
     }
