@@ -44,9 +44,27 @@ pub struct DeltaAtOrder {
 /// assert!(e.epsilon > 1.0 && e.epsilon < 2.0);
 /// ```
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "RdpAccountantRepr")]
 pub struct RdpAccountant {
     orders: OrderGrid,
     rdp: Vec<f64>,
+}
+
+/// The serialised form, validated on the way in: persisted state that is corrupt (a NaN,
+/// a negative RDP, a length that does not match the grid) must not under-report spend.
+#[derive(Deserialize)]
+struct RdpAccountantRepr {
+    orders: OrderGrid,
+    rdp: Vec<f64>,
+}
+
+impl TryFrom<RdpAccountantRepr> for RdpAccountant {
+    type Error = PrivacyError;
+    fn try_from(r: RdpAccountantRepr) -> Result<Self, Self::Error> {
+        let mut acc = RdpAccountant::new(r.orders);
+        acc.compose_rdp(&r.rdp, 1)?;
+        Ok(acc)
+    }
 }
 
 impl Default for RdpAccountant {
@@ -205,9 +223,20 @@ pub fn calibrate_noise_multiplier(
         }
         at_hi = eps(hi)?;
     }
-    while lo > 1e-9 && eps(lo)?.epsilon <= target {
+    // No search below the smallest σ the mechanism accepts.
+    let floor = crate::noise::MIN_NOISE_MULTIPLIER;
+    while lo > floor && eps(lo)?.epsilon <= target {
         hi = lo;
-        lo /= 2.0;
+        lo = (lo / 2.0).max(floor);
+    }
+    if lo == floor && eps(lo)?.epsilon <= target {
+        // Even the smallest usable σ meets the target.
+        let at = eps(lo)?;
+        return Ok(Calibration {
+            noise_multiplier: lo,
+            epsilon: at.epsilon,
+            order: at.order,
+        });
     }
     at_hi = eps(hi)?;
     while (hi - lo) > 1e-12 * hi {
@@ -252,6 +281,35 @@ mod tests {
         assert!(e.to_string().contains("noise_multiplier"), "{e}");
         let e = a.epsilon(1.0).unwrap_err();
         assert!(e.to_string().contains("delta"), "{e}");
+    }
+
+    #[test]
+    fn corrupt_serialised_state_is_refused() {
+        let mut a = RdpAccountant::default();
+        a.compose_gaussian(2.0, 3).unwrap();
+        let json = serde_json_roundtrip(&a);
+        assert_eq!(json, a);
+        let text = format!("{{\"orders\":[2.0,3.0],\"rdp\":[{},-1.0]}}", 0.5);
+        assert!(serde_json::from_str::<RdpAccountant>(&text).is_err());
+        let text = "{\"orders\":[2.0,3.0],\"rdp\":[0.5]}";
+        assert!(serde_json::from_str::<RdpAccountant>(text).is_err());
+    }
+
+    fn serde_json_roundtrip(a: &RdpAccountant) -> RdpAccountant {
+        serde_json::from_str(&serde_json::to_string(a).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn calibration_does_not_search_below_the_mechanisms_smallest_sigma() {
+        let c = calibrate_noise_multiplier(1e9, 1e-5, 1.0, 1, &OrderGrid::default()).unwrap();
+        assert!(c.noise_multiplier >= crate::noise::MIN_NOISE_MULTIPLIER);
+    }
+
+    #[test]
+    fn tiny_sigma_gives_a_finite_answer_quickly_instead_of_exhausting_memory() {
+        let mut a = RdpAccountant::default();
+        a.compose_subsampled_gaussian(0.5, 1e-4, 1).unwrap();
+        assert!(a.epsilon(1e-5).unwrap().epsilon > 100.0);
     }
 
     #[test]

@@ -26,6 +26,7 @@ use crate::{
 /// assert!(budget.spend(&round).is_err());
 /// ```
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "BudgetRepr")]
 pub struct Budget {
     epsilon: f64,
     delta: f64,
@@ -33,6 +34,29 @@ pub struct Budget {
     rounds: u64,
     mode: Option<PrivacyMode>,
     audience: Audience,
+}
+
+/// The serialised form, validated on the way in (a NaN ε would otherwise never be exceeded).
+#[derive(Deserialize)]
+struct BudgetRepr {
+    epsilon: f64,
+    delta: f64,
+    accountant: RdpAccountant,
+    rounds: u64,
+    mode: Option<PrivacyMode>,
+    audience: Audience,
+}
+
+impl TryFrom<BudgetRepr> for Budget {
+    type Error = PrivacyError;
+    fn try_from(r: BudgetRepr) -> Result<Self, Self::Error> {
+        let mut b = Budget::with_orders(r.epsilon, r.delta, r.accountant.orders().clone())?;
+        b.accountant = r.accountant;
+        b.rounds = r.rounds;
+        b.mode = r.mode;
+        b.audience = r.audience;
+        Ok(b)
+    }
 }
 
 impl Budget {
@@ -86,18 +110,13 @@ impl Budget {
 
     /// Whether spending `next` would take ε past the budget.
     pub fn would_exceed(&self, next: &RoundRelease) -> Result<bool, PrivacyError> {
+        self.check_mode(next)?;
         Ok(self.after(next)?.0.epsilon > self.epsilon)
     }
 
     /// Spends one round, or refuses with [`PrivacyError::BudgetExceeded`] and records nothing.
     pub fn spend(&mut self, next: &RoundRelease) -> Result<PrivacyStatement, PrivacyError> {
-        if let Some(mode) = self.mode
-            && mode != next.mode
-        {
-            return Err(PrivacyError::Unsupported(
-                "a budget accounts for releases of one privacy mode only",
-            ));
-        }
+        self.check_mode(next)?;
         let (statement, accountant) = self.after(next)?;
         if statement.epsilon > self.epsilon {
             return Err(PrivacyError::BudgetExceeded {
@@ -111,6 +130,15 @@ impl Budget {
         self.mode = Some(next.mode);
         self.audience = statement.audience;
         Ok(statement)
+    }
+
+    fn check_mode(&self, next: &RoundRelease) -> Result<(), PrivacyError> {
+        match self.mode {
+            Some(mode) if mode != next.mode => Err(PrivacyError::Unsupported(
+                "a budget accounts for releases of one privacy mode only",
+            )),
+            _ => Ok(()),
+        }
     }
 
     fn after(
@@ -184,6 +212,29 @@ mod tests {
             sampling_rate: 1.0,
         };
         assert!(b.spend(&local).is_err());
+    }
+
+    #[test]
+    fn would_exceed_refuses_a_release_of_another_mode() {
+        let mut b = Budget::new(5.0, 1e-5).unwrap();
+        b.spend(&central(0.01)).unwrap();
+        let local = RoundRelease {
+            mode: PrivacyMode::Local,
+            noise_multiplier: 10.0,
+            sampling_rate: 1.0,
+        };
+        assert!(b.would_exceed(&local).is_err());
+    }
+
+    #[test]
+    fn a_persisted_budget_with_a_nan_limit_is_refused() {
+        let b = Budget::new(5.0, 1e-5).unwrap();
+        let text = serde_json::to_string(&b)
+            .unwrap()
+            .replace("\"epsilon\":5.0", "\"epsilon\":null");
+        assert!(serde_json::from_str::<Budget>(&text).is_err());
+        let back: Budget = serde_json::from_str(&serde_json::to_string(&b).unwrap()).unwrap();
+        assert_eq!(back, b);
     }
 
     #[test]

@@ -41,11 +41,21 @@ pub enum PrivacyMode {
     ///   q = 1 for observers who do.
     /// - No protection against the coordinator itself, which sees raw clipped updates.
     Central,
-    /// **Distributed DP.** As [`PrivacyMode::Central`] (add/remove-one, sensitivity C, σ
-    /// effective), but each of the m devices in the cohort adds a share with variance
-    /// (σC)²/m and secure aggregation shows the coordinator only the sum, so the coordinator
-    /// is just another observer of the noised sum (one who knows the cohort, hence composed
-    /// without amplification).
+    /// **Distributed DP** (accounting only; the noise shares and secure aggregation are not
+    /// built yet). Each device in the cohort adds a share of the noise and secure
+    /// aggregation shows the coordinator only the noised sum.
+    ///
+    /// The accountant treats it as [`PrivacyMode::Central`] (sensitivity C, effective σ),
+    /// which holds under **zero-out** neighbouring (the target's device still takes part and
+    /// contributes 0, so its own share of noise is still in the sum) **and** when the shares
+    /// of the honest devices that survive, excluding the target's, add up to at least
+    /// (σC)² of variance: shares must be sized from a guaranteed minimum of such devices
+    /// (e.g. (σC)²/(m_min − 1) each), not from the nominal cohort. Under add/remove
+    /// neighbouring, with dropouts, or with devices colluding with the server, the noise is
+    /// smaller and this statement does not hold. A sum of discrete Gaussians is not exactly a
+    /// discrete Gaussian (Kairouz, Liu, Steinke 2021); at fedpref's lattice scale the
+    /// difference is negligible but real. The coordinator knows the cohort, so no
+    /// amplification by sampling holds against it.
     Distributed,
 }
 
