@@ -14,6 +14,7 @@
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use fedpref_privacy::{OrderGrid, PrivacyMode, PrivacyStatement, RoundRelease};
+use rand_core::TryRng;
 use serde_json::json;
 
 /// The fedpref coordinator.
@@ -31,6 +32,67 @@ pub enum Command {
     /// The Rényi-DP accountant: ε for a schedule, δ for an ε, σ for a target.
     #[command(subcommand)]
     Accountant(AccountantCommand),
+    /// Training runs in a coordinator database.
+    #[command(subcommand)]
+    Run(RunCommand),
+    /// The privacy ledger.
+    #[command(subcommand)]
+    Ledger(LedgerCommand),
+}
+
+/// Run commands (offline, on the database file).
+#[derive(Debug, Subcommand)]
+pub enum RunCommand {
+    /// Create a run from a manifest; prints its id.
+    Create {
+        /// The coordinator's SQLite database (created if missing).
+        #[arg(long, value_name = "PATH")]
+        db: std::path::PathBuf,
+        /// The run manifest (TOML).
+        #[arg(long, value_name = "FILE")]
+        manifest: std::path::PathBuf,
+        /// The run id (ASCII letters, digits, '-', '_'); random if absent.
+        #[arg(long)]
+        id: Option<String>,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the runs.
+    List {
+        /// The coordinator's SQLite database.
+        #[arg(long, value_name = "PATH")]
+        db: std::path::PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Ledger commands.
+#[derive(Debug, Subcommand)]
+pub enum LedgerCommand {
+    /// Recompute the hash chain and every cumulative ε; exit 1 at the first bad entry.
+    Verify {
+        /// The coordinator's SQLite database.
+        #[arg(long, value_name = "PATH")]
+        db: std::path::PathBuf,
+        /// Only this run (default: every run).
+        #[arg(long)]
+        run: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a run's entries, one canonical JSON object per line.
+    Show {
+        /// The coordinator's SQLite database.
+        #[arg(long, value_name = "PATH")]
+        db: std::path::PathBuf,
+        /// The run.
+        #[arg(long)]
+        run: String,
+    },
 }
 
 /// Accountant commands.
@@ -192,12 +254,178 @@ pub enum CliError {
     /// The command ran and failed (exit code 1).
     #[error("{0}")]
     Failed(String),
+    /// Verification found a problem: print the report, exit code 1.
+    #[error("{0}")]
+    Verification(String),
 }
 
 /// Runs a parsed command and returns what to print.
 pub fn run(cli: &Cli) -> Result<String, CliError> {
     match &cli.command {
         Command::Accountant(cmd) => run_accountant(cmd),
+        Command::Run(cmd) => run_runs(cmd),
+        Command::Ledger(cmd) => run_ledger(cmd),
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+fn open_existing(db: &std::path::Path) -> Result<crate::store::Store, CliError> {
+    if !db.exists() {
+        return Err(CliError::Usage(format!(
+            "--db {}: no such file",
+            db.display()
+        )));
+    }
+    crate::store::Store::open(db).map_err(|e| CliError::Failed(format!("{}: {e}", db.display())))
+}
+
+fn run_runs(cmd: &RunCommand) -> Result<String, CliError> {
+    match cmd {
+        RunCommand::Create {
+            db,
+            manifest,
+            id,
+            json,
+        } => {
+            let m = crate::manifest::RunManifest::from_file(manifest)
+                .map_err(|e| CliError::Failed(e.to_string()))?;
+            let id = match id {
+                Some(id) => id.clone(),
+                None => {
+                    let mut bytes = [0u8; 8];
+                    rand::rngs::SysRng
+                        .try_fill_bytes(&mut bytes)
+                        .map_err(|e| CliError::Failed(format!("random source: {e}")))?;
+                    format!("run-{}", crate::hex(&bytes))
+                }
+            };
+            let mut store = crate::store::Store::open(db)
+                .map_err(|e| CliError::Failed(format!("{}: {e}", db.display())))?;
+            crate::coordinator::create_run(&mut store, &id, &m, now_ms())
+                .map_err(|e| CliError::Failed(e.to_string()))?;
+            Ok(if *json {
+                json!({"run_id": id, "manifest_sha256": m.sha256(), "noise_multiplier": m.noise_multiplier}).to_string()
+            } else {
+                format!(
+                    "created run {id} (manifest sha256 {}, σ = {})",
+                    m.sha256(),
+                    m.noise_multiplier
+                        .map(|s| s.to_string())
+                        .unwrap_or_else(|| "none".into())
+                )
+            })
+        }
+        RunCommand::List { db, json } => {
+            let store = open_existing(db)?;
+            let runs = store.runs().map_err(|e| CliError::Failed(e.to_string()))?;
+            if *json {
+                let list: Vec<_> = runs
+                    .iter()
+                    .map(|r| {
+                        json!({"run_id": r.id, "title": r.manifest.title, "status": format!("{:?}", r.status).to_lowercase(),
+                               "rounds_committed": r.rounds_committed, "published_version": r.published_version})
+                    })
+                    .collect();
+                Ok(serde_json::Value::Array(list).to_string())
+            } else {
+                Ok(runs
+                    .iter()
+                    .map(|r| {
+                        format!(
+                            "{}\t{:?}\t{} rounds\tv{}\t{}",
+                            r.id,
+                            r.status,
+                            r.rounds_committed,
+                            r.published_version,
+                            r.manifest.title
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n"))
+            }
+        }
+    }
+}
+
+fn run_ledger(cmd: &LedgerCommand) -> Result<String, CliError> {
+    match cmd {
+        LedgerCommand::Verify { db, run, json } => {
+            let store = open_existing(db)?;
+            let ids: Vec<String> = match run {
+                Some(id) => vec![id.clone()],
+                None => store
+                    .runs()
+                    .map_err(|e| CliError::Failed(e.to_string()))?
+                    .into_iter()
+                    .map(|r| r.id)
+                    .collect(),
+            };
+            let mut lines = vec![];
+            let mut reports = vec![];
+            let mut failed = None;
+            for id in &ids {
+                let entries = store
+                    .ledger(id)
+                    .map_err(|e| CliError::Failed(e.to_string()))?;
+                match crate::ledger::verify(id, &entries) {
+                    Ok(t) => {
+                        let eps = t
+                            .cumulative_epsilon
+                            .iter()
+                            .map(|a| format!("ε = {:.6} ({})", a.epsilon, a.audience))
+                            .collect::<Vec<_>>()
+                            .join(", ");
+                        lines.push(format!(
+                            "run {id}: ok — {} entries, {} rounds committed, {} abandoned, {} at δ = {:e}, head {}",
+                            t.entries,
+                            t.rounds_committed,
+                            t.rounds_abandoned,
+                            if eps.is_empty() { "nothing spent".to_string() } else { eps },
+                            t.delta,
+                            t.head_hash
+                        ));
+                        reports.push(json!({"run_id": id, "ok": true, "totals": t}));
+                    }
+                    Err(f) => {
+                        lines.push(format!("run {id}: FAILED at {f}"));
+                        reports.push(json!({"run_id": id, "ok": false, "sequence": f.sequence, "problem": f.problem}));
+                        failed.get_or_insert(f);
+                    }
+                }
+            }
+            if ids.is_empty() {
+                lines.push("no runs".into());
+            }
+            let out = if *json {
+                serde_json::Value::Array(reports).to_string()
+            } else {
+                lines.join("\n")
+            };
+            match failed {
+                Some(_) => Err(CliError::Verification(out)),
+                None => Ok(out),
+            }
+        }
+        LedgerCommand::Show { db, run } => {
+            let store = open_existing(db)?;
+            store
+                .run(run)
+                .map_err(|e| CliError::Failed(e.to_string()))?;
+            let entries = store
+                .ledger(run)
+                .map_err(|e| CliError::Failed(e.to_string()))?;
+            Ok(entries
+                .into_iter()
+                .map(|e| e.body)
+                .collect::<Vec<_>>()
+                .join("\n"))
+        }
     }
 }
 

@@ -19,4 +19,22 @@
 //! assert!(v["epsilon"].as_f64().unwrap() < 2.0);
 //! ```
 
+pub mod aggregation;
 pub mod cli;
+pub mod coordinator;
+pub mod engine;
+pub mod ledger;
+pub mod manifest;
+pub mod model;
+pub mod store;
+
+/// Lower-case hex of a byte string.
+pub fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
+}

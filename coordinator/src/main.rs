@@ -13,6 +13,10 @@ fn main() {
                 .error(clap::error::ErrorKind::ValueValidation, message)
                 .exit()
         }
+        Err(CliError::Verification(report)) => {
+            println!("{report}");
+            std::process::exit(1)
+        }
         Err(CliError::Failed(message)) => {
             eprintln!("error: {message}");
             std::process::exit(1)

@@ -1,0 +1,305 @@
+//! The durable driver: round engines for every run, persisted in the [`Store`], noised with
+//! the production [`SecureSampler`] only.
+//!
+//! [`Coordinator::handle`] passes an event to the run's engine and carries out what the
+//! engine asks, in order: a `CommitRound` is one store transaction (ledger entry, model
+//! version, participations, counters); the `PublishModel` that follows is a second one. On
+//! [`Coordinator::open`], a version that was committed but not published (the process died
+//! in between) is published; nothing is spent again, because the spend was recorded with the
+//! commit and the engines' budgets are rebuilt from the committed rounds.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use fedpref_privacy::{OrderGrid, SecureSampler};
+use rand::SeedableRng;
+use rand::rngs::{ChaCha20Rng, SysRng};
+
+use crate::aggregation::ServerState;
+use crate::engine::{Action, AdminCommand, Engine, Event, Progress, RunState};
+use crate::ledger::LedgerEvent;
+use crate::manifest::{ManifestPrivacyMode, RunManifest};
+use crate::model::{self, ModelError};
+use crate::store::{RoundCommit, RunStatus, Store, StoreError};
+
+/// A driver failure.
+#[derive(Debug, thiserror::Error)]
+pub enum CoordinatorError {
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A stored model is unreadable.
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    /// The run does not exist (or is not loaded).
+    #[error("no run with id {0:?}")]
+    NoSuchRun(String),
+    /// The request is not allowed.
+    #[error("{0}")]
+    Refused(String),
+    /// The operating system's random source failed.
+    #[error("the operating system's random source failed")]
+    Entropy,
+}
+
+/// Points between the steps of carrying out actions, for crash tests.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stage {
+    /// A round's commit transaction is durable; its model is not yet published.
+    RoundCommitted,
+    /// The model is published.
+    ModelPublished,
+}
+
+type StageHook = Box<dyn FnMut(Stage) + Send>;
+
+/// All runs of one database, each with its engine.
+pub struct Coordinator {
+    store: Store,
+    engines: BTreeMap<String, Engine>,
+    rng: ChaCha20Rng,
+    sampler: SecureSampler,
+    hook: Option<StageHook>,
+}
+
+impl Coordinator {
+    /// Opens the database, publishes any committed-but-unpublished model versions, and
+    /// restores an engine for every run that has not stopped.
+    pub fn open(path: &Path, now_ms: i64) -> Result<Self, CoordinatorError> {
+        Self::with_store(Store::open(path)?, now_ms)
+    }
+
+    /// As [`Coordinator::open`], over an already open store.
+    pub fn with_store(mut store: Store, now_ms: i64) -> Result<Self, CoordinatorError> {
+        let mut engines = BTreeMap::new();
+        for run in store.runs()? {
+            if run.current_version > run.published_version {
+                store.publish(&run.id, run.current_version, now_ms)?;
+            }
+            if run.status == RunStatus::Stopped {
+                continue;
+            }
+            let blob = store.model(&run.id, run.current_version)?;
+            let params = model::decode(&blob, &run.manifest.model)?;
+            let server_state: ServerState = serde_json::from_str(&run.server_state)
+                .map_err(|e| StoreError::Corrupt(format!("server state of run {}: {e}", run.id)))?;
+            let state = match run.status {
+                RunStatus::Active => RunState::Active,
+                RunStatus::Paused => RunState::Paused,
+                RunStatus::Stopped => RunState::Stopped,
+            };
+            let engine = Engine::restore(
+                &run.id,
+                run.manifest.clone(),
+                Progress {
+                    state,
+                    rounds_committed: run.rounds_committed,
+                    next_round: run.next_round,
+                    current_version: run.current_version,
+                    params,
+                    server_state,
+                },
+            );
+            engines.insert(run.id.clone(), engine);
+        }
+        Ok(Self {
+            store,
+            engines,
+            rng: ChaCha20Rng::try_from_rng(&mut SysRng).map_err(|_| CoordinatorError::Entropy)?,
+            sampler: SecureSampler::from_os().map_err(|_| CoordinatorError::Entropy)?,
+            hook: None,
+        })
+    }
+
+    /// Calls `hook` between the steps of carrying out actions (crash tests abort there).
+    pub fn set_stage_hook(&mut self, hook: impl FnMut(Stage) + Send + 'static) {
+        self.hook = Some(Box::new(hook));
+    }
+
+    /// The store, for reads.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// A run's engine.
+    pub fn engine(&self, run_id: &str) -> Option<&Engine> {
+        self.engines.get(run_id)
+    }
+
+    /// Creates a run from a validated manifest: initial model (seeded from the manifest's
+    /// `seed`, or randomly), the `run_created` ledger entry, and its engine.
+    pub fn create_run(
+        &mut self,
+        run_id: &str,
+        manifest: RunManifest,
+        now_ms: i64,
+    ) -> Result<(), CoordinatorError> {
+        create_run(&mut self.store, run_id, &manifest, now_ms)?;
+        let record = self.store.run(run_id)?;
+        let params = model::decode(&self.store.model(run_id, 0)?, &record.manifest.model)?;
+        self.engines.insert(
+            run_id.to_string(),
+            Engine::new(run_id, record.manifest, params),
+        );
+        Ok(())
+    }
+
+    /// Passes an event to a run's engine and carries out its actions. Returns the actions
+    /// the service layer answers devices and operators with (tasks, rejections, …).
+    pub fn handle(
+        &mut self,
+        run_id: &str,
+        event: Event,
+        now_ms: i64,
+    ) -> Result<Vec<Action>, CoordinatorError> {
+        let engine = self
+            .engines
+            .get_mut(run_id)
+            .ok_or_else(|| CoordinatorError::NoSuchRun(run_id.to_string()))?;
+        let actions = engine.handle(event, now_ms, &mut self.rng, &mut self.sampler);
+        for action in &actions {
+            self.execute(run_id, action, now_ms)?;
+        }
+        Ok(actions)
+    }
+
+    /// A rollback, reading the earlier version's parameters from the store.
+    pub fn rollback(
+        &mut self,
+        run_id: &str,
+        to_version: u64,
+        now_ms: i64,
+    ) -> Result<Vec<Action>, CoordinatorError> {
+        let record = self.store.run(run_id)?;
+        let params = model::decode(
+            &self.store.model(run_id, to_version)?,
+            &record.manifest.model,
+        )?;
+        self.handle(
+            run_id,
+            Event::Admin(AdminCommand::Rollback { to_version, params }),
+            now_ms,
+        )
+    }
+
+    /// Ticks every loaded run.
+    pub fn tick_all(&mut self, now_ms: i64) -> Result<(), CoordinatorError> {
+        let ids: Vec<String> = self.engines.keys().cloned().collect();
+        for id in ids {
+            self.handle(&id, Event::Tick, now_ms)?;
+        }
+        Ok(())
+    }
+
+    fn stage(&mut self, stage: Stage) {
+        if let Some(hook) = self.hook.as_mut() {
+            hook(stage);
+        }
+    }
+
+    fn execute(
+        &mut self,
+        run_id: &str,
+        action: &Action,
+        now_ms: i64,
+    ) -> Result<(), CoordinatorError> {
+        match action {
+            Action::CommitRound(outcome) => {
+                self.store.commit_round(&RoundCommit {
+                    run_id,
+                    round: outcome.round,
+                    participants: &outcome.participants,
+                    model: &outcome.model,
+                    server_state: &outcome.server_state,
+                    event: outcome.event.clone(),
+                    stop: outcome.stop.clone(),
+                    at_ms: now_ms,
+                })?;
+                self.stage(Stage::RoundCommitted);
+            }
+            Action::PublishModel { version } => {
+                self.store.publish(run_id, *version, now_ms)?;
+                self.stage(Stage::ModelPublished);
+            }
+            Action::AbandonRound {
+                round,
+                contributions,
+                reason,
+            } => self
+                .store
+                .abandon_round(run_id, *round, *contributions, reason, now_ms)?,
+            Action::StatusChanged { status, event } => {
+                let status = match status {
+                    RunState::Active => RunStatus::Active,
+                    RunState::Paused => RunStatus::Paused,
+                    RunState::Stopped => RunStatus::Stopped,
+                };
+                self.store
+                    .set_status(run_id, status, event.clone(), now_ms)?;
+            }
+            Action::RolledBack {
+                to_version,
+                model,
+                server_state,
+                ..
+            } => self
+                .store
+                .rollback(run_id, *to_version, model, server_state, now_ms)?,
+            Action::SendTask(_)
+            | Action::ComeBackLater { .. }
+            | Action::Reject { .. }
+            | Action::UpdateAccepted { .. }
+            | Action::AdminRefused { .. } => {}
+        }
+        Ok(())
+    }
+}
+
+/// Creates a run in the store (offline: `fedpref-coordinator run create`). Refuses privacy
+/// mode `none`, which exists for simulations only.
+pub fn create_run(
+    store: &mut Store,
+    run_id: &str,
+    manifest: &RunManifest,
+    now_ms: i64,
+) -> Result<(), CoordinatorError> {
+    if manifest.privacy_mode == ManifestPrivacyMode::None {
+        return Err(CoordinatorError::Refused(
+            "privacy_mode = \"none\" is for simulations only; a coordinator run needs local or central".into(),
+        ));
+    }
+    if run_id.is_empty()
+        || !run_id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        return Err(CoordinatorError::Refused(format!(
+            "run id {run_id:?} must be non-empty ASCII letters, digits, '-' or '_'"
+        )));
+    }
+    let seed = match manifest.seed {
+        Some(s) => s,
+        None => {
+            let mut rng =
+                ChaCha20Rng::try_from_rng(&mut SysRng).map_err(|_| CoordinatorError::Entropy)?;
+            rand_core::Rng::next_u64(&mut rng)
+        }
+    };
+    let params = model::initial_parameters(&manifest.model, seed);
+    let blob = model::encode(run_id, 0, 0, &manifest.model, &params);
+    let server_state =
+        serde_json::to_string(&ServerState::new(&manifest.server_optimizer, params.len()))
+            .expect("serialisable");
+    let created = LedgerEvent::RunCreated {
+        manifest_sha256: manifest.sha256(),
+        privacy_mode: manifest.privacy_mode.as_str().to_string(),
+        budget_epsilon: manifest.budget.epsilon,
+        budget_delta: manifest.budget.delta,
+        noise_multiplier: manifest.noise_multiplier,
+        clip_norm: manifest.clip_norm,
+        orders: OrderGrid::default().orders().to_vec(),
+        initial_model_sha256: blob.sha256.clone(),
+    };
+    store.create_run(run_id, manifest, &blob, &server_state, created, now_ms)?;
+    Ok(())
+}

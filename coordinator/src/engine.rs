@@ -1,0 +1,793 @@
+//! The round engine: a deterministic state machine with no sockets, clocks or global RNG.
+//!
+//! `Engine::handle(event, now, rng, sampler) -> Vec<Action>`. The caller passes the time, an
+//! RNG (for selection coins and task tokens: OS-seeded ChaCha20 in production, seeded in
+//! simulation) and the noise sampler; it executes the returned actions (send a task, write a
+//! ledger entry and model version, publish) and calls `handle(Event::Tick, …)` when
+//! [`Engine::next_wakeup`] has passed. The durable driver is
+//! [`crate::coordinator::Coordinator`]; simulations drive the engine directly.
+//!
+//! # Rounds
+//! A round opens when the run is active, has rounds left and no round is open — but first
+//! the engine asks the budget whether the round's release would take the run past its ε; if
+//! so the run stops with a final ledger entry instead, so a run never overspends.
+//!
+//! - **Poisson sampling** (`sampling.kind = "poisson"`): each eligible device that checks in
+//!   while the round is open is selected independently with probability q (one coin per
+//!   device per round). The amplification claim covers exactly that population: the devices
+//!   that checked in, eligible, during the round's window. It holds only against observers
+//!   who do not learn who was selected.
+//! - **Cohort** (`sampling.kind = "cohort"`): the first `target_size` eligible devices get a
+//!   task; no amplification is claimed (q = 1 in the accountant).
+//!
+//! At the deadline a round with at least `minimum_size` contributions is aggregated, its
+//! spend recorded (`Action::CommitRound`, carrying the ledger event) and its model published
+//! (`Action::PublishModel`, always after the commit); a smaller round is abandoned: nothing
+//! is released, nothing is spent, and the ledger says so.
+//!
+//! # Updates
+//! One update per device per round. Stale round ids, unknown task tokens, devices that were
+//! not selected, second uploads, wrong lengths and NaN/±∞ are rejected with a
+//! [`Rejection`] whose kind maps to a gRPC status. In central mode every update is clipped to
+//! C on the coordinator (devices are not trusted to have done it) and weighted equally; in
+//! local mode updates are weighted by their example counts.
+//!
+//! A round in flight when the process dies is simply gone: nothing of it was released or
+//! spent, and its round number is used again.
+
+use std::collections::{HashMap, HashSet};
+
+use fedpref_privacy::{Audience, Budget, GaussianSampler, OrderGrid, RdpAccountant, RoundRelease};
+use rand_core::Rng;
+
+use crate::aggregation::{AggregationPrivacy, RoundAggregator, ServerState, apply};
+use crate::ledger::{AudienceEpsilon, LedgerEvent, round_increments, tracked_audiences};
+use crate::manifest::{RunManifest, SamplingSpec};
+use crate::model::{ModelBlob, encode};
+
+/// Something that happened.
+#[derive(Clone, Debug)]
+pub enum Event {
+    /// A device asked for work.
+    CheckIn {
+        /// Its opaque id.
+        device: String,
+        /// Whether the app says it may train now (idle, charging, unmetered, budget left).
+        eligible: bool,
+    },
+    /// A device uploaded its update.
+    Update {
+        /// Its opaque id.
+        device: String,
+        /// The round it says the update is for.
+        round: u64,
+        /// The task token it was given.
+        task_token: String,
+        /// The update to the shared parameters.
+        values: Vec<f32>,
+        /// Its number of local examples.
+        examples: u64,
+    },
+    /// Time passed (deadlines are checked against `now`).
+    Tick,
+    /// An operator's command.
+    Admin(AdminCommand),
+}
+
+/// Operator commands.
+#[derive(Clone, Debug)]
+pub enum AdminCommand {
+    /// Stop opening rounds; the open round, if any, is abandoned.
+    Pause {
+        /// Why.
+        reason: String,
+    },
+    /// Open rounds again.
+    Resume,
+    /// Stop the run for good.
+    Stop {
+        /// Why.
+        reason: String,
+    },
+    /// Publish an earlier version's parameters as a new version. The spend stays.
+    Rollback {
+        /// The version to restore.
+        to_version: u64,
+        /// Its parameters (the driver reads them from the store).
+        params: Vec<f32>,
+    },
+}
+
+impl AdminCommand {
+    fn name(&self) -> &'static str {
+        match self {
+            Self::Pause { .. } => "pause",
+            Self::Resume => "resume",
+            Self::Stop { .. } => "stop",
+            Self::Rollback { .. } => "rollback (to a version of another shape)",
+        }
+    }
+}
+
+/// A task for a device.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Task {
+    /// The device.
+    pub device: String,
+    /// The round.
+    pub round: u64,
+    /// The token the upload must carry.
+    pub task_token: String,
+    /// The model version to train against.
+    pub model_version: u64,
+    /// When the upload must arrive, ms since the epoch.
+    pub deadline_ms: i64,
+}
+
+/// How a rejection maps to a status code.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RejectKind {
+    /// The request itself is malformed (`INVALID_ARGUMENT`).
+    InvalidArgument,
+    /// The request is well-formed but not allowed now (`FAILED_PRECONDITION`).
+    FailedPrecondition,
+}
+
+/// Why a request was refused.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Rejection {
+    /// The status it maps to.
+    pub kind: RejectKind,
+    /// A message naming the problem.
+    pub message: String,
+}
+
+/// What the engine asks its driver to do.
+#[derive(Clone, Debug)]
+pub enum Action {
+    /// Give a device its task.
+    SendTask(Task),
+    /// Tell a device to come back later.
+    ComeBackLater {
+        /// The device.
+        device: String,
+        /// When, ms since the epoch.
+        retry_at_ms: i64,
+        /// Why.
+        reason: String,
+    },
+    /// Refuse a request.
+    Reject {
+        /// The device.
+        device: String,
+        /// Why.
+        rejection: Rejection,
+    },
+    /// An update was accepted into the round.
+    UpdateAccepted {
+        /// The device.
+        device: String,
+        /// The round.
+        round: u64,
+    },
+    /// Durably record a round: its ledger event, participants and the model version it
+    /// produced (unpublished), in one transaction.
+    CommitRound(Box<RoundOutcome>),
+    /// Make a committed model version visible. Always comes after its `CommitRound`.
+    PublishModel {
+        /// The version.
+        version: u64,
+    },
+    /// Record that a round released nothing.
+    AbandonRound {
+        /// The round.
+        round: u64,
+        /// Updates received.
+        contributions: u64,
+        /// Why.
+        reason: String,
+    },
+    /// The run's status changed; record the ledger event.
+    StatusChanged {
+        /// The new status.
+        status: RunState,
+        /// The ledger event to append.
+        event: LedgerEvent,
+    },
+    /// An operator command that cannot be carried out now (`FAILED_PRECONDITION`).
+    AdminRefused {
+        /// Why.
+        message: String,
+    },
+    /// Store and publish a rollback.
+    RolledBack {
+        /// The restored version.
+        to_version: u64,
+        /// The new version number.
+        new_version: u64,
+        /// The new version, encoded.
+        model: ModelBlob,
+        /// The server optimiser's fresh state, as JSON.
+        server_state: String,
+    },
+}
+
+/// A committed round.
+#[derive(Clone, Debug)]
+pub struct RoundOutcome {
+    /// The round.
+    pub round: u64,
+    /// Devices aggregated.
+    pub participants: Vec<String>,
+    /// The new model version, encoded.
+    pub model: ModelBlob,
+    /// The server optimiser's state, as JSON.
+    pub server_state: String,
+    /// The `RoundCommitted` ledger event.
+    pub event: LedgerEvent,
+    /// `RunStopped` when this round completes the run.
+    pub stop: Option<LedgerEvent>,
+}
+
+/// The run's state as the engine sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RunState {
+    /// Rounds open.
+    Active,
+    /// No rounds until resumed.
+    Paused,
+    /// Done.
+    Stopped,
+}
+
+impl RunState {
+    /// Lower-case name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Active => "active",
+            Self::Paused => "paused",
+            Self::Stopped => "stopped",
+        }
+    }
+}
+
+/// Where a run stands, for [`Engine::restore`].
+#[derive(Clone, Debug)]
+pub struct Progress {
+    /// The state.
+    pub state: RunState,
+    /// Rounds committed.
+    pub rounds_committed: u64,
+    /// The next round number.
+    pub next_round: u64,
+    /// The newest model version.
+    pub current_version: u64,
+    /// That version's parameters.
+    pub params: Vec<f32>,
+    /// The server optimiser's state.
+    pub server_state: ServerState,
+}
+
+struct OpenRound {
+    round: u64,
+    deadline_ms: i64,
+    tasks: HashMap<String, String>,
+    not_selected: HashSet<String>,
+    uploaded: Vec<String>,
+    aggregator: RoundAggregator,
+}
+
+/// The round engine for one run.
+pub struct Engine {
+    run_id: String,
+    manifest: RunManifest,
+    release: Option<RoundRelease>,
+    orders: OrderGrid,
+    budget: Option<Budget>,
+    cumulative: Vec<(Audience, RdpAccountant)>,
+    state: RunState,
+    progress_rounds: u64,
+    next_round: u64,
+    version: u64,
+    params: Vec<f32>,
+    server_state: ServerState,
+    open: Option<OpenRound>,
+}
+
+impl Engine {
+    /// A fresh run at version 0 with the given initial parameters.
+    pub fn new(run_id: &str, manifest: RunManifest, params: Vec<f32>) -> Self {
+        let server_state = ServerState::new(&manifest.server_optimizer, params.len());
+        Self::restore(
+            run_id,
+            manifest,
+            Progress {
+                state: RunState::Active,
+                rounds_committed: 0,
+                next_round: 1,
+                current_version: 0,
+                params,
+                server_state,
+            },
+        )
+    }
+
+    /// An engine resumed from stored progress: the budget is rebuilt by spending the
+    /// manifest's release once per committed round, exactly as the ledger recorded it.
+    pub fn restore(run_id: &str, manifest: RunManifest, progress: Progress) -> Self {
+        let orders = OrderGrid::default();
+        let release = manifest.round_release();
+        let mut budget = release.map(|_| {
+            Budget::with_orders(
+                manifest.budget.epsilon,
+                manifest.budget.delta,
+                orders.clone(),
+            )
+            .expect("the manifest's budget is validated")
+        });
+        let mut cumulative: Vec<(Audience, RdpAccountant)> = release
+            .map(|r| {
+                tracked_audiences(&r)
+                    .into_iter()
+                    .map(|(a, _)| (a, RdpAccountant::new(orders.clone())))
+                    .collect()
+            })
+            .unwrap_or_default();
+        if let (Some(release), Some(budget)) = (release, budget.as_mut()) {
+            let increments = round_increments(&release, &orders);
+            for _ in 0..progress.rounds_committed {
+                // Restoring what was already spent: the ledger proves it fitted the budget.
+                let _ = budget.spend(&release);
+                for ((_, acc), inc) in cumulative.iter_mut().zip(&increments) {
+                    acc.compose_rdp(&inc.rdp, 1).expect("same grid");
+                }
+            }
+        }
+        Self {
+            run_id: run_id.to_string(),
+            manifest,
+            release,
+            orders,
+            budget,
+            cumulative,
+            state: progress.state,
+            progress_rounds: progress.rounds_committed,
+            next_round: progress.next_round,
+            version: progress.current_version,
+            params: progress.params,
+            server_state: progress.server_state,
+            open: None,
+        }
+    }
+
+    /// The run's state.
+    pub fn state(&self) -> RunState {
+        self.state
+    }
+
+    /// Rounds committed.
+    pub fn rounds_committed(&self) -> u64 {
+        self.progress_rounds
+    }
+
+    /// The newest model version and its parameters.
+    pub fn model(&self) -> (u64, &[f32]) {
+        (self.version, &self.params)
+    }
+
+    /// The open round's number, if any.
+    pub fn open_round(&self) -> Option<u64> {
+        self.open.as_ref().map(|r| r.round)
+    }
+
+    /// Cumulative ε per tracked audience at the run's δ.
+    pub fn spent(&self) -> Vec<AudienceEpsilon> {
+        self.cumulative
+            .iter()
+            .map(|(a, acc)| AudienceEpsilon {
+                audience: a.as_str().to_string(),
+                epsilon: acc
+                    .epsilon(self.manifest.budget.delta)
+                    .map(|e| e.epsilon)
+                    .unwrap_or(f64::INFINITY),
+            })
+            .collect()
+    }
+
+    /// When the driver must call `handle(Event::Tick, …)` next (the open round's deadline).
+    pub fn next_wakeup(&self) -> Option<i64> {
+        self.open.as_ref().map(|r| r.deadline_ms)
+    }
+
+    /// Handles one event at time `now` (ms since the epoch).
+    pub fn handle<R: Rng + ?Sized, S: GaussianSampler>(
+        &mut self,
+        event: Event,
+        now: i64,
+        rng: &mut R,
+        sampler: &mut S,
+    ) -> Vec<Action> {
+        let mut actions = vec![];
+        self.close_if_due(now, sampler, &mut actions);
+        match event {
+            Event::Tick => self.open_if_possible(now, &mut actions),
+            Event::CheckIn { device, eligible } => {
+                self.open_if_possible(now, &mut actions);
+                self.check_in(device, eligible, now, rng, &mut actions);
+            }
+            Event::Update {
+                device,
+                round,
+                task_token,
+                values,
+                examples,
+            } => self.update(device, round, &task_token, &values, examples, &mut actions),
+            Event::Admin(cmd) => self.admin(cmd, now, &mut actions),
+        }
+        actions
+    }
+
+    fn check_in<R: Rng + ?Sized>(
+        &mut self,
+        device: String,
+        eligible: bool,
+        now: i64,
+        rng: &mut R,
+        actions: &mut Vec<Action>,
+    ) {
+        let later = |reason: &str, at: i64| Action::ComeBackLater {
+            device: device.clone(),
+            retry_at_ms: at,
+            reason: reason.to_string(),
+        };
+        let Some(open) = self.open.as_mut() else {
+            let reason = match self.state {
+                RunState::Active => "no round is open",
+                RunState::Paused => "the run is paused",
+                RunState::Stopped => "the run has stopped",
+            };
+            actions.push(later(reason, now + self.manifest.sampling.round_millis()));
+            return;
+        };
+        if !eligible {
+            actions.push(later("the device is not eligible now", open.deadline_ms));
+            return;
+        }
+        if let Some(token) = open.tasks.get(&device) {
+            if open.uploaded.contains(&device) {
+                actions.push(later(
+                    "this device has already contributed to the open round",
+                    open.deadline_ms,
+                ));
+            } else {
+                actions.push(Action::SendTask(Task {
+                    device: device.clone(),
+                    round: open.round,
+                    task_token: token.clone(),
+                    model_version: self.version,
+                    deadline_ms: open.deadline_ms,
+                }));
+            }
+            return;
+        }
+        if open.not_selected.contains(&device) {
+            actions.push(later("not selected for this round", open.deadline_ms));
+            return;
+        }
+        let selected = match &self.manifest.sampling {
+            SamplingSpec::Poisson { rate, .. } => bernoulli(rng, *rate),
+            SamplingSpec::Cohort { target_size, .. } => open.tasks.len() < *target_size as usize,
+        };
+        if !selected {
+            open.not_selected.insert(device.clone());
+            actions.push(later("not selected for this round", open.deadline_ms));
+            return;
+        }
+        let token = task_token(rng);
+        open.tasks.insert(device.clone(), token.clone());
+        actions.push(Action::SendTask(Task {
+            device,
+            round: open.round,
+            task_token: token,
+            model_version: self.version,
+            deadline_ms: open.deadline_ms,
+        }));
+    }
+
+    fn update(
+        &mut self,
+        device: String,
+        round: u64,
+        task_token: &str,
+        values: &[f32],
+        examples: u64,
+        actions: &mut Vec<Action>,
+    ) {
+        let reject = |kind, message: String| Action::Reject {
+            device: device.clone(),
+            rejection: Rejection { kind, message },
+        };
+        let Some(open) = self.open.as_mut() else {
+            actions.push(reject(
+                RejectKind::FailedPrecondition,
+                format!("round {round} is not open: no round is open"),
+            ));
+            return;
+        };
+        if round != open.round {
+            actions.push(reject(
+                RejectKind::FailedPrecondition,
+                format!("stale round id {round}: round {} is open", open.round),
+            ));
+            return;
+        }
+        match open.tasks.get(&device) {
+            None => {
+                actions.push(reject(
+                    RejectKind::FailedPrecondition,
+                    format!("this device was not selected for round {round}"),
+                ));
+                return;
+            }
+            Some(t) if t.as_bytes() != task_token.as_bytes() => {
+                actions.push(reject(
+                    RejectKind::InvalidArgument,
+                    "unknown task token".into(),
+                ));
+                return;
+            }
+            Some(_) => {}
+        }
+        if open.uploaded.contains(&device) {
+            actions.push(reject(
+                RejectKind::FailedPrecondition,
+                format!("this device has already uploaded an update for round {round}"),
+            ));
+            return;
+        }
+        // Central DP weighs users equally (each contribution has sensitivity C); local and
+        // no-DP runs weigh by example count.
+        let weight = match self.manifest.aggregation_privacy() {
+            AggregationPrivacy::Central { .. } => 1.0,
+            _ => examples.max(1) as f64,
+        };
+        match open.aggregator.add(values, weight) {
+            Ok(()) => {
+                open.uploaded.push(device.clone());
+                actions.push(Action::UpdateAccepted { device, round });
+            }
+            Err(e) => actions.push(reject(RejectKind::InvalidArgument, e.to_string())),
+        }
+    }
+
+    fn admin(&mut self, cmd: AdminCommand, now: i64, actions: &mut Vec<Action>) {
+        match cmd {
+            AdminCommand::Pause { reason } if self.state == RunState::Active => {
+                self.abandon_open(now, "the run was paused", actions);
+                self.state = RunState::Paused;
+                actions.push(Action::StatusChanged {
+                    status: RunState::Paused,
+                    event: LedgerEvent::Paused { reason },
+                });
+            }
+            AdminCommand::Resume if self.state == RunState::Paused => {
+                self.state = RunState::Active;
+                actions.push(Action::StatusChanged {
+                    status: RunState::Active,
+                    event: LedgerEvent::Resumed,
+                });
+                self.open_if_possible(now, actions);
+            }
+            AdminCommand::Stop { reason } if self.state != RunState::Stopped => {
+                self.abandon_open(now, "the run was stopped", actions);
+                self.stop(reason, actions);
+            }
+            AdminCommand::Rollback { to_version, params } if params.len() == self.params.len() => {
+                self.abandon_open(now, "the model was rolled back", actions);
+                self.version += 1;
+                self.params.clone_from(&params);
+                self.server_state = ServerState::new(&self.manifest.server_optimizer, params.len());
+                let model = encode(&self.run_id, self.version, 0, &self.manifest.model, &params);
+                actions.push(Action::RolledBack {
+                    to_version,
+                    new_version: self.version,
+                    model,
+                    server_state: serde_json::to_string(&self.server_state).expect("serialisable"),
+                });
+                self.open_if_possible(now, actions);
+            }
+            other => actions.push(Action::AdminRefused {
+                message: format!(
+                    "{} is not possible while the run is {}",
+                    other.name(),
+                    self.state.as_str()
+                ),
+            }),
+        }
+    }
+
+    fn stop(&mut self, reason: String, actions: &mut Vec<Action>) {
+        self.state = RunState::Stopped;
+        actions.push(Action::StatusChanged {
+            status: RunState::Stopped,
+            event: LedgerEvent::RunStopped {
+                reason,
+                rounds_committed: self.progress_rounds,
+                cumulative_epsilon: self.spent(),
+            },
+        });
+    }
+
+    fn open_if_possible(&mut self, now: i64, actions: &mut Vec<Action>) {
+        if self.state != RunState::Active || self.open.is_some() {
+            return;
+        }
+        if self.progress_rounds >= self.manifest.rounds {
+            self.stop("completed".into(), actions);
+            return;
+        }
+        if let (Some(release), Some(budget)) = (&self.release, &self.budget)
+            && budget.would_exceed(release).unwrap_or(true)
+        {
+            let reason = format!(
+                "budget exhausted: one more round would exceed ε = {} at δ = {}",
+                self.manifest.budget.epsilon, self.manifest.budget.delta
+            );
+            self.stop(reason, actions);
+            return;
+        }
+        let aggregator = RoundAggregator::new(
+            &self.manifest.server_optimizer,
+            &self.manifest.aggregation_privacy(),
+            self.params.len(),
+        )
+        .expect("the manifest's optimiser and privacy settings are validated");
+        self.open = Some(OpenRound {
+            round: self.next_round,
+            deadline_ms: now + self.manifest.sampling.round_millis(),
+            tasks: HashMap::new(),
+            not_selected: HashSet::new(),
+            uploaded: vec![],
+            aggregator,
+        });
+    }
+
+    fn abandon_open(&mut self, _now: i64, reason: &str, actions: &mut Vec<Action>) {
+        if let Some(open) = self.open.take() {
+            actions.push(Action::AbandonRound {
+                round: open.round,
+                contributions: open.uploaded.len() as u64,
+                reason: reason.to_string(),
+            });
+            self.next_round = open.round + 1;
+        }
+    }
+
+    fn close_if_due<S: GaussianSampler>(
+        &mut self,
+        now: i64,
+        sampler: &mut S,
+        actions: &mut Vec<Action>,
+    ) {
+        let due = matches!(&self.open, Some(open) if now >= open.deadline_ms);
+        if !due {
+            return;
+        }
+        let open = self.open.take().expect("checked");
+        self.next_round = open.round + 1;
+        let minimum = self.manifest.sampling.minimum_size() as usize;
+        let contributions = open.uploaded.len();
+        if contributions < minimum {
+            actions.push(Action::AbandonRound {
+                round: open.round,
+                contributions: contributions as u64,
+                reason: format!(
+                    "{contributions} contributions at the deadline, fewer than the minimum of {minimum}"
+                ),
+            });
+            return;
+        }
+        let aggregate = match open.aggregator.finish(sampler) {
+            Ok(a) => a,
+            Err(e) => {
+                actions.push(Action::AbandonRound {
+                    round: open.round,
+                    contributions: contributions as u64,
+                    reason: format!("aggregation failed: {e}"),
+                });
+                return;
+            }
+        };
+        let mut params = self.params.clone();
+        let mut server_state = self.server_state.clone();
+        if let Err(e) = apply(
+            &self.manifest.server_optimizer,
+            &mut server_state,
+            &mut params,
+            &aggregate,
+        ) {
+            actions.push(Action::AbandonRound {
+                round: open.round,
+                contributions: contributions as u64,
+                reason: format!("the server optimiser failed: {e}"),
+            });
+            return;
+        }
+        if let (Some(release), Some(budget)) = (&self.release, self.budget.as_mut())
+            && let Err(e) = budget.spend(release)
+        {
+            // Checked when the round opened; reaching here means the manifest changed under us.
+            actions.push(Action::AbandonRound {
+                round: open.round,
+                contributions: contributions as u64,
+                reason: format!("refused by the budget: {e}"),
+            });
+            return;
+        }
+        let increments = self
+            .release
+            .map(|r| round_increments(&r, &self.orders))
+            .unwrap_or_default();
+        for ((_, acc), inc) in self.cumulative.iter_mut().zip(&increments) {
+            acc.compose_rdp(&inc.rdp, 1).expect("same grid");
+        }
+        self.params = params;
+        self.server_state = server_state;
+        self.version += 1;
+        self.progress_rounds += 1;
+        let model = encode(
+            &self.run_id,
+            self.version,
+            open.round,
+            &self.manifest.model,
+            &self.params,
+        );
+        let event = LedgerEvent::RoundCommitted {
+            round: open.round,
+            cohort_size: contributions as u64,
+            noise_multiplier: self.manifest.noise_multiplier.unwrap_or(0.0),
+            clip_norm: self.manifest.clip_norm,
+            mode: self.manifest.privacy_mode.as_str().to_string(),
+            rdp_increments: increments,
+            cumulative_epsilon: self.spent(),
+            model_version: self.version,
+            model_sha256: model.sha256.clone(),
+        };
+        let stop = (self.progress_rounds >= self.manifest.rounds).then(|| {
+            self.state = RunState::Stopped;
+            LedgerEvent::RunStopped {
+                reason: "completed".into(),
+                rounds_committed: self.progress_rounds,
+                cumulative_epsilon: self.spent(),
+            }
+        });
+        actions.push(Action::CommitRound(Box::new(RoundOutcome {
+            round: open.round,
+            participants: open.uploaded,
+            model,
+            server_state: serde_json::to_string(&self.server_state).expect("serialisable"),
+            event,
+            stop,
+        })));
+        actions.push(Action::PublishModel {
+            version: self.version,
+        });
+    }
+
+    /// The run id.
+    pub fn run_id(&self) -> &str {
+        &self.run_id
+    }
+}
+
+/// Bernoulli(p) from 53 random bits.
+fn bernoulli<R: Rng + ?Sized>(rng: &mut R, p: f64) -> bool {
+    ((rng.next_u64() >> 11) as f64) < p * (1u64 << 53) as f64
+}
+
+/// A 128-bit random task token, hex.
+fn task_token<R: Rng + ?Sized>(rng: &mut R) -> String {
+    let mut bytes = [0u8; 16];
+    rng.fill_bytes(&mut bytes);
+    crate::hex(&bytes)
+}

@@ -1,0 +1,433 @@
+//! The privacy ledger: append-only, hash-chained, re-derivable.
+//!
+//! Every entry is one [`LedgerEntry`] (run id, sequence number from 1, time, event). Its
+//! **canonical encoding** is its JSON serialisation with fields in declaration order and
+//! numbers in shortest round-trip form (`serde_json`); that text is stored verbatim. Its hash
+//! is `SHA-256(previous hash in hex ‖ "\n" ‖ canonical text)`, hex, with 64 zeros before the
+//! first entry. [`verify`] recomputes the chain and re-derives every cumulative ε from the
+//! recorded mechanism parameters with the privacy crate, so an edited, removed or reordered
+//! entry is found, and so is a cumulative ε that does not follow from the rounds.
+//!
+//! A chain can be rewritten from some entry onwards by someone with write access to the
+//! database; the hash of the head, printed in reports and kept elsewhere, is what detects that.
+
+use fedpref_privacy::{Audience, OrderGrid, PrivacyMode, RdpAccountant, RoundRelease};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// The hash before the first entry.
+pub const GENESIS_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+/// ε for one audience.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AudienceEpsilon {
+    /// The audience (`fedpref_privacy::Audience::as_str`).
+    pub audience: String,
+    /// ε at the run's δ.
+    pub epsilon: f64,
+}
+
+/// One audience's RDP increment for a round, over the run's order grid.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AudienceRdp {
+    /// The audience.
+    pub audience: String,
+    /// The sampling rate the increment was computed with (1 where no amplification holds).
+    pub sampling_rate: f64,
+    /// RDP at each order of the run's grid.
+    pub rdp: Vec<f64>,
+}
+
+/// What happened.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum LedgerEvent {
+    /// The run was created from a manifest; the initial model is version 0.
+    RunCreated {
+        /// SHA-256 of the canonical manifest.
+        manifest_sha256: String,
+        /// `none`, `local` or `central`.
+        privacy_mode: String,
+        /// Budget ε.
+        budget_epsilon: f64,
+        /// Budget δ (every ε in this ledger is at this δ).
+        budget_delta: f64,
+        /// σ (absent in mode `none`).
+        noise_multiplier: Option<f64>,
+        /// C.
+        clip_norm: f64,
+        /// The Rényi orders all RDP values in this ledger refer to.
+        orders: Vec<f64>,
+        /// SHA-256 of the initial model.
+        initial_model_sha256: String,
+    },
+    /// A round's aggregate was computed and its spend recorded. Written before the model
+    /// version it produced is published.
+    RoundCommitted {
+        /// The round number (from 1).
+        round: u64,
+        /// Devices whose updates were aggregated.
+        cohort_size: u64,
+        /// σ.
+        noise_multiplier: f64,
+        /// C.
+        clip_norm: f64,
+        /// The privacy mode.
+        mode: String,
+        /// The RDP spent this round, per audience.
+        rdp_increments: Vec<AudienceRdp>,
+        /// Cumulative ε at the run's δ after this round, per audience.
+        cumulative_epsilon: Vec<AudienceEpsilon>,
+        /// The model version the round produced (not yet published).
+        model_version: u64,
+        /// Its SHA-256.
+        model_sha256: String,
+    },
+    /// A round ended without a release: nothing was released and nothing spent.
+    RoundAbandoned {
+        /// The round number.
+        round: u64,
+        /// Updates received.
+        contributions: u64,
+        /// Why.
+        reason: String,
+    },
+    /// A model version became visible to devices.
+    ModelPublished {
+        /// The version.
+        model_version: u64,
+        /// Its SHA-256.
+        model_sha256: String,
+    },
+    /// An operator paused the run.
+    Paused {
+        /// Why, as given.
+        reason: String,
+    },
+    /// An operator resumed the run.
+    Resumed,
+    /// The model was rolled back: an earlier version's parameters were published as a new
+    /// version. Privacy already spent stays spent.
+    RolledBack {
+        /// The version whose parameters were restored.
+        to_version: u64,
+        /// The new version carrying them.
+        new_version: u64,
+        /// Its SHA-256.
+        model_sha256: String,
+    },
+    /// The run stopped; no further rounds.
+    RunStopped {
+        /// `completed`, `budget exhausted: …`, or an operator's reason.
+        reason: String,
+        /// Rounds committed.
+        rounds_committed: u64,
+        /// Final ε per audience.
+        cumulative_epsilon: Vec<AudienceEpsilon>,
+    },
+}
+
+impl LedgerEvent {
+    /// The event's kind, as stored in its own column for queries.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::RunCreated { .. } => "run_created",
+            Self::RoundCommitted { .. } => "round_committed",
+            Self::RoundAbandoned { .. } => "round_abandoned",
+            Self::ModelPublished { .. } => "model_published",
+            Self::Paused { .. } => "paused",
+            Self::Resumed => "resumed",
+            Self::RolledBack { .. } => "rolled_back",
+            Self::RunStopped { .. } => "run_stopped",
+        }
+    }
+}
+
+/// One ledger entry.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LedgerEntry {
+    /// The run.
+    pub run_id: String,
+    /// Position in the run's chain, from 1.
+    pub sequence: u64,
+    /// Milliseconds since the Unix epoch, as the coordinator's clock gave it.
+    pub at_ms: i64,
+    /// What happened.
+    pub event: LedgerEvent,
+}
+
+/// An entry as stored: its canonical text and its links.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SealedEntry {
+    /// Position in the chain.
+    pub sequence: u64,
+    /// The canonical encoding.
+    pub body: String,
+    /// The previous entry's hash (hex).
+    pub prev_hash: String,
+    /// This entry's hash (hex).
+    pub hash: String,
+}
+
+/// The canonical encoding of an entry.
+pub fn canonical(entry: &LedgerEntry) -> String {
+    serde_json::to_string(entry).expect("ledger entries always serialise")
+}
+
+/// `SHA-256(prev_hash ‖ "\n" ‖ body)`, hex.
+pub fn chain_hash(prev_hash: &str, body: &str) -> String {
+    let mut h = Sha256::new();
+    h.update(prev_hash.as_bytes());
+    h.update(b"\n");
+    h.update(body.as_bytes());
+    crate::hex(&h.finalize())
+}
+
+/// Seals an entry after `prev_hash`.
+pub fn seal(entry: &LedgerEntry, prev_hash: &str) -> SealedEntry {
+    let body = canonical(entry);
+    SealedEntry {
+        sequence: entry.sequence,
+        hash: chain_hash(prev_hash, &body),
+        prev_hash: prev_hash.to_string(),
+        body,
+    }
+}
+
+/// The audiences a run's ledger tracks, with the sampling rate each is accounted at. The
+/// first is the one the budget is enforced on.
+pub fn tracked_audiences(release: &RoundRelease) -> Vec<(Audience, f64)> {
+    match release.mode {
+        PrivacyMode::Local => vec![(Audience::Anyone, 1.0)],
+        PrivacyMode::Central | PrivacyMode::Distributed if release.sampling_rate < 1.0 => vec![
+            (
+                Audience::ObserversUnawareOfParticipation,
+                release.sampling_rate,
+            ),
+            (Audience::ReleaseObservers, 1.0),
+        ],
+        PrivacyMode::Central | PrivacyMode::Distributed => vec![(Audience::ReleaseObservers, 1.0)],
+    }
+}
+
+/// One round's RDP increments per tracked audience.
+pub fn round_increments(release: &RoundRelease, orders: &OrderGrid) -> Vec<AudienceRdp> {
+    let acc = RdpAccountant::new(orders.clone());
+    tracked_audiences(release)
+        .into_iter()
+        .map(|(audience, q)| {
+            let sigma = release
+                .mode
+                .effective_noise_multiplier(release.noise_multiplier);
+            AudienceRdp {
+                audience: audience.as_str().to_string(),
+                sampling_rate: q,
+                rdp: acc
+                    .step_rdp(q, sigma)
+                    .expect("releases are validated before they reach the ledger"),
+            }
+        })
+        .collect()
+}
+
+/// What [`verify`] re-derived from an intact chain.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct VerifiedTotals {
+    /// Entries checked.
+    pub entries: u64,
+    /// Rounds committed.
+    pub rounds_committed: u64,
+    /// Rounds abandoned.
+    pub rounds_abandoned: u64,
+    /// Re-derived cumulative ε per audience, at `delta`.
+    pub cumulative_epsilon: Vec<AudienceEpsilon>,
+    /// The run's δ.
+    pub delta: f64,
+    /// The hash of the last entry.
+    pub head_hash: String,
+}
+
+/// The first problem [`verify`] found.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+#[error("ledger entry {sequence}: {problem}")]
+pub struct VerifyFailure {
+    /// The sequence number of the first entry found wrong.
+    pub sequence: u64,
+    /// What is wrong with it.
+    pub problem: String,
+}
+
+/// Verifies one run's chain, given its stored entries in the order the store returned them
+/// (by sequence). Re-derives every RDP increment from the recorded σ, C, q and mode, and every
+/// cumulative ε from the increments.
+pub fn verify(run_id: &str, entries: &[SealedEntry]) -> Result<VerifiedTotals, VerifyFailure> {
+    let fail = |sequence: u64, problem: String| VerifyFailure { sequence, problem };
+    let mut prev_hash = GENESIS_HASH.to_string();
+    let mut grid: Option<OrderGrid> = None;
+    let mut delta = 0.0;
+    let mut totals: Vec<(String, RdpAccountant)> = vec![];
+    let mut last_eps: Vec<AudienceEpsilon> = vec![];
+    let (mut committed, mut abandoned) = (0, 0);
+    if entries.is_empty() {
+        return Err(fail(1, format!("run {run_id} has no ledger entries")));
+    }
+    for (i, stored) in entries.iter().enumerate() {
+        let expected = i as u64 + 1;
+        if stored.sequence != expected {
+            return Err(fail(
+                expected,
+                format!(
+                    "found sequence {} where {expected} was expected: an entry was removed or reordered",
+                    stored.sequence
+                ),
+            ));
+        }
+        if stored.prev_hash != prev_hash {
+            return Err(fail(
+                expected,
+                "its previous-entry hash does not match the entry before it: that entry or this one was edited, removed or reordered".into(),
+            ));
+        }
+        if chain_hash(&stored.prev_hash, &stored.body) != stored.hash {
+            return Err(fail(
+                expected,
+                "its contents do not match its hash: it was edited".into(),
+            ));
+        }
+        let entry: LedgerEntry = serde_json::from_str(&stored.body)
+            .map_err(|e| fail(expected, format!("its body is not a ledger entry: {e}")))?;
+        if entry.run_id != run_id || entry.sequence != expected {
+            return Err(fail(
+                expected,
+                "its body names another run or position".into(),
+            ));
+        }
+        match (&entry.event, expected) {
+            (
+                LedgerEvent::RunCreated {
+                    orders,
+                    budget_delta,
+                    ..
+                },
+                1,
+            ) => {
+                grid = Some(
+                    OrderGrid::new(orders.clone())
+                        .map_err(|e| fail(1, format!("bad order grid: {e}")))?,
+                );
+                delta = *budget_delta;
+            }
+            (_, 1) => return Err(fail(1, "the first entry is not run_created".into())),
+            (LedgerEvent::RunCreated { .. }, _) => {
+                return Err(fail(expected, "run_created after the first entry".into()));
+            }
+            (
+                LedgerEvent::RoundCommitted {
+                    noise_multiplier,
+                    mode,
+                    rdp_increments,
+                    cumulative_epsilon,
+                    ..
+                },
+                _,
+            ) => {
+                let grid = grid.as_ref().expect("set by the first entry");
+                let mode: PrivacyMode = mode.parse().map_err(|e: String| fail(expected, e))?;
+                let sampling_rate = rdp_increments
+                    .first()
+                    .map(|a| a.sampling_rate)
+                    .unwrap_or(1.0);
+                let release = RoundRelease {
+                    mode,
+                    noise_multiplier: *noise_multiplier,
+                    sampling_rate,
+                };
+                release
+                    .effective()
+                    .map_err(|e| fail(expected, format!("invalid release: {e}")))?;
+                let derived = round_increments(&release, grid);
+                if !same_increments(&derived, rdp_increments) {
+                    return Err(fail(
+                        expected,
+                        "its RDP increments do not follow from its σ, q and mode".into(),
+                    ));
+                }
+                if totals.is_empty() {
+                    totals = derived
+                        .iter()
+                        .map(|a| (a.audience.clone(), RdpAccountant::new(grid.clone())))
+                        .collect();
+                }
+                let mut eps = vec![];
+                for ((audience, acc), inc) in totals.iter_mut().zip(&derived) {
+                    acc.compose_rdp(&inc.rdp, 1)
+                        .map_err(|e| fail(expected, e.to_string()))?;
+                    let e = acc
+                        .epsilon(delta)
+                        .map_err(|e| fail(expected, e.to_string()))?;
+                    eps.push(AudienceEpsilon {
+                        audience: audience.clone(),
+                        epsilon: e.epsilon,
+                    });
+                }
+                if !same_epsilons(&eps, cumulative_epsilon) {
+                    return Err(fail(
+                        expected,
+                        format!(
+                            "its cumulative ε {cumulative_epsilon:?} does not follow from the rounds before it ({eps:?})"
+                        ),
+                    ));
+                }
+                last_eps = eps;
+                committed += 1;
+            }
+            (LedgerEvent::RoundAbandoned { .. }, _) => abandoned += 1,
+            (
+                LedgerEvent::RunStopped {
+                    cumulative_epsilon,
+                    rounds_committed,
+                    ..
+                },
+                _,
+            ) if *rounds_committed != committed
+                || !same_epsilons(&last_eps, cumulative_epsilon) =>
+            {
+                return Err(fail(
+                    expected,
+                    "its final totals do not match the rounds".into(),
+                ));
+            }
+            _ => {}
+        }
+        prev_hash = stored.hash.clone();
+    }
+    Ok(VerifiedTotals {
+        entries: entries.len() as u64,
+        rounds_committed: committed,
+        rounds_abandoned: abandoned,
+        cumulative_epsilon: last_eps,
+        delta,
+        head_hash: prev_hash,
+    })
+}
+
+fn close(a: f64, b: f64) -> bool {
+    a == b || (a - b).abs() <= 1e-9 * a.abs().max(b.abs())
+}
+
+fn same_increments(a: &[AudienceRdp], b: &[AudienceRdp]) -> bool {
+    a.len() == b.len()
+        && a.iter().zip(b).all(|(x, y)| {
+            x.audience == y.audience
+                && x.sampling_rate == y.sampling_rate
+                && x.rdp.len() == y.rdp.len()
+                && x.rdp.iter().zip(&y.rdp).all(|(p, q)| close(*p, *q))
+        })
+}
+
+fn same_epsilons(a: &[AudienceEpsilon], b: &[AudienceEpsilon]) -> bool {
+    a.len() == b.len()
+        && a.iter()
+            .zip(b)
+            .all(|(x, y)| x.audience == y.audience && close(x.epsilon, y.epsilon))
+}

@@ -1,0 +1,338 @@
+//! The round engine's rules, with no sockets, clocks or store.
+
+mod common;
+
+use common::{COHORT_MANIFEST, Harness};
+use fedpref_coordinator::engine::{Action, AdminCommand, Event, RejectKind, RunState};
+use fedpref_coordinator::ledger::LedgerEvent;
+use fedpref_privacy::{OrderGrid, PrivacyMode, RoundRelease, epsilon_after};
+
+fn rejection(actions: &[Action]) -> (RejectKind, String) {
+    actions
+        .iter()
+        .find_map(|a| match a {
+            Action::Reject { rejection, .. } => Some((rejection.kind, rejection.message.clone())),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("expected a rejection in {actions:?}"))
+}
+
+#[test]
+fn a_full_cohort_round_commits_its_ledger_entry_before_publishing() {
+    let mut h = Harness::new(COHORT_MANIFEST);
+    let actions = h.round(3);
+    let commit = actions
+        .iter()
+        .position(|a| matches!(a, Action::CommitRound(_)))
+        .expect("round committed");
+    let publish = actions
+        .iter()
+        .position(|a| matches!(a, Action::PublishModel { version: 1 }))
+        .expect("version 1 published");
+    assert!(commit < publish, "the commit must come first: {actions:?}");
+    let Action::CommitRound(outcome) = &actions[commit] else {
+        unreachable!()
+    };
+    assert_eq!(outcome.participants.len(), 3);
+    let LedgerEvent::RoundCommitted {
+        cumulative_epsilon,
+        cohort_size,
+        ..
+    } = &outcome.event
+    else {
+        panic!("{:?}", outcome.event)
+    };
+    assert_eq!(*cohort_size, 3);
+    assert!(cumulative_epsilon[0].epsilon > 0.0);
+    assert_eq!(h.engine.rounds_committed(), 1);
+}
+
+#[test]
+fn a_round_below_the_minimum_cohort_is_abandoned_and_spends_nothing() {
+    let mut h = Harness::new(COHORT_MANIFEST);
+    let actions = h.round(1);
+    assert!(actions.iter().any(|a| matches!(
+        a,
+        Action::AbandonRound {
+            round: 1,
+            contributions: 1,
+            ..
+        }
+    )));
+    assert!(
+        !actions
+            .iter()
+            .any(|a| matches!(a, Action::CommitRound(_) | Action::PublishModel { .. }))
+    );
+    assert!(h.engine.spent().iter().all(|a| a.epsilon == 0.0));
+    assert_eq!(h.engine.model().0, 0);
+    // The next round gets the next number.
+    let t = h.task("late").unwrap();
+    assert_eq!(t.round, 2);
+}
+
+#[test]
+fn the_cohort_is_capped_at_its_target_size() {
+    let mut h = Harness::new(COHORT_MANIFEST);
+    let tasks = (0..6)
+        .filter(|i| h.task(&format!("d{i}")).is_some())
+        .count();
+    assert_eq!(tasks, 4);
+    let later = h.check_in("d9");
+    assert!(
+        matches!(&later[0], Action::ComeBackLater { reason, .. } if reason.contains("not selected"))
+    );
+}
+
+#[test]
+fn a_second_upload_in_a_round_is_refused_with_failed_precondition() {
+    let mut h = Harness::new(COHORT_MANIFEST);
+    let dim = h.dimension();
+    let t = h.task("a").unwrap();
+    assert!(matches!(
+        h.upload(&t, vec![0.0; dim])[0],
+        Action::UpdateAccepted { .. }
+    ));
+    let (kind, msg) = rejection(&h.upload(&t, vec![0.0; dim]));
+    assert_eq!(kind, RejectKind::FailedPrecondition);
+    assert!(msg.contains("already uploaded"), "{msg}");
+}
+
+#[test]
+fn bad_uploads_are_rejected_with_a_reason() {
+    let mut h = Harness::new(COHORT_MANIFEST);
+    let dim = h.dimension();
+    let t = h.task("a").unwrap();
+
+    let mut stale = t.clone();
+    stale.round = 99;
+    let (kind, msg) = rejection(&h.upload(&stale, vec![0.0; dim]));
+    assert_eq!(
+        (kind, msg.contains("stale round id 99")),
+        (RejectKind::FailedPrecondition, true),
+        "{msg}"
+    );
+
+    let mut forged = t.clone();
+    forged.task_token = "00".into();
+    let (kind, msg) = rejection(&h.upload(&forged, vec![0.0; dim]));
+    assert_eq!(
+        (kind, msg.as_str()),
+        (RejectKind::InvalidArgument, "unknown task token")
+    );
+
+    let mut stranger = t.clone();
+    stranger.device = "never-checked-in".into();
+    let (kind, msg) = rejection(&h.upload(&stranger, vec![0.0; dim]));
+    assert_eq!(kind, RejectKind::FailedPrecondition);
+    assert!(msg.contains("not selected"), "{msg}");
+
+    let (kind, msg) = rejection(&h.upload(&t, vec![0.0; dim - 1]));
+    assert_eq!(kind, RejectKind::InvalidArgument);
+    assert!(msg.contains(&format!("{}", dim - 1)), "{msg}");
+
+    let mut nan = vec![0.0; dim];
+    nan[3] = f32::NAN;
+    let (kind, msg) = rejection(&h.upload(&t, nan));
+    assert_eq!(kind, RejectKind::InvalidArgument);
+    assert!(
+        msg.contains('3') && msg.to_lowercase().contains("nan"),
+        "{msg}"
+    );
+
+    let mut inf = vec![0.0; dim];
+    inf[0] = f32::INFINITY;
+    assert_eq!(rejection(&h.upload(&t, inf)).0, RejectKind::InvalidArgument);
+
+    // None of the bad uploads counted: a good one is still accepted.
+    assert!(matches!(
+        h.upload(&t, vec![0.0; dim])[0],
+        Action::UpdateAccepted { .. }
+    ));
+}
+
+#[test]
+fn an_ineligible_device_is_told_to_come_back() {
+    let mut h = Harness::new(COHORT_MANIFEST);
+    let a = h.send(Event::CheckIn {
+        device: "x".into(),
+        eligible: false,
+    });
+    assert!(
+        matches!(&a[0], Action::ComeBackLater { reason, .. } if reason.contains("not eligible"))
+    );
+}
+
+#[test]
+fn poisson_selection_picks_each_device_with_probability_q_once_per_round() {
+    let text = COHORT_MANIFEST.replace(
+        "kind = \"cohort\"\ntarget_size = 4\nminimum_size = 2",
+        "kind = \"poisson\"\nrate = 0.1\npopulation = 10000",
+    );
+    let mut h = Harness::new(&text);
+    let n = 10_000;
+    let selected: Vec<bool> = (0..n).map(|i| h.task(&format!("d{i}")).is_some()).collect();
+    let count = selected.iter().filter(|s| **s).count() as f64;
+    // Binomial(10000, 0.1): sd 30; allow 6 sd.
+    assert!((count - 1000.0).abs() < 180.0, "{count} selected");
+    // Asking again does not re-flip the coin.
+    for (i, s) in selected.iter().enumerate().take(200) {
+        assert_eq!(h.task(&format!("d{i}")).is_some(), *s);
+    }
+}
+
+#[test]
+fn a_run_stops_before_the_round_that_would_overspend() {
+    // ε for one central round at σ = 1, q = 1, δ = 1e-6 is about 5.9; a budget of 12 fits two.
+    let text = COHORT_MANIFEST.replace("epsilon = 20.0", "epsilon = 12.0");
+    let mut h = Harness::new(&text);
+    let mut stop_reason = None;
+    for _ in 0..5 {
+        for a in h.round(3) {
+            if let Action::StatusChanged {
+                status: RunState::Stopped,
+                event: LedgerEvent::RunStopped { reason, .. },
+            } = a
+            {
+                stop_reason = Some(reason);
+            }
+        }
+        // The stop happens when the next round would open.
+        for a in h.send(Event::Tick) {
+            if let Action::StatusChanged {
+                status: RunState::Stopped,
+                event: LedgerEvent::RunStopped { reason, .. },
+            } = a
+            {
+                stop_reason = Some(reason);
+            }
+        }
+    }
+    let release = RoundRelease {
+        mode: PrivacyMode::Central,
+        noise_multiplier: 1.0,
+        sampling_rate: 1.0,
+    };
+    let k = h.engine.rounds_committed();
+    let grid = OrderGrid::default();
+    assert!(epsilon_after(&release, k, 1e-6, &grid).unwrap().epsilon <= 12.0);
+    assert!(epsilon_after(&release, k + 1, 1e-6, &grid).unwrap().epsilon > 12.0);
+    assert_eq!(h.engine.state(), RunState::Stopped);
+    assert!(stop_reason.unwrap().starts_with("budget exhausted"));
+    assert!(h.engine.spent()[0].epsilon <= 12.0);
+}
+
+#[test]
+fn the_run_completes_after_its_rounds() {
+    let text = COHORT_MANIFEST.replace("rounds = 5", "rounds = 2");
+    let mut h = Harness::new(&text);
+    h.round(2);
+    let last = h.round(2);
+    let Some(Action::CommitRound(outcome)) =
+        last.iter().find(|a| matches!(a, Action::CommitRound(_)))
+    else {
+        panic!("{last:?}")
+    };
+    assert!(
+        matches!(&outcome.stop, Some(LedgerEvent::RunStopped { reason, rounds_committed: 2, .. }) if reason == "completed")
+    );
+    assert_eq!(h.engine.state(), RunState::Stopped);
+    assert!(h.task("late").is_none());
+}
+
+#[test]
+fn pause_abandons_the_open_round_and_resume_opens_a_new_one() {
+    let mut h = Harness::new(COHORT_MANIFEST);
+    let dim = h.dimension();
+    let t = h.task("a").unwrap();
+    h.upload(&t, vec![0.0; dim]);
+    let a = h.send(Event::Admin(AdminCommand::Pause {
+        reason: "incident".into(),
+    }));
+    assert!(matches!(
+        &a[0],
+        Action::AbandonRound {
+            round: 1,
+            contributions: 1,
+            ..
+        }
+    ));
+    assert!(
+        matches!(&a[1], Action::StatusChanged { status: RunState::Paused, event: LedgerEvent::Paused { reason } } if reason == "incident")
+    );
+    assert!(h.task("b").is_none());
+    let (kind, _) = rejection(&h.upload(&t, vec![0.0; dim]));
+    assert_eq!(kind, RejectKind::FailedPrecondition);
+    let refused = h.send(Event::Admin(AdminCommand::Pause {
+        reason: "again".into(),
+    }));
+    assert!(matches!(&refused[0], Action::AdminRefused { .. }));
+    h.send(Event::Admin(AdminCommand::Resume));
+    assert_eq!(h.task("b").unwrap().round, 2);
+    assert!(h.engine.spent().iter().all(|a| a.epsilon == 0.0));
+}
+
+#[test]
+fn rollback_publishes_old_parameters_as_a_new_version_and_keeps_the_spend() {
+    let mut h = Harness::new(COHORT_MANIFEST);
+    let v0 = h.engine.model().1.to_vec();
+    h.round(3);
+    h.round(3);
+    let spent = h.engine.spent();
+    assert_eq!(h.engine.model().0, 2);
+    let a = h.send(Event::Admin(AdminCommand::Rollback {
+        to_version: 0,
+        params: v0.clone(),
+    }));
+    assert!(a.iter().any(|x| matches!(
+        x,
+        Action::RolledBack {
+            to_version: 0,
+            new_version: 3,
+            ..
+        }
+    )));
+    assert_eq!(h.engine.model(), (3, v0.as_slice()));
+    assert_eq!(h.engine.spent(), spent);
+}
+
+#[test]
+fn the_same_seeds_give_the_same_rounds() {
+    let run = || {
+        let mut h = Harness::new(COHORT_MANIFEST);
+        for _ in 0..3 {
+            h.round(4);
+        }
+        (h.engine.model().1.to_vec(), h.engine.spent())
+    };
+    assert_eq!(run(), run());
+}
+
+#[test]
+fn central_mode_clips_every_update_on_the_coordinator() {
+    let text = COHORT_MANIFEST
+        .replace("noise_multiplier = 1.0", "noise_multiplier = 0.05")
+        .replace("epsilon = 20.0", "epsilon = 10000.0");
+    let mut h = Harness::new(&text);
+    let before = h.engine.model().1.to_vec();
+    let dim = h.dimension();
+    for name in ["a", "b"] {
+        let t = h.task(name).unwrap();
+        h.upload(&t, vec![1000.0; dim]);
+    }
+    h.finish_round();
+    let after = h.engine.model().1;
+    let moved: f64 = before
+        .iter()
+        .zip(after)
+        .map(|(a, b)| f64::from(b - a).powi(2))
+        .sum::<f64>()
+        .sqrt();
+    // Two clipped updates of norm ≤ 1 over the expected cohort of 4 move it by at most 0.5;
+    // the noise adds σC/4 = 0.0125 per coordinate, about 0.07 over 31 coordinates.
+    assert!(moved <= 0.5 + 0.3, "the model moved by {moved}");
+    assert!(
+        moved > 0.3,
+        "the clipped updates did move the model: {moved}"
+    );
+}
