@@ -1,0 +1,406 @@
+//! The `fedpref-device` command line: a reference device program for terminals, desktop
+//! developers and tests. `main.rs` only parses and dispatches to [`run`].
+//!
+//! ```text
+//! fedpref-device --store PATH ingest FILE.jsonl [--skip-invalid]
+//! fedpref-device --store PATH recommend -k N [--json]
+//! fedpref-device --store PATH profile [--json] [--set-role R | --clear-role] [--add-goal G] [--remove-goal G]
+//!                                     [--add-interest T] [--remove-interest T] [--mute-topic T] [--unmute-topic T]
+//! fedpref-device --store PATH set personalisation on|off
+//! fedpref-device --store PATH set training on|off
+//! fedpref-device --store PATH reset
+//! fedpref-device --store PATH export FILE
+//! fedpref-device --store PATH delete
+//! fedpref-device --store PATH budget [--json]
+//! fedpref-device --store PATH model import FILE.json
+//! ```
+//!
+//! `--store` may come before or after the subcommand. `--now RFC3339` replaces the clock
+//! (for reproducible sessions and tests). Usage errors exit with code 2; refused input
+//! (a bad line, a bad model file) exits with code 1 and names the line and field.
+
+use std::path::{Path, PathBuf};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::{Device, DeviceConfig, MatrixFactorization, ProfileEdit, SdkError, Timestamp};
+
+/// The fedpref reference device.
+#[derive(Debug, Parser)]
+#[command(name = "fedpref-device", version, about, propagate_version = true)]
+pub struct Cli {
+    /// The device's SQLite store (created if missing).
+    #[arg(long, global = true, value_name = "PATH")]
+    pub store: Option<PathBuf>,
+    /// Use this time instead of the clock (RFC 3339), for reproducible sessions.
+    #[arg(long, global = true, value_name = "RFC3339", value_parser = parse_time)]
+    pub now: Option<Timestamp>,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+fn parse_time(s: &str) -> Result<Timestamp, String> {
+    Timestamp::parse_rfc3339(s)
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Store the records of a JSON Lines file (catalogue, feedback, explicit data, consents).
+    Ingest {
+        /// The JSON Lines file.
+        file: PathBuf,
+        /// Store the valid lines even if some are invalid (which are reported).
+        #[arg(long)]
+        skip_invalid: bool,
+    },
+    /// Recommend N items with scores, labels and reasons.
+    Recommend {
+        /// How many items.
+        #[arg(short = 'k', value_name = "N")]
+        k: usize,
+        /// Print JSON: a list of {"item", "score", "label", "reason"}.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show (and optionally edit) the profile.
+    Profile(ProfileArgs),
+    /// Turn personalisation or training participation on or off.
+    #[command(subcommand)]
+    Set(SetCommand),
+    /// Reset the model: forget the private parameters, the inferred profile and feedback.
+    Reset,
+    /// Export everything the store holds as one JSON file.
+    Export {
+        /// Where to write it.
+        file: PathBuf,
+    },
+    /// Delete everything the store holds about the user.
+    Delete,
+    /// Show the privacy budget: ε spent and left.
+    Budget {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Manage the shared model held on the device.
+    #[command(subcommand)]
+    Model(ModelCommand),
+}
+
+/// Profile flags.
+#[derive(Debug, Args)]
+pub struct ProfileArgs {
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Set the role.
+    #[arg(long, value_name = "ROLE", conflicts_with = "clear_role")]
+    pub set_role: Option<String>,
+    /// Clear the role.
+    #[arg(long)]
+    pub clear_role: bool,
+    /// Add a goal.
+    #[arg(long, value_name = "GOAL")]
+    pub add_goal: Vec<String>,
+    /// Remove a goal.
+    #[arg(long, value_name = "GOAL")]
+    pub remove_goal: Vec<String>,
+    /// Follow a topic.
+    #[arg(long, value_name = "TOPIC")]
+    pub add_interest: Vec<String>,
+    /// Unfollow a topic.
+    #[arg(long, value_name = "TOPIC")]
+    pub remove_interest: Vec<String>,
+    /// Remove a topic from the profile: never inferred, never used to personalise.
+    #[arg(long, value_name = "TOPIC")]
+    pub mute_topic: Vec<String>,
+    /// Undo --mute-topic.
+    #[arg(long, value_name = "TOPIC")]
+    pub unmute_topic: Vec<String>,
+}
+
+/// `set` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum SetCommand {
+    /// Personalised recommendations on or off.
+    Personalisation {
+        /// on or off.
+        state: Switch,
+    },
+    /// Training participation on or off.
+    Training {
+        /// on or off.
+        state: Switch,
+    },
+}
+
+/// `model` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum ModelCommand {
+    /// Install a shared model from its JSON form (until download exists).
+    Import {
+        /// The model file: {"model_version", "factor_dimension", "global_offset", "items": [{"item", "factors", "bias"}]}.
+        file: PathBuf,
+    },
+}
+
+/// on / off.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Switch {
+    /// On.
+    On,
+    /// Off.
+    Off,
+}
+
+/// How a command failed.
+#[derive(Debug)]
+pub enum CliError {
+    /// Bad usage (exit code 2).
+    Usage(String),
+    /// Refused input or a failure (exit code 1).
+    Failed(String),
+}
+
+impl From<SdkError> for CliError {
+    fn from(e: SdkError) -> Self {
+        Self::Failed(e.to_string())
+    }
+}
+
+fn read(path: &Path) -> Result<String, CliError> {
+    std::fs::read_to_string(path)
+        .map_err(|e| CliError::Failed(format!("cannot read {}: {e}", path.display())))
+}
+
+fn to_json(value: &impl serde::Serialize) -> String {
+    serde_json::to_string_pretty(value).expect("serialisable")
+}
+
+/// Runs a command; returns what to print on standard output.
+pub fn run(cli: &Cli) -> Result<String, CliError> {
+    let store = cli
+        .store
+        .as_ref()
+        .ok_or_else(|| CliError::Usage("--store PATH is required".into()))?;
+    let now = cli.now.unwrap_or_else(Timestamp::now);
+    let mut device = Device::open(store, DeviceConfig::default())?;
+    match &cli.command {
+        Command::Ingest { file, skip_invalid } => {
+            let text = read(file)?;
+            let report = match device.ingest_jsonl(&text, *skip_invalid, now) {
+                Err(SdkError::InvalidLines(errors)) => {
+                    let mut message = format!(
+                        "{}: {} invalid line(s); nothing from the file was stored (--skip-invalid stores the valid lines)",
+                        file.display(),
+                        errors.len()
+                    );
+                    for e in &errors {
+                        message += &format!("\n  {e}");
+                    }
+                    return Err(CliError::Failed(message));
+                }
+                other => other?,
+            };
+            let mut out = format!(
+                "stored {} items, {} feedback events, {} explicit records, {} consents from {}",
+                report.items,
+                report.feedback,
+                report.explicit,
+                report.consents,
+                file.display()
+            );
+            if report.expired > 0 {
+                out += &format!(
+                    "\n{} events were already past their retention window and were not stored",
+                    report.expired
+                );
+            }
+            for e in &report.skipped {
+                out += &format!("\nskipped {e}");
+            }
+            Ok(out)
+        }
+        Command::Recommend { k, json } => {
+            let recs = device.recommend(*k, now)?;
+            if *json {
+                return Ok(serde_json::to_string(&recs).expect("serialisable"));
+            }
+            if recs.is_empty() {
+                return Ok("nothing to recommend: the catalogue is empty".into());
+            }
+            Ok(recs
+                .iter()
+                .enumerate()
+                .map(|(n, r)| {
+                    format!(
+                        "{:>3}. {:<12} {:>7.3}  {:<9}  {}",
+                        n + 1,
+                        r.item,
+                        r.score,
+                        r.reason.as_str(),
+                        r.label
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("\n"))
+        }
+        Command::Profile(args) => {
+            let mut edits = Vec::new();
+            if let Some(role) = &args.set_role {
+                edits.push(ProfileEdit::SetRole(Some(role.clone())));
+            }
+            if args.clear_role {
+                edits.push(ProfileEdit::SetRole(None));
+            }
+            edits.extend(args.add_goal.iter().cloned().map(ProfileEdit::AddGoal));
+            edits.extend(
+                args.remove_goal
+                    .iter()
+                    .cloned()
+                    .map(ProfileEdit::RemoveGoal),
+            );
+            edits.extend(
+                args.add_interest
+                    .iter()
+                    .cloned()
+                    .map(ProfileEdit::AddInterest),
+            );
+            edits.extend(
+                args.remove_interest
+                    .iter()
+                    .cloned()
+                    .map(ProfileEdit::RemoveInterest),
+            );
+            edits.extend(args.mute_topic.iter().cloned().map(ProfileEdit::MuteTopic));
+            edits.extend(
+                args.unmute_topic
+                    .iter()
+                    .cloned()
+                    .map(ProfileEdit::UnmuteTopic),
+            );
+            for edit in edits {
+                device.edit_profile(edit, now)?;
+            }
+            let p = device.profile(now)?;
+            if args.json {
+                return Ok(to_json(&p));
+            }
+            let on = |b: bool| if b { "on" } else { "off" };
+            let list = |v: &[String]| {
+                if v.is_empty() {
+                    "-".to_owned()
+                } else {
+                    v.join(", ")
+                }
+            };
+            let affinities = |v: &[crate::Affinity]| {
+                if v.is_empty() {
+                    "-".to_owned()
+                } else {
+                    v.iter()
+                        .map(|a| format!("{} ({:+.2})", a.value, a.weight))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                }
+            };
+            let consents: Vec<String> = p
+                .consents
+                .iter()
+                .map(|c| format!("{}: {}", c.topic, if c.personalise { "yes" } else { "no" }))
+                .collect();
+            let counts: Vec<String> = p
+                .feedback_counts
+                .iter()
+                .map(|(k, n)| format!("{k} {n}"))
+                .collect();
+            Ok(format!(
+                "personalisation: {}   training: {}   personalised now: {}\n\
+                 role: {}\ngoals: {}\ninterests: {}\n\
+                 inferred topics: {}\ninferred formats: {}\nactive hours (UTC): {}\n\
+                 sensitive-topic consents: {}\nmuted topics: {}\nfeedback: {}   usable examples: {}",
+                on(p.settings.personalisation),
+                on(p.settings.training),
+                if p.personalised { "yes" } else { "no" },
+                p.role.as_deref().unwrap_or("-"),
+                list(&p.goals),
+                list(&p.interests),
+                affinities(&p.inferred_topics),
+                affinities(&p.inferred_formats),
+                affinities(&p.active_hours),
+                list(&consents),
+                list(&p.muted_topics),
+                list(&counts),
+                p.examples,
+            ))
+        }
+        Command::Set(SetCommand::Personalisation { state }) => {
+            device.set_personalisation(*state == Switch::On)?;
+            Ok(format!(
+                "personalisation {}",
+                if *state == Switch::On { "on" } else { "off" }
+            ))
+        }
+        Command::Set(SetCommand::Training { state }) => {
+            device.set_training(*state == Switch::On)?;
+            Ok(format!(
+                "training participation {}",
+                if *state == Switch::On { "on" } else { "off" }
+            ))
+        }
+        Command::Reset => {
+            device.reset_model()?;
+            Ok("model reset: private parameters, inferred profile and feedback deleted".into())
+        }
+        Command::Export { file } => {
+            let doc = device.export(now)?;
+            std::fs::write(file, to_json(&doc) + "\n")
+                .map_err(|e| CliError::Failed(format!("cannot write {}: {e}", file.display())))?;
+            Ok(format!("exported to {}", file.display()))
+        }
+        Command::Delete => {
+            device.delete_everything()?;
+            Ok(format!(
+                "deleted everything about the user from {} (kept: the two switches and the privacy accountant's spend)",
+                store.display()
+            ))
+        }
+        Command::Budget { json } => {
+            let b = device.budget()?;
+            if *json {
+                return Ok(serde_json::to_string(&b).expect("serialisable"));
+            }
+            Ok(format!(
+                "ε spent {:.4} of {} at δ = {:e}; {:.4} left; {} update(s) released\n{}",
+                b.epsilon_spent,
+                b.epsilon_budget,
+                b.delta,
+                b.epsilon_remaining,
+                b.rounds,
+                if b.rounds == 0 {
+                    "nothing has left this device".to_owned()
+                } else {
+                    format!("audience: {}", b.audience)
+                }
+            ))
+        }
+        Command::Model(ModelCommand::Import { file }) => {
+            let text = read(file)?;
+            let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
+                CliError::Failed(format!("{}: not valid JSON: {e}", file.display()))
+            })?;
+            let model = MatrixFactorization::from_json(&value)
+                .map_err(|e| CliError::Failed(format!("{}: {e}", file.display())))?;
+            let summary = format!(
+                "installed model version {} ({} items, k = {})",
+                crate::PreferenceModel::version(&model),
+                crate::PreferenceModel::item_count(&model),
+                model.factor_dimension()
+            );
+            device.install_model(model)?;
+            Ok(summary)
+        }
+    }
+}

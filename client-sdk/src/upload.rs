@@ -1,0 +1,195 @@
+//! The one way an update leaves the SDK: [`Device::prepare_upload`] → [`PreparedUpload`].
+//!
+//! `prepare_upload` fits the private part, computes the dense update, **clips** it
+//! ([`fedpref_privacy::clip_l2`]), **noises** it ([`GaussianMechanism::release_update`]
+//! with a [`SecureSampler`]) and **records the spend** in the on-device accountant (the
+//! [`fedpref_privacy::Budget`] persisted in the store, committed before it returns), in
+//! that order. It refuses — and records nothing — when training participation is off,
+//! the budget would be exceeded, the privacy mode is not one the SDK can honour, the task
+//! is for another model version or there is nothing to learn from. [`PreparedUpload`] has
+//! private fields and no constructor outside this module, so holding one proves all
+//! three steps happened; the gRPC client will take nothing else.
+
+use fedpref_privacy::{
+    GaussianMechanism, PrivacyError, PrivacyMode, PrivacyStatement, Released, RoundRelease, Secure,
+    SecureSampler, clip_l2,
+};
+use fedpref_proto::TensorError;
+use fedpref_proto::v1::NamedTensor;
+use rusqlite::params;
+
+use crate::SdkError;
+use crate::device::Device;
+use crate::model::{LocalTraining, PreferenceModel, TensorLayout, local_round};
+use crate::time::Timestamp;
+
+/// What the coordinator asks of the device for one round (the task's fields).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct TrainingTask {
+    /// The round.
+    pub round_id: u64,
+    /// The shared model version to train against; must be the installed one.
+    pub model_version: u64,
+    /// Local-training hyper-parameters.
+    pub training: LocalTraining,
+    /// The clip norm C.
+    pub clip_norm: f64,
+    /// The noise multiplier σ (noise std σC on every coordinate).
+    pub noise_multiplier: f64,
+    /// The privacy mode; the SDK releases updates in [`PrivacyMode::Local`] only.
+    pub mode: PrivacyMode,
+}
+
+/// A clipped, noised update whose spend is recorded: the only thing the SDK uploads.
+/// Built only by [`Device::prepare_upload`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct PreparedUpload {
+    round_id: u64,
+    base_model_version: u64,
+    example_count: u64,
+    layout: TensorLayout,
+    released: Released<Secure>,
+    mode: PrivacyMode,
+    clip_norm: f64,
+    noise_multiplier: f64,
+    spent: PrivacyStatement,
+}
+
+impl PreparedUpload {
+    /// The round.
+    pub fn round_id(&self) -> u64 {
+        self.round_id
+    }
+    /// The model version the update was computed from.
+    pub fn base_model_version(&self) -> u64 {
+        self.base_model_version
+    }
+    /// The number of examples it was computed from (capped at `max_examples`).
+    pub fn example_count(&self) -> u64 {
+        self.example_count
+    }
+    /// The tensors' names and shapes, in order.
+    pub fn layout(&self) -> &TensorLayout {
+        &self.layout
+    }
+    /// The noised coordinates, all tensors concatenated in layout order.
+    pub fn released(&self) -> &Released<Secure> {
+        &self.released
+    }
+    /// The privacy mode applied.
+    pub fn mode(&self) -> PrivacyMode {
+        self.mode
+    }
+    /// The clip norm applied.
+    pub fn clip_norm(&self) -> f64 {
+        self.clip_norm
+    }
+    /// The noise multiplier applied.
+    pub fn noise_multiplier(&self) -> f64 {
+        self.noise_multiplier
+    }
+    /// What the user had spent after this update was recorded.
+    pub fn spent(&self) -> &PrivacyStatement {
+        &self.spent
+    }
+    /// The update as `fedpref.v1.NamedTensor`s (F64), in layout order.
+    pub fn tensors(&self) -> Result<Vec<NamedTensor>, TensorError> {
+        let mut values = self.released.values();
+        self.layout
+            .tensors()
+            .iter()
+            .map(|spec| {
+                let (head, rest) = values.split_at(spec.len());
+                values = rest;
+                NamedTensor::from_f64(spec.name.clone(), spec.shape.clone(), head)
+            })
+            .collect()
+    }
+}
+
+impl Device {
+    /// Trains locally and releases the update: fit, update, clip, noise, record — in that
+    /// order — or refuses and records nothing. See the module docs.
+    pub fn prepare_upload(
+        &mut self,
+        task: &TrainingTask,
+        now: Timestamp,
+    ) -> Result<PreparedUpload, SdkError> {
+        if !self.settings().training {
+            return Err(SdkError::TrainingOff);
+        }
+        if task.mode != PrivacyMode::Local {
+            return Err(SdkError::UnsupportedMode(task.mode));
+        }
+        task.training.validate()?;
+        let mechanism = GaussianMechanism::new(task.noise_multiplier, task.clip_norm)?;
+        let round = RoundRelease {
+            mode: task.mode,
+            noise_multiplier: task.noise_multiplier,
+            sampling_rate: 1.0,
+        };
+        if self.budget.would_exceed(&round)? {
+            // Ask before any work; `spend` below checks again before it records.
+            let mut probe = self.budget.clone();
+            return Err(SdkError::BudgetExceeded(
+                probe.spend(&round).expect_err("would_exceed said so"),
+            ));
+        }
+        let held = self.model.as_ref().map(PreferenceModel::version);
+        if held != Some(task.model_version) {
+            return Err(SdkError::ModelVersionMismatch {
+                task: task.model_version,
+                held,
+            });
+        }
+        self.purge_expired(now)?;
+        let mut examples = self.user_cache(now)?.examples.clone();
+        examples.truncate(task.training.max_examples);
+        if examples.is_empty() {
+            return Err(SdkError::NoExamples);
+        }
+        let model = self.model.as_ref().expect("checked above");
+        let (_private, update) = local_round(model, &examples, &task.training);
+        let layout = model.layout();
+        // 1. clip, 2. noise …
+        let clipped = clip_l2(update, task.clip_norm)?;
+        let released = mechanism.release_update(clipped, &mut SecureSampler::from_os()?)?;
+        // … 3. record, durably, before the update can go anywhere.
+        let mut budget = self.budget.clone();
+        let spent = budget.spend(&round).map_err(|e| match e {
+            e @ PrivacyError::BudgetExceeded { .. } => SdkError::BudgetExceeded(e),
+            e => SdkError::Privacy(e),
+        })?;
+        let tx = self.conn.transaction()?;
+        tx.execute(
+            "UPDATE privacy_budget SET budget = ?1 WHERE id = 1",
+            [serde_json::to_string(&budget).expect("budget serialises")],
+        )?;
+        tx.execute(
+            "INSERT INTO uploads (at_ms, round_id, model_version, mode, noise_multiplier, clip_norm, epsilon_after)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![
+                now.millis(),
+                task.round_id as i64,
+                task.model_version as i64,
+                task.mode.as_str(),
+                task.noise_multiplier,
+                task.clip_norm,
+                spent.epsilon
+            ],
+        )?;
+        tx.commit()?;
+        self.budget = budget;
+        Ok(PreparedUpload {
+            round_id: task.round_id,
+            base_model_version: task.model_version,
+            example_count: examples.len() as u64,
+            layout,
+            released,
+            mode: task.mode,
+            clip_norm: task.clip_norm,
+            noise_multiplier: task.noise_multiplier,
+            spent,
+        })
+    }
+}
