@@ -4,6 +4,8 @@
 //! fedpref-coordinator accountant epsilon   --noise-multiplier S --sampling-rate Q --rounds T --delta D   [--mode M] [--json]
 //! fedpref-coordinator accountant delta     --noise-multiplier S --sampling-rate Q --rounds T --epsilon E [--mode M] [--json]
 //! fedpref-coordinator accountant calibrate --target-epsilon E   --sampling-rate Q --rounds T --delta D   [--mode M] [--json]
+//! fedpref-coordinator init --dir DIR
+//! fedpref-coordinator serve --config DIR/coordinator.toml [--device-addr A] [--admin-addr A] [--metrics-addr A] [--insecure-plaintext]
 //! ```
 //!
 //! Flags are validated as they are parsed: σ ≤ 0, q outside (0, 1], δ outside (0, 1) and
@@ -38,6 +40,31 @@ pub enum Command {
     /// The privacy ledger.
     #[command(subcommand)]
     Ledger(LedgerCommand),
+    /// Write a working configuration, a self-signed certificate, secrets and an example
+    /// manifest into a directory.
+    Init {
+        /// The directory (created if missing); existing files are never overwritten.
+        #[arg(long, value_name = "DIR")]
+        dir: std::path::PathBuf,
+    },
+    /// Serve DeviceService and AdminService (TLS) until SIGINT or SIGTERM.
+    Serve {
+        /// The configuration file (`init` writes one).
+        #[arg(long, value_name = "FILE")]
+        config: std::path::PathBuf,
+        /// Listen address of DeviceService (overrides `listen.device`).
+        #[arg(long, value_name = "ADDR")]
+        device_addr: Option<std::net::SocketAddr>,
+        /// Listen address of AdminService (overrides `listen.admin`).
+        #[arg(long, value_name = "ADDR")]
+        admin_addr: Option<std::net::SocketAddr>,
+        /// Listen address of the metrics endpoint (overrides `listen.metrics`; not served yet).
+        #[arg(long, value_name = "ADDR")]
+        metrics_addr: Option<std::net::SocketAddr>,
+        /// Serve without TLS. Only on loopback addresses, for local testing.
+        #[arg(long)]
+        insecure_plaintext: bool,
+    },
 }
 
 /// Run commands (offline, on the database file).
@@ -265,6 +292,47 @@ pub fn run(cli: &Cli) -> Result<String, CliError> {
         Command::Accountant(cmd) => run_accountant(cmd),
         Command::Run(cmd) => run_runs(cmd),
         Command::Ledger(cmd) => run_ledger(cmd),
+        Command::Init { dir } => {
+            let done = crate::config::init(dir).map_err(|e| CliError::Failed(e.to_string()))?;
+            let mut out = vec![format!("wrote {} files:", done.files.len())];
+            out.extend(done.files.iter().map(|f| format!("  {}", f.display())));
+            out.push(format!(
+                "next: fedpref-coordinator serve --config {}",
+                dir.join("coordinator.toml").display()
+            ));
+            Ok(out.join("\n"))
+        }
+        Command::Serve {
+            config,
+            device_addr,
+            admin_addr,
+            metrics_addr,
+            insecure_plaintext,
+        } => {
+            let config = crate::config::Config::from_file(config)
+                .map_err(|e| CliError::Failed(e.to_string()))?;
+            let options = crate::server::ServeOptions {
+                device_addr: *device_addr,
+                admin_addr: *admin_addr,
+                metrics_addr: *metrics_addr,
+                insecure_plaintext: *insecure_plaintext,
+            };
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(
+                    tracing_subscriber::EnvFilter::try_from_default_env()
+                        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                )
+                .with_writer(std::io::stderr)
+                .try_init();
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| CliError::Failed(format!("starting the async runtime: {e}")))?;
+            runtime
+                .block_on(crate::server::serve(&config, &options))
+                .map_err(|e| CliError::Failed(e.to_string()))?;
+            Ok("stopped".into())
+        }
     }
 }
 

@@ -136,7 +136,7 @@ impl Coordinator {
     ) -> Result<(), CoordinatorError> {
         create_run(&mut self.store, run_id, &manifest, now_ms)?;
         let record = self.store.run(run_id)?;
-        let params = model::decode(&self.store.model(run_id, 0)?, &record.manifest.model)?;
+        let params = model::decode(&self.store.model(run_id, 1)?, &record.manifest.model)?;
         self.engines.insert(
             run_id.to_string(),
             Engine::new(run_id, record.manifest, params),
@@ -286,7 +286,7 @@ pub fn create_run(
         }
     };
     let params = model::initial_parameters(&manifest.model, seed);
-    let blob = model::encode(run_id, 0, 0, &manifest.model, &params);
+    let blob = model::encode(run_id, 1, 0, &manifest.model, &params);
     let server_state =
         serde_json::to_string(&ServerState::new(&manifest.server_optimizer, params.len()))
             .expect("serialisable");

@@ -8,8 +8,8 @@
 //! [`crate::coordinator::Coordinator`]; simulations drive the engine directly.
 //!
 //! # Rounds
-//! A round opens when the run is active, has rounds left and no round is open — but first
-//! the engine asks the budget whether the round's release would take the run past its ε; if
+//! A round opens when a device checks in while the run is active, has rounds left and no
+//! round is open (so an idle run writes nothing) — but first the engine asks the budget whether the round's release would take the run past its ε; if
 //! so the run stops with a final ledger entry instead, so a run never overspends.
 //!
 //! - **Poisson sampling** (`sampling.kind = "poisson"`): each eligible device that checks in
@@ -295,7 +295,7 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// A fresh run at version 0 with the given initial parameters.
+    /// A fresh run at version 1 (the initial model) with the given parameters.
     pub fn new(run_id: &str, manifest: RunManifest, params: Vec<f32>) -> Self {
         let server_state = ServerState::new(&manifest.server_optimizer, params.len());
         Self::restore(
@@ -305,7 +305,7 @@ impl Engine {
                 state: RunState::Active,
                 rounds_committed: 0,
                 next_round: 1,
-                current_version: 0,
+                current_version: 1,
                 params,
                 server_state,
             },
@@ -333,11 +333,16 @@ impl Engine {
                     .collect()
             })
             .unwrap_or_default();
+        let mut state = progress.state;
         if let (Some(release), Some(budget)) = (release, budget.as_mut()) {
             let increments = round_increments(&release, &orders);
             for _ in 0..progress.rounds_committed {
-                // Restoring what was already spent: the ledger proves it fitted the budget.
-                let _ = budget.spend(&release);
+                // Restoring what was already spent. Each round fitted the budget when it was
+                // committed; if replaying one does not (the manifest was altered), the run
+                // must not go on, or it could spend past its budget.
+                if budget.spend(&release).is_err() {
+                    state = RunState::Stopped;
+                }
                 for ((_, acc), inc) in cumulative.iter_mut().zip(&increments) {
                     acc.compose_rdp(&inc.rdp, 1).expect("same grid");
                 }
@@ -350,7 +355,7 @@ impl Engine {
             orders,
             budget,
             cumulative,
-            state: progress.state,
+            state,
             progress_rounds: progress.rounds_committed,
             next_round: progress.next_round,
             version: progress.current_version,
@@ -410,7 +415,9 @@ impl Engine {
         let mut actions = vec![];
         self.close_if_due(now, sampler, &mut actions);
         match event {
-            Event::Tick => self.open_if_possible(now, &mut actions),
+            Event::Tick => {
+                self.stop_if_done(&mut actions);
+            }
             Event::CheckIn { device, eligible } => {
                 self.open_if_possible(now, &mut actions);
                 self.check_in(device, eligible, now, rng, &mut actions);
@@ -576,7 +583,6 @@ impl Engine {
                     status: RunState::Active,
                     event: LedgerEvent::Resumed,
                 });
-                self.open_if_possible(now, actions);
             }
             AdminCommand::Stop { reason } if self.state != RunState::Stopped => {
                 self.abandon_open(now, "the run was stopped", actions);
@@ -594,7 +600,6 @@ impl Engine {
                     model,
                     server_state: serde_json::to_string(&self.server_state).expect("serialisable"),
                 });
-                self.open_if_possible(now, actions);
             }
             other => actions.push(Action::AdminRefused {
                 message: format!(
@@ -618,13 +623,15 @@ impl Engine {
         });
     }
 
-    fn open_if_possible(&mut self, now: i64, actions: &mut Vec<Action>) {
+    /// Stops the run if it is complete or the next round would exceed the budget. Returns
+    /// whether a round may open.
+    fn stop_if_done(&mut self, actions: &mut Vec<Action>) -> bool {
         if self.state != RunState::Active || self.open.is_some() {
-            return;
+            return false;
         }
         if self.progress_rounds >= self.manifest.rounds {
             self.stop("completed".into(), actions);
-            return;
+            return false;
         }
         if let (Some(release), Some(budget)) = (&self.release, &self.budget)
             && budget.would_exceed(release).unwrap_or(true)
@@ -634,6 +641,15 @@ impl Engine {
                 self.manifest.budget.epsilon, self.manifest.budget.delta
             );
             self.stop(reason, actions);
+            return false;
+        }
+        true
+    }
+
+    /// Opens a round when a device asks for work and the run can take one. Rounds open on
+    /// check-in only, so an idle run writes nothing to the ledger.
+    fn open_if_possible(&mut self, now: i64, actions: &mut Vec<Action>) {
+        if !self.stop_if_done(actions) {
             return;
         }
         let aggregator = RoundAggregator::new(

@@ -42,7 +42,7 @@ pub struct AudienceRdp {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum LedgerEvent {
-    /// The run was created from a manifest; the initial model is version 0.
+    /// The run was created from a manifest; the initial model is version 1.
     RunCreated {
         /// SHA-256 of the canonical manifest.
         manifest_sha256: String,

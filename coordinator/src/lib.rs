@@ -1,9 +1,10 @@
 //! # fedpref-coordinator
 //!
-//! The server side of fedpref. Today it holds the command line of the privacy accountant
-//! ([`cli`]), which answers "what does this schedule spend?" and "how much noise does this
-//! budget need?" with the same code the coordinator and the devices account with. The round
-//! engine, aggregation, the store and ledger, and the gRPC services join it here (see
+//! The server side of fedpref: the sans-IO round engine ([`engine`]), aggregation, the
+//! SQLite store and hash-chained ledger, the durable driver ([`coordinator`]), the gRPC
+//! services over TLS ([`service`], [`server`], configured by [`config`]) and the
+//! `fedpref-coordinator` command line ([`cli`]), whose accountant answers "what does this
+//! schedule spend?" with the same code the coordinator and the devices account with (see
 //! ARCHITECTURE.md for what exists and what is planned).
 //!
 //! ```
@@ -21,11 +22,14 @@
 
 pub mod aggregation;
 pub mod cli;
+pub mod config;
 pub mod coordinator;
 pub mod engine;
 pub mod ledger;
 pub mod manifest;
 pub mod model;
+pub mod server;
+pub mod service;
 pub mod store;
 
 /// Lower-case hex of a byte string.

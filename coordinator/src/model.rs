@@ -17,14 +17,15 @@ use crate::manifest::ModelSpec;
 /// Tensor names in a snapshot.
 pub const ITEM_FACTORS: &str = "item_factors";
 /// Item biases.
-pub const ITEM_BIAS: &str = "item_bias";
+pub const ITEM_BIAS: &str = "item_biases";
 /// The global offset.
 pub const GLOBAL_OFFSET: &str = "global_offset";
 
-/// A model version as stored: its number, the encoded snapshot and the snapshot's SHA-256.
+/// A model version as stored: its number (from 1; the initial model is version 1), the
+/// encoded snapshot and the snapshot's SHA-256.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ModelBlob {
-    /// The version number (0 is the initial model).
+    /// The version number (1 is the initial model).
     pub version: u64,
     /// The encoded `ModelSnapshot`.
     pub bytes: Vec<u8>,
@@ -87,7 +88,7 @@ pub fn encode(
                 vec![items as u64],
                 &params[items * k..items * (k + 1)],
             ),
-            tensor(GLOBAL_OFFSET, vec![1], &params[items * (k + 1)..]),
+            tensor(GLOBAL_OFFSET, vec![], &params[items * (k + 1)..]),
         ],
         produced_by_round: round,
         ..Default::default()
@@ -116,7 +117,7 @@ pub fn decode(blob: &ModelBlob, spec: &ModelSpec) -> Result<Vec<f32>, ModelError
     for (name, shape) in [
         (ITEM_FACTORS, vec![items, k]),
         (ITEM_BIAS, vec![items]),
-        (GLOBAL_OFFSET, vec![1]),
+        (GLOBAL_OFFSET, vec![]),
     ] {
         let t = snapshot
             .tensors
@@ -153,7 +154,7 @@ mod tests {
         assert_eq!(p, initial_parameters(&spec(), 7));
         assert_eq!(p.len(), 5 * 4 + 1);
         assert_eq!(*p.last().unwrap(), 3.0);
-        let blob = encode("r", 0, 0, &spec(), &p);
+        let blob = encode("r", 1, 0, &spec(), &p);
         assert_eq!(decode(&blob, &spec()).unwrap(), p);
     }
 

@@ -1,5 +1,6 @@
 //! The coordinator's durable state in SQLite: runs and manifests, rounds, model versions
-//! (kept for rollback), the privacy ledger, and participations (opaque device id, round).
+//! (kept for rollback), the privacy ledger, participations (opaque device id, round),
+//! enrolled devices (id and token hash) and summed federated-evaluation counts.
 //!
 //! - Migrations are numbered SQL scripts in [`MIGRATIONS`], applied in order inside a
 //!   transaction and recorded in `schema_migrations`.
@@ -23,7 +24,8 @@ use crate::manifest::RunManifest;
 use crate::model::ModelBlob;
 
 /// The schema, one script per version.
-pub const MIGRATIONS: &[&str] = &[r#"
+pub const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE runs (
     id TEXT PRIMARY KEY,
     manifest_toml TEXT NOT NULL,
@@ -71,7 +73,34 @@ CREATE TABLE ledger (
     hash TEXT NOT NULL,
     PRIMARY KEY (run_id, sequence)
 );
-"#];
+"#,
+    // 2: enrolled devices (only the SHA-256 of each token is kept) and the sums of the
+    // devices' federated-evaluation counts, per run, model version and activity cohort.
+    r#"
+CREATE TABLE devices (
+    id TEXT PRIMARY KEY,
+    token_sha256 TEXT NOT NULL UNIQUE,
+    sdk_version TEXT NOT NULL,
+    enrolled_at_ms BIGINT NOT NULL
+);
+CREATE TABLE evaluation_counts (
+    run_id TEXT NOT NULL REFERENCES runs(id),
+    model_version BIGINT NOT NULL,
+    cohort TEXT NOT NULL,
+    reports BIGINT NOT NULL,
+    recommendation_lists_shown BIGINT NOT NULL,
+    recommendations_shown BIGINT NOT NULL,
+    injected_recommendations_shown BIGINT NOT NULL,
+    positive_feedback_count BIGINT NOT NULL,
+    negative_feedback_count BIGINT NOT NULL,
+    personalisation_opt_outs BIGINT NOT NULL,
+    training_opt_outs BIGINT NOT NULL,
+    predictions_evaluated BIGINT NOT NULL,
+    predictions_within_half BIGINT NOT NULL,
+    PRIMARY KEY (run_id, model_version, cohort)
+);
+"#,
+];
 
 /// A store failure.
 #[derive(Debug, thiserror::Error)]
@@ -180,6 +209,30 @@ pub struct RoundCommit<'a> {
     pub at_ms: i64,
 }
 
+/// The integer federated-evaluation counts the store sums (a subset of
+/// `fedpref.v1.EvaluationCounts`; each is at most `i64::MAX`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EvaluationSums {
+    /// Recommendation lists shown.
+    pub recommendation_lists_shown: i64,
+    /// Recommended items shown.
+    pub recommendations_shown: i64,
+    /// Slots filled by diversity injection.
+    pub injected_recommendations_shown: i64,
+    /// Positive feedback on recommended items.
+    pub positive_feedback_count: i64,
+    /// Negative feedback on recommended items.
+    pub negative_feedback_count: i64,
+    /// Personalisation opt-outs.
+    pub personalisation_opt_outs: i64,
+    /// Training opt-outs.
+    pub training_opt_outs: i64,
+    /// Held-out predictions evaluated.
+    pub predictions_evaluated: i64,
+    /// Of those, within 0.5 of the target.
+    pub predictions_within_half: i64,
+}
+
 /// The SQLite store.
 pub struct Store {
     conn: Connection,
@@ -229,7 +282,7 @@ impl Store {
         Ok(Self { conn })
     }
 
-    /// Creates a run with its initial model (version 0, published) and its first two ledger
+    /// Creates a run with its initial model (version 1, published) and its first two ledger
     /// entries, in one transaction.
     pub fn create_run(
         &mut self,
@@ -251,7 +304,7 @@ impl Store {
         }
         tx.execute(
             "INSERT INTO runs (id, manifest_toml, manifest_sha256, status, created_at_ms, rounds_committed, \
-             next_round, current_version, published_version, server_state) VALUES (?1, ?2, ?3, ?4, ?5, 0, 1, 0, 0, ?6)",
+             next_round, current_version, published_version, server_state) VALUES (?1, ?2, ?3, ?4, ?5, 0, 1, 1, 1, ?6)",
             params![run_id, manifest.to_toml(), manifest.sha256(), RunStatus::Active.as_str(), at_ms, server_state],
         )?;
         insert_model(&tx, run_id, 0, initial, at_ms, Some(at_ms))?;
@@ -261,7 +314,7 @@ impl Store {
             run_id,
             at_ms,
             LedgerEvent::ModelPublished {
-                model_version: 0,
+                model_version: 1,
                 model_sha256: initial.sha256.clone(),
             },
         )?;
@@ -499,6 +552,120 @@ impl Store {
         Ok(rows
             .map(|r| r.map(|v| v as u64))
             .collect::<Result<_, _>>()?)
+    }
+
+    /// Enrols a device: its opaque id and the SHA-256 (hex) of its token. The token itself is
+    /// never stored.
+    pub fn insert_device(
+        &self,
+        device_id: &str,
+        token_sha256: &str,
+        sdk_version: &str,
+        at_ms: i64,
+    ) -> Result<(), StoreError> {
+        self.conn.execute(
+            "INSERT INTO devices (id, token_sha256, sdk_version, enrolled_at_ms) VALUES (?1, ?2, ?3, ?4)",
+            params![device_id, token_sha256, sdk_version, at_ms],
+        )?;
+        Ok(())
+    }
+
+    /// The device whose token hashes to `token_sha256` (hex), if any.
+    pub fn device_by_token_hash(&self, token_sha256: &str) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT id FROM devices WHERE token_sha256 = ?1",
+                params![token_sha256],
+                |r| r.get(0),
+            )
+            .optional()?)
+    }
+
+    /// Enrolled devices.
+    pub fn device_count(&self) -> Result<u64, StoreError> {
+        let n: i64 = self
+            .conn
+            .query_row("SELECT COUNT(*) FROM devices", [], |r| r.get(0))?;
+        Ok(n as u64)
+    }
+
+    /// Adds one device's evaluation counts to the sums for (run, model version, cohort).
+    pub fn add_evaluation_counts(
+        &self,
+        run_id: &str,
+        model_version: u64,
+        cohort: &str,
+        counts: &EvaluationSums,
+    ) -> Result<(), StoreError> {
+        let c = counts;
+        self.conn.execute(
+            "INSERT INTO evaluation_counts (run_id, model_version, cohort, reports, recommendation_lists_shown, \
+             recommendations_shown, injected_recommendations_shown, positive_feedback_count, negative_feedback_count, \
+             personalisation_opt_outs, training_opt_outs, predictions_evaluated, predictions_within_half) \
+             VALUES (?1, ?2, ?3, 1, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12) \
+             ON CONFLICT (run_id, model_version, cohort) DO UPDATE SET reports = evaluation_counts.reports + 1, \
+             recommendation_lists_shown = evaluation_counts.recommendation_lists_shown + excluded.recommendation_lists_shown, \
+             recommendations_shown = evaluation_counts.recommendations_shown + excluded.recommendations_shown, \
+             injected_recommendations_shown = evaluation_counts.injected_recommendations_shown + excluded.injected_recommendations_shown, \
+             positive_feedback_count = evaluation_counts.positive_feedback_count + excluded.positive_feedback_count, \
+             negative_feedback_count = evaluation_counts.negative_feedback_count + excluded.negative_feedback_count, \
+             personalisation_opt_outs = evaluation_counts.personalisation_opt_outs + excluded.personalisation_opt_outs, \
+             training_opt_outs = evaluation_counts.training_opt_outs + excluded.training_opt_outs, \
+             predictions_evaluated = evaluation_counts.predictions_evaluated + excluded.predictions_evaluated, \
+             predictions_within_half = evaluation_counts.predictions_within_half + excluded.predictions_within_half",
+            params![
+                run_id,
+                model_version as i64,
+                cohort,
+                c.recommendation_lists_shown,
+                c.recommendations_shown,
+                c.injected_recommendations_shown,
+                c.positive_feedback_count,
+                c.negative_feedback_count,
+                c.personalisation_opt_outs,
+                c.training_opt_outs,
+                c.predictions_evaluated,
+                c.predictions_within_half,
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// The summed evaluation counts of (run, model version, cohort) and how many reports they
+    /// sum, if any.
+    pub fn evaluation_counts(
+        &self,
+        run_id: &str,
+        model_version: u64,
+        cohort: &str,
+    ) -> Result<Option<(u64, EvaluationSums)>, StoreError> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT reports, recommendation_lists_shown, recommendations_shown, injected_recommendations_shown, \
+                 positive_feedback_count, negative_feedback_count, personalisation_opt_outs, training_opt_outs, \
+                 predictions_evaluated, predictions_within_half FROM evaluation_counts \
+                 WHERE run_id = ?1 AND model_version = ?2 AND cohort = ?3",
+                params![run_id, model_version as i64, cohort],
+                |r| {
+                    Ok((
+                        r.get::<_, i64>(0)? as u64,
+                        EvaluationSums {
+                            recommendation_lists_shown: r.get(1)?,
+                            recommendations_shown: r.get(2)?,
+                            injected_recommendations_shown: r.get(3)?,
+                            positive_feedback_count: r.get(4)?,
+                            negative_feedback_count: r.get(5)?,
+                            personalisation_opt_outs: r.get(6)?,
+                            training_opt_outs: r.get(7)?,
+                            predictions_evaluated: r.get(8)?,
+                            predictions_within_half: r.get(9)?,
+                        },
+                    ))
+                },
+            )
+            .optional()?)
     }
 
     /// Direct access for tests that tamper with the database.

@@ -91,7 +91,7 @@ fn check_consistent(db: &Path) -> u64 {
         assert!((totals.cumulative_epsilon[0].epsilon - want.epsilon).abs() <= 1e-9 * want.epsilon);
     }
     // Every committed version is whole: it decodes and matches its hash.
-    for v in 0..=run.current_version {
+    for v in 1..=run.current_version {
         fedpref_coordinator::model::decode(&store.model("r1", v).unwrap(), &run.manifest.model)
             .unwrap_or_else(|e| panic!("half-written model after a crash: {e}"));
     }
@@ -115,7 +115,7 @@ fn a_crash_between_the_ledger_write_and_the_publish_resumes_without_double_spend
                 run.current_version,
                 run.published_version
             ),
-            (1, 1, 0)
+            (1, 2, 1)
         );
         let last = store.ledger("r1").unwrap().pop().unwrap();
         assert!(
@@ -129,7 +129,7 @@ fn a_crash_between_the_ledger_write_and_the_publish_resumes_without_double_spend
     // Restarting publishes the committed version once and spends nothing again.
     let c = Coordinator::open(&db, T0 + 5_000_000).unwrap();
     let run = c.store().run("r1").unwrap();
-    assert_eq!(run.published_version, 1);
+    assert_eq!(run.published_version, 2);
     let published = c
         .store()
         .ledger("r1")
@@ -137,7 +137,7 @@ fn a_crash_between_the_ledger_write_and_the_publish_resumes_without_double_spend
         .iter()
         .filter(|e| {
             e.body.contains("\"kind\":\"model_published\"")
-                && e.body.contains("\"model_version\":1,")
+                && e.body.contains("\"model_version\":2,")
         })
         .count();
     assert_eq!(published, 1);

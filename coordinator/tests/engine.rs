@@ -27,8 +27,8 @@ fn a_full_cohort_round_commits_its_ledger_entry_before_publishing() {
         .expect("round committed");
     let publish = actions
         .iter()
-        .position(|a| matches!(a, Action::PublishModel { version: 1 }))
-        .expect("version 1 published");
+        .position(|a| matches!(a, Action::PublishModel { version: 2 }))
+        .expect("version 2 published");
     assert!(commit < publish, "the commit must come first: {actions:?}");
     let Action::CommitRound(outcome) = &actions[commit] else {
         unreachable!()
@@ -65,7 +65,7 @@ fn a_round_below_the_minimum_cohort_is_abandoned_and_spends_nothing() {
             .any(|a| matches!(a, Action::CommitRound(_) | Action::PublishModel { .. }))
     );
     assert!(h.engine.spent().iter().all(|a| a.epsilon == 0.0));
-    assert_eq!(h.engine.model().0, 0);
+    assert_eq!(h.engine.model().0, 1);
     // The next round gets the next number.
     let t = h.task("late").unwrap();
     assert_eq!(t.round, 2);
@@ -279,20 +279,20 @@ fn rollback_publishes_old_parameters_as_a_new_version_and_keeps_the_spend() {
     h.round(3);
     h.round(3);
     let spent = h.engine.spent();
-    assert_eq!(h.engine.model().0, 2);
+    assert_eq!(h.engine.model().0, 3);
     let a = h.send(Event::Admin(AdminCommand::Rollback {
-        to_version: 0,
+        to_version: 1,
         params: v0.clone(),
     }));
     assert!(a.iter().any(|x| matches!(
         x,
         Action::RolledBack {
-            to_version: 0,
-            new_version: 3,
+            to_version: 1,
+            new_version: 4,
             ..
         }
     )));
-    assert_eq!(h.engine.model(), (3, v0.as_slice()));
+    assert_eq!(h.engine.model(), (4, v0.as_slice()));
     assert_eq!(h.engine.spent(), spent);
 }
 

@@ -69,11 +69,11 @@ fn rounds_write_a_verifiable_chain_whose_totals_match_the_engine() {
             run.current_version,
             run.published_version
         ),
-        (3, 3, 3)
+        (3, 4, 4)
     );
     assert_eq!(store.participations("r1", "dev-1-2").unwrap(), vec![2]);
     // Every stored version decodes and matches its hash.
-    for v in 0..=3 {
+    for v in 1..=4 {
         fedpref_coordinator::model::decode(&store.model("r1", v).unwrap(), &run.manifest.model)
             .unwrap();
     }
@@ -88,7 +88,7 @@ fn the_state_survives_reopening_and_the_spend_is_not_counted_twice() {
     let e = c.engine("r1").unwrap();
     assert_eq!(e.rounds_committed(), 2);
     assert_eq!(e.spent(), spent);
-    assert_eq!(e.model().0, 2);
+    assert_eq!(e.model().0, 3);
 }
 
 fn tamper(db: &Path, sql: &str) {

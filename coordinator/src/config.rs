@@ -1,0 +1,491 @@
+//! The coordinator's configuration file (`coordinator.toml`) and `fedpref-coordinator init`,
+//! which writes a working one with everything it refers to.
+//!
+//! ```toml
+//! [listen]
+//! device = "127.0.0.1:7443"   # DeviceService (TLS)
+//! admin = "127.0.0.1:7444"    # AdminService (TLS), on its own port
+//! metrics = "127.0.0.1:9464"  # parsed, not served yet
+//!
+//! [store]
+//! path = "coordinator.db"
+//!
+//! [tls]
+//! certificate = "tls/cert.pem"
+//! private_key = "tls/key.pem"
+//!
+//! [auth]
+//! app_key_file = "app.key"
+//! admin_token_file = "admin.token"
+//!
+//! [limits]
+//! max_upload_bytes = 16777216
+//! max_upload_chunks = 4096
+//! max_chunk_bytes = 1048576
+//! download_chunk_bytes = 262144
+//! device_requests_per_second = 5.0
+//! device_burst = 20
+//! max_concurrent_requests = 256
+//! tick_millis = 250
+//! ```
+//!
+//! Relative paths are relative to the directory of the configuration file. Unknown keys and
+//! bad values are errors naming the file and the key. Every section but `[limits]` is
+//! required; each limit has the default shown.
+
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use rand::rngs::SysRng;
+use rand_core::TryRng;
+use serde::Deserialize;
+
+/// A configuration problem, naming the file (and the key where there is one).
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read or written.
+    #[error("{file}: {source}")]
+    Io {
+        /// The file.
+        file: String,
+        /// The IO error.
+        source: std::io::Error,
+    },
+    /// TOML syntax, an unknown key or a wrong type (toml's message names the key).
+    #[error("{file}: {message}")]
+    Parse {
+        /// The file.
+        file: String,
+        /// What is wrong, with the key and line.
+        message: String,
+    },
+    /// A value out of range.
+    #[error("{file}: key `{key}`: {message}")]
+    Invalid {
+        /// The file.
+        file: String,
+        /// The key, dotted (`limits.max_upload_bytes`).
+        key: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// `init` would overwrite a file.
+    #[error(
+        "{0}: exists already; init never overwrites a file (choose another --dir or remove it)"
+    )]
+    Exists(String),
+    /// Generating the certificate or a secret failed.
+    #[error("{0}")]
+    Generate(String),
+}
+
+/// Where the services listen.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Listen {
+    /// DeviceService.
+    pub device: SocketAddr,
+    /// AdminService.
+    pub admin: SocketAddr,
+    /// Prometheus metrics (not served yet).
+    pub metrics: Option<SocketAddr>,
+}
+
+/// The store.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    /// The SQLite file (created if missing).
+    pub path: PathBuf,
+}
+
+/// The server's certificate chain and key, PEM.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// The certificate chain, PEM.
+    pub certificate: PathBuf,
+    /// The private key, PEM.
+    pub private_key: PathBuf,
+}
+
+/// The files that hold the deployment's secrets.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// The app key devices enrol with (one line).
+    pub app_key_file: PathBuf,
+    /// The admin token (one line).
+    pub admin_token_file: PathBuf,
+}
+
+/// Bounds on what one request, one device and the whole server may take.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Largest upload, in bytes of tensor data.
+    pub max_upload_bytes: u64,
+    /// Most chunks in one upload.
+    pub max_upload_chunks: u32,
+    /// Largest `TensorChunk.content` accepted, in bytes.
+    pub max_chunk_bytes: u32,
+    /// Largest `ModelChunk.content` sent, in bytes.
+    pub download_chunk_bytes: u32,
+    /// Sustained requests per second one device may make (token bucket rate).
+    pub device_requests_per_second: f64,
+    /// Requests one device may make in a burst (token bucket size).
+    pub device_burst: u32,
+    /// Requests in progress over both services together; more are refused at once.
+    pub max_concurrent_requests: u32,
+    /// How often the engines are ticked (round deadlines), in milliseconds.
+    pub tick_millis: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_upload_bytes: 16 * 1024 * 1024,
+            max_upload_chunks: 4096,
+            max_chunk_bytes: 1024 * 1024,
+            download_chunk_bytes: 256 * 1024,
+            device_requests_per_second: 5.0,
+            device_burst: 20,
+            max_concurrent_requests: 256,
+            tick_millis: 250,
+        }
+    }
+}
+
+/// The whole configuration, with paths resolved against the file's directory.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Listen addresses.
+    pub listen: Listen,
+    /// The store.
+    pub store: StoreConfig,
+    /// TLS.
+    pub tls: TlsConfig,
+    /// Secrets.
+    pub auth: AuthConfig,
+    /// Limits.
+    #[serde(default)]
+    pub limits: Limits,
+}
+
+impl Config {
+    /// Reads, validates and resolves a configuration file.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+            file: file.clone(),
+            source,
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Self::from_toml(&text, &file, base)
+    }
+
+    /// Parses and validates configuration text; `file` names it in errors and relative paths
+    /// are resolved against `base`.
+    pub fn from_toml(text: &str, file: &str, base: &Path) -> Result<Self, ConfigError> {
+        let mut config: Self = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            file: file.to_string(),
+            message: e.to_string().trim_end().to_string(),
+        })?;
+        config.validate(file)?;
+        for p in [
+            &mut config.store.path,
+            &mut config.tls.certificate,
+            &mut config.tls.private_key,
+            &mut config.auth.app_key_file,
+            &mut config.auth.admin_token_file,
+        ] {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+        Ok(config)
+    }
+
+    fn validate(&self, file: &str) -> Result<(), ConfigError> {
+        let bad = |key: &str, message: &str| ConfigError::Invalid {
+            file: file.to_string(),
+            key: key.to_string(),
+            message: message.to_string(),
+        };
+        let l = &self.limits;
+        if l.max_upload_bytes == 0 {
+            return Err(bad("limits.max_upload_bytes", "must be at least 1"));
+        }
+        if l.max_upload_chunks == 0 {
+            return Err(bad("limits.max_upload_chunks", "must be at least 1"));
+        }
+        // Bounded so that one chunk always fits gRPC's default 4 MiB message limit.
+        for (key, v) in [
+            ("limits.max_chunk_bytes", l.max_chunk_bytes),
+            ("limits.download_chunk_bytes", l.download_chunk_bytes),
+        ] {
+            if !(1..=MAX_CHUNK).contains(&v) {
+                return Err(bad(key, &format!("{v} is outside 1..={MAX_CHUNK}")));
+            }
+        }
+        if !(l.device_requests_per_second.is_finite() && l.device_requests_per_second > 0.0) {
+            return Err(bad(
+                "limits.device_requests_per_second",
+                "must be a finite number > 0",
+            ));
+        }
+        if l.device_burst == 0 {
+            return Err(bad("limits.device_burst", "must be at least 1"));
+        }
+        if l.max_concurrent_requests == 0 {
+            return Err(bad("limits.max_concurrent_requests", "must be at least 1"));
+        }
+        if !(10..=60_000).contains(&l.tick_millis) {
+            return Err(bad("limits.tick_millis", "must be in 10..=60000"));
+        }
+        if self.listen.device == self.listen.admin {
+            return Err(bad(
+                "listen.admin",
+                "must differ from listen.device: the admin service has its own port",
+            ));
+        }
+        for (key, p) in [
+            ("store.path", &self.store.path),
+            ("tls.certificate", &self.tls.certificate),
+            ("tls.private_key", &self.tls.private_key),
+            ("auth.app_key_file", &self.auth.app_key_file),
+            ("auth.admin_token_file", &self.auth.admin_token_file),
+        ] {
+            if p.as_os_str().is_empty() {
+                return Err(bad(key, "must not be empty"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The largest chunk either way, in bytes (3 MiB: below gRPC's default 4 MiB message limit).
+pub const MAX_CHUNK: u32 = 3 * 1024 * 1024;
+
+/// Reads a one-line secret file (app key, admin token), refusing an empty one.
+pub fn read_secret(path: &Path, key: &str) -> Result<String, ConfigError> {
+    let file = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+        file: file.clone(),
+        source,
+    })?;
+    let secret = text.trim().to_string();
+    if secret.len() < 16 {
+        return Err(ConfigError::Invalid {
+            file,
+            key: key.to_string(),
+            message: "the secret must be at least 16 characters".into(),
+        });
+    }
+    Ok(secret)
+}
+
+/// 256 random bits from the operating system, base64url without padding.
+pub fn random_secret() -> Result<String, ConfigError> {
+    use base64::Engine as _;
+    let mut bytes = [0u8; 32];
+    SysRng
+        .try_fill_bytes(&mut bytes)
+        .map_err(|e| ConfigError::Generate(format!("the operating system's random source: {e}")))?;
+    Ok(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes))
+}
+
+/// A certificate and its private key, PEM.
+pub struct SelfSigned {
+    /// The certificate, PEM.
+    pub certificate_pem: String,
+    /// The private key, PKCS#8 PEM.
+    pub private_key_pem: String,
+}
+
+/// A self-signed certificate for `localhost`, `127.0.0.1` and `::1` (rcgen, ECDSA P-256).
+pub fn self_signed_localhost() -> Result<SelfSigned, ConfigError> {
+    let names = vec![
+        "localhost".to_string(),
+        "127.0.0.1".to_string(),
+        "::1".to_string(),
+    ];
+    let cert = rcgen::generate_simple_self_signed(names)
+        .map_err(|e| ConfigError::Generate(format!("self-signed certificate: {e}")))?;
+    Ok(SelfSigned {
+        certificate_pem: cert.cert.pem(),
+        private_key_pem: cert.signing_key.serialize_pem(),
+    })
+}
+
+/// The configuration `init` writes (paths relative to its directory).
+pub const INIT_CONFIG: &str = r#"# fedpref-coordinator configuration, written by `fedpref-coordinator init`.
+# Relative paths are relative to this file's directory. Unknown keys are errors.
+
+[listen]
+# DeviceService (TLS). Use 0.0.0.0:7443 to accept devices from other machines.
+device = "127.0.0.1:7443"
+# AdminService (TLS), on its own port; keep it on a private network.
+admin = "127.0.0.1:7444"
+# Prometheus metrics: parsed, not served yet.
+metrics = "127.0.0.1:9464"
+
+[store]
+path = "coordinator.db"
+
+[tls]
+# A self-signed certificate for localhost, 127.0.0.1 and ::1. Replace it with one from your
+# certificate authority for devices on other machines.
+certificate = "tls/cert.pem"
+private_key = "tls/key.pem"
+
+[auth]
+# The app key devices enrol with (ship it in the app) and the admin token (keep it secret).
+app_key_file = "app.key"
+admin_token_file = "admin.token"
+
+[limits]
+max_upload_bytes = 16777216
+max_upload_chunks = 4096
+max_chunk_bytes = 1048576
+download_chunk_bytes = 262144
+device_requests_per_second = 5.0
+device_burst = 20
+max_concurrent_requests = 256
+tick_millis = 250
+"#;
+
+/// The example manifest `init` writes: a small central-DP run that three devices complete in
+/// a few minutes.
+pub const INIT_MANIFEST: &str = r#"# An example run that a few devices can complete: a fixed cohort of 3 (at least 2),
+# rounds of 30 seconds, 5 rounds, central DP.
+title = "Example preferences"
+purpose = "Try the coordinator end to end with a handful of devices"
+owner = "you@example.com"
+data_elements_used = ["explicit ratings (1-5)", "thumbs up/down"]
+data_elements_not_used = ["location", "contacts"]
+privacy_mode = "central"
+rounds = 5
+clip_norm = 1.0
+noise_multiplier = 1.0
+
+[budget]
+epsilon = 50.0
+delta = 1e-5
+
+[sampling]
+kind = "cohort"
+target_size = 3
+minimum_size = 2
+round_seconds = 30
+
+[server_optimizer]
+kind = "fedavg"
+server_learning_rate = 1.0
+
+[model]
+items = 20
+factors = 4
+
+[opt_out_policy]
+consent_model = "opt-in"
+description = "Training is off until the user turns it on"
+"#;
+
+/// What `init` wrote.
+#[derive(Debug)]
+pub struct Initialised {
+    /// Every file written, in order.
+    pub files: Vec<PathBuf>,
+}
+
+/// Writes `DIR/coordinator.toml`, `DIR/tls/cert.pem` and `DIR/tls/key.pem` (self-signed for
+/// localhost), `DIR/app.key` and `DIR/admin.token` (random, mode 0600) and
+/// `DIR/manifest.toml`. Refuses, writing nothing, if any of them exists.
+pub fn init(dir: &Path) -> Result<Initialised, ConfigError> {
+    let io = |file: &Path| {
+        let file = file.display().to_string();
+        move |source| ConfigError::Io { file, source }
+    };
+    let files = [
+        (dir.join("coordinator.toml"), false),
+        (dir.join("tls").join("cert.pem"), false),
+        (dir.join("tls").join("key.pem"), true),
+        (dir.join("app.key"), true),
+        (dir.join("admin.token"), true),
+        (dir.join("manifest.toml"), false),
+    ];
+    for (f, _) in &files {
+        if f.exists() {
+            return Err(ConfigError::Exists(f.display().to_string()));
+        }
+    }
+    let cert = self_signed_localhost()?;
+    let contents = [
+        INIT_CONFIG.to_string(),
+        cert.certificate_pem,
+        cert.private_key_pem,
+        format!("{}\n", random_secret()?),
+        format!("{}\n", random_secret()?),
+        INIT_MANIFEST.to_string(),
+    ];
+    let tls_dir = dir.join("tls");
+    std::fs::create_dir_all(&tls_dir).map_err(io(&tls_dir))?;
+    let mut written = vec![];
+    for ((path, secret), text) in files.iter().zip(contents) {
+        let mut options = OpenOptions::new();
+        options.write(true).create_new(true);
+        #[cfg(unix)]
+        if *secret {
+            use std::os::unix::fs::OpenOptionsExt;
+            options.mode(0o600);
+        }
+        #[cfg(not(unix))]
+        let _ = secret;
+        let mut f = options.open(path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::AlreadyExists => ConfigError::Exists(path.display().to_string()),
+            _ => io(path)(e),
+        })?;
+        f.write_all(text.as_bytes()).map_err(io(path))?;
+        f.sync_all().map_err(io(path))?;
+        written.push(path.clone());
+    }
+    Ok(Initialised { files: written })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_init_config_parses_and_resolves_paths_against_its_directory() {
+        let c = Config::from_toml(INIT_CONFIG, "coordinator.toml", Path::new("/etc/fp")).unwrap();
+        assert_eq!(c.store.path, Path::new("/etc/fp/coordinator.db"));
+        assert_eq!(c.limits, Limits::default());
+        crate::manifest::RunManifest::from_toml(INIT_MANIFEST, "manifest.toml").unwrap();
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_name_the_file_and_key() {
+        let text = INIT_CONFIG.replace("tick_millis = 250", "tick_millis = 250\nspeed = 3");
+        let e = Config::from_toml(&text, "c.toml", Path::new(".")).unwrap_err();
+        let e = e.to_string();
+        assert!(e.starts_with("c.toml: ") && e.contains("speed"), "{e}");
+        let text = INIT_CONFIG.replace("max_upload_chunks = 4096", "max_upload_chunks = 0");
+        let e = Config::from_toml(&text, "c.toml", Path::new("."))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "c.toml: key `limits.max_upload_chunks`: must be at least 1"
+        );
+        let text = INIT_CONFIG.replace("\"127.0.0.1:7444\"", "\"nowhere\"");
+        let e = Config::from_toml(&text, "c.toml", Path::new("."))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("admin"), "{e}");
+    }
+}

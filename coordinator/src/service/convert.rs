@@ -1,0 +1,650 @@
+//! Conversions between the coordinator's types and `fedpref.v1` messages.
+//!
+//! `CreateRun` takes the protocol's `RunManifest`. It is mapped onto the TOML manifest
+//! ([`crate::manifest::RunManifest`]) and validated by the same code as
+//! `run create --manifest`, so errors name the manifest's TOML key (`sampling.rate`). Fields
+//! of the protocol manifest that this coordinator does not implement yet (participation
+//! limits, adaptive clipping, local-training settings, secure aggregation, KPIs, guardrail
+//! metrics, DP-FTRL, residual risks) are refused with `INVALID_ARGUMENT` naming the field,
+//! rather than silently dropped.
+
+use fedpref_proto::v1 as pb;
+use tonic::Status;
+
+use super::{duration, invalid, timestamp, unhex};
+use crate::aggregation::ServerOptimizer;
+use crate::ledger::{AudienceEpsilon, LedgerEntry, LedgerEvent, SealedEntry, VerifiedTotals};
+use crate::manifest::{
+    BudgetSpec, HarmScenario, ManifestPrivacyMode, ModelSpec, OptOutPolicy, RunManifest,
+    SamplingSpec,
+};
+use crate::store::{RunRecord, RunStatus};
+
+/// The file name manifest errors carry.
+pub const MANIFEST_SOURCE: &str = "CreateRunRequest.manifest";
+
+fn unsupported(field: &str) -> Status {
+    invalid(
+        &format!("manifest.{field}"),
+        "not supported by this coordinator yet; leave it unset",
+    )
+}
+
+fn whole_seconds(field: &str, d: Option<&prost_types::Duration>) -> Result<u64, Status> {
+    let d = d.ok_or_else(|| invalid(field, "must be set"))?;
+    if d.nanos != 0 || d.seconds <= 0 {
+        return Err(invalid(
+            field,
+            "must be a whole number of seconds, at least 1",
+        ));
+    }
+    Ok(d.seconds as u64)
+}
+
+/// A protocol manifest as a validated TOML manifest (σ calibrated from a target ε).
+pub fn manifest_from_proto(m: &pb::RunManifest) -> Result<RunManifest, Status> {
+    if m.participation_limits.is_some() {
+        return Err(unsupported("participation_limits"));
+    }
+    if m.adaptive_clipping.is_some() {
+        return Err(unsupported("adaptive_clipping"));
+    }
+    if m.local_training.is_some() {
+        return Err(unsupported("local_training"));
+    }
+    if m.secure_aggregation.is_some() {
+        return Err(unsupported("secure_aggregation"));
+    }
+    if !m.kpis.is_empty() {
+        return Err(unsupported("kpis"));
+    }
+    if !m.guardrail_metrics.is_empty() {
+        return Err(unsupported("guardrail_metrics"));
+    }
+    let privacy_mode = match pb::PrivacyMode::try_from(m.privacy_mode) {
+        Ok(pb::PrivacyMode::Local) => ManifestPrivacyMode::Local,
+        Ok(pb::PrivacyMode::Central) => ManifestPrivacyMode::Central,
+        Ok(pb::PrivacyMode::Distributed) => ManifestPrivacyMode::Distributed,
+        Ok(pb::PrivacyMode::None) => ManifestPrivacyMode::None,
+        _ => {
+            return Err(invalid(
+                "manifest.privacy_mode",
+                "must be PRIVACY_MODE_LOCAL or PRIVACY_MODE_CENTRAL",
+            ));
+        }
+    };
+    let budget = m
+        .budget
+        .as_ref()
+        .ok_or_else(|| invalid("manifest.budget", "must be set"))?;
+    let sampling = match m.sampling.as_ref().and_then(|s| s.method.as_ref()) {
+        Some(pb::sampling::Method::Poisson(p)) => SamplingSpec::Poisson {
+            rate: p.sampling_rate,
+            population: p.population_size,
+            round_seconds: whole_seconds(
+                "manifest.sampling.poisson.round_duration",
+                p.round_duration.as_ref(),
+            )?,
+            minimum_size: 1,
+        },
+        Some(pb::sampling::Method::Cohort(c)) => SamplingSpec::Cohort {
+            target_size: c.target_cohort_size,
+            minimum_size: c.minimum_cohort_size,
+            round_seconds: whole_seconds(
+                "manifest.sampling.cohort.round_deadline",
+                c.round_deadline.as_ref(),
+            )?,
+        },
+        None => return Err(invalid("manifest.sampling", "one method must be set")),
+    };
+    use pb::server_optimizer::Optimizer as O;
+    let server_optimizer = match m
+        .server_optimizer
+        .as_ref()
+        .and_then(|o| o.optimizer.as_ref())
+    {
+        Some(O::Fedavg(o)) => ServerOptimizer::Fedavg {
+            server_learning_rate: o.server_learning_rate,
+        },
+        Some(O::Fedavgm(o)) => ServerOptimizer::Fedavgm {
+            server_learning_rate: o.server_learning_rate,
+            momentum: o.momentum,
+        },
+        Some(O::Fedadam(o)) => ServerOptimizer::Fedadam {
+            server_learning_rate: o.server_learning_rate,
+            beta1: o.beta1,
+            beta2: o.beta2,
+            tau: o.tau,
+        },
+        Some(O::Fedyogi(o)) => ServerOptimizer::Fedyogi {
+            server_learning_rate: o.server_learning_rate,
+            beta1: o.beta1,
+            beta2: o.beta2,
+            tau: o.tau,
+        },
+        Some(O::Fedadagrad(o)) => ServerOptimizer::Fedadagrad {
+            server_learning_rate: o.server_learning_rate,
+            beta1: o.beta1,
+            tau: o.tau,
+        },
+        Some(O::Median(_)) => ServerOptimizer::Median {
+            server_learning_rate: 1.0,
+        },
+        Some(O::TrimmedMean(t)) => ServerOptimizer::TrimmedMean {
+            server_learning_rate: 1.0,
+            trim_fraction: t.trim_fraction,
+        },
+        Some(O::DpFtrl(_)) => return Err(unsupported("server_optimizer.dp_ftrl")),
+        None => {
+            return Err(invalid(
+                "manifest.server_optimizer",
+                "one optimiser must be set",
+            ));
+        }
+    };
+    let (model, seed) = match m.model.as_ref().and_then(|s| s.model.as_ref()) {
+        Some(pb::model_spec::Model::MatrixFactorization(mf)) => {
+            if !mf.item_biases || !mf.global_offset {
+                return Err(invalid(
+                    "manifest.model.matrix_factorization",
+                    "item_biases and global_offset must both be true: the coordinator's model always has them",
+                ));
+            }
+            (
+                ModelSpec {
+                    items: mf.item_count,
+                    factors: u64::from(mf.factor_dimension),
+                    init_scale: mf.init_stddev,
+                    initial_offset: 3.0,
+                },
+                mf.init_seed,
+            )
+        }
+        None => return Err(invalid("manifest.model", "must be set")),
+    };
+    let opt_out = m
+        .opt_out_policy
+        .as_ref()
+        .ok_or_else(|| invalid("manifest.opt_out_policy", "must be set"))?;
+    let consent_model = match pb::ConsentModel::try_from(opt_out.consent_model) {
+        Ok(pb::ConsentModel::OptIn) => "opt-in",
+        Ok(pb::ConsentModel::OptOut) => "opt-out",
+        _ => {
+            return Err(invalid(
+                "manifest.opt_out_policy.consent_model",
+                "must be CONSENT_MODEL_OPT_IN or CONSENT_MODEL_OPT_OUT",
+            ));
+        }
+    };
+    let mut harm_scenarios = vec![];
+    for (i, h) in m.harm_scenarios.iter().enumerate() {
+        if !h.residual_risk.is_empty() {
+            return Err(unsupported(&format!("harm_scenarios[{i}].residual_risk")));
+        }
+        harm_scenarios.push(HarmScenario {
+            scenario: h.scenario.clone(),
+            affected_groups: h.affected_groups.clone(),
+            mitigation: h.mitigation.clone(),
+        });
+    }
+    let elements = |v: &[pb::DataElement], field: &str| -> Result<Vec<String>, Status> {
+        v.iter()
+            .enumerate()
+            .map(|(i, e)| {
+                if !e.rationale.is_empty() {
+                    Err(unsupported(&format!("{field}[{i}].rationale")))
+                } else {
+                    Ok(e.element.clone())
+                }
+            })
+            .collect()
+    };
+    let manifest = RunManifest {
+        title: m.title.clone(),
+        purpose: m.purpose.clone(),
+        owner: m.owner.clone(),
+        data_elements_used: elements(&m.data_elements_used, "data_elements_used")?,
+        data_elements_not_used: elements(&m.data_elements_not_used, "data_elements_not_used")?,
+        privacy_mode,
+        budget: BudgetSpec {
+            epsilon: budget.epsilon,
+            delta: budget.delta,
+        },
+        clip_norm: m.clip_norm,
+        noise_multiplier: m.target_epsilon.is_none().then_some(m.noise_multiplier),
+        target_epsilon: m.target_epsilon,
+        rounds: m.rounds,
+        sampling,
+        server_optimizer,
+        model,
+        opt_out_policy: OptOutPolicy {
+            consent_model: consent_model.to_string(),
+            description: opt_out.description.clone(),
+            withdrawal_effect: opt_out.withdrawal_effect.clone(),
+        },
+        harm_scenarios,
+        seed,
+    };
+    // The same validation (and σ calibration) as a manifest file.
+    RunManifest::from_toml(&manifest.to_toml(), MANIFEST_SOURCE)
+        .map_err(|e| Status::invalid_argument(e.to_string()))
+}
+
+/// A TOML manifest as the protocol's `RunManifest`.
+pub fn manifest_to_proto(m: &RunManifest) -> pb::RunManifest {
+    let privacy_mode = match m.privacy_mode {
+        ManifestPrivacyMode::None => pb::PrivacyMode::None,
+        ManifestPrivacyMode::Local => pb::PrivacyMode::Local,
+        ManifestPrivacyMode::Central => pb::PrivacyMode::Central,
+        ManifestPrivacyMode::Distributed => pb::PrivacyMode::Distributed,
+    };
+    let sampling = match &m.sampling {
+        SamplingSpec::Poisson {
+            rate,
+            population,
+            round_seconds,
+            ..
+        } => pb::sampling::Method::Poisson(pb::PoissonSampling {
+            sampling_rate: *rate,
+            population_size: *population,
+            round_duration: Some(duration(*round_seconds as i64 * 1000)),
+        }),
+        SamplingSpec::Cohort {
+            target_size,
+            minimum_size,
+            round_seconds,
+        } => pb::sampling::Method::Cohort(pb::CohortSampling {
+            target_cohort_size: *target_size,
+            round_deadline: Some(duration(*round_seconds as i64 * 1000)),
+            minimum_cohort_size: *minimum_size,
+        }),
+    };
+    use pb::server_optimizer::Optimizer as O;
+    let optimizer = match m.server_optimizer {
+        ServerOptimizer::Fedavg {
+            server_learning_rate,
+        } => O::Fedavg(pb::FedAvg {
+            server_learning_rate,
+        }),
+        ServerOptimizer::Fedavgm {
+            server_learning_rate,
+            momentum,
+        } => O::Fedavgm(pb::FedAvgM {
+            server_learning_rate,
+            momentum,
+        }),
+        ServerOptimizer::Fedadam {
+            server_learning_rate,
+            beta1,
+            beta2,
+            tau,
+        } => O::Fedadam(pb::FedAdaptive {
+            server_learning_rate,
+            beta1,
+            beta2,
+            tau,
+        }),
+        ServerOptimizer::Fedyogi {
+            server_learning_rate,
+            beta1,
+            beta2,
+            tau,
+        } => O::Fedyogi(pb::FedAdaptive {
+            server_learning_rate,
+            beta1,
+            beta2,
+            tau,
+        }),
+        ServerOptimizer::Fedadagrad {
+            server_learning_rate,
+            beta1,
+            tau,
+        } => O::Fedadagrad(pb::FedAdaptive {
+            server_learning_rate,
+            beta1,
+            beta2: 0.0,
+            tau,
+        }),
+        ServerOptimizer::Median { .. } => O::Median(pb::CoordinateMedian {}),
+        ServerOptimizer::TrimmedMean { trim_fraction, .. } => {
+            O::TrimmedMean(pb::TrimmedMean { trim_fraction })
+        }
+    };
+    let elements = |v: &[String]| {
+        v.iter()
+            .map(|e| pb::DataElement {
+                element: e.clone(),
+                rationale: String::new(),
+            })
+            .collect()
+    };
+    pb::RunManifest {
+        title: m.title.clone(),
+        purpose: m.purpose.clone(),
+        owner: m.owner.clone(),
+        data_elements_used: elements(&m.data_elements_used),
+        data_elements_not_used: elements(&m.data_elements_not_used),
+        privacy_mode: privacy_mode as i32,
+        budget: Some(pb::PrivacyBudget {
+            epsilon: m.budget.epsilon,
+            delta: m.budget.delta,
+        }),
+        clip_norm: m.clip_norm,
+        noise_multiplier: m.noise_multiplier.unwrap_or(0.0),
+        target_epsilon: m.target_epsilon,
+        sampling: Some(pb::Sampling {
+            method: Some(sampling),
+        }),
+        rounds: m.rounds,
+        server_optimizer: Some(pb::ServerOptimizer {
+            optimizer: Some(optimizer),
+        }),
+        model: Some(pb::ModelSpec {
+            model: Some(pb::model_spec::Model::MatrixFactorization(
+                pb::MatrixFactorizationSpec {
+                    item_count: m.model.items,
+                    factor_dimension: m.model.factors as u32,
+                    item_biases: true,
+                    global_offset: true,
+                    init_stddev: m.model.init_scale,
+                    init_seed: m.seed,
+                },
+            )),
+        }),
+        opt_out_policy: Some(pb::OptOutPolicy {
+            consent_model: match m.opt_out_policy.consent_model.as_str() {
+                "opt-in" => pb::ConsentModel::OptIn,
+                "opt-out" => pb::ConsentModel::OptOut,
+                _ => pb::ConsentModel::Unspecified,
+            } as i32,
+            description: m.opt_out_policy.description.clone(),
+            withdrawal_effect: m.opt_out_policy.withdrawal_effect.clone(),
+        }),
+        harm_scenarios: m
+            .harm_scenarios
+            .iter()
+            .map(|h| pb::HarmScenario {
+                scenario: h.scenario.clone(),
+                affected_groups: h.affected_groups.clone(),
+                mitigation: h.mitigation.clone(),
+                residual_risk: String::new(),
+            })
+            .collect(),
+        ..Default::default()
+    }
+}
+
+/// The protocol's audience for one of the privacy crate's audience names, with the
+/// assumption its ε rests on.
+pub fn audience_epsilon(a: &AudienceEpsilon, manifest: &RunManifest) -> pb::AudienceEpsilon {
+    let worst = || pb::EpsilonAssumption {
+        assumption: Some(pb::epsilon_assumption::Assumption::WorstCase(
+            pb::WorstCaseAssumption {},
+        )),
+    };
+    let (audience, assumption) = match a.audience.as_str() {
+        "observers_unaware_of_participation" => (
+            pb::Audience::ReleasedModels,
+            match &manifest.sampling {
+                SamplingSpec::Poisson {
+                    rate, population, ..
+                } => pb::EpsilonAssumption {
+                    assumption: Some(pb::epsilon_assumption::Assumption::PoissonSampling(
+                        pb::PoissonSamplingAssumption {
+                            population_size: *population,
+                            sampling_rate: *rate,
+                        },
+                    )),
+                },
+                SamplingSpec::Cohort { .. } => worst(),
+            },
+        ),
+        "release_observers" => (pb::Audience::ReleasedModelsKnownParticipants, worst()),
+        // "anyone": holds against whoever sees an upload, the coordinator included.
+        _ => (pb::Audience::Coordinator, worst()),
+    };
+    pb::AudienceEpsilon {
+        audience: audience as i32,
+        epsilon: a.epsilon,
+        assumption: Some(assumption),
+    }
+}
+
+/// Decoded ledger entries (the stored canonical JSON).
+pub fn decode_entries(entries: &[SealedEntry]) -> Result<Vec<LedgerEntry>, Status> {
+    entries
+        .iter()
+        .map(|e| {
+            serde_json::from_str(&e.body).map_err(|err| {
+                tracing::error!(sequence = e.sequence, error = %err, "unreadable ledger entry");
+                Status::internal("a ledger entry is unreadable; run VerifyLedger")
+            })
+        })
+        .collect()
+}
+
+/// How a stopped run ended, from its last `run_stopped` entry.
+fn stop_status(reason: &str) -> pb::RunStatus {
+    if reason == "completed" {
+        pb::RunStatus::Completed
+    } else if reason.starts_with("budget exhausted") {
+        pb::RunStatus::BudgetExhausted
+    } else {
+        pb::RunStatus::Stopped
+    }
+}
+
+/// A run as the admin service shows it.
+pub fn run_to_proto(
+    record: &RunRecord,
+    entries: &[LedgerEntry],
+    sealed: &[SealedEntry],
+    totals: Option<&VerifiedTotals>,
+    open_round: Option<u64>,
+) -> pb::Run {
+    let mut status_reason = String::new();
+    let mut stopped_as = pb::RunStatus::Stopped;
+    let mut abandoned = 0;
+    for e in entries {
+        match &e.event {
+            LedgerEvent::Paused { reason } => status_reason = reason.clone(),
+            LedgerEvent::Resumed => status_reason.clear(),
+            LedgerEvent::RunStopped { reason, .. } => {
+                status_reason = reason.clone();
+                stopped_as = stop_status(reason);
+            }
+            LedgerEvent::RoundAbandoned { .. } => abandoned += 1,
+            _ => {}
+        }
+    }
+    let status = match record.status {
+        RunStatus::Active => pb::RunStatus::Active,
+        RunStatus::Paused => pb::RunStatus::Paused,
+        RunStatus::Stopped => stopped_as,
+    };
+    let epsilon_spent = entries
+        .iter()
+        .rev()
+        .find_map(|e| match &e.event {
+            LedgerEvent::RoundCommitted {
+                cumulative_epsilon, ..
+            }
+            | LedgerEvent::RunStopped {
+                cumulative_epsilon, ..
+            } => Some(cumulative_epsilon.clone()),
+            _ => None,
+        })
+        .or_else(|| totals.map(|t| t.cumulative_epsilon.clone()))
+        .unwrap_or_default();
+    pb::Run {
+        run_id: record.id.clone(),
+        manifest: Some(manifest_to_proto(&record.manifest)),
+        manifest_sha256: unhex(&record.manifest_sha256),
+        status: status as i32,
+        status_reason,
+        created_at: entries.first().map(|e| timestamp(e.at_ms)),
+        updated_at: entries.last().map(|e| timestamp(e.at_ms)),
+        current_round: open_round.unwrap_or(record.next_round.saturating_sub(1)),
+        rounds_committed: record.rounds_committed,
+        rounds_abandoned: abandoned,
+        latest_model_version: record.published_version,
+        epsilon_spent: epsilon_spent
+            .iter()
+            .map(|a| audience_epsilon(a, &record.manifest))
+            .collect(),
+        current_clip_norm: record.manifest.clip_norm,
+        ledger_head_sha256: sealed.last().map(|e| unhex(&e.hash)).unwrap_or_default(),
+    }
+}
+
+/// One ledger entry as the protocol's `LedgerEntry`.
+pub fn ledger_entry_to_proto(
+    entry: &LedgerEntry,
+    sealed: &SealedEntry,
+    manifest: &RunManifest,
+) -> pb::LedgerEntry {
+    use pb::LedgerEntryKind as K;
+    let mode = |s: &str| match s {
+        "local" => pb::PrivacyMode::Local,
+        "central" => pb::PrivacyMode::Central,
+        "distributed" => pb::PrivacyMode::Distributed,
+        "none" => pb::PrivacyMode::None,
+        _ => pb::PrivacyMode::Unspecified,
+    } as i32;
+    let spend = |eps: &[AudienceEpsilon]| -> Vec<pb::AudienceSpend> {
+        eps.iter()
+            .map(|a| {
+                let p = audience_epsilon(a, manifest);
+                pb::AudienceSpend {
+                    audience: p.audience,
+                    epsilon_spent: 0.0,
+                    epsilon_cumulative: a.epsilon,
+                    assumption: p.assumption,
+                    rdp_increments: vec![],
+                }
+            })
+            .collect()
+    };
+    let mut out = pb::LedgerEntry {
+        sequence: entry.sequence,
+        run_id: entry.run_id.clone(),
+        recorded_at: Some(timestamp(entry.at_ms)),
+        delta: manifest.budget.delta,
+        previous_hash: unhex(&sealed.prev_hash),
+        entry_hash: unhex(&sealed.hash),
+        actor: "coordinator".into(),
+        ..Default::default()
+    };
+    match &entry.event {
+        LedgerEvent::RunCreated {
+            manifest_sha256,
+            privacy_mode,
+            budget_epsilon,
+            budget_delta,
+            noise_multiplier,
+            clip_norm,
+            initial_model_sha256,
+            ..
+        } => {
+            out.kind = K::RunCreated as i32;
+            out.manifest_sha256 = unhex(manifest_sha256);
+            out.privacy_mode = mode(privacy_mode);
+            out.budget = Some(pb::PrivacyBudget {
+                epsilon: *budget_epsilon,
+                delta: *budget_delta,
+            });
+            out.noise_multiplier = noise_multiplier.unwrap_or(0.0);
+            out.clip_norm = *clip_norm;
+            out.model_sha256 = unhex(initial_model_sha256);
+        }
+        LedgerEvent::RoundCommitted {
+            round,
+            cohort_size,
+            noise_multiplier,
+            clip_norm,
+            mode: m,
+            rdp_increments,
+            cumulative_epsilon,
+            model_version,
+            model_sha256,
+        } => {
+            out.kind = K::RoundSpent as i32;
+            out.round_id = *round;
+            out.participants = *cohort_size;
+            out.noise_multiplier = *noise_multiplier;
+            out.clip_norm = *clip_norm;
+            out.privacy_mode = mode(m);
+            out.sampling_rate = manifest.sampling.accounting_rate();
+            out.expected_cohort_size = manifest.sampling.expected_cohort_size().round() as u64;
+            out.model_version = *model_version;
+            out.model_sha256 = unhex(model_sha256);
+            let orders = fedpref_privacy::OrderGrid::default();
+            out.spend = spend(cumulative_epsilon);
+            for (s, inc) in out.spend.iter_mut().zip(rdp_increments) {
+                s.rdp_increments = orders
+                    .orders()
+                    .iter()
+                    .zip(&inc.rdp)
+                    .map(|(&order, &rdp_epsilon)| pb::RdpPoint { order, rdp_epsilon })
+                    .collect();
+            }
+        }
+        LedgerEvent::RoundAbandoned {
+            round,
+            contributions,
+            reason,
+        } => {
+            out.kind = K::RoundAbandoned as i32;
+            out.round_id = *round;
+            out.participants = *contributions;
+            out.reason = reason.clone();
+        }
+        LedgerEvent::ModelPublished {
+            model_version,
+            model_sha256,
+        } => {
+            out.kind = K::ModelPublished as i32;
+            out.model_version = *model_version;
+            out.model_sha256 = unhex(model_sha256);
+        }
+        LedgerEvent::Paused { reason } => {
+            out.kind = K::Paused as i32;
+            out.reason = reason.clone();
+            out.actor = "operator".into();
+        }
+        LedgerEvent::Resumed => {
+            out.kind = K::Resumed as i32;
+            out.actor = "operator".into();
+        }
+        LedgerEvent::RolledBack {
+            to_version,
+            new_version,
+            model_sha256,
+        } => {
+            out.kind = K::RolledBack as i32;
+            out.restored_model_version = *to_version;
+            out.model_version = *new_version;
+            out.model_sha256 = unhex(model_sha256);
+            out.actor = "operator".into();
+        }
+        LedgerEvent::RunStopped {
+            reason,
+            cumulative_epsilon,
+            ..
+        } => {
+            out.kind = match stop_status(reason) {
+                pb::RunStatus::Completed => K::RunCompleted,
+                pb::RunStatus::BudgetExhausted => K::BudgetStop,
+                _ => {
+                    out.actor = "operator".into();
+                    K::RunStopped
+                }
+            } as i32;
+            out.reason = reason.clone();
+            out.spend = spend(cumulative_epsilon);
+        }
+    }
+    out
+}
+
+use fedpref_proto::prost_types;

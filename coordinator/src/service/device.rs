@@ -1,0 +1,891 @@
+//! `fedpref.v1.DeviceService`: enrolment, check-in, model download, update upload, declines
+//! and federated-evaluation reports.
+//!
+//! Check-ins name no run: the device is offered to every run that is not stopped, oldest
+//! first, until one gives it a task; otherwise it is told when to come back (the first
+//! reason an active run gave). Uploads are validated completely — header, sizes, chunk
+//! order, tensor names, shapes, dtypes and finiteness — before the engine sees them; the
+//! engine then decides what only it can (round, task token, selection, one update per
+//! device per round) and its [`Rejection`](crate::engine::Rejection) kinds map to
+//! `INVALID_ARGUMENT` / `FAILED_PRECONDITION` with its message.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use fedpref_proto::v1::{
+    self as pb, device_service_server::DeviceService, upload_update_request::Part,
+};
+use sha2::{Digest, Sha256};
+use tokio::sync::OwnedSemaphorePermit;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::{Shared, auth, coordinator_status, duration, invalid, now_ms, timestamp, unhex};
+use crate::engine::{Action, Event, RejectKind, RunState};
+use crate::manifest::{ManifestPrivacyMode, RunManifest};
+use crate::model::{GLOBAL_OFFSET, ITEM_FACTORS};
+
+/// The protocol's name of the item-bias tensor in updates (the stored snapshot still says
+/// `item_bias`, [`crate::model::ITEM_BIAS`]).
+pub const UPDATE_ITEM_BIASES: &str = "item_biases";
+
+/// How long a device waits when no run exists at all, in ms.
+const NO_RUN_RETRY_MS: i64 = 60_000;
+/// How often a device should report evaluation counts, in ms.
+const REPORT_EVERY_MS: i64 = 3_600_000;
+/// Clock skew tolerated on a report's window end, in ms.
+const CLOCK_SKEW_MS: i64 = 300_000;
+
+/// The DeviceService implementation.
+pub struct DeviceApi {
+    shared: Arc<Shared>,
+}
+
+impl DeviceApi {
+    /// Serves devices from the shared state.
+    pub fn new(shared: Arc<Shared>) -> Self {
+        Self { shared }
+    }
+
+    /// A concurrency permit, the caller's device id, and a token from its rate bucket.
+    async fn admit(
+        &self,
+        metadata: &tonic::metadata::MetadataMap,
+    ) -> Result<(String, OwnedSemaphorePermit), Status> {
+        let permit = self.shared.concurrency.acquire()?;
+        let device = auth::device(&self.shared, metadata).await?;
+        self.shared.rate.check(&device)?;
+        Ok((device, permit))
+    }
+}
+
+/// The tensors an update must contain, in order, as `fedpref.v1.MatrixFactorizationSpec`
+/// names them (and the client SDK builds them): `item_factors` [items, k], `item_biases`
+/// [items], `global_offset` [] (a scalar), F64. Flattened in this order they are the
+/// engine's parameter layout ([`crate::model`]: factors, biases, offset).
+pub fn update_tensors(manifest: &RunManifest) -> Vec<pb::TensorSpec> {
+    let (items, k) = (manifest.model.items, manifest.model.factors);
+    [
+        (ITEM_FACTORS, vec![items, k]),
+        (UPDATE_ITEM_BIASES, vec![items]),
+        (GLOBAL_OFFSET, vec![]),
+    ]
+    .into_iter()
+    .map(|(name, shape)| pb::TensorSpec {
+        name: name.to_string(),
+        shape,
+        dtype: pb::Dtype::F64 as i32,
+    })
+    .collect()
+}
+
+fn proto_mode(m: ManifestPrivacyMode) -> pb::PrivacyMode {
+    match m {
+        ManifestPrivacyMode::None => pb::PrivacyMode::None,
+        ManifestPrivacyMode::Local => pb::PrivacyMode::Local,
+        ManifestPrivacyMode::Central => pb::PrivacyMode::Central,
+        ManifestPrivacyMode::Distributed => pb::PrivacyMode::Distributed,
+    }
+}
+
+/// The engine's come-back reasons as the protocol's enum.
+fn come_back_reason(reason: &str) -> pb::ComeBackReason {
+    match reason {
+        "no round is open" => pb::ComeBackReason::RoundNotOpen,
+        "the run is paused" => pb::ComeBackReason::RunPaused,
+        "the run has stopped" => pb::ComeBackReason::NoActiveRun,
+        "the device is not eligible now" => pb::ComeBackReason::NotEligible,
+        "this device has already contributed to the open round" => {
+            pb::ComeBackReason::AlreadyParticipating
+        }
+        _ => pb::ComeBackReason::NotSelected,
+    }
+}
+
+fn reject_status(kind: RejectKind, message: String) -> Status {
+    match kind {
+        RejectKind::InvalidArgument => Status::invalid_argument(message),
+        RejectKind::FailedPrecondition => Status::failed_precondition(message),
+    }
+}
+
+fn task_ref(task: Option<&pb::TaskRef>, field: &str) -> Result<pb::TaskRef, Status> {
+    let t = task.ok_or_else(|| invalid(field, "must be set"))?;
+    if t.run_id.is_empty() {
+        return Err(invalid(&format!("{field}.run_id"), "must not be empty"));
+    }
+    if t.round_id == 0 {
+        return Err(invalid(&format!("{field}.round_id"), "must be at least 1"));
+    }
+    if t.task_token.is_empty() {
+        return Err(invalid(&format!("{field}.task_token"), "must not be empty"));
+    }
+    Ok(t.clone())
+}
+
+fn sdk_version(v: &str, field: &str) -> Result<(), Status> {
+    if v.is_empty() || v.len() > 64 || !v.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(invalid(
+            field,
+            "must be a semantic version of at most 64 printable characters",
+        ));
+    }
+    Ok(())
+}
+
+/// Bytes per element of an update dtype (F32 or F64), or `None`.
+fn float_width(dtype: i32) -> Option<u64> {
+    match pb::Dtype::try_from(dtype) {
+        Ok(pb::Dtype::F32) => Some(4),
+        Ok(pb::Dtype::F64) => Some(8),
+        _ => None,
+    }
+}
+
+type ChunkStream = Pin<Box<dyn Stream<Item = Result<pb::ModelChunk, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl DeviceService for DeviceApi {
+    async fn enroll(
+        &self,
+        request: Request<pb::EnrollRequest>,
+    ) -> Result<Response<pb::EnrollResponse>, Status> {
+        let _permit = self.shared.concurrency.acquire()?;
+        // Enrolment carries no token: rate-limit it by the peer's address instead.
+        if let Some(peer) = request.remote_addr() {
+            self.shared
+                .rate
+                .check(&format!("enrol from {}", peer.ip()))?;
+        }
+        let r = request.into_inner();
+        if r.app_key.is_empty() {
+            return Err(Status::unauthenticated("app_key: must not be empty"));
+        }
+        if !auth::app_key_matches(&self.shared, &r.app_key) {
+            tracing::warn!("enrolment with a wrong app key");
+            return Err(Status::unauthenticated(
+                "app_key: not this deployment's app key",
+            ));
+        }
+        sdk_version(&r.sdk_version, "sdk_version")?;
+        let (device_id, token) = auth::new_credentials()?;
+        let hash = crate::hex(&auth::sha256(token.as_bytes()));
+        let id = device_id.clone();
+        self.shared
+            .blocking(move |c| {
+                c.store()
+                    .insert_device(&id, &hash, &r.sdk_version, now_ms())
+                    .map_err(super::store_status)
+            })
+            .await?;
+        tracing::info!(device = %device_id, "device enrolled");
+        Ok(Response::new(pb::EnrollResponse {
+            device_id,
+            device_token: token,
+        }))
+    }
+
+    async fn check_in(
+        &self,
+        request: Request<pb::CheckInRequest>,
+    ) -> Result<Response<pb::CheckInResponse>, Status> {
+        let (device, _permit) = self.admit(request.metadata()).await?;
+        let r = request.into_inner();
+        sdk_version(&r.sdk_version, "sdk_version")?;
+        let e = r
+            .eligibility
+            .ok_or_else(|| invalid("eligibility", "must be set"))?;
+        let eligible = e.device_conditions_met && e.privacy_budget_available;
+        let runs = self.shared.run_order();
+        let shared = Arc::clone(&self.shared);
+        let limits = self.shared.limits.clone();
+        let response = self
+            .shared
+            .blocking(move |c| {
+                let now = now_ms();
+                let mut later: Option<(bool, i64, String, String)> = None;
+                for run_id in runs {
+                    let Some(state) = c.engine(&run_id).map(|e| e.state()) else {
+                        continue;
+                    };
+                    if state == RunState::Stopped {
+                        continue;
+                    }
+                    let actions = c
+                        .handle(
+                            &run_id,
+                            Event::CheckIn {
+                                device: device.clone(),
+                                eligible,
+                            },
+                            now,
+                        )
+                        .map_err(coordinator_status)?;
+                    let active = c.engine(&run_id).map(|e| e.state()) == Some(RunState::Active);
+                    for action in actions {
+                        match action {
+                            Action::SendTask(task) if task.device == device => {
+                                let manifest = shared.manifest(c, &run_id)?;
+                                let model = shared.model_ref(c, &run_id, task.model_version)?;
+                                tracing::info!(device = %device, run = %run_id, round = task.round, "task sent");
+                                return Ok(pb::CheckInResponse {
+                                    outcome: Some(pb::check_in_response::Outcome::Task(pb::Task {
+                                        run_id: run_id.clone(),
+                                        round_id: task.round,
+                                        task_token: task.task_token,
+                                        model: Some(model.clone()),
+                                        local_training: None,
+                                        privacy_mode: proto_mode(manifest.privacy_mode) as i32,
+                                        clip_norm: manifest.clip_norm,
+                                        noise_multiplier: manifest.noise_multiplier.unwrap_or(0.0),
+                                        upload_deadline: Some(timestamp(task.deadline_ms)),
+                                        clip_bit_requested: false,
+                                        clip_bit_noise_stddev: 0.0,
+                                        update_tensors: update_tensors(&manifest),
+                                        max_upload_bytes: limits.max_upload_bytes,
+                                        max_chunk_bytes: limits.max_chunk_bytes,
+                                        secure_aggregation: None,
+                                    })),
+                                    latest_model: Some(model),
+                                });
+                            }
+                            Action::ComeBackLater {
+                                device: d,
+                                retry_at_ms,
+                                reason,
+                            } if d == device => {
+                                // Keep the first answer, preferring an active run's.
+                                let better = match &later {
+                                    None => true,
+                                    Some((was_active, ..)) => active && !was_active,
+                                };
+                                if better {
+                                    later = Some((active, retry_at_ms, reason, run_id.clone()));
+                                }
+                            }
+                            _ => {}
+                        }
+                    }
+                }
+                let (retry_at, reason, detail, latest_model) = match later {
+                    Some((_, at, reason, run_id)) => {
+                        let version = c.engine(&run_id).map(|e| e.model().0).unwrap_or(0);
+                        (
+                            at,
+                            come_back_reason(&reason),
+                            reason,
+                            Some(shared.model_ref(c, &run_id, version)?),
+                        )
+                    }
+                    None => (
+                        now + NO_RUN_RETRY_MS,
+                        pb::ComeBackReason::NoActiveRun,
+                        "no run is active".to_string(),
+                        None,
+                    ),
+                };
+                Ok(pb::CheckInResponse {
+                    outcome: Some(pb::check_in_response::Outcome::ComeBackLater(
+                        pb::ComeBackLater {
+                            retry_after: Some(duration((retry_at - now).max(100))),
+                            reason: reason as i32,
+                            detail,
+                        },
+                    )),
+                    latest_model,
+                })
+            })
+            .await?;
+        Ok(Response::new(response))
+    }
+
+    type DownloadModelStream = ChunkStream;
+
+    async fn download_model(
+        &self,
+        request: Request<pb::DownloadModelRequest>,
+    ) -> Result<Response<Self::DownloadModelStream>, Status> {
+        let (_device, permit) = self.admit(request.metadata()).await?;
+        let r = request.into_inner();
+        if r.run_id.is_empty() {
+            return Err(invalid("run_id", "must not be empty"));
+        }
+        if r.model_version.is_none() && r.offset != 0 {
+            return Err(invalid(
+                "model_version",
+                "must be set when resuming from a non-zero offset",
+            ));
+        }
+        if !r.expected_sha256.is_empty() && r.expected_sha256.len() != fedpref_proto::SHA256_LEN {
+            return Err(invalid(
+                "expected_sha256",
+                format!(
+                    "must be empty or {} bytes, got {}",
+                    fedpref_proto::SHA256_LEN,
+                    r.expected_sha256.len()
+                ),
+            ));
+        }
+        let run_id = r.run_id.clone();
+        let requested = r.model_version;
+        let (version, blob) = self
+            .shared
+            .blocking(move |c| {
+                let record = c.store().run(&run_id).map_err(super::store_status)?;
+                let version = requested.unwrap_or(record.published_version);
+                if version > record.published_version {
+                    return Err(Status::not_found(format!(
+                        "model_version: run {run_id:?} has no published version {version} (latest is {})",
+                        record.published_version
+                    )));
+                }
+                let blob = c
+                    .store()
+                    .model(&run_id, version)
+                    .map_err(super::store_status)?;
+                Ok((version, blob))
+            })
+            .await?;
+        let total = blob.bytes.len() as u64;
+        if r.offset >= total {
+            return Err(Status::out_of_range(format!(
+                "offset: {} is not below the snapshot's size of {total} bytes",
+                r.offset
+            )));
+        }
+        let sha = unhex(&blob.sha256);
+        if !r.expected_sha256.is_empty() && r.expected_sha256 != sha {
+            return Err(Status::failed_precondition(format!(
+                "expected_sha256: model version {version} has SHA-256 {}, not the expected one",
+                blob.sha256
+            )));
+        }
+        let limit = u64::from(self.shared.limits.download_chunk_bytes);
+        let chunk = match u64::from(r.max_chunk_bytes) {
+            0 => limit,
+            n => n.min(limit),
+        };
+        let bytes = Arc::new(blob.bytes);
+        let run_id = r.run_id;
+        let offsets = (r.offset..total).step_by(chunk as usize);
+        let stream = tokio_stream::iter(offsets.map(move |offset| {
+            // The permit lives as long as the stream: a download counts against the
+            // concurrency limit until its last chunk is sent.
+            let _held = &permit;
+            let end = (offset + chunk).min(total);
+            Ok(pb::ModelChunk {
+                run_id: run_id.clone(),
+                model_version: version,
+                total_size_bytes: total,
+                model_sha256: sha.clone(),
+                offset,
+                content: bytes[offset as usize..end as usize].to_vec(),
+            })
+        }));
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn upload_update(
+        &self,
+        request: Request<Streaming<pb::UploadUpdateRequest>>,
+    ) -> Result<Response<pb::UploadReceipt>, Status> {
+        let (device, _permit) = self.admit(request.metadata()).await?;
+        let mut stream = request.into_inner();
+        let header = match stream.message().await?.and_then(|m| m.part) {
+            Some(Part::Header(h)) => h,
+            Some(Part::Chunk(_)) => {
+                return Err(invalid("header", "the first message must be the header"));
+            }
+            None => {
+                return Err(invalid(
+                    "header",
+                    "missing: the first message must be the header",
+                ));
+            }
+        };
+        let task = task_ref(header.task.as_ref(), "header.task")?;
+        let run_id = task.run_id.clone();
+        let shared = Arc::clone(&self.shared);
+        let (manifest, open_round, version) = self
+            .shared
+            .blocking(move |c| {
+                let manifest = shared.manifest(c, &run_id)?;
+                let (open, version) = match c.engine(&run_id) {
+                    Some(e) => (e.open_round(), e.model().0),
+                    None => (None, 0),
+                };
+                Ok((manifest, open, version))
+            })
+            .await?;
+        // The header must repeat the task: privacy settings and tensors.
+        if header.privacy_mode != proto_mode(manifest.privacy_mode) as i32 {
+            return Err(invalid(
+                "header.privacy_mode",
+                format!("must be the task's {:?}", proto_mode(manifest.privacy_mode)),
+            ));
+        }
+        if header.clip_norm != manifest.clip_norm {
+            return Err(invalid(
+                "header.clip_norm",
+                format!(
+                    "{} is not the task's {}",
+                    header.clip_norm, manifest.clip_norm
+                ),
+            ));
+        }
+        let sigma = manifest.noise_multiplier.unwrap_or(0.0);
+        if header.noise_multiplier != sigma {
+            return Err(invalid(
+                "header.noise_multiplier",
+                format!("{} is not the task's {sigma}", header.noise_multiplier),
+            ));
+        }
+        if header.clip_bit.is_some() {
+            return Err(invalid(
+                "header.clip_bit",
+                "must be unset: the task did not request a clip bit",
+            ));
+        }
+        if open_round == Some(task.round_id) && header.base_model_version != version {
+            return Err(invalid(
+                "header.base_model_version",
+                format!(
+                    "{} is not the task's model version {version}",
+                    header.base_model_version
+                ),
+            ));
+        }
+        if !header.update_sha256.is_empty()
+            && header.update_sha256.len() != fedpref_proto::SHA256_LEN
+        {
+            return Err(invalid("header.update_sha256", "must be empty or 32 bytes"));
+        }
+        let expected = update_tensors(&manifest);
+        if header.tensors.len() != expected.len() {
+            return Err(invalid(
+                "header.tensors",
+                format!(
+                    "{} tensors, but the task asks for {} ({})",
+                    header.tensors.len(),
+                    expected.len(),
+                    expected
+                        .iter()
+                        .map(|t| t.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            ));
+        }
+        let mut sizes = vec![];
+        for (i, (got, want)) in header.tensors.iter().zip(&expected).enumerate() {
+            if got.name != want.name {
+                return Err(invalid(
+                    &format!("header.tensors[{i}].name"),
+                    format!("`{}`, but the task asks for `{}`", got.name, want.name),
+                ));
+            }
+            if got.shape != want.shape {
+                return Err(invalid(
+                    &format!("header.tensors[{i}].shape"),
+                    format!(
+                        "tensor `{}` has shape {:?}, but the task asks for {:?}",
+                        got.name, got.shape, want.shape
+                    ),
+                ));
+            }
+            let width = float_width(got.dtype).ok_or_else(|| {
+                invalid(
+                    &format!("header.tensors[{i}].dtype"),
+                    "must be DTYPE_F64 or DTYPE_F32",
+                )
+            })?;
+            sizes.push(want.shape.iter().product::<u64>() * width);
+        }
+        let total: u64 = sizes.iter().sum();
+        let limits = &self.shared.limits;
+        if total > limits.max_upload_bytes {
+            return Err(invalid(
+                "header.tensors",
+                format!(
+                    "the update is {total} bytes, more than this coordinator's limit of {} bytes",
+                    limits.max_upload_bytes
+                ),
+            ));
+        }
+        // The chunks: in tensor order, each tensor's bytes in order and without gaps.
+        let mut buffers: Vec<Vec<u8>> = sizes
+            .iter()
+            .map(|&s| Vec::with_capacity(s as usize))
+            .collect();
+        let mut current = 0usize;
+        let mut chunks = 0u32;
+        let mut received = 0u64;
+        while let Some(message) = stream.message().await? {
+            let chunk = match message.part {
+                Some(Part::Chunk(c)) => c,
+                _ => {
+                    return Err(invalid(
+                        "chunk",
+                        "every message after the header must be a chunk",
+                    ));
+                }
+            };
+            chunks += 1;
+            if chunks > limits.max_upload_chunks {
+                return Err(invalid(
+                    "chunk",
+                    format!(
+                        "more than this coordinator's limit of {} chunks",
+                        limits.max_upload_chunks
+                    ),
+                ));
+            }
+            let len = chunk.content.len() as u64;
+            if len == 0 || len > u64::from(limits.max_chunk_bytes) {
+                return Err(invalid(
+                    "chunk.content",
+                    format!("{len} bytes; must be 1 to {} bytes", limits.max_chunk_bytes),
+                ));
+            }
+            received += len;
+            if received > total {
+                return Err(invalid(
+                    "chunk.content",
+                    format!("more bytes than the header's {total} bytes of tensors"),
+                ));
+            }
+            while current < sizes.len() && buffers[current].len() as u64 == sizes[current] {
+                current += 1;
+            }
+            let index = chunk.tensor_index as usize;
+            if index != current {
+                return Err(invalid(
+                    "chunk.tensor_index",
+                    format!(
+                        "{index}, but tensor {current} is not complete yet (tensors in header order)"
+                    ),
+                ));
+            }
+            let at = buffers[current].len() as u64;
+            if chunk.offset != at {
+                return Err(invalid(
+                    "chunk.offset",
+                    format!(
+                        "{}, but the next byte of tensor {current} is {at}",
+                        chunk.offset
+                    ),
+                ));
+            }
+            if at + len > sizes[current] {
+                return Err(invalid(
+                    "chunk.content",
+                    format!(
+                        "runs past the end of tensor {current} (`{}`, {} bytes)",
+                        expected[current].name, sizes[current]
+                    ),
+                ));
+            }
+            buffers[current].extend_from_slice(&chunk.content);
+        }
+        if received != total {
+            return Err(invalid(
+                "chunk",
+                format!("the upload ended after {received} of {total} bytes"),
+            ));
+        }
+        let mut hasher = Sha256::new();
+        for b in &buffers {
+            hasher.update(b);
+        }
+        let digest = hasher.finalize().to_vec();
+        if !header.update_sha256.is_empty() && header.update_sha256 != digest {
+            return Err(Status::data_loss(
+                "header.update_sha256: does not match the bytes received",
+            ));
+        }
+        // Decode, checking finiteness, into the engine's flat f32 layout.
+        let mut values: Vec<f32> = Vec::with_capacity(manifest.dimension());
+        for (spec, data) in header.tensors.iter().zip(buffers) {
+            let tensor = pb::NamedTensor {
+                name: spec.name.clone(),
+                shape: spec.shape.clone(),
+                dtype: spec.dtype,
+                data,
+            };
+            let decoded = tensor
+                .to_f64_vec()
+                .map_err(|e| Status::invalid_argument(e.to_string()))?;
+            for (i, v) in decoded.into_iter().enumerate() {
+                let f = v as f32;
+                if !f.is_finite() {
+                    return Err(Status::invalid_argument(format!(
+                        "tensor `{}`: element {i} ({v}) is outside the f32 range of the model",
+                        spec.name
+                    )));
+                }
+                values.push(f);
+            }
+        }
+        let run_id = task.run_id.clone();
+        let round = task.round_id;
+        let device_for_engine = device.clone();
+        let examples = header.example_count;
+        self.shared
+            .blocking(move |c| {
+                if c.engine(&run_id)
+                    .is_none_or(|e| e.state() == RunState::Stopped)
+                {
+                    return Err(Status::failed_precondition(format!(
+                        "run {run_id:?} has stopped"
+                    )));
+                }
+                let actions = c
+                    .handle(
+                        &run_id,
+                        Event::Update {
+                            device: device_for_engine.clone(),
+                            round,
+                            task_token: task.task_token,
+                            values,
+                            examples,
+                        },
+                        now_ms(),
+                    )
+                    .map_err(coordinator_status)?;
+                for action in actions {
+                    match action {
+                        Action::UpdateAccepted { device: d, .. } if d == device_for_engine => {
+                            return Ok(());
+                        }
+                        Action::Reject {
+                            device: d,
+                            rejection,
+                        } if d == device_for_engine => {
+                            return Err(reject_status(rejection.kind, rejection.message));
+                        }
+                        _ => {}
+                    }
+                }
+                // The round closed at this very moment (its deadline passed): too late.
+                Err(Status::failed_precondition(format!(
+                    "round {round} closed before the update arrived"
+                )))
+            })
+            .await?;
+        let (receipt_id, _) = auth::new_credentials()?;
+        tracing::info!(device = %device, run = %task.run_id, round, bytes = total, "update accepted");
+        Ok(Response::new(pb::UploadReceipt {
+            receipt_id: receipt_id.replacen("dev-", "rcpt-", 1),
+            run_id: task.run_id,
+            round_id: round,
+            update_sha256: digest,
+            bytes_received: received,
+            accepted_at: Some(timestamp(now_ms())),
+        }))
+    }
+
+    async fn decline_task(
+        &self,
+        request: Request<pb::DeclineTaskRequest>,
+    ) -> Result<Response<pb::DeclineTaskResponse>, Status> {
+        let (device, _permit) = self.admit(request.metadata()).await?;
+        let r = request.into_inner();
+        let task = task_ref(r.task.as_ref(), "task")?;
+        let reason = match pb::DeclineReason::try_from(r.reason) {
+            Ok(pb::DeclineReason::Unspecified) | Err(_) => {
+                return Err(invalid("reason", "must be a specified DeclineReason"));
+            }
+            Ok(reason) => reason,
+        };
+        let run_id = task.run_id.clone();
+        let shared = Arc::clone(&self.shared);
+        let retry_ms = self
+            .shared
+            .blocking(move |c| {
+                let manifest = shared.manifest(c, &run_id)?;
+                let now = now_ms();
+                Ok(match c.engine(&run_id).and_then(|e| e.next_wakeup()) {
+                    Some(deadline) => (deadline - now).max(1000),
+                    None => manifest.sampling.round_millis(),
+                })
+            })
+            .await?;
+        // The engine has no decline event yet: the task stays in the round until its
+        // deadline (the slot is not given to another device).
+        tracing::info!(device = %device, run = %task.run_id, round = task.round_id, reason = reason.as_str_name(), "task declined");
+        Ok(Response::new(pb::DeclineTaskResponse {
+            retry_after: Some(duration(retry_ms)),
+        }))
+    }
+
+    async fn report_metrics(
+        &self,
+        request: Request<pb::ReportMetricsRequest>,
+    ) -> Result<Response<pb::ReportMetricsResponse>, Status> {
+        let (device, _permit) = self.admit(request.metadata()).await?;
+        let r = request.into_inner();
+        if r.run_id.is_empty() {
+            return Err(invalid("run_id", "must not be empty"));
+        }
+        let ms = |t: &Option<prost_types::Timestamp>, field: &str| -> Result<i64, Status> {
+            let t = t.as_ref().ok_or_else(|| invalid(field, "must be set"))?;
+            if !(0..1_000_000_000).contains(&t.nanos) {
+                return Err(invalid(field, "nanos must be in [0, 1e9)"));
+            }
+            Ok(t.seconds.saturating_mul(1000) + i64::from(t.nanos / 1_000_000))
+        };
+        let start = ms(&r.window_start, "window_start")?;
+        let end = ms(&r.window_end, "window_end")?;
+        if end <= start {
+            return Err(invalid("window_end", "must be after window_start"));
+        }
+        if end > now_ms() + CLOCK_SKEW_MS {
+            return Err(invalid("window_end", "must not be in the future"));
+        }
+        if r.cohort.is_empty()
+            || r.cohort.len() > 32
+            || !r
+                .cohort
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+        {
+            return Err(invalid(
+                "cohort",
+                "must be 1 to 32 characters of a-z, 0-9, '_' or '-'",
+            ));
+        }
+        let counts = r.counts.ok_or_else(|| invalid("counts", "must be set"))?;
+        for (field, v) in [
+            (
+                "counts.intra_list_diversity_sum",
+                counts.intra_list_diversity_sum,
+            ),
+            (
+                "counts.prediction_absolute_error_sum",
+                counts.prediction_absolute_error_sum,
+            ),
+            (
+                "counts.prediction_squared_error_sum",
+                counts.prediction_squared_error_sum,
+            ),
+        ] {
+            if !(v.is_finite() && v >= 0.0) {
+                return Err(invalid(field, "must be a finite number >= 0"));
+            }
+        }
+        if counts.injected_recommendations_shown > counts.recommendations_shown {
+            return Err(invalid(
+                "counts.injected_recommendations_shown",
+                "must not exceed recommendations_shown",
+            ));
+        }
+        if counts.predictions_within_half > counts.predictions_evaluated {
+            return Err(invalid(
+                "counts.predictions_within_half",
+                "must not exceed predictions_evaluated",
+            ));
+        }
+        for (i, c) in r.counters.iter().enumerate() {
+            if c.metric.is_empty() {
+                return Err(invalid(
+                    &format!("counters[{i}].metric"),
+                    "must not be empty",
+                ));
+            }
+        }
+        for (i, h) in r.histograms.iter().enumerate() {
+            if h.metric.is_empty() {
+                return Err(invalid(
+                    &format!("histograms[{i}].metric"),
+                    "must not be empty",
+                ));
+            }
+            if !h.upper_bounds.windows(2).all(|w| w[0] < w[1])
+                || !h.upper_bounds.iter().all(|b| b.is_finite())
+            {
+                return Err(invalid(
+                    &format!("histograms[{i}].upper_bounds"),
+                    "must be finite and strictly increasing",
+                ));
+            }
+            if h.bucket_counts.len() != h.upper_bounds.len() + 1 {
+                return Err(invalid(
+                    &format!("histograms[{i}].bucket_counts"),
+                    "must have exactly one more entry than upper_bounds",
+                ));
+            }
+        }
+        for (field, v) in [
+            (
+                "counts.personalisation_opt_outs",
+                counts.personalisation_opt_outs,
+            ),
+            ("counts.training_opt_outs", counts.training_opt_outs),
+        ] {
+            if v > 1 {
+                return Err(invalid(field, "must be 0 or 1"));
+            }
+        }
+        let int = |v: u64, field: &str| -> Result<i64, Status> {
+            i64::try_from(v).map_err(|_| invalid(field, "is too large"))
+        };
+        let sums = crate::store::EvaluationSums {
+            recommendation_lists_shown: int(
+                counts.recommendation_lists_shown,
+                "counts.recommendation_lists_shown",
+            )?,
+            recommendations_shown: int(
+                counts.recommendations_shown,
+                "counts.recommendations_shown",
+            )?,
+            injected_recommendations_shown: int(
+                counts.injected_recommendations_shown,
+                "counts.injected_recommendations_shown",
+            )?,
+            positive_feedback_count: int(
+                counts.positive_feedback_count,
+                "counts.positive_feedback_count",
+            )?,
+            negative_feedback_count: int(
+                counts.negative_feedback_count,
+                "counts.negative_feedback_count",
+            )?,
+            personalisation_opt_outs: int(
+                counts.personalisation_opt_outs,
+                "counts.personalisation_opt_outs",
+            )?,
+            training_opt_outs: int(counts.training_opt_outs, "counts.training_opt_outs")?,
+            predictions_evaluated: int(
+                counts.predictions_evaluated,
+                "counts.predictions_evaluated",
+            )?,
+            predictions_within_half: int(
+                counts.predictions_within_half,
+                "counts.predictions_within_half",
+            )?,
+        };
+        let run_id = r.run_id.clone();
+        let version = r.model_version;
+        let cohort = r.cohort.clone();
+        self.shared
+            .blocking(move |c| {
+                let record = c.store().run(&run_id).map_err(super::store_status)?;
+                if version > record.current_version {
+                    return Err(invalid(
+                        "model_version",
+                        format!("run {run_id:?} has no model version {version}"),
+                    ));
+                }
+                c.store()
+                    .add_evaluation_counts(&run_id, version, &cohort, &sums)
+                    .map_err(super::store_status)
+            })
+            .await?;
+        tracing::debug!(device = %device, run = %r.run_id, "evaluation counts added");
+        Ok(Response::new(pb::ReportMetricsResponse {
+            next_report_after: Some(duration(REPORT_EVERY_MS)),
+        }))
+    }
+}
+
+use fedpref_proto::prost_types;

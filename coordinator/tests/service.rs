@@ -1,0 +1,1034 @@
+//! The gRPC services over 127.0.0.1 with TLS from a certificate generated here (rcgen):
+//! devices through full rounds, every bad input with its status code and message, admin
+//! authentication, health.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use fedpref_coordinator::config::{Config, Limits};
+use fedpref_coordinator::server::{Running, ServeOptions, start};
+use fedpref_proto::metadata::bearer;
+use fedpref_proto::prost_types;
+use fedpref_proto::v1::{
+    self as pb, admin_service_client::AdminServiceClient, check_in_response::Outcome,
+    device_service_client::DeviceServiceClient, upload_update_request::Part,
+};
+use sha2::{Digest, Sha256};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig};
+use tonic::{Code, Request};
+
+const APP_KEY: &str = "test-app-key-0123456789abcdef";
+const ADMIN_TOKEN: &str = "test-admin-token-0123456789abcdef";
+
+struct TestServer {
+    running: Running,
+    ca_pem: String,
+    dir: tempfile::TempDir,
+}
+
+fn limits() -> Limits {
+    Limits {
+        max_upload_bytes: 1 << 20,
+        max_upload_chunks: 16,
+        max_chunk_bytes: 1024,
+        download_chunk_bytes: 1000,
+        device_requests_per_second: 10_000.0,
+        device_burst: 10_000,
+        max_concurrent_requests: 64,
+        tick_millis: 20,
+    }
+}
+
+impl TestServer {
+    async fn start() -> Self {
+        Self::start_with(limits()).await
+    }
+
+    async fn start_with(limits: Limits) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+        let write = |name: &str, text: &str| std::fs::write(dir.path().join(name), text).unwrap();
+        write("cert.pem", &cert.cert.pem());
+        write("key.pem", &cert.signing_key.serialize_pem());
+        write("app.key", APP_KEY);
+        write("admin.token", ADMIN_TOKEN);
+        let config = r#"
+[listen]
+device = "127.0.0.1:0"
+admin = "127.0.0.1:1"
+[store]
+path = "coordinator.db"
+[tls]
+certificate = "cert.pem"
+private_key = "key.pem"
+[auth]
+app_key_file = "app.key"
+admin_token_file = "admin.token"
+"#;
+        let mut config = Config::from_toml(config, "test.toml", dir.path()).unwrap();
+        config.limits = limits;
+        let options = ServeOptions {
+            admin_addr: Some("127.0.0.1:0".parse().unwrap()),
+            ..Default::default()
+        };
+        let running = start(&config, &options).await.unwrap();
+        Self {
+            running,
+            ca_pem: cert.cert.pem(),
+            dir,
+        }
+    }
+
+    async fn channel(&self, port: u16) -> Channel {
+        Channel::from_shared(format!("https://127.0.0.1:{port}"))
+            .unwrap()
+            .tls_config(
+                ClientTlsConfig::new()
+                    .ca_certificate(Certificate::from_pem(&self.ca_pem))
+                    .domain_name("localhost"),
+            )
+            .unwrap()
+            .connect()
+            .await
+            .unwrap()
+    }
+
+    async fn device(&self) -> DeviceServiceClient<Channel> {
+        DeviceServiceClient::new(self.channel(self.running.device_addr.port()).await)
+    }
+
+    async fn admin(&self) -> AdminServiceClient<Channel> {
+        AdminServiceClient::new(self.channel(self.running.admin_addr.port()).await)
+    }
+
+    fn db(&self) -> std::path::PathBuf {
+        self.dir.path().join("coordinator.db")
+    }
+}
+
+fn authed<T>(message: T, token: &str) -> Request<T> {
+    let mut r = Request::new(message);
+    r.metadata_mut().insert(
+        fedpref_proto::metadata::AUTHORIZATION,
+        bearer(token).parse().unwrap(),
+    );
+    r
+}
+
+fn seconds(s: i64) -> Option<prost_types::Duration> {
+    Some(prost_types::Duration {
+        seconds: s,
+        nanos: 0,
+    })
+}
+
+/// A central-DP cohort run over the protocol's manifest: 100 items × 4 factors.
+fn manifest(target: u32, minimum: u32, round_seconds: i64, rounds: u64) -> pb::RunManifest {
+    pb::RunManifest {
+        title: "Service test".into(),
+        purpose: "Exercise the gRPC services".into(),
+        owner: "tests@example.com".into(),
+        data_elements_used: vec![pb::DataElement {
+            element: "ratings".into(),
+            rationale: String::new(),
+        }],
+        privacy_mode: pb::PrivacyMode::Central as i32,
+        budget: Some(pb::PrivacyBudget {
+            epsilon: 100.0,
+            delta: 1e-5,
+        }),
+        clip_norm: 1.0,
+        noise_multiplier: 1.0,
+        sampling: Some(pb::Sampling {
+            method: Some(pb::sampling::Method::Cohort(pb::CohortSampling {
+                target_cohort_size: target,
+                round_deadline: seconds(round_seconds),
+                minimum_cohort_size: minimum,
+            })),
+        }),
+        rounds,
+        server_optimizer: Some(pb::ServerOptimizer {
+            optimizer: Some(pb::server_optimizer::Optimizer::Fedavg(pb::FedAvg {
+                server_learning_rate: 1.0,
+            })),
+        }),
+        model: Some(pb::ModelSpec {
+            model: Some(pb::model_spec::Model::MatrixFactorization(
+                pb::MatrixFactorizationSpec {
+                    item_count: 100,
+                    factor_dimension: 4,
+                    item_biases: true,
+                    global_offset: true,
+                    init_stddev: 0.1,
+                    init_seed: Some(7),
+                },
+            )),
+        }),
+        opt_out_policy: Some(pb::OptOutPolicy {
+            consent_model: pb::ConsentModel::OptIn as i32,
+            description: String::new(),
+            withdrawal_effect: String::new(),
+        }),
+        ..Default::default()
+    }
+}
+
+async fn create_run(server: &TestServer, m: pb::RunManifest) -> pb::Run {
+    server
+        .admin()
+        .await
+        .create_run(authed(
+            pb::CreateRunRequest {
+                manifest: Some(m),
+                request_id: "create-1".into(),
+                simulation_seed: None,
+            },
+            ADMIN_TOKEN,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+async fn enroll(client: &mut DeviceServiceClient<Channel>) -> String {
+    client
+        .enroll(pb::EnrollRequest {
+            app_key: APP_KEY.into(),
+            sdk_version: "0.1.0".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .device_token
+}
+
+fn check_in_request() -> pb::CheckInRequest {
+    pb::CheckInRequest {
+        sdk_version: "0.1.0".into(),
+        held_model: None,
+        eligibility: Some(pb::Eligibility {
+            device_conditions_met: true,
+            privacy_budget_available: true,
+        }),
+    }
+}
+
+async fn check_in(client: &mut DeviceServiceClient<Channel>, token: &str) -> Outcome {
+    client
+        .check_in(authed(check_in_request(), token))
+        .await
+        .unwrap()
+        .into_inner()
+        .outcome
+        .unwrap()
+}
+
+/// Downloads a model from `offset`; returns the bytes and the SHA-256 the chunks carry.
+async fn download(
+    client: &mut DeviceServiceClient<Channel>,
+    token: &str,
+    run_id: &str,
+    version: Option<u64>,
+    offset: u64,
+) -> Result<(Vec<u8>, Vec<u8>), tonic::Status> {
+    let mut stream = client
+        .download_model(authed(
+            pb::DownloadModelRequest {
+                run_id: run_id.into(),
+                model_version: version,
+                offset,
+                max_chunk_bytes: 0,
+                expected_sha256: vec![],
+            },
+            token,
+        ))
+        .await?
+        .into_inner();
+    let (mut bytes, mut sha) = (vec![], vec![]);
+    while let Some(chunk) = stream.message().await? {
+        assert_eq!(
+            chunk.offset,
+            offset + bytes.len() as u64,
+            "chunks arrive in order"
+        );
+        assert!(chunk.content.len() <= 1000, "chunks are bounded");
+        sha = chunk.model_sha256;
+        bytes.extend(chunk.content);
+    }
+    Ok((bytes, sha))
+}
+
+/// The upload stream for a task: the header, then each tensor's f64 bytes in chunks.
+fn upload_messages(
+    task: &pb::Task,
+    tensors: &[(pb::TensorSpec, Vec<f64>)],
+    chunk_bytes: usize,
+) -> Vec<pb::UploadUpdateRequest> {
+    let header = pb::UpdateHeader {
+        task: Some(pb::TaskRef {
+            run_id: task.run_id.clone(),
+            round_id: task.round_id,
+            task_token: task.task_token.clone(),
+        }),
+        base_model_version: task.model.as_ref().unwrap().model_version,
+        example_count: 10,
+        tensors: tensors.iter().map(|(s, _)| s.clone()).collect(),
+        privacy_mode: task.privacy_mode,
+        clip_norm: task.clip_norm,
+        noise_multiplier: task.noise_multiplier,
+        ..Default::default()
+    };
+    let mut out = vec![pb::UploadUpdateRequest {
+        part: Some(Part::Header(header)),
+    }];
+    for (i, (_, values)) in tensors.iter().enumerate() {
+        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        for (n, piece) in bytes.chunks(chunk_bytes).enumerate() {
+            out.push(pb::UploadUpdateRequest {
+                part: Some(Part::Chunk(pb::TensorChunk {
+                    tensor_index: i as u32,
+                    offset: (n * chunk_bytes) as u64,
+                    content: piece.to_vec(),
+                })),
+            });
+        }
+    }
+    out
+}
+
+/// A small valid update for the task's tensors.
+fn update_for(task: &pb::Task) -> Vec<(pb::TensorSpec, Vec<f64>)> {
+    task.update_tensors
+        .iter()
+        .map(|s| {
+            let n: u64 = s.shape.iter().product();
+            (s.clone(), vec![0.001; n as usize])
+        })
+        .collect()
+}
+
+async fn upload(
+    client: &mut DeviceServiceClient<Channel>,
+    token: &str,
+    messages: Vec<pb::UploadUpdateRequest>,
+) -> Result<pb::UploadReceipt, tonic::Status> {
+    client
+        .upload_update(authed(tokio_stream::iter(messages), token))
+        .await
+        .map(|r| r.into_inner())
+}
+
+fn assert_status(result: Result<impl std::fmt::Debug, tonic::Status>, code: Code, words: &str) {
+    let status = result.expect_err("the call must fail");
+    assert_eq!(status.code(), code, "{}", status.message());
+    assert!(
+        status.message().contains(words),
+        "message {:?} should contain {words:?}",
+        status.message()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_devices_complete_three_rounds_over_tls_and_the_ledger_verifies() {
+    let server = TestServer::start().await;
+    let run = create_run(&server, manifest(3, 2, 1, 3)).await;
+    assert_eq!(run.status, pb::RunStatus::Active as i32);
+    // The same request id finds the same run instead of creating a second one.
+    assert_eq!(
+        create_run(&server, manifest(3, 2, 1, 3)).await.run_id,
+        run.run_id
+    );
+
+    let mut devices = vec![];
+    for _ in 0..3 {
+        let mut client = server.device().await;
+        let token = enroll(&mut client).await;
+        devices.push(tokio::spawn(async move {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            let mut accepted = 0u64;
+            let mut held: Option<(u64, Vec<u8>)> = None;
+            while Instant::now() < deadline {
+                let outcome = client
+                    .check_in(authed(check_in_request(), &token))
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .outcome
+                    .unwrap();
+                let task = match outcome {
+                    Outcome::Task(task) => task,
+                    Outcome::ComeBackLater(later) => {
+                        if later.reason == pb::ComeBackReason::NoActiveRun as i32 {
+                            break;
+                        }
+                        tokio::time::sleep(Duration::from_millis(30)).await;
+                        continue;
+                    }
+                    Outcome::Redirect(_) => panic!("no redirects here"),
+                };
+                let model = task.model.clone().unwrap();
+                if held.as_ref().map(|h| h.0) != Some(model.model_version) {
+                    let (bytes, sha) = download(
+                        &mut client,
+                        &token,
+                        &task.run_id,
+                        Some(model.model_version),
+                        0,
+                    )
+                    .await
+                    .unwrap();
+                    assert_eq!(bytes.len() as u64, model.size_bytes);
+                    assert_eq!(Sha256::digest(&bytes).to_vec(), sha);
+                    assert_eq!(sha, model.sha256);
+                    held = Some((model.model_version, bytes));
+                }
+                match upload(
+                    &mut client,
+                    &token,
+                    upload_messages(&task, &update_for(&task), 1024),
+                )
+                .await
+                {
+                    Ok(receipt) => {
+                        assert_eq!(receipt.round_id, task.round_id);
+                        accepted += 1;
+                    }
+                    // The round's one-second deadline passed first: try the next round.
+                    Err(s) if s.code() == Code::FailedPrecondition => {}
+                    Err(s) => panic!("upload failed: {s:?}"),
+                }
+            }
+            accepted
+        }));
+    }
+    let mut accepted = 0;
+    for d in devices {
+        accepted += d.await.unwrap();
+    }
+    assert!(
+        accepted >= 6,
+        "at least two updates per committed round, got {accepted}"
+    );
+
+    let mut admin = server.admin().await;
+    let got = admin
+        .get_run(authed(
+            pb::GetRunRequest {
+                run_id: run.run_id.clone(),
+            },
+            ADMIN_TOKEN,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.status, pb::RunStatus::Completed as i32, "{got:?}");
+    assert_eq!(got.rounds_committed, 3);
+    assert_eq!(got.latest_model_version, 4);
+    assert!(!got.epsilon_spent.is_empty());
+    let verification = admin
+        .verify_ledger(authed(
+            pb::VerifyLedgerRequest {
+                run_id: run.run_id.clone(),
+            },
+            ADMIN_TOKEN,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(verification.intact, "{verification:?}");
+    // The ledger, two entries a page.
+    let mut token = String::new();
+    let mut entries = vec![];
+    loop {
+        let page = admin
+            .read_ledger(authed(
+                pb::ReadLedgerRequest {
+                    run_id: run.run_id.clone(),
+                    start_sequence: 1,
+                    page_size: 2,
+                    page_token: token.clone(),
+                },
+                ADMIN_TOKEN,
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        entries.extend(page.entries);
+        if page.next_page_token.is_empty() {
+            assert_eq!(entries.len() as u64, page.head_sequence);
+            break;
+        }
+        token = page.next_page_token;
+    }
+    let spent = entries
+        .iter()
+        .filter(|e| e.kind == pb::LedgerEntryKind::RoundSpent as i32)
+        .count();
+    assert_eq!(spent, 3);
+    let versions = admin
+        .list_model_versions(authed(
+            pb::ListModelVersionsRequest {
+                run_id: run.run_id.clone(),
+                page_size: 0,
+                page_token: String::new(),
+            },
+            ADMIN_TOKEN,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        versions.versions.len(),
+        4,
+        "the initial model and three rounds' versions"
+    );
+    assert!(versions.versions[0].latest);
+
+    let db = server.db();
+    server.running.shutdown().await.unwrap();
+    // The store, read offline after shutdown: the chain and every ε re-derive.
+    let store = fedpref_coordinator::store::Store::open(&db).unwrap();
+    let totals =
+        fedpref_coordinator::ledger::verify(&run.run_id, &store.ledger(&run.run_id).unwrap())
+            .unwrap();
+    assert_eq!(totals.rounds_committed, 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn each_bad_input_gets_its_status_code_and_a_message_naming_the_problem() {
+    let server = TestServer::start().await;
+    let run = create_run(&server, manifest(1, 1, 60, 5)).await;
+    let mut client = server.device().await;
+
+    // Enrolment and device authentication.
+    assert_status(
+        client
+            .enroll(pb::EnrollRequest {
+                app_key: "wrong-app-key-000000".into(),
+                sdk_version: "0.1.0".into(),
+            })
+            .await,
+        Code::Unauthenticated,
+        "app_key",
+    );
+    assert_status(
+        client.check_in(Request::new(check_in_request())).await,
+        Code::Unauthenticated,
+        "missing `authorization`",
+    );
+    assert_status(
+        client
+            .check_in(authed(check_in_request(), "not-a-token"))
+            .await,
+        Code::Unauthenticated,
+        "unknown device token",
+    );
+    let a = enroll(&mut client).await;
+    let b = enroll(&mut client).await;
+    assert_status(
+        client
+            .check_in(authed(
+                pb::CheckInRequest {
+                    eligibility: None,
+                    ..check_in_request()
+                },
+                &a,
+            ))
+            .await,
+        Code::InvalidArgument,
+        "eligibility",
+    );
+
+    // A gets the round's only task; B is not selected.
+    let Outcome::Task(task) = check_in(&mut client, &a).await else {
+        panic!("the first device gets the task");
+    };
+    assert_eq!(task.run_id, run.run_id);
+    let Outcome::ComeBackLater(later) = check_in(&mut client, &b).await else {
+        panic!("the cohort of one is full");
+    };
+    assert_eq!(later.reason, pb::ComeBackReason::NotSelected as i32);
+
+    // Download: whole, resumed from an offset, and a bad offset.
+    let model = task.model.clone().unwrap();
+    let (whole, sha) = download(&mut client, &a, &run.run_id, None, 0)
+        .await
+        .unwrap();
+    assert_eq!(sha, model.sha256);
+    let (tail, _) = download(
+        &mut client,
+        &a,
+        &run.run_id,
+        Some(model.model_version),
+        1500,
+    )
+    .await
+    .unwrap();
+    assert_eq!(tail, whole[1500..]);
+    assert_status(
+        download(
+            &mut client,
+            &a,
+            &run.run_id,
+            Some(model.model_version),
+            whole.len() as u64,
+        )
+        .await,
+        Code::OutOfRange,
+        "offset",
+    );
+    assert_status(
+        download(&mut client, &a, &run.run_id, None, 10).await,
+        Code::InvalidArgument,
+        "model_version",
+    );
+
+    let good = update_for(&task);
+    // Not selected: B uploads for A's round.
+    let mut stolen = task.clone();
+    stolen.task_token = "0".repeat(32);
+    assert_status(
+        upload(&mut client, &b, upload_messages(&stolen, &good, 1024)).await,
+        Code::FailedPrecondition,
+        "not selected",
+    );
+    // A stale (or future) round id.
+    let mut stale = task.clone();
+    stale.round_id += 1;
+    assert_status(
+        upload(&mut client, &a, upload_messages(&stale, &good, 1024)).await,
+        Code::FailedPrecondition,
+        "stale round id",
+    );
+    // A wrong shape.
+    let mut wrong = good.clone();
+    wrong[0].0.shape = vec![99, 4];
+    wrong[0].1.truncate(99 * 4);
+    assert_status(
+        upload(&mut client, &a, upload_messages(&task, &wrong, 1024)).await,
+        Code::InvalidArgument,
+        "header.tensors[0].shape",
+    );
+    // NaN.
+    let mut nan = good.clone();
+    nan[1].1[3] = f64::NAN;
+    assert_status(
+        upload(&mut client, &a, upload_messages(&task, &nan, 1024)).await,
+        Code::InvalidArgument,
+        "element 3 is not finite",
+    );
+    // Oversize: a chunk above the limit, and too many chunks.
+    assert_status(
+        upload(&mut client, &a, upload_messages(&task, &good, 2048)).await,
+        Code::InvalidArgument,
+        "chunk.content: 2048 bytes",
+    );
+    assert_status(
+        upload(&mut client, &a, upload_messages(&task, &good, 200)).await,
+        Code::InvalidArgument,
+        "limit of 16 chunks",
+    );
+    // Out-of-order chunks.
+    let mut messages = upload_messages(&task, &good, 1024);
+    messages.swap(1, 2);
+    assert_status(
+        upload(&mut client, &a, messages).await,
+        Code::InvalidArgument,
+        "chunk.offset",
+    );
+    // An unknown task token, and bytes that do not match the header's SHA-256.
+    let mut forged = task.clone();
+    forged.task_token = "f".repeat(32);
+    assert_status(
+        upload(&mut client, &a, upload_messages(&forged, &good, 1024)).await,
+        Code::InvalidArgument,
+        "unknown task token",
+    );
+    let mut messages = upload_messages(&task, &good, 1024);
+    if let Some(Part::Header(h)) = messages[0].part.as_mut() {
+        h.update_sha256 = vec![0; 32];
+    }
+    assert_status(
+        upload(&mut client, &a, messages).await,
+        Code::DataLoss,
+        "update_sha256",
+    );
+    // The real upload, then a second one.
+    let receipt = upload(&mut client, &a, upload_messages(&task, &good, 1024))
+        .await
+        .unwrap();
+    assert_eq!(receipt.bytes_received, (100 * 4 + 100 + 1) * 8);
+    assert_status(
+        upload(&mut client, &a, upload_messages(&task, &good, 1024)).await,
+        Code::FailedPrecondition,
+        "already uploaded",
+    );
+
+    // Decline and metrics reports, minimal but real.
+    let declined = client
+        .decline_task(authed(
+            pb::DeclineTaskRequest {
+                task: Some(pb::TaskRef {
+                    run_id: task.run_id.clone(),
+                    round_id: task.round_id,
+                    task_token: task.task_token.clone(),
+                }),
+                reason: pb::DeclineReason::ConditionsChanged as i32,
+            },
+            &a,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(declined.retry_after.is_some());
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let report = |cohort: &str| pb::ReportMetricsRequest {
+        run_id: run.run_id.clone(),
+        model_version: 0,
+        window_start: Some(prost_types::Timestamp {
+            seconds: now - 3600,
+            nanos: 0,
+        }),
+        window_end: Some(prost_types::Timestamp {
+            seconds: now - 60,
+            nanos: 0,
+        }),
+        cohort: cohort.into(),
+        counts: Some(pb::EvaluationCounts {
+            recommendation_lists_shown: 3,
+            recommendations_shown: 30,
+            ..Default::default()
+        }),
+        counters: vec![],
+        histograms: vec![],
+    };
+    client
+        .report_metrics(authed(report("light"), &a))
+        .await
+        .unwrap();
+    client
+        .report_metrics(authed(report("light"), &b))
+        .await
+        .unwrap();
+    assert_status(
+        client
+            .report_metrics(authed(report("Light Users"), &a))
+            .await,
+        Code::InvalidArgument,
+        "cohort",
+    );
+
+    // The admin service: device tokens refused, no token unauthenticated.
+    let mut admin = server.admin().await;
+    let get = |token: &str| {
+        authed(
+            pb::GetRunRequest {
+                run_id: run.run_id.clone(),
+            },
+            token,
+        )
+    };
+    assert_status(
+        admin.get_run(get(&a)).await,
+        Code::PermissionDenied,
+        "device tokens",
+    );
+    assert_status(
+        admin
+            .get_run(Request::new(pb::GetRunRequest {
+                run_id: run.run_id.clone(),
+            }))
+            .await,
+        Code::Unauthenticated,
+        "missing",
+    );
+    assert_status(
+        admin.get_run(get("wrong-admin-token")).await,
+        Code::Unauthenticated,
+        "unknown admin token",
+    );
+    assert_status(
+        admin
+            .get_run(authed(
+                pb::GetRunRequest {
+                    run_id: "nope".into(),
+                },
+                ADMIN_TOKEN,
+            ))
+            .await,
+        Code::NotFound,
+        "nope",
+    );
+    let got = admin.get_run(get(ADMIN_TOKEN)).await.unwrap().into_inner();
+    assert_eq!(got.current_round, task.round_id);
+    // Pause abandons the round; a paused run tells devices so; pause twice is refused.
+    let paused = admin
+        .pause_run(authed(
+            pb::PauseRunRequest {
+                run_id: run.run_id.clone(),
+                reason: "maintenance".into(),
+            },
+            ADMIN_TOKEN,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(paused.status, pb::RunStatus::Paused as i32);
+    assert_eq!(paused.status_reason, "maintenance");
+    let Outcome::ComeBackLater(later) = check_in(&mut client, &a).await else {
+        panic!("a paused run gives no tasks");
+    };
+    assert_eq!(later.reason, pb::ComeBackReason::RunPaused as i32);
+    assert_status(
+        admin
+            .pause_run(authed(
+                pb::PauseRunRequest {
+                    run_id: run.run_id.clone(),
+                    reason: "again".into(),
+                },
+                ADMIN_TOKEN,
+            ))
+            .await,
+        Code::FailedPrecondition,
+        "paused",
+    );
+    assert_status(
+        admin
+            .pause_run(authed(
+                pb::PauseRunRequest {
+                    run_id: run.run_id.clone(),
+                    reason: String::new(),
+                },
+                ADMIN_TOKEN,
+            ))
+            .await,
+        Code::InvalidArgument,
+        "reason",
+    );
+    let resumed = admin
+        .resume_run(authed(
+            pb::ResumeRunRequest {
+                run_id: run.run_id.clone(),
+                reason: "done".into(),
+            },
+            ADMIN_TOKEN,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(resumed.status, pb::RunStatus::Active as i32);
+    assert_status(
+        admin
+            .get_report(authed(
+                pb::GetReportRequest {
+                    run_id: run.run_id.clone(),
+                    format: 1,
+                },
+                ADMIN_TOKEN,
+            ))
+            .await,
+        Code::Unimplemented,
+        "compliance report",
+    );
+    // A manifest field this coordinator does not implement is named, not dropped.
+    let mut unsupported = manifest(1, 1, 60, 5);
+    unsupported.adaptive_clipping = Some(pb::AdaptiveClipping::default());
+    assert_status(
+        admin
+            .create_run(authed(
+                pb::CreateRunRequest {
+                    manifest: Some(unsupported),
+                    ..Default::default()
+                },
+                ADMIN_TOKEN,
+            ))
+            .await,
+        Code::InvalidArgument,
+        "manifest.adaptive_clipping",
+    );
+    let mut bad = manifest(1, 1, 60, 5);
+    bad.clip_norm = -1.0;
+    assert_status(
+        admin
+            .create_run(authed(
+                pb::CreateRunRequest {
+                    manifest: Some(bad),
+                    ..Default::default()
+                },
+                ADMIN_TOKEN,
+            ))
+            .await,
+        Code::InvalidArgument,
+        "clip_norm",
+    );
+
+    // Health on both ports.
+    for port in [
+        server.running.device_addr.port(),
+        server.running.admin_addr.port(),
+    ] {
+        let mut health =
+            tonic_health::pb::health_client::HealthClient::new(server.channel(port).await);
+        let r = health
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            r.status,
+            tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+        );
+    }
+    let mut health = tonic_health::pb::health_client::HealthClient::new(
+        server.channel(server.running.device_addr.port()).await,
+    );
+    let r = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "fedpref.v1.DeviceService".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        r.status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+    let db = server.db();
+    server.running.shutdown().await.unwrap();
+    // Only the tokens' SHA-256 is stored.
+    let store = fedpref_coordinator::store::Store::open(&db).unwrap();
+    let hashes: Vec<String> = store
+        .connection()
+        .prepare("SELECT token_sha256 FROM devices ORDER BY enrolled_at_ms")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(hashes.len(), 2);
+    for token in [&a, &b] {
+        let hash = fedpref_coordinator::hex(&Sha256::digest(token.as_bytes()));
+        assert!(hashes.contains(&hash));
+        assert!(!hashes.iter().any(|h| h.contains(token.as_str())));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reflection_lists_the_services_on_both_ports() {
+    use tonic_reflection::pb::v1::{
+        ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+    };
+    let server = TestServer::start().await;
+    for (port, service) in [
+        (
+            server.running.device_addr.port(),
+            "fedpref.v1.DeviceService",
+        ),
+        (server.running.admin_addr.port(), "fedpref.v1.AdminService"),
+    ] {
+        let mut client = ServerReflectionClient::new(server.channel(port).await);
+        let request = ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        };
+        let mut responses = client
+            .server_reflection_info(tokio_stream::iter(vec![request]))
+            .await
+            .unwrap()
+            .into_inner();
+        let response = responses.message().await.unwrap().unwrap();
+        let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else {
+            panic!("a list of services");
+        };
+        let names: Vec<_> = list.service.iter().map(|s| s.name.as_str()).collect();
+        assert!(names.contains(&service), "{names:?}");
+        assert!(names.contains(&"grpc.health.v1.Health"), "{names:?}");
+    }
+    server.running.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_over_its_rate_gets_resource_exhausted_with_a_retry_hint() {
+    let server = TestServer::start_with(Limits {
+        device_requests_per_second: 0.5,
+        device_burst: 3,
+        ..limits()
+    })
+    .await;
+    let mut client = server.device().await;
+    let token = enroll(&mut client).await;
+    for _ in 0..3 {
+        check_in(&mut client, &token).await;
+    }
+    let status = client
+        .check_in(authed(check_in_request(), &token))
+        .await
+        .expect_err("over the rate");
+    assert_eq!(status.code(), Code::ResourceExhausted);
+    assert!(
+        status.message().contains("retry after"),
+        "{}",
+        status.message()
+    );
+    let hint: u64 = status
+        .metadata()
+        .get("grpc-retry-pushback-ms")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(hint > 0 && hint <= 2000, "{hint}");
+    // Another device is not affected.
+    let other = enroll(&mut client).await;
+    check_in(&mut client, &other).await;
+    server.running.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn plaintext_is_refused_beyond_loopback() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = fedpref_coordinator::config::INIT_CONFIG.replace("127.0.0.1:7443", "0.0.0.0:7443");
+    let config = Config::from_toml(&text, "c.toml", dir.path()).unwrap();
+    let options = ServeOptions {
+        insecure_plaintext: true,
+        ..Default::default()
+    };
+    let e = start(&config, &options).await.err().expect("refused");
+    assert!(e.to_string().contains("only allowed on loopback"), "{e}");
+}
+
+#[test]
+fn init_writes_a_working_directory_and_never_overwrites() {
+    let dir = tempfile::tempdir().unwrap();
+    let done = fedpref_coordinator::config::init(dir.path()).unwrap();
+    assert_eq!(done.files.len(), 6);
+    let config = Config::from_file(&dir.path().join("coordinator.toml")).unwrap();
+    assert!(Path::new(&config.tls.certificate).exists());
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        for secret in ["app.key", "admin.token", "tls/key.pem"] {
+            let mode = std::fs::metadata(dir.path().join(secret))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600, "{secret}");
+        }
+    }
+    fedpref_coordinator::manifest::RunManifest::from_file(&dir.path().join("manifest.toml"))
+        .unwrap();
+    let e = fedpref_coordinator::config::init(dir.path())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("coordinator.toml") && e.contains("exists already"),
+        "{e}"
+    );
+}
