@@ -40,6 +40,9 @@ pub enum Command {
     /// The privacy ledger.
     #[command(subcommand)]
     Ledger(LedgerCommand),
+    /// The AdminService of a running coordinator, over TLS.
+    #[command(subcommand)]
+    Admin(crate::admin_client::AdminCommandLine),
     /// Write a working configuration, a self-signed certificate, secrets and an example
     /// manifest into a directory.
     Init {
@@ -292,6 +295,7 @@ pub fn run(cli: &Cli) -> Result<String, CliError> {
         Command::Accountant(cmd) => run_accountant(cmd),
         Command::Run(cmd) => run_runs(cmd),
         Command::Ledger(cmd) => run_ledger(cmd),
+        Command::Admin(cmd) => crate::admin_client::run(cmd),
         Command::Init { dir } => {
             let done = crate::config::init(dir).map_err(|e| CliError::Failed(e.to_string()))?;
             let mut out = vec![format!("wrote {} files:", done.files.len())];

@@ -20,6 +20,7 @@
 //! assert!(v["epsilon"].as_f64().unwrap() < 2.0);
 //! ```
 
+pub mod admin_client;
 pub mod aggregation;
 pub mod cli;
 pub mod config;

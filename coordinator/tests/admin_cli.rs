@@ -1,0 +1,127 @@
+//! `fedpref-coordinator admin …` against a real server over TLS, set up as a newcomer would:
+//! `init` writes the config, certificate, tokens and manifest; the server runs in-process on
+//! 127.0.0.1; the binary talks to it.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use fedpref_coordinator::config::Config;
+use fedpref_coordinator::server::{ServeOptions, start};
+
+fn admin(dir: &Path, port: u16, token_file: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_fedpref-coordinator"))
+        .args(["admin", "runs"])
+        .args(args)
+        .args(["--endpoint", &format!("https://127.0.0.1:{port}")])
+        .arg("--token-file")
+        .arg(token_file)
+        .arg("--ca-cert")
+        .arg(dir.join("tls").join("cert.pem"))
+        .output()
+        .unwrap()
+}
+
+fn ok(out: Output) -> String {
+    assert!(
+        out.status.success(),
+        "exit {:?}: {}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_creates_inspects_pauses_and_resumes_a_run_from_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_path_buf();
+    fedpref_coordinator::config::init(&d).unwrap();
+    let config = Config::from_file(&d.join("coordinator.toml")).unwrap();
+    let running = start(
+        &config,
+        &ServeOptions {
+            device_addr: Some("127.0.0.1:0".parse().unwrap()),
+            admin_addr: Some("127.0.0.1:0".parse().unwrap()),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let port = running.admin_addr.port();
+    let token = d.join("admin.token");
+
+    let d2 = d.clone();
+    let token2 = token.clone();
+    let text = tokio::task::spawn_blocking(move || {
+        let created = ok(admin(
+            &d2,
+            port,
+            &token2,
+            &[
+                "create",
+                "--manifest",
+                d2.join("manifest.toml").to_str().unwrap(),
+                "--request-id",
+                "first",
+            ],
+        ));
+        let run_id = created.split('\t').next().unwrap().trim().to_string();
+        assert!(created.contains("active"), "{created}");
+        let listed = ok(admin(&d2, port, &token2, &["list"]));
+        assert!(listed.contains(&run_id), "{listed}");
+        let got = ok(admin(&d2, port, &token2, &["get", "--run", &run_id]));
+        assert!(got.contains("nothing spent"), "{got}");
+        let paused = ok(admin(
+            &d2,
+            port,
+            &token2,
+            &["pause", "--run", &run_id, "--reason", "incident review"],
+        ));
+        assert!(paused.contains("paused"), "{paused}");
+        let resumed = ok(admin(
+            &d2,
+            port,
+            &token2,
+            &["resume", "--run", &run_id, "--reason", "review done"],
+        ));
+        assert!(resumed.contains("active"), "{resumed}");
+        let ledger = ok(admin(&d2, port, &token2, &["ledger", "--run", &run_id]));
+        assert!(
+            ledger.contains("run_created")
+                && ledger.contains("paused")
+                && ledger.contains("head: entry"),
+            "{ledger}"
+        );
+
+        // A wrong token is refused, and the error says so.
+        let bad = d2.join("bad.token");
+        std::fs::write(&bad, "not-the-token").unwrap();
+        let out = admin(&d2, port, &bad, &["list"]);
+        assert_eq!(out.status.code(), Some(1));
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(
+            err.contains("Unauthenticated") || err.contains("PermissionDenied"),
+            "{err}"
+        );
+
+        // A missing CA for https is a usage error naming the flag.
+        let out = Command::new(env!("CARGO_BIN_EXE_fedpref-coordinator"))
+            .args([
+                "admin",
+                "runs",
+                "list",
+                "--endpoint",
+                &format!("https://127.0.0.1:{port}"),
+                "--token-file",
+            ])
+            .arg(&token2)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2));
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    })
+    .await
+    .unwrap();
+    assert!(text.contains("--ca-cert"), "{text}");
+    running.shutdown().await.unwrap();
+}
