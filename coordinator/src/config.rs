@@ -5,7 +5,7 @@
 //! [listen]
 //! device = "127.0.0.1:7443"   # DeviceService (TLS)
 //! admin = "127.0.0.1:7444"    # AdminService (TLS), on its own port
-//! metrics = "127.0.0.1:9464"  # parsed, not served yet
+//! metrics = "127.0.0.1:9464"  # Prometheus text on GET /metrics (optional)
 //!
 //! [store]
 //! path = "coordinator.db"
@@ -89,7 +89,7 @@ pub struct Listen {
     pub device: SocketAddr,
     /// AdminService.
     pub admin: SocketAddr,
-    /// Prometheus metrics (not served yet).
+    /// Where to serve Prometheus metrics (`GET /metrics`, plain HTTP); absent: not served.
     pub metrics: Option<SocketAddr>,
 }
 
@@ -330,7 +330,7 @@ pub const INIT_CONFIG: &str = r#"# fedpref-coordinator configuration, written by
 device = "127.0.0.1:7443"
 # AdminService (TLS), on its own port; keep it on a private network.
 admin = "127.0.0.1:7444"
-# Prometheus metrics: parsed, not served yet.
+# Prometheus metrics, plain HTTP on GET /metrics (keep it on loopback or a private network).
 metrics = "127.0.0.1:9464"
 
 [store]

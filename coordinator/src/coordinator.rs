@@ -10,6 +10,7 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::Arc;
 
 use fedpref_privacy::{OrderGrid, SecureSampler};
 use rand::SeedableRng;
@@ -19,6 +20,7 @@ use crate::aggregation::ServerState;
 use crate::engine::{Action, AdminCommand, Engine, Event, Progress, RunState};
 use crate::ledger::LedgerEvent;
 use crate::manifest::{ManifestPrivacyMode, RunManifest};
+use crate::metrics::Metrics;
 use crate::model::{self, ModelError};
 use crate::store::{RoundCommit, RunStatus, Store, StoreError};
 
@@ -60,6 +62,7 @@ pub struct Coordinator {
     rng: ChaCha20Rng,
     sampler: SecureSampler,
     hook: Option<StageHook>,
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl Coordinator {
@@ -108,12 +111,21 @@ impl Coordinator {
             rng: ChaCha20Rng::try_from_rng(&mut SysRng).map_err(|_| CoordinatorError::Entropy)?,
             sampler: SecureSampler::from_os().map_err(|_| CoordinatorError::Entropy)?,
             hook: None,
+            metrics: None,
         })
     }
 
     /// Calls `hook` between the steps of carrying out actions (crash tests abort there).
     pub fn set_stage_hook(&mut self, hook: impl FnMut(Stage) + Send + 'static) {
         self.hook = Some(Box::new(hook));
+    }
+
+    /// Reports every engine step to `metrics` from now on.
+    pub fn set_metrics(&mut self, metrics: Arc<Metrics>) {
+        for (id, engine) in &self.engines {
+            metrics.set_spent(id, &engine.spent());
+        }
+        self.metrics = Some(metrics);
     }
 
     /// The store, for reads.
@@ -156,7 +168,11 @@ impl Coordinator {
             .engines
             .get_mut(run_id)
             .ok_or_else(|| CoordinatorError::NoSuchRun(run_id.to_string()))?;
+        let check_in = matches!(event, Event::CheckIn { .. });
         let actions = engine.handle(event, now_ms, &mut self.rng, &mut self.sampler);
+        if let Some(m) = &self.metrics {
+            m.observe(run_id, check_in, &actions, now_ms, &engine.spent());
+        }
         for action in &actions {
             self.execute(run_id, action, now_ms)?;
         }

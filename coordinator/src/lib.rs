@@ -28,6 +28,7 @@ pub mod coordinator;
 pub mod engine;
 pub mod ledger;
 pub mod manifest;
+pub mod metrics;
 pub mod model;
 pub mod server;
 pub mod service;

@@ -82,6 +82,9 @@ pub struct Running {
     pub device_addr: SocketAddr,
     /// Where AdminService listens.
     pub admin_addr: SocketAddr,
+    /// Where `GET /metrics` is served, if a metrics address is configured.
+    pub metrics_addr: Option<SocketAddr>,
+    metrics_server: Option<JoinHandle<std::io::Result<()>>>,
     shutdown: watch::Sender<bool>,
     servers: Vec<JoinHandle<Result<(), tonic::transport::Error>>>,
     ticker: JoinHandle<()>,
@@ -129,9 +132,6 @@ pub async fn start(config: &Config, options: &ServeOptions) -> Result<Running, S
         );
         Some(ServerTlsConfig::new().identity(identity))
     };
-    if let Some(metrics) = options.metrics_addr.or(config.listen.metrics) {
-        tracing::info!(%metrics, "metrics are not served yet; the address is reserved");
-    }
     let app_key = read_secret(&config.auth.app_key_file, "auth.app_key_file")?;
     let admin_token = read_secret(&config.auth.admin_token_file, "auth.admin_token_file")?;
     let store_path = config.store.path.clone();
@@ -227,16 +227,51 @@ pub async fn start(config: &Config, options: &ServeOptions) -> Result<Running, S
         .add_service(AdminServiceServer::new(AdminApi::new(Arc::clone(&shared))))
         .serve_with_incoming_shutdown(TcpListenerStream::new(admin_listener), signal(&shutdown));
 
+    let (metrics_addr, metrics_server) = match options.metrics_addr.or(config.listen.metrics) {
+        Some(addr) => {
+            let listener = bind(addr, "metrics").await?;
+            let local = listener.local_addr().map_err(|source| ServerError::Io {
+                what: "metrics address".into(),
+                source,
+            })?;
+            let metrics = Arc::clone(&shared.metrics);
+            let app = axum::Router::new().route(
+                "/metrics",
+                axum::routing::get(move || {
+                    let metrics = Arc::clone(&metrics);
+                    async move {
+                        (
+                            [(
+                                axum::http::header::CONTENT_TYPE,
+                                "text/plain; version=0.0.4; charset=utf-8",
+                            )],
+                            metrics.render(),
+                        )
+                    }
+                }),
+            );
+            let stop = signal(&shutdown);
+            let task = tokio::spawn(async move {
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(stop)
+                    .await
+            });
+            (Some(local), Some(task))
+        }
+        None => (None, None),
+    };
     let servers = vec![tokio::spawn(device), tokio::spawn(admin)];
     let ticker = tokio::spawn(tick(
         Arc::clone(&shared),
         Duration::from_millis(config.limits.tick_millis),
         shutdown.subscribe(),
     ));
-    tracing::info!(%device_addr, %admin_addr, tls = tls.is_some(), "serving");
+    tracing::info!(%device_addr, %admin_addr, ?metrics_addr, tls = tls.is_some(), "serving");
     Ok(Running {
         device_addr,
         admin_addr,
+        metrics_addr,
+        metrics_server,
         shutdown,
         servers,
         ticker,
@@ -284,6 +319,9 @@ impl Running {
                 }
                 Err(_) => tracing::warn!("requests still in progress after the grace period"),
             }
+        }
+        if let Some(m) = self.metrics_server {
+            let _ = tokio::time::timeout(SHUTDOWN_GRACE, m).await;
         }
         let _ = self.ticker.await;
         let coordinator = self.coordinator;

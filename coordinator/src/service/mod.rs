@@ -71,6 +71,8 @@ pub struct Shared {
     /// The concurrency limit over both services.
     pub concurrency: limits::Concurrency,
     caches: Caches,
+    /// Prometheus metrics (also fed by the coordinator's engine steps).
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl Shared {
@@ -81,6 +83,9 @@ impl Shared {
         admin_token: &str,
         limits: Limits,
     ) -> Result<Arc<Self>, CoordinatorError> {
+        let mut coordinator = coordinator;
+        let metrics = Arc::new(crate::metrics::Metrics::new());
+        coordinator.set_metrics(Arc::clone(&metrics));
         let run_order = coordinator
             .store()
             .runs()?
@@ -96,6 +101,7 @@ impl Shared {
             concurrency: limits::Concurrency::new(limits.max_concurrent_requests),
             limits,
             caches: Caches::default(),
+            metrics,
         }))
     }
 
