@@ -1032,3 +1032,187 @@ fn init_writes_a_working_directory_and_never_overwrites() {
         "{e}"
     );
 }
+
+/// The coordinator binary as a child process with the configuration in `dir`.
+fn spawn_server(dir: &Path) -> std::process::Child {
+    std::process::Command::new(env!("CARGO_BIN_EXE_fedpref-coordinator"))
+        .args(["serve", "--config"])
+        .arg(dir.join("coordinator.toml"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+async fn connect_when_up(port: u16, ca_pem: &str) -> DeviceServiceClient<Channel> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let attempt = Channel::from_shared(format!("https://127.0.0.1:{port}"))
+            .unwrap()
+            .tls_config(
+                ClientTlsConfig::new()
+                    .ca_certificate(Certificate::from_pem(ca_pem))
+                    .domain_name("localhost"),
+            )
+            .unwrap()
+            .connect()
+            .await;
+        match attempt {
+            Ok(channel) => return DeviceServiceClient::new(channel),
+            Err(_) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            Err(e) => panic!("the server did not come up: {e}"),
+        }
+    }
+}
+
+/// Checks in and uploads once; `None` if the device got no task.
+async fn check_in_and_upload(
+    client: &mut DeviceServiceClient<Channel>,
+    token: &str,
+) -> Option<u64> {
+    let outcome = client
+        .check_in(authed(check_in_request(), token))
+        .await
+        .unwrap()
+        .into_inner()
+        .outcome?;
+    let Outcome::Task(task) = outcome else {
+        return None;
+    };
+    upload(
+        client,
+        token,
+        upload_messages(&task, &update_for(&task), 1024),
+    )
+    .await
+    .ok()
+    .map(|r| r.round_id)
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kill_9_of_the_server_mid_round_then_a_restart_resumes_with_the_ledger_verified() {
+    let dir = tempfile::tempdir().unwrap();
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let write = |name: &str, text: &str| std::fs::write(dir.path().join(name), text).unwrap();
+    write("cert.pem", &cert.cert.pem());
+    write("key.pem", &cert.signing_key.serialize_pem());
+    write("app.key", APP_KEY);
+    write("admin.token", ADMIN_TOKEN);
+    let (device_port, admin_port) = (free_port(), free_port());
+    write(
+        "coordinator.toml",
+        &format!(
+            "[listen]\ndevice = \"127.0.0.1:{device_port}\"\nadmin = \"127.0.0.1:{admin_port}\"\n\
+             [store]\npath = \"coordinator.db\"\n[tls]\ncertificate = \"cert.pem\"\nprivate_key = \"key.pem\"\n\
+             [auth]\napp_key_file = \"app.key\"\nadmin_token_file = \"admin.token\"\n"
+        ),
+    );
+    let db = dir.path().join("coordinator.db");
+    let toml_manifest = r#"
+title = "Restart test"
+purpose = "Survive kill -9"
+owner = "tests@example.com"
+privacy_mode = "central"
+rounds = 3
+clip_norm = 1.0
+noise_multiplier = 2.0
+[budget]
+epsilon = 50.0
+delta = 1e-6
+[sampling]
+kind = "cohort"
+target_size = 3
+minimum_size = 2
+round_seconds = 3
+[server_optimizer]
+kind = "fedavg"
+[model]
+items = 5
+factors = 2
+[opt_out_policy]
+consent_model = "opt-in"
+"#;
+    let m = fedpref_coordinator::manifest::RunManifest::from_toml(toml_manifest, "restart.toml")
+        .unwrap();
+    let mut store = fedpref_coordinator::store::Store::open(&db).unwrap();
+    fedpref_coordinator::coordinator::create_run(&mut store, "restart", &m, 1).unwrap();
+    drop(store);
+
+    // First life: three devices enrol, take tasks, two upload; then the server is killed
+    // before the round's deadline.
+    let mut server = spawn_server(dir.path());
+    let ca = cert.cert.pem();
+    let mut devices = vec![];
+    for _ in 0..3 {
+        let mut client = connect_when_up(device_port, &ca).await;
+        let token = enroll(&mut client).await;
+        devices.push((client, token));
+    }
+    let mut uploaded = 0;
+    for (client, token) in devices.iter_mut().take(2) {
+        uploaded += check_in_and_upload(client, token).await.is_some() as u32;
+    }
+    assert_eq!(uploaded, 2);
+    server.kill().unwrap(); // SIGKILL, mid-round
+    server.wait().unwrap();
+    {
+        let store = fedpref_coordinator::store::Store::open(&db).unwrap();
+        let totals =
+            fedpref_coordinator::ledger::verify("restart", &store.ledger("restart").unwrap())
+                .unwrap();
+        assert_eq!(
+            totals.rounds_committed, 0,
+            "the round in flight was lost, and nothing was spent"
+        );
+        assert!(totals.cumulative_epsilon.is_empty());
+    }
+
+    // Second life: the same devices (their tokens survived in the store) finish a round.
+    let mut server = spawn_server(dir.path());
+    let mut rounds = vec![];
+    for (client, token) in &mut devices {
+        *client = connect_when_up(device_port, &ca).await;
+        if let Some(r) = check_in_and_upload(client, token).await {
+            rounds.push(r);
+        }
+    }
+    assert_eq!(rounds.len(), 3, "every device got a task in the new round");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let committed = loop {
+        let store = fedpref_coordinator::store::Store::open(&db).unwrap();
+        let run = store.run("restart").unwrap();
+        if run.rounds_committed >= 1 && run.published_version == run.current_version {
+            break run.rounds_committed;
+        }
+        assert!(Instant::now() < deadline, "the round never committed");
+        drop(store);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    server.kill().unwrap();
+    server.wait().unwrap();
+    let store = fedpref_coordinator::store::Store::open(&db).unwrap();
+    let totals =
+        fedpref_coordinator::ledger::verify("restart", &store.ledger("restart").unwrap()).unwrap();
+    assert_eq!(totals.rounds_committed, committed);
+    let one_round = fedpref_privacy::epsilon_after(
+        &m.round_release().unwrap(),
+        committed,
+        1e-6,
+        &fedpref_privacy::OrderGrid::default(),
+    )
+    .unwrap();
+    assert!(
+        (totals.cumulative_epsilon[0].epsilon - one_round.epsilon).abs()
+            <= 1e-9 * one_round.epsilon
+    );
+}
