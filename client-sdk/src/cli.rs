@@ -13,6 +13,7 @@
 //! fedpref-device --store PATH delete
 //! fedpref-device --store PATH budget [--json]
 //! fedpref-device --store PATH model import FILE.json
+//! fedpref-device --store PATH participate --coordinator URL --ca-cert F --app-key K [--rounds N]
 //! ```
 //!
 //! `--store` may come before or after the subcommand. `--now RFC3339` replaces the clock
@@ -23,7 +24,11 @@ use std::path::{Path, PathBuf};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::{Device, DeviceConfig, MatrixFactorization, ProfileEdit, SdkError, Timestamp};
+use crate::participation::participate as participate_rounds;
+use crate::{
+    CoordinatorClient, Device, DeviceConfig, MatrixFactorization, ParticipateOptions,
+    ParticipationConfig, ParticipationError, ProfileEdit, SdkError, Timestamp,
+};
 
 /// The fedpref reference device.
 #[derive(Debug, Parser)]
@@ -87,6 +92,26 @@ pub enum Command {
     /// Manage the shared model held on the device.
     #[command(subcommand)]
     Model(ModelCommand),
+    /// Take part in training rounds: enrol if needed, then check in, download, train and
+    /// upload, N times.
+    Participate(ParticipateArgs),
+}
+
+/// `participate` flags.
+#[derive(Debug, Args)]
+pub struct ParticipateArgs {
+    /// The coordinator's DeviceService, e.g. https://localhost:7443.
+    #[arg(long, value_name = "URL")]
+    pub coordinator: String,
+    /// The CA certificate (PEM) that the coordinator's certificate must chain to.
+    #[arg(long, value_name = "F")]
+    pub ca_cert: PathBuf,
+    /// The deployment's app key (used only to enrol; the device token is kept in the store).
+    #[arg(long, value_name = "K")]
+    pub app_key: String,
+    /// Tasks to finish.
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    pub rounds: u32,
 }
 
 /// Profile flags.
@@ -386,6 +411,7 @@ pub fn run(cli: &Cli) -> Result<String, CliError> {
                 }
             ))
         }
+        Command::Participate(args) => participate(&mut device, args),
         Command::Model(ModelCommand::Import { file }) => {
             let text = read(file)?;
             let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
@@ -403,4 +429,60 @@ pub fn run(cli: &Cli) -> Result<String, CliError> {
             Ok(summary)
         }
     }
+}
+
+/// Names the flag a participation error is about.
+fn participation_error(e: ParticipationError, args: &ParticipateArgs) -> CliError {
+    use ParticipationError as E;
+    let ca = args.ca_cert.display();
+    CliError::Failed(match &e {
+        E::InvalidEndpoint { .. } | E::Unreachable { .. } => format!("--coordinator: {e}"),
+        E::InvalidCaCertificate(_) => format!("--ca-cert {ca}: {e}"),
+        E::Certificate { .. } => format!(
+            "--ca-cert {ca}: {e} (is this the coordinator's CA certificate, and --coordinator the right host?)"
+        ),
+        E::Unauthenticated { call: "Enroll", .. } => format!("--app-key: {e}"),
+        _ => e.to_string(),
+    })
+}
+
+fn participate(device: &mut Device, args: &ParticipateArgs) -> Result<String, CliError> {
+    let ca_pem = std::fs::read(&args.ca_cert).map_err(|e| {
+        CliError::Failed(format!(
+            "--ca-cert {}: cannot read: {e}",
+            args.ca_cert.display()
+        ))
+    })?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| CliError::Failed(format!("cannot start the network runtime: {e}")))?;
+    let options = ParticipateOptions {
+        rounds: args.rounds,
+        ..ParticipateOptions::default()
+    };
+    let report = runtime
+        .block_on(async {
+            let mut client = CoordinatorClient::connect(
+                &args.coordinator,
+                &ca_pem,
+                ParticipationConfig::default(),
+            )
+            .await?;
+            participate_rounds(device, &mut client, &args.app_key, &options, &mut |e| {
+                println!("{e}")
+            })
+            .await
+        })
+        .map_err(|e| participation_error(e, args))?;
+    let b = device.budget()?;
+    Ok(format!(
+        "{} update(s) uploaded, {} declined, {} refused; ε spent {:.4} of {}, {:.4} left",
+        report.uploads,
+        report.declines,
+        report.refused,
+        b.epsilon_spent,
+        b.epsilon_budget,
+        b.epsilon_remaining
+    ))
 }

@@ -533,6 +533,8 @@ impl Device {
             ],
         )?;
         tx.execute("DELETE FROM private_model", [])?;
+        // Which snapshot the model came from is recorded by the download path only.
+        tx.execute("DELETE FROM installed_snapshot", [])?;
         tx.commit()?;
         self.model = Some(model);
         self.rebuild_ranker()
@@ -714,14 +716,23 @@ impl Device {
 
     /// Deletes everything the store holds about the user and everything derived from it —
     /// events, profile, consents, settings, private parameters, the catalogue and the
-    /// shared model — then `VACUUM`s, so that (with `secure_delete`) the file holds none of
+    /// shared model, the coordinator enrolment and any partial download — then `VACUUM`s, so that (with `secure_delete`) the file holds none of
     /// it. What remains: the schema, the two switches (so that a user who turned training
     /// off does not find it on again) and the privacy accountant (ε spent, the count and
     /// parameters of past uploads, none of their content), because a spend cannot be
     /// undone and deleting it would let the device overspend.
     pub fn delete_everything(&mut self) -> Result<(), SdkError> {
         let tx = self.conn.transaction()?;
-        for table in store::USER_TABLES.iter().chain(&["items", "global_model"]) {
+        // The enrolment goes too: a device that deleted everything re-enrols as a new,
+        // unlinkable device id.
+        for table in store::USER_TABLES.iter().chain(&[
+            "items",
+            "global_model",
+            "installed_snapshot",
+            "model_download",
+            "model_download_chunks",
+            "enrolment",
+        ]) {
             tx.execute(&format!("DELETE FROM {table}"), [])?;
         }
         tx.commit()?;

@@ -5,7 +5,9 @@
 //! guardrails of the product brief (diversity, recency, sensitive topics, transparency
 //! labels), gives the user real controls (personalisation and training switches, profile,
 //! reset, export, delete), and releases model updates only clipped, noised and accounted
-//! for. The gRPC participation (enrol, check in, download, upload) is not built yet.
+//! for. [`participation`] takes part in federated rounds over gRPC with TLS: enrol, check
+//! in, download the model (resuming), train, upload — with retries, and declining tasks the
+//! user's budget or switches do not allow.
 //!
 //! ```
 //! use fedpref_client_sdk::{Device, DeviceConfig, MatrixFactorization, Reason, Timestamp};
@@ -53,6 +55,8 @@
 //!   `../shared/bench/WORKLOAD.md`); [`recommend`]: the guardrails.
 //! - [`upload`]: [`Device::prepare_upload`], the one function that clips, noises and
 //!   records, and [`PreparedUpload`], the only thing that may be uploaded.
+//! - [`participation`]: [`CoordinatorClient`] (the gRPC calls, retries, resumable
+//!   download) and [`participate`] (rounds with a [`Device`]).
 //! - [`cli`]: the `fedpref-device` reference program.
 
 pub mod catalogue;
@@ -61,6 +65,7 @@ pub mod device;
 pub mod event;
 pub mod examples;
 pub mod model;
+pub mod participation;
 pub mod recommend;
 pub mod store;
 mod time;
@@ -76,6 +81,10 @@ pub use examples::{Example, ExampleTable, ItemExample, SignalMapping};
 pub use model::{
     LocalTraining, MatrixFactorization, ModelError, PreferenceModel, TensorLayout, TensorSpec,
     UserState, local_round,
+};
+pub use participation::{
+    CoordinatorClient, DownloadProgress, ParticipateOptions, ParticipationConfig,
+    ParticipationError, ParticipationEvent, ParticipationReport, RetryPolicy, participate,
 };
 pub use recommend::{Guardrails, PersonalView, Ranker, Reason, Recommendation};
 pub use time::Timestamp;

@@ -11,7 +11,8 @@
 //! Beside them: `consents` (sensitive-topic opt-ins), `muted_topics`, `settings`,
 //! `items` (the catalogue), `global_model` (the shared model), `private_model` (u, b_u),
 //! `privacy_budget` (the on-device accountant, as JSON) and `uploads` (one row per
-//! released update). `schema_version` holds the schema's version; [`MIGRATIONS`] are
+//! released update); since migration 2, `enrolment`, `installed_snapshot`, `model_download`
+//! and `model_download_chunks` (participation, see [`MIGRATIONS`]). `schema_version` holds the schema's version; [`MIGRATIONS`] are
 //! applied in order, each in its own transaction, when a store is opened.
 //!
 //! # Journal and deletion
@@ -28,7 +29,14 @@ use crate::event::{CatalogueItem, ExplicitKind, Feedback, Signal};
 use crate::time::Timestamp;
 
 /// The schema, one migration per version (index 0 takes version 0 to 1).
-pub const MIGRATIONS: &[&str] = &[r#"
+///
+/// Migration 2 adds what participation needs: `enrolment` (the coordinator's endpoint, the
+/// device id and the device token — a secret, never logged or exported), `installed_snapshot`
+/// (which run, version and SHA-256 the installed shared model came from) and
+/// `model_download` + `model_download_chunks` (a download in progress, kept chunk by chunk
+/// so that it resumes from the last byte received).
+pub const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE items (
     item TEXT PRIMARY KEY,
@@ -93,7 +101,32 @@ CREATE TABLE uploads (
     clip_norm REAL NOT NULL,
     epsilon_after REAL NOT NULL
 );
-"#];
+"#,
+    r#"
+CREATE TABLE enrolment (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    endpoint TEXT NOT NULL,
+    device_id TEXT NOT NULL,
+    device_token TEXT NOT NULL,
+    enrolled_ms INTEGER NOT NULL
+);
+CREATE TABLE installed_snapshot (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    run_id TEXT NOT NULL,
+    model_version INTEGER NOT NULL,
+    sha256 BLOB NOT NULL,
+    size_bytes INTEGER NOT NULL
+);
+CREATE TABLE model_download (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    run_id TEXT NOT NULL,
+    model_version INTEGER NOT NULL,
+    sha256 BLOB NOT NULL,
+    size_bytes INTEGER NOT NULL
+);
+CREATE TABLE model_download_chunks (start_byte INTEGER PRIMARY KEY, content BLOB NOT NULL);
+"#,
+];
 
 /// The schema version this SDK writes.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;

@@ -1,0 +1,508 @@
+//! [`CoordinatorClient`]: the `fedpref.v1.DeviceService` calls over TLS, with retries.
+
+use std::time::Duration;
+
+use fedpref_proto::metadata::{AUTHORIZATION, bearer};
+use fedpref_proto::prost::Message;
+use fedpref_proto::v1::{
+    self as pb, device_service_client::DeviceServiceClient, upload_update_request::Part,
+};
+use rand::rngs::{ChaCha8Rng, SysRng};
+use rand::{RngExt, SeedableRng};
+use sha2::{Digest, Sha256};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+use tonic::{Code, Request, Status};
+
+use super::backoff::{pushback, retryable};
+use super::snapshot::{Enrolment, model_from_snapshot};
+use super::{ParticipationConfig, ParticipationError};
+use crate::device::Device;
+use crate::time::Timestamp;
+use crate::upload::PreparedUpload;
+
+/// Upload chunks never exceed this, whatever the task allows (256 KiB keeps a retried
+/// chunk cheap on a phone's network).
+const UPLOAD_CHUNK_CAP: usize = 256 * 1024;
+
+/// How a download call ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DownloadProgress {
+    /// The snapshot is complete, verified and installed.
+    Installed {
+        /// The version installed.
+        model_version: u64,
+        /// The snapshot's size in bytes.
+        size_bytes: u64,
+        /// Bytes that were already held from an earlier, interrupted download.
+        resumed_from: u64,
+    },
+    /// Stopped after the requested number of chunks; the bytes so far are kept in the
+    /// store and the next call resumes from them.
+    Partial {
+        /// Bytes held.
+        held_bytes: u64,
+        /// The snapshot's size.
+        size_bytes: u64,
+    },
+}
+
+/// A TLS connection to a coordinator's DeviceService, and the device's credentials there.
+pub struct CoordinatorClient {
+    endpoint: String,
+    inner: DeviceServiceClient<Channel>,
+    config: ParticipationConfig,
+    enrolment: Option<Enrolment>,
+    rng: ChaCha8Rng,
+}
+
+impl std::fmt::Debug for CoordinatorClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CoordinatorClient")
+            .field("endpoint", &self.endpoint)
+            .field("enrolment", &self.enrolment)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Everything in an error's source chain, for messages that say what really failed.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out += ": ";
+            out += &text;
+        }
+        source = s.source();
+    }
+    out
+}
+
+fn is_certificate_problem(message: &str) -> bool {
+    let m = message.to_ascii_lowercase();
+    m.contains("certificate") || m.contains("unknownissuer") || m.contains("badsignature")
+}
+
+impl CoordinatorClient {
+    /// Connects over TLS to `url` (`https://host:port`), trusting only the CA certificate(s)
+    /// in `ca_pem`. Unreachable coordinators are retried per the policy; a certificate the
+    /// CA does not validate fails at once with [`ParticipationError::Certificate`].
+    pub async fn connect(
+        url: &str,
+        ca_pem: &[u8],
+        config: ParticipationConfig,
+    ) -> Result<Self, ParticipationError> {
+        let invalid = |message: String| ParticipationError::InvalidEndpoint {
+            url: url.to_string(),
+            message,
+        };
+        if !url.starts_with("https://") {
+            return Err(invalid(
+                "must be an https:// URL: the SDK talks to coordinators over TLS only".into(),
+            ));
+        }
+        let text = std::str::from_utf8(ca_pem).map_err(|_| {
+            ParticipationError::InvalidCaCertificate("not a PEM file (not UTF-8)".into())
+        })?;
+        if !text.contains("-----BEGIN CERTIFICATE-----") {
+            return Err(ParticipationError::InvalidCaCertificate(
+                "no PEM `CERTIFICATE` block in it".into(),
+            ));
+        }
+        let tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca_pem));
+        let endpoint = Endpoint::from_shared(url.to_string())
+            .map_err(|e| invalid(chain(&e)))?
+            .tls_config(tls)
+            .map_err(|e| invalid(chain(&e)))?
+            .connect_timeout(config.connect_timeout)
+            .timeout(config.request_timeout)
+            .tcp_nodelay(true);
+        let mut rng = ChaCha8Rng::try_from_rng(&mut SysRng)
+            .unwrap_or_else(|_| ChaCha8Rng::seed_from_u64(Timestamp::now().millis() as u64));
+        let mut attempt = 0;
+        let channel = loop {
+            attempt += 1;
+            match endpoint.connect().await {
+                Ok(channel) => break channel,
+                Err(e) => {
+                    let message = chain(&e);
+                    if is_certificate_problem(&message) {
+                        return Err(ParticipationError::Certificate {
+                            endpoint: url.to_string(),
+                            message,
+                        });
+                    }
+                    match config.retry.delay(attempt, None, rng.random::<f64>()) {
+                        Some(wait) => tokio::time::sleep(wait).await,
+                        None => {
+                            return Err(ParticipationError::Unreachable {
+                                endpoint: url.to_string(),
+                                attempts: attempt,
+                                message,
+                            });
+                        }
+                    }
+                }
+            }
+        };
+        Ok(Self {
+            endpoint: url.to_string(),
+            inner: DeviceServiceClient::new(channel),
+            config,
+            enrolment: None,
+            rng,
+        })
+    }
+
+    /// The coordinator's URL.
+    pub fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &ParticipationConfig {
+        &self.config
+    }
+
+    /// A uniform draw in [0, 1), for jitter.
+    pub(crate) fn uniform(&mut self) -> f64 {
+        self.rng.random::<f64>()
+    }
+
+    fn authed<T>(&self, message: T, call: &'static str) -> Result<Request<T>, ParticipationError> {
+        let enrolment = self
+            .enrolment
+            .as_ref()
+            .ok_or(ParticipationError::NotEnrolled { call })?;
+        let mut r = Request::new(message);
+        let value =
+            bearer(&enrolment.device_token)
+                .parse()
+                .map_err(|_| ParticipationError::Rejected {
+                    call,
+                    code: Code::Unauthenticated,
+                    message: "the stored device token is not valid metadata; enrol again".into(),
+                })?;
+        r.metadata_mut().insert(AUTHORIZATION, value);
+        Ok(r)
+    }
+
+    /// Waits before the next attempt of `call`, or turns `status` into the final error.
+    async fn backoff(
+        &mut self,
+        call: &'static str,
+        attempt: u32,
+        status: Status,
+    ) -> Result<(), ParticipationError> {
+        if !retryable(status.code()) {
+            return Err(ParticipationError::from_status(call, &status));
+        }
+        let uniform = self.uniform();
+        match self.config.retry.delay(attempt, pushback(&status), uniform) {
+            Some(wait) => {
+                tokio::time::sleep(wait).await;
+                Ok(())
+            }
+            None => Err(ParticipationError::RetriesExhausted {
+                call,
+                attempts: attempt,
+                code: status.code(),
+                message: chain(&status),
+            }),
+        }
+    }
+
+    /// Uses the device's stored enrolment at this coordinator, or enrols with `app_key` and
+    /// stores the credentials (the token only in the store, never in a message or log).
+    /// Returns the enrolment and whether it is new.
+    pub async fn ensure_enrolled(
+        &mut self,
+        device: &mut Device,
+        app_key: &str,
+    ) -> Result<(Enrolment, bool), ParticipationError> {
+        if let Some(e) = device.enrolment()?
+            && e.endpoint == self.endpoint
+        {
+            self.enrolment = Some(e.clone());
+            return Ok((e, false));
+        }
+        let e = self.enroll(app_key).await?;
+        device.store_enrolment(&e, Timestamp::now().millis())?;
+        self.enrolment = Some(e.clone());
+        Ok((e, true))
+    }
+
+    /// `Enroll`: trades the app key for a device id and token (not stored; see
+    /// [`CoordinatorClient::ensure_enrolled`]).
+    pub async fn enroll(&mut self, app_key: &str) -> Result<Enrolment, ParticipationError> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let request = pb::EnrollRequest {
+                app_key: app_key.trim().to_string(),
+                sdk_version: self.config.sdk_version.clone(),
+            };
+            match self.inner.enroll(request).await {
+                Ok(r) => {
+                    let r = r.into_inner();
+                    return Ok(Enrolment {
+                        endpoint: self.endpoint.clone(),
+                        device_id: r.device_id,
+                        device_token: r.device_token,
+                    });
+                }
+                Err(s) => self.backoff("Enroll", attempt, s).await?,
+            }
+        }
+    }
+
+    /// `CheckIn`: reports the model held and whether the device may train.
+    pub async fn check_in(
+        &mut self,
+        held_model: Option<pb::ModelVersionRef>,
+        eligibility: pb::Eligibility,
+    ) -> Result<pb::CheckInResponse, ParticipationError> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let request = self.authed(
+                pb::CheckInRequest {
+                    sdk_version: self.config.sdk_version.clone(),
+                    held_model: held_model.clone(),
+                    eligibility: Some(eligibility),
+                },
+                "CheckIn",
+            )?;
+            match self.inner.check_in(request).await {
+                Ok(r) => return Ok(r.into_inner()),
+                Err(s) => self.backoff("CheckIn", attempt, s).await?,
+            }
+        }
+    }
+
+    /// `DownloadModel`: downloads `model` into the device's store, resuming from the bytes
+    /// an earlier call kept, then verifies its SHA-256 and installs it. With `max_chunks`,
+    /// stops after that many chunks (e.g. when the app only has a moment of connectivity);
+    /// the next call resumes. A broken stream is resumed where it broke.
+    pub async fn download_model(
+        &mut self,
+        device: &mut Device,
+        model: &pb::ModelVersionRef,
+        max_chunks: Option<usize>,
+    ) -> Result<DownloadProgress, ParticipationError> {
+        let bad = |m: String| ParticipationError::Download(m);
+        if model.sha256.len() != fedpref_proto::SHA256_LEN || model.size_bytes == 0 {
+            return Err(bad(format!(
+                "model version {}: the coordinator sent no valid SHA-256 and size",
+                model.model_version
+            )));
+        }
+        let partial = device.partial_download()?;
+        let same = partial.as_ref().is_some_and(|p| {
+            p.run_id == model.run_id
+                && p.model_version == model.model_version
+                && p.sha256 == model.sha256
+                && p.size_bytes == model.size_bytes
+                && p.held_bytes <= p.size_bytes
+        });
+        let mut held = if same {
+            partial.map_or(0, |p| p.held_bytes)
+        } else {
+            device.begin_download(model)?;
+            0
+        };
+        let resumed_from = held;
+        let mut chunks = 0usize;
+        let mut attempt = 0;
+        while held < model.size_bytes {
+            attempt += 1;
+            let request = self.authed(
+                pb::DownloadModelRequest {
+                    run_id: model.run_id.clone(),
+                    model_version: Some(model.model_version),
+                    offset: held,
+                    max_chunk_bytes: self.config.download_chunk_bytes,
+                    expected_sha256: model.sha256.clone(),
+                },
+                "DownloadModel",
+            )?;
+            let mut stream = match self.inner.download_model(request).await {
+                Ok(r) => r.into_inner(),
+                Err(s) => {
+                    self.backoff("DownloadModel", attempt, s).await?;
+                    continue;
+                }
+            };
+            loop {
+                let chunk = match stream.message().await {
+                    Ok(Some(c)) => c,
+                    Ok(None) => break,
+                    Err(s) => {
+                        self.backoff("DownloadModel", attempt, s).await?;
+                        break;
+                    }
+                };
+                if chunk.offset != held
+                    || chunk.total_size_bytes != model.size_bytes
+                    || chunk.model_sha256 != model.sha256
+                    || chunk.model_version != model.model_version
+                    || chunk.content.is_empty()
+                    || held + chunk.content.len() as u64 > model.size_bytes
+                {
+                    device.discard_download()?;
+                    return Err(bad(format!(
+                        "model version {}: a chunk at offset {} does not continue the download at byte {held} of {}; the partial download was discarded",
+                        model.model_version, chunk.offset, model.size_bytes
+                    )));
+                }
+                device.append_download_chunk(held, &chunk.content)?;
+                held += chunk.content.len() as u64;
+                chunks += 1;
+                if max_chunks.is_some_and(|m| chunks >= m) && held < model.size_bytes {
+                    return Ok(DownloadProgress::Partial {
+                        held_bytes: held,
+                        size_bytes: model.size_bytes,
+                    });
+                }
+            }
+        }
+        let bytes = device.download_bytes()?;
+        if Sha256::digest(&bytes).as_slice() != model.sha256.as_slice() {
+            device.discard_download()?;
+            return Err(bad(format!(
+                "model version {}: the downloaded bytes do not match the SHA-256 the coordinator announced; the download was discarded",
+                model.model_version
+            )));
+        }
+        let snapshot = pb::ModelSnapshot::decode(bytes.as_slice()).map_err(|e| {
+            bad(format!(
+                "model version {}: not a ModelSnapshot: {e}",
+                model.model_version
+            ))
+        })?;
+        if snapshot.model_version != model.model_version || snapshot.run_id != model.run_id {
+            device.discard_download()?;
+            return Err(bad(format!(
+                "the snapshot is run {:?} version {}, not the announced run {:?} version {}",
+                snapshot.run_id, snapshot.model_version, model.run_id, model.model_version
+            )));
+        }
+        let mf = model_from_snapshot(&snapshot, &self.config.item_key_prefix)?;
+        device.install_snapshot(mf, model)?;
+        Ok(DownloadProgress::Installed {
+            model_version: model.model_version,
+            size_bytes: model.size_bytes,
+            resumed_from,
+        })
+    }
+
+    /// The upload stream for a prepared update: the header, then each tensor's bytes in
+    /// chunks of at most the task's `max_chunk_bytes`. Fails (sending nothing) if the update
+    /// is larger than the task's `max_upload_bytes`.
+    pub fn upload_messages(
+        task: &pb::Task,
+        upload: &PreparedUpload,
+    ) -> Result<Vec<pb::UploadUpdateRequest>, ParticipationError> {
+        let tensors = upload
+            .tensors()
+            .map_err(|e| ParticipationError::Upload(e.to_string()))?;
+        let total: u64 = tensors.iter().map(|t| t.data.len() as u64).sum();
+        if task.max_upload_bytes > 0 && total > task.max_upload_bytes {
+            return Err(ParticipationError::Upload(format!(
+                "the update is {total} bytes, more than the coordinator's max_upload_bytes of {}",
+                task.max_upload_bytes
+            )));
+        }
+        let chunk = match task.max_chunk_bytes as usize {
+            0 => UPLOAD_CHUNK_CAP,
+            n => n.min(UPLOAD_CHUNK_CAP),
+        };
+        let mut digest = Sha256::new();
+        for t in &tensors {
+            digest.update(&t.data);
+        }
+        let header = pb::UpdateHeader {
+            task: Some(pb::TaskRef {
+                run_id: task.run_id.clone(),
+                round_id: task.round_id,
+                task_token: task.task_token.clone(),
+            }),
+            base_model_version: upload.base_model_version(),
+            example_count: upload.example_count(),
+            tensors: tensors.iter().map(pb::NamedTensor::spec).collect(),
+            privacy_mode: task.privacy_mode,
+            clip_norm: upload.clip_norm(),
+            noise_multiplier: upload.noise_multiplier(),
+            clip_bit: None,
+            update_sha256: digest.finalize().to_vec(),
+        };
+        let mut messages = vec![pb::UploadUpdateRequest {
+            part: Some(Part::Header(header)),
+        }];
+        for (index, t) in tensors.iter().enumerate() {
+            for (n, piece) in t.data.chunks(chunk).enumerate() {
+                messages.push(pb::UploadUpdateRequest {
+                    part: Some(Part::Chunk(pb::TensorChunk {
+                        tensor_index: index as u32,
+                        offset: (n * chunk) as u64,
+                        content: piece.to_vec(),
+                    })),
+                });
+            }
+        }
+        Ok(messages)
+    }
+
+    /// `UploadUpdate`: streams a prepared update (the only thing that may be uploaded) and
+    /// returns the coordinator's receipt. A retry resends the very same noised values, so it
+    /// spends nothing more.
+    pub async fn upload_update(
+        &mut self,
+        task: &pb::Task,
+        upload: &PreparedUpload,
+    ) -> Result<pb::UploadReceipt, ParticipationError> {
+        let messages = Self::upload_messages(task, upload)?;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let request = self.authed(tokio_stream::iter(messages.clone()), "UploadUpdate")?;
+            match self.inner.upload_update(request).await {
+                Ok(r) => return Ok(r.into_inner()),
+                Err(s) => self.backoff("UploadUpdate", attempt, s).await?,
+            }
+        }
+    }
+
+    /// `DeclineTask`: gives a task back; returns how long to wait before checking in again.
+    pub async fn decline_task(
+        &mut self,
+        task: &pb::Task,
+        reason: pb::DeclineReason,
+    ) -> Result<Duration, ParticipationError> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let request = self.authed(
+                pb::DeclineTaskRequest {
+                    task: Some(pb::TaskRef {
+                        run_id: task.run_id.clone(),
+                        round_id: task.round_id,
+                        task_token: task.task_token.clone(),
+                    }),
+                    reason: reason as i32,
+                },
+                "DeclineTask",
+            )?;
+            match self.inner.decline_task(request).await {
+                Ok(r) => {
+                    return Ok(r
+                        .into_inner()
+                        .retry_after
+                        .map_or(Duration::ZERO, super::to_duration));
+                }
+                Err(s) => self.backoff("DeclineTask", attempt, s).await?,
+            }
+        }
+    }
+}
