@@ -168,6 +168,7 @@ impl Coordinator {
             .engines
             .get_mut(run_id)
             .ok_or_else(|| CoordinatorError::NoSuchRun(run_id.to_string()))?;
+        let _run_span = tracing::info_span!("run", run = %run_id).entered();
         let check_in = matches!(event, Event::CheckIn { .. });
         let actions = engine.handle(event, now_ms, &mut self.rng, &mut self.sampler);
         if let Some(m) = &self.metrics {
@@ -221,6 +222,7 @@ impl Coordinator {
     ) -> Result<(), CoordinatorError> {
         match action {
             Action::CommitRound(outcome) => {
+                let _round_span = tracing::info_span!("round", round = outcome.round).entered();
                 self.store.commit_round(&RoundCommit {
                     run_id,
                     round: outcome.round,
@@ -231,19 +233,27 @@ impl Coordinator {
                     stop: outcome.stop.clone(),
                     at_ms: now_ms,
                 })?;
+                tracing::info!(
+                    cohort = outcome.participants.len(),
+                    version = outcome.model.version,
+                    "round committed: ledger entry and model version written"
+                );
                 self.stage(Stage::RoundCommitted);
             }
             Action::PublishModel { version } => {
                 self.store.publish(run_id, *version, now_ms)?;
+                tracing::info!(version, "model published");
                 self.stage(Stage::ModelPublished);
             }
             Action::AbandonRound {
                 round,
                 contributions,
                 reason,
-            } => self
-                .store
-                .abandon_round(run_id, *round, *contributions, reason, now_ms)?,
+            } => {
+                tracing::info!(round, contributions, reason = %reason, "round abandoned: nothing released or spent");
+                self.store
+                    .abandon_round(run_id, *round, *contributions, reason, now_ms)?
+            }
             Action::StatusChanged { status, event } => {
                 let status = match status {
                     RunState::Active => RunStatus::Active,
