@@ -275,6 +275,7 @@ impl Coordinator {
             | Action::ComeBackLater { .. }
             | Action::Reject { .. }
             | Action::UpdateAccepted { .. }
+            | Action::TaskDeclined { .. }
             | Action::AdminRefused { .. } => {}
         }
         Ok(())

@@ -68,6 +68,16 @@ pub enum Event {
         /// Its number of local examples.
         examples: u64,
     },
+    /// A device hands its task back (budget, conditions, opt-out); in a fixed cohort its
+    /// slot goes to the next device that checks in.
+    Decline {
+        /// Its opaque id.
+        device: String,
+        /// The round of the task.
+        round: u64,
+        /// The task token it was given.
+        task_token: String,
+    },
     /// Time passed (deadlines are checked against `now`).
     Tick,
     /// An operator's command.
@@ -162,6 +172,13 @@ pub enum Action {
         device: String,
         /// Why.
         rejection: Rejection,
+    },
+    /// A task was handed back; the device is not asked again this round.
+    TaskDeclined {
+        /// The device.
+        device: String,
+        /// The round.
+        round: u64,
     },
     /// An update was accepted into the round.
     UpdateAccepted {
@@ -429,6 +446,11 @@ impl Engine {
                 values,
                 examples,
             } => self.update(device, round, &task_token, &values, examples, &mut actions),
+            Event::Decline {
+                device,
+                round,
+                task_token,
+            } => self.decline(device, round, &task_token, &mut actions),
             Event::Admin(cmd) => self.admin(cmd, now, &mut actions),
         }
         actions
@@ -565,6 +587,47 @@ impl Engine {
             }
             Err(e) => actions.push(reject(RejectKind::InvalidArgument, e.to_string())),
         }
+    }
+
+    fn decline(&mut self, device: String, round: u64, task_token: &str, actions: &mut Vec<Action>) {
+        let reject = |kind, message: String| Action::Reject {
+            device: device.clone(),
+            rejection: Rejection { kind, message },
+        };
+        let Some(open) = self.open.as_mut().filter(|o| o.round == round) else {
+            actions.push(reject(
+                RejectKind::FailedPrecondition,
+                format!("round {round} is not open"),
+            ));
+            return;
+        };
+        match open.tasks.get(&device) {
+            Some(t) if t.as_bytes() == task_token.as_bytes() => {}
+            Some(_) => {
+                actions.push(reject(
+                    RejectKind::InvalidArgument,
+                    "unknown task token".into(),
+                ));
+                return;
+            }
+            None => {
+                actions.push(reject(
+                    RejectKind::FailedPrecondition,
+                    format!("this device has no task in round {round}"),
+                ));
+                return;
+            }
+        }
+        if open.uploaded.contains(&device) {
+            actions.push(reject(
+                RejectKind::FailedPrecondition,
+                format!("this device has already uploaded an update for round {round}"),
+            ));
+            return;
+        }
+        open.tasks.remove(&device);
+        open.not_selected.insert(device.clone());
+        actions.push(Action::TaskDeclined { device, round });
     }
 
     fn admin(&mut self, cmd: AdminCommand, now: i64, actions: &mut Vec<Action>) {

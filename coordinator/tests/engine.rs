@@ -336,3 +336,38 @@ fn central_mode_clips_every_update_on_the_coordinator() {
         "the clipped updates did move the model: {moved}"
     );
 }
+
+#[test]
+fn a_declined_task_frees_its_cohort_slot_for_the_next_device() {
+    let mut h = Harness::new(COHORT_MANIFEST);
+    let tasks: Vec<_> = (0..4).map(|i| h.task(&format!("d{i}")).unwrap()).collect();
+    assert!(h.task("late").is_none(), "the cohort of 4 is full");
+    let t = &tasks[1];
+    let a = h.send(Event::Decline {
+        device: t.device.clone(),
+        round: t.round,
+        task_token: t.task_token.clone(),
+    });
+    assert!(
+        matches!(&a[0], Action::TaskDeclined { round: 1, .. }),
+        "{a:?}"
+    );
+    assert!(
+        h.task("later").is_some(),
+        "the freed slot goes to the next device"
+    );
+    assert!(
+        h.task(&t.device).is_none(),
+        "the decliner is not asked again this round"
+    );
+    // Declining after uploading is refused.
+    let dim = h.dimension();
+    h.upload(&tasks[0], vec![0.0; dim]);
+    let (kind, msg) = rejection(&h.send(Event::Decline {
+        device: tasks[0].device.clone(),
+        round: 1,
+        task_token: tasks[0].task_token.clone(),
+    }));
+    assert_eq!(kind, RejectKind::FailedPrecondition);
+    assert!(msg.contains("already uploaded"), "{msg}");
+}

@@ -1,17 +1,36 @@
-//! # fedpref-simulations (not built yet)
+//! # fedpref-simulations
 //!
-//! `fedpref-sim`, the seeded simulator for ML engineers, will live here: synthetic and
-//! MovieLens data, thousands of simulated devices driving the coordinator's round engine and
-//! the SDK's training code in-process, metrics, sweeps and plots. **None of it exists yet.**
-//! The noise it will use is ready: [`fedpref_privacy::SimulationSampler`], seeded and cheap,
-//! whose releases are typed `Released<Simulated>` so they can never be uploaded or published.
+//! `fedpref-sim`, the seeded simulator for ML engineers: synthetic and MovieLens data
+//! ([`data`]), thousands of simulated devices driving **the coordinator's round engine** and
+//! **the SDK's training code** in-process, with the privacy crate's seeded
+//! [`fedpref_privacy::SimulationSampler`] for noise ([`sim`]), metrics per round ([`metrics`],
+//! [`report`]), grids of runs ([`sweep`]), and the standard speed workload ([`bench`]).
+//! Same seed, same bytes: every client's randomness is its own stream keyed by (seed, round,
+//! client), and updates reach the engine in a fixed order whatever the number of threads.
 //!
 //! ```
-//! use fedpref_privacy::{clip_l2, GaussianMechanism, SimulationSampler};
-//! let mechanism = GaussianMechanism::new(1.0, 1.0).unwrap();
-//! let a = mechanism.release_update(clip_l2(vec![0.5; 4], 1.0).unwrap(), &mut SimulationSampler::for_stream(42, &[0, 7])).unwrap();
-//! let b = mechanism.release_update(clip_l2(vec![0.5; 4], 1.0).unwrap(), &mut SimulationSampler::for_stream(42, &[0, 7])).unwrap();
-//! assert_eq!(a, b); // same seed, same bytes
+//! use fedpref_simulations::data::{synthetic, SyntheticSpec};
+//! use fedpref_simulations::metrics::global_mean_rmse;
+//! use fedpref_simulations::sim::{Sampling, Settings, Simulation};
+//!
+//! let data = synthetic(&SyntheticSpec { users: 60, items: 40, ..SyntheticSpec::default() })?;
+//! let settings = Settings { rounds: 3, sampling: Sampling::Cohort(20), ..Settings::default() };
+//! let mut run = Simulation::new(&settings, &data)?;
+//! let records = run.run(|_| {})?;
+//! assert_eq!(records.len(), 3);
+//! assert_eq!(run.client_updates, 60);
+//! let rmse = records[2].evaluation.as_ref().unwrap().rmse;
+//! assert!(rmse.is_finite() && global_mean_rmse(&data) > 0.0);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
+
+pub mod bench;
+pub mod cli;
+pub mod data;
+pub mod metrics;
+pub mod plot;
+pub mod report;
+pub mod sim;
+pub mod sweep;
 
 pub use fedpref_privacy;

@@ -711,19 +711,35 @@ impl DeviceService for DeviceApi {
         };
         let run_id = task.run_id.clone();
         let shared = Arc::clone(&self.shared);
+        let (device_id, round, token) = (device.clone(), task.round_id, task.task_token.clone());
         let retry_ms = self
             .shared
             .blocking(move |c| {
                 let manifest = shared.manifest(c, &run_id)?;
                 let now = now_ms();
+                let actions = c
+                    .handle(
+                        &run_id,
+                        Event::Decline {
+                            device: device_id,
+                            round,
+                            task_token: token,
+                        },
+                        now,
+                    )
+                    .map_err(coordinator_status)?;
+                for action in actions {
+                    if let Action::Reject { rejection, .. } = action {
+                        return Err(reject_status(rejection.kind, rejection.message));
+                    }
+                }
                 Ok(match c.engine(&run_id).and_then(|e| e.next_wakeup()) {
                     Some(deadline) => (deadline - now).max(1000),
                     None => manifest.sampling.round_millis(),
                 })
             })
             .await?;
-        // The engine has no decline event yet: the task stays in the round until its
-        // deadline (the slot is not given to another device).
+        // The slot is free: in a fixed cohort the next device to check in takes it.
         tracing::info!(device = %device, run = %task.run_id, round = task.round_id, reason = reason.as_str_name(), "task declined");
         Ok(Response::new(pb::DeclineTaskResponse {
             retry_after: Some(duration(retry_ms)),

@@ -1,0 +1,161 @@
+//! `fedpref-sim bench`: the standard workload of `../shared/bench/WORKLOAD.md` through the
+//! same engine, SDK training and privacy code as `run`.
+//!
+//! Workload data ([`crate::data::workload`]), k factors, a cohort of m clients per round
+//! drawn uniformly without replacement, the SDK's local round (ridge fit, one epoch, dense
+//! update), clipping to C and local Gaussian noise σC on every coordinate
+//! (`SimulationSampler`), FedAvg with η = 1 in the coordinator's engine (weighted by example
+//! counts, which are equal here, so unweighted as the workload says), then the final RMSE
+//! after every user refits its private part. `client_updates_per_s` counts the rounds'
+//! wall-clock time only (not data generation or the final evaluation).
+
+use std::time::Instant;
+
+use fedpref_client_sdk::LocalTraining;
+use fedpref_coordinator::aggregation::ServerOptimizer;
+use fedpref_coordinator::manifest::ManifestPrivacyMode;
+use serde_json::json;
+
+use crate::cli::{BenchArgs, CliError};
+use crate::data::workload;
+use crate::report::peak_rss_bytes;
+use crate::sim::{Sampling, Settings, Simulation};
+
+/// Runs the workload and returns the text (or JSON) to print.
+pub fn run(args: &BenchArgs) -> Result<String, CliError> {
+    let usage = |m: String| CliError::Usage(m);
+    if args.users == 0 {
+        return Err(usage("--users 0: must be at least 1".into()));
+    }
+    if args.ratings_per_user < 2 || args.ratings_per_user > args.items {
+        return Err(usage(format!(
+            "--ratings-per-user {}: must be between 2 and --items ({})",
+            args.ratings_per_user, args.items
+        )));
+    }
+    if args.clients_per_round == 0 || args.clients_per_round as usize > args.users {
+        return Err(usage(format!(
+            "--clients-per-round {}: must be between 1 and --users ({})",
+            args.clients_per_round, args.users
+        )));
+    }
+    if args.rounds == 0 {
+        return Err(usage("--rounds 0: must be at least 1".into()));
+    }
+    if args.factors == 0 {
+        return Err(usage("--factors 0: must be at least 1".into()));
+    }
+    if !(args.noise_multiplier.is_finite() && args.noise_multiplier >= 0.0) {
+        return Err(usage(format!(
+            "--noise-multiplier {}: must be a finite number ≥ 0",
+            args.noise_multiplier
+        )));
+    }
+    if !(args.clip_norm.is_finite() && args.clip_norm > 0.0) {
+        return Err(usage(format!(
+            "--clip-norm {}: must be a finite number > 0",
+            args.clip_norm
+        )));
+    }
+    let t = Instant::now();
+    let data = workload(args.users, args.items, args.ratings_per_user, args.seed)
+        .map_err(|e| CliError::Failed(e.into()))?;
+    let generation_s = t.elapsed().as_secs_f64();
+    let noise = args.noise_multiplier > 0.0;
+    let settings = Settings {
+        rounds: args.rounds,
+        sampling: Sampling::Cohort(args.clients_per_round),
+        privacy_mode: if noise {
+            ManifestPrivacyMode::Local
+        } else {
+            ManifestPrivacyMode::None
+        },
+        noise_multiplier: noise.then_some(args.noise_multiplier),
+        target_epsilon: None,
+        delta: 1e-5,
+        clip_norm: args.clip_norm,
+        clip_without_privacy: true,
+        server_optimizer: ServerOptimizer::Fedavg {
+            server_learning_rate: 1.0,
+        },
+        seed: args.seed,
+        factors: args.factors,
+        training: LocalTraining::default(),
+        eval_every: 0,
+        ranking: false,
+        out: None,
+    };
+    let mut simulation =
+        Simulation::new(&settings, &data).map_err(|e| CliError::Usage(e.to_string()))?;
+    let records = simulation
+        .run(|_| {})
+        .map_err(|e| CliError::Failed(e.into()))?;
+    let rmse = records
+        .last()
+        .and_then(|r| r.evaluation.as_ref())
+        .map(|e| e.rmse);
+    let tm = simulation.timings;
+    let wall = tm.rounds_wall_ns as f64 / 1e9;
+    let updates = simulation.client_updates;
+    let per_s = updates as f64 / wall;
+    let threads = rayon::current_num_threads();
+    let total = (tm.fit_ns + tm.privacy_ns + tm.aggregation_ns).max(1) as f64;
+    let share = |ns: u64| ns as f64 / total;
+    let value = json!({
+        "client_updates_per_s": per_s,
+        "peak_rss_bytes": peak_rss_bytes(),
+        "rmse": rmse,
+        "client_updates": updates,
+        "rounds_wall_s": wall,
+        "threads": threads,
+        "fit_cpu_s": tm.fit_ns as f64 / 1e9,
+        "noise_cpu_s": tm.privacy_ns as f64 / 1e9,
+        "aggregation_s": tm.aggregation_ns as f64 / 1e9,
+        "fit_share": share(tm.fit_ns),
+        "noise_share": share(tm.privacy_ns),
+        "aggregation_share": share(tm.aggregation_ns),
+        "data_generation_s": generation_s,
+        "evaluation_s": tm.evaluation_ns as f64 / 1e9,
+        "users": args.users,
+        "items": args.items,
+        "ratings_per_user": args.ratings_per_user,
+        "factors": args.factors,
+        "clients_per_round": args.clients_per_round,
+        "rounds": args.rounds,
+        "noise_multiplier": args.noise_multiplier,
+        "clip_norm": args.clip_norm,
+        "seed": args.seed,
+    });
+    if args.json {
+        return Ok(value.to_string());
+    }
+    Ok(format!(
+        "workload: U = {}, I = {}, n = {}, k = {}, m = {}, R = {}, σ = {}, C = {} ({} threads)\n\
+         client_updates_per_s {:.0}\n\
+         peak_rss_bytes {}\n\
+         rmse {}\n\
+         time: fit {:.3} s CPU ({:.0}%), clip+noise {:.3} s CPU ({:.0}%), aggregation {:.3} s on the driving thread ({:.0}%); rounds took {:.3} s wall\n\
+         (data generation {:.3} s, final evaluation {:.3} s, not counted)",
+        args.users,
+        args.items,
+        args.ratings_per_user,
+        args.factors,
+        args.clients_per_round,
+        args.rounds,
+        args.noise_multiplier,
+        args.clip_norm,
+        threads,
+        per_s,
+        peak_rss_bytes().map_or("n/a".into(), |b| b.to_string()),
+        rmse.map_or("n/a".into(), |r| format!("{r:.5}")),
+        tm.fit_ns as f64 / 1e9,
+        100.0 * share(tm.fit_ns),
+        tm.privacy_ns as f64 / 1e9,
+        100.0 * share(tm.privacy_ns),
+        tm.aggregation_ns as f64 / 1e9,
+        100.0 * share(tm.aggregation_ns),
+        wall,
+        generation_s,
+        tm.evaluation_ns as f64 / 1e9,
+    ))
+}

@@ -1,0 +1,742 @@
+//! The `fedpref-sim` command line: `run` and `bench`. `main.rs` only parses and calls
+//! [`execute`].
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use fedpref_client_sdk::LocalTraining;
+use fedpref_coordinator::aggregation::ServerOptimizer;
+use fedpref_coordinator::manifest::ManifestPrivacyMode;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::data::{self, Dataset, SyntheticSpec};
+use crate::report;
+use crate::sim::{self, RoundRecord, Sampling, Settings, Simulation};
+
+/// Seeded federated simulations through the coordinator's engine and the SDK's training.
+#[derive(Debug, Parser)]
+#[command(name = "fedpref-sim", version, about)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// A federated run with metrics per round (CSV and JSON under --out).
+    Run(Box<RunArgs>),
+    /// The standard workload of ../shared/bench/WORKLOAD.md: speed, memory, final RMSE.
+    Bench(BenchArgs),
+    /// Runs a grid of settings (in parallel) and writes one table.
+    Sweep(SweepArgs),
+}
+
+/// Data sets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DatasetKind {
+    /// The seeded synthetic generator (the default).
+    Synthetic,
+    /// MovieLens 100K from --path (u.data + items.tsv or u.item).
+    #[value(name = "movielens-100k")]
+    #[serde(rename = "movielens-100k")]
+    Movielens100k,
+    /// MovieLens 1M from --path (ratings.dat or ratings.tsv + movies.dat or items.tsv).
+    #[value(name = "movielens-1m")]
+    #[serde(rename = "movielens-1m")]
+    Movielens1m,
+}
+
+/// Published settings to compare with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Preset {
+    /// TensorFlow Federated's federated-reconstruction tutorial on MovieLens 1M.
+    #[value(name = "tff-fedrecon-movielens-1m")]
+    TffFedreconMovielens1m,
+}
+
+/// Privacy modes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    /// No DP (simulations only).
+    None,
+    /// Each device clips and noises its update.
+    Local,
+    /// The coordinator clips, sums and noises once.
+    Central,
+    /// Secure aggregation with noise shares: not available yet.
+    Distributed,
+}
+
+impl Mode {
+    fn manifest(self) -> ManifestPrivacyMode {
+        match self {
+            Self::None => ManifestPrivacyMode::None,
+            Self::Local => ManifestPrivacyMode::Local,
+            Self::Central => ManifestPrivacyMode::Central,
+            Self::Distributed => ManifestPrivacyMode::Distributed,
+        }
+    }
+}
+
+/// `fedpref-sim run` flags. Every one can also be set in `--config FILE` (TOML, the same
+/// names with `_` for `-`); flags win.
+#[derive(Debug, Default, clap::Args)]
+#[command(allow_negative_numbers = true)]
+pub struct RunArgs {
+    /// A TOML file with any of these settings (flags override it).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// A published setting: `tff-fedrecon-movielens-1m` (TFF's federated-reconstruction
+    /// tutorial: MovieLens 1M from --path, 2,000 users with ≤ 300 ratings split 80/10/10 by
+    /// user, 50 users per round, 20 rounds, 50 factors, no DP). Other flags override it.
+    #[arg(long, value_enum)]
+    pub preset: Option<Preset>,
+    /// The data set [default: synthetic].
+    #[arg(long, value_enum)]
+    pub dataset: Option<DatasetKind>,
+    /// The directory of a MovieLens data set.
+    #[arg(long, value_name = "P")]
+    pub path: Option<PathBuf>,
+    /// Rounds [default: 50].
+    #[arg(long, value_name = "N")]
+    pub rounds: Option<u64>,
+    /// Poisson sampling rate q in (0, 1].
+    #[arg(long, value_name = "Q", conflicts_with = "cohort_size")]
+    pub sampling_rate: Option<f64>,
+    /// Devices per round, drawn uniformly without replacement [default: 100].
+    #[arg(long, value_name = "K")]
+    pub cohort_size: Option<u32>,
+    /// none | local | central | distributed (not available yet) [default: none].
+    #[arg(long, value_enum)]
+    pub privacy_mode: Option<Mode>,
+    /// σ (noise std σ·C).
+    #[arg(long, value_name = "S", conflicts_with = "target_epsilon")]
+    pub noise_multiplier: Option<f64>,
+    /// Calibrate σ so that all rounds spend at most this ε.
+    #[arg(long, value_name = "E")]
+    pub target_epsilon: Option<f64>,
+    /// δ [default: 1e-5].
+    #[arg(long, value_name = "D")]
+    pub delta: Option<f64>,
+    /// The clip norm C [default: 1]; in mode none, giving it makes devices clip.
+    #[arg(long, value_name = "C")]
+    pub clip_norm: Option<f64>,
+    /// fedavg | fedavgm | fedadam | fedyogi | fedadagrad | median [default: fedavg].
+    #[arg(long, value_name = "NAME")]
+    pub server_optimizer: Option<String>,
+    /// The server learning rate η [default: the optimiser's].
+    #[arg(long, value_name = "ETA")]
+    pub server_learning_rate: Option<f64>,
+    /// The seed of everything [default: 42].
+    #[arg(long, value_name = "N")]
+    pub seed: Option<u64>,
+    /// Where metrics go [default: fedpref-sim-out].
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
+    /// Latent factors k [default: 16].
+    #[arg(long, value_name = "K")]
+    pub factors: Option<usize>,
+    /// Local epochs E of the shared update [default: 1].
+    #[arg(long, value_name = "E")]
+    pub local_epochs: Option<u32>,
+    /// Local learning rate [default: 0.05].
+    #[arg(long, value_name = "LR")]
+    pub learning_rate: Option<f64>,
+    /// Evaluate every N rounds; 0: only after the last [default: 1].
+    #[arg(long, value_name = "N")]
+    pub eval_every: Option<u64>,
+    /// Synthetic data: users [default: 1000].
+    #[arg(long, value_name = "N")]
+    pub users: Option<usize>,
+    /// Synthetic data: items [default: 500].
+    #[arg(long, value_name = "N")]
+    pub items: Option<usize>,
+    /// Worker threads [default: all cores]; results do not depend on it.
+    #[arg(long, value_name = "N")]
+    pub threads: Option<usize>,
+    /// Train the same model on all data in one place (the baseline), no privacy.
+    #[arg(long)]
+    pub centralised: bool,
+    /// Print one summary object at the end.
+    #[arg(long)]
+    pub json: bool,
+    /// No progress bar, no per-round lines.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+/// `--config FILE`: the flags' settings in TOML.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    dataset: Option<DatasetKind>,
+    path: Option<PathBuf>,
+    rounds: Option<u64>,
+    sampling_rate: Option<f64>,
+    cohort_size: Option<u32>,
+    privacy_mode: Option<Mode>,
+    noise_multiplier: Option<f64>,
+    target_epsilon: Option<f64>,
+    delta: Option<f64>,
+    clip_norm: Option<f64>,
+    server_optimizer: Option<toml::Value>,
+    server_learning_rate: Option<f64>,
+    seed: Option<u64>,
+    out: Option<PathBuf>,
+    factors: Option<usize>,
+    local_epochs: Option<u32>,
+    learning_rate: Option<f64>,
+    eval_every: Option<u64>,
+    users: Option<usize>,
+    items: Option<usize>,
+}
+
+/// `fedpref-sim bench` flags; defaults are the workload's.
+#[derive(Debug, clap::Args)]
+#[command(allow_negative_numbers = true)]
+pub struct BenchArgs {
+    /// Users U.
+    #[arg(long, default_value_t = 1000)]
+    pub users: usize,
+    /// Items I.
+    #[arg(long, default_value_t = 1000)]
+    pub items: usize,
+    /// Ratings per user n.
+    #[arg(long, default_value_t = 50)]
+    pub ratings_per_user: usize,
+    /// Latent factors k.
+    #[arg(long, default_value_t = 16)]
+    pub factors: usize,
+    /// Clients per round m.
+    #[arg(long, default_value_t = 100)]
+    pub clients_per_round: u32,
+    /// Rounds R.
+    #[arg(long, default_value_t = 20)]
+    pub rounds: u64,
+    /// σ of the local noise; 0 runs without noise (clipping still applies).
+    #[arg(long, default_value_t = 1.0)]
+    pub noise_multiplier: f64,
+    /// The clip norm C.
+    #[arg(long, default_value_t = 1.0)]
+    pub clip_norm: f64,
+    /// The seed.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Worker threads [default: all cores].
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Print one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `fedpref-sim sweep` flags.
+#[derive(Debug, clap::Args)]
+pub struct SweepArgs {
+    /// The grid: a TOML file with `[base]` (any `run` setting, for every run) and `[grid]`
+    /// (a list of values per setting; every combination runs).
+    #[arg(long, value_name = "FILE")]
+    pub grid: PathBuf,
+    /// Where the table and each run's metrics go [default: fedpref-sim-sweep].
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
+    /// Worker threads [default: all cores]; results do not depend on it.
+    #[arg(long, value_name = "N")]
+    pub threads: Option<usize>,
+    /// Print the table as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// A command-line failure: usage errors (exit code 2) name the flag; others exit with 1.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// A flag or config value is wrong.
+    #[error("{0}")]
+    Usage(String),
+    /// Anything else (data, IO, the run).
+    #[error(transparent)]
+    Failed(#[from] anyhow::Error),
+}
+
+impl CliError {
+    /// The process exit code.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Self::Usage(_) => 2,
+            Self::Failed(_) => 1,
+        }
+    }
+}
+
+fn usage(message: impl Into<String>) -> CliError {
+    CliError::Usage(message.into())
+}
+
+fn positive(flag: &str, v: Option<f64>) -> Result<(), CliError> {
+    match v {
+        Some(x) if !(x.is_finite() && x > 0.0) => {
+            Err(usage(format!("{flag} {x}: must be a finite number > 0")))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Everything `run` resolved: the data set, the settings, and the output choices.
+pub struct RunPlan {
+    /// The data set.
+    pub data: Dataset,
+    /// The settings.
+    pub settings: Settings,
+    /// Where files go.
+    pub out: PathBuf,
+    /// The settings as JSON, for `metrics.json`.
+    pub settings_json: Value,
+}
+
+fn server_optimizer(name: Option<Value>, lr: Option<f64>) -> Result<ServerOptimizer, CliError> {
+    let mut v = match name {
+        None => json!({"kind": "fedavg"}),
+        Some(Value::String(s)) => json!({ "kind": s }),
+        Some(v @ Value::Object(_)) => v,
+        Some(other) => {
+            return Err(usage(format!(
+                "--server-optimizer {other}: must be a name or a table"
+            )));
+        }
+    };
+    if let Some(lr) = lr {
+        v["server_learning_rate"] = json!(lr);
+    }
+    let kind = v["kind"].as_str().unwrap_or("").to_string();
+    serde_json::from_value(v).map_err(|e| {
+        usage(format!(
+            "--server-optimizer {kind}: {e} (one of fedavg, fedavgm, fedadam, fedyogi, fedadagrad, median; trimmed-mean needs a [server_optimizer] table with beta in --config)"
+        ))
+    })
+}
+
+/// Resolves `run`'s flags and config file into a plan, loading the data set.
+pub fn plan(args: &RunArgs) -> Result<RunPlan, CliError> {
+    let file: FileConfig = match &args.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| usage(format!("--config {}: {e}", path.display())))?;
+            toml::from_str::<FileConfig>(&text).map_err(|e| {
+                usage(format!(
+                    "--config {}: {}",
+                    path.display(),
+                    e.to_string().trim_end()
+                ))
+            })?
+        }
+        None => FileConfig::default(),
+    };
+    plan_with(args, file)
+}
+
+/// Resolves a plan from a TOML table of `run` settings (as in `--config`); `source` names
+/// the table in errors.
+pub fn plan_from_table(table: toml::Table, source: &str) -> Result<RunPlan, CliError> {
+    let file: FileConfig = toml::Value::Table(table)
+        .try_into()
+        .map_err(|e: toml::de::Error| usage(format!("{source}: {}", e.to_string().trim_end())))?;
+    plan_with(&RunArgs::default(), file)
+}
+
+fn plan_with(args: &RunArgs, file: FileConfig) -> Result<RunPlan, CliError> {
+    let tff = args.preset == Some(Preset::TffFedreconMovielens1m);
+    let dataset = args.dataset.or(file.dataset).unwrap_or(if tff {
+        DatasetKind::Movielens1m
+    } else {
+        DatasetKind::Synthetic
+    });
+    let rounds = args
+        .rounds
+        .or(file.rounds)
+        .unwrap_or(if tff { 20 } else { 50 });
+    if rounds == 0 {
+        return Err(usage("--rounds 0: must be at least 1"));
+    }
+    let sampling = match (
+        args.sampling_rate,
+        args.cohort_size,
+        file.sampling_rate,
+        file.cohort_size,
+    ) {
+        (Some(q), _, _, _) => Sampling::Rate(q),
+        (None, Some(k), _, _) => Sampling::Cohort(k),
+        (None, None, Some(_), Some(_)) => {
+            return Err(usage(
+                "--config: give sampling_rate or cohort_size, not both",
+            ));
+        }
+        (None, None, Some(q), None) => Sampling::Rate(q),
+        (None, None, None, Some(k)) => Sampling::Cohort(k),
+        (None, None, None, None) => Sampling::Cohort(if tff { 50 } else { 100 }),
+    };
+    match sampling {
+        Sampling::Rate(q) if !(q > 0.0 && q <= 1.0) => {
+            return Err(usage(format!("--sampling-rate {q}: must be in (0, 1]")));
+        }
+        Sampling::Cohort(0) => return Err(usage("--cohort-size 0: must be at least 1")),
+        _ => {}
+    }
+    let mode = args
+        .privacy_mode
+        .or(file.privacy_mode)
+        .unwrap_or(Mode::None);
+    if args.centralised && mode != Mode::None {
+        return Err(usage(
+            "--centralised trains without privacy (the baseline): drop --privacy-mode",
+        ));
+    }
+    if mode == Mode::Distributed {
+        return Err(usage(
+            "--privacy-mode distributed is not available yet: it needs secure aggregation, which is not built; use local or central",
+        ));
+    }
+    let (noise_multiplier, target_epsilon) = match (args.noise_multiplier, args.target_epsilon) {
+        (None, None) => (file.noise_multiplier, file.target_epsilon),
+        flags => flags,
+    };
+    if noise_multiplier.is_some() && target_epsilon.is_some() {
+        return Err(usage(
+            "--noise-multiplier and --target-epsilon: give one, not both",
+        ));
+    }
+    positive("--noise-multiplier", noise_multiplier)?;
+    positive("--target-epsilon", target_epsilon)?;
+    let delta = args.delta.or(file.delta).unwrap_or(1e-5);
+    if !(delta > 0.0 && delta < 1.0) {
+        return Err(usage(format!("--delta {delta}: must be in (0, 1)")));
+    }
+    if mode != Mode::None && noise_multiplier.is_none() && target_epsilon.is_none() {
+        return Err(usage(format!(
+            "--privacy-mode {}: give --noise-multiplier or --target-epsilon",
+            mode.to_possible_value()
+                .expect("no skipped values")
+                .get_name()
+        )));
+    }
+    if mode == Mode::None && (noise_multiplier.is_some() || target_epsilon.is_some()) {
+        return Err(usage(
+            "--noise-multiplier/--target-epsilon need --privacy-mode local or central",
+        ));
+    }
+    let clip = args.clip_norm.or(file.clip_norm);
+    positive("--clip-norm", clip)?;
+    let optimizer = server_optimizer(
+        args.server_optimizer.clone().map(Value::String).or(file
+            .server_optimizer
+            .map(|v| serde_json::to_value(v).expect("TOML is JSON-representable"))),
+        args.server_learning_rate.or(file.server_learning_rate),
+    )?;
+    let factors = args
+        .factors
+        .or(file.factors)
+        .unwrap_or(if tff { 50 } else { 16 });
+    if factors == 0 || factors > 1024 {
+        return Err(usage(format!("--factors {factors}: must be in [1, 1024]")));
+    }
+    let mut training = LocalTraining::default();
+    if let Some(e) = args.local_epochs.or(file.local_epochs) {
+        training.epochs = e;
+    }
+    if let Some(lr) = args.learning_rate.or(file.learning_rate) {
+        training.learning_rate = lr;
+    }
+    training.validate().map_err(|e| {
+        usage(match e.field.as_str() {
+            "epochs" => format!("--local-epochs: {}", e.message),
+            "learning_rate" => format!("--learning-rate: {}", e.message),
+            _ => e.to_string(),
+        })
+    })?;
+    let seed = args.seed.or(file.seed).unwrap_or(42);
+    let path = args.path.clone().or(file.path);
+    let data = match dataset {
+        DatasetKind::Synthetic => {
+            let spec = SyntheticSpec {
+                users: args.users.or(file.users).unwrap_or(1_000),
+                items: args.items.or(file.items).unwrap_or(500),
+                seed,
+                ..SyntheticSpec::default()
+            };
+            data::synthetic(&spec).map_err(|e| usage(format!("--users/--items: {e}")))?
+        }
+        DatasetKind::Movielens100k | DatasetKind::Movielens1m => {
+            let name = dataset
+                .to_possible_value()
+                .expect("named")
+                .get_name()
+                .to_string();
+            let path = path.ok_or_else(|| {
+                usage(format!(
+                    "--dataset {name} needs --path DIR (the directory holding its files; a copy may be in ../shared/data)"
+                ))
+            })?;
+            let loaded = if dataset == DatasetKind::Movielens100k {
+                data::movielens_100k(&path)
+            } else {
+                data::movielens_1m(&path)
+            };
+            loaded.map_err(|e| CliError::Failed(anyhow::anyhow!("--path: {e}")))?
+        }
+    };
+    let data = if tff {
+        if dataset != DatasetKind::Movielens1m {
+            return Err(usage(
+                "--preset tff-fedrecon-movielens-1m needs --dataset movielens-1m",
+            ));
+        }
+        data::tff_fedrecon(data, seed)
+            .map_err(|e| CliError::Failed(anyhow::anyhow!("--preset: {e}")))?
+    } else {
+        data
+    };
+    let settings = Settings {
+        rounds,
+        sampling,
+        privacy_mode: mode.manifest(),
+        noise_multiplier,
+        target_epsilon,
+        delta,
+        clip_norm: clip.unwrap_or(1.0),
+        clip_without_privacy: clip.is_some(),
+        server_optimizer: optimizer,
+        seed,
+        factors,
+        training,
+        eval_every: args.eval_every.or(file.eval_every).unwrap_or(1),
+        ranking: true,
+        out: None,
+    };
+    let out = args
+        .out
+        .clone()
+        .or(file.out)
+        .unwrap_or_else(|| PathBuf::from("fedpref-sim-out"));
+    let settings_json = json!({
+        "dataset": data.name,
+        "rounds": rounds,
+        "sampling": sampling,
+        "privacy_mode": settings.privacy_mode.as_str(),
+        "noise_multiplier": noise_multiplier,
+        "target_epsilon": target_epsilon,
+        "delta": delta,
+        "clip_norm": settings.clip_norm,
+        "server_optimizer": optimizer,
+        "seed": seed,
+        "factors": factors,
+        "local_epochs": training.epochs,
+        "learning_rate": training.learning_rate,
+        "centralised": args.centralised,
+    });
+    Ok(RunPlan {
+        data,
+        settings,
+        out,
+        settings_json,
+    })
+}
+
+fn progress(rounds: u64, quiet: bool) -> ProgressBar {
+    if quiet || !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(rounds);
+    bar.set_style(
+        ProgressStyle::with_template("{elapsed_precise} [{bar:30}] round {pos}/{len} {msg}")
+            .expect("a valid template")
+            .progress_chars("=> "),
+    );
+    bar
+}
+
+fn with_threads<T: Send>(
+    threads: Option<usize>,
+    f: impl FnOnce() -> T + Send,
+) -> Result<T, CliError> {
+    match threads {
+        None => Ok(f()),
+        Some(0) => Err(usage("--threads 0: must be at least 1")),
+        Some(n) => {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(n)
+                .build()
+                .map_err(|e| CliError::Failed(e.into()))?;
+            Ok(pool.install(f))
+        }
+    }
+}
+
+/// The outcome of `run`: the records, the summary and the files written.
+pub struct RunOutcome {
+    /// Per-round records.
+    pub records: Vec<RoundRecord>,
+    /// The summary object.
+    pub summary: Value,
+    /// Files written.
+    pub files: Vec<PathBuf>,
+    /// The validated σ, if any.
+    pub noise_multiplier: Option<f64>,
+}
+
+/// Runs a plan (federated, or `--centralised`) and writes its outputs under `out`.
+pub fn run_plan(
+    plan: &RunPlan,
+    centralised: bool,
+    out: &Path,
+    bar: &ProgressBar,
+) -> Result<RunOutcome, CliError> {
+    let s = &plan.settings;
+    let (records, client_updates, timings, sigma) = if centralised {
+        let t = Instant::now();
+        let records = sim::centralised(s, &plan.data).map_err(|e| CliError::Failed(e.into()))?;
+        let timings = sim::Timings {
+            rounds_wall_ns: t.elapsed().as_nanos() as u64,
+            ..Default::default()
+        };
+        bar.set_position(s.rounds);
+        (records, 0, timings, None)
+    } else {
+        let mut simulation = Simulation::new(s, &plan.data).map_err(|e| usage(e.to_string()))?;
+        let sigma = simulation.manifest().noise_multiplier;
+        let records = simulation
+            .run(|r| {
+                bar.set_position(r.round);
+                if let Some(e) = &r.evaluation {
+                    bar.set_message(format!("rmse {:.4}", e.rmse));
+                }
+            })
+            .map_err(|e| CliError::Failed(e.into()))?;
+        (
+            records,
+            simulation.client_updates,
+            simulation.timings,
+            sigma,
+        )
+    };
+    let delta = (s.privacy_mode != ManifestPrivacyMode::None).then_some(s.delta);
+    let summary = report::summary(&records, delta, s.seed, client_updates, &timings);
+    let mut settings_json = plan.settings_json.clone();
+    settings_json["noise_multiplier"] = json!(sigma);
+    let csv = report::metrics_csv(&plan.data, &records);
+    let metrics = report::metrics_json(&plan.data, settings_json, &records);
+    let mut files = report::write(out, &csv, &metrics, &summary)
+        .map_err(|e| CliError::Failed(anyhow::anyhow!("--out: {e}")))?;
+    let points = |f: fn(&crate::metrics::Evaluation) -> Option<f64>| -> Vec<(f64, f64)> {
+        records
+            .iter()
+            .filter_map(|r| Some((r.round as f64, f(r.evaluation.as_ref()?)?)))
+            .collect()
+    };
+    for (name, label, f) in [
+        (
+            "rmse_by_round",
+            "test RMSE",
+            (|e| Some(e.rmse)) as fn(&crate::metrics::Evaluation) -> Option<f64>,
+        ),
+        ("ndcg_at_10_by_round", "NDCG@10", |e| e.ndcg_at_10),
+    ] {
+        files.extend(
+            crate::plot::line_plot(
+                &out.join(name),
+                &format!("{label} by round ({})", plan.data.name),
+                "round",
+                label,
+                &points(f),
+            )
+            .map_err(|e| CliError::Failed(e.into()))?,
+        );
+    }
+    Ok(RunOutcome {
+        records,
+        summary,
+        files,
+        noise_multiplier: sigma,
+    })
+}
+
+fn fmt(v: &Value) -> String {
+    match v.as_f64() {
+        Some(x) => format!("{x:.4}"),
+        None => "n/a".into(),
+    }
+}
+
+/// Runs the command and returns what to print on stdout.
+pub fn execute(cli: &Cli) -> Result<String, CliError> {
+    match &cli.command {
+        Command::Run(args) => {
+            let plan = plan(args)?;
+            let bar = progress(plan.settings.rounds, args.quiet);
+            let outcome = with_threads(args.threads, || {
+                run_plan(&plan, args.centralised, &plan.out, &bar)
+            })??;
+            bar.finish_and_clear();
+            if args.json {
+                return Ok(outcome.summary.to_string());
+            }
+            let s = &outcome.summary;
+            let mut text = format!(
+                "{} on {} ({} users, {} items): {} rounds, {} client updates\n",
+                if args.centralised {
+                    "centralised"
+                } else {
+                    "federated"
+                },
+                plan.data.name,
+                plan.data.users.len(),
+                plan.data.items.len(),
+                s["rounds"],
+                s["client_updates"],
+            );
+            text += &format!(
+                "rmse {}  mae {}  rating_accuracy {}  hit_rate@10 {}  ndcg@10 {}  coverage {}  diversity {}  injected {}  cohort gap {}\n",
+                fmt(&s["rmse"]),
+                fmt(&s["mae"]),
+                fmt(&s["rating_accuracy"]),
+                fmt(&s["hit_rate_at_10"]),
+                fmt(&s["ndcg_at_10"]),
+                fmt(&s["coverage"]),
+                fmt(&s["intra_list_diversity"]),
+                fmt(&s["injected_share"]),
+                fmt(&s["cohort_rmse_gap"]),
+            );
+            text += &format!(
+                "global-mean baseline rmse {:.4}\n",
+                crate::metrics::global_mean_rmse(&plan.data)
+            );
+            if let Some(eps) = s["epsilon"].as_f64() {
+                text += &format!(
+                    "ε = {eps:.4} at δ = {} (σ = {:.4}), {}\n",
+                    s["delta"],
+                    outcome.noise_multiplier.unwrap_or(0.0),
+                    s["epsilon_assumption"].as_str().unwrap_or("")
+                );
+            }
+            text += &format!(
+                "wrote {}",
+                outcome
+                    .files
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            Ok(text)
+        }
+        Command::Bench(args) => with_threads(args.threads, || crate::bench::run(args))?,
+        Command::Sweep(args) => with_threads(args.threads, || crate::sweep::run(args))?,
+    }
+}

@@ -1,0 +1,162 @@
+//! What a run writes: per-round metrics as CSV and JSON, and the summary object.
+//!
+//! `metrics.csv` and `metrics.json` hold only what the seed determines (no timings), so
+//! the same seed gives the same bytes on any number of threads; `summary.json` adds the
+//! speed and memory figures, which depend on the machine.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use serde_json::{Value, json};
+
+use crate::data::Dataset;
+use crate::sim::{RoundRecord, Timings};
+
+fn opt(x: Option<f64>) -> String {
+    x.map(|v| v.to_string()).unwrap_or_default()
+}
+
+/// The per-round metrics as CSV: one row per round, empty cells where a round was not
+/// evaluated or a metric does not apply.
+pub fn metrics_csv(data: &Dataset, records: &[RoundRecord]) -> String {
+    let audiences: Vec<String> = records
+        .first()
+        .map(|r| r.epsilon.iter().map(|e| e.audience.clone()).collect())
+        .unwrap_or_default();
+    let mut s = String::from(
+        "round,contributions,abandoned,rmse,mae,rating_accuracy,hit_rate_at_10,ndcg_at_10,coverage,intra_list_diversity,injected_share",
+    );
+    for c in &data.cohorts {
+        let _ = write!(s, ",rmse_{c}");
+    }
+    s.push_str(",cohort_rmse_gap");
+    for a in &audiences {
+        let _ = write!(s, ",epsilon_{a}");
+    }
+    s.push('\n');
+    for r in records {
+        let _ = write!(
+            s,
+            "{},{},{}",
+            r.round,
+            r.contributions,
+            u8::from(r.abandoned.is_some())
+        );
+        match &r.evaluation {
+            Some(e) => {
+                let _ = write!(
+                    s,
+                    ",{},{},{},{},{},{},{},{}",
+                    e.rmse,
+                    e.mae,
+                    e.rating_accuracy,
+                    opt(e.hit_rate_at_10),
+                    opt(e.ndcg_at_10),
+                    opt(e.coverage),
+                    opt(e.intra_list_diversity),
+                    opt(e.injected_share)
+                );
+                for c in 0..data.cohorts.len() {
+                    let _ = write!(s, ",{}", opt(e.cohort_rmse.get(c).copied().flatten()));
+                }
+                let _ = write!(s, ",{}", opt(e.cohort_rmse_gap));
+            }
+            None => s.push_str(&",".repeat(9 + data.cohorts.len())),
+        }
+        for a in &audiences {
+            let eps = r
+                .epsilon
+                .iter()
+                .find(|e| &e.audience == a)
+                .map(|e| e.epsilon);
+            let _ = write!(s, ",{}", opt(eps));
+        }
+        s.push('\n');
+    }
+    s
+}
+
+/// The per-round metrics as one JSON document: the data set, the settings and the rounds.
+pub fn metrics_json(data: &Dataset, settings: Value, records: &[RoundRecord]) -> Value {
+    json!({
+        "dataset": {
+            "name": data.name,
+            "users": data.users.len(),
+            "items": data.items.len(),
+            "train_ratings": data.train_ratings(),
+            "test_ratings": data.test_ratings(),
+            "cohorts": data.cohorts,
+        },
+        "settings": settings,
+        "rounds": records,
+    })
+}
+
+/// Peak resident memory of this process (`VmHWM` of `/proc/self/status`), if known.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// The summary object `--json` prints, with exactly the keys in its order. Privacy
+/// keys are null in mode `none`; metrics of a run that was never evaluated are null.
+pub fn summary(
+    records: &[RoundRecord],
+    delta: Option<f64>,
+    seed: u64,
+    client_updates: u64,
+    timings: &Timings,
+) -> Value {
+    let last = records.iter().rev().find_map(|r| r.evaluation.as_ref());
+    let get = |f: &dyn Fn(&crate::metrics::Evaluation) -> Option<f64>| last.and_then(f);
+    let spent = records.last().and_then(|r| r.epsilon.first());
+    let seconds = timings.rounds_wall_ns as f64 / 1e9;
+    json!({
+        "rmse": get(&|e| Some(e.rmse)),
+        "mae": get(&|e| Some(e.mae)),
+        "rating_accuracy": get(&|e| Some(e.rating_accuracy)),
+        "hit_rate_at_10": get(&|e| e.hit_rate_at_10),
+        "ndcg_at_10": get(&|e| e.ndcg_at_10),
+        "intra_list_diversity": get(&|e| e.intra_list_diversity),
+        "coverage": get(&|e| e.coverage),
+        "injected_share": get(&|e| e.injected_share),
+        "cohort_rmse_gap": get(&|e| e.cohort_rmse_gap),
+        "epsilon": spent.map(|s| s.epsilon),
+        "delta": spent.and(delta),
+        "epsilon_assumption": spent.map(|s| s.audience.clone()),
+        "rounds": records.iter().filter(|r| r.abandoned.is_none()).count(),
+        "client_updates": client_updates,
+        "client_updates_per_s": (seconds > 0.0).then(|| client_updates as f64 / seconds),
+        "peak_rss_bytes": peak_rss_bytes(),
+        "seed": seed,
+    })
+}
+
+/// Writes `metrics.csv`, `metrics.json` and `summary.json` under `out` (created if needed)
+/// and returns their paths.
+pub fn write(
+    out: &Path,
+    csv: &str,
+    metrics: &Value,
+    summary: &Value,
+) -> std::io::Result<Vec<PathBuf>> {
+    std::fs::create_dir_all(out)?;
+    let files = [
+        (out.join("metrics.csv"), csv.to_string()),
+        (
+            out.join("metrics.json"),
+            serde_json::to_string_pretty(metrics).expect("serialisable") + "\n",
+        ),
+        (
+            out.join("summary.json"),
+            serde_json::to_string_pretty(summary).expect("serialisable") + "\n",
+        ),
+    ];
+    for (path, text) in &files {
+        std::fs::write(path, text)
+            .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
+    }
+    Ok(files.into_iter().map(|(p, _)| p).collect())
+}

@@ -1,0 +1,673 @@
+//! The simulation driver: the coordinator's round [`Engine`], driven in-process by simulated
+//! devices that train with the SDK's model code and noise with the privacy crate.
+//!
+//! One round, exactly as a deployment would run it, minus the sockets:
+//! 1. devices check in (`Event::CheckIn`): with `--cohort-size K`, K users drawn uniformly
+//!    without replacement from stream (seed, 3, round) check in and the engine's cohort
+//!    sampling gives each a task; with `--sampling-rate q` in modes `none`/`central`, every
+//!    user checks in and the engine's own Poisson sampling selects each with probability q
+//!    (its RNG is stream (seed, 5, round)); in mode `local` the accountant refuses q < 1
+//!    (the coordinator sees who uploaded), so there each user checks in with probability q
+//!    and every one that does is given a task;
+//! 2. the selected devices train in parallel (rayon): the SDK's [`local_round`] (ridge fit of
+//!    the private part, epochs of the shared update, dense update), then — in mode `local` —
+//!    [`clip_l2`] and [`GaussianMechanism::release_update`] with
+//!    `SimulationSampler::for_stream(seed, &[round, client])`; in mode `central` devices clip
+//!    and the engine clips again, sums and noises once;
+//! 3. the updates are handed to the engine (`Event::Update`) in task order, so the
+//!    aggregate is the same bytes on any number of threads;
+//! 4. a tick at the deadline closes the round (aggregation, server optimiser, accountant)
+//!    with `SimulationSampler::for_stream(seed, &[round, u64::MAX])` for central noise.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use fedpref_client_sdk::{LocalTraining, MatrixFactorization, ModelError, local_round};
+use fedpref_coordinator::aggregation::ServerOptimizer;
+use fedpref_coordinator::engine::{Action, Engine, Event, RunState, Task};
+use fedpref_coordinator::ledger::AudienceEpsilon;
+use fedpref_coordinator::manifest::{
+    BudgetSpec, ManifestPrivacyMode, ModelSpec, OptOutPolicy, RunManifest, SamplingSpec,
+};
+use fedpref_coordinator::model::initial_parameters;
+use fedpref_privacy::{GaussianMechanism, SimulationSampler, clip_l2};
+use rand::RngExt;
+use rand::rngs::Xoshiro256PlusPlus;
+use rayon::prelude::*;
+use serde::Serialize;
+
+use crate::data::{Dataset, splitmix64, stream_rng};
+use crate::metrics::{Evaluation, evaluate, examples};
+
+/// A simulation that cannot go on, naming what is wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum SimError {
+    /// The settings make an invalid run manifest (the message names the flag).
+    #[error("{0}")]
+    Settings(String),
+    /// The engine refused something a simulated device did.
+    #[error("round {round}: the engine refused device {device}: {message}")]
+    Refused {
+        /// The round.
+        round: u64,
+        /// The device.
+        device: String,
+        /// The engine's message.
+        message: String,
+    },
+    /// The SDK refused the shared model.
+    #[error("the shared model: {0}")]
+    Model(#[from] ModelError),
+    /// Clipping or noise failed.
+    #[error("privacy: {0}")]
+    Privacy(#[from] fedpref_privacy::PrivacyError),
+}
+
+/// Which devices are asked to train each round.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Sampling {
+    /// Poisson sampling with rate q (`--sampling-rate`).
+    Rate(f64),
+    /// A cohort of K users drawn uniformly without replacement (`--cohort-size`).
+    Cohort(u32),
+}
+
+/// Everything a run needs, resolved from flags and the config file.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Settings {
+    /// Rounds.
+    pub rounds: u64,
+    /// Device selection.
+    pub sampling: Sampling,
+    /// The privacy mode (`distributed` is refused).
+    pub privacy_mode: ManifestPrivacyMode,
+    /// σ.
+    pub noise_multiplier: Option<f64>,
+    /// A target ε over all rounds, from which the manifest calibrates σ.
+    pub target_epsilon: Option<f64>,
+    /// δ.
+    pub delta: f64,
+    /// C.
+    pub clip_norm: f64,
+    /// Whether devices clip in mode `none` (they always do in `local` and `central`).
+    pub clip_without_privacy: bool,
+    /// The server optimiser.
+    pub server_optimizer: ServerOptimizer,
+    /// The seed of everything.
+    pub seed: u64,
+    /// Latent factors k.
+    pub factors: usize,
+    /// Local training.
+    pub training: LocalTraining,
+    /// Evaluate every this many rounds (0: only after the last).
+    pub eval_every: u64,
+    /// Compute ranking metrics (top 10) at evaluations.
+    pub ranking: bool,
+    /// Where outputs go.
+    pub out: Option<PathBuf>,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            rounds: 50,
+            sampling: Sampling::Cohort(100),
+            privacy_mode: ManifestPrivacyMode::None,
+            noise_multiplier: None,
+            target_epsilon: None,
+            delta: 1e-5,
+            clip_norm: 1.0,
+            clip_without_privacy: false,
+            server_optimizer: ServerOptimizer::Fedavg {
+                server_learning_rate: 1.0,
+            },
+            seed: 42,
+            factors: 16,
+            training: LocalTraining::default(),
+            eval_every: 1,
+            ranking: true,
+            out: None,
+        }
+    }
+}
+
+impl Settings {
+    /// The run manifest these settings make, validated by the coordinator's own manifest
+    /// code (which calibrates σ from a target ε). `users` and `items` size the population
+    /// and the model.
+    pub fn manifest(&self, users: usize, items: usize) -> Result<RunManifest, SimError> {
+        if self.privacy_mode == ManifestPrivacyMode::Distributed {
+            return Err(SimError::Settings(
+                "--privacy-mode distributed is not available yet: it needs secure aggregation, which is not built".into(),
+            ));
+        }
+        let sampling = match (self.sampling, self.privacy_mode) {
+            (Sampling::Cohort(k), _) => SamplingSpec::Cohort {
+                target_size: k.min(users as u32).max(1),
+                minimum_size: 1,
+                round_seconds: 60,
+            },
+            (Sampling::Rate(_), ManifestPrivacyMode::Local) => SamplingSpec::Cohort {
+                target_size: users as u32,
+                minimum_size: 1,
+                round_seconds: 60,
+            },
+            (Sampling::Rate(q), _) => SamplingSpec::Poisson {
+                rate: q,
+                population: users as u64,
+                round_seconds: 60,
+                minimum_size: 1,
+            },
+        };
+        let noise = self.privacy_mode != ManifestPrivacyMode::None;
+        let manifest = RunManifest {
+            title: "fedpref-sim".into(),
+            purpose: "simulation".into(),
+            owner: "fedpref-sim".into(),
+            data_elements_used: vec!["ratings".into()],
+            data_elements_not_used: vec![],
+            privacy_mode: self.privacy_mode,
+            budget: BudgetSpec {
+                epsilon: self.target_epsilon.unwrap_or(1e12),
+                delta: self.delta,
+            },
+            clip_norm: self.clip_norm,
+            noise_multiplier: if noise { self.noise_multiplier } else { None },
+            target_epsilon: if noise { self.target_epsilon } else { None },
+            rounds: self.rounds,
+            sampling,
+            server_optimizer: self.server_optimizer,
+            model: ModelSpec {
+                items: items as u64,
+                factors: self.factors as u64,
+                init_scale: 0.1,
+                initial_offset: 3.0,
+            },
+            opt_out_policy: OptOutPolicy {
+                consent_model: "opt-in".into(),
+                description: "simulated devices".into(),
+                withdrawal_effect: String::new(),
+            },
+            harm_scenarios: vec![],
+            seed: Some(self.seed),
+        };
+        RunManifest::from_toml(&manifest.to_toml(), "flags").map_err(|e| {
+            let text = e.to_string();
+            let text = text.strip_prefix("flags: ").unwrap_or(&text);
+            SimError::Settings(flag_names(text))
+        })
+    }
+}
+
+/// Rewrites manifest keys in a message as the flags that set them.
+fn flag_names(message: &str) -> String {
+    let mut m = message.to_string();
+    for (key, flag) in [
+        ("budget.epsilon", "--target-epsilon"),
+        ("budget.delta", "--delta"),
+        ("noise_multiplier", "--noise-multiplier"),
+        ("target_epsilon", "--target-epsilon"),
+        ("clip_norm", "--clip-norm"),
+        ("sampling.rate", "--sampling-rate"),
+        ("sampling.target_size", "--cohort-size"),
+        ("server_optimizer", "--server-optimizer"),
+        ("rounds", "--rounds"),
+        ("model", "--factors"),
+    ] {
+        if m.starts_with(key) {
+            m = format!("{flag}{}", &m[key.len()..]);
+            break;
+        }
+    }
+    m
+}
+
+/// One round's record.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct RoundRecord {
+    /// The round number (1-based).
+    pub round: u64,
+    /// Updates aggregated (0 when the round was abandoned).
+    pub contributions: u64,
+    /// Why the round released nothing, if it did not.
+    pub abandoned: Option<String>,
+    /// Cumulative ε per audience after the round, from the engine's accountant.
+    pub epsilon: Vec<AudienceEpsilon>,
+    /// The evaluation after the round, if one was due.
+    pub evaluation: Option<Evaluation>,
+}
+
+/// Where the time went (nanoseconds). Fitting and privacy are summed over clients and
+/// threads (CPU time); aggregation and evaluation are wall-clock time on the driving thread.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
+pub struct Timings {
+    /// The SDK's local round: ridge fit, shared-update epochs, the dense update.
+    pub fit_ns: u64,
+    /// Clipping, noise and the f32 encoding of the upload.
+    pub privacy_ns: u64,
+    /// Check-ins, handing updates to the engine, closing rounds (aggregation, optimiser,
+    /// accountant).
+    pub aggregation_ns: u64,
+    /// Wall-clock time of the rounds (everything but evaluation).
+    pub rounds_wall_ns: u64,
+    /// Wall-clock time of the evaluations.
+    pub evaluation_ns: u64,
+}
+
+/// Devices trained per parallel batch: bounds the updates in memory at once, and is the
+/// grain of the pipeline between training and aggregation.
+const BATCH: usize = 32;
+
+/// A simulated federated run over a data set.
+pub struct Simulation<'d> {
+    settings: Settings,
+    data: &'d Dataset,
+    manifest: RunManifest,
+    engine: Engine,
+    now: i64,
+    step: u64,
+    item_ids: Vec<String>,
+    /// Where the time went so far.
+    pub timings: Timings,
+    /// Updates accepted so far.
+    pub client_updates: u64,
+}
+
+struct ClientUpdate {
+    values: Vec<f32>,
+    examples: u64,
+    fit_ns: u64,
+    privacy_ns: u64,
+}
+
+/// A batch of tasks with their trained updates, in task order.
+type TrainedBatch<'a> = (&'a [(usize, Task)], Vec<ClientUpdate>);
+
+fn device_id(user: usize) -> String {
+    format!("u{user}")
+}
+
+impl<'d> Simulation<'d> {
+    /// A fresh run at the engine's version 0 (initial parameters from the coordinator's
+    /// `initial_parameters` with the run's seed).
+    pub fn new(settings: &Settings, data: &'d Dataset) -> Result<Self, SimError> {
+        let population = data.users.iter().filter(|u| u.trains).count();
+        let manifest = settings.manifest(population, data.items.len())?;
+        let params = initial_parameters(&manifest.model, settings.seed);
+        let engine = Engine::new("fedpref-sim", manifest.clone(), params);
+        Ok(Self {
+            settings: settings.clone(),
+            data,
+            manifest,
+            engine,
+            now: 1_700_000_000_000,
+            step: 0,
+            item_ids: data.items.iter().map(|i| i.id.clone()).collect(),
+            timings: Timings::default(),
+            client_updates: 0,
+        })
+    }
+
+    /// The validated manifest (σ calibrated when a target ε was given).
+    pub fn manifest(&self) -> &RunManifest {
+        &self.manifest
+    }
+
+    /// The current shared model, as the SDK sees it after a download.
+    pub fn model(&self) -> Result<MatrixFactorization, SimError> {
+        let (version, params) = self.engine.model();
+        Ok(shared_model(
+            version,
+            &self.item_ids,
+            self.settings.factors,
+            params,
+        )?)
+    }
+
+    /// Cumulative ε per audience.
+    pub fn spent(&self) -> Vec<AudienceEpsilon> {
+        self.engine.spent()
+    }
+
+    /// Runs every round, calling `progress` after each, and returns their records.
+    pub fn run(
+        &mut self,
+        mut progress: impl FnMut(&RoundRecord),
+    ) -> Result<Vec<RoundRecord>, SimError> {
+        let mut records = vec![];
+        // The engine opens a round on the first check-in and stops the run itself after
+        // its last round; the bound only guards against a schedule in which no device
+        // ever checks in.
+        let limit = self.settings.rounds.saturating_mul(100).max(1_000);
+        while self.engine.state() == RunState::Active && self.step < limit {
+            let record = self.run_round()?;
+            progress(&record);
+            records.push(record);
+        }
+        Ok(records)
+    }
+
+    /// Runs one round: check-ins (the first opens the engine's round), training, updates,
+    /// the closing tick, and an evaluation if due. Streams are keyed by the simulation's
+    /// step, which is the engine's round id whenever a device checks in.
+    pub fn run_round(&mut self) -> Result<RoundRecord, SimError> {
+        let start = Instant::now();
+        self.step += 1;
+        let round = self.step;
+        let seed = self.settings.seed;
+        let t = Instant::now();
+        let trainable: Vec<usize> = (0..self.data.users.len())
+            .filter(|&u| self.data.users[u].trains)
+            .collect();
+        let users = trainable.len();
+        let candidates: Vec<usize> = match (self.settings.sampling, self.settings.privacy_mode) {
+            (Sampling::Cohort(k), _) => {
+                let mut r = stream_rng(seed, &[3, round]);
+                let k = (k as usize).min(users);
+                // Floyd's algorithm: k distinct users, then shuffled into check-in order.
+                let mut chosen = std::collections::HashSet::with_capacity(k);
+                let mut order = Vec::with_capacity(k);
+                for j in users - k..users {
+                    let pick = r.random_range(0..=j);
+                    let pick = if chosen.contains(&pick) { j } else { pick };
+                    chosen.insert(pick);
+                    order.push(pick);
+                }
+                for i in (1..order.len()).rev() {
+                    order.swap(i, r.random_range(0..=i));
+                }
+                order.into_iter().map(|i| trainable[i]).collect()
+            }
+            (Sampling::Rate(q), ManifestPrivacyMode::Local) => {
+                let mut r = stream_rng(seed, &[3, round]);
+                trainable
+                    .into_iter()
+                    .filter(|_| r.random::<f64>() < q)
+                    .collect()
+            }
+            (Sampling::Rate(_), _) => trainable,
+        };
+        let mut rng = stream_rng(seed, &[5, round]);
+        let mut sampler = SimulationSampler::for_stream(seed, &[round, u64::MAX - 1]);
+        let mut tasks = Vec::new();
+        for user in candidates {
+            let actions = self.engine.handle(
+                Event::CheckIn {
+                    device: device_id(user),
+                    eligible: true,
+                },
+                self.now,
+                &mut rng,
+                &mut sampler,
+            );
+            for a in actions {
+                if let Action::SendTask(task) = a {
+                    tasks.push((user, task));
+                }
+            }
+        }
+        self.timings.aggregation_ns += t.elapsed().as_nanos() as u64;
+
+        let (version, params) = self.engine.model();
+        let model = shared_model(version, &self.item_ids, self.settings.factors, params)?;
+        let mechanism = match self.settings.privacy_mode {
+            ManifestPrivacyMode::Local => Some(GaussianMechanism::new(
+                self.manifest.noise_multiplier.expect("validated"),
+                self.manifest.clip_norm,
+            )?),
+            _ => None,
+        };
+        let clip = match self.settings.privacy_mode {
+            ManifestPrivacyMode::None if !self.settings.clip_without_privacy => None,
+            _ => Some(self.manifest.clip_norm),
+        };
+        let training = self.settings.training;
+        let data = self.data;
+        let train = |batch: &[(usize, Task)]| -> Result<Vec<ClientUpdate>, SimError> {
+            batch
+                .par_iter()
+                .map(|(user, _)| {
+                    train_client(
+                        &model,
+                        data,
+                        *user,
+                        &training,
+                        clip,
+                        mechanism.as_ref(),
+                        seed,
+                        round,
+                    )
+                })
+                .collect()
+        };
+        // Pipelined: while the workers train batch i + 1, this thread hands batch i to the
+        // engine (in task order, so the aggregate does not depend on the thread count).
+        let mut pending: Option<TrainedBatch> = None;
+        let now = self.now;
+        for batch in tasks.chunks(BATCH) {
+            let (fed, trained) = rayon::join(
+                || {
+                    feed(
+                        &mut self.engine,
+                        &mut self.timings,
+                        now,
+                        &mut rng,
+                        &mut sampler,
+                        round,
+                        pending.take(),
+                    )
+                },
+                || train(batch),
+            );
+            fed?;
+            pending = Some((batch, trained?));
+        }
+        feed(
+            &mut self.engine,
+            &mut self.timings,
+            now,
+            &mut rng,
+            &mut sampler,
+            round,
+            pending.take(),
+        )?;
+
+        let t = Instant::now();
+        let opened = self.engine.open_round().is_some();
+        self.now = self.engine.next_wakeup().unwrap_or(self.now + 60_000);
+        let mut sampler = SimulationSampler::for_stream(seed, &[round, u64::MAX]);
+        let mut contributions = 0;
+        let mut abandoned = None;
+        for a in self
+            .engine
+            .handle(Event::Tick, self.now, &mut rng, &mut sampler)
+        {
+            match a {
+                Action::CommitRound(outcome) => contributions = outcome.participants.len() as u64,
+                Action::AbandonRound { reason, .. } => abandoned = Some(reason),
+                _ => {}
+            }
+        }
+        if !opened {
+            abandoned = Some("no device checked in, so the engine opened no round".into());
+        }
+        self.client_updates += contributions;
+        self.timings.aggregation_ns += t.elapsed().as_nanos() as u64;
+        self.timings.rounds_wall_ns += start.elapsed().as_nanos() as u64;
+
+        let last = self.engine.state() != RunState::Active;
+        let every = self.settings.eval_every;
+        let due = last || (every > 0 && round.is_multiple_of(every));
+        let evaluation = if due {
+            let t = Instant::now();
+            let e = evaluate(
+                &self.model()?,
+                self.data,
+                &self.settings.training,
+                self.settings.ranking,
+            );
+            self.timings.evaluation_ns += t.elapsed().as_nanos() as u64;
+            Some(e)
+        } else {
+            None
+        };
+        Ok(RoundRecord {
+            round,
+            contributions,
+            abandoned,
+            epsilon: self.engine.spent(),
+            evaluation,
+        })
+    }
+}
+
+/// Hands a batch of trained updates to the engine, in task order.
+fn feed(
+    engine: &mut Engine,
+    timings: &mut Timings,
+    now: i64,
+    rng: &mut Xoshiro256PlusPlus,
+    sampler: &mut SimulationSampler,
+    round: u64,
+    batch: Option<TrainedBatch>,
+) -> Result<(), SimError> {
+    let Some((batch, updates)) = batch else {
+        return Ok(());
+    };
+    let t = Instant::now();
+    for ((user, task), update) in batch.iter().zip(updates) {
+        timings.fit_ns += update.fit_ns;
+        timings.privacy_ns += update.privacy_ns;
+        let actions = engine.handle(
+            Event::Update {
+                device: task.device.clone(),
+                round: task.round,
+                task_token: task.task_token.clone(),
+                values: update.values,
+                examples: update.examples,
+            },
+            now,
+            rng,
+            sampler,
+        );
+        for a in actions {
+            if let Action::Reject { rejection, .. } = a {
+                return Err(SimError::Refused {
+                    round,
+                    device: device_id(*user),
+                    message: rejection.message,
+                });
+            }
+        }
+    }
+    timings.aggregation_ns += t.elapsed().as_nanos() as u64;
+    Ok(())
+}
+
+/// The SDK's model over the engine's flat f32 parameters (V, item biases, global offset).
+pub fn shared_model(
+    version: u64,
+    item_ids: &[String],
+    factors: usize,
+    params: &[f32],
+) -> Result<MatrixFactorization, ModelError> {
+    let n = item_ids.len();
+    let widen = |s: &[f32]| s.iter().map(|&x| f64::from(x)).collect::<Vec<f64>>();
+    MatrixFactorization::new(
+        version,
+        item_ids.to_vec(),
+        factors,
+        widen(&params[..n * factors]),
+        widen(&params[n * factors..n * (factors + 1)]),
+        f64::from(params[n * (factors + 1)]),
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn train_client(
+    model: &MatrixFactorization,
+    data: &Dataset,
+    user: usize,
+    training: &LocalTraining,
+    clip: Option<f64>,
+    mechanism: Option<&GaussianMechanism>,
+    seed: u64,
+    round: u64,
+) -> Result<ClientUpdate, SimError> {
+    let t = Instant::now();
+    let examples = examples(&data.users[user].train, training);
+    let (_private, update) = local_round(model, &examples, training);
+    let fit_ns = t.elapsed().as_nanos() as u64;
+    let t = Instant::now();
+    let values: Vec<f32> = match (clip, mechanism) {
+        (_, Some(mechanism)) => {
+            let clipped = clip_l2(update, mechanism.clip_norm())?;
+            let mut sampler = SimulationSampler::for_stream(seed, &[round, user as u64]);
+            let released = mechanism.release_update(clipped, &mut sampler)?;
+            released.values().iter().map(|&x| x as f32).collect()
+        }
+        (Some(c), None) => clip_l2(update, c)?
+            .values()
+            .iter()
+            .map(|&x| x as f32)
+            .collect(),
+        (None, None) => update.iter().map(|&x| x as f32).collect(),
+    };
+    Ok(ClientUpdate {
+        values,
+        examples: examples.len() as u64,
+        fit_ns,
+        privacy_ns: t.elapsed().as_nanos() as u64,
+    })
+}
+
+/// Trains the same model on all data in one place (the `--centralised` baseline): one
+/// "device" holds every user's ratings; each round visits the users in a seeded order and
+/// applies each user's SDK local-round update at once (sequential SGD over users), with no
+/// clipping or noise. Evaluated like a federated run.
+pub fn centralised(settings: &Settings, data: &Dataset) -> Result<Vec<RoundRecord>, SimError> {
+    let spec = ModelSpec {
+        items: data.items.len() as u64,
+        factors: settings.factors as u64,
+        init_scale: 0.1,
+        initial_offset: 3.0,
+    };
+    let item_ids: Vec<String> = data.items.iter().map(|i| i.id.clone()).collect();
+    let params = initial_parameters(&spec, settings.seed);
+    let mut model = shared_model(0, &item_ids, settings.factors, &params)?;
+    let mut records = vec![];
+    for round in 1..=settings.rounds {
+        let mut order: Vec<usize> = (0..data.users.len())
+            .filter(|&u| data.users[u].trains)
+            .collect();
+        let mut r = stream_rng(settings.seed, &[8, round]);
+        for i in (1..order.len()).rev() {
+            order.swap(i, r.random_range(0..=i));
+        }
+        for user in order {
+            let ex = examples(&data.users[user].train, &settings.training);
+            let (_, update) = local_round(&model, &ex, &settings.training);
+            model.apply_update(&update, 1.0)?;
+        }
+        let due = round == settings.rounds
+            || (settings.eval_every > 0 && round.is_multiple_of(settings.eval_every));
+        records.push(RoundRecord {
+            round,
+            contributions: data.users.iter().filter(|u| u.trains).count() as u64,
+            abandoned: None,
+            epsilon: vec![],
+            evaluation: due.then(|| evaluate(&model, data, &settings.training, settings.ranking)),
+        });
+    }
+    Ok(records)
+}
+
+/// A stable 64-bit digest of a record list (for quick determinism checks in logs).
+pub fn digest(bytes: &[u8]) -> u64 {
+    bytes
+        .iter()
+        .fold(splitmix64(bytes.len() as u64), |acc, &b| {
+            splitmix64(acc ^ u64::from(b))
+        })
+}
