@@ -61,6 +61,18 @@ pub enum Preset {
     TffFedreconMovielens1m,
 }
 
+/// How simulated devices reach the engine.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Transport {
+    /// The engine driven in-process (seeded; the same bytes for the same seed).
+    #[default]
+    Inprocess,
+    /// A real coordinator on 127.0.0.1 with TLS, the users as real SDK clients (mode local
+    /// only; the noise is OS-seeded, so not the same bytes — see `grpc.rs`).
+    Grpc,
+}
+
 /// Privacy modes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -165,6 +177,10 @@ pub struct RunArgs {
     /// Train the same model on all data in one place (the baseline), no privacy.
     #[arg(long)]
     pub centralised: bool,
+    /// inprocess | grpc (a real coordinator on loopback with TLS, the users as SDK clients;
+    /// mode local only) [default: inprocess].
+    #[arg(long, value_enum)]
+    pub transport: Option<Transport>,
     /// Print one summary object at the end.
     #[arg(long)]
     pub json: bool,
@@ -197,6 +213,7 @@ struct FileConfig {
     eval_every: Option<u64>,
     users: Option<usize>,
     items: Option<usize>,
+    transport: Option<Transport>,
 }
 
 /// `fedpref-sim bench` flags; defaults are the workload's.
@@ -300,6 +317,8 @@ pub struct RunPlan {
     pub out: PathBuf,
     /// The settings as JSON, for `metrics.json`.
     pub settings_json: Value,
+    /// How devices reach the engine.
+    pub transport: Transport,
 }
 
 fn server_optimizer(name: Option<Value>, lr: Option<f64>) -> Result<ServerOptimizer, CliError> {
@@ -541,11 +560,21 @@ fn plan_with(args: &RunArgs, file: FileConfig) -> Result<RunPlan, CliError> {
         "learning_rate": training.learning_rate,
         "centralised": args.centralised,
     });
+    let transport = args.transport.or(file.transport).unwrap_or_default();
+    if transport == Transport::Grpc {
+        if args.centralised {
+            return Err(usage(
+                "--transport grpc and --centralised: the centralised baseline has no devices to connect; drop one",
+            ));
+        }
+        crate::grpc::check(&settings).map_err(|e| usage(e.to_string()))?;
+    }
     Ok(RunPlan {
         data,
         settings,
         out,
         settings_json,
+        transport,
     })
 }
 
@@ -608,6 +637,16 @@ pub fn run_plan(
         };
         bar.set_position(s.rounds);
         (records, 0, timings, None)
+    } else if plan.transport == Transport::Grpc {
+        let run = crate::grpc::run(s, &plan.data, |r| {
+            bar.set_position(r.round);
+            if let Some(e) = &r.evaluation {
+                bar.set_message(format!("rmse {:.4}", e.rmse));
+            }
+        })
+        .map_err(|e| CliError::Failed(e.into()))?;
+        let sigma = run.manifest.noise_multiplier;
+        (run.records, run.client_updates, run.timings, sigma)
     } else {
         let mut simulation = Simulation::new(s, &plan.data).map_err(|e| usage(e.to_string()))?;
         let sigma = simulation.manifest().noise_multiplier;
@@ -630,6 +669,10 @@ pub fn run_plan(
     let summary = report::summary(&records, delta, s.seed, client_updates, &timings);
     let mut settings_json = plan.settings_json.clone();
     settings_json["noise_multiplier"] = json!(sigma);
+    if plan.transport == Transport::Grpc {
+        settings_json["transport"] = json!("grpc");
+        settings_json["round_seconds"] = json!(crate::grpc::ROUND_SECONDS);
+    }
     let csv = report::metrics_csv(&plan.data, &records);
     let metrics = report::metrics_json(&plan.data, settings_json, &records);
     let mut files = report::write(out, &csv, &metrics, &summary)

@@ -27,6 +27,7 @@
 pub mod bench;
 pub mod cli;
 pub mod data;
+pub mod grpc;
 pub mod metrics;
 pub mod plot;
 pub mod report;

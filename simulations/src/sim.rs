@@ -357,37 +357,7 @@ impl<'d> Simulation<'d> {
         let round = self.step;
         let seed = self.settings.seed;
         let t = Instant::now();
-        let trainable: Vec<usize> = (0..self.data.users.len())
-            .filter(|&u| self.data.users[u].trains)
-            .collect();
-        let users = trainable.len();
-        let candidates: Vec<usize> = match (self.settings.sampling, self.settings.privacy_mode) {
-            (Sampling::Cohort(k), _) => {
-                let mut r = stream_rng(seed, &[3, round]);
-                let k = (k as usize).min(users);
-                // Floyd's algorithm: k distinct users, then shuffled into check-in order.
-                let mut chosen = std::collections::HashSet::with_capacity(k);
-                let mut order = Vec::with_capacity(k);
-                for j in users - k..users {
-                    let pick = r.random_range(0..=j);
-                    let pick = if chosen.contains(&pick) { j } else { pick };
-                    chosen.insert(pick);
-                    order.push(pick);
-                }
-                for i in (1..order.len()).rev() {
-                    order.swap(i, r.random_range(0..=i));
-                }
-                order.into_iter().map(|i| trainable[i]).collect()
-            }
-            (Sampling::Rate(q), ManifestPrivacyMode::Local) => {
-                let mut r = stream_rng(seed, &[3, round]);
-                trainable
-                    .into_iter()
-                    .filter(|_| r.random::<f64>() < q)
-                    .collect()
-            }
-            (Sampling::Rate(_), _) => trainable,
-        };
+        let candidates = candidates(&self.settings, self.data, round);
         let mut rng = stream_rng(seed, &[5, round]);
         let mut sampler = SimulationSampler::for_stream(seed, &[round, u64::MAX - 1]);
         let mut tasks = Vec::new();
@@ -519,6 +489,45 @@ impl<'d> Simulation<'d> {
             epsilon: self.engine.spent(),
             evaluation,
         })
+    }
+}
+
+/// The users that check in in `round` (in check-in order), from stream (seed, 3, round): a
+/// uniform cohort with `--cohort-size K`, each user with probability q in mode `local` with
+/// `--sampling-rate q`, and every user otherwise (the engine then samples). Shared by the
+/// in-process and gRPC transports, so both see the very same check-ins.
+pub fn candidates(settings: &Settings, data: &Dataset, round: u64) -> Vec<usize> {
+    let seed = settings.seed;
+    let trainable: Vec<usize> = (0..data.users.len())
+        .filter(|&u| data.users[u].trains)
+        .collect();
+    let users = trainable.len();
+    match (settings.sampling, settings.privacy_mode) {
+        (Sampling::Cohort(k), _) => {
+            let mut r = stream_rng(seed, &[3, round]);
+            let k = (k as usize).min(users);
+            // Floyd's algorithm: k distinct users, then shuffled into check-in order.
+            let mut chosen = std::collections::HashSet::with_capacity(k);
+            let mut order = Vec::with_capacity(k);
+            for j in users - k..users {
+                let pick = r.random_range(0..=j);
+                let pick = if chosen.contains(&pick) { j } else { pick };
+                chosen.insert(pick);
+                order.push(pick);
+            }
+            for i in (1..order.len()).rev() {
+                order.swap(i, r.random_range(0..=i));
+            }
+            order.into_iter().map(|i| trainable[i]).collect()
+        }
+        (Sampling::Rate(q), ManifestPrivacyMode::Local) => {
+            let mut r = stream_rng(seed, &[3, round]);
+            trainable
+                .into_iter()
+                .filter(|_| r.random::<f64>() < q)
+                .collect()
+        }
+        (Sampling::Rate(_), _) => trainable,
     }
 }
 

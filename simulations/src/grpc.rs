@@ -1,0 +1,358 @@
+//! `--transport grpc`: the same run over the real wire. A coordinator is started in-process
+//! on 127.0.0.1 with TLS from a freshly generated self-signed certificate (store, certificate
+//! and keys in a temporary directory); the run is created in its store from the very manifest
+//! the in-process path builds (only the round deadline differs: wall-clock seconds here);
+//! every simulated user that checks in is a real SDK [`Device`] (its own SQLite file holding
+//! the catalogue and the user's training ratings) driven by [`participate`]: enrol, check in,
+//! download, `prepare_upload` (fit, clip, noise, record), upload.
+//!
+//! What is the same as in-process: the check-ins of every round ([`candidates`], stream
+//! (seed, 3, round)), hence the cohorts, the number of rounds and of client updates, the
+//! initial model (the manifest's seed), the engine, aggregation, optimiser and accountant
+//! (so ε per round). What is not: the bytes of the model. The SDK noises every upload with
+//! the production `SecureSampler`, which is OS-seeded on purpose (floating-point-safe noise
+//! must never be seeded or replayable), the coordinator's task tokens come from its
+//! OS-seeded generator, and the SDK builds its examples from its own store (one per item,
+//! newest first) where the in-process path feeds ratings in time order. Only mode `local`
+//! is supported: the SDK releases local-DP updates only and a coordinator refuses mode
+//! `none`.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use fedpref_client_sdk::{
+    CoordinatorClient, Device, DeviceConfig, ParticipateOptions, ParticipationConfig,
+    ParticipationEvent, Timestamp, participate,
+};
+use fedpref_coordinator::config::{Config, Limits, self_signed_localhost};
+use fedpref_coordinator::ledger::{LedgerEntry, LedgerEvent};
+use fedpref_coordinator::manifest::{ManifestPrivacyMode, RunManifest, SamplingSpec};
+use fedpref_coordinator::server::{ServeOptions, start};
+use fedpref_coordinator::store::{RunStatus, Store};
+use fedpref_coordinator::{coordinator::create_run, model};
+
+use crate::data::Dataset;
+use crate::metrics::evaluate;
+use crate::sim::Settings;
+use crate::sim::{RoundRecord, SimError, Timings, candidates, shared_model};
+
+/// The round deadline over gRPC, in wall-clock seconds (the in-process engine's clock is
+/// simulated). Every selected device must download, train and upload within it.
+pub const ROUND_SECONDS: u64 = 2;
+
+const RUN_ID: &str = "fedpref-sim";
+const APP_KEY: &str = "fedpref-sim-app-key-0123456789abcdef";
+const ADMIN_TOKEN: &str = "fedpref-sim-admin-token-0123456789ab";
+
+/// The outcome of a run over gRPC.
+pub struct GrpcRun {
+    /// Per-round records, as in-process.
+    pub records: Vec<RoundRecord>,
+    /// Updates the coordinator aggregated.
+    pub client_updates: u64,
+    /// Wall-clock time (only `rounds_wall_ns` and `evaluation_ns` are measured).
+    pub timings: Timings,
+    /// The manifest the run was created from.
+    pub manifest: RunManifest,
+    /// The users that uploaded an accepted update, per round, in user order.
+    pub uploaded: Vec<Vec<usize>>,
+}
+
+fn failed(what: &str, e: impl std::fmt::Display) -> SimError {
+    SimError::Settings(format!("--transport grpc: {what}: {e}"))
+}
+
+/// Refuses settings the gRPC transport cannot run, naming the flag.
+pub fn check(settings: &Settings) -> Result<(), SimError> {
+    if settings.privacy_mode != ManifestPrivacyMode::Local {
+        return Err(SimError::Settings(format!(
+            "--transport grpc needs --privacy-mode local (got {}): the SDK uploads local-DP updates only, and a coordinator refuses mode none",
+            settings.privacy_mode.as_str()
+        )));
+    }
+    Ok(())
+}
+
+/// Runs `settings` on `data` over gRPC (see the module docs), calling `progress` after
+/// each round.
+pub fn run(
+    settings: &Settings,
+    data: &Dataset,
+    progress: impl FnMut(&RoundRecord),
+) -> Result<GrpcRun, SimError> {
+    check(settings)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| failed("the async runtime", e))?;
+    runtime.block_on(run_async(settings, data, progress))
+}
+
+fn coordinator_config(dir: &Path) -> Result<(Config, String), SimError> {
+    let cert = self_signed_localhost().map_err(|e| failed("the certificate", e))?;
+    for (name, text) in [
+        ("cert.pem", cert.certificate_pem.as_str()),
+        ("key.pem", cert.private_key_pem.as_str()),
+        ("app.key", APP_KEY),
+        ("admin.token", ADMIN_TOKEN),
+    ] {
+        std::fs::write(dir.join(name), text).map_err(|e| failed(name, e))?;
+    }
+    let text = r#"
+[listen]
+device = "127.0.0.1:0"
+admin = "127.0.0.1:1"
+[store]
+path = "coordinator.db"
+[tls]
+certificate = "cert.pem"
+private_key = "key.pem"
+[auth]
+app_key_file = "app.key"
+admin_token_file = "admin.token"
+"#;
+    let mut config = Config::from_toml(text, "coordinator.toml", dir)
+        .map_err(|e| failed("the coordinator's configuration", e))?;
+    config.limits = Limits {
+        max_upload_bytes: 1 << 30,
+        max_upload_chunks: 1 << 20,
+        device_requests_per_second: 1e6,
+        device_burst: 1 << 20,
+        max_concurrent_requests: 1 << 16,
+        tick_millis: 20,
+        ..Limits::default()
+    };
+    Ok((config, cert.certificate_pem))
+}
+
+/// A simulated user as an SDK device: the catalogue (rows as item keys `i{row}`) and the
+/// user's training ratings, timestamped in order over the last minutes.
+fn device(
+    dir: &Path,
+    data: &Dataset,
+    user: usize,
+    settings: &Settings,
+) -> Result<Device, SimError> {
+    let config = DeviceConfig {
+        training: settings.training,
+        budget_epsilon: 1e12,
+        budget_delta: settings.delta,
+        ..DeviceConfig::default()
+    };
+    let mut d = Device::open(dir.join(format!("u{user}.db")), config)
+        .map_err(|e| failed("a device store", e))?;
+    let mut lines = String::new();
+    for (row, item) in data.items.iter().enumerate() {
+        let topics: Vec<&str> = item
+            .topics
+            .iter()
+            .map(|&t| data.topics[t as usize].as_str())
+            .collect();
+        // The simulated users have opted in to every topic, so no item is marked sensitive.
+        lines += &serde_json::json!({"type": "item", "item": format!("i{row}"), "topics": topics})
+            .to_string();
+        lines.push('\n');
+    }
+    let now = Timestamp::now();
+    let train = &data.users[user].train;
+    for (n, r) in train.iter().enumerate() {
+        let at = now.plus_millis(-1000 * (train.len() - n) as i64);
+        lines += &serde_json::json!({
+            "type": "rating", "item": format!("i{}", r.item), "value": r.value, "at": at.to_rfc3339()
+        })
+        .to_string();
+        lines.push('\n');
+    }
+    d.ingest_jsonl(&lines, false, now)
+        .map_err(|e| failed(&format!("user {user}'s data"), e))?;
+    Ok(d)
+}
+
+async fn run_async(
+    settings: &Settings,
+    data: &Dataset,
+    mut progress: impl FnMut(&RoundRecord),
+) -> Result<GrpcRun, SimError> {
+    let dir = tempfile::tempdir().map_err(|e| failed("a temporary directory", e))?;
+    let devices_dir = dir.path().join("devices");
+    std::fs::create_dir(&devices_dir).map_err(|e| failed("the devices' directory", e))?;
+    let population = data.users.iter().filter(|u| u.trains).count();
+    let mut manifest = settings.manifest(population, data.items.len())?;
+    match &mut manifest.sampling {
+        SamplingSpec::Cohort { round_seconds, .. }
+        | SamplingSpec::Poisson { round_seconds, .. } => *round_seconds = ROUND_SECONDS,
+    }
+    let (config, ca_pem) = coordinator_config(dir.path())?;
+    {
+        let mut store = Store::open(&config.store.path).map_err(|e| failed("the store", e))?;
+        create_run(&mut store, RUN_ID, &manifest, Timestamp::now().millis())
+            .map_err(|e| failed("creating the run", e))?;
+    }
+    let running = start(
+        &config,
+        &ServeOptions {
+            admin_addr: Some("127.0.0.1:0".parse().expect("an address")),
+            ..ServeOptions::default()
+        },
+    )
+    .await
+    .map_err(|e| failed("starting the coordinator", e))?;
+    let url = format!("https://127.0.0.1:{}", running.device_addr.port());
+    let store = Store::open(&config.store.path).map_err(|e| failed("the store", e))?;
+    let item_ids: Vec<String> = data.items.iter().map(|i| i.id.clone()).collect();
+
+    let mut devices: HashMap<usize, (Device, CoordinatorClient)> = HashMap::new();
+    let mut records = vec![];
+    let mut uploaded_by_round = vec![];
+    let mut timings = Timings::default();
+    let mut client_updates = 0;
+    let mut ledger_seen = 0;
+    let limit = settings.rounds.saturating_mul(100).max(1_000);
+    let mut step = 0;
+    let result: Result<(), SimError> = async {
+        while store
+            .run(RUN_ID)
+            .map_err(|e| failed("the store", e))?
+            .status
+            == RunStatus::Active
+            && step < limit
+        {
+            let start_round = Instant::now();
+            step += 1;
+            let round = step;
+            let users = candidates(settings, data, round);
+            let mut handles = Vec::with_capacity(users.len());
+            for &user in &users {
+                let (device, client) = match devices.remove(&user) {
+                    Some(pair) => pair,
+                    None => {
+                        let device = device(&devices_dir, data, user, settings)?;
+                        let client = CoordinatorClient::connect(
+                            &url,
+                            ca_pem.as_bytes(),
+                            ParticipationConfig::default(),
+                        )
+                        .await
+                        .map_err(|e| failed("connecting a device", e))?;
+                        (device, client)
+                    }
+                };
+                handles.push(tokio::spawn(async move {
+                    let (mut device, mut client) = (device, client);
+                    let options = ParticipateOptions {
+                        rounds: 1,
+                        device_conditions_met: true,
+                        give_up_after: Some(Duration::from_secs(4 * ROUND_SECONDS)),
+                    };
+                    let report =
+                        participate(&mut device, &mut client, APP_KEY, &options, &mut |_| {}).await;
+                    (user, device, client, report)
+                }));
+            }
+            let mut uploaded = vec![];
+            for h in handles {
+                let (user, device, client, report) =
+                    h.await.map_err(|e| failed("a device task", e))?;
+                let report = report.map_err(|e| failed(&format!("device u{user}"), e))?;
+                if report
+                    .events
+                    .iter()
+                    .any(|e| matches!(e, ParticipationEvent::Uploaded { .. }))
+                {
+                    uploaded.push(user);
+                }
+                devices.insert(user, (device, client));
+            }
+            uploaded.sort_unstable();
+            // Wait for the coordinator's ticker to close the round at its deadline.
+            let mut outcome = None;
+            if !users.is_empty() {
+                let waited = Instant::now();
+                while outcome.is_none() {
+                    let ledger = store.ledger(RUN_ID).map_err(|e| failed("the ledger", e))?;
+                    for sealed in &ledger[ledger_seen..] {
+                        let entry: LedgerEntry = serde_json::from_str(&sealed.body)
+                            .map_err(|e| failed("a ledger entry", e))?;
+                        match entry.event {
+                            LedgerEvent::RoundCommitted {
+                                cohort_size,
+                                cumulative_epsilon,
+                                ..
+                            } => outcome = Some((cohort_size, None, cumulative_epsilon)),
+                            LedgerEvent::RoundAbandoned { reason, .. } => {
+                                outcome = Some((0, Some(reason), vec![]));
+                            }
+                            _ => {}
+                        }
+                    }
+                    ledger_seen = ledger.len();
+                    if outcome.is_none() {
+                        if waited.elapsed() > Duration::from_secs(10 * ROUND_SECONDS) {
+                            return Err(failed(
+                                &format!("round {round}"),
+                                "the coordinator did not close it",
+                            ));
+                        }
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                }
+            }
+            let (contributions, abandoned, epsilon) = outcome.unwrap_or((
+                0,
+                Some("no device checked in, so the engine opened no round".into()),
+                vec![],
+            ));
+            let epsilon = if abandoned.is_some() {
+                records
+                    .last()
+                    .map(|r: &RoundRecord| r.epsilon.clone())
+                    .unwrap_or_default()
+            } else {
+                epsilon
+            };
+            client_updates += contributions;
+            timings.rounds_wall_ns += start_round.elapsed().as_nanos() as u64;
+            let record = store.run(RUN_ID).map_err(|e| failed("the store", e))?;
+            let last = record.status != RunStatus::Active;
+            let every = settings.eval_every;
+            let evaluation = if last || (every > 0 && round.is_multiple_of(every)) {
+                let t = Instant::now();
+                let blob = store
+                    .model(RUN_ID, record.current_version)
+                    .map_err(|e| failed("the model", e))?;
+                let params =
+                    model::decode(&blob, &manifest.model).map_err(|e| failed("the model", e))?;
+                let m = shared_model(record.current_version, &item_ids, settings.factors, &params)?;
+                let e = evaluate(&m, data, &settings.training, settings.ranking);
+                timings.evaluation_ns += t.elapsed().as_nanos() as u64;
+                Some(e)
+            } else {
+                None
+            };
+            let r = RoundRecord {
+                round,
+                contributions,
+                abandoned,
+                epsilon,
+                evaluation,
+            };
+            progress(&r);
+            records.push(r);
+            uploaded_by_round.push(uploaded);
+        }
+        Ok(())
+    }
+    .await;
+    drop(devices);
+    let stopped = running.shutdown().await;
+    result?;
+    stopped.map_err(|e| failed("stopping the coordinator", e))?;
+    Ok(GrpcRun {
+        records,
+        client_updates,
+        timings,
+        manifest,
+        uploaded: uploaded_by_round,
+    })
+}
