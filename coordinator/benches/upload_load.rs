@@ -325,6 +325,8 @@ async fn measure(n: usize) -> String {
         clients.push(s.await.unwrap());
     }
     let payloads: Vec<Vec<pb::UploadUpdateRequest>> = clients.iter().map(|c| c.2.clone()).collect();
+    // N devices connected (enrolled, holding a task), none uploading yet.
+    let connected = proc_memory(server.id()).0;
     let (fed_rate, fed_p50, fed_p99) = blast(clients).await;
     let (rss, peak) = proc_memory(server.id());
     let _ = server.kill();
@@ -355,7 +357,7 @@ async fn measure(n: usize) -> String {
     let (echo_rate, echo_p50, echo_p99) = blast(echo_clients).await;
     echo.abort();
     format!(
-        "| {n} | {fed_rate:.0} | {fed_p50:.1} / {fed_p99:.1} | {echo_rate:.0} | {echo_p50:.1} / {echo_p99:.1} | {:.0} % | {idle:.0} | {rss:.0} | {peak:.0} |",
+        "| {n} | {fed_rate:.0} | {fed_p50:.1} / {fed_p99:.1} | {echo_rate:.0} | {echo_p50:.1} / {echo_p99:.1} | {:.0} % | {idle:.0} | {connected:.0} | {rss:.0} | {peak:.0} |",
         100.0 * fed_rate / echo_rate
     )
 }
@@ -384,9 +386,9 @@ fn main() {
         (ITEMS * (FACTORS + 1) + 1) * 4
     );
     println!(
-        "| devices | fedpref uploads/s | fedpref p50 / p99 ms | ceiling uploads/s | ceiling p50 / p99 ms | fedpref / ceiling | coordinator RSS idle MiB | RSS after MiB | peak RSS MiB |"
+        "| devices | fedpref uploads/s | fedpref p50 / p99 ms | ceiling uploads/s | ceiling p50 / p99 ms | fedpref / ceiling | coordinator RSS idle MiB | RSS with N connected MiB | RSS after uploads MiB | peak RSS MiB |"
     );
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for n in devices {
         println!("{}", runtime.block_on(measure(n)));
     }
