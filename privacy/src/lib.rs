@@ -16,6 +16,9 @@
 //! - [`PrivacyMode`]: local, central and distributed DP with their neighbouring relations
 //!   and sensitivities; every [`PrivacyStatement`] says which [`Audience`] it holds against.
 //! - [`Budget`]: spent, remaining, and `would_exceed` before every round.
+//! - [`tree`]: DP-FTRL's binary-tree aggregation of per-round sums and its accountant, whose
+//!   ε rests on participation limits instead of amplification by sampling.
+//! - [`adaptive_clip`]: quantile-based adaptive clipping and its share of the privacy cost.
 //!
 //! ```
 //! use fedpref_privacy::{
@@ -38,6 +41,7 @@
 //! ```
 
 mod accountant;
+pub mod adaptive_clip;
 mod budget;
 mod clip;
 mod error;
@@ -45,6 +49,7 @@ mod mode;
 pub mod noise;
 pub mod rdp;
 mod special;
+pub mod tree;
 
 pub use accountant::{
     Calibration, DeltaAtOrder, EpsilonAtOrder, RdpAccountant, calibrate_noise_multiplier,

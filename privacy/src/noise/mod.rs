@@ -322,6 +322,12 @@ impl ClippedSum {
         self.contributions
     }
 
+    /// The sum's lattice and its exact points (integer numbers of steps), for aggregators in
+    /// this crate that keep building on the sum.
+    pub(crate) fn lattice_and_points(&self) -> (Lattice, &[i64]) {
+        (self.lattice, &self.points)
+    }
+
     /// The current (un-noised) sum, in real units; for diagnostics inside a trusted
     /// coordinator only.
     pub fn unnoised(&self) -> Vec<f64> {
