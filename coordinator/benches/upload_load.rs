@@ -1,6 +1,7 @@
 //! Load: N devices, each on its own TLS connection to a real `fedpref-coordinator serve` on
 //! loopback, upload a 16,369-parameter f32 update at once; beside it, the same payloads sent to a
-//! plain tonic server that only drains `UploadUpdate` (the transport ceiling), in the same run.
+//! plain tonic server that only drains `UploadUpdate` (the transport ceiling), in the same run and
+//! in a process of its own, like the coordinator.
 //!
 //! `cargo bench -p fedpref-coordinator --bench upload_load [-- --devices 100,1000,5000]`
 //!
@@ -332,20 +333,17 @@ async fn measure(n: usize) -> String {
     let _ = server.kill();
     let _ = server.wait();
 
-    // The ceiling: the same payloads to a server that only drains them, same TLS.
+    // The ceiling: the same payloads to a server that only drains them, same TLS, in its own
+    // process (this binary again) so that it competes for the cores as the coordinator did.
     let echo_port = free_port();
-    let identity = Identity::from_pem(
-        std::fs::read(dir.path().join("cert.pem")).unwrap(),
-        std::fs::read(dir.path().join("key.pem")).unwrap(),
-    );
-    let echo = tokio::spawn(
-        Server::builder()
-            .tls_config(ServerTlsConfig::new().identity(identity))
-            .unwrap()
-            .max_concurrent_streams(Some(20_000))
-            .add_service(DeviceServiceServer::new(Drain).max_decoding_message_size(1 << 20))
-            .serve(format!("127.0.0.1:{echo_port}").parse().unwrap()),
-    );
+    let mut echo = std::process::Command::new(std::env::current_exe().unwrap())
+        .arg("--serve-drain")
+        .arg(echo_port.to_string())
+        .arg(dir.path().join("cert.pem"))
+        .arg(dir.path().join("key.pem"))
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
     let mut echo_clients = vec![];
     for msgs in payloads {
         echo_clients.push((
@@ -355,11 +353,36 @@ async fn measure(n: usize) -> String {
         ));
     }
     let (echo_rate, echo_p50, echo_p99) = blast(echo_clients).await;
-    echo.abort();
+    let _ = echo.kill();
+    let _ = echo.wait();
     format!(
         "| {n} | {fed_rate:.0} | {fed_p50:.1} / {fed_p99:.1} | {echo_rate:.0} | {echo_p50:.1} / {echo_p99:.1} | {:.0} % | {idle:.0} | {connected:.0} | {rss:.0} | {peak:.0} |",
         100.0 * fed_rate / echo_rate
     )
+}
+
+/// The ceiling's server process: `--serve-drain PORT CERT KEY`, on a runtime built like the
+/// coordinator's (`#[tokio::main]`'s default multi-thread runtime).
+fn serve_drain(args: &[String]) {
+    let [port, cert, key, ..] = args else {
+        panic!("--serve-drain PORT CERT KEY")
+    };
+    let identity = Identity::from_pem(std::fs::read(cert).unwrap(), std::fs::read(key).unwrap());
+    let addr = format!("127.0.0.1:{port}").parse().unwrap();
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(
+            Server::builder()
+                .tls_config(ServerTlsConfig::new().identity(identity))
+                .unwrap()
+                .max_concurrent_streams(Some(20_000))
+                .tcp_nodelay(true)
+                .add_service(DeviceServiceServer::new(Drain).max_decoding_message_size(1 << 20))
+                .serve(addr),
+        )
+        .unwrap();
 }
 
 fn main() {
@@ -374,6 +397,10 @@ fn main() {
                 .collect()
         })
         .unwrap_or_else(|| vec![100, 1000, 5000]);
+    if let Some(i) = args.iter().position(|a| a == "--serve-drain") {
+        serve_drain(&args[i + 1..]);
+        return;
+    }
     if args.iter().any(|a| a == "--list") {
         return; // `cargo bench -- --list` (criterion's convention): nothing to list.
     }

@@ -6,6 +6,7 @@
 //! fedpref-coordinator admin runs get      --endpoint URL --token-file F [--ca-cert F] --run ID
 //! fedpref-coordinator admin runs pause    --endpoint URL --token-file F [--ca-cert F] --run ID --reason TEXT
 //! fedpref-coordinator admin runs resume   --endpoint URL --token-file F [--ca-cert F] --run ID --reason TEXT
+//! fedpref-coordinator admin runs stop     --endpoint URL --token-file F [--ca-cert F] --run ID --reason TEXT
 //! fedpref-coordinator admin runs rollback --endpoint URL --token-file F [--ca-cert F] --run ID --version N --reason TEXT
 //! fedpref-coordinator admin runs ledger   --endpoint URL --token-file F [--ca-cert F] --run ID
 //! fedpref-coordinator admin runs report   --endpoint URL --token-file F [--ca-cert F] --run ID [--format html|md|json]
@@ -102,6 +103,18 @@ pub enum RunsCommand {
     },
     /// Resume a paused run.
     Resume {
+        #[command(flatten)]
+        #[allow(missing_docs)]
+        target: Target,
+        /// The run id.
+        #[arg(long)]
+        run: String,
+        /// Why; recorded in the ledger.
+        #[arg(long)]
+        reason: String,
+    },
+    /// Stop a run for good (recorded in the ledger; nothing can change it afterwards).
+    Stop {
         #[command(flatten)]
         #[allow(missing_docs)]
         target: Target,
@@ -372,6 +385,25 @@ async fn runs(cmd: &RunsCommand) -> Result<String, CliError> {
                 .into_inner();
             Ok(describe_run(&r))
         }
+        RunsCommand::Stop {
+            target,
+            run,
+            reason,
+        } => {
+            let (mut client, token) = connect(target).await?;
+            let r = client
+                .stop_run(authed(
+                    pb::StopRunRequest {
+                        run_id: run.clone(),
+                        reason: reason.clone(),
+                    },
+                    &token,
+                )?)
+                .await
+                .map_err(status)?
+                .into_inner();
+            Ok(describe_run(&r))
+        }
         RunsCommand::Resume {
             target,
             run,
@@ -444,8 +476,13 @@ async fn runs(cmd: &RunsCommand) -> Result<String, CliError> {
                         .map(|s| format!("{s:?}"))
                         .collect::<Vec<_>>()
                         .join("; ");
+                    let why = if e.reason.is_empty() {
+                        String::new()
+                    } else {
+                        format!("\t{} ({})", e.reason, e.actor)
+                    };
                     lines.push(format!(
-                        "{}\t{kind}\tround {}\tmodel v{}\t{} participants\t{spend}",
+                        "{}\t{kind}\tround {}\tmodel v{}\t{} participants\t{spend}{why}",
                         e.sequence, e.round_id, e.model_version, e.participants
                     ));
                 }

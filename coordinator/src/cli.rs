@@ -4,6 +4,9 @@
 //! fedpref-coordinator accountant epsilon   --noise-multiplier S --sampling-rate Q --rounds T --delta D   [--mode M] [--json]
 //! fedpref-coordinator accountant delta     --noise-multiplier S --sampling-rate Q --rounds T --epsilon E [--mode M] [--json]
 //! fedpref-coordinator accountant calibrate --target-epsilon E   --sampling-rate Q --rounds T --delta D   [--mode M] [--json]
+//! fedpref-coordinator ledger verify --db PATH [--run ID] [--json]
+//! fedpref-coordinator ledger export --db PATH --run ID [--format json]
+//! fedpref-coordinator report --db PATH --run ID [--out FILE] [--format html|md|json]
 //! fedpref-coordinator init --dir DIR
 //! fedpref-coordinator serve --config DIR/coordinator.toml [--device-addr A] [--admin-addr A] [--metrics-addr A] [--insecure-plaintext]
 //! ```
@@ -40,6 +43,21 @@ pub enum Command {
     /// The privacy ledger.
     #[command(subcommand)]
     Ledger(LedgerCommand),
+    /// Render a run's one-page impact report from the database.
+    Report {
+        /// The coordinator's SQLite database.
+        #[arg(long, value_name = "PATH")]
+        db: std::path::PathBuf,
+        /// The run.
+        #[arg(long)]
+        run: String,
+        /// Write the report here (default: standard output).
+        #[arg(long, value_name = "FILE")]
+        out: Option<std::path::PathBuf>,
+        /// `html` (one self-contained page), `md` or `json`.
+        #[arg(long, value_enum, default_value_t = ReportFormat::Html)]
+        format: ReportFormat,
+    },
     /// The AdminService of a running coordinator, over TLS.
     #[command(subcommand)]
     Admin(crate::admin_client::AdminCommandLine),
@@ -114,6 +132,19 @@ pub enum LedgerCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Export a run's entries with their canonical text and hashes, for re-derivation
+    /// elsewhere (the fields are documented in the README).
+    Export {
+        /// The coordinator's SQLite database.
+        #[arg(long, value_name = "PATH")]
+        db: std::path::PathBuf,
+        /// The run.
+        #[arg(long)]
+        run: String,
+        /// The output format.
+        #[arg(long, value_enum, default_value_t = ExportFormat::Json)]
+        format: ExportFormat,
+    },
     /// Print a run's entries, one canonical JSON object per line.
     Show {
         /// The coordinator's SQLite database.
@@ -123,6 +154,24 @@ pub enum LedgerCommand {
         #[arg(long)]
         run: String,
     },
+}
+
+/// Impact report formats.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ReportFormat {
+    /// One self-contained, printable HTML page.
+    Html,
+    /// Markdown.
+    Md,
+    /// JSON.
+    Json,
+}
+
+/// Ledger export formats.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ExportFormat {
+    /// One JSON object: the run id and every entry with its canonical text and hashes.
+    Json,
 }
 
 /// Accountant commands.
@@ -296,6 +345,45 @@ pub fn run(cli: &Cli) -> Result<String, CliError> {
         Command::Run(cmd) => run_runs(cmd),
         Command::Ledger(cmd) => run_ledger(cmd),
         Command::Admin(cmd) => crate::admin_client::run(cmd),
+        Command::Report {
+            db,
+            run,
+            out,
+            format,
+        } => {
+            let store = open_existing(db)?;
+            let report = crate::report::ImpactReport::build(&store, run, now_ms())
+                .map_err(|e| CliError::Failed(e.to_string()))?;
+            let text = match format {
+                ReportFormat::Html => report.to_html(),
+                ReportFormat::Md => report.to_markdown(),
+                ReportFormat::Json => report.to_json(),
+            };
+            let status = if report.ledger.intact {
+                format!("ledger intact, head {}", report.ledger.head_sha256)
+            } else {
+                format!(
+                    "LEDGER CHAIN BROKEN at entry {}: {}",
+                    report.ledger.failed_sequence.unwrap_or(0),
+                    report.ledger.problem.as_deref().unwrap_or("")
+                )
+            };
+            let printed = match out {
+                Some(path) => {
+                    std::fs::write(path, text)
+                        .map_err(|e| CliError::Failed(format!("--out {}: {e}", path.display())))?;
+                    format!("wrote {} ({status})", path.display())
+                }
+                None => text.trim_end().to_string(),
+            };
+            // A broken chain still gets its report (which says so at the top), but the
+            // command fails, so that scripts notice.
+            if report.ledger.intact {
+                Ok(printed)
+            } else {
+                Err(CliError::Verification(printed))
+            }
+        }
         Command::Init { dir } => {
             let done = crate::config::init(dir).map_err(|e| CliError::Failed(e.to_string()))?;
             let mut out = vec![format!("wrote {} files:", done.files.len())];
@@ -482,6 +570,18 @@ fn run_ledger(cmd: &LedgerCommand) -> Result<String, CliError> {
             match failed {
                 Some(_) => Err(CliError::Verification(out)),
                 None => Ok(out),
+            }
+        }
+        LedgerCommand::Export { db, run, format } => {
+            let store = open_existing(db)?;
+            store
+                .run(run)
+                .map_err(|e| CliError::Failed(e.to_string()))?;
+            let entries = store
+                .ledger(run)
+                .map_err(|e| CliError::Failed(e.to_string()))?;
+            match format {
+                ExportFormat::Json => Ok(crate::ledger::export_json(run, &entries)),
             }
         }
         LedgerCommand::Show { db, run } => {

@@ -18,11 +18,14 @@ use rand::rngs::{ChaCha20Rng, SysRng};
 
 use crate::aggregation::ServerState;
 use crate::engine::{Action, AdminCommand, Engine, Event, Progress, RunState};
-use crate::ledger::LedgerEvent;
-use crate::manifest::{ManifestPrivacyMode, RunManifest};
+use crate::guardrail::VersionMetrics;
+use crate::ledger::{LedgerEntry, LedgerEvent};
+use crate::manifest::{
+    AlertAction, GuardrailMetricKind, ManifestPrivacyMode, RunManifest, ThresholdDirection,
+};
 use crate::metrics::Metrics;
 use crate::model::{self, ModelError};
-use crate::store::{RoundCommit, RunStatus, Store, StoreError};
+use crate::store::{EvaluationReport, RoundCommit, RunStatus, Store, StoreError};
 
 /// A driver failure.
 #[derive(Debug, thiserror::Error)]
@@ -43,6 +46,9 @@ pub enum CoordinatorError {
     #[error("the operating system's random source failed")]
     Entropy,
 }
+
+/// How a pause made by a guardrail begins its ledger reason.
+pub const GUARDRAIL_PAUSE_PREFIX: &str = "guardrail: ";
 
 /// Points between the steps of carrying out actions, for crash tests.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -180,11 +186,111 @@ impl Coordinator {
         Ok(actions)
     }
 
-    /// A rollback, reading the earlier version's parameters from the store.
+    /// Adds one device's federated-evaluation counts to the run's sums and checks the
+    /// manifest's guardrails on that model version. Each guardrail alerts at most once per
+    /// model version: the alert is logged, counted in Prometheus, written to the ledger and,
+    /// where the guardrail says `pause` and the run is active, followed by a pause (its own
+    /// ledger entry). Returns the alerts written.
+    pub fn record_evaluation(
+        &mut self,
+        report: &EvaluationReport<'_>,
+        now_ms: i64,
+    ) -> Result<Vec<LedgerEvent>, CoordinatorError> {
+        let run_id = report.run_id;
+        let record = self.store.run(run_id)?;
+        if report.model_version > record.current_version {
+            return Err(CoordinatorError::Refused(format!(
+                "run {run_id:?} has no model version {}",
+                report.model_version
+            )));
+        }
+        self.store.add_evaluation_counts(report)?;
+        let guardrails = &record.manifest.guardrail_metrics;
+        // A stopped run's ledger is closed: its counts are still summed for the report, but
+        // no alert is appended after the stop.
+        if guardrails.is_empty() || record.status == RunStatus::Stopped {
+            return Ok(vec![]);
+        }
+        let version = report.model_version;
+        let rows = self.store.evaluation_rows(run_id)?;
+        let devices = self.store.reporting_devices(run_id, version)?;
+        let metrics = VersionMetrics::compute(version, &rows, devices);
+        let crossed = metrics.crossed(guardrails);
+        if crossed.is_empty() {
+            return Ok(vec![]);
+        }
+        let already: Vec<(GuardrailMetricKind, ThresholdDirection)> = self
+            .store
+            .ledger(run_id)?
+            .iter()
+            .filter_map(|e| serde_json::from_str::<LedgerEntry>(&e.body).ok())
+            .filter_map(|e| match e.event {
+                LedgerEvent::GuardrailAlert {
+                    metric,
+                    direction,
+                    model_version,
+                    ..
+                } if model_version == version => Some((metric, direction)),
+                _ => None,
+            })
+            .collect();
+        let mut written = vec![];
+        let mut pause = None;
+        for (g, value) in crossed {
+            if already.contains(&(g.metric, g.direction)) {
+                continue;
+            }
+            let event = LedgerEvent::GuardrailAlert {
+                metric: g.metric,
+                value,
+                threshold: g.threshold,
+                direction: g.direction,
+                action_taken: g.on_alert,
+                model_version: version,
+                reporting_devices: devices,
+                window_start_ms: metrics.window_start_ms.unwrap_or(report.window_start_ms),
+                window_end_ms: metrics.window_end_ms.unwrap_or(report.window_end_ms),
+            };
+            self.store.append_event(run_id, event.clone(), now_ms)?;
+            tracing::warn!(
+                run = %run_id,
+                metric = g.metric.as_str(),
+                value,
+                threshold = g.threshold,
+                direction = g.direction.as_str(),
+                model_version = version,
+                reporting_devices = devices,
+                action = g.on_alert.as_str(),
+                "guardrail alert"
+            );
+            if let Some(m) = &self.metrics {
+                m.guardrail_alert(run_id, g.metric.as_str());
+            }
+            if g.on_alert == AlertAction::Pause && pause.is_none() {
+                pause = Some(format!(
+                    "{GUARDRAIL_PAUSE_PREFIX}{} = {value:.4} is {} the threshold {} on model version {version} ({devices} reporting devices)",
+                    g.metric.as_str(),
+                    g.direction.as_str(),
+                    g.threshold
+                ));
+            }
+            written.push(event);
+        }
+        if let Some(reason) = pause
+            && self.engines.get(run_id).map(Engine::state) == Some(RunState::Active)
+        {
+            self.handle(run_id, Event::Admin(AdminCommand::Pause { reason }), now_ms)?;
+        }
+        Ok(written)
+    }
+
+    /// A rollback, reading the earlier version's parameters from the store; `reason` is
+    /// recorded in the ledger.
     pub fn rollback(
         &mut self,
         run_id: &str,
         to_version: u64,
+        reason: &str,
         now_ms: i64,
     ) -> Result<Vec<Action>, CoordinatorError> {
         let record = self.store.run(run_id)?;
@@ -194,7 +300,11 @@ impl Coordinator {
         )?;
         self.handle(
             run_id,
-            Event::Admin(AdminCommand::Rollback { to_version, params }),
+            Event::Admin(AdminCommand::Rollback {
+                to_version,
+                params,
+                reason: reason.to_string(),
+            }),
             now_ms,
         )
     }
@@ -267,10 +377,11 @@ impl Coordinator {
                 to_version,
                 model,
                 server_state,
+                reason,
                 ..
             } => self
                 .store
-                .rollback(run_id, *to_version, model, server_state, now_ms)?,
+                .rollback(run_id, *to_version, model, server_state, reason, now_ms)?,
             Action::SendTask(_)
             | Action::ComeBackLater { .. }
             | Action::Reject { .. }

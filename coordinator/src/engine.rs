@@ -93,7 +93,10 @@ pub enum AdminCommand {
         reason: String,
     },
     /// Open rounds again.
-    Resume,
+    Resume {
+        /// Why (recorded in the ledger).
+        reason: String,
+    },
     /// Stop the run for good.
     Stop {
         /// Why.
@@ -105,6 +108,8 @@ pub enum AdminCommand {
         to_version: u64,
         /// Its parameters (the driver reads them from the store).
         params: Vec<f32>,
+        /// Why (recorded in the ledger).
+        reason: String,
     },
 }
 
@@ -112,7 +117,7 @@ impl AdminCommand {
     fn name(&self) -> &'static str {
         match self {
             Self::Pause { .. } => "pause",
-            Self::Resume => "resume",
+            Self::Resume { .. } => "resume",
             Self::Stop { .. } => "stop",
             Self::Rollback { .. } => "rollback (to a version of another shape)",
         }
@@ -226,6 +231,8 @@ pub enum Action {
         model: ModelBlob,
         /// The server optimiser's fresh state, as JSON.
         server_state: String,
+        /// Why, as the operator gave it.
+        reason: String,
     },
 }
 
@@ -640,18 +647,22 @@ impl Engine {
                     event: LedgerEvent::Paused { reason },
                 });
             }
-            AdminCommand::Resume if self.state == RunState::Paused => {
+            AdminCommand::Resume { reason } if self.state == RunState::Paused => {
                 self.state = RunState::Active;
                 actions.push(Action::StatusChanged {
                     status: RunState::Active,
-                    event: LedgerEvent::Resumed,
+                    event: LedgerEvent::Resumed { reason },
                 });
             }
             AdminCommand::Stop { reason } if self.state != RunState::Stopped => {
                 self.abandon_open(now, "the run was stopped", actions);
                 self.stop(reason, actions);
             }
-            AdminCommand::Rollback { to_version, params } if params.len() == self.params.len() => {
+            AdminCommand::Rollback {
+                to_version,
+                params,
+                reason,
+            } if params.len() == self.params.len() => {
                 self.abandon_open(now, "the model was rolled back", actions);
                 self.version += 1;
                 self.params.clone_from(&params);
@@ -662,6 +673,7 @@ impl Engine {
                     new_version: self.version,
                     model,
                     server_state: serde_json::to_string(&self.server_state).expect("serialisable"),
+                    reason,
                 });
             }
             other => actions.push(Action::AdminRefused {

@@ -15,6 +15,8 @@ use fedpref_privacy::{Audience, OrderGrid, PrivacyMode, RdpAccountant, RoundRele
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::manifest::{AlertAction, GuardrailMetricKind, ThresholdDirection};
+
 /// The hash before the first entry.
 pub const GENESIS_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
@@ -105,7 +107,11 @@ pub enum LedgerEvent {
         reason: String,
     },
     /// An operator resumed the run.
-    Resumed,
+    Resumed {
+        /// Why, as given (absent in entries written before reasons were recorded).
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        reason: String,
+    },
     /// The model was rolled back: an earlier version's parameters were published as a new
     /// version. Privacy already spent stays spent.
     RolledBack {
@@ -115,6 +121,31 @@ pub enum LedgerEvent {
         new_version: u64,
         /// Its SHA-256.
         model_sha256: String,
+        /// Why, as given (absent in entries written before reasons were recorded).
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        reason: String,
+    },
+    /// A guardrail metric crossed its manifest threshold. Nothing is spent; when the
+    /// guardrail says `pause`, a `paused` entry follows.
+    GuardrailAlert {
+        /// The metric.
+        metric: GuardrailMetricKind,
+        /// Its value over the reports summed so far for `model_version`.
+        value: f64,
+        /// The threshold from the manifest.
+        threshold: f64,
+        /// Which side of the threshold alerts.
+        direction: ThresholdDirection,
+        /// What the coordinator did: `log` or `pause`.
+        action_taken: AlertAction,
+        /// The model version the reports evaluate.
+        model_version: u64,
+        /// Distinct devices whose reports were summed.
+        reporting_devices: u64,
+        /// The earliest window start of those reports (ms since the epoch).
+        window_start_ms: i64,
+        /// The latest window end.
+        window_end_ms: i64,
     },
     /// The run stopped; no further rounds.
     RunStopped {
@@ -136,8 +167,9 @@ impl LedgerEvent {
             Self::RoundAbandoned { .. } => "round_abandoned",
             Self::ModelPublished { .. } => "model_published",
             Self::Paused { .. } => "paused",
-            Self::Resumed => "resumed",
+            Self::Resumed { .. } => "resumed",
             Self::RolledBack { .. } => "rolled_back",
+            Self::GuardrailAlert { .. } => "guardrail_alert",
             Self::RunStopped { .. } => "run_stopped",
         }
     }
@@ -192,6 +224,36 @@ pub fn seal(entry: &LedgerEntry, prev_hash: &str) -> SealedEntry {
         prev_hash: prev_hash.to_string(),
         body,
     }
+}
+
+/// A run's ledger as one JSON object (`ledger export --format json`):
+/// `{"run_id", "genesis_hash", "entries": [{"sequence", "prev_hash", "hash", "canonical",
+/// "entry"}]}`. `canonical` is the stored text exactly as hashed, so
+/// `hash = SHA-256(prev_hash ‖ "\n" ‖ canonical)` can be recomputed by any tool; `entry` is
+/// the same text parsed (or `null` if it does not parse), for reading.
+pub fn export_json(run_id: &str, entries: &[SealedEntry]) -> String {
+    let entries: Vec<serde_json::Value> = entries
+        .iter()
+        .map(|e| {
+            serde_json::json!({
+                "sequence": e.sequence,
+                "prev_hash": e.prev_hash,
+                "hash": e.hash,
+                "canonical": e.body,
+                "entry": serde_json::from_str::<LedgerEntry>(&e.body)
+                    .ok()
+                    .and_then(|entry| serde_json::to_value(entry).ok()),
+            })
+        })
+        .collect();
+    let mut out = serde_json::to_string_pretty(&serde_json::json!({
+        "run_id": run_id,
+        "genesis_hash": GENESIS_HASH,
+        "entries": entries,
+    }))
+    .expect("JSON values always serialise");
+    out.push('\n');
+    out
 }
 
 /// The audiences a run's ledger tracks, with the sampling rate each is accounted at. The

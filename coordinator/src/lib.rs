@@ -4,8 +4,10 @@
 //! SQLite store and hash-chained ledger, the durable driver ([`coordinator`]), the gRPC
 //! services over TLS ([`service`], [`server`], configured by [`config`]) and the
 //! `fedpref-coordinator` command line ([`cli`]), whose accountant answers "what does this
-//! schedule spend?" with the same code the coordinator and the devices account with (see
-//! ARCHITECTURE.md for what exists and what is planned).
+//! schedule spend?" with the same code the coordinator and the devices account with. For the
+//! people who answer for a run: guardrail metrics from federated evaluation, with alerts
+//! ([`guardrail`]), and the one-page impact report ([`report`]). See ARCHITECTURE.md for what
+//! exists and what is planned.
 //!
 //! ```
 //! use clap::Parser;
@@ -26,10 +28,12 @@ pub mod cli;
 pub mod config;
 pub mod coordinator;
 pub mod engine;
+pub mod guardrail;
 pub mod ledger;
 pub mod manifest;
 pub mod metrics;
 pub mod model;
+pub mod report;
 pub mod server;
 pub mod service;
 pub mod store;

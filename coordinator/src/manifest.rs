@@ -33,6 +33,25 @@
 //! [opt_out_policy]
 //! consent_model = "opt-in"
 //! description = "Training is off until the user turns it on in Settings"
+//!
+//! [[harm_scenarios]]                 # any number; shown in the impact report
+//! scenario = "Recommendations narrow to one genre"
+//! affected_groups = "light users"
+//! mitigation = "diversity injection"
+//! residual_risk = "some narrowing remains"   # optional
+//!
+//! [[kpis]]                           # any number; what success means
+//! metric = "hit_rate_at_10"
+//! description = "Share of held-out positives in the top 10"
+//! target = 0.2                       # optional
+//! higher_is_better = true
+//!
+//! [[guardrail_metrics]]              # any number; see `GuardrailMetricKind` for the metrics
+//! metric = "negative_feedback_rate"
+//! direction = "above"                # or "below"
+//! threshold = 0.2                    # a share or rate in [0, 1]
+//! on_alert = "pause"                 # or "log" (default)
+//! minimum_reporting_devices = 50     # default 10
 //! ```
 //!
 //! Unknown keys and out-of-range values are errors naming the file and the key.
@@ -244,6 +263,161 @@ pub struct HarmScenario {
     pub affected_groups: String,
     /// What the run does about it.
     pub mitigation: String,
+    /// What risk remains after the mitigation.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub residual_risk: String,
+}
+
+/// A key performance indicator: what success means for the run.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Kpi {
+    /// Short name, e.g. `rmse` or `hit_rate_at_10`.
+    pub metric: String,
+    /// What it measures and how, in plain words.
+    #[serde(default)]
+    pub description: String,
+    /// The value the run aims for, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<f64>,
+    /// Whether larger values are better.
+    #[serde(default)]
+    pub higher_is_better: bool,
+}
+
+/// A metric the coordinator derives from the devices' summed federated-evaluation counts
+/// (`ReportMetrics`), per model version, over all activity cohorts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GuardrailMetricKind {
+    /// Σ intra-list diversity ÷ recommendation lists shown.
+    IntraListDiversity,
+    /// Mean over reports (with a catalogue) of distinct topics shown ÷ catalogue topics.
+    TopicCoverage,
+    /// Negative feedback ÷ recommendations shown.
+    NegativeFeedbackRate,
+    /// Reporting devices whose user turned personalisation or training off ÷ reports.
+    OptOutRate,
+    /// Largest difference in prediction accuracy (share within 0.5) between cohorts.
+    CohortAccuracyGap,
+    /// Slots filled by diversity injection ÷ recommendations shown.
+    InjectedShare,
+}
+
+impl GuardrailMetricKind {
+    /// Every metric, in report order.
+    pub const ALL: [Self; 6] = [
+        Self::IntraListDiversity,
+        Self::TopicCoverage,
+        Self::NegativeFeedbackRate,
+        Self::OptOutRate,
+        Self::CohortAccuracyGap,
+        Self::InjectedShare,
+    ];
+
+    /// As the manifest spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::IntraListDiversity => "intra_list_diversity",
+            Self::TopicCoverage => "topic_coverage",
+            Self::NegativeFeedbackRate => "negative_feedback_rate",
+            Self::OptOutRate => "opt_out_rate",
+            Self::CohortAccuracyGap => "cohort_accuracy_gap",
+            Self::InjectedShare => "injected_share",
+        }
+    }
+
+    /// One phrase for reports.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Self::IntraListDiversity => "mean intra-list diversity of the lists shown",
+            Self::TopicCoverage => "mean share of the catalogue's topics shown on a device",
+            Self::NegativeFeedbackRate => "negative feedback per recommendation shown",
+            Self::OptOutRate => {
+                "share of reports whose user turned personalisation or training off"
+            }
+            Self::CohortAccuracyGap => {
+                "largest gap in prediction accuracy between activity cohorts"
+            }
+            Self::InjectedShare => "share of slots filled by diversity injection",
+        }
+    }
+}
+
+/// Which side of a threshold is an alert.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ThresholdDirection {
+    /// Alert when the metric rises above the threshold.
+    Above,
+    /// Alert when the metric falls below the threshold.
+    Below,
+}
+
+impl ThresholdDirection {
+    /// Whether `value` is on the alerting side of `threshold` (strictly).
+    pub fn crossed(self, value: f64, threshold: f64) -> bool {
+        match self {
+            Self::Above => value > threshold,
+            Self::Below => value < threshold,
+        }
+    }
+
+    /// As the manifest spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Above => "above",
+            Self::Below => "below",
+        }
+    }
+}
+
+/// What the coordinator does when a guardrail alert fires. It always logs the alert, counts
+/// it in Prometheus and writes a ledger entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AlertAction {
+    /// Only log, count and record; the run carries on.
+    Log,
+    /// As `log`, and pause the run until an operator resumes it.
+    Pause,
+}
+
+impl AlertAction {
+    /// As the manifest spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Log => "log",
+            Self::Pause => "pause",
+        }
+    }
+}
+
+fn default_alert_action() -> AlertAction {
+    AlertAction::Log
+}
+
+fn default_minimum_reporting_devices() -> u64 {
+    10
+}
+
+/// A guardrail: a metric watched through federated evaluation, with its alert threshold.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GuardrailMetric {
+    /// The metric.
+    pub metric: GuardrailMetricKind,
+    /// Which side of the threshold alerts.
+    pub direction: ThresholdDirection,
+    /// The threshold (a share or rate, in [0, 1]).
+    pub threshold: f64,
+    /// `log` (default) or `pause`.
+    #[serde(default = "default_alert_action")]
+    pub on_alert: AlertAction,
+    /// The metric is evaluated only once at least this many distinct devices have reported
+    /// on a model version, so a handful of devices can neither trip it nor be singled out.
+    #[serde(default = "default_minimum_reporting_devices")]
+    pub minimum_reporting_devices: u64,
 }
 
 /// A run manifest.
@@ -287,6 +461,12 @@ pub struct RunManifest {
     /// Foreseeable harms and mitigations.
     #[serde(default)]
     pub harm_scenarios: Vec<HarmScenario>,
+    /// What success means for the run.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub kpis: Vec<Kpi>,
+    /// Guardrail metrics and their alert thresholds.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub guardrail_metrics: Vec<GuardrailMetric>,
     /// Seed for the initial model (random if absent).
     #[serde(default)]
     pub seed: Option<u64>,
@@ -471,6 +651,59 @@ impl RunManifest {
                 format!("{:?}", self.opt_out_policy.consent_model),
                 "must be \"opt-in\" or \"opt-out\"",
             ));
+        }
+        for (i, h) in self.harm_scenarios.iter().enumerate() {
+            if h.scenario.trim().is_empty() || h.mitigation.trim().is_empty() {
+                return Err(bad(
+                    &format!("harm_scenarios[{i}]"),
+                    format!("{:?}", h.scenario),
+                    "scenario and mitigation must not be empty",
+                ));
+            }
+        }
+        for (i, k) in self.kpis.iter().enumerate() {
+            if k.metric.trim().is_empty() {
+                return Err(bad(
+                    &format!("kpis[{i}].metric"),
+                    "\"\"".into(),
+                    "must not be empty",
+                ));
+            }
+            if let Some(t) = k.target
+                && !t.is_finite()
+            {
+                return Err(bad(
+                    &format!("kpis[{i}].target"),
+                    t.to_string(),
+                    "must be a finite number",
+                ));
+            }
+        }
+        for (i, g) in self.guardrail_metrics.iter().enumerate() {
+            if !(g.threshold.is_finite() && (0.0..=1.0).contains(&g.threshold)) {
+                return Err(bad(
+                    &format!("guardrail_metrics[{i}].threshold"),
+                    g.threshold.to_string(),
+                    "must be in [0, 1]: every guardrail metric is a share or a rate",
+                ));
+            }
+            if g.minimum_reporting_devices == 0 {
+                return Err(bad(
+                    &format!("guardrail_metrics[{i}].minimum_reporting_devices"),
+                    "0".into(),
+                    "must be at least 1",
+                ));
+            }
+            if self.guardrail_metrics[..i]
+                .iter()
+                .any(|o| o.metric == g.metric && o.direction == g.direction)
+            {
+                return Err(bad(
+                    &format!("guardrail_metrics[{i}].metric"),
+                    format!("\"{}\"", g.metric.as_str()),
+                    "the same metric and direction are given twice",
+                ));
+            }
         }
         if self.privacy_mode == ManifestPrivacyMode::Distributed {
             return Err(bad(
@@ -665,6 +898,90 @@ description = "off until the user turns it on"
             "σ={sigma}, ε={}",
             spent.epsilon
         );
+    }
+
+    const OVERSIGHT: &str = r#"
+[[harm_scenarios]]
+scenario = "Narrowing"
+mitigation = "diversity injection"
+residual_risk = "some"
+
+[[kpis]]
+metric = "rmse"
+target = 0.9
+
+[[guardrail_metrics]]
+metric = "negative_feedback_rate"
+direction = "above"
+threshold = 0.2
+on_alert = "pause"
+
+[[guardrail_metrics]]
+metric = "intra_list_diversity"
+direction = "below"
+threshold = 0.3
+minimum_reporting_devices = 25
+"#;
+
+    #[test]
+    fn harm_scenarios_kpis_and_guardrails_parse_with_defaults_and_are_hashed() {
+        let plain = RunManifest::from_toml(EXAMPLE, "m.toml").unwrap();
+        let m = RunManifest::from_toml(&format!("{EXAMPLE}{OVERSIGHT}"), "m.toml").unwrap();
+        assert_eq!(m.harm_scenarios[0].residual_risk, "some");
+        assert_eq!(m.kpis[0].target, Some(0.9));
+        assert!(!m.kpis[0].higher_is_better);
+        let g = &m.guardrail_metrics;
+        assert_eq!(g[0].metric, GuardrailMetricKind::NegativeFeedbackRate);
+        assert_eq!(g[0].on_alert, AlertAction::Pause);
+        assert_eq!(g[0].minimum_reporting_devices, 10);
+        assert_eq!(g[1].on_alert, AlertAction::Log);
+        assert_eq!(g[1].minimum_reporting_devices, 25);
+        assert!(g[1].direction.crossed(0.29, 0.3) && !g[1].direction.crossed(0.3, 0.3));
+        assert_ne!(m.sha256(), plain.sha256());
+        let again = RunManifest::from_toml(&m.to_toml(), "again").unwrap();
+        assert_eq!(again, m);
+        // A manifest without the new sections serialises (and hashes) as before.
+        assert!(!plain.to_toml().contains("kpis") && !plain.to_toml().contains("guardrail"));
+    }
+
+    #[test]
+    fn bad_guardrails_name_their_key() {
+        for (from, to, key) in [
+            (
+                "threshold = 0.2",
+                "threshold = 1.5",
+                "guardrail_metrics[0].threshold",
+            ),
+            (
+                "minimum_reporting_devices = 25",
+                "minimum_reporting_devices = 0",
+                "guardrail_metrics[1].minimum_reporting_devices",
+            ),
+            (
+                "direction = \"below\"",
+                "direction = \"above\"\nthreshold_ = 1",
+                "threshold_",
+            ),
+            ("on_alert = \"pause\"", "on_alert = \"panic\"", "on_alert"),
+            (
+                "metric = \"intra_list_diversity\"",
+                "metric = \"vibes\"",
+                "metric",
+            ),
+            (
+                "metric = \"intra_list_diversity\"\ndirection = \"below\"",
+                "metric = \"negative_feedback_rate\"\ndirection = \"above\"",
+                "guardrail_metrics[1].metric",
+            ),
+            ("metric = \"rmse\"", "metric = \" \"", "kpis[0].metric"),
+        ] {
+            let text = format!("{EXAMPLE}{}", OVERSIGHT.replace(from, to));
+            assert_ne!(text, format!("{EXAMPLE}{OVERSIGHT}"), "{from} not found");
+            let err = RunManifest::from_toml(&text, "m.toml")
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key) && err.contains("m.toml"), "{to}: {err}");
+        }
     }
 
     #[test]

@@ -11,6 +11,7 @@
 //! | `fedpref_round_duration_seconds` | histogram | from the round's first task to its commit or abandonment |
 //! | `fedpref_cohort_size` | histogram | devices aggregated in a committed round |
 //! | `fedpref_epsilon_spent` | gauge | `run`, `audience` |
+//! | `fedpref_guardrail_alerts_total` | counter | `run`, `metric` (the manifest's guardrail metric name) |
 //!
 //! Nothing secret or device-identifying is a label; run ids are operator-chosen names.
 
@@ -38,6 +39,7 @@ pub struct Metrics {
     round_duration: Histogram,
     cohort_size: Histogram,
     epsilon: GaugeVec,
+    guardrail_alerts: IntCounterVec,
     round_started_ms: Mutex<HashMap<(String, u64), i64>>,
 }
 
@@ -131,8 +133,20 @@ impl Metrics {
         registry
             .register(Box::new(epsilon.clone()))
             .expect("unique metric");
+        let guardrail_alerts = IntCounterVec::new(
+            Opts::new(
+                "fedpref_guardrail_alerts_total",
+                "Guardrail alerts fired (a metric crossed its manifest threshold), by run and metric.",
+            ),
+            &["run", "metric"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(guardrail_alerts.clone()))
+            .expect("unique metric");
         Self {
             registry,
+            guardrail_alerts,
             checkins,
             tasks,
             come_back,
@@ -201,6 +215,13 @@ impl Metrics {
                 _ => {}
             }
         }
+    }
+
+    /// Counts a guardrail alert.
+    pub fn guardrail_alert(&self, run_id: &str, metric: &str) {
+        self.guardrail_alerts
+            .with_label_values(&[run_id, metric])
+            .inc();
     }
 
     /// Sets a run's ε gauges (at start-up, for runs restored from the store).

@@ -100,6 +100,23 @@ CREATE TABLE evaluation_counts (
     PRIMARY KEY (run_id, model_version, cohort)
 );
 "#,
+    // 3: the evaluation sums the guardrail metrics also need (diversity, topic coverage,
+    // devices that opted out, the windows covered), and which devices reported on which
+    // model version, so a guardrail counts distinct devices rather than reports.
+    r#"
+ALTER TABLE evaluation_counts ADD COLUMN intra_list_diversity_sum DOUBLE PRECISION NOT NULL DEFAULT 0;
+ALTER TABLE evaluation_counts ADD COLUMN topic_coverage_sum DOUBLE PRECISION NOT NULL DEFAULT 0;
+ALTER TABLE evaluation_counts ADD COLUMN topic_coverage_reports BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE evaluation_counts ADD COLUMN opted_out_reports BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE evaluation_counts ADD COLUMN window_start_ms BIGINT;
+ALTER TABLE evaluation_counts ADD COLUMN window_end_ms BIGINT;
+CREATE TABLE evaluation_reporters (
+    run_id TEXT NOT NULL REFERENCES runs(id),
+    model_version BIGINT NOT NULL,
+    device_id TEXT NOT NULL,
+    PRIMARY KEY (run_id, model_version, device_id)
+);
+"#,
 ];
 
 /// A store failure.
@@ -209,9 +226,9 @@ pub struct RoundCommit<'a> {
     pub at_ms: i64,
 }
 
-/// The integer federated-evaluation counts the store sums (a subset of
-/// `fedpref.v1.EvaluationCounts`; each is at most `i64::MAX`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// The federated-evaluation counts the store sums (from `fedpref.v1.EvaluationCounts`; each
+/// integer is at most `i64::MAX`).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct EvaluationSums {
     /// Recommendation lists shown.
     pub recommendation_lists_shown: i64,
@@ -231,6 +248,51 @@ pub struct EvaluationSums {
     pub predictions_evaluated: i64,
     /// Of those, within 0.5 of the target.
     pub predictions_within_half: i64,
+    /// Sum over lists shown of each list's intra-list diversity (in [0, 1]).
+    pub intra_list_diversity_sum: f64,
+    /// Sum over reports that had a catalogue of distinct topics shown ÷ catalogue topics.
+    pub topic_coverage_sum: f64,
+    /// Reports that had a catalogue (the denominator of topic coverage).
+    pub topic_coverage_reports: i64,
+    /// Reports whose user turned personalisation or training off in the window (0 or 1 per
+    /// report).
+    pub opted_out_reports: i64,
+}
+
+/// The summed evaluation counts of one (model version, cohort).
+#[derive(Clone, Debug, PartialEq)]
+pub struct EvaluationRow {
+    /// The model version the counts evaluate.
+    pub model_version: u64,
+    /// The activity cohort.
+    pub cohort: String,
+    /// Reports summed.
+    pub reports: u64,
+    /// The sums.
+    pub sums: EvaluationSums,
+    /// The earliest window start of the reports summed (ms since the epoch).
+    pub window_start_ms: Option<i64>,
+    /// The latest window end.
+    pub window_end_ms: Option<i64>,
+}
+
+/// One device's report, as [`Store::add_evaluation_counts`] records it.
+#[derive(Clone, Debug)]
+pub struct EvaluationReport<'a> {
+    /// The run.
+    pub run_id: &'a str,
+    /// The model version the counts evaluate.
+    pub model_version: u64,
+    /// The activity cohort.
+    pub cohort: &'a str,
+    /// The reporting device (recorded only as having reported on this version).
+    pub device_id: &'a str,
+    /// Start of the window (ms since the epoch).
+    pub window_start_ms: i64,
+    /// End of the window.
+    pub window_end_ms: i64,
+    /// The counts.
+    pub counts: EvaluationSums,
 }
 
 /// The SQLite store.
@@ -475,6 +537,7 @@ impl Store {
         to_version: u64,
         new_model: &ModelBlob,
         server_state: &str,
+        reason: &str,
         at_ms: i64,
     ) -> Result<(), StoreError> {
         let tx = self.conn.transaction()?;
@@ -491,6 +554,7 @@ impl Store {
                 to_version,
                 new_version: new_model.version,
                 model_sha256: new_model.sha256.clone(),
+                reason: reason.to_string(),
             },
         )?;
         append(
@@ -590,20 +654,21 @@ impl Store {
         Ok(n as u64)
     }
 
-    /// Adds one device's evaluation counts to the sums for (run, model version, cohort).
+    /// Adds one device's evaluation counts to the sums for (run, model version, cohort) and
+    /// records that the device reported on that version, in one transaction.
     pub fn add_evaluation_counts(
-        &self,
-        run_id: &str,
-        model_version: u64,
-        cohort: &str,
-        counts: &EvaluationSums,
+        &mut self,
+        report: &EvaluationReport<'_>,
     ) -> Result<(), StoreError> {
-        let c = counts;
-        self.conn.execute(
+        let c = &report.counts;
+        let tx = self.conn.transaction()?;
+        tx.execute(
             "INSERT INTO evaluation_counts (run_id, model_version, cohort, reports, recommendation_lists_shown, \
              recommendations_shown, injected_recommendations_shown, positive_feedback_count, negative_feedback_count, \
-             personalisation_opt_outs, training_opt_outs, predictions_evaluated, predictions_within_half) \
-             VALUES (?1, ?2, ?3, 1, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12) \
+             personalisation_opt_outs, training_opt_outs, predictions_evaluated, predictions_within_half, \
+             intra_list_diversity_sum, topic_coverage_sum, topic_coverage_reports, opted_out_reports, \
+             window_start_ms, window_end_ms) \
+             VALUES (?1, ?2, ?3, 1, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18) \
              ON CONFLICT (run_id, model_version, cohort) DO UPDATE SET reports = evaluation_counts.reports + 1, \
              recommendation_lists_shown = evaluation_counts.recommendation_lists_shown + excluded.recommendation_lists_shown, \
              recommendations_shown = evaluation_counts.recommendations_shown + excluded.recommendations_shown, \
@@ -613,11 +678,21 @@ impl Store {
              personalisation_opt_outs = evaluation_counts.personalisation_opt_outs + excluded.personalisation_opt_outs, \
              training_opt_outs = evaluation_counts.training_opt_outs + excluded.training_opt_outs, \
              predictions_evaluated = evaluation_counts.predictions_evaluated + excluded.predictions_evaluated, \
-             predictions_within_half = evaluation_counts.predictions_within_half + excluded.predictions_within_half",
+             predictions_within_half = evaluation_counts.predictions_within_half + excluded.predictions_within_half, \
+             intra_list_diversity_sum = evaluation_counts.intra_list_diversity_sum + excluded.intra_list_diversity_sum, \
+             topic_coverage_sum = evaluation_counts.topic_coverage_sum + excluded.topic_coverage_sum, \
+             topic_coverage_reports = evaluation_counts.topic_coverage_reports + excluded.topic_coverage_reports, \
+             opted_out_reports = evaluation_counts.opted_out_reports + excluded.opted_out_reports, \
+             window_start_ms = CASE WHEN evaluation_counts.window_start_ms IS NULL \
+                 OR excluded.window_start_ms < evaluation_counts.window_start_ms \
+                 THEN excluded.window_start_ms ELSE evaluation_counts.window_start_ms END, \
+             window_end_ms = CASE WHEN evaluation_counts.window_end_ms IS NULL \
+                 OR excluded.window_end_ms > evaluation_counts.window_end_ms \
+                 THEN excluded.window_end_ms ELSE evaluation_counts.window_end_ms END",
             params![
-                run_id,
-                model_version as i64,
-                cohort,
+                report.run_id,
+                report.model_version as i64,
+                report.cohort,
                 c.recommendation_lists_shown,
                 c.recommendations_shown,
                 c.injected_recommendations_shown,
@@ -627,8 +702,104 @@ impl Store {
                 c.training_opt_outs,
                 c.predictions_evaluated,
                 c.predictions_within_half,
+                c.intra_list_diversity_sum,
+                c.topic_coverage_sum,
+                c.topic_coverage_reports,
+                c.opted_out_reports,
+                report.window_start_ms,
+                report.window_end_ms,
             ],
         )?;
+        tx.execute(
+            "INSERT INTO evaluation_reporters (run_id, model_version, device_id) VALUES (?1, ?2, ?3) \
+             ON CONFLICT (run_id, model_version, device_id) DO NOTHING",
+            params![report.run_id, report.model_version as i64, report.device_id],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Every (model version, cohort) row of a run's summed evaluation counts, by version and
+    /// cohort.
+    pub fn evaluation_rows(&self, run_id: &str) -> Result<Vec<EvaluationRow>, StoreError> {
+        let mut stmt = self.conn.prepare(
+            "SELECT model_version, cohort, reports, recommendation_lists_shown, recommendations_shown, \
+             injected_recommendations_shown, positive_feedback_count, negative_feedback_count, \
+             personalisation_opt_outs, training_opt_outs, predictions_evaluated, predictions_within_half, \
+             intra_list_diversity_sum, topic_coverage_sum, topic_coverage_reports, opted_out_reports, \
+             window_start_ms, window_end_ms FROM evaluation_counts WHERE run_id = ?1 ORDER BY model_version, cohort",
+        )?;
+        let rows = stmt.query_map(params![run_id], |r| {
+            Ok(EvaluationRow {
+                model_version: r.get::<_, i64>(0)? as u64,
+                cohort: r.get(1)?,
+                reports: r.get::<_, i64>(2)? as u64,
+                sums: EvaluationSums {
+                    recommendation_lists_shown: r.get(3)?,
+                    recommendations_shown: r.get(4)?,
+                    injected_recommendations_shown: r.get(5)?,
+                    positive_feedback_count: r.get(6)?,
+                    negative_feedback_count: r.get(7)?,
+                    personalisation_opt_outs: r.get(8)?,
+                    training_opt_outs: r.get(9)?,
+                    predictions_evaluated: r.get(10)?,
+                    predictions_within_half: r.get(11)?,
+                    intra_list_diversity_sum: r.get(12)?,
+                    topic_coverage_sum: r.get(13)?,
+                    topic_coverage_reports: r.get(14)?,
+                    opted_out_reports: r.get(15)?,
+                },
+                window_start_ms: r.get(16)?,
+                window_end_ms: r.get(17)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Distinct devices that reported evaluation counts on a model version.
+    pub fn reporting_devices(&self, run_id: &str, model_version: u64) -> Result<u64, StoreError> {
+        let n: i64 = self.conn.query_row(
+            "SELECT COUNT(*) FROM evaluation_reporters WHERE run_id = ?1 AND model_version = ?2",
+            params![run_id, model_version as i64],
+            |r| r.get(0),
+        )?;
+        Ok(n as u64)
+    }
+
+    /// The rounds each device took part in, for one run, by device id. Device ids stay
+    /// inside the coordinator; reports show only the distribution.
+    pub fn participations_by_device(
+        &self,
+        run_id: &str,
+    ) -> Result<Vec<(String, Vec<u64>)>, StoreError> {
+        let mut stmt = self.conn.prepare(
+            "SELECT device_id, round FROM participations WHERE run_id = ?1 ORDER BY device_id, round",
+        )?;
+        let rows = stmt.query_map(params![run_id], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64))
+        })?;
+        let mut out: Vec<(String, Vec<u64>)> = vec![];
+        for row in rows {
+            let (device, round) = row?;
+            match out.last_mut() {
+                Some((d, rounds)) if *d == device => rounds.push(round),
+                _ => out.push((device, vec![round])),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Appends one event to a run's ledger on its own (a guardrail alert).
+    pub fn append_event(
+        &mut self,
+        run_id: &str,
+        event: LedgerEvent,
+        at_ms: i64,
+    ) -> Result<(), StoreError> {
+        let tx = self.conn.transaction()?;
+        run_status(&tx, run_id)?;
+        append(&tx, run_id, at_ms, event)?;
+        tx.commit()?;
         Ok(())
     }
 
@@ -645,7 +816,8 @@ impl Store {
             .query_row(
                 "SELECT reports, recommendation_lists_shown, recommendations_shown, injected_recommendations_shown, \
                  positive_feedback_count, negative_feedback_count, personalisation_opt_outs, training_opt_outs, \
-                 predictions_evaluated, predictions_within_half FROM evaluation_counts \
+                 predictions_evaluated, predictions_within_half, intra_list_diversity_sum, topic_coverage_sum, \
+                 topic_coverage_reports, opted_out_reports FROM evaluation_counts \
                  WHERE run_id = ?1 AND model_version = ?2 AND cohort = ?3",
                 params![run_id, model_version as i64, cohort],
                 |r| {
@@ -661,6 +833,10 @@ impl Store {
                             training_opt_outs: r.get(7)?,
                             predictions_evaluated: r.get(8)?,
                             predictions_within_half: r.get(9)?,
+                            intra_list_diversity_sum: r.get(10)?,
+                            topic_coverage_sum: r.get(11)?,
+                            topic_coverage_reports: r.get(12)?,
+                            opted_out_reports: r.get(13)?,
                         },
                     ))
                 },

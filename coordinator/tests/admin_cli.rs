@@ -85,13 +85,34 @@ async fn an_operator_creates_inspects_pauses_and_resumes_a_run_from_the_command_
             &["resume", "--run", &run_id, "--reason", "review done"],
         ));
         assert!(resumed.contains("active"), "{resumed}");
-        let ledger = ok(admin(&d2, port, &token2, &["ledger", "--run", &run_id]));
+        let report = ok(admin(
+            &d2,
+            port,
+            &token2,
+            &["report", "--run", &run_id, "--format", "md"],
+        ));
         assert!(
-            ledger.contains("run_created")
-                && ledger.contains("paused")
-                && ledger.contains("head: entry"),
-            "{ledger}"
+            report.contains("chain intact") && report.contains("resumed: review done"),
+            "{report}"
         );
+        let stopped = ok(admin(
+            &d2,
+            port,
+            &token2,
+            &["stop", "--run", &run_id, "--reason", "purpose withdrawn"],
+        ));
+        assert!(stopped.contains("stopped"), "{stopped}");
+        let ledger = ok(admin(&d2, port, &token2, &["ledger", "--run", &run_id]));
+        for needle in [
+            "run_created",
+            "paused\tround 0",
+            "incident review (operator)",
+            "review done (operator)",
+            "purpose withdrawn (operator)",
+            "head: entry",
+        ] {
+            assert!(ledger.contains(needle), "{needle} missing from\n{ledger}");
+        }
 
         // A wrong token is refused, and the error says so.
         let bad = d2.join("bad.token");

@@ -267,7 +267,9 @@ fn pause_abandons_the_open_round_and_resume_opens_a_new_one() {
         reason: "again".into(),
     }));
     assert!(matches!(&refused[0], Action::AdminRefused { .. }));
-    h.send(Event::Admin(AdminCommand::Resume));
+    h.send(Event::Admin(AdminCommand::Resume {
+        reason: "review done".into(),
+    }));
     assert_eq!(h.task("b").unwrap().round, 2);
     assert!(h.engine.spent().iter().all(|a| a.epsilon == 0.0));
 }
@@ -283,6 +285,7 @@ fn rollback_publishes_old_parameters_as_a_new_version_and_keeps_the_spend() {
     let a = h.send(Event::Admin(AdminCommand::Rollback {
         to_version: 1,
         params: v0.clone(),
+        reason: "bad round".into(),
     }));
     assert!(a.iter().any(|x| matches!(
         x,

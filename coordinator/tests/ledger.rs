@@ -282,5 +282,7 @@ fn run_create_command_validates_the_manifest_and_refuses_mode_none() {
     let store = Store::open(&db).unwrap();
     assert_eq!(store.runs().unwrap().len(), 1);
     assert!(verify("first", &store.ledger("first").unwrap()).is_ok());
-    let _ = LedgerEvent::Resumed;
+    let _ = LedgerEvent::Resumed {
+        reason: String::new(),
+    };
 }

@@ -818,18 +818,51 @@ async fn each_bad_input_gets_its_status_code_and_a_message_naming_the_problem() 
         .unwrap()
         .into_inner();
     assert_eq!(resumed.status, pb::RunStatus::Active as i32);
+    let report = admin
+        .get_report(authed(
+            pb::GetReportRequest {
+                run_id: run.run_id.clone(),
+                format: pb::ReportFormat::Html as i32,
+            },
+            ADMIN_TOKEN,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let html = String::from_utf8(report.content).unwrap();
+    assert!(report.ledger_intact);
+    assert_eq!(report.media_type, "text/html; charset=utf-8");
+    assert!(
+        html.starts_with("<!DOCTYPE html>") && html.contains("paused: maintenance"),
+        "{html}"
+    );
+    assert!(html.contains(&fedpref_coordinator::hex(&report.ledger_head_sha256)));
+    let json = admin
+        .get_report(authed(
+            pb::GetReportRequest {
+                run_id: run.run_id.clone(),
+                format: pb::ReportFormat::Json as i32,
+            },
+            ADMIN_TOKEN,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let v: serde_json::Value = serde_json::from_slice(&json.content).unwrap();
+    assert_eq!(v["run_id"], run.run_id.as_str());
+    assert_eq!(v["ledger"]["intact"], true);
     assert_status(
         admin
             .get_report(authed(
                 pb::GetReportRequest {
                     run_id: run.run_id.clone(),
-                    format: 1,
+                    format: 0,
                 },
                 ADMIN_TOKEN,
             ))
             .await,
-        Code::Unimplemented,
-        "compliance report",
+        Code::InvalidArgument,
+        "format",
     );
     // A manifest field this coordinator does not implement is named, not dropped.
     let mut unsupported = manifest(1, 1, 60, 5);
@@ -1213,4 +1246,115 @@ consent_model = "opt-in"
         (totals.cumulative_epsilon[0].epsilon - one_round.epsilon).abs()
             <= 1e-9 * one_round.epsilon
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reported_metrics_that_cross_a_pause_guardrail_pause_the_run_and_show_in_the_report() {
+    let server = TestServer::start().await;
+    let mut m = manifest(2, 1, 60, 5);
+    m.kpis = vec![pb::Kpi {
+        metric: "rmse".into(),
+        description: "held-out error".into(),
+        target: Some(0.9),
+        higher_is_better: false,
+    }];
+    m.guardrail_metrics = vec![pb::GuardrailMetric {
+        metric: pb::GuardrailMetricKind::OptOutRate as i32,
+        direction: pb::ThresholdDirection::Above as i32,
+        threshold: 0.4,
+        on_alert: pb::AlertAction::Pause as i32,
+        minimum_reporting_devices: 2,
+    }];
+    let run = create_run(&server, m.clone()).await;
+    // The manifest round-trips with its guardrail.
+    let stored = run.manifest.clone().unwrap();
+    assert_eq!(stored.guardrail_metrics, m.guardrail_metrics);
+    assert_eq!(stored.kpis, m.kpis);
+
+    let mut client = server.device().await;
+    let (a, b) = (enroll(&mut client).await, enroll(&mut client).await);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let report = |opted_out: u64| pb::ReportMetricsRequest {
+        run_id: run.run_id.clone(),
+        model_version: 1,
+        window_start: Some(prost_types::Timestamp {
+            seconds: now - 3600,
+            nanos: 0,
+        }),
+        window_end: Some(prost_types::Timestamp {
+            seconds: now - 60,
+            nanos: 0,
+        }),
+        cohort: "light".into(),
+        counts: Some(pb::EvaluationCounts {
+            recommendation_lists_shown: 2,
+            recommendations_shown: 20,
+            training_opt_outs: opted_out,
+            ..Default::default()
+        }),
+        counters: vec![],
+        histograms: vec![],
+    };
+    // One device opting out is one of one: below the two-device minimum, nothing happens.
+    client.report_metrics(authed(report(1), &a)).await.unwrap();
+    let mut admin = server.admin().await;
+    let get = || {
+        authed(
+            pb::GetRunRequest {
+                run_id: run.run_id.clone(),
+            },
+            ADMIN_TOKEN,
+        )
+    };
+    assert_eq!(
+        admin.get_run(get()).await.unwrap().into_inner().status,
+        pb::RunStatus::Active as i32
+    );
+    // A second device: 1 of 2 opted out = 0.5 > 0.4, so the run pauses.
+    client.report_metrics(authed(report(0), &b)).await.unwrap();
+    let got = admin.get_run(get()).await.unwrap().into_inner();
+    assert_eq!(got.status, pb::RunStatus::Paused as i32);
+    let ledger = admin
+        .read_ledger(authed(
+            pb::ReadLedgerRequest {
+                run_id: run.run_id.clone(),
+                ..Default::default()
+            },
+            ADMIN_TOKEN,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let alert = ledger
+        .entries
+        .iter()
+        .find(|e| e.kind == pb::LedgerEntryKind::GuardrailAlert as i32)
+        .expect("a guardrail alert entry");
+    let g = alert.guardrail_alert.as_ref().unwrap();
+    assert_eq!(g.metric, pb::GuardrailMetricKind::OptOutRate as i32);
+    assert_eq!((g.value, g.threshold, g.reporting_devices), (0.5, 0.4, 2));
+    assert_eq!(g.action_taken, pb::AlertAction::Pause as i32);
+    let paused = ledger.entries.last().unwrap();
+    assert_eq!(paused.kind, pb::LedgerEntryKind::Paused as i32);
+    assert_eq!(paused.actor, "guardrail");
+    let md = admin
+        .get_report(authed(
+            pb::GetReportRequest {
+                run_id: run.run_id.clone(),
+                format: pb::ReportFormat::Markdown as i32,
+            },
+            ADMIN_TOKEN,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let md = String::from_utf8(md.content).unwrap();
+    assert!(
+        md.contains("opt_out_rate = 0.5000 is above the threshold 0.4"),
+        "{md}"
+    );
+    server.running.shutdown().await.unwrap();
 }

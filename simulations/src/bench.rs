@@ -83,6 +83,10 @@ pub fn run(args: &BenchArgs) -> Result<String, CliError> {
         training: LocalTraining::default(),
         eval_every: 0,
         ranking: false,
+        scenario: None,
+        // Every workload user has the same number of training ratings, so weighting by
+        // examples is the workload's unweighted mean.
+        fedavg_weighting: crate::sim::FedavgWeighting::Examples,
         out: None,
     };
     let mut simulation =

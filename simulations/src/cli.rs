@@ -14,8 +14,10 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::data::{self, Dataset, SyntheticSpec};
+use crate::feedback::Scenario;
+use crate::guardrails::{Alert, Guardrails, Monitor};
 use crate::report;
-use crate::sim::{self, RoundRecord, Sampling, Settings, Simulation};
+use crate::sim::{self, FedavgWeighting, RoundRecord, Sampling, Settings, Simulation};
 
 /// Seeded federated simulations through the coordinator's engine and the SDK's training.
 #[derive(Debug, Parser)]
@@ -99,7 +101,9 @@ impl Mode {
 }
 
 /// `fedpref-sim run` flags. Every one can also be set in `--config FILE` (TOML, the same
-/// names with `_` for `-`); flags win.
+/// names with `_` for `-`); flags win. The config file may also hold a `[scenario]` table
+/// (the user-feedback scenario, [`crate::feedback::Scenario`]) and a `[guardrails]` table
+/// (alert thresholds, [`crate::guardrails::Guardrails`]).
 #[derive(Debug, Default, clap::Args)]
 #[command(allow_negative_numbers = true)]
 pub struct RunArgs {
@@ -187,6 +191,15 @@ pub struct RunArgs {
     /// No progress bar, no per-round lines.
     #[arg(long)]
     pub quiet: bool,
+    /// Model users' negative feedback and opt-outs (the `[scenario]` table of --config sets
+    /// its parameters; this flag turns it on with the defaults).
+    #[arg(long)]
+    pub user_feedback: bool,
+    /// How FedAvg weighs updates in modes none/local: `examples` (by each device's example
+    /// count, the engine's default) or `uniform` (every update alike); mode central always
+    /// weighs users equally [default: examples].
+    #[arg(long, value_enum, value_name = "W")]
+    pub fedavg_weighting: Option<FedavgWeighting>,
 }
 
 /// `--config FILE`: the flags' settings in TOML.
@@ -214,6 +227,10 @@ struct FileConfig {
     users: Option<usize>,
     items: Option<usize>,
     transport: Option<Transport>,
+    user_feedback: Option<bool>,
+    fedavg_weighting: Option<FedavgWeighting>,
+    scenario: Option<Scenario>,
+    guardrails: Option<Guardrails>,
 }
 
 /// `fedpref-sim bench` flags; defaults are the workload's.
@@ -319,6 +336,8 @@ pub struct RunPlan {
     pub settings_json: Value,
     /// How devices reach the engine.
     pub transport: Transport,
+    /// Alert thresholds, if configured.
+    pub guardrails: Option<Guardrails>,
 }
 
 fn server_optimizer(name: Option<Value>, lr: Option<f64>) -> Result<ServerOptimizer, CliError> {
@@ -522,6 +541,31 @@ fn plan_with(args: &RunArgs, file: FileConfig) -> Result<RunPlan, CliError> {
     } else {
         data
     };
+    let scenario = match (
+        file.scenario,
+        args.user_feedback || file.user_feedback == Some(true),
+    ) {
+        (Some(s), _) => Some(s),
+        (None, true) => Some(Scenario::default()),
+        (None, false) => None,
+    };
+    if let Some(s) = &scenario {
+        s.validate().map_err(usage)?;
+        if args.centralised {
+            return Err(usage(
+                "--centralised has no devices, so no user feedback: drop --user-feedback or the [scenario] table",
+            ));
+        }
+    }
+    if let Some(g) = &file.guardrails {
+        g.validate().map_err(usage)?;
+    }
+    let fedavg_weighting = args.fedavg_weighting.or(file.fedavg_weighting);
+    if mode == Mode::Central && fedavg_weighting == Some(FedavgWeighting::Examples) {
+        return Err(usage(
+            "--fedavg-weighting examples: mode central weighs every user equally (each contribution has sensitivity C); drop the flag or use uniform",
+        ));
+    }
     let settings = Settings {
         rounds,
         sampling,
@@ -538,13 +582,15 @@ fn plan_with(args: &RunArgs, file: FileConfig) -> Result<RunPlan, CliError> {
         eval_every: args.eval_every.or(file.eval_every).unwrap_or(1),
         ranking: true,
         out: None,
+        scenario,
+        fedavg_weighting: fedavg_weighting.unwrap_or_default(),
     };
     let out = args
         .out
         .clone()
         .or(file.out)
         .unwrap_or_else(|| PathBuf::from("fedpref-sim-out"));
-    let settings_json = json!({
+    let mut settings_json = json!({
         "dataset": data.name,
         "rounds": rounds,
         "sampling": sampling,
@@ -559,7 +605,16 @@ fn plan_with(args: &RunArgs, file: FileConfig) -> Result<RunPlan, CliError> {
         "local_epochs": training.epochs,
         "learning_rate": training.learning_rate,
         "centralised": args.centralised,
+        // The centralised baseline aggregates nothing.
+        "fedavg_weighting": (!args.centralised).then(|| settings.effective_weighting().as_str()),
     });
+    // Only runs that set them carry these keys, so other runs' files keep their bytes.
+    if let Some(s) = &scenario {
+        settings_json["scenario"] = json!(s);
+    }
+    if let Some(g) = &file.guardrails {
+        settings_json["guardrails"] = json!(g);
+    }
     let transport = args.transport.or(file.transport).unwrap_or_default();
     if transport == Transport::Grpc {
         if args.centralised {
@@ -568,6 +623,11 @@ fn plan_with(args: &RunArgs, file: FileConfig) -> Result<RunPlan, CliError> {
             ));
         }
         crate::grpc::check(&settings).map_err(|e| usage(e.to_string()))?;
+        if settings.fedavg_weighting == FedavgWeighting::Uniform {
+            return Err(usage(
+                "--transport grpc and --fedavg-weighting uniform: over gRPC each SDK device reports its own example count, so the coordinator weighs by examples; drop one",
+            ));
+        }
     }
     Ok(RunPlan {
         data,
@@ -575,6 +635,7 @@ fn plan_with(args: &RunArgs, file: FileConfig) -> Result<RunPlan, CliError> {
         out,
         settings_json,
         transport,
+        guardrails: file.guardrails,
     })
 }
 
@@ -618,6 +679,8 @@ pub struct RunOutcome {
     pub files: Vec<PathBuf>,
     /// The validated σ, if any.
     pub noise_multiplier: Option<f64>,
+    /// The guardrail alerts, in round order (empty without `[guardrails]`).
+    pub alerts: Vec<Alert>,
 }
 
 /// Runs a plan (federated, or `--centralised`) and writes its outputs under `out`.
@@ -628,6 +691,18 @@ pub fn run_plan(
     bar: &ProgressBar,
 ) -> Result<RunOutcome, CliError> {
     let s = &plan.settings;
+    // Guardrails are checked as each round ends; alerts go to stderr at once (above the
+    // progress bar) and to `alerts.json`.
+    let mut monitor = plan.guardrails.map(Monitor::new);
+    let mut alerts: Vec<Alert> = vec![];
+    let mut watch = |r: &RoundRecord| {
+        if let Some(m) = monitor.as_mut() {
+            for a in m.check(r) {
+                bar.suspend(|| eprintln!("alert [{}]: {a}", out.display()));
+                alerts.push(a);
+            }
+        }
+    };
     let (records, client_updates, timings, sigma) = if centralised {
         let t = Instant::now();
         let records = sim::centralised(s, &plan.data).map_err(|e| CliError::Failed(e.into()))?;
@@ -636,9 +711,11 @@ pub fn run_plan(
             ..Default::default()
         };
         bar.set_position(s.rounds);
+        records.iter().for_each(&mut watch);
         (records, 0, timings, None)
     } else if plan.transport == Transport::Grpc {
         let run = crate::grpc::run(s, &plan.data, |r| {
+            watch(r);
             bar.set_position(r.round);
             if let Some(e) = &r.evaluation {
                 bar.set_message(format!("rmse {:.4}", e.rmse));
@@ -652,6 +729,7 @@ pub fn run_plan(
         let sigma = simulation.manifest().noise_multiplier;
         let records = simulation
             .run(|r| {
+                watch(r);
                 bar.set_position(r.round);
                 if let Some(e) = &r.evaluation {
                     bar.set_message(format!("rmse {:.4}", e.rmse));
@@ -666,7 +744,11 @@ pub fn run_plan(
         )
     };
     let delta = (s.privacy_mode != ManifestPrivacyMode::None).then_some(s.delta);
-    let summary = report::summary(&records, delta, s.seed, client_updates, &timings);
+    let mut summary = report::summary(&records, delta, s.seed, client_updates, &timings);
+    report::add_feedback(&mut summary, &records);
+    if plan.guardrails.is_some() {
+        summary["alerts"] = json!(alerts.len());
+    }
     let mut settings_json = plan.settings_json.clone();
     settings_json["noise_multiplier"] = json!(sigma);
     if plan.transport == Transport::Grpc {
@@ -677,6 +759,15 @@ pub fn run_plan(
     let metrics = report::metrics_json(&plan.data, settings_json, &records);
     let mut files = report::write(out, &csv, &metrics, &summary)
         .map_err(|e| CliError::Failed(anyhow::anyhow!("--out: {e}")))?;
+    if plan.guardrails.is_some() {
+        let path = out.join("alerts.json");
+        std::fs::write(
+            &path,
+            serde_json::to_string_pretty(&alerts).expect("serialisable") + "\n",
+        )
+        .map_err(|e| CliError::Failed(anyhow::anyhow!("--out: {}: {e}", path.display())))?;
+        files.push(path);
+    }
     let points = |f: fn(&crate::metrics::Evaluation) -> Option<f64>| -> Vec<(f64, f64)> {
         records
             .iter()
@@ -702,11 +793,67 @@ pub fn run_plan(
             .map_err(|e| CliError::Failed(e.into()))?,
         );
     }
+    let cohorts: Vec<crate::plot::Series> = plan
+        .data
+        .cohorts
+        .iter()
+        .enumerate()
+        .map(|(c, name)| crate::plot::Series {
+            name: name.clone(),
+            points: records
+                .iter()
+                .filter_map(|r| {
+                    let e = r.evaluation.as_ref()?;
+                    Some((r.round as f64, e.cohort_rmse.get(c).copied().flatten()?))
+                })
+                .collect(),
+        })
+        .collect();
+    if cohorts.len() >= 2 {
+        files.extend(
+            crate::plot::lines_plot(
+                &out.join("rmse_by_cohort"),
+                &format!("test RMSE per cohort ({})", plan.data.name),
+                "round",
+                "test RMSE",
+                &cohorts,
+            )
+            .map_err(|e| CliError::Failed(e.into()))?,
+        );
+    }
+    if records.iter().any(|r| r.feedback.is_some()) {
+        let rate = |f: fn(&crate::feedback::RoundFeedback) -> Option<f64>| -> Vec<(f64, f64)> {
+            records
+                .iter()
+                .filter_map(|r| Some((r.round as f64, f(r.feedback.as_ref()?)?)))
+                .collect()
+        };
+        files.extend(
+            crate::plot::lines_plot(
+                &out.join("feedback_by_round"),
+                &format!("user feedback by round ({})", plan.data.name),
+                "round",
+                "share",
+                &[
+                    crate::plot::Series {
+                        name: "negative feedback rate".into(),
+                        points: rate(|f| f.negative_feedback_rate),
+                    },
+                    crate::plot::Series {
+                        name: "opt-out rate".into(),
+                        points: rate(|f| Some(f.opt_out_rate)),
+                    },
+                ],
+            )
+            .map_err(|e| CliError::Failed(e.into()))?,
+        );
+    }
     Ok(RunOutcome {
         records,
         summary,
         files,
         noise_multiplier: sigma,
+        alerts,
     })
 }
 
@@ -760,6 +907,16 @@ pub fn execute(cli: &Cli) -> Result<String, CliError> {
                 "global-mean baseline rmse {:.4}\n",
                 crate::metrics::global_mean_rmse(&plan.data)
             );
+            if s.get("opt_out_rate").is_some() {
+                text += &format!(
+                    "user feedback: negative_feedback_rate {}  opt_out_rate {}\n",
+                    fmt(&s["negative_feedback_rate"]),
+                    fmt(&s["opt_out_rate"]),
+                );
+            }
+            if let Some(n) = s.get("alerts") {
+                text += &format!("guardrail alerts: {n} (see alerts.json)\n");
+            }
             if let Some(eps) = s["epsilon"].as_f64() {
                 text += &format!(
                     "ε = {eps:.4} at δ = {} (σ = {:.4}), {}\n",

@@ -97,6 +97,36 @@ pub struct Dataset {
     pub items: Vec<Item>,
     /// The users (devices), by index.
     pub users: Vec<User>,
+    /// The preference model that generated the ratings, where one did (synthetic data).
+    pub truth: Option<Truth>,
+}
+
+/// The noise-free preference model behind synthetic ratings: a user's expected rating of an
+/// item is `3.5 + b_u + b_i + 1.5·p_u·q_i`, clipped to [1, 5] (the generator adds N(0, 0.5²)
+/// noise and rounds to draw a rating).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Truth {
+    /// The rank of the factors.
+    pub rank: usize,
+    /// User factors p_u, row-major (users × rank).
+    pub user_factors: Vec<f64>,
+    /// User biases b_u.
+    pub user_bias: Vec<f64>,
+    /// Item factors q_i, row-major (items × rank).
+    pub item_factors: Vec<f64>,
+    /// Item biases b_i.
+    pub item_bias: Vec<f64>,
+}
+
+impl Truth {
+    /// The expected rating of `item` by `user`, in [1, 5].
+    pub fn preference(&self, user: usize, item: usize) -> f64 {
+        let k = self.rank;
+        let p = &self.user_factors[user * k..(user + 1) * k];
+        let q = &self.item_factors[item * k..(item + 1) * k];
+        let dot: f64 = p.iter().zip(q).map(|(a, b)| a * b).sum();
+        (3.5 + self.user_bias[user] + self.item_bias[item] + 1.5 * dot).clamp(1.0, 5.0)
+    }
 }
 
 impl Dataset {
@@ -320,6 +350,8 @@ pub fn synthetic(spec: &SyntheticSpec) -> Result<Dataset, DataError> {
         })
         .collect();
     let mut users = Vec::with_capacity(spec.users);
+    let mut user_factors = Vec::with_capacity(spec.users * spec.rank);
+    let mut user_bias = Vec::with_capacity(spec.users);
     for u in 0..spec.users {
         let mut r = rng(spec.seed, &[2, u as u64]);
         let heavy = r.random::<f64>() >= spec.light_share;
@@ -335,6 +367,8 @@ pub fn synthetic(spec: &SyntheticSpec) -> Result<Dataset, DataError> {
             .map(|c| 0.5 * (centroids[liked[0]][c] + centroids[liked[1]][c]) + noise[c])
             .collect();
         let bias = gaussians(&mut r, 1, 0.4)[0];
+        user_factors.extend_from_slice(&factor);
+        user_bias.push(bias);
         let eps = Normal::new(0.0, 0.5).expect("valid");
         let mut time = 1_700_000_000 + r.random_range(0..86_400i64);
         let ratings = weighted_distinct(&mut r, &cumulative, n)
@@ -368,6 +402,13 @@ pub fn synthetic(spec: &SyntheticSpec) -> Result<Dataset, DataError> {
         cohorts: vec!["light".into(), "heavy".into()],
         items,
         users,
+        truth: Some(Truth {
+            rank: spec.rank,
+            user_factors,
+            user_bias,
+            item_factors: item_factors.concat(),
+            item_bias,
+        }),
     }
     .check()
 }
@@ -437,6 +478,7 @@ pub fn workload(
             })
             .collect(),
         users,
+        truth: None,
     }
     .check()
 }
@@ -728,6 +770,7 @@ pub fn from_raw(
         cohorts: vec!["light".into(), "heavy".into()],
         items,
         users,
+        truth: None,
     }
     .check()
 }

@@ -6,7 +6,7 @@
 //! the catalogue and the user's training ratings) driven by [`participate`]: enrol, check in,
 //! download, `prepare_upload` (fit, clip, noise, record), upload.
 //!
-//! What is the same as in-process: the check-ins of every round ([`candidates`], stream
+//! What is the same as in-process: the check-ins of every round ([`candidates`](crate::sim::candidates), stream
 //! (seed, 3, round)), hence the cohorts, the number of rounds and of client updates, the
 //! initial model (the manifest's seed), the engine, aggregation, optimiser and accountant
 //! (so ε per round). What is not: the bytes of the model. The SDK noises every upload with
@@ -33,9 +33,10 @@ use fedpref_coordinator::store::{RunStatus, Store};
 use fedpref_coordinator::{coordinator::create_run, model};
 
 use crate::data::Dataset;
+use crate::feedback::FeedbackModel;
 use crate::metrics::evaluate;
 use crate::sim::Settings;
-use crate::sim::{RoundRecord, SimError, Timings, candidates, shared_model};
+use crate::sim::{RoundRecord, SimError, Timings, candidates_among, shared_model};
 
 /// The round deadline over gRPC, in wall-clock seconds (the in-process engine's clock is
 /// simulated). Every selected device must download, train and upload within it.
@@ -210,6 +211,7 @@ async fn run_async(
     let mut ledger_seen = 0;
     let limit = settings.rounds.saturating_mul(100).max(1_000);
     let mut step = 0;
+    let mut feedback_state = settings.scenario.map(|s| FeedbackModel::new(s, data));
     let result: Result<(), SimError> = async {
         while store
             .run(RUN_ID)
@@ -217,11 +219,34 @@ async fn run_async(
             .status
             == RunStatus::Active
             && step < limit
+            && !feedback_state
+                .as_ref()
+                .is_some_and(|f| f.everyone_opted_out())
         {
             let start_round = Instant::now();
             step += 1;
             let round = step;
-            let users = candidates(settings, data, round);
+            let opted_out = feedback_state
+                .as_ref()
+                .map(|f| f.opted_out())
+                .unwrap_or(&[]);
+            let users = candidates_among(settings, data, round, opted_out);
+            // The model the round's devices download, for the feedback scenario.
+            let downloaded = match feedback_state {
+                Some(_) => {
+                    let version = store
+                        .run(RUN_ID)
+                        .map_err(|e| failed("the store", e))?
+                        .current_version;
+                    let blob = store
+                        .model(RUN_ID, version)
+                        .map_err(|e| failed("the model", e))?;
+                    let params = model::decode(&blob, &manifest.model)
+                        .map_err(|e| failed("the model", e))?;
+                    Some(shared_model(version, &item_ids, settings.factors, &params)?)
+                }
+                None => None,
+            };
             let mut handles = Vec::with_capacity(users.len());
             for &user in &users {
                 let (device, client) = match devices.remove(&user) {
@@ -330,12 +355,30 @@ async fn run_async(
             } else {
                 None
             };
+            // The scenario: the devices that uploaded react to their lists; those who opt
+            // out switch training off on the device, as a user would in the app.
+            let feedback = match (feedback_state.as_mut(), &downloaded) {
+                (Some(state), Some(m)) => {
+                    let (f, left) =
+                        state.observe(m, data, &settings.training, settings.seed, round, &uploaded);
+                    for u in left {
+                        if let Some((device, _)) = devices.get_mut(&u) {
+                            device
+                                .set_training(false)
+                                .map_err(|e| failed(&format!("device u{u}"), e))?;
+                        }
+                    }
+                    Some(f)
+                }
+                _ => None,
+            };
             let r = RoundRecord {
                 round,
                 contributions,
                 abandoned,
                 epsilon,
                 evaluation,
+                feedback,
             };
             progress(&r);
             records.push(r);

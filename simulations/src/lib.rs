@@ -4,7 +4,9 @@
 //! ([`data`]), thousands of simulated devices driving **the coordinator's round engine** and
 //! **the SDK's training code** in-process, with the privacy crate's seeded
 //! [`fedpref_privacy::SimulationSampler`] for noise ([`sim`]), metrics per round ([`metrics`],
-//! [`report`]), grids of runs ([`sweep`]), and the standard speed workload ([`bench`]).
+//! [`report`]), a user-feedback scenario with negative feedback and opt-outs ([`feedback`]),
+//! guardrail alerts on drifting metrics ([`guardrails`]), labelled plots ([`plot`]), grids of
+//! runs ([`sweep`]), and the standard speed workload ([`bench`](mod@bench)).
 //! Same seed, same bytes: every client's randomness is its own stream keyed by (seed, round,
 //! client), and updates reach the engine in a fixed order whatever the number of threads.
 //!
@@ -27,7 +29,9 @@
 pub mod bench;
 pub mod cli;
 pub mod data;
+pub mod feedback;
 pub mod grpc;
+pub mod guardrails;
 pub mod metrics;
 pub mod plot;
 pub mod report;

@@ -23,7 +23,7 @@
 
 use fedpref_client_sdk::{
     Catalogue, CatalogueItem, Example, Guardrails, LocalTraining, MatrixFactorization,
-    PersonalView, PreferenceModel, Ranker, Reason, Timestamp,
+    PersonalView, PreferenceModel, Ranker, Reason, Recommendation, Timestamp, UserState,
 };
 use rayon::prelude::*;
 use serde::Serialize;
@@ -113,33 +113,7 @@ fn evaluate_user(
         e.n += 1;
     }
     if let Some(ranker) = ranker {
-        let (items, topics) = (data.items.len(), data.topics.len());
-        let mut seen = vec![false; items];
-        for r in &user.train {
-            seen[r.item as usize] = true;
-        }
-        let mut liked_topics = vec![0u32; topics];
-        let mut liked = vec![];
-        for r in user
-            .train
-            .iter()
-            .rev()
-            .filter(|r| r.value >= RELEVANT_RATING)
-        {
-            liked.push(r.item as usize);
-            for &t in &data.items[r.item as usize].topics {
-                liked_topics[t as usize] += 1;
-            }
-        }
-        let view = PersonalView {
-            private: Some(private),
-            seen,
-            usable: vec![true; items],
-            followed: vec![false; topics],
-            interests: liked_topics.iter().map(|&n| n >= 2).collect(),
-            liked,
-        };
-        let recs = ranker.rank(Some(model), Some(&view), &Guardrails::default(), TOP_K, now);
+        let recs = recommend(model, data, user, private, ranker, now);
         let k = recs.len();
         let injected = recs
             .iter()
@@ -175,6 +149,75 @@ fn evaluate_user(
     e
 }
 
+/// The list the SDK would show `user`: [`Ranker::rank`] — the guardrailed `recommend(10)` —
+/// given its refitted private part, the items it rated in training as seen, every item
+/// usable, and as established interests the topics of at least two of its liked (≥ 4)
+/// training items.
+pub fn recommend(
+    model: &MatrixFactorization,
+    data: &Dataset,
+    user: &User,
+    private: UserState,
+    ranker: &Ranker,
+    now: Timestamp,
+) -> Vec<Recommendation> {
+    let (items, topics) = (data.items.len(), data.topics.len());
+    let mut seen = vec![false; items];
+    for r in &user.train {
+        seen[r.item as usize] = true;
+    }
+    let mut liked_topics = vec![0u32; topics];
+    let mut liked = vec![];
+    for r in user
+        .train
+        .iter()
+        .rev()
+        .filter(|r| r.value >= RELEVANT_RATING)
+    {
+        liked.push(r.item as usize);
+        for &t in &data.items[r.item as usize].topics {
+            liked_topics[t as usize] += 1;
+        }
+    }
+    let view = PersonalView {
+        private: Some(private),
+        seen,
+        usable: vec![true; items],
+        followed: vec![false; topics],
+        interests: liked_topics.iter().map(|&n| n >= 2).collect(),
+        liked,
+    };
+    ranker.rank(Some(model), Some(&view), &Guardrails::default(), TOP_K, now)
+}
+
+/// The SDK's ranker over the data set's catalogue (topics by name, sensitive flags; no
+/// publication times, so the recency floor never applies).
+pub fn ranker(data: &Dataset, model: &MatrixFactorization) -> Ranker {
+    let items = data
+        .items
+        .iter()
+        .map(|i| CatalogueItem {
+            item: i.id.clone(),
+            topics: i
+                .topics
+                .iter()
+                .map(|&t| data.topics[t as usize].clone())
+                .collect(),
+            sensitive: i.sensitive,
+            published: None,
+            title: None,
+            format: None,
+            popularity: None,
+        })
+        .collect();
+    Ranker::new(Catalogue::new(items), Some(model))
+}
+
+/// The instant rankings are made at. No item has a publication time, so it does not matter.
+pub fn ranking_time() -> Timestamp {
+    Timestamp::parse_rfc3339("2026-01-01T00:00:00Z").expect("a valid timestamp")
+}
+
 fn dissimilarity(a: &[u16], b: &[u16]) -> f64 {
     if a.is_empty() && b.is_empty() {
         return 0.0;
@@ -191,29 +234,8 @@ pub fn evaluate(
     training: &LocalTraining,
     ranking: bool,
 ) -> Evaluation {
-    let ranker = ranking.then(|| {
-        let items = data
-            .items
-            .iter()
-            .map(|i| CatalogueItem {
-                item: i.id.clone(),
-                topics: i
-                    .topics
-                    .iter()
-                    .map(|&t| data.topics[t as usize].clone())
-                    .collect(),
-                sensitive: i.sensitive,
-                published: None,
-                title: None,
-                format: None,
-                popularity: None,
-            })
-            .collect();
-        Ranker::new(Catalogue::new(items), Some(model))
-    });
-    // No item has a publication time, so the recency floor never applies and `now` does
-    // not matter.
-    let now = Timestamp::parse_rfc3339("2026-01-01T00:00:00Z").expect("a valid timestamp");
+    let ranker = ranking.then(|| ranker(data, model));
+    let now = ranking_time();
     let per_user: Vec<UserEval> = data
         .users
         .par_iter()

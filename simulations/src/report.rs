@@ -2,7 +2,8 @@
 //!
 //! `metrics.csv` and `metrics.json` hold only what the seed determines (no timings), so
 //! the same seed gives the same bytes on any number of threads; `summary.json` adds the
-//! speed and memory figures, which depend on the machine.
+//! speed and memory figures, which depend on the machine. With `[guardrails]` configured,
+//! `alerts.json` lists every alert (round, metric, value, threshold, baseline).
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -17,8 +18,10 @@ fn opt(x: Option<f64>) -> String {
 }
 
 /// The per-round metrics as CSV: one row per round, empty cells where a round was not
-/// evaluated or a metric does not apply.
+/// evaluated or a metric does not apply. Runs with the feedback scenario get two more
+/// columns at the end, `negative_feedback_rate` and `opt_out_rate`.
 pub fn metrics_csv(data: &Dataset, records: &[RoundRecord]) -> String {
+    let feedback = records.iter().any(|r| r.feedback.is_some());
     let audiences: Vec<String> = records
         .first()
         .map(|r| r.epsilon.iter().map(|e| e.audience.clone()).collect())
@@ -32,6 +35,9 @@ pub fn metrics_csv(data: &Dataset, records: &[RoundRecord]) -> String {
     s.push_str(",cohort_rmse_gap");
     for a in &audiences {
         let _ = write!(s, ",epsilon_{a}");
+    }
+    if feedback {
+        s.push_str(",negative_feedback_rate,opt_out_rate");
     }
     s.push('\n');
     for r in records {
@@ -71,6 +77,15 @@ pub fn metrics_csv(data: &Dataset, records: &[RoundRecord]) -> String {
                 .map(|e| e.epsilon);
             let _ = write!(s, ",{}", opt(eps));
         }
+        if feedback {
+            let f = r.feedback.as_ref();
+            let _ = write!(
+                s,
+                ",{},{}",
+                opt(f.and_then(|f| f.negative_feedback_rate)),
+                opt(f.map(|f| f.opt_out_rate))
+            );
+        }
         s.push('\n');
     }
     s
@@ -100,8 +115,9 @@ pub fn peak_rss_bytes() -> Option<u64> {
     Some(kib * 1024)
 }
 
-/// The summary object `--json` prints, with exactly the keys in its order. Privacy
-/// keys are null in mode `none`; metrics of a run that was never evaluated are null.
+/// The summary object `--json` prints, with the documented keys in their order (the
+/// feedback scenario's keys and the alert count are appended by the caller). Privacy keys
+/// are null in mode `none`; metrics of a run that was never evaluated are null.
 pub fn summary(
     records: &[RoundRecord],
     delta: Option<f64>,
@@ -132,6 +148,21 @@ pub fn summary(
         "peak_rss_bytes": peak_rss_bytes(),
         "seed": seed,
     })
+}
+
+/// Adds the feedback scenario's figures to a summary, after its other keys, when the run
+/// modelled them: `opt_out_rate` (the share of the training population opted out by the
+/// end) and `negative_feedback_rate` (disliked ÷ recommended slots over the whole run).
+pub fn add_feedback(summary: &mut Value, records: &[RoundRecord]) {
+    let rounds: Vec<_> = records.iter().filter_map(|r| r.feedback.as_ref()).collect();
+    let Some(last) = rounds.last() else {
+        return;
+    };
+    let recommended: u64 = rounds.iter().map(|f| f.recommended).sum();
+    let negative: u64 = rounds.iter().map(|f| f.negative).sum();
+    summary["opt_out_rate"] = json!(last.opt_out_rate);
+    summary["negative_feedback_rate"] =
+        json!((recommended > 0).then(|| negative as f64 / recommended as f64));
 }
 
 /// Writes `metrics.csv`, `metrics.json` and `summary.json` under `out` (created if needed)

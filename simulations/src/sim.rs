@@ -37,6 +37,7 @@ use rayon::prelude::*;
 use serde::Serialize;
 
 use crate::data::{Dataset, splitmix64, stream_rng};
+use crate::feedback::{FeedbackModel, RoundFeedback, Scenario};
 use crate::metrics::{Evaluation, evaluate, examples};
 
 /// A simulation that cannot go on, naming what is wrong.
@@ -73,6 +74,32 @@ pub enum Sampling {
     Cohort(u32),
 }
 
+/// How FedAvg weighs the updates of a round (local and no-DP runs; central DP always weighs
+/// users equally, each contribution having sensitivity C).
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize, clap::ValueEnum,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum FedavgWeighting {
+    /// By the device's number of local examples (the engine's weighting: each device reports
+    /// its example count with its update).
+    #[default]
+    Examples,
+    /// Every update alike (the unweighted mean of `../shared/bench/WORKLOAD.md`): each
+    /// simulated device reports one example, so the engine's weights are all 1.
+    Uniform,
+}
+
+impl FedavgWeighting {
+    /// Its name in flags and outputs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Examples => "examples",
+            Self::Uniform => "uniform",
+        }
+    }
+}
+
 /// Everything a run needs, resolved from flags and the config file.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Settings {
@@ -106,6 +133,10 @@ pub struct Settings {
     pub ranking: bool,
     /// Where outputs go.
     pub out: Option<PathBuf>,
+    /// The user-feedback scenario (negative feedback and opt-outs), if modelled.
+    pub scenario: Option<Scenario>,
+    /// How FedAvg weighs updates (ignored in mode `central`, which weighs users equally).
+    pub fedavg_weighting: FedavgWeighting,
 }
 
 impl Default for Settings {
@@ -128,11 +159,22 @@ impl Default for Settings {
             eval_every: 1,
             ranking: true,
             out: None,
+            scenario: None,
+            fedavg_weighting: FedavgWeighting::Examples,
         }
     }
 }
 
 impl Settings {
+    /// The weighting the engine actually applies: [`FedavgWeighting::Uniform`] in mode
+    /// `central`, else the chosen one.
+    pub fn effective_weighting(&self) -> FedavgWeighting {
+        match self.privacy_mode {
+            ManifestPrivacyMode::Central => FedavgWeighting::Uniform,
+            _ => self.fedavg_weighting,
+        }
+    }
+
     /// The run manifest these settings make, validated by the coordinator's own manifest
     /// code (which calibrates σ from a target ε). `users` and `items` size the population
     /// and the model.
@@ -190,6 +232,8 @@ impl Settings {
                 withdrawal_effect: String::new(),
             },
             harm_scenarios: vec![],
+            kpis: vec![],
+            guardrail_metrics: vec![],
             seed: Some(self.seed),
         };
         RunManifest::from_toml(&manifest.to_toml(), "flags").map_err(|e| {
@@ -236,6 +280,9 @@ pub struct RoundRecord {
     pub epsilon: Vec<AudienceEpsilon>,
     /// The evaluation after the round, if one was due.
     pub evaluation: Option<Evaluation>,
+    /// Negative feedback and opt-outs, where the run models them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub feedback: Option<RoundFeedback>,
 }
 
 /// Where the time went (nanoseconds). Fitting and privacy are summed over clients and
@@ -268,6 +315,7 @@ pub struct Simulation<'d> {
     now: i64,
     step: u64,
     item_ids: Vec<String>,
+    feedback: Option<FeedbackModel>,
     /// Where the time went so far.
     pub timings: Timings,
     /// Updates accepted so far.
@@ -304,6 +352,7 @@ impl<'d> Simulation<'d> {
             now: 1_700_000_000_000,
             step: 0,
             item_ids: data.items.iter().map(|i| i.id.clone()).collect(),
+            feedback: settings.scenario.map(|s| FeedbackModel::new(s, data)),
             timings: Timings::default(),
             client_updates: 0,
         })
@@ -341,6 +390,14 @@ impl<'d> Simulation<'d> {
         // ever checks in.
         let limit = self.settings.rounds.saturating_mul(100).max(1_000);
         while self.engine.state() == RunState::Active && self.step < limit {
+            if self
+                .feedback
+                .as_ref()
+                .is_some_and(|f| f.everyone_opted_out())
+            {
+                // Nobody is left to check in: the run ends early, with fewer rounds.
+                break;
+            }
             let record = self.run_round()?;
             progress(&record);
             records.push(record);
@@ -357,7 +414,8 @@ impl<'d> Simulation<'d> {
         let round = self.step;
         let seed = self.settings.seed;
         let t = Instant::now();
-        let candidates = candidates(&self.settings, self.data, round);
+        let opted_out = self.feedback.as_ref().map(|f| f.opted_out()).unwrap_or(&[]);
+        let candidates = candidates_among(&self.settings, self.data, round, opted_out);
         let mut rng = stream_rng(seed, &[5, round]);
         let mut sampler = SimulationSampler::for_stream(seed, &[round, u64::MAX - 1]);
         let mut tasks = Vec::new();
@@ -394,11 +452,12 @@ impl<'d> Simulation<'d> {
         };
         let training = self.settings.training;
         let data = self.data;
+        let uniform = self.settings.fedavg_weighting == FedavgWeighting::Uniform;
         let train = |batch: &[(usize, Task)]| -> Result<Vec<ClientUpdate>, SimError> {
             batch
                 .par_iter()
                 .map(|(user, _)| {
-                    train_client(
+                    let mut update = train_client(
                         &model,
                         data,
                         *user,
@@ -407,7 +466,12 @@ impl<'d> Simulation<'d> {
                         mechanism.as_ref(),
                         seed,
                         round,
-                    )
+                    )?;
+                    if uniform {
+                        // The engine weighs by the reported example count.
+                        update.examples = 1;
+                    }
+                    Ok(update)
                 })
                 .collect()
         };
@@ -466,6 +530,28 @@ impl<'d> Simulation<'d> {
         self.timings.aggregation_ns += t.elapsed().as_nanos() as u64;
         self.timings.rounds_wall_ns += start.elapsed().as_nanos() as u64;
 
+        // The scenario: the round's devices react to the lists the downloaded model gave them.
+        let t = Instant::now();
+        let feedback = match self.feedback.as_mut() {
+            Some(state) => {
+                let users: Vec<usize> = tasks.iter().map(|(u, _)| *u).collect();
+                Some(
+                    state
+                        .observe(
+                            &model,
+                            self.data,
+                            &self.settings.training,
+                            seed,
+                            round,
+                            &users,
+                        )
+                        .0,
+                )
+            }
+            None => None,
+        };
+        self.timings.evaluation_ns += t.elapsed().as_nanos() as u64;
+
         let last = self.engine.state() != RunState::Active;
         let every = self.settings.eval_every;
         let due = last || (every > 0 && round.is_multiple_of(every));
@@ -488,6 +574,7 @@ impl<'d> Simulation<'d> {
             abandoned,
             epsilon: self.engine.spent(),
             evaluation,
+            feedback,
         })
     }
 }
@@ -497,9 +584,20 @@ impl<'d> Simulation<'d> {
 /// `--sampling-rate q`, and every user otherwise (the engine then samples). Shared by the
 /// in-process and gRPC transports, so both see the very same check-ins.
 pub fn candidates(settings: &Settings, data: &Dataset, round: u64) -> Vec<usize> {
+    candidates_among(settings, data, round, &[])
+}
+
+/// [`candidates`] among the users who have not opted out (`opted_out[u]`; an empty slice:
+/// nobody has). With nobody opted out the two are the same.
+pub fn candidates_among(
+    settings: &Settings,
+    data: &Dataset,
+    round: u64,
+    opted_out: &[bool],
+) -> Vec<usize> {
     let seed = settings.seed;
     let trainable: Vec<usize> = (0..data.users.len())
-        .filter(|&u| data.users[u].trains)
+        .filter(|&u| data.users[u].trains && !opted_out.get(u).copied().unwrap_or(false))
         .collect();
     let users = trainable.len();
     match (settings.sampling, settings.privacy_mode) {
@@ -667,6 +765,7 @@ pub fn centralised(settings: &Settings, data: &Dataset) -> Result<Vec<RoundRecor
             abandoned: None,
             epsilon: vec![],
             evaluation: due.then(|| evaluate(&model, data, &settings.training, settings.ranking)),
+            feedback: None,
         });
     }
     Ok(records)

@@ -119,6 +119,12 @@ pub fn run(args: &SweepArgs) -> Result<String, CliError> {
             ] {
                 row[k] = s[k].clone();
             }
+            // Present only where the runs model feedback or configure guardrails.
+            for k in ["opt_out_rate", "negative_feedback_rate", "alerts"] {
+                if let Some(v) = s.get(k) {
+                    row[k] = v.clone();
+                }
+            }
             row["noise_multiplier_used"] = json!(outcome.noise_multiplier);
             bar.inc(1);
             Ok(row)

@@ -223,3 +223,217 @@ fn a_run_draws_its_metrics_as_png_and_svg() {
     let png = std::fs::read(out.join("rmse_by_round.png")).unwrap();
     assert_eq!(&png[1..4], b"PNG");
 }
+
+/// Runs a small synthetic federated run with `config` (TOML) and returns (exit code,
+/// summary, stderr, out dir).
+fn run_with_config(
+    dir: &std::path::Path,
+    name: &str,
+    config: &str,
+) -> (i32, serde_json::Value, String, std::path::PathBuf) {
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(
+        &path,
+        format!("users = 150\nitems = 60\nrounds = 4\ncohort_size = 30\n{config}"),
+    )
+    .unwrap();
+    let out = dir.join(name);
+    let (code, stdout, stderr) = sim(&[
+        "run",
+        "--config",
+        path.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--json",
+    ]);
+    let summary = serde_json::from_str(stdout.trim()).unwrap_or(serde_json::Value::Null);
+    (code, summary, stderr, out)
+}
+
+#[test]
+fn guardrails_that_must_fire_write_alerts_to_the_file_stderr_and_the_summary() {
+    let dir = tempfile::tempdir().unwrap();
+    // Any opt-out and any cohort gap pass a zero threshold; the scenario's dislikes are
+    // certain opt-outs, so the first round already has some.
+    let (code, summary, stderr, out) = run_with_config(
+        dir.path(),
+        "fire",
+        "[scenario]\nnegative_below = 3.5\nopt_out_per_negative = 0.5\n\n[guardrails]\nmax_opt_out_rate = 0.0\nmax_cohort_rmse_gap = 0.0\n",
+    );
+    assert_eq!(code, 0, "{stderr}");
+    let alerts: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("alerts.json")).unwrap()).unwrap();
+    let alerts = alerts.as_array().unwrap();
+    // Both rules fire in every one of the 4 rounds.
+    assert_eq!(alerts.len(), 8, "{alerts:?}");
+    assert_eq!(summary["alerts"], 8);
+    assert_eq!(alerts[0]["round"], 1);
+    assert_eq!(alerts[0]["metric"], "cohort_rmse_gap");
+    assert_eq!(alerts[1]["metric"], "opt_out_rate");
+    assert_eq!(alerts[1]["threshold"], 0.0);
+    assert!(alerts[1]["value"].as_f64().unwrap() > 0.0);
+    assert_eq!(
+        stderr.matches("alert [").count(),
+        8,
+        "every alert is on stderr: {stderr}"
+    );
+    assert!(stderr.contains("round 4: opt_out_rate"), "{stderr}");
+    // The scenario's keys come after the documented ones, then the alert count.
+    let keys: Vec<&str> = summary
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    assert_eq!(
+        keys[keys.len() - 4..],
+        ["seed", "opt_out_rate", "negative_feedback_rate", "alerts"]
+    );
+    let negative = summary["negative_feedback_rate"].as_f64().unwrap();
+    assert!(negative > 0.0 && negative < 1.0, "{negative}");
+    let csv = std::fs::read_to_string(out.join("metrics.csv")).unwrap();
+    assert!(csv.starts_with("round,") && csv.lines().next().unwrap().ends_with(",opt_out_rate"));
+    let png = image::open(out.join("feedback_by_round.png")).unwrap();
+    assert_eq!((png.width(), png.height()), (800, 500));
+}
+
+#[test]
+fn guardrails_that_must_not_fire_write_an_empty_alert_list() {
+    let dir = tempfile::tempdir().unwrap();
+    let (code, summary, stderr, out) = run_with_config(
+        dir.path(),
+        "quiet",
+        "user_feedback = true\n\n[guardrails]\nmax_rmse_rise = 0.5\nmax_diversity_drop = 0.5\nmax_coverage_drop = 0.5\nmax_cohort_rmse_gap = 1.0\nmax_opt_out_rate = 0.9\nmax_negative_feedback_rate = 0.9\n",
+    );
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(summary["alerts"], 0);
+    assert!(!stderr.contains("alert"), "{stderr}");
+    assert_eq!(
+        std::fs::read_to_string(out.join("alerts.json"))
+            .unwrap()
+            .trim(),
+        "[]"
+    );
+    assert!(summary["opt_out_rate"].as_f64().unwrap() < 0.9);
+}
+
+#[test]
+fn bad_scenario_and_guardrail_settings_name_the_key_with_exit_code_2() {
+    let dir = tempfile::tempdir().unwrap();
+    for (config, expected) in [
+        (
+            "[scenario]\nopt_out_per_negative = 2.0\n",
+            "opt_out_per_negative",
+        ),
+        ("[scenario]\nmemroy = 2\n", "memroy"),
+        ("[guardrails]\nmax_rmse_rise = -1.0\n", "max_rmse_rise"),
+        ("[guardrails]\nmax_rmse_drop = 0.1\n", "max_rmse_drop"),
+    ] {
+        let (code, _, stderr, _) = run_with_config(dir.path(), "bad", config);
+        assert_eq!(code, 2, "{config}: {stderr}");
+        assert!(stderr.contains(expected), "{config}: {stderr}");
+    }
+    let (code, _, stderr) = sim(&["run", "--centralised", "--user-feedback"]);
+    assert_eq!(code, 2);
+    assert!(stderr.contains("--user-feedback"), "{stderr}");
+}
+
+#[test]
+fn the_png_plots_carry_rasterised_text_in_their_title_band() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let (code, _, stderr) = sim(&[
+        "run",
+        "--users",
+        "40",
+        "--items",
+        "20",
+        "--rounds",
+        "2",
+        "--cohort-size",
+        "10",
+        "--out",
+        out.to_str().unwrap(),
+        "--quiet",
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    let png = image::open(out.join("rmse_by_round.png"))
+        .unwrap()
+        .to_rgb8();
+    // Rows 20..40 hold only the title (the chart starts below it): without text they are
+    // white; the caption's glyphs make dark pixels there.
+    let dark = (20..40)
+        .flat_map(|y| (0..png.width()).map(move |x| (x, y)))
+        .filter(|&(x, y)| png.get_pixel(x, y).0.iter().all(|&c| c < 128))
+        .count();
+    assert!(dark > 200, "{dark} dark pixels in the title band");
+}
+
+#[test]
+fn the_fedavg_weighting_is_written_with_the_settings_and_refused_where_it_cannot_apply() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let (code, _, stderr) = sim(&[
+        "run",
+        "--users",
+        "40",
+        "--items",
+        "20",
+        "--rounds",
+        "1",
+        "--cohort-size",
+        "10",
+        "--fedavg-weighting",
+        "uniform",
+        "--out",
+        out.to_str().unwrap(),
+        "--quiet",
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    let metrics: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap()).unwrap();
+    assert_eq!(metrics["settings"]["fedavg_weighting"], "uniform");
+    let (code, _, stderr) = sim(&[
+        "run",
+        "--privacy-mode",
+        "central",
+        "--noise-multiplier",
+        "1",
+        "--fedavg-weighting",
+        "examples",
+    ]);
+    assert_eq!(code, 2);
+    assert!(stderr.contains("--fedavg-weighting"), "{stderr}");
+}
+
+#[test]
+fn sweep_rows_carry_feedback_rates_and_alert_counts_when_the_runs_have_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let grid = dir.path().join("grid.toml");
+    std::fs::write(
+        &grid,
+        "[base]\nusers = 60\nitems = 30\nrounds = 2\ncohort_size = 10\nuser_feedback = true\n\n[base.guardrails]\nmax_cohort_rmse_gap = 0.0\n\n[grid]\nseed = [1, 2]\n",
+    )
+    .unwrap();
+    let out = dir.path().join("sweep");
+    let (code, stdout, stderr) = sim(&[
+        "sweep",
+        "--grid",
+        grid.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--json",
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    let rows: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    for row in rows.as_array().unwrap() {
+        assert!(row["opt_out_rate"].is_number(), "{row}");
+        assert!(row["negative_feedback_rate"].is_number(), "{row}");
+        assert_eq!(
+            row["alerts"], 2,
+            "a zero gap threshold fires every round: {row}"
+        );
+    }
+    let header = std::fs::read_to_string(out.join("sweep.csv")).unwrap();
+    assert!(header.lines().next().unwrap().contains("opt_out_rate"));
+}

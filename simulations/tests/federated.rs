@@ -98,3 +98,42 @@ fn evaluation_only_users_never_train() {
     assert!(records.iter().all(|r| r.contributions == 48));
     assert!(records[2].evaluation.as_ref().unwrap().rmse.is_finite());
 }
+
+#[test]
+fn uniform_fedavg_weighting_changes_runs_with_unequal_example_counts_only() {
+    use fedpref_simulations::sim::FedavgWeighting;
+    let rmse = |data: &fedpref_simulations::data::Dataset, weighting| {
+        let settings = Settings {
+            rounds: 3,
+            sampling: Sampling::Cohort(40),
+            fedavg_weighting: weighting,
+            ranking: false,
+            ..Settings::default()
+        };
+        let records = Simulation::new(&settings, data)
+            .unwrap()
+            .run(|_| {})
+            .unwrap();
+        records.last().unwrap().evaluation.as_ref().unwrap().rmse
+    };
+    // Synthetic users hold 8 to 120 training ratings: the weighting matters.
+    let skewed = synthetic(&SyntheticSpec {
+        users: 120,
+        items: 60,
+        ..SyntheticSpec::default()
+    })
+    .unwrap();
+    let (a, b) = (
+        rmse(&skewed, FedavgWeighting::Examples),
+        rmse(&skewed, FedavgWeighting::Uniform),
+    );
+    assert!((a - b).abs() > 1e-6, "examples {a} vs uniform {b}");
+    // The workload gives every user the same count: both weightings are the same mean (up
+    // to rounding in the weighted sum).
+    let equal = workload(120, 60, 10, 3).unwrap();
+    let (a, b) = (
+        rmse(&equal, FedavgWeighting::Examples),
+        rmse(&equal, FedavgWeighting::Uniform),
+    );
+    assert!((a - b).abs() < 1e-9, "examples {a} vs uniform {b}");
+}

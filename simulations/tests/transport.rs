@@ -79,3 +79,28 @@ fn grpc_refuses_what_it_cannot_run_naming_the_flag() {
         "{e}"
     );
 }
+
+#[test]
+fn over_grpc_users_who_opt_out_are_not_sampled_again() {
+    let mut settings = plan(&args(Transport::Grpc)).unwrap();
+    settings.settings.rounds = 10;
+    // Every item is disliked and every dislike makes the user leave (its device's training
+    // switch is turned off): each round's uploaders are gone for good.
+    settings.settings.scenario = Some(fedpref_simulations::feedback::Scenario {
+        negative_below: 6.0,
+        opt_out_per_negative: 1.0,
+        memory: 1,
+    });
+    let run = fedpref_simulations::grpc::run(&settings.settings, &settings.data, |_| {}).unwrap();
+    assert_eq!(run.records.len(), 4, "20 users, 5 leave per round");
+    let mut seen = std::collections::HashSet::new();
+    for (r, uploaded) in run.records.iter().zip(&run.uploaded) {
+        assert_eq!(uploaded.len(), 5, "round {}", r.round);
+        for u in uploaded {
+            assert!(seen.insert(*u), "u{u} trained after opting out");
+        }
+        let f = r.feedback.as_ref().unwrap();
+        assert_eq!(f.opted_out, 5);
+        assert_eq!(f.opt_out_rate, r.round as f64 * 5.0 / 20.0);
+    }
+}

@@ -2,8 +2,8 @@
 //!
 //! Every call needs the admin token; a device token is refused with `PERMISSION_DENIED`.
 //! State changes go through the engine and the store exactly as offline commands do, so the
-//! ledger records each before it takes effect. `GetReport` answers `UNIMPLEMENTED` until the
-//! compliance report exists.
+//! ledger records each before it takes effect. `GetReport` renders the run's impact report
+//! ([`crate::report`]) as HTML, Markdown or JSON.
 
 use std::sync::Arc;
 
@@ -221,11 +221,10 @@ impl AdminService for AdminApi {
         let _permit = self.admit(request.metadata()).await?;
         let r = request.into_inner();
         let (id, reason) = (run_id(&r.run_id)?, reason(&r.reason)?);
-        // The ledger's `resumed` entry has no reason field yet; the reason goes to the log.
         tracing::info!(run = %id, reason = %reason, "resume");
         let run = self
             .shared
-            .blocking(move |c| command(c, &id, AdminCommand::Resume))
+            .blocking(move |c| command(c, &id, AdminCommand::Resume { reason }))
             .await?;
         Ok(Response::new(run))
     }
@@ -251,7 +250,7 @@ impl AdminService for AdminApi {
     ) -> Result<Response<pb::Run>, Status> {
         let _permit = self.admit(request.metadata()).await?;
         let r = request.into_inner();
-        let (id, _reason) = (run_id(&r.run_id)?, reason(&r.reason)?);
+        let (id, why) = (run_id(&r.run_id)?, reason(&r.reason)?);
         let to = r.model_version;
         tracing::info!(run = %id, to_version = to, "rollback");
         let run = self
@@ -270,7 +269,9 @@ impl AdminService for AdminApi {
                         format!("{to} is not earlier than the current version {current}"),
                     ));
                 }
-                let actions = c.rollback(&id, to, now_ms()).map_err(coordinator_status)?;
+                let actions = c
+                    .rollback(&id, to, &why, now_ms())
+                    .map_err(coordinator_status)?;
                 for a in actions {
                     if let Action::AdminRefused { message } = a {
                         return Err(Status::failed_precondition(message));
@@ -437,8 +438,46 @@ impl AdminService for AdminApi {
         request: Request<pb::GetReportRequest>,
     ) -> Result<Response<pb::Report>, Status> {
         let _permit = self.admit(request.metadata()).await?;
-        Err(Status::unimplemented(
-            "GetReport: the impact report arrives with the compliance report work; use ReadLedger and VerifyLedger meanwhile",
-        ))
+        let r = request.into_inner();
+        let id = run_id(&r.run_id)?;
+        let format = match pb::ReportFormat::try_from(r.format) {
+            Ok(
+                f @ (pb::ReportFormat::Html | pb::ReportFormat::Markdown | pb::ReportFormat::Json),
+            ) => f,
+            _ => {
+                return Err(invalid(
+                    "format",
+                    "must be REPORT_FORMAT_HTML, REPORT_FORMAT_MARKDOWN or REPORT_FORMAT_JSON",
+                ));
+            }
+        };
+        let generated_at = now_ms();
+        let report = self
+            .shared
+            .blocking(move |c| {
+                c.store().run(&id).map_err(store_status)?;
+                crate::report::ImpactReport::build(c.store(), &id, generated_at).map_err(|e| match e {
+                    crate::report::ReportError::Store(e) => store_status(e),
+                    other => {
+                        tracing::error!(error = %other, "impact report failed");
+                        Status::internal("the report could not be rendered; the coordinator logged the cause")
+                    }
+                })
+            })
+            .await?;
+        let (content, media_type) = match format {
+            pb::ReportFormat::Html => (report.to_html(), "text/html; charset=utf-8"),
+            pb::ReportFormat::Markdown => (report.to_markdown(), "text/markdown; charset=utf-8"),
+            _ => (report.to_json(), "application/json"),
+        };
+        Ok(Response::new(pb::Report {
+            run_id: report.run_id.clone(),
+            format: format as i32,
+            media_type: media_type.into(),
+            content: content.into_bytes(),
+            ledger_head_sha256: unhex(&report.ledger.head_sha256),
+            ledger_intact: report.ledger.intact,
+            generated_at: Some(timestamp(generated_at)),
+        }))
     }
 }

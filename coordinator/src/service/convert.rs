@@ -4,8 +4,7 @@
 //! ([`crate::manifest::RunManifest`]) and validated by the same code as
 //! `run create --manifest`, so errors name the manifest's TOML key (`sampling.rate`). Fields
 //! of the protocol manifest that this coordinator does not implement yet (participation
-//! limits, adaptive clipping, local-training settings, secure aggregation, KPIs, guardrail
-//! metrics, DP-FTRL, residual risks) are refused with `INVALID_ARGUMENT` naming the field,
+//! limits, adaptive clipping, local-training settings, secure aggregation, DP-FTRL) are refused with `INVALID_ARGUMENT` naming the field,
 //! rather than silently dropped.
 
 use fedpref_proto::v1 as pb;
@@ -15,9 +14,33 @@ use super::{duration, invalid, timestamp, unhex};
 use crate::aggregation::ServerOptimizer;
 use crate::ledger::{AudienceEpsilon, LedgerEntry, LedgerEvent, SealedEntry, VerifiedTotals};
 use crate::manifest::{
-    BudgetSpec, HarmScenario, ManifestPrivacyMode, ModelSpec, OptOutPolicy, RunManifest,
-    SamplingSpec,
+    AlertAction, BudgetSpec, GuardrailMetric, GuardrailMetricKind, HarmScenario, Kpi,
+    ManifestPrivacyMode, ModelSpec, OptOutPolicy, RunManifest, SamplingSpec, ThresholdDirection,
 };
+
+/// The protocol's name for a guardrail metric.
+pub fn guardrail_kind_to_proto(k: GuardrailMetricKind) -> pb::GuardrailMetricKind {
+    match k {
+        GuardrailMetricKind::IntraListDiversity => pb::GuardrailMetricKind::IntraListDiversity,
+        GuardrailMetricKind::TopicCoverage => pb::GuardrailMetricKind::TopicCoverage,
+        GuardrailMetricKind::NegativeFeedbackRate => pb::GuardrailMetricKind::NegativeFeedbackRate,
+        GuardrailMetricKind::OptOutRate => pb::GuardrailMetricKind::OptOutRate,
+        GuardrailMetricKind::CohortAccuracyGap => pb::GuardrailMetricKind::CohortAccuracyGap,
+        GuardrailMetricKind::InjectedShare => pb::GuardrailMetricKind::InjectedShare,
+    }
+}
+
+fn guardrail_kind_from_proto(k: pb::GuardrailMetricKind) -> Option<GuardrailMetricKind> {
+    Some(match k {
+        pb::GuardrailMetricKind::Unspecified => return None,
+        pb::GuardrailMetricKind::IntraListDiversity => GuardrailMetricKind::IntraListDiversity,
+        pb::GuardrailMetricKind::TopicCoverage => GuardrailMetricKind::TopicCoverage,
+        pb::GuardrailMetricKind::NegativeFeedbackRate => GuardrailMetricKind::NegativeFeedbackRate,
+        pb::GuardrailMetricKind::OptOutRate => GuardrailMetricKind::OptOutRate,
+        pb::GuardrailMetricKind::CohortAccuracyGap => GuardrailMetricKind::CohortAccuracyGap,
+        pb::GuardrailMetricKind::InjectedShare => GuardrailMetricKind::InjectedShare,
+    })
+}
 use crate::store::{RunRecord, RunStatus};
 
 /// The file name manifest errors carry.
@@ -55,11 +78,55 @@ pub fn manifest_from_proto(m: &pb::RunManifest) -> Result<RunManifest, Status> {
     if m.secure_aggregation.is_some() {
         return Err(unsupported("secure_aggregation"));
     }
-    if !m.kpis.is_empty() {
-        return Err(unsupported("kpis"));
-    }
-    if !m.guardrail_metrics.is_empty() {
-        return Err(unsupported("guardrail_metrics"));
+    let kpis = m
+        .kpis
+        .iter()
+        .map(|k| Kpi {
+            metric: k.metric.clone(),
+            description: k.description.clone(),
+            target: k.target,
+            higher_is_better: k.higher_is_better,
+        })
+        .collect();
+    let mut guardrail_metrics = vec![];
+    for (i, g) in m.guardrail_metrics.iter().enumerate() {
+        let field = |f: &str| format!("manifest.guardrail_metrics[{i}].{f}");
+        let metric = pb::GuardrailMetricKind::try_from(g.metric)
+            .ok()
+            .and_then(guardrail_kind_from_proto)
+            .ok_or_else(|| {
+                invalid(
+                    &field("metric"),
+                    "must be a GUARDRAIL_METRIC_KIND_ value other than UNSPECIFIED",
+                )
+            })?;
+        let direction = match pb::ThresholdDirection::try_from(g.direction) {
+            Ok(pb::ThresholdDirection::Above) => ThresholdDirection::Above,
+            Ok(pb::ThresholdDirection::Below) => ThresholdDirection::Below,
+            _ => {
+                return Err(invalid(
+                    &field("direction"),
+                    "must be THRESHOLD_DIRECTION_ABOVE or THRESHOLD_DIRECTION_BELOW",
+                ));
+            }
+        };
+        let on_alert = match pb::AlertAction::try_from(g.on_alert) {
+            Ok(pb::AlertAction::Log) => AlertAction::Log,
+            Ok(pb::AlertAction::Pause) => AlertAction::Pause,
+            _ => {
+                return Err(invalid(
+                    &field("on_alert"),
+                    "must be ALERT_ACTION_LOG or ALERT_ACTION_PAUSE",
+                ));
+            }
+        };
+        guardrail_metrics.push(GuardrailMetric {
+            metric,
+            direction,
+            threshold: g.threshold,
+            on_alert,
+            minimum_reporting_devices: g.minimum_reporting_devices,
+        });
     }
     let privacy_mode = match pb::PrivacyMode::try_from(m.privacy_mode) {
         Ok(pb::PrivacyMode::Local) => ManifestPrivacyMode::Local,
@@ -177,14 +244,12 @@ pub fn manifest_from_proto(m: &pb::RunManifest) -> Result<RunManifest, Status> {
         }
     };
     let mut harm_scenarios = vec![];
-    for (i, h) in m.harm_scenarios.iter().enumerate() {
-        if !h.residual_risk.is_empty() {
-            return Err(unsupported(&format!("harm_scenarios[{i}].residual_risk")));
-        }
+    for h in &m.harm_scenarios {
         harm_scenarios.push(HarmScenario {
             scenario: h.scenario.clone(),
             affected_groups: h.affected_groups.clone(),
             mitigation: h.mitigation.clone(),
+            residual_risk: h.residual_risk.clone(),
         });
     }
     let elements = |v: &[pb::DataElement], field: &str| -> Result<Vec<String>, Status> {
@@ -223,6 +288,8 @@ pub fn manifest_from_proto(m: &pb::RunManifest) -> Result<RunManifest, Status> {
             withdrawal_effect: opt_out.withdrawal_effect.clone(),
         },
         harm_scenarios,
+        kpis,
+        guardrail_metrics,
         seed,
     };
     // The same validation (and σ calibration) as a manifest file.
@@ -367,7 +434,34 @@ pub fn manifest_to_proto(m: &RunManifest) -> pb::RunManifest {
                 scenario: h.scenario.clone(),
                 affected_groups: h.affected_groups.clone(),
                 mitigation: h.mitigation.clone(),
-                residual_risk: String::new(),
+                residual_risk: h.residual_risk.clone(),
+            })
+            .collect(),
+        kpis: m
+            .kpis
+            .iter()
+            .map(|k| pb::Kpi {
+                metric: k.metric.clone(),
+                description: k.description.clone(),
+                target: k.target,
+                higher_is_better: k.higher_is_better,
+            })
+            .collect(),
+        guardrail_metrics: m
+            .guardrail_metrics
+            .iter()
+            .map(|g| pb::GuardrailMetric {
+                metric: guardrail_kind_to_proto(g.metric) as i32,
+                direction: match g.direction {
+                    ThresholdDirection::Above => pb::ThresholdDirection::Above,
+                    ThresholdDirection::Below => pb::ThresholdDirection::Below,
+                } as i32,
+                threshold: g.threshold,
+                on_alert: match g.on_alert {
+                    AlertAction::Log => pb::AlertAction::Log,
+                    AlertAction::Pause => pb::AlertAction::Pause,
+                } as i32,
+                minimum_reporting_devices: g.minimum_reporting_devices,
             })
             .collect(),
         ..Default::default()
@@ -448,7 +542,7 @@ pub fn run_to_proto(
     for e in entries {
         match &e.event {
             LedgerEvent::Paused { reason } => status_reason = reason.clone(),
-            LedgerEvent::Resumed => status_reason.clear(),
+            LedgerEvent::Resumed { .. } => status_reason.clear(),
             LedgerEvent::RunStopped { reason, .. } => {
                 status_reason = reason.clone();
                 stopped_as = stop_status(reason);
@@ -610,22 +704,61 @@ pub fn ledger_entry_to_proto(
         LedgerEvent::Paused { reason } => {
             out.kind = K::Paused as i32;
             out.reason = reason.clone();
-            out.actor = "operator".into();
+            out.actor = if reason.starts_with(crate::coordinator::GUARDRAIL_PAUSE_PREFIX) {
+                "guardrail"
+            } else {
+                "operator"
+            }
+            .into();
         }
-        LedgerEvent::Resumed => {
+        LedgerEvent::Resumed { reason } => {
             out.kind = K::Resumed as i32;
+            out.reason = reason.clone();
             out.actor = "operator".into();
         }
         LedgerEvent::RolledBack {
             to_version,
             new_version,
             model_sha256,
+            reason,
         } => {
+            out.reason = reason.clone();
             out.kind = K::RolledBack as i32;
             out.restored_model_version = *to_version;
             out.model_version = *new_version;
             out.model_sha256 = unhex(model_sha256);
             out.actor = "operator".into();
+        }
+        LedgerEvent::GuardrailAlert {
+            metric,
+            value,
+            threshold,
+            direction,
+            action_taken,
+            model_version,
+            reporting_devices,
+            window_start_ms,
+            window_end_ms,
+        } => {
+            out.kind = K::GuardrailAlert as i32;
+            out.model_version = *model_version;
+            out.actor = "guardrail".into();
+            out.guardrail_alert = Some(pb::GuardrailAlert {
+                metric: guardrail_kind_to_proto(*metric) as i32,
+                value: *value,
+                threshold: *threshold,
+                direction: match direction {
+                    ThresholdDirection::Above => pb::ThresholdDirection::Above,
+                    ThresholdDirection::Below => pb::ThresholdDirection::Below,
+                } as i32,
+                action_taken: match action_taken {
+                    AlertAction::Log => pb::AlertAction::Log,
+                    AlertAction::Pause => pb::AlertAction::Pause,
+                } as i32,
+                window_start: Some(timestamp(*window_start_ms)),
+                window_end: Some(timestamp(*window_end_ms)),
+                reporting_devices: *reporting_devices,
+            });
         }
         LedgerEvent::RunStopped {
             reason,

@@ -361,7 +361,7 @@ impl DeviceApi {
 
 /// The tensors an update must contain, in order, as `fedpref.v1.MatrixFactorizationSpec`
 /// names them (and the client SDK builds them): `item_factors` [items, k], `item_biases`
-/// [items], `global_offset` [] (a scalar), F64. Flattened in this order they are the
+/// \[items\], `global_offset` \[\] (a scalar), F64. Flattened in this order they are the
 /// engine's parameter layout ([`crate::model`]: factors, biases, offset).
 pub fn update_tensors(manifest: &RunManifest) -> Vec<pb::TensorSpec> {
     let (items, k) = (manifest.model.items, manifest.model.factors);
@@ -891,10 +891,35 @@ impl DeviceService for DeviceApi {
                 counts.predictions_within_half,
                 "counts.predictions_within_half",
             )?,
+            ..Default::default()
         };
+        let sums = crate::store::EvaluationSums {
+            intra_list_diversity_sum: counts.intra_list_diversity_sum,
+            // Per report, the share of the device's catalogue topics it was shown; a
+            // report without a catalogue does not count towards coverage.
+            topic_coverage_sum: if counts.catalogue_topic_count > 0 {
+                (counts.distinct_topics_shown as f64 / counts.catalogue_topic_count as f64).min(1.0)
+            } else {
+                0.0
+            },
+            topic_coverage_reports: i64::from(counts.catalogue_topic_count > 0),
+            opted_out_reports: i64::from(
+                counts.personalisation_opt_outs + counts.training_opt_outs > 0,
+            ),
+            ..sums
+        };
+        if counts.distinct_topics_shown > counts.catalogue_topic_count
+            && counts.catalogue_topic_count > 0
+        {
+            return Err(invalid(
+                "counts.distinct_topics_shown",
+                "must not exceed catalogue_topic_count",
+            ));
+        }
         let run_id = r.run_id.clone();
         let version = r.model_version;
         let cohort = r.cohort.clone();
+        let device_id = device.clone();
         self.shared
             .blocking(move |c| {
                 let record = c.store().run(&run_id).map_err(super::store_status)?;
@@ -904,9 +929,19 @@ impl DeviceService for DeviceApi {
                         format!("run {run_id:?} has no model version {version}"),
                     ));
                 }
-                c.store()
-                    .add_evaluation_counts(&run_id, version, &cohort, &sums)
-                    .map_err(super::store_status)
+                c.record_evaluation(
+                    &crate::store::EvaluationReport {
+                        run_id: &run_id,
+                        model_version: version,
+                        cohort: &cohort,
+                        device_id: &device_id,
+                        window_start_ms: start,
+                        window_end_ms: end,
+                        counts: sums,
+                    },
+                    now_ms(),
+                )
+                .map_err(super::coordinator_status)
             })
             .await?;
         tracing::debug!(device = %device, run = %r.run_id, "evaluation counts added");
