@@ -22,7 +22,7 @@ use clap::{Args, Subcommand, ValueEnum};
 use fedpref_proto::v1 as pb;
 use fedpref_proto::v1::admin_service_client::AdminServiceClient;
 use tonic::Request;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
 use crate::cli::CliError;
 
@@ -32,12 +32,20 @@ pub struct Target {
     /// The AdminService URL, e.g. https://localhost:7443.
     #[arg(long, value_name = "URL")]
     pub endpoint: String,
-    /// A file holding the admin token (as written by `init`).
-    #[arg(long, value_name = "F")]
-    pub token_file: PathBuf,
+    /// A file holding the admin token (as written by `init`); needed unless a client
+    /// certificate is given.
+    #[arg(long, value_name = "F", required_unless_present = "client_cert")]
+    pub token_file: Option<PathBuf>,
     /// The PEM certificate to trust for TLS (the coordinator's self-signed cert).
     #[arg(long, value_name = "F")]
     pub ca_cert: Option<PathBuf>,
+    /// An admin client certificate (PEM) signed by the coordinator's `auth.admin_client_ca`
+    /// (`init` wrote tls/admin-client.pem); authenticates without the token.
+    #[arg(long, value_name = "F", requires = "client_key")]
+    pub client_cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM; `init` wrote tls/admin-client.key).
+    #[arg(long, value_name = "F", requires = "client_cert")]
+    pub client_key: Option<PathBuf>,
 }
 
 /// `admin` commands.
@@ -189,8 +197,10 @@ fn read_token(path: &Path) -> Result<String, CliError> {
     Ok(token)
 }
 
-async fn connect(target: &Target) -> Result<(AdminServiceClient<Channel>, String), CliError> {
-    let token = read_token(&target.token_file)?;
+async fn connect(
+    target: &Target,
+) -> Result<(AdminServiceClient<Channel>, Option<String>), CliError> {
+    let token = target.token_file.as_deref().map(read_token).transpose()?;
     let mut endpoint = Channel::from_shared(target.endpoint.clone())
         .map_err(|e| CliError::Usage(format!("--endpoint {}: {e}", target.endpoint)))?;
     if target.endpoint.starts_with("https://") {
@@ -202,13 +212,30 @@ async fn connect(target: &Target) -> Result<(AdminServiceClient<Channel>, String
         let pem = std::fs::read_to_string(ca)
             .map_err(|e| CliError::Usage(format!("--ca-cert {}: {e}", ca.display())))?;
         let domain = url_host(&target.endpoint);
-        endpoint = endpoint
-            .tls_config(
-                ClientTlsConfig::new()
-                    .ca_certificate(Certificate::from_pem(pem))
-                    .domain_name(domain),
-            )
-            .map_err(|e| CliError::Usage(format!("--ca-cert {}: {e}", ca.display())))?;
+        let mut tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(pem))
+            .domain_name(domain);
+        if let (Some(cert), Some(key)) = (&target.client_cert, &target.client_key) {
+            let read = |flag: &str, path: &Path| {
+                std::fs::read(path)
+                    .map_err(|e| CliError::Usage(format!("{flag} {}: {e}", path.display())))
+            };
+            tls = tls.identity(Identity::from_pem(
+                read("--client-cert", cert)?,
+                read("--client-key", key)?,
+            ));
+        }
+        endpoint = endpoint.tls_config(tls).map_err(|e| {
+            CliError::Usage(format!(
+                "--ca-cert {} / --client-cert / --client-key: {e}",
+                ca.display()
+            ))
+        })?;
+    } else if target.client_cert.is_some() {
+        return Err(CliError::Usage(format!(
+            "--client-cert needs an https:// endpoint, not {}",
+            target.endpoint
+        )));
     } else if !target.endpoint.starts_with("http://") {
         return Err(CliError::Usage(format!(
             "--endpoint {}: must start with https:// (or http:// for a plaintext loopback server)",
@@ -242,8 +269,13 @@ fn url_host(url: &str) -> String {
     }
 }
 
-fn authed<T>(message: T, token: &str) -> Result<Request<T>, CliError> {
+/// The request, with the admin token when there is one (a client certificate authenticates
+/// the connection instead).
+fn authed<T>(message: T, token: &Option<String>) -> Result<Request<T>, CliError> {
     let mut r = Request::new(message);
+    let Some(token) = token else {
+        return Ok(r);
+    };
     let value = fedpref_proto::metadata::bearer(token)
         .parse()
         .map_err(|_| {
@@ -255,7 +287,19 @@ fn authed<T>(message: T, token: &str) -> Result<Request<T>, CliError> {
 }
 
 fn status(e: tonic::Status) -> CliError {
-    CliError::Failed(format!("{:?}: {}", e.code(), e.message()))
+    // A refused client certificate surfaces only as a broken connection at the first call.
+    let broken = match e.code() {
+        tonic::Code::Unknown => e.message().contains("transport error"),
+        tonic::Code::Cancelled | tonic::Code::Unavailable => true,
+        _ => false,
+    };
+    let hint = if broken {
+        " (the TLS connection failed: check --ca-cert, and that a --client-cert is signed by \
+         the coordinator's auth.admin_client_ca)"
+    } else {
+        ""
+    };
+    CliError::Failed(format!("{:?}: {}{hint}", e.code(), e.message()))
 }
 
 fn describe_run(r: &pb::Run) -> String {

@@ -17,6 +17,7 @@
 //! [auth]
 //! app_key_file = "app.key"
 //! admin_token_file = "admin.token"
+//! admin_client_ca = "tls/admin-ca.pem"  # optional: admin client certificates it signed
 //!
 //! [limits]
 //! max_upload_bytes = 16777216
@@ -119,6 +120,11 @@ pub struct AuthConfig {
     pub app_key_file: PathBuf,
     /// The admin token (one line).
     pub admin_token_file: PathBuf,
+    /// Optional: a CA certificate (PEM). An admin client presenting a certificate it signed
+    /// is authenticated by that certificate alone, without the token; the device port never
+    /// asks for client certificates.
+    #[serde(default)]
+    pub admin_client_ca: Option<PathBuf>,
 }
 
 /// Bounds on what one request, one device and the whole server may take.
@@ -201,7 +207,10 @@ impl Config {
             &mut config.tls.private_key,
             &mut config.auth.app_key_file,
             &mut config.auth.admin_token_file,
-        ] {
+        ]
+        .into_iter()
+        .chain(config.auth.admin_client_ca.as_mut())
+        {
             if p.is_relative() {
                 *p = base.join(&*p);
             }
@@ -258,7 +267,14 @@ impl Config {
             ("tls.private_key", &self.tls.private_key),
             ("auth.app_key_file", &self.auth.app_key_file),
             ("auth.admin_token_file", &self.auth.admin_token_file),
-        ] {
+        ]
+        .into_iter()
+        .chain(
+            self.auth
+                .admin_client_ca
+                .as_ref()
+                .map(|p| ("auth.admin_client_ca", p)),
+        ) {
             if p.as_os_str().is_empty() {
                 return Err(bad(key, "must not be empty"));
             }
@@ -321,6 +337,55 @@ pub fn self_signed_localhost() -> Result<SelfSigned, ConfigError> {
     })
 }
 
+/// A certificate authority made for one deployment's admin clients, and one client
+/// certificate it signed. The CA's key is not kept: to issue more admin certificates, point
+/// `auth.admin_client_ca` at your own CA.
+pub struct AdminClientCertificates {
+    /// The CA certificate (`auth.admin_client_ca`), PEM.
+    pub ca_pem: String,
+    /// The client's certificate, PEM.
+    pub client_certificate_pem: String,
+    /// The client's private key, PKCS#8 PEM.
+    pub client_private_key_pem: String,
+}
+
+/// A fresh admin CA (ECDSA P-256, valid for the CA purpose only) and one client certificate
+/// signed by it for TLS client authentication (common name `fedpref admin`).
+pub fn admin_client_certificates() -> Result<AdminClientCertificates, ConfigError> {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
+        KeyPair, KeyUsagePurpose,
+    };
+    let generate = |what: &str, e: rcgen::Error| ConfigError::Generate(format!("{what}: {e}"));
+    let ca_key = KeyPair::generate().map_err(|e| generate("admin CA key", e))?;
+    let mut ca =
+        CertificateParams::new(Vec::<String>::new()).map_err(|e| generate("admin CA", e))?;
+    ca.distinguished_name
+        .push(DnType::CommonName, "fedpref admin client CA");
+    ca.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+    let ca_cert = ca
+        .self_signed(&ca_key)
+        .map_err(|e| generate("admin CA", e))?;
+    let issuer = Issuer::new(ca, ca_key);
+    let client_key = KeyPair::generate().map_err(|e| generate("admin client key", e))?;
+    let mut client = CertificateParams::new(Vec::<String>::new())
+        .map_err(|e| generate("admin client certificate", e))?;
+    client
+        .distinguished_name
+        .push(DnType::CommonName, "fedpref admin");
+    client.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    client.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    let client_cert = client
+        .signed_by(&client_key, &issuer)
+        .map_err(|e| generate("admin client certificate", e))?;
+    Ok(AdminClientCertificates {
+        ca_pem: ca_cert.pem(),
+        client_certificate_pem: client_cert.pem(),
+        client_private_key_pem: client_key.serialize_pem(),
+    })
+}
+
 /// The configuration `init` writes (paths relative to its directory).
 pub const INIT_CONFIG: &str = r#"# fedpref-coordinator configuration, written by `fedpref-coordinator init`.
 # Relative paths are relative to this file's directory. Unknown keys are errors.
@@ -346,6 +411,9 @@ private_key = "tls/key.pem"
 # The app key devices enrol with (ship it in the app) and the admin token (keep it secret).
 app_key_file = "app.key"
 admin_token_file = "admin.token"
+# Admin clients may instead present a certificate signed by this CA (init wrote one:
+# tls/admin-client.pem with its key tls/admin-client.key). Remove the line to allow tokens only.
+admin_client_ca = "tls/admin-ca.pem"
 
 [limits]
 max_upload_bytes = 16777216
@@ -403,8 +471,9 @@ pub struct Initialised {
 }
 
 /// Writes `DIR/coordinator.toml`, `DIR/tls/cert.pem` and `DIR/tls/key.pem` (self-signed for
-/// localhost), `DIR/app.key` and `DIR/admin.token` (random, mode 0600) and
-/// `DIR/manifest.toml`. Refuses, writing nothing, if any of them exists.
+/// localhost), `DIR/app.key` and `DIR/admin.token` (random, mode 0600), an admin client CA
+/// with one client certificate (`DIR/tls/admin-ca.pem`, `DIR/tls/admin-client.pem`,
+/// `DIR/tls/admin-client.key`, the key mode 0600) and `DIR/manifest.toml`. Refuses, writing nothing, if any of them exists.
 pub fn init(dir: &Path) -> Result<Initialised, ConfigError> {
     let io = |file: &Path| {
         let file = file.display().to_string();
@@ -416,6 +485,9 @@ pub fn init(dir: &Path) -> Result<Initialised, ConfigError> {
         (dir.join("tls").join("key.pem"), true),
         (dir.join("app.key"), true),
         (dir.join("admin.token"), true),
+        (dir.join("tls").join("admin-ca.pem"), false),
+        (dir.join("tls").join("admin-client.pem"), false),
+        (dir.join("tls").join("admin-client.key"), true),
         (dir.join("manifest.toml"), false),
     ];
     for (f, _) in &files {
@@ -424,12 +496,16 @@ pub fn init(dir: &Path) -> Result<Initialised, ConfigError> {
         }
     }
     let cert = self_signed_localhost()?;
+    let admin = admin_client_certificates()?;
     let contents = [
         INIT_CONFIG.to_string(),
         cert.certificate_pem,
         cert.private_key_pem,
         format!("{}\n", random_secret()?),
         format!("{}\n", random_secret()?),
+        admin.ca_pem,
+        admin.client_certificate_pem,
+        admin.client_private_key_pem,
         INIT_MANIFEST.to_string(),
     ];
     let tls_dir = dir.join("tls");

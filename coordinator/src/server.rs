@@ -18,7 +18,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::TcpListenerStream;
-use tonic::transport::{Identity, Server, ServerTlsConfig};
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 
 use crate::config::{Config, ConfigError, MAX_CHUNK, read_secret};
 use crate::coordinator::{Coordinator, CoordinatorError};
@@ -70,7 +70,7 @@ pub struct ServeOptions {
     pub device_addr: Option<SocketAddr>,
     /// Replaces `listen.admin`.
     pub admin_addr: Option<SocketAddr>,
-    /// Replaces `listen.metrics` (metrics are not served yet).
+    /// Replaces `listen.metrics`.
     pub metrics_addr: Option<SocketAddr>,
     /// Serve without TLS; refused unless both addresses are loopback.
     pub insecure_plaintext: bool,
@@ -132,6 +132,22 @@ pub async fn start(config: &Config, options: &ServeOptions) -> Result<Running, S
         );
         Some(ServerTlsConfig::new().identity(identity))
     };
+    // The admin port alone may ask for a client certificate; presenting one is optional (the
+    // token still works), but one that the CA did not sign fails the handshake.
+    let admin_tls = match (&tls, &config.auth.admin_client_ca) {
+        (Some(tls), Some(ca)) => {
+            let pem = std::fs::read(ca).map_err(|source| ServerError::Io {
+                what: format!("auth.admin_client_ca ({})", ca.display()),
+                source,
+            })?;
+            Some(
+                tls.clone()
+                    .client_ca_root(Certificate::from_pem(pem))
+                    .client_auth_optional(true),
+            )
+        }
+        (tls, _) => tls.clone(),
+    };
     let app_key = read_secret(&config.auth.app_key_file, "auth.app_key_file")?;
     let admin_token = read_secret(&config.auth.admin_token_file, "auth.admin_token_file")?;
     let store_path = config.store.path.clone();
@@ -172,7 +188,7 @@ pub async fn start(config: &Config, options: &ServeOptions) -> Result<Running, S
     };
     // One chunk plus the message's framing.
     let max_message = MAX_CHUNK as usize + 64 * 1024;
-    let builder = || -> Result<Server, ServerError> {
+    let builder = |tls: &Option<ServerTlsConfig>| -> Result<Server, ServerError> {
         let mut b = Server::builder()
             .max_concurrent_streams(Some(config.limits.max_concurrent_requests.max(1)))
             .http2_keepalive_interval(Some(Duration::from_secs(60)))
@@ -180,9 +196,12 @@ pub async fn start(config: &Config, options: &ServeOptions) -> Result<Running, S
             .timeout(REQUEST_TIMEOUT)
             .tcp_nodelay(true);
         if let Some(tls) = &tls {
-            b = b
-                .tls_config(tls.clone())
-                .map_err(|e| transport("tls.certificate / tls.private_key", e))?;
+            b = b.tls_config(tls.clone()).map_err(|e| {
+                transport(
+                    "tls.certificate / tls.private_key / auth.admin_client_ca",
+                    e,
+                )
+            })?;
         }
         Ok(b)
     };
@@ -205,7 +224,7 @@ pub async fn start(config: &Config, options: &ServeOptions) -> Result<Running, S
         .set_serving::<DeviceServiceServer<DeviceApi>>()
         .await;
     let (v1, v1alpha) = reflection()?;
-    let device = builder()?
+    let device = builder(&tls)?
         .add_service(device_health)
         .add_service(v1)
         .add_service(v1alpha)
@@ -220,7 +239,7 @@ pub async fn start(config: &Config, options: &ServeOptions) -> Result<Running, S
         .set_serving::<AdminServiceServer<AdminApi>>()
         .await;
     let (v1, v1alpha) = reflection()?;
-    let admin = builder()?
+    let admin = builder(&admin_tls)?
         .add_service(admin_health)
         .add_service(v1)
         .add_service(v1alpha)

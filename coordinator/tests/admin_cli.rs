@@ -42,6 +42,7 @@ async fn an_operator_creates_inspects_pauses_and_resumes_a_run_from_the_command_
         &ServeOptions {
             device_addr: Some("127.0.0.1:0".parse().unwrap()),
             admin_addr: Some("127.0.0.1:0".parse().unwrap()),
+            metrics_addr: Some("127.0.0.1:0".parse().unwrap()),
             ..Default::default()
         },
     )
@@ -144,5 +145,108 @@ async fn an_operator_creates_inspects_pauses_and_resumes_a_run_from_the_command_
     .await
     .unwrap();
     assert!(text.contains("--ca-cert"), "{text}");
+    running.shutdown().await.unwrap();
+}
+
+/// `admin runs …` with the given authentication flags (no `--token-file` unless given).
+fn admin_with(port: u16, ca: &Path, auth: &[&std::ffi::OsStr], args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_fedpref-coordinator"))
+        .args(["admin", "runs"])
+        .args(args)
+        .args(["--endpoint", &format!("https://127.0.0.1:{port}")])
+        .arg("--ca-cert")
+        .arg(ca)
+        .args(auth)
+        .output()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_client_certificate_from_the_configured_ca_replaces_the_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_path_buf();
+    fedpref_coordinator::config::init(&d).unwrap();
+    // A second CA and a client certificate it signed: not the coordinator's admin CA.
+    let stranger = fedpref_coordinator::config::admin_client_certificates().unwrap();
+    std::fs::write(d.join("stranger.pem"), &stranger.client_certificate_pem).unwrap();
+    std::fs::write(d.join("stranger.key"), &stranger.client_private_key_pem).unwrap();
+    let config = Config::from_file(&d.join("coordinator.toml")).unwrap();
+    assert_eq!(
+        config.auth.admin_client_ca.as_deref(),
+        Some(d.join("tls").join("admin-ca.pem").as_path())
+    );
+    let running = start(
+        &config,
+        &ServeOptions {
+            device_addr: Some("127.0.0.1:0".parse().unwrap()),
+            admin_addr: Some("127.0.0.1:0".parse().unwrap()),
+            metrics_addr: Some("127.0.0.1:0".parse().unwrap()),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let port = running.admin_addr.port();
+    let device_port = running.device_addr.port();
+
+    tokio::task::spawn_blocking(move || {
+        let ca = d.join("tls").join("cert.pem");
+        let tls = d.join("tls");
+        let cert_flags = |cert: &Path, key: &Path| -> Vec<std::ffi::OsString> {
+            vec![
+                "--client-cert".into(),
+                cert.into(),
+                "--client-key".into(),
+                key.into(),
+            ]
+        };
+        let ours = cert_flags(&tls.join("admin-client.pem"), &tls.join("admin-client.key"));
+        let ours: Vec<&std::ffi::OsStr> = ours.iter().map(|s| s.as_os_str()).collect();
+        // The certificate init wrote: accepted with no token at all.
+        let created = ok(admin_with(
+            port,
+            &ca,
+            &ours,
+            &[
+                "create",
+                "--manifest",
+                d.join("manifest.toml").to_str().unwrap(),
+            ],
+        ));
+        assert!(created.contains("active"), "{created}");
+        let listed = ok(admin_with(port, &ca, &ours, &["list"]));
+        assert!(listed.contains("active"), "{listed}");
+
+        // A certificate from another CA fails the TLS handshake.
+        let theirs = cert_flags(&d.join("stranger.pem"), &d.join("stranger.key"));
+        let theirs: Vec<&std::ffi::OsStr> = theirs.iter().map(|s| s.as_os_str()).collect();
+        let out = admin_with(port, &ca, &theirs, &["list"]);
+        assert_eq!(out.status.code(), Some(1), "{out:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("auth.admin_client_ca"), "{err}");
+
+        // Neither a token nor a certificate: a usage error naming the flag.
+        let out = admin_with(port, &ca, &[], &["list"]);
+        assert_eq!(out.status.code(), Some(2));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("--token-file"), "{err}");
+
+        // A certificate without its key is a usage error too.
+        let half: Vec<std::ffi::OsString> =
+            vec!["--client-cert".into(), tls.join("admin-client.pem").into()];
+        let half: Vec<&std::ffi::OsStr> = half.iter().map(|s| s.as_os_str()).collect();
+        let out = admin_with(port, &ca, &half, &["list"]);
+        assert_eq!(out.status.code(), Some(2));
+        assert!(String::from_utf8_lossy(&out.stderr).contains("--client-key"));
+
+        // The device port never asks for a client certificate: the admin certificate means
+        // nothing there (and the admin service is not served on it).
+        let out = admin_with(device_port, &ca, &ours, &["list"]);
+        assert_eq!(out.status.code(), Some(1), "{out:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("Unimplemented"), "{err}");
+    })
+    .await
+    .unwrap();
     running.shutdown().await.unwrap();
 }

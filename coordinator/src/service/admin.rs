@@ -27,12 +27,15 @@ impl AdminApi {
         Self { shared }
     }
 
-    async fn admit(
+    async fn admit<T>(
         &self,
-        metadata: &tonic::metadata::MetadataMap,
+        request: &Request<T>,
     ) -> Result<tokio::sync::OwnedSemaphorePermit, Status> {
         let permit = self.shared.concurrency.acquire()?;
-        auth::admin(&self.shared, metadata).await?;
+        // Only a certificate that the configured admin CA signed gets this far: rustls
+        // verified it during the handshake (without a CA, none is asked for).
+        let certified = request.peer_certs().is_some_and(|c| !c.is_empty());
+        auth::admin(&self.shared, request.metadata(), certified).await?;
         Ok(permit)
     }
 }
@@ -102,7 +105,7 @@ impl AdminService for AdminApi {
         &self,
         request: Request<pb::CreateRunRequest>,
     ) -> Result<Response<pb::Run>, Status> {
-        let _permit = self.admit(request.metadata()).await?;
+        let _permit = self.admit(&request).await?;
         let r = request.into_inner();
         if r.simulation_seed.is_some() {
             return Err(Status::failed_precondition(
@@ -151,7 +154,7 @@ impl AdminService for AdminApi {
         &self,
         request: Request<pb::GetRunRequest>,
     ) -> Result<Response<pb::Run>, Status> {
-        let _permit = self.admit(request.metadata()).await?;
+        let _permit = self.admit(&request).await?;
         let id = run_id(&request.get_ref().run_id)?;
         let run = self.shared.blocking(move |c| load_run(c, &id)).await?;
         Ok(Response::new(run))
@@ -161,7 +164,7 @@ impl AdminService for AdminApi {
         &self,
         request: Request<pb::ListRunsRequest>,
     ) -> Result<Response<pb::ListRunsResponse>, Status> {
-        let _permit = self.admit(request.metadata()).await?;
+        let _permit = self.admit(&request).await?;
         let r = request.into_inner();
         let size = page_size(r.page_size, 50);
         let start = page_start(&r.page_token)?;
@@ -203,7 +206,7 @@ impl AdminService for AdminApi {
         &self,
         request: Request<pb::PauseRunRequest>,
     ) -> Result<Response<pb::Run>, Status> {
-        let _permit = self.admit(request.metadata()).await?;
+        let _permit = self.admit(&request).await?;
         let r = request.into_inner();
         let (id, reason) = (run_id(&r.run_id)?, reason(&r.reason)?);
         tracing::info!(run = %id, "pause");
@@ -218,7 +221,7 @@ impl AdminService for AdminApi {
         &self,
         request: Request<pb::ResumeRunRequest>,
     ) -> Result<Response<pb::Run>, Status> {
-        let _permit = self.admit(request.metadata()).await?;
+        let _permit = self.admit(&request).await?;
         let r = request.into_inner();
         let (id, reason) = (run_id(&r.run_id)?, reason(&r.reason)?);
         tracing::info!(run = %id, reason = %reason, "resume");
@@ -233,7 +236,7 @@ impl AdminService for AdminApi {
         &self,
         request: Request<pb::StopRunRequest>,
     ) -> Result<Response<pb::Run>, Status> {
-        let _permit = self.admit(request.metadata()).await?;
+        let _permit = self.admit(&request).await?;
         let r = request.into_inner();
         let (id, reason) = (run_id(&r.run_id)?, reason(&r.reason)?);
         tracing::info!(run = %id, "stop");
@@ -248,7 +251,7 @@ impl AdminService for AdminApi {
         &self,
         request: Request<pb::RollbackRunRequest>,
     ) -> Result<Response<pb::Run>, Status> {
-        let _permit = self.admit(request.metadata()).await?;
+        let _permit = self.admit(&request).await?;
         let r = request.into_inner();
         let (id, why) = (run_id(&r.run_id)?, reason(&r.reason)?);
         let to = r.model_version;
@@ -287,7 +290,7 @@ impl AdminService for AdminApi {
         &self,
         request: Request<pb::ListModelVersionsRequest>,
     ) -> Result<Response<pb::ListModelVersionsResponse>, Status> {
-        let _permit = self.admit(request.metadata()).await?;
+        let _permit = self.admit(&request).await?;
         let r = request.into_inner();
         let id = run_id(&r.run_id)?;
         let size = page_size(r.page_size, 50);
@@ -354,7 +357,7 @@ impl AdminService for AdminApi {
         &self,
         request: Request<pb::ReadLedgerRequest>,
     ) -> Result<Response<pb::ReadLedgerResponse>, Status> {
-        let _permit = self.admit(request.metadata()).await?;
+        let _permit = self.admit(&request).await?;
         let r = request.into_inner();
         let id = run_id(&r.run_id)?;
         let size = page_size(r.page_size, 100);
@@ -398,7 +401,7 @@ impl AdminService for AdminApi {
         &self,
         request: Request<pb::VerifyLedgerRequest>,
     ) -> Result<Response<pb::LedgerVerification>, Status> {
-        let _permit = self.admit(request.metadata()).await?;
+        let _permit = self.admit(&request).await?;
         let id = run_id(&request.get_ref().run_id)?;
         let response = self
             .shared
@@ -437,7 +440,7 @@ impl AdminService for AdminApi {
         &self,
         request: Request<pb::GetReportRequest>,
     ) -> Result<Response<pb::Report>, Status> {
-        let _permit = self.admit(request.metadata()).await?;
+        let _permit = self.admit(&request).await?;
         let r = request.into_inner();
         let id = run_id(&r.run_id)?;
         let format = match pb::ReportFormat::try_from(r.format) {

@@ -62,9 +62,14 @@ pub async fn device(shared: &Shared, metadata: &MetadataMap) -> Result<String, S
     Ok(id)
 }
 
-/// Checks the admin token: `UNAUTHENTICATED` when missing or unknown, `PERMISSION_DENIED`
-/// for a device token.
-pub async fn admin(shared: &Shared, metadata: &MetadataMap) -> Result<(), Status> {
+/// Admits an admin call: one made over a connection that presented an admin client
+/// certificate (`certified`, verified against `auth.admin_client_ca` during the TLS
+/// handshake), or one carrying the admin token. Otherwise `UNAUTHENTICATED` when the token is
+/// missing or unknown, `PERMISSION_DENIED` for a device token.
+pub async fn admin(shared: &Shared, metadata: &MetadataMap, certified: bool) -> Result<(), Status> {
+    if certified {
+        return Ok(());
+    }
     let token = bearer(metadata)?;
     let presented = sha256(token.as_bytes());
     if digest_eq(&presented, &shared.admin_token_sha256) {

@@ -12,10 +12,7 @@
 use std::pin::Pin;
 use std::sync::Arc;
 
-use fedpref_proto::v1::{
-    self as pb, device_service_server::DeviceService, upload_update_request::Part,
-};
-use sha2::{Digest, Sha256};
+use fedpref_proto::v1::{self as pb, device_service_server::DeviceService};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
@@ -48,298 +45,9 @@ impl DeviceApi {
         request: Request<Streaming<pb::UploadUpdateRequest>>,
     ) -> Result<Response<pb::UploadReceipt>, Status> {
         let (device, _permit) = self.admit(request.metadata()).await?;
-        let mut stream = request.into_inner();
-        let header = match stream.message().await?.and_then(|m| m.part) {
-            Some(Part::Header(h)) => h,
-            Some(Part::Chunk(_)) => {
-                return Err(invalid("header", "the first message must be the header"));
-            }
-            None => {
-                return Err(invalid(
-                    "header",
-                    "missing: the first message must be the header",
-                ));
-            }
-        };
-        let task = task_ref(header.task.as_ref(), "header.task")?;
-        let run_id = task.run_id.clone();
-        let shared = Arc::clone(&self.shared);
-        let (manifest, open_round, version) = self
-            .shared
-            .blocking(move |c| {
-                let manifest = shared.manifest(c, &run_id)?;
-                let (open, version) = match c.engine(&run_id) {
-                    Some(e) => (e.open_round(), e.model().0),
-                    None => (None, 0),
-                };
-                Ok((manifest, open, version))
-            })
-            .await?;
-        // The header must repeat the task: privacy settings and tensors.
-        if header.privacy_mode != proto_mode(manifest.privacy_mode) as i32 {
-            return Err(invalid(
-                "header.privacy_mode",
-                format!("must be the task's {:?}", proto_mode(manifest.privacy_mode)),
-            ));
-        }
-        if header.clip_norm != manifest.clip_norm {
-            return Err(invalid(
-                "header.clip_norm",
-                format!(
-                    "{} is not the task's {}",
-                    header.clip_norm, manifest.clip_norm
-                ),
-            ));
-        }
-        let sigma = manifest.noise_multiplier.unwrap_or(0.0);
-        if header.noise_multiplier != sigma {
-            return Err(invalid(
-                "header.noise_multiplier",
-                format!("{} is not the task's {sigma}", header.noise_multiplier),
-            ));
-        }
-        if header.clip_bit.is_some() {
-            return Err(invalid(
-                "header.clip_bit",
-                "must be unset: the task did not request a clip bit",
-            ));
-        }
-        if open_round == Some(task.round_id) && header.base_model_version != version {
-            return Err(invalid(
-                "header.base_model_version",
-                format!(
-                    "{} is not the task's model version {version}",
-                    header.base_model_version
-                ),
-            ));
-        }
-        if !header.update_sha256.is_empty()
-            && header.update_sha256.len() != fedpref_proto::SHA256_LEN
-        {
-            return Err(invalid("header.update_sha256", "must be empty or 32 bytes"));
-        }
-        let expected = update_tensors(&manifest);
-        if header.tensors.len() != expected.len() {
-            return Err(invalid(
-                "header.tensors",
-                format!(
-                    "{} tensors, but the task asks for {} ({})",
-                    header.tensors.len(),
-                    expected.len(),
-                    expected
-                        .iter()
-                        .map(|t| t.name.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ),
-            ));
-        }
-        let mut sizes = vec![];
-        for (i, (got, want)) in header.tensors.iter().zip(&expected).enumerate() {
-            if got.name != want.name {
-                return Err(invalid(
-                    &format!("header.tensors[{i}].name"),
-                    format!("`{}`, but the task asks for `{}`", got.name, want.name),
-                ));
-            }
-            if got.shape != want.shape {
-                return Err(invalid(
-                    &format!("header.tensors[{i}].shape"),
-                    format!(
-                        "tensor `{}` has shape {:?}, but the task asks for {:?}",
-                        got.name, got.shape, want.shape
-                    ),
-                ));
-            }
-            let width = float_width(got.dtype).ok_or_else(|| {
-                invalid(
-                    &format!("header.tensors[{i}].dtype"),
-                    "must be DTYPE_F64 or DTYPE_F32",
-                )
-            })?;
-            sizes.push(want.shape.iter().product::<u64>() * width);
-        }
-        let total: u64 = sizes.iter().sum();
-        let limits = &self.shared.limits;
-        if total > limits.max_upload_bytes {
-            return Err(invalid(
-                "header.tensors",
-                format!(
-                    "the update is {total} bytes, more than this coordinator's limit of {} bytes",
-                    limits.max_upload_bytes
-                ),
-            ));
-        }
-        // The chunks: in tensor order, each tensor's bytes in order and without gaps.
-        let mut buffers: Vec<Vec<u8>> = sizes
-            .iter()
-            .map(|&s| Vec::with_capacity(s as usize))
-            .collect();
-        let mut current = 0usize;
-        let mut chunks = 0u32;
-        let mut received = 0u64;
-        while let Some(message) = stream.message().await? {
-            let chunk = match message.part {
-                Some(Part::Chunk(c)) => c,
-                _ => {
-                    return Err(invalid(
-                        "chunk",
-                        "every message after the header must be a chunk",
-                    ));
-                }
-            };
-            chunks += 1;
-            if chunks > limits.max_upload_chunks {
-                return Err(invalid(
-                    "chunk",
-                    format!(
-                        "more than this coordinator's limit of {} chunks",
-                        limits.max_upload_chunks
-                    ),
-                ));
-            }
-            let len = chunk.content.len() as u64;
-            if len == 0 || len > u64::from(limits.max_chunk_bytes) {
-                return Err(invalid(
-                    "chunk.content",
-                    format!("{len} bytes; must be 1 to {} bytes", limits.max_chunk_bytes),
-                ));
-            }
-            received += len;
-            if received > total {
-                return Err(invalid(
-                    "chunk.content",
-                    format!("more bytes than the header's {total} bytes of tensors"),
-                ));
-            }
-            while current < sizes.len() && buffers[current].len() as u64 == sizes[current] {
-                current += 1;
-            }
-            let index = chunk.tensor_index as usize;
-            if index != current {
-                return Err(invalid(
-                    "chunk.tensor_index",
-                    format!(
-                        "{index}, but tensor {current} is not complete yet (tensors in header order)"
-                    ),
-                ));
-            }
-            let at = buffers[current].len() as u64;
-            if chunk.offset != at {
-                return Err(invalid(
-                    "chunk.offset",
-                    format!(
-                        "{}, but the next byte of tensor {current} is {at}",
-                        chunk.offset
-                    ),
-                ));
-            }
-            if at + len > sizes[current] {
-                return Err(invalid(
-                    "chunk.content",
-                    format!(
-                        "runs past the end of tensor {current} (`{}`, {} bytes)",
-                        expected[current].name, sizes[current]
-                    ),
-                ));
-            }
-            buffers[current].extend_from_slice(&chunk.content);
-        }
-        if received != total {
-            return Err(invalid(
-                "chunk",
-                format!("the upload ended after {received} of {total} bytes"),
-            ));
-        }
-        let mut hasher = Sha256::new();
-        for b in &buffers {
-            hasher.update(b);
-        }
-        let digest = hasher.finalize().to_vec();
-        if !header.update_sha256.is_empty() && header.update_sha256 != digest {
-            return Err(Status::data_loss(
-                "header.update_sha256: does not match the bytes received",
-            ));
-        }
-        // Decode, checking finiteness, into the engine's flat f32 layout.
-        let mut values: Vec<f32> = Vec::with_capacity(manifest.dimension());
-        for (spec, data) in header.tensors.iter().zip(buffers) {
-            let tensor = pb::NamedTensor {
-                name: spec.name.clone(),
-                shape: spec.shape.clone(),
-                dtype: spec.dtype,
-                data,
-            };
-            let decoded = tensor
-                .to_f64_vec()
-                .map_err(|e| Status::invalid_argument(e.to_string()))?;
-            for (i, v) in decoded.into_iter().enumerate() {
-                let f = v as f32;
-                if !f.is_finite() {
-                    return Err(Status::invalid_argument(format!(
-                        "tensor `{}`: element {i} ({v}) is outside the f32 range of the model",
-                        spec.name
-                    )));
-                }
-                values.push(f);
-            }
-        }
-        let run_id = task.run_id.clone();
-        let round = task.round_id;
-        let device_for_engine = device.clone();
-        let examples = header.example_count;
-        self.shared
-            .blocking(move |c| {
-                if c.engine(&run_id)
-                    .is_none_or(|e| e.state() == RunState::Stopped)
-                {
-                    return Err(Status::failed_precondition(format!(
-                        "run {run_id:?} has stopped"
-                    )));
-                }
-                let actions = c
-                    .handle(
-                        &run_id,
-                        Event::Update {
-                            device: device_for_engine.clone(),
-                            round,
-                            task_token: task.task_token,
-                            values,
-                            examples,
-                        },
-                        now_ms(),
-                    )
-                    .map_err(coordinator_status)?;
-                for action in actions {
-                    match action {
-                        Action::UpdateAccepted { device: d, .. } if d == device_for_engine => {
-                            return Ok(());
-                        }
-                        Action::Reject {
-                            device: d,
-                            rejection,
-                        } if d == device_for_engine => {
-                            return Err(reject_status(rejection.kind, rejection.message));
-                        }
-                        _ => {}
-                    }
-                }
-                // The round closed at this very moment (its deadline passed): too late.
-                Err(Status::failed_precondition(format!(
-                    "round {round} closed before the update arrived"
-                )))
-            })
-            .await?;
-        let (receipt_id, _) = auth::new_credentials()?;
-        tracing::info!(device = %device, run = %task.run_id, round, bytes = total, "update accepted");
-        Ok(Response::new(pb::UploadReceipt {
-            receipt_id: receipt_id.replacen("dev-", "rcpt-", 1),
-            run_id: task.run_id,
-            round_id: round,
-            update_sha256: digest,
-            bytes_received: received,
-            accepted_at: Some(timestamp(now_ms())),
-        }))
+        super::upload::receive(&self.shared, device, request.into_inner())
+            .await
+            .map(Response::new)
     }
 
     /// Serves devices from the shared state.
@@ -379,7 +87,7 @@ pub fn update_tensors(manifest: &RunManifest) -> Vec<pb::TensorSpec> {
     .collect()
 }
 
-fn proto_mode(m: ManifestPrivacyMode) -> pb::PrivacyMode {
+pub(super) fn proto_mode(m: ManifestPrivacyMode) -> pb::PrivacyMode {
     match m {
         ManifestPrivacyMode::None => pb::PrivacyMode::None,
         ManifestPrivacyMode::Local => pb::PrivacyMode::Local,
@@ -398,18 +106,19 @@ fn come_back_reason(reason: &str) -> pb::ComeBackReason {
         "this device has already contributed to the open round" => {
             pb::ComeBackReason::AlreadyParticipating
         }
+        r if r.starts_with("participation limit") => pb::ComeBackReason::ParticipationLimit,
         _ => pb::ComeBackReason::NotSelected,
     }
 }
 
-fn reject_status(kind: RejectKind, message: String) -> Status {
+pub(super) fn reject_status(kind: RejectKind, message: String) -> Status {
     match kind {
         RejectKind::InvalidArgument => Status::invalid_argument(message),
         RejectKind::FailedPrecondition => Status::failed_precondition(message),
     }
 }
 
-fn task_ref(task: Option<&pb::TaskRef>, field: &str) -> Result<pb::TaskRef, Status> {
+pub(super) fn task_ref(task: Option<&pb::TaskRef>, field: &str) -> Result<pb::TaskRef, Status> {
     let t = task.ok_or_else(|| invalid(field, "must be set"))?;
     if t.run_id.is_empty() {
         return Err(invalid(&format!("{field}.run_id"), "must not be empty"));
@@ -431,15 +140,6 @@ fn sdk_version(v: &str, field: &str) -> Result<(), Status> {
         ));
     }
     Ok(())
-}
-
-/// Bytes per element of an update dtype (F32 or F64), or `None`.
-fn float_width(dtype: i32) -> Option<u64> {
-    match pb::Dtype::try_from(dtype) {
-        Ok(pb::Dtype::F32) => Some(4),
-        Ok(pb::Dtype::F64) => Some(8),
-        _ => None,
-    }
 }
 
 type ChunkStream = Pin<Box<dyn Stream<Item = Result<pb::ModelChunk, Status>> + Send>>;

@@ -20,6 +20,7 @@ pub mod auth;
 pub mod convert;
 pub mod device;
 pub mod limits;
+mod upload;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
