@@ -1039,13 +1039,25 @@ async fn plaintext_is_refused_beyond_loopback() {
 fn init_writes_a_working_directory_and_never_overwrites() {
     let dir = tempfile::tempdir().unwrap();
     let done = fedpref_coordinator::config::init(dir.path()).unwrap();
-    assert_eq!(done.files.len(), 6);
+    assert_eq!(done.files.len(), 9);
     let config = Config::from_file(&dir.path().join("coordinator.toml")).unwrap();
     assert!(Path::new(&config.tls.certificate).exists());
+    assert!(
+        config
+            .auth
+            .admin_client_ca
+            .as_deref()
+            .is_some_and(Path::exists)
+    );
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        for secret in ["app.key", "admin.token", "tls/key.pem"] {
+        for secret in [
+            "app.key",
+            "admin.token",
+            "tls/key.pem",
+            "tls/admin-client.key",
+        ] {
             let mode = std::fs::metadata(dir.path().join(secret))
                 .unwrap()
                 .permissions()

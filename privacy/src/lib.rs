@@ -19,6 +19,8 @@
 //! - [`tree`]: DP-FTRL's binary-tree aggregation of per-round sums and its accountant, whose
 //!   ε rests on participation limits instead of amplification by sampling.
 //! - [`adaptive_clip`]: quantile-based adaptive clipping and its share of the privacy cost.
+//! - [`distributed`]: the distributed discrete Gaussian (each device's share of the noise under
+//!   secure aggregation) and its RDP accountant.
 //!
 //! ```
 //! use fedpref_privacy::{
@@ -44,6 +46,7 @@ mod accountant;
 pub mod adaptive_clip;
 mod budget;
 mod clip;
+pub mod distributed;
 mod error;
 mod mode;
 pub mod noise;

@@ -15,6 +15,9 @@ pub enum Neighbouring {
     AddRemoveOne,
     /// One user's data replaced by anything else.
     ReplaceOne,
+    /// One user's contribution replaced by zero while the user's device still takes part
+    /// (and so still adds its share of distributed noise).
+    ZeroOut,
 }
 
 /// Who adds the noise, and so what is protected from whom. See DESIGN.md, "Privacy model".
@@ -41,11 +44,14 @@ pub enum PrivacyMode {
     ///   q = 1 for observers who do.
     /// - No protection against the coordinator itself, which sees raw clipped updates.
     Central,
-    /// **Distributed DP** (accounting only; the noise shares and secure aggregation are not
-    /// built yet). Each device in the cohort adds a share of the noise and secure
-    /// aggregation shows the coordinator only the noised sum.
+    /// **Distributed DP.** Each device in the cohort adds a share of the noise and secure
+    /// aggregation (the `fedpref-secagg` crate) shows the coordinator only the noised sum.
+    /// The exact accountant of the distributed discrete Gaussian, with its rounding,
+    /// modular-clipping and honest-device conditions, is
+    /// [`crate::distributed::DistributedDiscreteGaussian`]; the coordinator does not run this
+    /// mode yet.
     ///
-    /// The accountant treats it as [`PrivacyMode::Central`] (sensitivity C, effective σ),
+    /// The statement here treats it as [`PrivacyMode::Central`] (sensitivity C, effective σ),
     /// which holds under **zero-out** neighbouring (the target's device still takes part and
     /// contributes 0, so its own share of noise is still in the sum) **and** when the shares
     /// of the honest devices that survive, excluding the target's, add up to at least
@@ -64,7 +70,8 @@ impl PrivacyMode {
     pub fn neighbouring(self) -> Neighbouring {
         match self {
             Self::Local => Neighbouring::ReplaceOne,
-            Self::Central | Self::Distributed => Neighbouring::AddRemoveOne,
+            Self::Central => Neighbouring::AddRemoveOne,
+            Self::Distributed => Neighbouring::ZeroOut,
         }
     }
 

@@ -2,7 +2,7 @@
 //! (ε, δ)-DP.
 //!
 //! All functions here take the **effective** noise multiplier σ: the noise standard deviation
-//! divided by the L2 sensitivity. The privacy modes in [`crate::mode`] turn the configured σ
+//! divided by the L2 sensitivity. The privacy modes ([`crate::PrivacyMode`]) turn the configured σ
 //! into the effective one (σ for add/remove-one, σ/2 for replace-one).
 //!
 //! # The Gaussian mechanism
