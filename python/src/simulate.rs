@@ -1,0 +1,218 @@
+//! The simulator: `fedpref-sim run` from a dictionary of its `--config` settings.
+//!
+//! The configuration has the keys of `fedpref-sim run --config FILE` (`rounds`,
+//! `cohort_size` or `sampling_rate`, `privacy_mode`, `noise_multiplier` or
+//! `target_epsilon`, `delta`, `clip_norm`, `server_optimizer`, `seed`, `factors`,
+//! `local_epochs`, `learning_rate`, `eval_every`, `users`, `items`, `dataset`, `path`,
+//! `transport`, …), resolved by [`fedpref_simulations::cli::plan_from_table`] with the same
+//! defaults and checks, plus `centralised` (the no-privacy baseline trained in one place).
+//! `out` is accepted and ignored: nothing is left on disk.
+//!
+//! The result is one JSON object: `summary` (the object `fedpref-sim run --json` prints),
+//! `dataset` and `settings` (as in `metrics.json`), `records` (the `rounds` of
+//! `metrics.json`), `rounds` (one flat object per round, the columns of `metrics.csv`,
+//! with `null` for an empty cell) and `alerts` (the guardrail alerts of `alerts.json`, if
+//! the run raised any).
+
+use fedpref_coordinator::manifest::ManifestPrivacyMode;
+use fedpref_simulations::cli::{CliError, plan_from_table, run_plan};
+use fedpref_simulations::data::Dataset;
+use fedpref_simulations::sim::RoundRecord;
+use indicatif::ProgressBar;
+use serde_json::{Map, Value, json};
+
+use crate::Error;
+
+/// A JSON value as TOML; `null` has no TOML form and is refused, naming the key.
+fn to_toml(value: Value, key: &str) -> Result<toml::Value, Error> {
+    Ok(match value {
+        Value::Null => {
+            return Err(Error::Invalid(format!(
+                "config key `{key}`: None has no meaning here; leave the key out for the default"
+            )));
+        }
+        Value::Bool(b) => toml::Value::Boolean(b),
+        Value::Number(n) => match n.as_i64() {
+            Some(i) => toml::Value::Integer(i),
+            None => toml::Value::Float(n.as_f64().ok_or_else(|| {
+                Error::Invalid(format!("config key `{key}`: {n} is out of range"))
+            })?),
+        },
+        Value::String(s) => toml::Value::String(s),
+        Value::Array(items) => toml::Value::Array(
+            items
+                .into_iter()
+                .enumerate()
+                .map(|(i, v)| to_toml(v, &format!("{key}[{i}]")))
+                .collect::<Result<_, _>>()?,
+        ),
+        Value::Object(map) => toml::Value::Table(
+            map.into_iter()
+                .map(|(k, v)| {
+                    let path = if key.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{key}.{k}")
+                    };
+                    Ok((k, to_toml(v, &path)?))
+                })
+                .collect::<Result<_, Error>>()?,
+        ),
+    })
+}
+
+/// The per-round rows: the columns of `metrics.csv`, `null` for an empty cell.
+pub fn rows(data: &Dataset, records: &[RoundRecord]) -> Vec<Value> {
+    let audiences: Vec<String> = records
+        .first()
+        .map(|r| r.epsilon.iter().map(|e| e.audience.clone()).collect())
+        .unwrap_or_default();
+    records
+        .iter()
+        .map(|r| {
+            let mut row = Map::new();
+            row.insert("round".into(), json!(r.round));
+            row.insert("contributions".into(), json!(r.contributions));
+            row.insert("abandoned".into(), json!(r.abandoned.is_some()));
+            let e = r.evaluation.as_ref();
+            let metric = |f: &dyn Fn(&fedpref_simulations::metrics::Evaluation) -> Option<f64>| {
+                json!(e.and_then(f))
+            };
+            row.insert("rmse".into(), metric(&|e| Some(e.rmse)));
+            row.insert("mae".into(), metric(&|e| Some(e.mae)));
+            row.insert(
+                "rating_accuracy".into(),
+                metric(&|e| Some(e.rating_accuracy)),
+            );
+            row.insert("hit_rate_at_10".into(), metric(&|e| e.hit_rate_at_10));
+            row.insert("ndcg_at_10".into(), metric(&|e| e.ndcg_at_10));
+            row.insert("coverage".into(), metric(&|e| e.coverage));
+            row.insert(
+                "intra_list_diversity".into(),
+                metric(&|e| e.intra_list_diversity),
+            );
+            row.insert("injected_share".into(), metric(&|e| e.injected_share));
+            for (c, name) in data.cohorts.iter().enumerate() {
+                row.insert(
+                    format!("rmse_{name}"),
+                    metric(&|e| e.cohort_rmse.get(c).copied().flatten()),
+                );
+            }
+            row.insert("cohort_rmse_gap".into(), metric(&|e| e.cohort_rmse_gap));
+            for a in &audiences {
+                let eps = r
+                    .epsilon
+                    .iter()
+                    .find(|e| &e.audience == a)
+                    .map(|e| e.epsilon);
+                row.insert(format!("epsilon_{a}"), json!(eps));
+            }
+            Value::Object(row)
+        })
+        .collect()
+}
+
+/// Runs the simulation a JSON configuration object describes; returns the result object.
+///
+/// The run goes through [`fedpref_simulations::cli::run_plan`], the very function behind
+/// `fedpref-sim run`, with its outputs written to a temporary directory that is read back
+/// and removed: the numbers, keys and guardrail alerts are the command line's by
+/// construction.
+pub fn simulate_json(config_json: &str) -> Result<String, Error> {
+    let config: Value = serde_json::from_str(config_json)
+        .map_err(|e| Error::Invalid(format!("config: not a JSON object: {e}")))?;
+    let Value::Object(mut config) = config else {
+        return Err(Error::Invalid("config: must be a dict of settings".into()));
+    };
+    let centralised = match config.remove("centralised") {
+        None => false,
+        Some(Value::Bool(b)) => b,
+        Some(other) => {
+            return Err(Error::Invalid(format!(
+                "config key `centralised`: {other} is not a bool"
+            )));
+        }
+    };
+    let toml::Value::Table(table) = to_toml(Value::Object(config), "")? else {
+        unreachable!("an object converts to a table")
+    };
+    let cli_error = |e: CliError| match e {
+        CliError::Usage(m) => Error::Invalid(m),
+        CliError::Failed(e) => Error::Failed(format!("{e:#}")),
+    };
+    let plan = plan_from_table(table, "config").map_err(cli_error)?;
+    if centralised && plan.settings.privacy_mode != ManifestPrivacyMode::None {
+        return Err(Error::Invalid(
+            "config key `centralised`: trains without privacy (the baseline): drop `privacy_mode`"
+                .into(),
+        ));
+    }
+    let out = tempfile::tempdir()
+        .map_err(|e| Error::Failed(format!("cannot make a temporary directory: {e}")))?;
+    let outcome =
+        run_plan(&plan, centralised, out.path(), &ProgressBar::hidden()).map_err(cli_error)?;
+    let read = |name: &str| -> Result<Option<Value>, Error> {
+        let path = out.path().join(name);
+        if !path.exists() {
+            return Ok(None);
+        }
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| Error::Failed(format!("{}: {e}", path.display())))?;
+        serde_json::from_str(&text)
+            .map(Some)
+            .map_err(|e| Error::Failed(format!("{}: {e}", path.display())))
+    };
+    let metrics = read("metrics.json")?
+        .ok_or_else(|| Error::Failed("the run wrote no metrics.json".into()))?;
+    let alerts = read("alerts.json")?.unwrap_or_else(|| json!([]));
+    Ok(json!({
+        "summary": outcome.summary,
+        "dataset": metrics["dataset"],
+        "settings": metrics["settings"],
+        "records": metrics["rounds"],
+        "rounds": rows(&plan.data, &outcome.records),
+        "alerts": alerts,
+    })
+    .to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(config: &str) -> Result<Value, Error> {
+        simulate_json(config).map(|s| serde_json::from_str(&s).unwrap())
+    }
+
+    #[test]
+    fn a_small_run_gives_one_row_per_round_and_the_same_numbers_twice() {
+        let config = r#"{"users": 40, "items": 30, "rounds": 3, "cohort_size": 10,
+                         "factors": 4, "seed": 7, "privacy_mode": "central",
+                         "noise_multiplier": 1.0}"#;
+        let a = run(config).unwrap();
+        let rows = a["rounds"].as_array().unwrap();
+        assert_eq!(rows.len(), 3);
+        assert_eq!(rows[2]["round"], 3);
+        assert!(rows[2]["rmse"].as_f64().unwrap().is_finite());
+        assert_eq!(rows[2]["rmse"], a["records"][2]["evaluation"]["rmse"]);
+        let audience = a["records"][2]["epsilon"][0]["audience"].as_str().unwrap();
+        let eps = &rows[2][format!("epsilon_{audience}")];
+        assert!(eps.as_f64().unwrap() > 0.0, "{eps}");
+        assert_eq!(a["summary"]["seed"], 7);
+        let b = run(config).unwrap();
+        assert_eq!(a["records"], b["records"]);
+    }
+
+    #[test]
+    fn bad_configuration_is_refused_naming_the_key() {
+        let e = run(r#"{"rounds": 0}"#).unwrap_err();
+        assert!(matches!(e, Error::Invalid(_)), "{e}");
+        assert!(e.to_string().contains("rounds"), "{e}");
+        let e = run(r#"{"colour": "blue"}"#).unwrap_err();
+        assert!(e.to_string().contains("colour"), "{e}");
+        let e = run(r#"{"seed": null}"#).unwrap_err();
+        assert!(e.to_string().contains("`seed`"), "{e}");
+        let e = run("[1]").unwrap_err();
+        assert!(e.to_string().contains("dict"), "{e}");
+    }
+}
