@@ -14,7 +14,11 @@
 //! fedpref-device --store PATH budget [--json]
 //! fedpref-device --store PATH model import FILE.json
 //! fedpref-device --store PATH participate --coordinator URL --ca-cert F --app-key K [--rounds N]
+//! fedpref-device --store PATH report-metrics --coordinator URL --ca-cert F --app-key K [--if-due]
 //! ```
+//!
+//! `participate` also sends the federated-evaluation counts when a report is due;
+//! `report-metrics` sends them now (or, with `--if-due`, only when due).
 //!
 //! `--store` may come before or after the subcommand. `--now RFC3339` replaces the clock
 //! (for reproducible sessions and tests). Usage errors exit with code 2; refused input
@@ -25,6 +29,7 @@ use std::path::{Path, PathBuf};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::participation::participate as participate_rounds;
+use crate::participation::{ReportWhen, report_metrics};
 use crate::{
     CoordinatorClient, Device, DeviceConfig, MatrixFactorization, ParticipateOptions,
     ParticipationConfig, ParticipationError, ProfileEdit, SdkError, Timestamp,
@@ -95,6 +100,33 @@ pub enum Command {
     /// Take part in training rounds: enrol if needed, then check in, download, train and
     /// upload, N times.
     Participate(ParticipateArgs),
+    /// Send the federated-evaluation counts (aggregate numbers only) to the coordinator.
+    ReportMetrics(ReportMetricsArgs),
+}
+
+/// `report-metrics` flags.
+#[derive(Debug, Args)]
+pub struct ReportMetricsArgs {
+    /// Where and how to connect.
+    #[command(flatten)]
+    pub connection: ConnectionArgs,
+    /// Only if the coordinator's wait since the last report has passed.
+    #[arg(long)]
+    pub if_due: bool,
+}
+
+/// The coordinator's address and the device's credentials.
+#[derive(Debug, Args)]
+pub struct ConnectionArgs {
+    /// The coordinator's DeviceService, e.g. https://localhost:7443.
+    #[arg(long, value_name = "URL")]
+    pub coordinator: String,
+    /// The CA certificate (PEM) that the coordinator's certificate must chain to.
+    #[arg(long, value_name = "F")]
+    pub ca_cert: PathBuf,
+    /// The deployment's app key (used only to enrol; the device token is kept in the store).
+    #[arg(long, value_name = "K")]
+    pub app_key: String,
 }
 
 /// `participate` flags.
@@ -412,6 +444,7 @@ pub fn run(cli: &Cli) -> Result<String, CliError> {
             ))
         }
         Command::Participate(args) => participate(&mut device, args),
+        Command::ReportMetrics(args) => report(&mut device, args),
         Command::Model(ModelCommand::Import { file }) => {
             let text = read(file)?;
             let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
@@ -475,6 +508,9 @@ fn participate(device: &mut Device, args: &ParticipateArgs) -> Result<String, Cl
             .await
         })
         .map_err(|e| participation_error(e, args))?;
+    if let Some(m) = &report.metrics {
+        println!("{m}");
+    }
     let b = device.budget()?;
     Ok(format!(
         "{} update(s) uploaded, {} declined, {} refused; ε spent {:.4} of {}, {:.4} left",
@@ -485,4 +521,38 @@ fn participate(device: &mut Device, args: &ParticipateArgs) -> Result<String, Cl
         b.epsilon_budget,
         b.epsilon_remaining
     ))
+}
+
+fn report(device: &mut Device, args: &ReportMetricsArgs) -> Result<String, CliError> {
+    let c = &args.connection;
+    let flags = ParticipateArgs {
+        coordinator: c.coordinator.clone(),
+        ca_cert: c.ca_cert.clone(),
+        app_key: c.app_key.clone(),
+        rounds: 1,
+    };
+    let ca_pem = std::fs::read(&c.ca_cert).map_err(|e| {
+        CliError::Failed(format!(
+            "--ca-cert {}: cannot read: {e}",
+            c.ca_cert.display()
+        ))
+    })?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| CliError::Failed(format!("cannot start the network runtime: {e}")))?;
+    let when = if args.if_due {
+        ReportWhen::Due
+    } else {
+        ReportWhen::Now
+    };
+    let outcome = runtime
+        .block_on(async {
+            let mut client =
+                CoordinatorClient::connect(&c.coordinator, &ca_pem, ParticipationConfig::default())
+                    .await?;
+            report_metrics(device, &mut client, &c.app_key, when).await
+        })
+        .map_err(|e| participation_error(e, &flags))?;
+    Ok(outcome.to_string())
 }

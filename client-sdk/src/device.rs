@@ -233,10 +233,10 @@ pub struct Device {
     pub(crate) conn: Connection,
     path: PathBuf,
     pub(crate) config: DeviceConfig,
-    settings: Settings,
+    pub(crate) settings: Settings,
     pub(crate) budget: Budget,
     pub(crate) model: Option<MatrixFactorization>,
-    ranker: Ranker,
+    pub(crate) ranker: Ranker,
     pub(crate) user: Option<UserCache>,
 }
 
@@ -328,14 +328,24 @@ impl Device {
     }
 
     /// Turns personalisation on or off. Off: recommendations use no data about the user.
+    /// Turning it off while a model from a run is installed counts as an opt-out in the
+    /// evaluation window ([`crate::evaluation`]).
     pub fn set_personalisation(&mut self, on: bool) -> Result<(), SdkError> {
+        if !on && self.settings.personalisation {
+            self.count_opt_out(true, Timestamp::now())?;
+        }
         store::set_setting(&self.conn, "personalisation", if on { "on" } else { "off" })?;
         self.settings.personalisation = on;
         Ok(())
     }
 
     /// Turns training participation on or off. Off: [`Device::prepare_upload`] refuses.
+    /// Turning it off while a model from a run is installed counts as an opt-out in the
+    /// evaluation window ([`crate::evaluation`]).
     pub fn set_training(&mut self, on: bool) -> Result<(), SdkError> {
+        if !on && self.settings.training {
+            self.count_opt_out(false, Timestamp::now())?;
+        }
         store::set_setting(&self.conn, "training", if on { "on" } else { "off" })?;
         self.settings.training = on;
         Ok(())
@@ -400,7 +410,10 @@ impl Device {
             skipped,
             ..IngestReport::default()
         };
+        // Test, then train: incoming ratings are predicted before they are stored.
+        let evaluated = self.evaluate_incoming(events, now)?;
         let tx = self.conn.transaction()?;
+        Device::apply_incoming(&tx, &evaluated, now)?;
         for event in events {
             match event {
                 Event::Item(item) => {
@@ -643,19 +656,23 @@ impl Device {
 
     /// Up to `k` recommendations with scores, labels and reasons (see [`crate::recommend`]
     /// for the guardrails and the fallback).
+    ///
+    /// The list counts as **shown** for federated evaluation ([`crate::evaluation`]): call
+    /// this when the app is about to display the list.
     pub fn recommend(&mut self, k: usize, now: Timestamp) -> Result<Vec<Recommendation>, SdkError> {
         self.purge_expired(now)?;
         let guardrails = self.config.guardrails;
-        if !self.settings.personalisation {
-            return Ok(self
-                .ranker
-                .rank(self.model.as_ref(), None, &guardrails, k, now));
-        }
-        self.user_cache(now)?;
-        let user = self.user.as_ref().map(|u| &u.view);
-        Ok(self
-            .ranker
-            .rank(self.model.as_ref(), user, &guardrails, k, now))
+        let recs = if !self.settings.personalisation {
+            self.ranker
+                .rank(self.model.as_ref(), None, &guardrails, k, now)
+        } else {
+            self.user_cache(now)?;
+            let user = self.user.as_ref().map(|u| &u.view);
+            self.ranker
+                .rank(self.model.as_ref(), user, &guardrails, k, now)
+        };
+        self.count_shown(&recs, now)?;
+        Ok(recs)
     }
 
     /// The profile: explicit data, what was inferred, consents and switches.
@@ -700,8 +717,9 @@ impl Device {
         })
     }
 
-    /// Forgets what was learned from use: the private parameters, the implicit profile and
-    /// the feedback it came from. Explicit data, consents, settings, the catalogue, the
+    /// Forgets what was learned from use: the private parameters, the implicit profile,
+    /// the feedback it came from and the federated-evaluation windows (unreported counts and
+    /// the items shown kept for them). Explicit data, consents, settings, the catalogue, the
     /// shared model and the privacy budget stay (the budget records spending that cannot be
     /// undone).
     pub fn reset_model(&mut self) -> Result<(), SdkError> {
@@ -709,6 +727,8 @@ impl Device {
         for table in ["private_model", "implicit", "feedback"] {
             tx.execute(&format!("DELETE FROM {table}"), [])?;
         }
+        // What was shown and counted for evaluation is derived from use too.
+        Device::clear_evaluation(&tx)?;
         tx.commit()?;
         self.user = None;
         Ok(())
@@ -716,7 +736,8 @@ impl Device {
 
     /// Deletes everything the store holds about the user and everything derived from it —
     /// events, profile, consents, settings, private parameters, the catalogue and the
-    /// shared model, the coordinator enrolment and any partial download — then `VACUUM`s, so that (with `secure_delete`) the file holds none of
+    /// shared model, the coordinator enrolment, any partial download and the
+    /// federated-evaluation windows (with the items shown kept for them) — then `VACUUM`s, so that (with `secure_delete`) the file holds none of
     /// it. What remains: the schema, the two switches (so that a user who turned training
     /// off does not find it on again) and the privacy accountant (ε spent, the count and
     /// parameters of past uploads, none of their content), because a spend cannot be
@@ -735,6 +756,12 @@ impl Device {
         ]) {
             tx.execute(&format!("DELETE FROM {table}"), [])?;
         }
+        Device::clear_evaluation(&tx)?;
+        // The coordinator's report schedule belonged to the old enrolment.
+        tx.execute(
+            "DELETE FROM settings WHERE key = ?1",
+            [crate::evaluation::NEXT_REPORT_KEY],
+        )?;
         tx.commit()?;
         self.conn.execute_batch("VACUUM")?;
         self.model = None;
@@ -837,6 +864,7 @@ impl Device {
             "private_model": private,
             "shared_model": shared,
             "privacy": self.budget()?,
+            "evaluation": self.evaluation_export()?,
         }))
     }
 }

@@ -57,11 +57,14 @@
 //!   records, and [`PreparedUpload`], the only thing that may be uploaded.
 //! - [`participation`]: [`CoordinatorClient`] (the gRPC calls, retries, resumable
 //!   download) and [`participate`] (rounds with a [`Device`]).
+//! - [`evaluation`]: federated evaluation, the aggregate counts behind the coordinator's
+//!   guardrail metrics, reported with [`participation::report_metrics`].
 //! - [`cli`]: the `fedpref-device` reference program.
 
 pub mod catalogue;
 pub mod cli;
 pub mod device;
+pub mod evaluation;
 pub mod event;
 pub mod examples;
 pub mod model;
@@ -76,6 +79,7 @@ pub use device::{
     Affinity, BudgetStatus, Consent, Device, DeviceConfig, IngestReport, Profile, ProfileEdit,
     PurgeReport, Retention, Settings, UploadRecord, derive_implicit,
 };
+pub use evaluation::{EvaluationCounts, EvaluationWindow};
 pub use event::{CatalogueItem, Event, EventError, EventLimits, ExplicitKind, Feedback, Signal};
 pub use examples::{Example, ExampleTable, ItemExample, SignalMapping};
 pub use model::{
@@ -83,8 +87,9 @@ pub use model::{
     UserState, local_round,
 };
 pub use participation::{
-    CoordinatorClient, DownloadProgress, ParticipateOptions, ParticipationConfig,
-    ParticipationError, ParticipationEvent, ParticipationReport, RetryPolicy, participate,
+    CoordinatorClient, DownloadProgress, MetricsOutcome, ParticipateOptions, ParticipationConfig,
+    ParticipationError, ParticipationEvent, ParticipationReport, ReportWhen, RetryPolicy,
+    participate, report_metrics,
 };
 pub use recommend::{Guardrails, PersonalView, Ranker, Reason, Recommendation};
 pub use time::Timestamp;

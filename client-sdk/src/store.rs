@@ -35,6 +35,11 @@ use crate::time::Timestamp;
 /// (which run, version and SHA-256 the installed shared model came from) and
 /// `model_download` + `model_download_chunks` (a download in progress, kept chunk by chunk
 /// so that it resumes from the last byte received).
+///
+/// Migration 3 adds federated evaluation ([`crate::evaluation`]): `evaluation_window` (the
+/// counts of each open window, one per run and model version), `evaluation_shown` and
+/// `evaluation_topics` (the items and topics shown in each window, kept on the device only
+/// to attribute feedback and count distinct topics; deleted with the window).
 pub const MIGRATIONS: &[&str] = &[
     r#"
 CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -125,6 +130,39 @@ CREATE TABLE model_download (
     size_bytes INTEGER NOT NULL
 );
 CREATE TABLE model_download_chunks (start_byte INTEGER PRIMARY KEY, content BLOB NOT NULL);
+"#,
+    r#"
+CREATE TABLE evaluation_window (
+    run_id TEXT NOT NULL,
+    model_version INTEGER NOT NULL,
+    start_ms INTEGER NOT NULL,
+    lists INTEGER NOT NULL DEFAULT 0,
+    shown INTEGER NOT NULL DEFAULT 0,
+    injected INTEGER NOT NULL DEFAULT 0,
+    diversity_sum REAL NOT NULL DEFAULT 0,
+    positive INTEGER NOT NULL DEFAULT 0,
+    negative INTEGER NOT NULL DEFAULT 0,
+    personalisation_opt_out INTEGER NOT NULL DEFAULT 0,
+    training_opt_out INTEGER NOT NULL DEFAULT 0,
+    predictions INTEGER NOT NULL DEFAULT 0,
+    within_half INTEGER NOT NULL DEFAULT 0,
+    abs_error_sum REAL NOT NULL DEFAULT 0,
+    sq_error_sum REAL NOT NULL DEFAULT 0,
+    PRIMARY KEY (run_id, model_version)
+);
+CREATE TABLE evaluation_shown (
+    run_id TEXT NOT NULL,
+    model_version INTEGER NOT NULL,
+    item TEXT NOT NULL,
+    PRIMARY KEY (run_id, model_version, item)
+);
+CREATE INDEX evaluation_shown_item ON evaluation_shown (item);
+CREATE TABLE evaluation_topics (
+    run_id TEXT NOT NULL,
+    model_version INTEGER NOT NULL,
+    topic TEXT NOT NULL,
+    PRIMARY KEY (run_id, model_version, topic)
+);
 "#,
 ];
 

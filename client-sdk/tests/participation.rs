@@ -1,6 +1,9 @@
 //! Participation end to end: SDK devices against a real coordinator started in-process on
 //! 127.0.0.1 with TLS from a freshly generated certificate; each device its own SQLite file.
 
+mod common;
+
+use common::{APP_KEY, TestServer, admin};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -9,101 +12,10 @@ use fedpref_client_sdk::{
     CoordinatorClient, Device, DeviceConfig, ParticipateOptions, ParticipationConfig,
     ParticipationError, RetryPolicy, Timestamp, participate,
 };
-use fedpref_coordinator::config::{Config, Limits, self_signed_localhost};
-use fedpref_coordinator::server::{Running, ServeOptions, start};
-use fedpref_proto::metadata::bearer;
 use fedpref_proto::prost_types;
-use fedpref_proto::v1::{self as pb, admin_service_client::AdminServiceClient};
-use tonic::transport::{Certificate, Channel, ClientTlsConfig};
+use fedpref_proto::v1 as pb;
 
-const APP_KEY: &str = "participation-app-key-0123456789";
-const ADMIN_TOKEN: &str = "participation-admin-token-012345";
 const ITEMS: u64 = 8;
-
-struct TestServer {
-    running: Running,
-    ca_pem: String,
-    _dir: tempfile::TempDir,
-}
-
-impl TestServer {
-    async fn start() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let cert = self_signed_localhost().unwrap();
-        let write = |name: &str, text: &str| std::fs::write(dir.path().join(name), text).unwrap();
-        write("cert.pem", &cert.certificate_pem);
-        write("key.pem", &cert.private_key_pem);
-        write("app.key", APP_KEY);
-        write("admin.token", ADMIN_TOKEN);
-        let text = r#"
-[listen]
-device = "127.0.0.1:0"
-admin = "127.0.0.1:1"
-[store]
-path = "coordinator.db"
-[tls]
-certificate = "cert.pem"
-private_key = "key.pem"
-[auth]
-app_key_file = "app.key"
-admin_token_file = "admin.token"
-"#;
-        let mut config = Config::from_toml(text, "test.toml", dir.path()).unwrap();
-        config.limits = Limits {
-            max_upload_bytes: 1 << 20,
-            max_upload_chunks: 64,
-            max_chunk_bytes: 1024,
-            download_chunk_bytes: 1000,
-            device_requests_per_second: 10_000.0,
-            device_burst: 10_000,
-            max_concurrent_requests: 64,
-            tick_millis: 20,
-        };
-        let options = ServeOptions {
-            admin_addr: Some("127.0.0.1:0".parse().unwrap()),
-            ..Default::default()
-        };
-        let running = start(&config, &options).await.unwrap();
-        Self {
-            running,
-            ca_pem: cert.certificate_pem,
-            _dir: dir,
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("https://127.0.0.1:{}", self.running.device_addr.port())
-    }
-
-    async fn admin(&self) -> AdminServiceClient<Channel> {
-        let channel = Channel::from_shared(format!(
-            "https://127.0.0.1:{}",
-            self.running.admin_addr.port()
-        ))
-        .unwrap()
-        .tls_config(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&self.ca_pem)))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-        AdminServiceClient::new(channel)
-    }
-
-    async fn client(&self, config: ParticipationConfig) -> CoordinatorClient {
-        CoordinatorClient::connect(&self.url(), self.ca_pem.as_bytes(), config)
-            .await
-            .unwrap()
-    }
-}
-
-fn admin<T>(message: T) -> tonic::Request<T> {
-    let mut r = tonic::Request::new(message);
-    r.metadata_mut().insert(
-        fedpref_proto::metadata::AUTHORIZATION,
-        bearer(ADMIN_TOKEN).parse().unwrap(),
-    );
-    r
-}
 
 /// A local-DP run: a cohort of 3 (at least 2), 2-second rounds, `ITEMS` items × 3 factors.
 fn local_manifest(rounds: u64) -> pb::RunManifest {
@@ -380,7 +292,7 @@ async fn an_interrupted_download_resumes_from_the_bytes_kept_in_the_store() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wrong_ca_certificate_is_a_clear_tls_error() {
     let server = TestServer::start().await;
-    let other = self_signed_localhost().unwrap();
+    let other = fedpref_coordinator::config::self_signed_localhost().unwrap();
     let e = CoordinatorClient::connect(
         &server.url(),
         other.certificate_pem.as_bytes(),

@@ -62,6 +62,7 @@
 //! ```
 
 mod error;
+mod ftrl;
 mod kernel;
 mod optimizer;
 mod robust;
@@ -74,7 +75,8 @@ use fedpref_privacy::{
 };
 
 pub use error::{AggregationError, UpdateRejected};
-pub use optimizer::{ServerOptimizer, ServerState, apply, defaults};
+pub use ftrl::FtrlTree;
+pub use optimizer::{ServerOptimizer, ServerState, TreeProgress, apply, defaults};
 
 /// The largest weight an update may carry in modes `none` and `local`. Weights are example
 /// counts (or fractions of them); bounding them by 2⁵³ keeps every product w·x of a finite

@@ -4,6 +4,8 @@
 //! fedpref-coordinator accountant epsilon   --noise-multiplier S --sampling-rate Q --rounds T --delta D   [--mode M] [--json]
 //! fedpref-coordinator accountant delta     --noise-multiplier S --sampling-rate Q --rounds T --epsilon E [--mode M] [--json]
 //! fedpref-coordinator accountant calibrate --target-epsilon E   --sampling-rate Q --rounds T --delta D   [--mode M] [--json]
+//! fedpref-coordinator accountant tree (--noise-multiplier S | --target-epsilon E) --rounds T --delta D
+//!                                     --min-separation s --max-participations k [--restart-every R [--completion]] [--json]
 //! fedpref-coordinator ledger verify --db PATH [--run ID] [--json]
 //! fedpref-coordinator ledger export --db PATH --run ID [--format json]
 //! fedpref-coordinator report --db PATH --run ID [--out FILE] [--format html|md|json]
@@ -183,6 +185,97 @@ pub enum AccountantCommand {
     Delta(DeltaArgs),
     /// The smallest noise multiplier σ that keeps T rounds within (ε, δ).
     Calibrate(CalibrateArgs),
+    /// DP-FTRL's tree aggregation under participation limits (no sampling): ε at δ after T
+    /// rounds for σ, or the σ that keeps T rounds within a target ε.
+    Tree(TreeArgs),
+}
+
+/// `accountant tree`.
+#[derive(Debug, Args)]
+pub struct TreeArgs {
+    /// Noise multiplier σ of each tree node (noise std σ·C), > 0.
+    #[arg(long, value_name = "S", value_parser = parse_noise_multiplier, conflicts_with = "target_epsilon", required_unless_present = "target_epsilon")]
+    pub noise_multiplier: Option<f64>,
+    /// Calibrate σ for this ε instead, > 0.
+    #[arg(long, value_name = "E", value_parser = parse_target_epsilon)]
+    pub target_epsilon: Option<f64>,
+    /// δ, in (0, 1).
+    #[arg(long, value_name = "D", value_parser = parse_delta)]
+    pub delta: f64,
+    /// Number of rounds T.
+    #[arg(long, value_name = "T", value_parser = parse_rounds)]
+    pub rounds: u64,
+    /// A device takes part at most once every s rounds (1: consecutive rounds allowed).
+    #[arg(long, value_name = "s")]
+    pub min_separation: u64,
+    /// … and at most k times.
+    #[arg(long, value_name = "k")]
+    pub max_participations: u64,
+    /// A new tree every R rounds (default: one tree).
+    #[arg(long, value_name = "R")]
+    pub restart_every: Option<u64>,
+    /// The tree completion trick at each restart (needs --restart-every).
+    #[arg(long, requires = "restart_every")]
+    pub completion: bool,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn run_tree_accountant(a: &TreeArgs) -> Result<String, CliError> {
+    use fedpref_privacy::tree::{ParticipationLimits, TreeAccountant, TreeSchedule};
+    let usage =
+        |flag: &str, e: fedpref_privacy::PrivacyError| CliError::Usage(format!("{flag}: {e}"));
+    let limits = ParticipationLimits::new(a.min_separation, a.max_participations)
+        .map_err(|e| usage("--min-separation/--max-participations", e))?;
+    let schedule = match a.restart_every {
+        Some(r) => {
+            TreeSchedule::restart_every(r, a.completion).map_err(|e| usage("--restart-every", e))?
+        }
+        None => TreeSchedule::single_tree(),
+    };
+    let failed = |e: fedpref_privacy::PrivacyError| CliError::Failed(e.to_string());
+    let sigma = match (a.noise_multiplier, a.target_epsilon) {
+        (Some(s), _) => s,
+        (None, Some(e)) => {
+            TreeAccountant::calibrate_noise_multiplier(schedule, limits, a.rounds, e, a.delta)
+                .map_err(failed)?
+        }
+        (None, None) => {
+            return Err(CliError::Usage(
+                "give --noise-multiplier or --target-epsilon".into(),
+            ));
+        }
+    };
+    let spent = TreeAccountant::new(sigma, schedule, limits)
+        .map_err(failed)?
+        .spend(a.rounds, a.delta)
+        .map_err(failed)?;
+    Ok(if a.json {
+        json!({
+            "epsilon": finite(spent.epsilon),
+            "delta": spent.delta,
+            "rho": spent.rho,
+            "sensitivity_squared": spent.sensitivity_squared,
+            "noise_multiplier": sigma,
+            "rounds": a.rounds,
+            "schedule": schedule.to_string(),
+            "assumption": spent.assumption,
+        })
+        .to_string()
+    } else {
+        format!(
+            "ε = {:.6} at δ = {:e}\n\
+             σ = {sigma}, rounds T = {}, {schedule}, sensitivity² = {} C², ρ = {:.6} (zCDP)\n\
+             assumption: {}",
+            spent.epsilon,
+            spent.delta,
+            a.rounds,
+            spent.sensitivity_squared,
+            spent.rho,
+            spent.assumption
+        )
+    })
 }
 
 /// Privacy modes as the command line spells them.
@@ -614,6 +707,9 @@ fn check_local_sampling(schedule: &Schedule) -> Result<(), CliError> {
 }
 
 fn run_accountant(cmd: &AccountantCommand) -> Result<String, CliError> {
+    if let AccountantCommand::Tree(a) = cmd {
+        return run_tree_accountant(a);
+    }
     let grid = OrderGrid::default();
     let failed = |e: fedpref_privacy::PrivacyError| CliError::Failed(e.to_string());
     let (statement, sigma, schedule) = match cmd {
@@ -644,6 +740,7 @@ fn run_accountant(cmd: &AccountantCommand) -> Result<String, CliError> {
             .map_err(failed)?;
             (s, sigma, &a.schedule)
         }
+        AccountantCommand::Tree(_) => unreachable!("handled above"),
     };
     Ok(if schedule.json {
         render_json(&statement, sigma, schedule)
@@ -695,6 +792,7 @@ fn render_text(
         AccountantCommand::Calibrate(_) => {
             format!("σ = {sigma:.9} (ε = {:.6} at δ = {:e})", s.epsilon, s.delta)
         }
+        AccountantCommand::Tree(_) => unreachable!("rendered by run_tree_accountant"),
     };
     let local_note = if s.mode == PrivacyMode::Local {
         "\nlocal mode: replace-one neighbours, sensitivity 2C, so the accountant used σ/2; rounds are the device's own uploads"

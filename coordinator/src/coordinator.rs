@@ -97,7 +97,7 @@ impl Coordinator {
                 RunStatus::Paused => RunState::Paused,
                 RunStatus::Stopped => RunState::Stopped,
             };
-            let engine = Engine::restore(
+            let mut engine = Engine::restore(
                 &run.id,
                 run.manifest.clone(),
                 Progress {
@@ -108,6 +108,10 @@ impl Coordinator {
                     params,
                     server_state,
                 },
+            );
+            engine.restore_participations(
+                &store.committed_rounds(&run.id)?,
+                &store.participations_by_device(&run.id)?,
             );
             engines.insert(run.id.clone(), engine);
         }
@@ -437,6 +441,10 @@ pub fn create_run(
         clip_norm: manifest.clip_norm,
         orders: OrderGrid::default().orders().to_vec(),
         initial_model_sha256: blob.sha256.clone(),
+        participation_limits: manifest.participation,
+        epsilon_assumption: (manifest.participation.is_some()
+            || manifest.adaptive_clipping.is_some())
+        .then(|| manifest.epsilon_assumption()),
     };
     store.create_run(run_id, manifest, &blob, &server_state, created, now_ms)?;
     Ok(())

@@ -34,14 +34,47 @@
 //!
 //! A round in flight when the process dies is simply gone: nothing of it was released or
 //! spent, and its round number is used again.
+//!
+//! # Participation limits
+//! With `[participation]` in the manifest, a device whose committed participations would
+//! break the limits gets no task: it is told to come back (reason `participation limit: …`)
+//! when it may take part again. Limits count in **committed rounds** (releases), not round
+//! numbers: an abandoned round releases nothing, so it does not separate two participations.
+//! The history comes from the store ([`Engine::restore_participations`]) and is kept up to
+//! date as rounds commit.
+//!
+//! # DP-FTRL
+//! With `server_optimizer.kind = "dp-ftrl"` each committed round's clipped sum goes into a
+//! binary tree ([`FtrlTree`]); Δ is the difference of consecutive noised prefix sums, and the
+//! run's ε is the tree accountant's under the participation limits (no sampling assumed).
+//! The tree's nodes live only in memory (they hold un-noised sums and secret noise): when
+//! the process restarts, the engine starts a new **segment** with a new tree, and the
+//! accountant charges the segments' ρ's added together ([`crate::ledger::TreeRound`]).
+//! Restarts therefore never under-count ε; each one can cost some.
+//!
+//! # Adaptive clipping
+//! With `[adaptive_clipping]` the engine computes each accepted update's centred clip bit
+//! against the current C from the update itself (in central mode the coordinator sees the
+//! update before clipping it, so a device's own bit would add nothing it could be trusted
+//! for), releases the noised bit sum when the round commits and moves C toward the target
+//! quantile. Per-round optimisers use the new C from the next round; dp-ftrl from the next
+//! tree.
 
 use std::collections::{HashMap, HashSet};
 
-use fedpref_privacy::{Audience, Budget, GaussianSampler, OrderGrid, RdpAccountant, RoundRelease};
+use fedpref_privacy::adaptive_clip::{QuantileClipConfig, QuantileClipper, centred_bit};
+use fedpref_privacy::tree::{ParticipationLimits, TreeAccountant, epsilon_from_zcdp_gaussian};
+use fedpref_privacy::{
+    Audience, Budget, ClippedSum, GaussianSampler, OrderGrid, RdpAccountant, RoundRelease,
+};
 use rand_core::Rng;
 
-use crate::aggregation::{AggregationPrivacy, RoundAggregator, ServerState, apply};
-use crate::ledger::{AudienceEpsilon, LedgerEvent, round_increments, tracked_audiences};
+use crate::aggregation::{
+    AggregationPrivacy, FtrlTree, RoundAggregator, ServerState, TreeProgress, apply,
+};
+use crate::ledger::{
+    AudienceEpsilon, LedgerEvent, TreeRound, round_increments, tracked_audiences, tree_rho,
+};
 use crate::manifest::{RunManifest, SamplingSpec};
 use crate::model::{ModelBlob, encode};
 
@@ -299,6 +332,38 @@ struct OpenRound {
     not_selected: HashSet<String>,
     uploaded: Vec<String>,
     aggregator: RoundAggregator,
+    /// The clip norm this round's updates are clipped to.
+    clip_norm: f64,
+    /// Adaptive clipping: the centred bits of the accepted updates, against `bit_clip_norm`.
+    bits: Option<ClippedSum>,
+    /// The C the bits are computed against (the clipper's current C).
+    bit_clip_norm: f64,
+}
+
+/// dp-ftrl's state in the engine.
+struct TreeState {
+    accountant: TreeAccountant,
+    /// Finished segments' rounds, then the current segment's.
+    progress: TreeProgress,
+    /// The current segment's tree (created when the segment starts), or why it could not be.
+    tree: Result<FtrlTree, String>,
+    /// Cumulative ε after the committed rounds.
+    epsilon: f64,
+}
+
+impl TreeState {
+    fn segments_with(&self, extra: u64) -> Vec<u64> {
+        let mut v = self.progress.finished_segments.clone();
+        v.push(self.progress.current_segment + extra);
+        v
+    }
+}
+
+/// A device's committed participations: the last release index and how many.
+#[derive(Clone, Copy, Debug, Default)]
+struct Participation {
+    last: Option<u64>,
+    count: u64,
 }
 
 /// The round engine for one run.
@@ -316,6 +381,10 @@ pub struct Engine {
     params: Vec<f32>,
     server_state: ServerState,
     open: Option<OpenRound>,
+    limits: Option<ParticipationLimits>,
+    participation: HashMap<String, Participation>,
+    tree: Option<TreeState>,
+    clipper: Option<QuantileClipper>,
 }
 
 impl Engine {
@@ -372,8 +441,78 @@ impl Engine {
                 }
             }
         }
+        let mut server_state = progress.server_state;
+        // Both are validated with the manifest; failing here silently would mean unaccounted
+        // or unadapted noise, so an impossible failure is a loud one.
+        let clipper = manifest.adaptive_clipping.map(|a| {
+            QuantileClipper::new(QuantileClipConfig {
+                initial_clip_norm: server_state.clip_norm().unwrap_or(manifest.clip_norm),
+                target_quantile: a.target_quantile,
+                learning_rate: a.learning_rate,
+                bit_noise_std: manifest
+                    .bit_noise_std()
+                    .expect("adaptive clipping has σ_b (validated with the manifest)"),
+                expected_contributions: manifest.sampling.expected_cohort_size(),
+            })
+            .expect("adaptive clipping settings are validated with the manifest")
+        });
+        let tree_accountant = manifest.server_optimizer.is_tree().then(|| {
+            manifest
+                .tree_accountant()
+                .expect("dp-ftrl has σ, a schedule and participation limits (validated)")
+        });
+        let tree = tree_accountant.map(|accountant| {
+            // A new process: the previous segment's tree is gone, so a new segment starts.
+            let mut tree_progress = server_state.tree_progress().cloned().unwrap_or_default();
+            // Committed rounds the stored segments do not account for (a state written
+            // without them) are charged as one finished segment, never dropped.
+            let accounted: u64 =
+                tree_progress.finished_segments.iter().sum::<u64>() + tree_progress.current_segment;
+            if progress.rounds_committed > accounted {
+                tree_progress
+                    .finished_segments
+                    .push(progress.rounds_committed - accounted);
+            }
+            if tree_progress.current_segment > 0 {
+                let finished = tree_progress.current_segment;
+                tree_progress.finished_segments.push(finished);
+                tree_progress.current_segment = 0;
+            }
+            server_state.set_tree_progress(Some(tree_progress.clone()));
+            let clip_norm = clipper
+                .as_ref()
+                .map_or(manifest.clip_norm, QuantileClipper::clip_norm);
+            let mut state = TreeState {
+                accountant,
+                progress: tree_progress,
+                tree: FtrlTree::new(
+                    accountant.noise_multiplier(),
+                    clip_norm,
+                    progress.params.len(),
+                    accountant.schedule(),
+                )
+                .map_err(|e| e.to_string()),
+                epsilon: 0.0,
+            };
+            let rho = tree_rho(
+                &accountant,
+                &state.segments_with(0),
+                manifest.bit_noise_std(),
+            );
+            state.epsilon =
+                epsilon_from_zcdp_gaussian(rho, manifest.budget.delta).unwrap_or(f64::INFINITY);
+            state
+        });
+        // As for the RDP budget above: a replay that does not fit must not go on.
+        if tree
+            .as_ref()
+            .is_some_and(|t| t.epsilon > manifest.budget.epsilon)
+        {
+            state = RunState::Stopped;
+        }
         Self {
             run_id: run_id.to_string(),
+            limits: manifest.participation,
             manifest,
             release,
             orders,
@@ -384,9 +523,73 @@ impl Engine {
             next_round: progress.next_round,
             version: progress.current_version,
             params: progress.params,
-            server_state: progress.server_state,
+            server_state,
             open: None,
+            participation: HashMap::new(),
+            tree,
+            clipper,
         }
+    }
+
+    /// Loads the participation history from the store: `committed_rounds` are the run's
+    /// committed round numbers in order (a round's position is its release index), and
+    /// `by_device` the round numbers each device took part in. Rounds not in
+    /// `committed_rounds` are ignored.
+    pub fn restore_participations(
+        &mut self,
+        committed_rounds: &[u64],
+        by_device: &[(String, Vec<u64>)],
+    ) {
+        let index: HashMap<u64, u64> = committed_rounds
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (*r, i as u64 + 1))
+            .collect();
+        for (device, rounds) in by_device {
+            let releases: Vec<u64> = rounds
+                .iter()
+                .filter_map(|r| index.get(r).copied())
+                .collect();
+            if releases.is_empty() {
+                continue;
+            }
+            self.participation.insert(
+                device.clone(),
+                Participation {
+                    last: releases.iter().max().copied(),
+                    count: releases.len() as u64,
+                },
+            );
+        }
+    }
+
+    /// The participation limits in force, if any.
+    pub fn participation_limits(&self) -> Option<ParticipationLimits> {
+        self.limits
+    }
+
+    /// The clip norm C the next round will use (the manifest's, or adaptive clipping's
+    /// current one).
+    pub fn clip_norm(&self) -> f64 {
+        match (&self.tree, &self.clipper) {
+            (Some(t), _) => t
+                .tree
+                .as_ref()
+                .map_or(self.manifest.clip_norm, FtrlTree::clip_norm),
+            (None, Some(c)) => c.clip_norm(),
+            (None, None) => self.manifest.clip_norm,
+        }
+    }
+
+    /// Adaptive clipping's C before each update so far in this process (the ledger holds the
+    /// whole run's), or `None` without adaptive clipping.
+    pub fn clip_trajectory(&self) -> Option<&[f64]> {
+        self.clipper.as_ref().map(QuantileClipper::trajectory)
+    }
+
+    /// The sentence naming the assumption the run's ε rests on.
+    pub fn epsilon_assumption(&self) -> String {
+        self.manifest.epsilon_assumption()
     }
 
     /// The run's state.
@@ -411,6 +614,12 @@ impl Engine {
 
     /// Cumulative ε per tracked audience at the run's δ.
     pub fn spent(&self) -> Vec<AudienceEpsilon> {
+        if let Some(t) = &self.tree {
+            return vec![AudienceEpsilon {
+                audience: Audience::ReleaseObservers.as_str().to_string(),
+                epsilon: t.epsilon,
+            }];
+        }
         self.cumulative
             .iter()
             .map(|(a, acc)| AudienceEpsilon {
@@ -510,6 +719,36 @@ impl Engine {
             actions.push(later("not selected for this round", open.deadline_ms));
             return;
         }
+        if let Some(limits) = self.limits {
+            let release = self.progress_rounds + 1;
+            let p = self.participation.get(&device).copied().unwrap_or_default();
+            if !limits.allows(p.last, p.count, release) {
+                let round_ms = self.manifest.sampling.round_millis();
+                let (retry_at_ms, detail) = match limits.next_allowed_round(p.last, p.count) {
+                    // Each release takes at least one round window: release n cannot open
+                    // before (n − release − 1) windows after this round's deadline.
+                    Some(n) => (
+                        open.deadline_ms
+                            .saturating_add(round_ms.saturating_mul((n - release - 1) as i64)),
+                        format!(
+                            "participation limit: at most once every {} committed rounds; this device may take part again from committed round {n}",
+                            limits.min_separation()
+                        ),
+                    ),
+                    None => (
+                        now.saturating_add(round_ms.saturating_mul(
+                            self.manifest.rounds.saturating_sub(self.progress_rounds) as i64,
+                        )),
+                        format!(
+                            "participation limit: this device has taken part {} times, the most this run allows",
+                            p.count
+                        ),
+                    ),
+                };
+                actions.push(later(&detail, retry_at_ms));
+                return;
+            }
+        }
         let selected = match &self.manifest.sampling {
             SamplingSpec::Poisson { rate, .. } => bernoulli(rng, *rate),
             SamplingSpec::Cohort { target_size, .. } => open.tasks.len() < *target_size as usize,
@@ -587,8 +826,26 @@ impl Engine {
             AggregationPrivacy::Central { .. } => 1.0,
             _ => examples.max(1) as f64,
         };
+        // The clip bit is computed before the update enters the aggregator (which refuses
+        // NaN and wrong lengths itself; such an update adds no bit either).
+        let bit = match &open.bits {
+            Some(_) if values.len() == open.aggregator.dimension() => {
+                let norm = values
+                    .iter()
+                    .map(|&x| f64::from(x) * f64::from(x))
+                    .sum::<f64>()
+                    .sqrt();
+                centred_bit(norm, open.bit_clip_norm).ok()
+            }
+            _ => None,
+        };
         match open.aggregator.add(values, weight) {
             Ok(()) => {
+                if let (Some(bits), Some(bit)) = (open.bits.as_mut(), bit) {
+                    // One device moves the bit sum by at most ½; a failure here would be
+                    // a lattice overflow, which the bit mechanism's σ rules out.
+                    let _ = bits.add(&bit, 1.0);
+                }
                 open.uploaded.push(device.clone());
                 actions.push(Action::UpdateAccepted { device, round });
             }
@@ -666,7 +923,11 @@ impl Engine {
                 self.abandon_open(now, "the model was rolled back", actions);
                 self.version += 1;
                 self.params.clone_from(&params);
+                let tree_progress = self.server_state.tree_progress().cloned();
+                let clip_norm = self.server_state.clip_norm();
                 self.server_state = ServerState::new(&self.manifest.server_optimizer, params.len());
+                self.server_state.set_tree_progress(tree_progress);
+                self.server_state.set_clip_norm(clip_norm);
                 let model = encode(&self.run_id, self.version, 0, &self.manifest.model, &params);
                 actions.push(Action::RolledBack {
                     to_version,
@@ -684,6 +945,33 @@ impl Engine {
                 ),
             }),
         }
+    }
+
+    /// A DP-FTRL round that cannot be committed after the tree may have taken its sum: the
+    /// round is abandoned (nothing is published from it) and the run stops, because the
+    /// tree's exact sums may now hold that round's updates and any later release from the
+    /// same tree would publish them without their participations and ρ being counted.
+    fn abandon_tree_round(
+        &mut self,
+        round: u64,
+        contributions: usize,
+        reason: String,
+        actions: &mut Vec<Action>,
+    ) {
+        if let Some(t) = self.tree.as_mut() {
+            t.tree = Err(format!("stopped after a failed round: {reason}"));
+        }
+        actions.push(Action::AbandonRound {
+            round,
+            contributions: contributions as u64,
+            reason: reason.clone(),
+        });
+        self.stop(
+            format!(
+                "DP-FTRL cannot continue: round {round} failed after tree aggregation ({reason})"
+            ),
+            actions,
+        );
     }
 
     fn stop(&mut self, reason: String, actions: &mut Vec<Action>) {
@@ -718,6 +1006,25 @@ impl Engine {
             self.stop(reason, actions);
             return false;
         }
+        if let Some(t) = &self.tree {
+            let rho = tree_rho(
+                &t.accountant,
+                &t.segments_with(1),
+                self.manifest.bit_noise_std(),
+            );
+            let next = epsilon_from_zcdp_gaussian(rho, self.manifest.budget.delta)
+                .unwrap_or(f64::INFINITY);
+            if next > self.manifest.budget.epsilon {
+                let reason = format!(
+                    "budget exhausted: one more round would exceed ε = {} at δ = {} (tree accounting under {})",
+                    self.manifest.budget.epsilon,
+                    self.manifest.budget.delta,
+                    self.manifest.epsilon_assumption()
+                );
+                self.stop(reason, actions);
+                return false;
+            }
+        }
         true
     }
 
@@ -727,12 +1034,40 @@ impl Engine {
         if !self.stop_if_done(actions) {
             return;
         }
-        let aggregator = RoundAggregator::new(
+        let clip_norm = self.clip_norm();
+        let privacy = match self.manifest.aggregation_privacy() {
+            AggregationPrivacy::Central {
+                noise_multiplier,
+                expected_cohort_size,
+                ..
+            } => AggregationPrivacy::Central {
+                clip_norm,
+                noise_multiplier,
+                expected_cohort_size,
+            },
+            other => other,
+        };
+        let aggregator = match RoundAggregator::new(
             &self.manifest.server_optimizer,
-            &self.manifest.aggregation_privacy(),
+            &privacy,
             self.params.len(),
-        )
-        .expect("the manifest's optimiser and privacy settings are validated");
+        ) {
+            Ok(a) => a,
+            Err(e) => {
+                // The manifest's settings are validated; only an adaptive clip norm that
+                // wandered out of the lattice's range can get here. Stop rather than
+                // release anything under settings that no longer hold.
+                self.stop(
+                    format!("the round aggregator refused clip norm C = {clip_norm}: {e}"),
+                    actions,
+                );
+                return;
+            }
+        };
+        let (bits, bit_clip_norm) = match &self.clipper {
+            Some(c) => (c.begin_bits().ok(), c.clip_norm()),
+            None => (None, clip_norm),
+        };
         self.open = Some(OpenRound {
             round: self.next_round,
             deadline_ms: now + self.manifest.sampling.round_millis(),
@@ -740,6 +1075,9 @@ impl Engine {
             not_selected: HashSet::new(),
             uploaded: vec![],
             aggregator,
+            clip_norm,
+            bits,
+            bit_clip_norm,
         });
     }
 
@@ -778,14 +1116,30 @@ impl Engine {
             });
             return;
         }
-        let aggregate = match open.aggregator.finish(sampler) {
+        let finished = match self.tree.as_mut() {
+            Some(t) => match t.tree.as_mut() {
+                Ok(tree) => open.aggregator.finish_tree(tree, sampler),
+                Err(e) => {
+                    let reason = format!("tree aggregation is unavailable: {e}");
+                    self.abandon_tree_round(open.round, contributions, reason, actions);
+                    return;
+                }
+            },
+            None => open.aggregator.finish(sampler),
+        };
+        let aggregate = match finished {
             Ok(a) => a,
             Err(e) => {
-                actions.push(Action::AbandonRound {
-                    round: open.round,
-                    contributions: contributions as u64,
-                    reason: format!("aggregation failed: {e}"),
-                });
+                let reason = format!("aggregation failed: {e}");
+                if self.tree.is_some() {
+                    self.abandon_tree_round(open.round, contributions, reason, actions);
+                } else {
+                    actions.push(Action::AbandonRound {
+                        round: open.round,
+                        contributions: contributions as u64,
+                        reason,
+                    });
+                }
                 return;
             }
         };
@@ -797,11 +1151,16 @@ impl Engine {
             &mut params,
             &aggregate,
         ) {
-            actions.push(Action::AbandonRound {
-                round: open.round,
-                contributions: contributions as u64,
-                reason: format!("the server optimiser failed: {e}"),
-            });
+            let reason = format!("the server optimiser failed: {e}");
+            if self.tree.is_some() {
+                self.abandon_tree_round(open.round, contributions, reason, actions);
+            } else {
+                actions.push(Action::AbandonRound {
+                    round: open.round,
+                    contributions: contributions as u64,
+                    reason,
+                });
+            }
             return;
         }
         if let (Some(release), Some(budget)) = (&self.release, self.budget.as_mut())
@@ -822,6 +1181,58 @@ impl Engine {
         for ((_, acc), inc) in self.cumulative.iter_mut().zip(&increments) {
             acc.compose_rdp(&inc.rdp, 1).expect("same grid");
         }
+        // Adaptive clipping: the bits are released with the round (their cost is in the
+        // accounting of the committed round), and C moves.
+        if let (Some(clipper), Some(bits)) = (self.clipper.as_mut(), open.bits)
+            && let Err(e) = clipper.release_and_update(bits, sampler)
+        {
+            // Only a lattice overflow can fail here, which σ_b rules out; C then stays.
+            tracing::warn!(round = open.round, error = %e, "clip bits not released; C unchanged");
+        }
+        let mut tree_record = None;
+        if let Some(t) = self.tree.as_mut() {
+            t.progress.current_segment += 1;
+            let segments = t.segments_with(0);
+            let bit_noise_std = self.manifest.bit_noise_std();
+            let rho = tree_rho(&t.accountant, &segments, bit_noise_std);
+            t.epsilon = epsilon_from_zcdp_gaussian(rho, self.manifest.budget.delta)
+                .unwrap_or(f64::INFINITY);
+            let schedule = t.accountant.schedule();
+            let limits = t.accountant.limits();
+            tree_record = Some(TreeRound {
+                restart_every: schedule.rounds_per_tree(),
+                completion: schedule.completion(),
+                min_separation: limits.min_separation(),
+                max_participations: limits.max_participations(),
+                segment: t.progress.finished_segments.len() as u64,
+                segment_round: t.progress.current_segment,
+                bit_noise_std,
+                rho,
+            });
+            server_state.set_tree_progress(Some(t.progress.clone()));
+            // A new C takes effect only with a new tree (a node's noise is drawn for one C).
+            if let (Some(clipper), Ok(tree)) = (&self.clipper, &t.tree)
+                && tree.at_tree_boundary()
+                && clipper.clip_norm() != tree.clip_norm()
+            {
+                t.tree = FtrlTree::new(
+                    t.accountant.noise_multiplier(),
+                    clipper.clip_norm(),
+                    self.params.len(),
+                    schedule,
+                )
+                .map_err(|e| e.to_string());
+            }
+        }
+        if let Some(clipper) = &self.clipper {
+            server_state.set_clip_norm(Some(clipper.clip_norm()));
+        }
+        let release_index = self.progress_rounds + 1;
+        for device in &open.uploaded {
+            let p = self.participation.entry(device.clone()).or_default();
+            p.last = Some(release_index);
+            p.count += 1;
+        }
         self.params = params;
         self.server_state = server_state;
         self.version += 1;
@@ -837,12 +1248,16 @@ impl Engine {
             round: open.round,
             cohort_size: contributions as u64,
             noise_multiplier: self.manifest.noise_multiplier.unwrap_or(0.0),
-            clip_norm: self.manifest.clip_norm,
+            clip_norm: open.clip_norm,
             mode: self.manifest.privacy_mode.as_str().to_string(),
             rdp_increments: increments,
             cumulative_epsilon: self.spent(),
             model_version: self.version,
             model_sha256: model.sha256.clone(),
+            epsilon_assumption: (tree_record.is_some() || self.clipper.is_some())
+                .then(|| self.manifest.epsilon_assumption()),
+            tree: tree_record,
+            next_clip_norm: self.clipper.as_ref().map(|_| self.clip_norm()),
         };
         let stop = (self.progress_rounds >= self.manifest.rounds).then(|| {
             self.state = RunState::Stopped;

@@ -11,6 +11,9 @@
 //! A chain can be rewritten from some entry onwards by someone with write access to the
 //! database; the hash of the head, printed in reports and kept elsewhere, is what detects that.
 
+use fedpref_privacy::tree::{
+    ParticipationLimits, TreeAccountant, TreeSchedule, epsilon_from_zcdp_gaussian,
+};
 use fedpref_privacy::{Audience, OrderGrid, PrivacyMode, RdpAccountant, RoundRelease};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -40,6 +43,67 @@ pub struct AudienceRdp {
     pub rdp: Vec<f64>,
 }
 
+/// The tree accounting of one dp-ftrl round: enough to re-derive its cumulative ε.
+///
+/// The run's rounds fall into **segments** (the rounds one coordinator process released,
+/// each with its own trees); ρ = Σ over segments of the tree accountant's ρ for that
+/// segment's rounds, plus, with adaptive clipping, the bits' k/(8σ_b²) for
+/// k = min(max_participations, ⌈rounds / min_separation⌉) participations.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TreeRound {
+    /// Rounds per tree (absent: one tree per segment).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restart_every: Option<u64>,
+    /// Tree completion at restarts.
+    pub completion: bool,
+    /// The participation limits enforced: minimum separation in committed rounds …
+    pub min_separation: u64,
+    /// … and the most participations per device.
+    pub max_participations: u64,
+    /// The segment this round belongs to (from 0).
+    pub segment: u64,
+    /// Its position in the segment (from 1).
+    pub segment_round: u64,
+    /// σ_b of the clip bits, if adaptive clipping is on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bit_noise_std: Option<f64>,
+    /// Cumulative ρ (zCDP) after this round.
+    pub rho: f64,
+}
+
+impl TreeRound {
+    fn accountant(&self, noise_multiplier: f64) -> Result<TreeAccountant, String> {
+        let schedule = match self.restart_every {
+            Some(r) => TreeSchedule::restart_every(r, self.completion),
+            None => Ok(TreeSchedule::single_tree()),
+        }
+        .map_err(|e| e.to_string())?;
+        let limits = ParticipationLimits::new(self.min_separation, self.max_participations)
+            .map_err(|e| e.to_string())?;
+        TreeAccountant::new(noise_multiplier, schedule, limits).map_err(|e| e.to_string())
+    }
+}
+
+/// Cumulative ρ of a dp-ftrl run whose segments released `segments` rounds each, with the
+/// bits of adaptive clipping (σ_b) if any. See [`TreeRound`].
+pub fn tree_rho(accountant: &TreeAccountant, segments: &[u64], bit_noise_std: Option<f64>) -> f64 {
+    let mut rho: f64 = segments
+        .iter()
+        .filter(|&&r| r > 0)
+        .map(|&r| accountant.rho(r))
+        .sum();
+    if let Some(sigma_b) = bit_noise_std {
+        let rounds: u64 = segments.iter().sum();
+        let limits = accountant.limits();
+        let k = limits
+            .max_participations()
+            .min(rounds.div_ceil(limits.min_separation()));
+        rho += fedpref_privacy::adaptive_clip::bit_rho(sigma_b, k).unwrap_or(f64::INFINITY);
+    }
+    rho
+}
+
 /// What happened.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
@@ -62,6 +126,13 @@ pub enum LedgerEvent {
         orders: Vec<f64>,
         /// SHA-256 of the initial model.
         initial_model_sha256: String,
+        /// The participation limits the round engine enforces, if the manifest sets any.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        participation_limits: Option<ParticipationLimits>,
+        /// The assumption the run's ε rests on, in words (written when the run has
+        /// participation limits, dp-ftrl or adaptive clipping).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        epsilon_assumption: Option<String>,
     },
     /// A round's aggregate was computed and its spend recorded. Written before the model
     /// version it produced is published.
@@ -84,6 +155,19 @@ pub enum LedgerEvent {
         model_version: u64,
         /// Its SHA-256.
         model_sha256: String,
+        /// dp-ftrl: the tree accounting behind `cumulative_epsilon` (absent for per-round
+        /// optimisers, whose `rdp_increments` carry it).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        tree: Option<TreeRound>,
+        /// Adaptive clipping: the clip norm C the next round will use (`clip_norm` is the
+        /// one this round used).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        next_clip_norm: Option<f64>,
+        /// The assumption `cumulative_epsilon` rests on, in words (written for dp-ftrl and
+        /// adaptive-clipping runs; for the others it follows from the audience and the
+        /// manifest's sampling).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        epsilon_assumption: Option<String>,
     },
     /// A round ended without a release: nothing was released and nothing spent.
     RoundAbandoned {
@@ -329,6 +413,7 @@ pub fn verify(run_id: &str, entries: &[SealedEntry]) -> Result<VerifiedTotals, V
     let mut delta = 0.0;
     let mut totals: Vec<(String, RdpAccountant)> = vec![];
     let mut last_eps: Vec<AudienceEpsilon> = vec![];
+    let mut segments: Vec<u64> = vec![];
     let (mut committed, mut abandoned) = (0, 0);
     if entries.is_empty() {
         return Err(fail(1, format!("run {run_id} has no ledger entries")));
@@ -382,6 +467,65 @@ pub fn verify(run_id: &str, entries: &[SealedEntry]) -> Result<VerifiedTotals, V
             (_, 1) => return Err(fail(1, "the first entry is not run_created".into())),
             (LedgerEvent::RunCreated { .. }, _) => {
                 return Err(fail(expected, "run_created after the first entry".into()));
+            }
+            (
+                LedgerEvent::RoundCommitted {
+                    noise_multiplier,
+                    cumulative_epsilon,
+                    tree: Some(tree),
+                    ..
+                },
+                _,
+            ) => {
+                let accountant = tree
+                    .accountant(*noise_multiplier)
+                    .map_err(|e| fail(expected, format!("invalid tree accounting: {e}")))?;
+                let segment = tree.segment as usize;
+                if segment + 1 < segments.len() || segment > segments.len() {
+                    return Err(fail(
+                        expected,
+                        format!("its tree segment {segment} is out of order"),
+                    ));
+                }
+                if segment == segments.len() {
+                    segments.push(0);
+                }
+                if tree.segment_round != segments[segment] + 1 {
+                    return Err(fail(
+                        expected,
+                        format!(
+                            "its position {} in tree segment {segment} does not follow {}",
+                            tree.segment_round, segments[segment]
+                        ),
+                    ));
+                }
+                segments[segment] += 1;
+                let rho = tree_rho(&accountant, &segments, tree.bit_noise_std);
+                if !close(rho, tree.rho) {
+                    return Err(fail(
+                        expected,
+                        format!(
+                            "its ρ {} does not follow from the tree rounds before it ({rho})",
+                            tree.rho
+                        ),
+                    ));
+                }
+                let epsilon = epsilon_from_zcdp_gaussian(rho, delta)
+                    .map_err(|e| fail(expected, e.to_string()))?;
+                let eps = vec![AudienceEpsilon {
+                    audience: Audience::ReleaseObservers.as_str().to_string(),
+                    epsilon,
+                }];
+                if !same_epsilons(&eps, cumulative_epsilon) {
+                    return Err(fail(
+                        expected,
+                        format!(
+                            "its cumulative ε {cumulative_epsilon:?} does not follow from the tree rounds before it ({eps:?})"
+                        ),
+                    ));
+                }
+                last_eps = eps;
+                committed += 1;
             }
             (
                 LedgerEvent::RoundCommitted {

@@ -30,6 +30,15 @@
 //! items = 1000
 //! factors = 16
 //!
+//! [participation]                    # optional; required by server_optimizer "dp-ftrl"
+//! min_separation = 20                # a device at most once every 20 committed rounds …
+//! max_participations = 10            # … and at most 10 times in the run
+//!
+//! [adaptive_clipping]                # optional, central mode; clip_norm is the initial C
+//! target_quantile = 0.5
+//! learning_rate = 0.2                # default 0.2 (Andrew et al. 2021)
+//! bit_noise_std = 5.0                # default: expected cohort size / 20
+//!
 //! [opt_out_policy]
 //! consent_model = "opt-in"
 //! description = "Training is off until the user turns it on in Settings"
@@ -58,6 +67,7 @@
 
 use std::path::Path;
 
+use fedpref_privacy::tree::{ParticipationLimits, TreeAccountant};
 use fedpref_privacy::{OrderGrid, PrivacyMode, RoundRelease};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -213,6 +223,35 @@ impl SamplingSpec {
             Self::Cohort { target_size, .. } => f64::from(*target_size),
         }
     }
+}
+
+/// Quantile-based adaptive clipping (Andrew, Thakkar, McMahan, Ramaswamy 2021), central mode:
+/// the coordinator checks whether each update's norm was at most the current C, sums those
+/// centred bits, noises the sum with N(0, σ_b²) and moves C geometrically toward the
+/// `target_quantile` of the update norms (see [`fedpref_privacy::adaptive_clip`]). The
+/// manifest's `clip_norm` is the initial C.
+///
+/// Privacy: with a per-round optimiser the manifest's `noise_multiplier` z is the combined
+/// multiplier of the update sum and the bit sum, so the accounting is that of z; the update
+/// noise is raised to σ_Δ = (z⁻² − (2σ_b)⁻²)^(−1/2), which needs 2σ_b > z. With `dp-ftrl`
+/// the bits cost ρ = k/(8σ_b²) more for k participations, added to the tree's ρ, and C
+/// changes only when a tree restarts.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdaptiveClippingSpec {
+    /// γ ∈ (0, 1): the fraction of updates that should fit under C.
+    pub target_quantile: f64,
+    /// η > 0 of the geometric update C ← C·exp(−η(b̄ − γ)).
+    #[serde(default = "default_clip_learning_rate")]
+    pub learning_rate: f64,
+    /// σ_b, the noise standard deviation on the sum of bits (default: the expected cohort
+    /// size / 20, the paper's default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bit_noise_std: Option<f64>,
+}
+
+fn default_clip_learning_rate() -> f64 {
+    0.2
 }
 
 /// The shared model the run trains (federated matrix factorisation).
@@ -470,6 +509,14 @@ pub struct RunManifest {
     /// Seed for the initial model (random if absent).
     #[serde(default)]
     pub seed: Option<u64>,
+    /// Participation limits the round engine enforces: a device takes part at most once
+    /// every `min_separation` committed rounds and at most `max_participations` times.
+    /// Required by `dp-ftrl`, whose ε rests on them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub participation: Option<ParticipationLimits>,
+    /// Adaptive clipping (central mode).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adaptive_clipping: Option<AdaptiveClippingSpec>,
 }
 
 impl RunManifest {
@@ -503,13 +550,65 @@ impl RunManifest {
         crate::hex(&Sha256::digest(self.to_toml().as_bytes()))
     }
 
-    /// The per-round release the accountant sees (`None` in privacy mode `none`).
+    /// The per-round release the accountant sees (`None` in privacy mode `none`, and with
+    /// `dp-ftrl`, whose rounds are accounted together by the tree accountant: see
+    /// [`RunManifest::tree_accountant`]).
     pub fn round_release(&self) -> Option<RoundRelease> {
+        if self.server_optimizer.is_tree() {
+            return None;
+        }
         Some(RoundRelease {
             mode: self.privacy_mode.privacy_mode()?,
             noise_multiplier: self.noise_multiplier?,
             sampling_rate: self.sampling.accounting_rate(),
         })
+    }
+
+    /// The tree accountant of a `dp-ftrl` run (σ of the tree's nodes, its schedule and the
+    /// participation limits); `None` for every other optimiser.
+    pub fn tree_accountant(&self) -> Option<TreeAccountant> {
+        let schedule = self.server_optimizer.tree_schedule().ok()??;
+        TreeAccountant::new(self.noise_multiplier?, schedule, self.participation?).ok()
+    }
+
+    /// σ_b of adaptive clipping, with its default (expected cohort size / 20).
+    pub fn bit_noise_std(&self) -> Option<f64> {
+        let a = self.adaptive_clipping?;
+        Some(
+            a.bit_noise_std
+                .unwrap_or(self.sampling.expected_cohort_size() / 20.0),
+        )
+    }
+
+    /// The noise multiplier the coordinator applies to each round's update sum: the
+    /// manifest's σ, or with adaptive clipping and a per-round optimiser, the raised
+    /// σ_Δ = (z⁻² − (2σ_b)⁻²)^(−1/2) that leaves the combined multiplier at z.
+    pub fn update_noise_multiplier(&self) -> Option<f64> {
+        let z = self.noise_multiplier?;
+        match self.bit_noise_std() {
+            Some(sigma_b) if !self.server_optimizer.is_tree() => {
+                fedpref_privacy::adaptive_clip::update_noise_multiplier(z, sigma_b).ok()
+            }
+            _ => Some(z),
+        }
+    }
+
+    /// The sentence naming the assumption the run's headline ε rests on: participation
+    /// limits for `dp-ftrl`, Poisson sampling from a population of N, or none (a fixed cohort
+    /// or local DP: worst case per device).
+    pub fn epsilon_assumption(&self) -> String {
+        if let Some(limits) = self
+            .participation
+            .filter(|_| self.server_optimizer.is_tree())
+        {
+            return limits.assumption();
+        }
+        match (&self.sampling, self.privacy_mode) {
+            (SamplingSpec::Poisson { population, .. }, ManifestPrivacyMode::Central) => {
+                format!("Poisson sampling from a population of {population}")
+            }
+            _ => "none (worst case per device)".into(),
+        }
     }
 
     /// How the aggregator treats updates.
@@ -520,7 +619,11 @@ impl RunManifest {
             ManifestPrivacyMode::Central | ManifestPrivacyMode::Distributed => {
                 AggregationPrivacy::Central {
                     clip_norm: self.clip_norm,
-                    noise_multiplier: self.noise_multiplier.unwrap_or(0.0),
+                    // Central and distributed modes require σ, and 2σ_b > σ with adaptive
+                    // clipping (validated): a missing σ must never become zero noise.
+                    noise_multiplier: self
+                        .update_noise_multiplier()
+                        .expect("central mode has a valid noise multiplier (validated)"),
                     expected_cohort_size: self.sampling.expected_cohort_size(),
                 }
             }
@@ -712,6 +815,7 @@ impl RunManifest {
                 "distributed mode needs secure aggregation, which is not available yet",
             ));
         }
+        self.validate_tree_and_clipping(file)?;
         match (self.noise_multiplier, self.target_epsilon) {
             (Some(_), Some(_)) => {
                 return Err(bad(
@@ -744,6 +848,29 @@ impl RunManifest {
                         "must be > 0 and at most budget.epsilon",
                     ));
                 }
+                if let (Some(schedule), Some(limits)) = (
+                    self.server_optimizer.tree_schedule().ok().flatten(),
+                    self.participation,
+                ) {
+                    if self.adaptive_clipping.is_some() {
+                        return Err(bad(
+                            "target_epsilon",
+                            e.to_string(),
+                            "with dp-ftrl and adaptive clipping give noise_multiplier (the bits' cost adds to the tree's, and the budget stops the run before it is exceeded)",
+                        ));
+                    }
+                    let sigma = TreeAccountant::calibrate_noise_multiplier(
+                        schedule,
+                        limits,
+                        self.rounds,
+                        e,
+                        self.budget.delta,
+                    )
+                    .map_err(|err| bad("target_epsilon", e.to_string(), &err.to_string()))?;
+                    self.noise_multiplier = Some(sigma);
+                    self.target_epsilon = None;
+                    return self.validate_optimizer(file);
+                }
                 let mode = self.privacy_mode.privacy_mode().expect("checked above");
                 let q = if mode == PrivacyMode::Local {
                     1.0
@@ -764,6 +891,27 @@ impl RunManifest {
             }
             _ => {}
         }
+        self.validate_optimizer(file)
+    }
+
+    fn validate_optimizer(&self, file: &str) -> Result<(), ManifestError> {
+        let bad = |key: &str, value: String, reason: &str| ManifestError::Invalid {
+            file: file.to_string(),
+            key: key.to_string(),
+            value,
+            reason: reason.to_string(),
+        };
+        if let (Some(z), Some(sigma_b)) = (self.noise_multiplier, self.bit_noise_std())
+            && !self.server_optimizer.is_tree()
+        {
+            fedpref_privacy::adaptive_clip::update_noise_multiplier(z, sigma_b).map_err(|e| {
+                bad(
+                    "adaptive_clipping.bit_noise_std",
+                    sigma_b.to_string(),
+                    &format!("{e} (noise_multiplier = {z} is the combined multiplier)"),
+                )
+            })?;
+        }
         self.server_optimizer
             .validate(&self.aggregation_privacy())
             .map_err(|e| {
@@ -777,6 +925,99 @@ impl RunManifest {
             release
                 .effective()
                 .map_err(|e| bad("sampling", format!("{:?}", self.sampling), &e.to_string()))?;
+        }
+        Ok(())
+    }
+}
+
+impl RunManifest {
+    /// Checks `dp-ftrl`, `[participation]` and `[adaptive_clipping]` against each other and
+    /// the privacy mode.
+    fn validate_tree_and_clipping(&self, file: &str) -> Result<(), ManifestError> {
+        let bad = |key: &str, value: String, reason: &str| ManifestError::Invalid {
+            file: file.to_string(),
+            key: key.to_string(),
+            value,
+            reason: reason.to_string(),
+        };
+        if self.server_optimizer.is_tree() {
+            if self.privacy_mode != ManifestPrivacyMode::Central {
+                return Err(bad(
+                    "server_optimizer",
+                    "\"dp-ftrl\"".into(),
+                    &format!(
+                        "dp-ftrl adds its tree noise on the coordinator, so privacy_mode must be \"central\", not \"{}\"",
+                        self.privacy_mode.as_str()
+                    ),
+                ));
+            }
+            if self.participation.is_none() {
+                return Err(bad(
+                    "participation",
+                    "(missing)".into(),
+                    "dp-ftrl's ε rests on participation limits: give [participation] min_separation and max_participations",
+                ));
+            }
+        }
+        if self.participation.is_some()
+            && !self.server_optimizer.is_tree()
+            && self.privacy_mode == ManifestPrivacyMode::Central
+            && matches!(self.sampling, SamplingSpec::Poisson { rate, .. } if rate < 1.0)
+        {
+            // The amplification-by-sampling accountant assumes every device is selected
+            // independently in every round; limits make a device's selection depend on its
+            // past (secret) selections, which that analysis does not cover.
+            return Err(bad(
+                "participation",
+                "with sampling.kind = \"poisson\"".into(),
+                "participation limits would make Poisson selection depend on each device's past selections, which the amplification-by-sampling accountant does not cover: use sampling.kind = \"cohort\" or server_optimizer.kind = \"dp-ftrl\"",
+            ));
+        }
+        if let Some(a) = self.adaptive_clipping {
+            if self.privacy_mode != ManifestPrivacyMode::Central {
+                return Err(bad(
+                    "adaptive_clipping",
+                    format!("privacy_mode = \"{}\"", self.privacy_mode.as_str()),
+                    "adaptive clipping is available in central mode only (the coordinator sums and noises the clip bits)",
+                ));
+            }
+            if !(a.target_quantile > 0.0 && a.target_quantile < 1.0) {
+                return Err(bad(
+                    "adaptive_clipping.target_quantile",
+                    a.target_quantile.to_string(),
+                    "must be in (0, 1)",
+                ));
+            }
+            if !(a.learning_rate.is_finite() && a.learning_rate > 0.0) {
+                return Err(bad(
+                    "adaptive_clipping.learning_rate",
+                    a.learning_rate.to_string(),
+                    "must be a finite number > 0",
+                ));
+            }
+            let sigma_b = self.bit_noise_std().unwrap_or(0.0);
+            if !(sigma_b.is_finite() && sigma_b > 0.0) {
+                return Err(bad(
+                    "adaptive_clipping.bit_noise_std",
+                    sigma_b.to_string(),
+                    "must be a finite number > 0",
+                ));
+            }
+            if self.server_optimizer.is_tree()
+                && self
+                    .server_optimizer
+                    .tree_schedule()
+                    .ok()
+                    .flatten()
+                    .and_then(|s| s.rounds_per_tree())
+                    .is_none()
+            {
+                return Err(bad(
+                    "adaptive_clipping",
+                    "server_optimizer.restart_every (missing)".into(),
+                    "with dp-ftrl, C can change only when a tree restarts: give server_optimizer.restart_every",
+                ));
+            }
         }
         Ok(())
     }
@@ -839,6 +1080,70 @@ description = "off until the user turns it on"
             .unwrap();
         assert!(m.noise_multiplier.unwrap() > 0.5);
         assert_eq!(m.sampling.accounting_rate(), 0.02);
+    }
+
+    #[test]
+    fn the_shipped_dp_ftrl_manifest_is_valid_and_fits_its_budget() {
+        let m = RunManifest::from_toml(include_str!("../manifests/dp-ftrl.toml"), "dp-ftrl.toml")
+            .unwrap();
+        assert!(
+            m.round_release().is_none(),
+            "the tree accountant, not per-round RDP"
+        );
+        let acc = m.tree_accountant().unwrap();
+        let spent = acc.spend(m.rounds, m.budget.delta).unwrap();
+        assert!(spent.epsilon < m.budget.epsilon, "{}", spent.epsilon);
+        assert_eq!(
+            m.epsilon_assumption(),
+            "participation limits (separation 64, at most 8)"
+        );
+        // With dp-ftrl the update noise is the tree's σ; the bits are charged on top.
+        assert_eq!(m.update_noise_multiplier(), m.noise_multiplier);
+        // The canonical TOML round-trips.
+        assert_eq!(RunManifest::from_toml(&m.to_toml(), "x").unwrap(), m);
+    }
+
+    #[test]
+    fn adaptive_clipping_raises_the_update_noise_to_keep_the_combined_multiplier() {
+        let text =
+            format!("{EXAMPLE}\n[adaptive_clipping]\ntarget_quantile = 0.5\nbit_noise_std = 5.0\n");
+        let m = RunManifest::from_toml(&text, "m.toml").unwrap();
+        let z = m.noise_multiplier.unwrap();
+        let s = m.update_noise_multiplier().unwrap();
+        let combined = fedpref_privacy::adaptive_clip::effective_noise_multiplier(s, 5.0).unwrap();
+        assert!(s > z && (combined - z).abs() < 1e-12, "{s} {combined} {z}");
+        // 2σ_b must exceed z.
+        let text =
+            format!("{EXAMPLE}\n[adaptive_clipping]\ntarget_quantile = 0.5\nbit_noise_std = 0.4\n");
+        let e = RunManifest::from_toml(&text, "m.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("adaptive_clipping.bit_noise_std"), "{e}");
+        let text = format!("{EXAMPLE}\n[adaptive_clipping]\ntarget_quantile = 1.5\n");
+        let e = RunManifest::from_toml(&text, "m.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("adaptive_clipping.target_quantile"), "{e}");
+    }
+
+    #[test]
+    fn participation_limits_with_poisson_amplification_are_refused() {
+        let poisson = EXAMPLE.replace(
+            "kind = \"cohort\"\ntarget_size = 4\nminimum_size = 2\n",
+            "kind = \"poisson\"\nrate = 0.1\npopulation = 100\n",
+        );
+        assert!(RunManifest::from_toml(&poisson, "m.toml").is_ok());
+        let limited =
+            format!("{poisson}\n[participation]\nmin_separation = 2\nmax_participations = 3\n");
+        let e = RunManifest::from_toml(&limited, "m.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("participation") && e.contains("cohort"), "{e}");
+        // With a fixed cohort they are enforced, and the ε stays the worst case per device.
+        let cohort =
+            format!("{EXAMPLE}\n[participation]\nmin_separation = 2\nmax_participations = 3\n");
+        let m = RunManifest::from_toml(&cohort, "m.toml").unwrap();
+        assert_eq!(m.epsilon_assumption(), "none (worst case per device)");
     }
 
     #[test]

@@ -126,6 +126,10 @@ pub struct Assessment {
     pub sampling: String,
     /// The sampling rate the accountant uses (1 for a fixed cohort).
     pub sampling_rate: f64,
+    /// The assumption the run's headline ε rests on, in words: "Poisson sampling from a
+    /// population of N", "participation limits (separation s, at most k)" or "none (worst
+    /// case per device)".
+    pub epsilon_assumption: String,
     /// Rounds planned.
     pub rounds_planned: u64,
     /// Consent and withdrawal.
@@ -184,6 +188,21 @@ pub struct Spend {
     pub series: Vec<Series>,
     /// Each device's own spend.
     pub per_device: PerDevice,
+    /// Adaptive clipping: the clip norm of each committed round and the one it chose for the
+    /// next (empty without adaptive clipping).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub clip_trajectory: Vec<ClipPoint>,
+}
+
+/// One committed round's clip norms under adaptive clipping.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct ClipPoint {
+    /// The round.
+    pub round: u64,
+    /// The clip norm C its updates were clipped to.
+    pub clip_norm: f64,
+    /// The clip norm chosen for the next round (for dp-ftrl, applied from the next tree).
+    pub next_clip_norm: f64,
 }
 
 /// Devices that took part in the same number of rounds, and their ε.
@@ -306,6 +325,7 @@ impl ImpactReport {
         let mut final_epsilon = vec![];
         let mut alerts = vec![];
         let mut operations = vec![];
+        let mut clip_trajectory = vec![];
         for e in &entries {
             match &e.event {
                 LedgerEvent::RunCreated {
@@ -323,9 +343,18 @@ impl ImpactReport {
                     noise_multiplier,
                     mode,
                     cumulative_epsilon,
+                    clip_norm,
+                    next_clip_norm,
                     ..
                 } => {
                     committed += 1;
+                    if let Some(next) = next_clip_norm {
+                        clip_trajectory.push(ClipPoint {
+                            round: *round,
+                            clip_norm: *clip_norm,
+                            next_clip_norm: *next,
+                        });
+                    }
                     if let Ok(mode) = mode.parse::<PrivacyMode>() {
                         round_sigma.insert(*round, (mode, *noise_multiplier));
                     }
@@ -420,7 +449,14 @@ impl ImpactReport {
             })
             .collect();
         let participations = store.participations_by_device(run_id)?;
-        let per_device = per_device_spend(&participations, &round_sigma, &grid, delta, m)?;
+        // dp-ftrl: a device's share of the tree's ε is bounded by the run's (the worst
+        // allowed pattern), which is what is shown for every device that took part.
+        let tree_epsilon = m
+            .server_optimizer
+            .is_tree()
+            .then(|| final_epsilon.first().map_or(0.0, |a| a.epsilon));
+        let per_device =
+            per_device_spend(&participations, &round_sigma, &grid, delta, m, tree_epsilon)?;
         let rows = store.evaluation_rows(run_id)?;
         let versions = all_versions(&rows, |v| store.reporting_devices(run_id, v).unwrap_or(0));
         let mode = m.privacy_mode.privacy_mode();
@@ -432,6 +468,14 @@ impl ImpactReport {
                     description: a.describe().into(),
                 })
                 .collect(),
+            None if m.server_optimizer.is_tree() => vec![AudienceNote {
+                audience: Audience::ReleaseObservers.as_str().into(),
+                description: format!(
+                    "{}, provided every device kept to the {} the round engine enforces (DP-FTRL tree aggregation: no sampling assumed)",
+                    Audience::ReleaseObservers.describe(),
+                    m.epsilon_assumption()
+                ),
+            }],
             None => vec![],
         };
         let sampling = match &m.sampling {
@@ -454,7 +498,7 @@ impl ImpactReport {
         let mode_explained = match mode {
             Some(PrivacyMode::Local) => "Local DP: each device clips its update to C and adds Gaussian noise before it leaves the device, so the coordinator never sees an un-noised update. Neighbouring datasets replace one user's data (sensitivity 2C).",
             Some(PrivacyMode::Central) => "Central DP: the coordinator clips each update to C, sums, and adds Gaussian noise once before any model is released; the coordinator itself is trusted with individual updates. Neighbouring datasets add or remove one user (sensitivity C).",
-            Some(PrivacyMode::Distributed) => "Distributed DP: each device adds a share of the noise under secure aggregation. Neighbouring datasets add or remove one user (sensitivity C).",
+            Some(PrivacyMode::Distributed) => "Distributed DP: each device adds a share of the noise under secure aggregation. Neighbouring datasets zero out one user's contribution while the device still takes part (sensitivity C).",
             None => "No differential privacy.",
         }
         .to_string();
@@ -483,7 +527,12 @@ impl ImpactReport {
                 clip_norm: m.clip_norm,
                 noise_multiplier: m.noise_multiplier,
                 sampling,
-                sampling_rate: m.sampling.accounting_rate(),
+                sampling_rate: if m.server_optimizer.is_tree() {
+                    1.0
+                } else {
+                    m.sampling.accounting_rate()
+                },
+                epsilon_assumption: m.epsilon_assumption(),
                 rounds_planned: m.rounds,
                 opt_out_policy: m.opt_out_policy.clone(),
                 harm_scenarios: m.harm_scenarios.clone(),
@@ -499,6 +548,7 @@ impl ImpactReport {
                 final_epsilon,
                 series,
                 per_device,
+                clip_trajectory,
             },
             guardrails: Guardrails {
                 thresholds: m.guardrail_metrics.clone(),
@@ -507,6 +557,13 @@ impl ImpactReport {
             },
             operations,
         })
+    }
+
+    /// Whether the run used dp-ftrl (its ε rests on participation limits).
+    fn is_tree(&self) -> bool {
+        self.assessment
+            .epsilon_assumption
+            .starts_with("participation limits")
     }
 
     /// The report as pretty-printed JSON (the layout is documented field by field in the
@@ -525,6 +582,7 @@ fn per_device_spend(
     grid: &OrderGrid,
     delta: f64,
     m: &crate::manifest::RunManifest,
+    tree_epsilon: Option<f64>,
 ) -> Result<PerDevice, ReportError> {
     let holds_against = match m.privacy_mode.privacy_mode() {
         Some(PrivacyMode::Local) => Audience::Anyone,
@@ -545,9 +603,16 @@ fn per_device_spend(
         }
         let key: Vec<(&'static str, u64, u64)> =
             key.into_iter().map(|((m, s), c)| (m, s, c)).collect();
-        let epsilon = match cache.get(&key) {
-            Some(e) => *e,
-            None => {
+        let epsilon = match (tree_epsilon, cache.get(&key)) {
+            (Some(e), _) => {
+                if counted > 0 {
+                    e
+                } else {
+                    0.0
+                }
+            }
+            (None, Some(e)) => *e,
+            (None, None) => {
                 let mut acc = RdpAccountant::new(grid.clone());
                 for (mode, sigma_bits, count) in &key {
                     let mode: PrivacyMode = mode.parse().expect("a mode's own name parses");
@@ -649,8 +714,8 @@ fn metric_value(v: f64) -> String {
 }
 
 /// The paragraph that tells a reader how to re-derive every number.
-fn rederive_text(run_id: &str) -> Vec<String> {
-    vec![
+fn rederive_text(run_id: &str, tree: bool) -> Vec<String> {
+    let mut lines = vec![
         format!(
             "`fedpref-coordinator ledger verify --db PATH --run {run_id}` recomputes the hash chain and re-derives every round's RDP increments and the cumulative ε per audience from the recorded σ, q and mode; its head hash must equal the one printed at the top of this report."
         ),
@@ -659,7 +724,13 @@ fn rederive_text(run_id: &str) -> Vec<String> {
         ),
         "Per-device ε composes, for each device, the rounds it took part in at each round's σ without amplification by sampling (`fedpref-coordinator accountant epsilon --noise-multiplier σ --sampling-rate 1 --rounds K --delta δ` gives the same figure for K participations at one σ).".to_string(),
         "Guardrail metrics are ratios of the evaluation counts summed over all reporting devices of a model version; no single device's report is shown or used alone.".to_string(),
-    ]
+    ];
+    if tree {
+        lines.push(
+            "DP-FTRL: each round's ledger entry records its tree segment, its position in it and the cumulative ρ; `ledger verify` re-derives ρ and ε from the tree accountant under the recorded participation limits. A device's own ε is at most the run's (the worst pattern the limits allow), which is the per-device figure shown.".to_string(),
+        );
+    }
+    lines
 }
 
 // ---------------------------------------------------------------------------------------
@@ -741,6 +812,11 @@ impl ImpactReport {
             md(&a.sampling),
             a.sampling_rate,
             a.rounds_planned
+        );
+        let _ = writeln!(
+            o,
+            "- **The headline ε rests on:** {}",
+            md(&a.epsilon_assumption)
         );
         let p = &a.opt_out_policy;
         let _ = writeln!(
@@ -842,6 +918,22 @@ impl ImpactReport {
                     );
                 }
                 let _ = writeln!(o);
+            }
+        }
+        if !s.clip_trajectory.is_empty() {
+            let _ = writeln!(o);
+            let _ = writeln!(o, "Adaptive clipping: the clip norm C of each round.");
+            let _ = writeln!(o);
+            let _ = writeln!(o, "| round | C | next C |");
+            let _ = writeln!(o, "|---|---|---|");
+            for c in &s.clip_trajectory {
+                let _ = writeln!(
+                    o,
+                    "| {} | {} | {} |",
+                    c.round,
+                    trim_num(c.clip_norm),
+                    trim_num(c.next_clip_norm)
+                );
             }
         }
         let _ = writeln!(o);
@@ -954,7 +1046,7 @@ impl ImpactReport {
         let _ = writeln!(o);
         let _ = writeln!(o, "## How to re-derive these numbers");
         let _ = writeln!(o);
-        for line in rederive_text(&self.run_id) {
+        for line in rederive_text(&self.run_id, self.is_tree()) {
             let _ = writeln!(o, "- {line}");
         }
         o
@@ -1183,6 +1275,11 @@ impl ImpactReport {
                 a.rounds_planned
             ),
         );
+        row(
+            &mut o,
+            "The headline ε rests on",
+            esc(&a.epsilon_assumption),
+        );
         let p = &a.opt_out_policy;
         row(
             &mut o,
@@ -1280,6 +1377,22 @@ impl ImpactReport {
             esc(&per_device_sentence(&s.per_device, s.delta))
         );
         let _ = writeln!(o, "</div></div>");
+        if !s.clip_trajectory.is_empty() {
+            let _ = writeln!(
+                o,
+                "<h3>Adaptive clipping</h3>\n<table><tr><th>Round</th><th>C</th><th>Next C</th></tr>"
+            );
+            for c in &s.clip_trajectory {
+                let _ = writeln!(
+                    o,
+                    "<tr><td>{}</td><td>{}</td><td>{}</td></tr>",
+                    c.round,
+                    trim_num(c.clip_norm),
+                    trim_num(c.next_clip_norm)
+                );
+            }
+            let _ = writeln!(o, "</table>");
+        }
 
         let g = &self.guardrails;
         let _ = writeln!(
@@ -1363,7 +1476,7 @@ impl ImpactReport {
             let _ = writeln!(o, "</ul>");
         }
         let _ = writeln!(o, "<footer><b>How to re-derive these numbers.</b><ul>");
-        for line in rederive_text(&self.run_id) {
+        for line in rederive_text(&self.run_id, self.is_tree()) {
             let _ = writeln!(o, "<li>{}</li>", code_spans(&line));
         }
         let _ = writeln!(o, "</ul></footer>\n</body>\n</html>");

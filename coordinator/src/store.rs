@@ -766,6 +766,18 @@ impl Store {
         Ok(n as u64)
     }
 
+    /// The run's committed rounds, in order: a round's position in this list (from 1) is the
+    /// release index the participation limits count in.
+    pub fn committed_rounds(&self, run_id: &str) -> Result<Vec<u64>, StoreError> {
+        let mut stmt = self.conn.prepare(
+            "SELECT round FROM rounds WHERE run_id = ?1 AND outcome = 'committed' ORDER BY round",
+        )?;
+        let rows = stmt.query_map(params![run_id], |r| r.get::<_, i64>(0))?;
+        Ok(rows
+            .map(|r| r.map(|v| v as u64))
+            .collect::<Result<_, _>>()?)
+    }
+
     /// The rounds each device took part in, for one run, by device id. Device ids stay
     /// inside the coordinator; reports show only the distribution.
     pub fn participations_by_device(

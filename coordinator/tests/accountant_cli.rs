@@ -321,3 +321,61 @@ fn sampling_in_local_mode_is_refused_with_the_reason() {
         assert!(err.contains("sampling does not amplify"), "{err}");
     }
 }
+
+#[test]
+fn tree_accountant_matches_the_library_and_calibration_inverts_it() {
+    use fedpref_privacy::tree::{ParticipationLimits, TreeAccountant, TreeSchedule};
+    let base = [
+        "accountant",
+        "tree",
+        "--delta",
+        "1e-6",
+        "--rounds",
+        "512",
+        "--min-separation",
+        "64",
+        "--max-participations",
+        "8",
+        "--restart-every",
+        "128",
+        "--completion",
+        "--json",
+    ];
+    let mut args = base.to_vec();
+    args.extend(["--noise-multiplier", "6"]);
+    let v = json(&args);
+    let expected = TreeAccountant::new(
+        6.0,
+        TreeSchedule::restart_every(128, true).unwrap(),
+        ParticipationLimits::new(64, 8).unwrap(),
+    )
+    .unwrap()
+    .spend(512, 1e-6)
+    .unwrap();
+    assert_eq!(v["epsilon"].as_f64().unwrap(), expected.epsilon);
+    assert_eq!(v["sensitivity_squared"], expected.sensitivity_squared);
+    assert_eq!(
+        v["assumption"],
+        "participation limits (separation 64, at most 8)"
+    );
+    let mut args = base.to_vec();
+    args.extend(["--target-epsilon", "5"]);
+    let v = json(&args);
+    assert!((v["epsilon"].as_f64().unwrap() - 5.0).abs() < 1e-6, "{v}");
+    assert!(v["noise_multiplier"].as_f64().unwrap() > 6.0);
+    let e = usage_error(&[
+        "accountant",
+        "tree",
+        "--noise-multiplier",
+        "1",
+        "--delta",
+        "1e-6",
+        "--rounds",
+        "10",
+        "--min-separation",
+        "0",
+        "--max-participations",
+        "2",
+    ]);
+    assert!(e.contains("min_separation"), "{e}");
+}

@@ -866,7 +866,7 @@ async fn each_bad_input_gets_its_status_code_and_a_message_naming_the_problem() 
     );
     // A manifest field this coordinator does not implement is named, not dropped.
     let mut unsupported = manifest(1, 1, 60, 5);
-    unsupported.adaptive_clipping = Some(pb::AdaptiveClipping::default());
+    unsupported.local_training = Some(pb::LocalTrainingConfig::default());
     assert_status(
         admin
             .create_run(authed(
@@ -878,7 +878,23 @@ async fn each_bad_input_gets_its_status_code_and_a_message_naming_the_problem() 
             ))
             .await,
         Code::InvalidArgument,
-        "manifest.adaptive_clipping",
+        "manifest.local_training",
+    );
+    // Adaptive clipping is implemented: an out-of-range setting is named.
+    let mut bad_clipping = manifest(1, 1, 60, 5);
+    bad_clipping.adaptive_clipping = Some(pb::AdaptiveClipping::default());
+    assert_status(
+        admin
+            .create_run(authed(
+                pb::CreateRunRequest {
+                    manifest: Some(bad_clipping),
+                    ..Default::default()
+                },
+                ADMIN_TOKEN,
+            ))
+            .await,
+        Code::InvalidArgument,
+        "adaptive_clipping.target_quantile",
     );
     let mut bad = manifest(1, 1, 60, 5);
     bad.clip_norm = -1.0;

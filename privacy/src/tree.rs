@@ -866,10 +866,19 @@ impl TreeAggregator {
         sampler: &mut S,
     ) -> Result<TreeRelease<S::Provenance>, PrivacyError> {
         let points = self.lattice_points(sum)?;
-        for (total, p) in self.exact.iter_mut().zip(&points) {
-            *total = total.checked_add(*p).ok_or(PrivacyError::Unsupported(
+        // Check every coordinate first: a refused round leaves the tree as it was.
+        if self
+            .exact
+            .iter()
+            .zip(&points)
+            .any(|(total, p)| total.checked_add(*p).is_none())
+        {
+            return Err(PrivacyError::Unsupported(
                 "the tree's lattice sum overflowed: too many rounds for this σ",
-            ))?;
+            ));
+        }
+        for (total, p) in self.exact.iter_mut().zip(&points) {
+            *total += *p;
         }
         self.rounds += 1;
         self.tree_rounds += 1;

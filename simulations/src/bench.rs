@@ -88,6 +88,8 @@ pub fn run(args: &BenchArgs) -> Result<String, CliError> {
         // examples is the workload's unweighted mean.
         fedavg_weighting: crate::sim::FedavgWeighting::Examples,
         out: None,
+        participation: None,
+        adaptive_clipping: None,
     };
     let mut simulation =
         Simulation::new(&settings, &data).map_err(|e| CliError::Usage(e.to_string()))?;

@@ -8,7 +8,8 @@ use std::time::Instant;
 use clap::{Parser, Subcommand, ValueEnum};
 use fedpref_client_sdk::LocalTraining;
 use fedpref_coordinator::aggregation::ServerOptimizer;
-use fedpref_coordinator::manifest::ManifestPrivacyMode;
+use fedpref_coordinator::manifest::{AdaptiveClippingSpec, ManifestPrivacyMode};
+use fedpref_privacy::tree::ParticipationLimits;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -145,9 +146,32 @@ pub struct RunArgs {
     /// The clip norm C [default: 1]; in mode none, giving it makes devices clip.
     #[arg(long, value_name = "C")]
     pub clip_norm: Option<f64>,
-    /// fedavg | fedavgm | fedadam | fedyogi | fedadagrad | median [default: fedavg].
+    /// fedavg | fedavgm | fedadam | fedyogi | fedadagrad | median | dp-ftrl (mode central,
+    /// needs --min-separation) [default: fedavg].
     #[arg(long, value_name = "NAME")]
     pub server_optimizer: Option<String>,
+    /// dp-ftrl: start a new tree every R rounds [default: one tree].
+    #[arg(long, value_name = "R")]
+    pub restart_every: Option<u64>,
+    /// dp-ftrl: the tree completion trick at each restart (needs --restart-every).
+    #[arg(long)]
+    pub tree_completion: bool,
+    /// Participation limits: a device takes part at most once every S committed rounds
+    /// (required by dp-ftrl; with --cohort-size everyone then checks in and the engine takes
+    /// the first K allowed).
+    #[arg(long, value_name = "S")]
+    pub min_separation: Option<u64>,
+    /// Participation limits: at most K participations per device [default: ⌈rounds / S⌉,
+    /// i.e. no limit beyond the separation].
+    #[arg(long, value_name = "K", requires = "min_separation")]
+    pub max_participations: Option<u64>,
+    /// Adaptive clipping (mode central): C follows the --target-quantile of update norms,
+    /// starting from --clip-norm.
+    #[arg(long)]
+    pub adaptive_clipping: bool,
+    /// Adaptive clipping's target quantile γ in (0, 1) [default: 0.5].
+    #[arg(long, value_name = "Q")]
+    pub target_quantile: Option<f64>,
     /// The server learning rate η [default: the optimiser's].
     #[arg(long, value_name = "ETA")]
     pub server_learning_rate: Option<f64>,
@@ -218,6 +242,12 @@ struct FileConfig {
     clip_norm: Option<f64>,
     server_optimizer: Option<toml::Value>,
     server_learning_rate: Option<f64>,
+    restart_every: Option<u64>,
+    tree_completion: Option<bool>,
+    min_separation: Option<u64>,
+    max_participations: Option<u64>,
+    adaptive_clipping: Option<bool>,
+    target_quantile: Option<f64>,
     seed: Option<u64>,
     out: Option<PathBuf>,
     factors: Option<usize>,
@@ -472,12 +502,52 @@ fn plan_with(args: &RunArgs, file: FileConfig) -> Result<RunPlan, CliError> {
     }
     let clip = args.clip_norm.or(file.clip_norm);
     positive("--clip-norm", clip)?;
-    let optimizer = server_optimizer(
+    let mut optimizer = server_optimizer(
         args.server_optimizer.clone().map(Value::String).or(file
             .server_optimizer
             .map(|v| serde_json::to_value(v).expect("TOML is JSON-representable"))),
         args.server_learning_rate.or(file.server_learning_rate),
     )?;
+    let restart = args.restart_every.or(file.restart_every);
+    let completion = args.tree_completion || file.tree_completion == Some(true);
+    match &mut optimizer {
+        ServerOptimizer::DpFtrl {
+            restart_every,
+            completion: c,
+            ..
+        } => {
+            if restart.is_some() {
+                *restart_every = restart;
+            }
+            *c |= completion;
+        }
+        _ if restart.is_some() || completion => {
+            return Err(usage(
+                "--restart-every/--tree-completion need --server-optimizer dp-ftrl",
+            ));
+        }
+        _ => {}
+    }
+    let min_separation = args.min_separation.or(file.min_separation);
+    let max_participations = args.max_participations.or(file.max_participations);
+    let participation = match (min_separation, max_participations) {
+        (None, None) => None,
+        (None, Some(_)) => return Err(usage("--max-participations needs --min-separation")),
+        (Some(s), k) => Some(
+            ParticipationLimits::new(s, k.unwrap_or_else(|| rounds.div_ceil(s.max(1)).max(1)))
+                .map_err(|e| usage(format!("--min-separation/--max-participations: {e}")))?,
+        ),
+    };
+    let adaptive = args.adaptive_clipping || file.adaptive_clipping == Some(true);
+    let target_quantile = args.target_quantile.or(file.target_quantile);
+    if target_quantile.is_some() && !adaptive {
+        return Err(usage("--target-quantile needs --adaptive-clipping"));
+    }
+    let adaptive_clipping = adaptive.then(|| AdaptiveClippingSpec {
+        target_quantile: target_quantile.unwrap_or(0.5),
+        learning_rate: 0.2,
+        bit_noise_std: None,
+    });
     let factors = args
         .factors
         .or(file.factors)
@@ -584,6 +654,8 @@ fn plan_with(args: &RunArgs, file: FileConfig) -> Result<RunPlan, CliError> {
         out: None,
         scenario,
         fedavg_weighting: fedavg_weighting.unwrap_or_default(),
+        participation,
+        adaptive_clipping,
     };
     let out = args
         .out
@@ -614,6 +686,12 @@ fn plan_with(args: &RunArgs, file: FileConfig) -> Result<RunPlan, CliError> {
     }
     if let Some(g) = &file.guardrails {
         settings_json["guardrails"] = json!(g);
+    }
+    if let Some(p) = &participation {
+        settings_json["participation"] = json!(p);
+    }
+    if let Some(a) = &adaptive_clipping {
+        settings_json["adaptive_clipping"] = json!(a);
     }
     let transport = args.transport.or(file.transport).unwrap_or_default();
     if transport == Transport::Grpc {
@@ -703,6 +781,7 @@ pub fn run_plan(
             }
         }
     };
+    let mut assumption: Option<String> = None;
     let (records, client_updates, timings, sigma) = if centralised {
         let t = Instant::now();
         let records = sim::centralised(s, &plan.data).map_err(|e| CliError::Failed(e.into()))?;
@@ -723,10 +802,12 @@ pub fn run_plan(
         })
         .map_err(|e| CliError::Failed(e.into()))?;
         let sigma = run.manifest.noise_multiplier;
+        assumption = Some(run.manifest.epsilon_assumption());
         (run.records, run.client_updates, run.timings, sigma)
     } else {
         let mut simulation = Simulation::new(s, &plan.data).map_err(|e| usage(e.to_string()))?;
         let sigma = simulation.manifest().noise_multiplier;
+        assumption = Some(simulation.epsilon_assumption());
         let records = simulation
             .run(|r| {
                 watch(r);
@@ -746,6 +827,7 @@ pub fn run_plan(
     let delta = (s.privacy_mode != ManifestPrivacyMode::None).then_some(s.delta);
     let mut summary = report::summary(&records, delta, s.seed, client_updates, &timings);
     report::add_feedback(&mut summary, &records);
+    report::add_privacy_details(&mut summary, &records, assumption.as_deref());
     if plan.guardrails.is_some() {
         summary["alerts"] = json!(alerts.len());
     }
@@ -919,11 +1001,15 @@ pub fn execute(cli: &Cli) -> Result<String, CliError> {
             }
             if let Some(eps) = s["epsilon"].as_f64() {
                 text += &format!(
-                    "ε = {eps:.4} at δ = {} (σ = {:.4}), {}\n",
+                    "ε = {eps:.4} at δ = {} (σ = {:.4}), {}; assumption: {}\n",
                     s["delta"],
                     outcome.noise_multiplier.unwrap_or(0.0),
-                    s["epsilon_assumption"].as_str().unwrap_or("")
+                    s["epsilon_assumption"].as_str().unwrap_or(""),
+                    s["epsilon_rests_on"].as_str().unwrap_or("")
                 );
+                if let Some(c) = s.get("clip_norm").and_then(Value::as_f64) {
+                    text += &format!("adaptive clipping: final C = {c:.4}\n");
+                }
             }
             text += &format!(
                 "wrote {}",

@@ -379,6 +379,7 @@ async fn run_async(
                 epsilon,
                 evaluation,
                 feedback,
+                clip_norm: None,
             };
             progress(&r);
             records.push(r);

@@ -225,6 +225,7 @@ mod tests {
                 opted_out_total: 0,
                 opt_out_rate: opt_out,
             }),
+            clip_norm: None,
         }
     }
 

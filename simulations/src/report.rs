@@ -150,6 +150,21 @@ pub fn summary(
     })
 }
 
+/// Adds, after the other keys, `epsilon_rests_on` — the assumption the run's ε rests on, in
+/// words: "Poisson sampling from a population of N", "participation limits (separation s, at
+/// most k)" or "none (worst case per device)" — when the run spent privacy, and `clip_norm`
+/// (adaptive clipping's final C) when the run clipped adaptively.
+pub fn add_privacy_details(summary: &mut Value, records: &[RoundRecord], assumption: Option<&str>) {
+    if summary["epsilon"].is_number()
+        && let Some(a) = assumption
+    {
+        summary["epsilon_rests_on"] = json!(a);
+    }
+    if let Some(c) = records.iter().rev().find_map(|r| r.clip_norm) {
+        summary["clip_norm"] = json!(c);
+    }
+}
+
 /// Adds the feedback scenario's figures to a summary, after its other keys, when the run
 /// modelled them: `opt_out_rate` (the share of the training population opted out by the
 /// end) and `negative_feedback_rate` (disliked ÷ recommended slots over the whole run).

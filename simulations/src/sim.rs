@@ -4,7 +4,8 @@
 //! One round, exactly as a deployment would run it, minus the sockets:
 //! 1. devices check in (`Event::CheckIn`): with `--cohort-size K`, K users drawn uniformly
 //!    without replacement from stream (seed, 3, round) check in and the engine's cohort
-//!    sampling gives each a task; with `--sampling-rate q` in modes `none`/`central`, every
+//!    sampling gives each a task (with participation limits, every user checks in, in an
+//!    order shuffled by that stream, and the engine takes the first K its limits allow); with `--sampling-rate q` in modes `none`/`central`, every
 //!    user checks in and the engine's own Poisson sampling selects each with probability q
 //!    (its RNG is stream (seed, 5, round)); in mode `local` the accountant refuses q < 1
 //!    (the coordinator sees who uploaded), so there each user checks in with probability q
@@ -27,9 +28,11 @@ use fedpref_coordinator::aggregation::ServerOptimizer;
 use fedpref_coordinator::engine::{Action, Engine, Event, RunState, Task};
 use fedpref_coordinator::ledger::AudienceEpsilon;
 use fedpref_coordinator::manifest::{
-    BudgetSpec, ManifestPrivacyMode, ModelSpec, OptOutPolicy, RunManifest, SamplingSpec,
+    AdaptiveClippingSpec, BudgetSpec, ManifestPrivacyMode, ModelSpec, OptOutPolicy, RunManifest,
+    SamplingSpec,
 };
 use fedpref_coordinator::model::initial_parameters;
+use fedpref_privacy::tree::ParticipationLimits;
 use fedpref_privacy::{GaussianMechanism, SimulationSampler, clip_l2};
 use rand::RngExt;
 use rand::rngs::Xoshiro256PlusPlus;
@@ -137,6 +140,13 @@ pub struct Settings {
     pub scenario: Option<Scenario>,
     /// How FedAvg weighs updates (ignored in mode `central`, which weighs users equally).
     pub fedavg_weighting: FedavgWeighting,
+    /// Participation limits the engine enforces (required by dp-ftrl). With a cohort, every
+    /// training user then checks in each round, in a random order, and the engine gives
+    /// tasks to the first K whose limits allow it (no sampling).
+    pub participation: Option<ParticipationLimits>,
+    /// Adaptive clipping (mode central): devices then do not pre-clip, so the engine sees
+    /// the norms it estimates the quantile of.
+    pub adaptive_clipping: Option<AdaptiveClippingSpec>,
 }
 
 impl Default for Settings {
@@ -161,6 +171,8 @@ impl Default for Settings {
             out: None,
             scenario: None,
             fedavg_weighting: FedavgWeighting::Examples,
+            participation: None,
+            adaptive_clipping: None,
         }
     }
 }
@@ -235,6 +247,8 @@ impl Settings {
             kpis: vec![],
             guardrail_metrics: vec![],
             seed: Some(self.seed),
+            participation: self.participation,
+            adaptive_clipping: self.adaptive_clipping,
         };
         RunManifest::from_toml(&manifest.to_toml(), "flags").map_err(|e| {
             let text = e.to_string();
@@ -256,6 +270,9 @@ fn flag_names(message: &str) -> String {
         ("sampling.rate", "--sampling-rate"),
         ("sampling.target_size", "--cohort-size"),
         ("server_optimizer", "--server-optimizer"),
+        ("participation", "--min-separation"),
+        ("adaptive_clipping.target_quantile", "--target-quantile"),
+        ("adaptive_clipping", "--adaptive-clipping"),
         ("rounds", "--rounds"),
         ("model", "--factors"),
     ] {
@@ -283,6 +300,9 @@ pub struct RoundRecord {
     /// Negative feedback and opt-outs, where the run models them.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub feedback: Option<RoundFeedback>,
+    /// Adaptive clipping: the clip norm C the next round will use.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub clip_norm: Option<f64>,
 }
 
 /// Where the time went (nanoseconds). Fitting and privacy are summed over clients and
@@ -320,6 +340,9 @@ pub struct Simulation<'d> {
     pub timings: Timings,
     /// Updates accepted so far.
     pub client_updates: u64,
+    /// Every device that checked in was refused by its participation limits, so no round
+    /// can commit any more.
+    exhausted: bool,
 }
 
 struct ClientUpdate {
@@ -355,6 +378,7 @@ impl<'d> Simulation<'d> {
             feedback: settings.scenario.map(|s| FeedbackModel::new(s, data)),
             timings: Timings::default(),
             client_updates: 0,
+            exhausted: false,
         })
     }
 
@@ -379,6 +403,16 @@ impl<'d> Simulation<'d> {
         self.engine.spent()
     }
 
+    /// The assumption the run's ε rests on, in words.
+    pub fn epsilon_assumption(&self) -> String {
+        self.engine.epsilon_assumption()
+    }
+
+    /// The round engine (read-only), e.g. for its clip norm or participation limits.
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
     /// Runs every round, calling `progress` after each, and returns their records.
     pub fn run(
         &mut self,
@@ -401,6 +435,10 @@ impl<'d> Simulation<'d> {
             let record = self.run_round()?;
             progress(&record);
             records.push(record);
+            if self.exhausted {
+                // No device may take part any more (see `run_round`).
+                break;
+            }
         }
         Ok(records)
     }
@@ -419,6 +457,8 @@ impl<'d> Simulation<'d> {
         let mut rng = stream_rng(seed, &[5, round]);
         let mut sampler = SimulationSampler::for_stream(seed, &[round, u64::MAX - 1]);
         let mut tasks = Vec::new();
+        let mut limited_devices = 0usize;
+        let checked_in = candidates.len();
         for user in candidates {
             let actions = self.engine.handle(
                 Event::CheckIn {
@@ -430,8 +470,17 @@ impl<'d> Simulation<'d> {
                 &mut sampler,
             );
             for a in actions {
-                if let Action::SendTask(task) = a {
-                    tasks.push((user, task));
+                match a {
+                    Action::SendTask(task) => tasks.push((user, task)),
+                    // Limits count committed rounds, so when every device is refused by
+                    // them no round can commit and none will be allowed again: the run is
+                    // over.
+                    Action::ComeBackLater { reason, .. }
+                        if reason.starts_with("participation limit") =>
+                    {
+                        limited_devices += 1;
+                    }
+                    _ => {}
                 }
             }
         }
@@ -448,6 +497,9 @@ impl<'d> Simulation<'d> {
         };
         let clip = match self.settings.privacy_mode {
             ManifestPrivacyMode::None if !self.settings.clip_without_privacy => None,
+            // The engine clips in central mode; with adaptive clipping it must see the
+            // norms before clipping.
+            ManifestPrivacyMode::Central if self.settings.adaptive_clipping.is_some() => None,
             _ => Some(self.manifest.clip_norm),
         };
         let training = self.settings.training;
@@ -552,7 +604,11 @@ impl<'d> Simulation<'d> {
         };
         self.timings.evaluation_ns += t.elapsed().as_nanos() as u64;
 
-        let last = self.engine.state() != RunState::Active;
+        self.exhausted = self.settings.participation.is_some()
+            && tasks.is_empty()
+            && checked_in > 0
+            && limited_devices == checked_in;
+        let last = self.engine.state() != RunState::Active || self.exhausted;
         let every = self.settings.eval_every;
         let due = last || (every > 0 && round.is_multiple_of(every));
         let evaluation = if due {
@@ -575,6 +631,10 @@ impl<'d> Simulation<'d> {
             epsilon: self.engine.spent(),
             evaluation,
             feedback,
+            clip_norm: self
+                .engine
+                .clip_trajectory()
+                .map(|_| self.engine.clip_norm()),
         })
     }
 }
@@ -601,6 +661,16 @@ pub fn candidates_among(
         .collect();
     let users = trainable.len();
     match (settings.sampling, settings.privacy_mode) {
+        (Sampling::Cohort(_), _) if settings.participation.is_some() => {
+            // No sampling: everyone checks in, in a random order; the engine's cohort takes
+            // the first K its participation limits allow.
+            let mut r = stream_rng(seed, &[3, round]);
+            let mut order = trainable;
+            for i in (1..order.len()).rev() {
+                order.swap(i, r.random_range(0..=i));
+            }
+            order
+        }
         (Sampling::Cohort(k), _) => {
             let mut r = stream_rng(seed, &[3, round]);
             let k = (k as usize).min(users);
@@ -766,6 +836,7 @@ pub fn centralised(settings: &Settings, data: &Dataset) -> Result<Vec<RoundRecor
             epsilon: vec![],
             evaluation: due.then(|| evaluate(&model, data, &settings.training, settings.ranking)),
             feedback: None,
+            clip_norm: None,
         });
     }
     Ok(records)

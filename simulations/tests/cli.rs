@@ -122,11 +122,13 @@ fn json_prints_one_summary_object_with_the_documented_keys_in_order() {
             "client_updates_per_s",
             "peak_rss_bytes",
             "seed",
+            "epsilon_rests_on",
         ]
     );
     assert_eq!(v["rounds"], 2);
     assert_eq!(v["client_updates"], 40);
     assert_eq!(v["epsilon_assumption"], "release_observers");
+    assert_eq!(v["epsilon_rests_on"], "none (worst case per device)");
     let injected = v["injected_share"].as_f64().unwrap();
     assert!(injected > 0.0 && injected <= 0.2, "{injected}");
     assert!(v["epsilon"].as_f64().unwrap() > 0.0);

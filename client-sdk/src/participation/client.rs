@@ -505,4 +505,26 @@ impl CoordinatorClient {
             }
         }
     }
+
+    /// `ReportMetrics`: sends one window's aggregate counts; returns how long to wait
+    /// before the next report.
+    pub async fn report_metrics(
+        &mut self,
+        request: pb::ReportMetricsRequest,
+    ) -> Result<Duration, ParticipationError> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let r = self.authed(request.clone(), "ReportMetrics")?;
+            match self.inner.report_metrics(r).await {
+                Ok(r) => {
+                    return Ok(r
+                        .into_inner()
+                        .next_report_after
+                        .map_or(Duration::ZERO, super::to_duration));
+                }
+                Err(s) => self.backoff("ReportMetrics", attempt, s).await?,
+            }
+        }
+    }
 }

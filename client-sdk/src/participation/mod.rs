@@ -20,11 +20,16 @@
 //! every other status is final and surfaces as a [`ParticipationError`] with the server's
 //! message. "Come back after T" answers are honoured with up to 10 % jitter added.
 //!
+//! **Federated evaluation.** At the end of [`participate`] the device sends its
+//! evaluation counts when a report is due ([`metrics`]); a failed report never fails
+//! participation.
+//!
 //! **Offline.** Nothing here is needed for recommendations: they use the last installed
 //! model, and events are stored locally whatever the network does.
 
 mod backoff;
 mod client;
+pub mod metrics;
 pub mod snapshot;
 
 use std::time::{Duration, Instant};
@@ -36,6 +41,7 @@ use tonic::Code;
 
 pub use backoff::{RETRY_PUSHBACK, RetryPolicy, pushback, retryable};
 pub use client::{CoordinatorClient, DownloadProgress};
+pub use metrics::{MetricsOutcome, ReportWhen, report_metrics};
 pub use snapshot::{Enrolment, PartialDownload, model_from_snapshot};
 
 use crate::SdkError;
@@ -349,6 +355,9 @@ pub struct ParticipationReport {
     pub refused: u32,
     /// Everything that happened, in order.
     pub events: Vec<ParticipationEvent>,
+    /// The federated-evaluation report made at the end ([`metrics`]); None when
+    /// participation ended with an error before it.
+    pub metrics: Option<MetricsOutcome>,
 }
 
 /// The protocol's privacy mode as the privacy crate's, if it is one.
@@ -671,5 +680,12 @@ pub async fn participate(
             }
         }
     }
+    // Federated evaluation, when due; a failure is recorded, never fatal.
+    let outcome = report_metrics(device, client, app_key, ReportWhen::Due)
+        .await
+        .unwrap_or_else(|e| MetricsOutcome::Failed {
+            message: e.to_string(),
+        });
+    report.metrics = Some(outcome);
     Ok(report)
 }

@@ -31,6 +31,20 @@ pub enum AggregationError {
         /// The privacy mode.
         mode: &'static str,
     },
+    /// DP-FTRL's tree noise is added by the coordinator to the round sums: central mode only.
+    #[error(
+        "server_optimizer.kind = \"dp-ftrl\" is refused in privacy mode \"{mode}\": its tree noise is added by the coordinator to the sums of clipped updates, so privacy_mode must be \"central\" (distributed mode needs each device to add a share of every tree node's noise under secure aggregation, which is not built)"
+    )]
+    TreeNeedsCentral {
+        /// The privacy mode.
+        mode: &'static str,
+    },
+    /// A tree release was asked of an aggregator that is not central.
+    #[error("tree aggregation needs the central lattice sum; this round aggregates in mode {mode}")]
+    NotATreeRound {
+        /// The privacy mode.
+        mode: &'static str,
+    },
     /// A model must have at least one coordinate.
     #[error("the model has no coordinates: dimension must be at least 1")]
     EmptyModel,

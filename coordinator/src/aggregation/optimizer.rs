@@ -19,6 +19,9 @@
 //!   the second moment starts at v_{−1} = τ² (the algorithm asks for v_{−1} ≥ τ²); m_{−1} = 0.
 //! - Median and trimmed mean: Δ is the robust statistic of the updates, applied as FedAvg:
 //!   x_{t+1} = x_t + η Δ_t.
+//! - DP-FTRL (Kairouz et al. 2021): Δ_t is the difference of two consecutive noised prefix
+//!   sums from tree aggregation ([`super::FtrlTree`]), then FedAvgM's step with momentum μ
+//!   (μ = 0: x_{t+1} = x_0 + η·s_t/W, plain DP-FTRL).
 //!
 //! Moments are kept in f64; parameters are f32, updated as x ← f32(f64(x) + step).
 
@@ -27,6 +30,7 @@ use serde::{Deserialize, Serialize};
 use super::error::{AggregationError, positive, unit_interval};
 use super::{Aggregate, AggregationPrivacy};
 use fedpref_privacy::Provenance;
+use fedpref_privacy::tree::TreeSchedule;
 
 /// The defaults applied to keys left out of `[server_optimizer]`, with where each comes from.
 pub mod defaults {
@@ -69,6 +73,16 @@ pub mod defaults {
     pub fn robust_server_learning_rate() -> f64 {
         1.0
     }
+    /// DP-FTRL's server learning rate: 1.0, so that without momentum the model is the
+    /// initial model plus the noised prefix sum of the round averages.
+    pub fn ftrl_server_learning_rate() -> f64 {
+        1.0
+    }
+    /// DP-FTRL's momentum: 0 (plain DP-FTRL). Kairouz et al. 2021 use 0.9 in their
+    /// momentum variant (DP-FTRLM).
+    pub fn ftrl_momentum() -> f64 {
+        0.0
+    }
 }
 
 /// The server optimiser and its hyper-parameters, as in the run manifest's
@@ -84,7 +98,7 @@ pub mod defaults {
 /// ```
 ///
 /// `kind` is one of `fedavg`, `fedavgm`, `fedadam`, `fedyogi`, `fedadagrad`, `median`,
-/// `trimmed-mean`. Left-out keys take the [`defaults`]; unknown keys are errors. See the
+/// `trimmed-mean`, `dp-ftrl`. Left-out keys take the [`defaults`]; unknown keys are errors. See the
 /// module docs for the update rules.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
@@ -164,6 +178,37 @@ pub enum ServerOptimizer {
         /// threat model can say.
         trim_fraction: f64,
     },
+    /// DP-FTRL (Kairouz, McMahan, Song, Thakkar, Thakurta, Xu 2021, "Practical and Private
+    /// (Deep) Learning without Sampling or Shuffling", Alg. 1, with the heavy-ball momentum of
+    /// its DP-FTRLM): the round sums of clipped updates are released as noised **prefix
+    /// sums** by binary-tree aggregation ([`fedpref_privacy::tree::TreeAggregator`]), Δ_t is
+    /// the difference of consecutive prefix sums divided by the expected cohort size, and
+    /// m ← μ m + Δ, x ← x + η m. Central mode only; the run manifest must give
+    /// `[participation]` limits, which the tree's accountant rests on instead of sampling.
+    ///
+    /// ```toml
+    /// [server_optimizer]
+    /// kind = "dp-ftrl"
+    /// server_learning_rate = 1.0
+    /// momentum = 0.9
+    /// restart_every = 64     # a new tree every 64 rounds (omit for one tree)
+    /// completion = true      # the tree completion trick at each restart
+    /// ```
+    DpFtrl {
+        /// η > 0 (default 1.0).
+        #[serde(default = "defaults::ftrl_server_learning_rate")]
+        server_learning_rate: f64,
+        /// μ ∈ [0, 1) (default 0: no momentum).
+        #[serde(default = "defaults::ftrl_momentum")]
+        momentum: f64,
+        /// Rounds per tree; absent: one tree for the whole run.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        restart_every: Option<u64>,
+        /// Release the last round of each tree through the padded tree's root (needs
+        /// `restart_every`).
+        #[serde(default)]
+        completion: bool,
+    },
 }
 
 impl Default for ServerOptimizer {
@@ -186,7 +231,41 @@ impl ServerOptimizer {
             Self::Fedadagrad { .. } => "fedadagrad",
             Self::Median { .. } => "median",
             Self::TrimmedMean { .. } => "trimmed-mean",
+            Self::DpFtrl { .. } => "dp-ftrl",
         }
+    }
+
+    /// The tree schedule of `dp-ftrl` (`None` for every other optimiser). Errors name the
+    /// key (`restart_every = 0`, or `completion` without restarts).
+    pub fn tree_schedule(&self) -> Result<Option<TreeSchedule>, AggregationError> {
+        let Self::DpFtrl {
+            restart_every,
+            completion,
+            ..
+        } = *self
+        else {
+            return Ok(None);
+        };
+        match restart_every {
+            None if completion => Err(AggregationError::InvalidConfig {
+                key: "server_optimizer.completion",
+                value: 1.0,
+                reason: "tree completion needs restarts: give server_optimizer.restart_every",
+            }),
+            None => Ok(Some(TreeSchedule::single_tree())),
+            Some(rounds) => TreeSchedule::restart_every(rounds, completion)
+                .map(Some)
+                .map_err(|_| AggregationError::InvalidConfig {
+                    key: "server_optimizer.restart_every",
+                    value: rounds as f64,
+                    reason: "a tree must span at least 1 round",
+                }),
+        }
+    }
+
+    /// Whether this is `dp-ftrl` (noise from tree aggregation, not per round).
+    pub fn is_tree(&self) -> bool {
+        matches!(self, Self::DpFtrl { .. })
     }
 
     /// The server learning rate η.
@@ -217,6 +296,10 @@ impl ServerOptimizer {
             | Self::TrimmedMean {
                 server_learning_rate,
                 ..
+            }
+            | Self::DpFtrl {
+                server_learning_rate,
+                ..
             } => server_learning_rate,
         }
     }
@@ -241,6 +324,17 @@ impl ServerOptimizer {
         let statistic = match self {
             Self::Median { .. } => "median",
             Self::TrimmedMean { .. } => "trimmed mean",
+            Self::DpFtrl { .. } => {
+                self.tree_schedule()?;
+                return match privacy {
+                    AggregationPrivacy::Central { .. } => Ok(()),
+                    AggregationPrivacy::None | AggregationPrivacy::Local => {
+                        Err(AggregationError::TreeNeedsCentral {
+                            mode: privacy.name(),
+                        })
+                    }
+                };
+            }
             _ => return Ok(()),
         };
         match privacy {
@@ -260,7 +354,7 @@ impl ServerOptimizer {
         )?;
         match *self {
             Self::Fedavg { .. } | Self::Median { .. } => {}
-            Self::Fedavgm { momentum, .. } => {
+            Self::Fedavgm { momentum, .. } | Self::DpFtrl { momentum, .. } => {
                 unit_interval("server_optimizer.momentum", momentum)?;
             }
             Self::Fedadam {
@@ -300,6 +394,28 @@ pub struct ServerState {
     dimension: usize,
     steps: u64,
     pub(super) moments: Moments,
+    /// dp-ftrl: the rounds each coordinator process's tree released (absent otherwise).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    tree: Option<TreeProgress>,
+    /// Adaptive clipping: the current clip norm C (absent otherwise).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    clip_norm: Option<f64>,
+}
+
+/// How many rounds DP-FTRL's trees have released, per **segment**: the rounds released by
+/// one coordinator process. A tree's nodes are never stored (they hold un-noised sums and
+/// secret noise), so a restarted coordinator starts a new tree. The accountant charges each
+/// segment as its own tree schedule and adds their ρ's (composition of zCDP): the worst
+/// pattern of the whole run restricted to a segment is an allowed pattern of that segment,
+/// so the sum of the segments' worst cases is an upper bound. A restart can cost privacy; it
+/// never hides any.
+#[derive(Serialize, Deserialize, Clone, PartialEq, Debug, Default)]
+#[serde(deny_unknown_fields)]
+pub struct TreeProgress {
+    /// Rounds released by each finished segment, oldest first.
+    pub finished_segments: Vec<u64>,
+    /// Rounds released by the current segment.
+    pub current_segment: u64,
 }
 
 #[derive(Serialize, Deserialize, Clone, PartialEq, Debug)]
@@ -338,7 +454,7 @@ impl ServerState {
             ServerOptimizer::Fedavg { .. }
             | ServerOptimizer::Median { .. }
             | ServerOptimizer::TrimmedMean { .. } => Moments::Stateless,
-            ServerOptimizer::Fedavgm { .. } => Moments::Momentum {
+            ServerOptimizer::Fedavgm { .. } | ServerOptimizer::DpFtrl { .. } => Moments::Momentum {
                 velocity: vec![0.0; dimension],
             },
             ServerOptimizer::Fedadam { tau, .. } => {
@@ -358,7 +474,29 @@ impl ServerState {
             dimension,
             steps: 0,
             moments,
+            tree: optimizer.is_tree().then(TreeProgress::default),
+            clip_norm: None,
         }
+    }
+
+    /// dp-ftrl's segments (see [`TreeProgress`]).
+    pub fn tree_progress(&self) -> Option<&TreeProgress> {
+        self.tree.as_ref()
+    }
+
+    /// Replaces dp-ftrl's segments.
+    pub fn set_tree_progress(&mut self, progress: Option<TreeProgress>) {
+        self.tree = progress;
+    }
+
+    /// Adaptive clipping's current C, if stored.
+    pub fn clip_norm(&self) -> Option<f64> {
+        self.clip_norm
+    }
+
+    /// Stores adaptive clipping's current C.
+    pub fn set_clip_norm(&mut self, clip_norm: Option<f64>) {
+        self.clip_norm = clip_norm;
     }
 
     /// The model's dimension d.
@@ -409,12 +547,13 @@ pub fn apply<P: Provenance>(
             | ServerOptimizer::TrimmedMean { .. },
             Moments::Stateless,
         ) => step_atomically(params, delta, [], |x, d, []| (x + eta * d, []))?,
-        (ServerOptimizer::Fedavgm { momentum, .. }, Moments::Momentum { velocity }) => {
-            step_atomically(params, delta, [velocity], |x, d, [m]| {
-                let m = momentum * m + d;
-                (x + eta * m, [m])
-            })?
-        }
+        (
+            ServerOptimizer::Fedavgm { momentum, .. } | ServerOptimizer::DpFtrl { momentum, .. },
+            Moments::Momentum { velocity },
+        ) => step_atomically(params, delta, [velocity], |x, d, [m]| {
+            let m = momentum * m + d;
+            (x + eta * m, [m])
+        })?,
         (
             ServerOptimizer::Fedadam {
                 beta1, beta2, tau, ..
@@ -446,7 +585,9 @@ pub fn apply<P: Provenance>(
         (ServerOptimizer::Fedavg { .. }, found)
         | (ServerOptimizer::Median { .. }, found)
         | (ServerOptimizer::TrimmedMean { .. }, found) => return Err(mismatch("no", found)),
-        (ServerOptimizer::Fedavgm { .. }, found) => return Err(mismatch("momentum", found)),
+        (ServerOptimizer::Fedavgm { .. } | ServerOptimizer::DpFtrl { .. }, found) => {
+            return Err(mismatch("momentum", found));
+        }
         (ServerOptimizer::Fedadam { .. }, found) => return Err(mismatch("adam", found)),
         (ServerOptimizer::Fedyogi { .. }, found) => return Err(mismatch("yogi", found)),
         (ServerOptimizer::Fedadagrad { .. }, found) => return Err(mismatch("adagrad", found)),

@@ -66,12 +66,33 @@ fn whole_seconds(field: &str, d: Option<&prost_types::Duration>) -> Result<u64, 
 
 /// A protocol manifest as a validated TOML manifest (σ calibrated from a target ε).
 pub fn manifest_from_proto(m: &pb::RunManifest) -> Result<RunManifest, Status> {
-    if m.participation_limits.is_some() {
-        return Err(unsupported("participation_limits"));
-    }
-    if m.adaptive_clipping.is_some() {
-        return Err(unsupported("adaptive_clipping"));
-    }
+    let participation = match &m.participation_limits {
+        None => None,
+        Some(p) => Some(
+            // 0 means "no limit" in the protocol: separation 1 (consecutive rounds allowed),
+            // and at most every round of the run.
+            fedpref_privacy::tree::ParticipationLimits::new(
+                p.min_separation_rounds.max(1),
+                if p.max_participations == 0 {
+                    m.rounds.max(1)
+                } else {
+                    p.max_participations
+                },
+            )
+            .map_err(|e| invalid("manifest.participation_limits", e))?,
+        ),
+    };
+    let adaptive_clipping =
+        m.adaptive_clipping
+            .as_ref()
+            .map(|a| crate::manifest::AdaptiveClippingSpec {
+                target_quantile: a.target_quantile,
+                learning_rate: a.learning_rate,
+                // A count of bits has sensitivity 1, so its noise multiplier is its noise
+                // standard deviation σ_b; 0 takes the default.
+                bit_noise_std: (a.count_noise_multiplier != 0.0)
+                    .then_some(a.count_noise_multiplier),
+            });
     if m.local_training.is_some() {
         return Err(unsupported("local_training"));
     }
@@ -201,7 +222,12 @@ pub fn manifest_from_proto(m: &pb::RunManifest) -> Result<RunManifest, Status> {
             server_learning_rate: 1.0,
             trim_fraction: t.trim_fraction,
         },
-        Some(O::DpFtrl(_)) => return Err(unsupported("server_optimizer.dp_ftrl")),
+        Some(O::DpFtrl(o)) => ServerOptimizer::DpFtrl {
+            server_learning_rate: o.server_learning_rate,
+            momentum: o.momentum,
+            restart_every: (o.restart_every_rounds > 0).then_some(o.restart_every_rounds),
+            completion: o.tree_completion,
+        },
         None => {
             return Err(invalid(
                 "manifest.server_optimizer",
@@ -291,6 +317,8 @@ pub fn manifest_from_proto(m: &pb::RunManifest) -> Result<RunManifest, Status> {
         kpis,
         guardrail_metrics,
         seed,
+        participation,
+        adaptive_clipping,
     };
     // The same validation (and σ calibration) as a manifest file.
     RunManifest::from_toml(&manifest.to_toml(), MANIFEST_SOURCE)
@@ -376,6 +404,17 @@ pub fn manifest_to_proto(m: &RunManifest) -> pb::RunManifest {
         ServerOptimizer::TrimmedMean { trim_fraction, .. } => {
             O::TrimmedMean(pb::TrimmedMean { trim_fraction })
         }
+        ServerOptimizer::DpFtrl {
+            server_learning_rate,
+            momentum,
+            restart_every,
+            completion,
+        } => O::DpFtrl(pb::DpFtrl {
+            server_learning_rate,
+            momentum,
+            restart_every_rounds: restart_every.unwrap_or(0),
+            tree_completion: completion,
+        }),
     };
     let elements = |v: &[String]| {
         v.iter()
@@ -464,6 +503,15 @@ pub fn manifest_to_proto(m: &RunManifest) -> pb::RunManifest {
                 minimum_reporting_devices: g.minimum_reporting_devices,
             })
             .collect(),
+        participation_limits: m.participation.map(|p| pb::ParticipationLimits {
+            min_separation_rounds: p.min_separation(),
+            max_participations: p.max_participations(),
+        }),
+        adaptive_clipping: m.adaptive_clipping.map(|a| pb::AdaptiveClipping {
+            target_quantile: a.target_quantile,
+            learning_rate: a.learning_rate,
+            count_noise_multiplier: m.bit_noise_std().unwrap_or(0.0),
+        }),
         ..Default::default()
     }
 }
@@ -491,6 +539,21 @@ pub fn audience_epsilon(a: &AudienceEpsilon, manifest: &RunManifest) -> pb::Audi
                     )),
                 },
                 SamplingSpec::Cohort { .. } => worst(),
+            },
+        ),
+        // dp-ftrl: no sampling is assumed, the tree's ε rests on the participation limits.
+        "release_observers" if manifest.server_optimizer.is_tree() => (
+            pb::Audience::ReleasedModelsKnownParticipants,
+            match manifest.participation {
+                Some(p) => pb::EpsilonAssumption {
+                    assumption: Some(pb::epsilon_assumption::Assumption::ParticipationLimits(
+                        pb::ParticipationLimits {
+                            min_separation_rounds: p.min_separation(),
+                            max_participations: p.max_participations(),
+                        },
+                    )),
+                },
+                None => worst(),
             },
         ),
         "release_observers" => (pb::Audience::ReleasedModelsKnownParticipants, worst()),
@@ -661,6 +724,7 @@ pub fn ledger_entry_to_proto(
             cumulative_epsilon,
             model_version,
             model_sha256,
+            ..
         } => {
             out.kind = K::RoundSpent as i32;
             out.round_id = *round;
