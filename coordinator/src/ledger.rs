@@ -406,6 +406,14 @@ pub struct VerifyFailure {
 /// Verifies one run's chain, given its stored entries in the order the store returned them
 /// (by sequence). Re-derives every RDP increment from the recorded σ, C, q and mode, and every
 /// cumulative ε from the increments.
+///
+/// dp-ftrl rounds are re-derived from their tree records, which must agree with the run: a
+/// run whose `run_created` records participation limits with those limits as its ε
+/// assumption is a dp-ftrl run, every one of whose committed rounds carries a tree record
+/// (and no other run's do); each record's limits are `run_created`'s, its schedule and σ_b
+/// are the first record's, and its segment and position continue the records before it
+/// (a position one past the last, or a new segment — numbered one past the last — at
+/// position 1), the segments together holding every round committed so far.
 pub fn verify(run_id: &str, entries: &[SealedEntry]) -> Result<VerifiedTotals, VerifyFailure> {
     let fail = |sequence: u64, problem: String| VerifyFailure { sequence, problem };
     let mut prev_hash = GENESIS_HASH.to_string();
@@ -414,7 +422,11 @@ pub fn verify(run_id: &str, entries: &[SealedEntry]) -> Result<VerifiedTotals, V
     let mut totals: Vec<(String, RdpAccountant)> = vec![];
     let mut last_eps: Vec<AudienceEpsilon> = vec![];
     let mut segments: Vec<u64> = vec![];
-    let (mut committed, mut abandoned) = (0, 0);
+    // dp-ftrl: the participation limits `run_created` records (None: not a dp-ftrl run), and
+    // the schedule and σ_b of the run's first tree record, which every later one must repeat.
+    let mut tree_limits: Option<ParticipationLimits> = None;
+    let mut tree_reference: Option<TreeRound> = None;
+    let (mut committed, mut abandoned) = (0u64, 0);
     if entries.is_empty() {
         return Err(fail(1, format!("run {run_id} has no ledger entries")));
     }
@@ -454,10 +466,18 @@ pub fn verify(run_id: &str, entries: &[SealedEntry]) -> Result<VerifiedTotals, V
                 LedgerEvent::RunCreated {
                     orders,
                     budget_delta,
+                    participation_limits,
+                    epsilon_assumption,
                     ..
                 },
                 1,
             ) => {
+                // A dp-ftrl run records its limits and, as the assumption its ε rests on,
+                // exactly those limits; a run with limits but another optimiser names another
+                // assumption.
+                tree_limits = (*participation_limits).filter(|limits| {
+                    epsilon_assumption.as_deref() == Some(limits.assumption().as_str())
+                });
                 grid = Some(
                     OrderGrid::new(orders.clone())
                         .map_err(|e| fail(1, format!("bad order grid: {e}")))?,
@@ -477,6 +497,11 @@ pub fn verify(run_id: &str, entries: &[SealedEntry]) -> Result<VerifiedTotals, V
                 },
                 _,
             ) => {
+                check_tree_settings(tree, tree_limits, tree_reference.as_ref())
+                    .map_err(|problem| fail(expected, problem))?;
+                if tree_reference.is_none() {
+                    tree_reference = Some(tree.clone());
+                }
                 let accountant = tree
                     .accountant(*noise_multiplier)
                     .map_err(|e| fail(expected, format!("invalid tree accounting: {e}")))?;
@@ -484,7 +509,11 @@ pub fn verify(run_id: &str, entries: &[SealedEntry]) -> Result<VerifiedTotals, V
                 if segment + 1 < segments.len() || segment > segments.len() {
                     return Err(fail(
                         expected,
-                        format!("its tree segment {segment} is out of order"),
+                        format!(
+                            "its tree.segment {segment} is out of order: segments must be {} or {}",
+                            segments.len().saturating_sub(1),
+                            segments.len()
+                        ),
                     ));
                 }
                 if segment == segments.len() {
@@ -494,12 +523,22 @@ pub fn verify(run_id: &str, entries: &[SealedEntry]) -> Result<VerifiedTotals, V
                     return Err(fail(
                         expected,
                         format!(
-                            "its position {} in tree segment {segment} does not follow {}",
+                            "its tree.segment_round {} in tree segment {segment} does not follow {}",
                             tree.segment_round, segments[segment]
                         ),
                     ));
                 }
                 segments[segment] += 1;
+                let in_segments: u64 = segments.iter().sum();
+                if in_segments != committed + 1 {
+                    return Err(fail(
+                        expected,
+                        format!(
+                            "its tree segments hold {in_segments} rounds where {} have been committed",
+                            committed + 1
+                        ),
+                    ));
+                }
                 let rho = tree_rho(&accountant, &segments, tree.bit_noise_std);
                 if !close(rho, tree.rho) {
                     return Err(fail(
@@ -537,6 +576,14 @@ pub fn verify(run_id: &str, entries: &[SealedEntry]) -> Result<VerifiedTotals, V
                 },
                 _,
             ) => {
+                if let Some(limits) = tree_limits {
+                    return Err(fail(
+                        expected,
+                        format!(
+                            "it carries no tree record, but run_created records a dp-ftrl run under {limits}"
+                        ),
+                    ));
+                }
                 let grid = grid.as_ref().expect("set by the first entry");
                 let mode: PrivacyMode = mode.parse().map_err(|e: String| fail(expected, e))?;
                 let sampling_rate = rdp_increments
@@ -615,6 +662,59 @@ pub fn verify(run_id: &str, entries: &[SealedEntry]) -> Result<VerifiedTotals, V
         delta,
         head_hash: prev_hash,
     })
+}
+
+/// Checks a round's tree settings against the run: the participation limits `run_created`
+/// records (`None`: not a dp-ftrl run, so no tree record belongs here), and the schedule and
+/// σ_b of the run's first tree record (`None`: this is the first).
+fn check_tree_settings(
+    tree: &TreeRound,
+    limits: Option<ParticipationLimits>,
+    reference: Option<&TreeRound>,
+) -> Result<(), String> {
+    let Some(limits) = limits else {
+        return Err(
+            "it carries a tree record, but run_created records no dp-ftrl run (participation limits with their assumption)"
+                .into(),
+        );
+    };
+    if tree.min_separation != limits.min_separation() {
+        return Err(format!(
+            "its tree.min_separation {} differs from run_created's participation_limits.min_separation {}",
+            tree.min_separation,
+            limits.min_separation()
+        ));
+    }
+    if tree.max_participations != limits.max_participations() {
+        return Err(format!(
+            "its tree.max_participations {} differs from run_created's participation_limits.max_participations {}",
+            tree.max_participations,
+            limits.max_participations()
+        ));
+    }
+    let Some(first) = reference else {
+        return Ok(());
+    };
+    if tree.restart_every != first.restart_every {
+        return Err(format!(
+            "its tree.restart_every {:?} differs from the run's first tree record ({:?})",
+            tree.restart_every, first.restart_every
+        ));
+    }
+    if tree.completion != first.completion {
+        return Err(format!(
+            "its tree.completion {} differs from the run's first tree record ({})",
+            tree.completion, first.completion
+        ));
+    }
+    // σ_b is copied from the manifest into every entry, so equal means bit-for-bit equal.
+    if tree.bit_noise_std.map(f64::to_bits) != first.bit_noise_std.map(f64::to_bits) {
+        return Err(format!(
+            "its tree.bit_noise_std {:?} differs from the run's first tree record ({:?})",
+            tree.bit_noise_std, first.bit_noise_std
+        ));
+    }
+    Ok(())
 }
 
 fn close(a: f64, b: f64) -> bool {

@@ -508,3 +508,189 @@ fn a_dp_ftrl_run_with_adaptive_clipping_reports_its_assumption_and_c_trajectory(
         "{groups:?}"
     );
 }
+
+/// A finished 6-round dp-ftrl run with adaptive clipping (σ_b = 0.5): its ledger entries.
+fn ftrl_ledger_with_bits() -> Vec<ledger::SealedEntry> {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("c.db");
+    let text = ftrl_manifest(
+        6,
+        "\n[adaptive_clipping]\ntarget_quantile = 0.5\nbit_noise_std = 0.5\n",
+    );
+    let mut c = Coordinator::open(&db, T0).unwrap();
+    c.create_run("t", manifest(&text), T0).unwrap();
+    let mut now = T0 + 1;
+    for r in 0..6 {
+        now = durable_round(&mut c, "t", &format!("r{r}"), 4, now);
+    }
+    let entries = c.store().ledger("t").unwrap();
+    ledger::verify("t", &entries).expect("intact");
+    entries
+}
+
+/// Rewrites the ledger as someone with database access could: `edit` changes the tree
+/// record of every round committed at or after round `from`, whose ρ and ε are then
+/// re-derived from the edited record as if it were the truth (a one-segment run: the segment
+/// holds `segment_round` rounds), and the whole chain is re-hashed. Only checks of the
+/// records against the run can find what was done.
+fn rewrite_tree_records(
+    entries: &[ledger::SealedEntry],
+    from: u64,
+    mut edit: impl FnMut(&mut Option<ledger::TreeRound>),
+) -> Vec<ledger::SealedEntry> {
+    let mut out = entries.to_vec();
+    for e in out.iter_mut() {
+        let mut entry: LedgerEntry = serde_json::from_str(&e.body).unwrap();
+        if let LedgerEvent::RoundCommitted {
+            round,
+            noise_multiplier,
+            tree,
+            cumulative_epsilon,
+            ..
+        } = &mut entry.event
+            && *round >= from
+        {
+            edit(tree);
+            if let Some(t) = tree {
+                let schedule = match t.restart_every {
+                    Some(r) => TreeSchedule::restart_every(r, t.completion).unwrap(),
+                    None => TreeSchedule::single_tree(),
+                };
+                let limits =
+                    ParticipationLimits::new(t.min_separation, t.max_participations).unwrap();
+                let accountant = TreeAccountant::new(*noise_multiplier, schedule, limits).unwrap();
+                t.rho = ledger::tree_rho(&accountant, &[t.segment_round], t.bit_noise_std);
+                cumulative_epsilon[0].epsilon =
+                    fedpref_privacy::tree::epsilon_from_zcdp_gaussian(t.rho, 1e-6).unwrap();
+            }
+        }
+        e.body = ledger::canonical(&entry);
+    }
+    let mut prev = ledger::GENESIS_HASH.to_string();
+    for e in out.iter_mut() {
+        e.prev_hash = prev;
+        e.hash = ledger::chain_hash(&e.prev_hash, &e.body);
+        prev = e.hash.clone();
+    }
+    out
+}
+
+/// The sequence number of the entry committing `round`.
+fn sequence_of_round(entries: &[ledger::SealedEntry], round: u64) -> u64 {
+    entries
+        .iter()
+        .find(|e| {
+            let entry: LedgerEntry = serde_json::from_str(&e.body).unwrap();
+            matches!(entry.event, LedgerEvent::RoundCommitted { round: r, .. } if r == round)
+        })
+        .unwrap()
+        .sequence
+}
+
+#[test]
+fn rewriting_the_tree_records_of_a_dp_ftrl_ledger_unchanged_is_no_tampering() {
+    // The rewrite itself, applied without an edit, reproduces the ledger byte for byte: the
+    // tests below catch their edits, not the rewriting.
+    let entries = ftrl_ledger_with_bits();
+    let same = rewrite_tree_records(&entries, 1, |_| {});
+    assert_eq!(same, entries);
+}
+
+#[test]
+fn a_dp_ftrl_round_whose_tree_record_was_removed_is_found() {
+    let entries = ftrl_ledger_with_bits();
+    let tampered = rewrite_tree_records(&entries, 3, |t| {
+        if t.as_ref().is_some_and(|t| t.segment_round == 3) {
+            *t = None;
+        }
+    });
+    let e = ledger::verify("t", &tampered).unwrap_err();
+    assert_eq!(e.sequence, sequence_of_round(&entries, 3), "{e}");
+    assert!(e.problem.contains("no tree record"), "{e}");
+    assert!(e.problem.contains("dp-ftrl"), "{e}");
+}
+
+#[test]
+fn a_dp_ftrl_round_whose_bit_noise_std_was_raised_is_found_though_its_rho_follows() {
+    let entries = ftrl_ledger_with_bits();
+    // A larger σ_b from round 3 on: each rewritten record's ρ is smaller, and follows from it.
+    let tampered = rewrite_tree_records(&entries, 3, |t| {
+        t.as_mut().unwrap().bit_noise_std = Some(5.0);
+    });
+    let e = ledger::verify("t", &tampered).unwrap_err();
+    assert_eq!(e.sequence, sequence_of_round(&entries, 3), "{e}");
+    assert!(e.problem.contains("tree.bit_noise_std"), "{e}");
+}
+
+#[test]
+fn a_dp_ftrl_ledger_whose_participation_limits_were_loosened_is_found_though_its_rho_follows() {
+    let entries = ftrl_ledger_with_bits();
+    // A wider separation in every round: fewer participations, a smaller ρ throughout, each
+    // following from its record — but not the limits run_created records.
+    let tampered = rewrite_tree_records(&entries, 1, |t| {
+        t.as_mut().unwrap().min_separation = 6;
+    });
+    let e = ledger::verify("t", &tampered).unwrap_err();
+    assert_eq!(e.sequence, sequence_of_round(&entries, 1), "{e}");
+    assert!(e.problem.contains("tree.min_separation"), "{e}");
+    assert!(e.problem.contains("participation_limits"), "{e}");
+
+    let tampered = rewrite_tree_records(&entries, 2, |t| {
+        t.as_mut().unwrap().max_participations = 1;
+    });
+    let e = ledger::verify("t", &tampered).unwrap_err();
+    assert_eq!(e.sequence, sequence_of_round(&entries, 2), "{e}");
+    assert!(e.problem.contains("tree.max_participations"), "{e}");
+}
+
+#[test]
+fn a_dp_ftrl_round_whose_tree_position_skips_one_is_found() {
+    let entries = ftrl_ledger_with_bits();
+    // Positions 1, 2, 4, 5, 6, 7: each record's ρ follows from its own position.
+    let tampered = rewrite_tree_records(&entries, 3, |t| {
+        t.as_mut().unwrap().segment_round += 1;
+    });
+    let e = ledger::verify("t", &tampered).unwrap_err();
+    assert_eq!(e.sequence, sequence_of_round(&entries, 3), "{e}");
+    assert!(e.problem.contains("tree.segment_round 4"), "{e}");
+
+    // A second segment that does not start at position 1, or skips a segment number.
+    let tampered = rewrite_tree_records(&entries, 4, |t| {
+        t.as_mut().unwrap().segment = 2;
+    });
+    let e = ledger::verify("t", &tampered).unwrap_err();
+    assert_eq!(e.sequence, sequence_of_round(&entries, 4), "{e}");
+    assert!(e.problem.contains("tree.segment 2"), "{e}");
+    let tampered = rewrite_tree_records(&entries, 4, |t| {
+        t.as_mut().unwrap().segment = 1;
+    });
+    let e = ledger::verify("t", &tampered).unwrap_err();
+    assert_eq!(e.sequence, sequence_of_round(&entries, 4), "{e}");
+    assert!(e.problem.contains("tree.segment_round 4"), "{e}");
+}
+
+#[test]
+fn a_tree_record_in_a_run_that_is_not_dp_ftrl_is_found() {
+    let entries = ftrl_ledger_with_bits();
+    // run_created rewritten to name another assumption: the run no longer records dp-ftrl,
+    // so its tree records do not belong to it.
+    let mut tampered = entries.clone();
+    let mut first: LedgerEntry = serde_json::from_str(&tampered[0].body).unwrap();
+    let LedgerEvent::RunCreated {
+        epsilon_assumption, ..
+    } = &mut first.event
+    else {
+        panic!()
+    };
+    *epsilon_assumption = Some("none (worst case per device)".into());
+    tampered[0].body = ledger::canonical(&first);
+    let mut prev = ledger::GENESIS_HASH.to_string();
+    for e in tampered.iter_mut() {
+        e.prev_hash = prev;
+        e.hash = ledger::chain_hash(&e.prev_hash, &e.body);
+        prev = e.hash.clone();
+    }
+    let e = ledger::verify("t", &tampered).unwrap_err();
+    assert_eq!(e.sequence, sequence_of_round(&entries, 1), "{e}");
+    assert!(e.problem.contains("carries a tree record"), "{e}");
+}
