@@ -4,82 +4,21 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use fedpref_coordinator::config::{Config, Limits, self_signed_localhost};
-use fedpref_coordinator::server::{Running, ServeOptions, start};
 use fedpref_ffi::{
     FedprefDevice, FedprefError, ParticipateOptions, ParticipationListener, ParticipationStep,
 };
-use fedpref_proto::metadata::bearer;
 use fedpref_proto::prost_types;
-use fedpref_proto::v1::{self as pb, admin_service_client::AdminServiceClient};
-use tonic::transport::{Certificate, Channel, ClientTlsConfig};
+use fedpref_proto::v1 as pb;
 
-const APP_KEY: &str = "ffi-participation-app-key-012345";
-const ADMIN_TOKEN: &str = "ffi-participation-admin-token-01";
+// The SDK's own test coordinator (TLS on 127.0.0.1, app key, admin token).
+#[path = "../../tests/common/mod.rs"]
+mod common;
+use common::{APP_KEY, TestServer, admin};
+
 const ITEMS: u64 = 8;
 
-struct Server {
-    running: Running,
-    ca_pem: String,
-    _dir: tempfile::TempDir,
-}
-
-async fn start_server() -> Server {
-    let dir = tempfile::tempdir().unwrap();
-    let cert = self_signed_localhost().unwrap();
-    let write = |name: &str, text: &str| std::fs::write(dir.path().join(name), text).unwrap();
-    write("cert.pem", &cert.certificate_pem);
-    write("key.pem", &cert.private_key_pem);
-    write("app.key", APP_KEY);
-    write("admin.token", ADMIN_TOKEN);
-    let text = r#"
-[listen]
-device = "127.0.0.1:0"
-admin = "127.0.0.1:1"
-[store]
-path = "coordinator.db"
-[tls]
-certificate = "cert.pem"
-private_key = "key.pem"
-[auth]
-app_key_file = "app.key"
-admin_token_file = "admin.token"
-"#;
-    let mut config = Config::from_toml(text, "test.toml", dir.path()).unwrap();
-    config.limits = Limits {
-        max_upload_bytes: 1 << 20,
-        max_upload_chunks: 64,
-        max_chunk_bytes: 1024,
-        download_chunk_bytes: 1000,
-        device_requests_per_second: 10_000.0,
-        device_burst: 10_000,
-        max_concurrent_requests: 64,
-        tick_millis: 20,
-    };
-    let options = ServeOptions {
-        admin_addr: Some("127.0.0.1:0".parse().unwrap()),
-        ..Default::default()
-    };
-    let running = start(&config, &options).await.unwrap();
-    Server {
-        running,
-        ca_pem: cert.certificate_pem,
-        _dir: dir,
-    }
-}
-
 /// A local-DP run: cohorts of 2, 2-second rounds, `ITEMS` items × 3 factors.
-async fn create_run(server: &Server, rounds: u64) {
-    let channel = Channel::from_shared(format!(
-        "https://127.0.0.1:{}",
-        server.running.admin_addr.port()
-    ))
-    .unwrap()
-    .tls_config(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&server.ca_pem)))
-    .unwrap()
-    .connect()
-    .await
-    .unwrap();
+async fn create_run(server: &TestServer, rounds: u64) {
     let manifest = pb::RunManifest {
         title: "FFI participation test".into(),
         purpose: "the exported participate call end to end".into(),
@@ -130,17 +69,14 @@ async fn create_run(server: &Server, rounds: u64) {
         }),
         ..Default::default()
     };
-    let mut request = tonic::Request::new(pb::CreateRunRequest {
-        manifest: Some(manifest),
-        request_id: "ffi-participation".into(),
-        simulation_seed: None,
-    });
-    request.metadata_mut().insert(
-        fedpref_proto::metadata::AUTHORIZATION,
-        bearer(ADMIN_TOKEN).parse().unwrap(),
-    );
-    AdminServiceClient::new(channel)
-        .create_run(request)
+    server
+        .admin()
+        .await
+        .create_run(admin(pb::CreateRunRequest {
+            manifest: Some(manifest),
+            request_id: "ffi-participation".into(),
+            simulation_seed: None,
+        }))
         .await
         .unwrap();
 }
@@ -175,9 +111,9 @@ impl ParticipationListener for Recorder {
 #[test]
 fn two_devices_take_part_in_a_local_dp_round_and_their_budgets_show_it() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
-    let server = runtime.block_on(start_server());
+    let server = runtime.block_on(TestServer::start());
     runtime.block_on(create_run(&server, 1));
-    let url = format!("https://127.0.0.1:{}", server.running.device_addr.port());
+    let url = server.url();
     let dir = tempfile::tempdir().unwrap();
     let devices: Vec<_> = (0..2).map(|n| device(dir.path(), n)).collect();
     let listeners: Vec<_> = (0..2).map(|_| Arc::new(Recorder::default())).collect();
