@@ -186,6 +186,7 @@ fn check_in_and_its_task_answer_round_trip() {
             max_upload_bytes: 64 << 20,
             max_chunk_bytes: 1 << 20,
             secure_aggregation: None,
+            secure_aggregation_round: None,
         })),
         latest_model: None,
     });

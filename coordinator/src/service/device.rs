@@ -245,6 +245,7 @@ impl DeviceService for DeviceApi {
                                         max_upload_bytes: limits.max_upload_bytes,
                                         max_chunk_bytes: limits.max_chunk_bytes,
                                         secure_aggregation: None,
+                                        secure_aggregation_round: None,
                                     })),
                                     latest_model: Some(model),
                                 });
