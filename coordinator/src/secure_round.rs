@@ -5,9 +5,11 @@
 //! by the engine from the RNG it is handed.
 //!
 //! # Stages
-//! A distributed round goes through the four stages of [`fedpref_secagg`], each with an
-//! absolute deadline fixed when the round opens (`[secure_aggregation]`'s durations, added
-//! up from the opening):
+//! A distributed round goes through the four stages of [`fedpref_secagg`], each lasting at
+//! most its `[secure_aggregation]` duration from the moment the previous stage closed. The
+//! task carries the latest each stage can close (the durations added up from the opening); a
+//! stage that closes early brings the later ones forward, and `GetStage` reports the current
+//! stage's actual deadline:
 //!
 //! | stage | ends at its deadline, or as soon as | then |
 //! |---|---|---|
@@ -104,6 +106,8 @@ pub(crate) struct SecureRound {
     directories: BTreeMap<u32, KeyDirectory>,
     inboxes: BTreeMap<u32, ShareInbox>,
     plans: BTreeMap<u32, UnmaskingPlan>,
+    /// When the current stage closes.
+    deadline: i64,
     ended: bool,
 }
 
@@ -153,6 +157,7 @@ impl SecureRound {
             *d = at;
         }
         Ok(Self {
+            deadline: deadlines[0],
             free: (1..=config.cohort_size).collect(),
             info: Arc::new(SecureRoundInfo {
                 config,
@@ -184,12 +189,16 @@ impl SecureRound {
 
     /// When the current stage closes.
     pub(crate) fn stage_deadline(&self) -> i64 {
-        match self.server.stage() {
-            ServerStage::AdvertiseKeys => self.info.deadlines[0],
-            ServerStage::ShareKeys => self.info.deadlines[1],
-            ServerStage::MaskedInput => self.info.deadlines[2],
-            _ => self.info.deadlines[3],
-        }
+        self.deadline
+    }
+
+    /// The stage that just closed at `now` hands over to the one at `next` (0-based):
+    /// its deadline is its duration after the close (a late tick counts from the deadline).
+    fn next_deadline(&mut self, now: i64, next: usize) {
+        let closed_at = now.min(self.deadline);
+        self.deadline = closed_at
+            .saturating_add(self.info.plan.stage_millis[next])
+            .min(self.info.deadlines[next]);
     }
 
     /// Whether the cohort still takes devices: the advertise-keys stage is open and an
@@ -406,18 +415,18 @@ impl SecureRound {
                 return Ending::Running;
             }
             let result = match self.server.stage() {
-                ServerStage::AdvertiseKeys => self
-                    .server
-                    .close_advertise_keys()
-                    .map(|d| self.directories = d.into_iter().collect()),
-                ServerStage::ShareKeys => self
-                    .server
-                    .close_share_keys()
-                    .map(|i| self.inboxes = i.into_iter().collect()),
-                ServerStage::MaskedInput => self
-                    .server
-                    .close_masked_input()
-                    .map(|p| self.plans = p.into_iter().collect()),
+                ServerStage::AdvertiseKeys => self.server.close_advertise_keys().map(|d| {
+                    self.directories = d.into_iter().collect();
+                    1
+                }),
+                ServerStage::ShareKeys => self.server.close_share_keys().map(|i| {
+                    self.inboxes = i.into_iter().collect();
+                    2
+                }),
+                ServerStage::MaskedInput => self.server.close_masked_input().map(|p| {
+                    self.plans = p.into_iter().collect();
+                    3
+                }),
                 ServerStage::Unmasking => {
                     self.ended = true;
                     return match self.server.finish() {
@@ -427,9 +436,12 @@ impl SecureRound {
                 }
                 ServerStage::Completed | ServerStage::Aborted(_) => return Ending::Running,
             };
-            if let Err(e) = result {
-                self.ended = true;
-                return self.abandoned(e);
+            match result {
+                Ok(next) => self.next_deadline(now, next),
+                Err(e) => {
+                    self.ended = true;
+                    return self.abandoned(e);
+                }
             }
         }
     }

@@ -328,6 +328,12 @@ async fn tick(shared: Arc<Shared>, every: Duration, mut stop: watch::Receiver<bo
 }
 
 impl Running {
+    /// The coordinator behind the services (for embedding programs and tests that read the
+    /// store or an engine; take the lock only briefly, never across an await).
+    pub fn coordinator(&self) -> Arc<Mutex<Coordinator>> {
+        Arc::clone(&self.coordinator)
+    }
+
     /// Stops accepting, waits up to [`SHUTDOWN_GRACE`] for requests in progress, stops the
     /// ticker, then waits for any store transaction in progress by taking the lock.
     pub async fn shutdown(self) -> Result<(), ServerError> {

@@ -23,7 +23,7 @@ use crate::engine::{Action, Event};
 use crate::secure_round::{SecureRoundInfo, StageInput};
 
 /// How long a device should wait between `GetStage` polls, in ms.
-pub const POLL_AFTER_MS: i64 = 250;
+pub const POLL_AFTER_MS: i64 = 100;
 
 /// The SecureAggregationService implementation.
 pub struct SecureAggregationApi {
