@@ -1802,7 +1802,7 @@ impl Engine {
             epsilon_assumption: Some(record.assumption.clone()),
             tree: None,
             next_clip_norm: None,
-            distributed: Some(record),
+            distributed: Some(Box::new(record)),
         };
         let stop = (self.progress_rounds >= self.manifest.rounds).then(|| {
             self.state = RunState::Stopped;
