@@ -558,3 +558,52 @@ fn a_distributed_round_without_enough_keys_is_abandoned_at_the_first_deadline() 
     assert_eq!(h.engine.spent()[0].epsilon, 0.0);
     assert_eq!(h.engine.open_round(), None);
 }
+
+#[test]
+fn a_restored_distributed_run_has_spent_exactly_its_committed_rounds() {
+    use fedpref_coordinator::aggregation::ServerState;
+    use fedpref_coordinator::engine::{Engine, Progress};
+
+    let manifest = common::manifest(&distributed_manifest());
+    let plan = manifest.distributed_plan().unwrap();
+    let params = vec![0.0; manifest.dimension()];
+    let engine = Engine::restore(
+        "run-test",
+        manifest.clone(),
+        Progress {
+            state: RunState::Active,
+            rounds_committed: 3,
+            next_round: 5,
+            current_version: 4,
+            server_state: ServerState::new(&manifest.server_optimizer, params.len()),
+            params,
+        },
+    );
+    let expected = plan
+        .mechanism
+        .epsilon_after(3, manifest.budget.delta, &OrderGrid::default())
+        .unwrap()
+        .epsilon;
+    assert_eq!(engine.spent()[0].epsilon, expected);
+    assert_eq!(engine.state(), RunState::Active);
+    assert!(engine.epsilon_assumption().contains("honest devices"));
+}
+
+#[test]
+fn a_distributed_run_stops_before_a_round_its_budget_cannot_pay_for() {
+    let text = distributed_manifest().replace("epsilon = 20.0", "epsilon = 0.01");
+    let mut h = Harness::new(&text);
+    let actions = h.check_in("device-0");
+    assert!(!actions.iter().any(|a| matches!(a, Action::SendTask(_))));
+    let stopped = actions.iter().find_map(|a| match a {
+        Action::StatusChanged {
+            event: LedgerEvent::RunStopped { reason, .. },
+            ..
+        } => Some(reason.clone()),
+        _ => None,
+    });
+    let reason = stopped.expect("the run stops");
+    assert!(reason.contains("budget exhausted"), "{reason}");
+    assert!(reason.contains("honest devices"), "{reason}");
+    assert_eq!(h.engine.state(), RunState::Stopped);
+}
