@@ -801,6 +801,7 @@ impl Engine {
                     stage: ended.stage.clone(),
                     deadline_ms: ended.end_ms,
                     input: crate::secure_round::StageInput::None,
+                    poll_after_ms: crate::secure_round::poll_after_ms(1),
                 }),
                 Some(_) => Err(Rejection {
                     kind: RejectKind::InvalidArgument,

@@ -1179,6 +1179,21 @@ async fn the_coordinator_never_takes_both_shares_of_a_device_and_bad_inputs_name
         Code::FailedPrecondition,
         "stage",
     );
+    // The dropped device is out of the round: no plan for it, and nothing it reveals is taken.
+    let update = late.stage(&server, pb::SecAggStage::MaskedInput).await;
+    assert_eq!(update.stage, pb::SecAggStage::Unmasking as i32);
+    assert!(update.input.is_none(), "{update:?}");
+    assert_status(
+        secagg
+            .unmask(late.unmask_request(vec![pb::RevealedShare {
+                owner_index: 1,
+                kind: pb::ShareKind::SelfMaskSeed as i32,
+                share: vec![1; 40],
+            }]))
+            .await,
+        Code::FailedPrecondition,
+        "not asked to reveal shares",
+    );
 
     // UNMASKING: every plan treats participant 5 as dropped and the others as survivors;
     // no device is ever asked for both kinds of share.
