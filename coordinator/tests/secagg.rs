@@ -1288,3 +1288,70 @@ async fn secure_aggregation_calls_for_a_central_run_are_refused() {
         "no secure-aggregation stages",
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_distributed_manifest_round_trips_through_the_admin_api() {
+    let server = TestServer::start().await;
+    let run_id = server.create_run(manifest(COHORT, 20, 60, 10)).await;
+    let mut admin = AdminServiceClient::new(server.admin.clone());
+    let run = admin
+        .get_run(authed(pb::GetRunRequest { run_id }, ADMIN_TOKEN))
+        .await
+        .unwrap()
+        .into_inner();
+    let stored = run.manifest.unwrap();
+    let c = stored.secure_aggregation.clone().unwrap();
+    assert_ne!(run.manifest_sha256, Vec::<u8>::new());
+    assert!(c.threshold > 0 && c.fixed_point_scale > 0.0 && c.assumed_honest_devices > 0);
+    assert_eq!(c.modulus_bits, 32);
+    // The stored manifest, derived values and all, creates the same run again.
+    let again = admin
+        .create_run(authed(
+            pb::CreateRunRequest {
+                manifest: Some(stored.clone()),
+                request_id: "create-2".into(),
+                simulation_seed: None,
+            },
+            ADMIN_TOKEN,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    // Same parameters (the derived values are now explicit, so the TOML and its hash differ).
+    assert_eq!(again.manifest.unwrap().secure_aggregation, Some(c));
+    // Values that cannot be honoured are refused, naming the field.
+    for (change, field) in [
+        (
+            (|c: &mut pb::SecureAggregationConfig| c.neighbour_count += 2)
+                as fn(&mut pb::SecureAggregationConfig),
+            "manifest.secure_aggregation.neighbour_count",
+        ),
+        (
+            |c| c.modulus_bits = 64,
+            "manifest.secure_aggregation.modulus_bits",
+        ),
+        (
+            |c| c.noise = pb::DistributedNoise::Unspecified as i32,
+            "manifest.secure_aggregation.noise",
+        ),
+        (|c| c.threshold = 2, "secure_aggregation.threshold"),
+        (|c| c.dropout_rate = 0.7, "secure_aggregation.dropout_rate"),
+    ] {
+        let mut m = stored.clone();
+        change(m.secure_aggregation.as_mut().unwrap());
+        assert_status(
+            admin
+                .create_run(authed(
+                    pb::CreateRunRequest {
+                        manifest: Some(m),
+                        request_id: format!("bad-{field}"),
+                        simulation_seed: None,
+                    },
+                    ADMIN_TOKEN,
+                ))
+                .await,
+            Code::InvalidArgument,
+            field,
+        );
+    }
+}
