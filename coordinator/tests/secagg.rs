@@ -1300,7 +1300,7 @@ async fn a_distributed_manifest_round_trips_through_the_admin_api() {
         .unwrap()
         .into_inner();
     let stored = run.manifest.unwrap();
-    let c = stored.secure_aggregation.clone().unwrap();
+    let c = stored.secure_aggregation.unwrap();
     assert_ne!(run.manifest_sha256, Vec::<u8>::new());
     assert!(c.threshold > 0 && c.fixed_point_scale > 0.0 && c.assumed_honest_devices > 0);
     assert_eq!(c.modulus_bits, 32);
