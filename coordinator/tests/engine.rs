@@ -607,3 +607,39 @@ fn a_distributed_run_stops_before_a_round_its_budget_cannot_pay_for() {
     assert!(reason.contains("honest devices"), "{reason}");
     assert_eq!(h.engine.state(), RunState::Stopped);
 }
+
+#[test]
+fn a_distributed_slot_declined_before_advertising_goes_to_the_next_device() {
+    use fedpref_secagg::{Client, rng::simulation_rng};
+
+    let mut h = Harness::new(&distributed_manifest());
+    let mut rng = simulation_rng(9, &[]);
+    let tasks: Vec<_> = (0..5)
+        .map(|i| h.task(&format!("device-{i}")).unwrap())
+        .collect();
+    assert!(h.task("device-5").is_none(), "the cohort is full");
+    // Device 1 advertises, then declines: its keys stay in the round, its slot is not freed.
+    let info = tasks[1].secure_aggregation.clone().unwrap();
+    let (_, keys) = Client::advertise(info.config.clone(), &mut rng).unwrap();
+    h.send(Event::SecAggKeys {
+        device: tasks[1].device.clone(),
+        round: tasks[1].round,
+        task_token: tasks[1].task_token.clone(),
+        keys,
+    });
+    for t in &tasks[..2] {
+        let actions = h.send(Event::Decline {
+            device: t.device.clone(),
+            round: t.round,
+            task_token: t.task_token.clone(),
+        });
+        assert!(
+            actions
+                .iter()
+                .any(|a| matches!(a, Action::TaskDeclined { .. }))
+        );
+    }
+    // Device 0 had not advertised: exactly one slot is free again.
+    assert!(h.task("device-6").is_some());
+    assert!(h.task("device-7").is_none());
+}
