@@ -212,6 +212,21 @@ fn proc_memory(pid: u32) -> (f64, f64) {
     (field("VmRSS:"), field("VmHWM:"))
 }
 
+/// CPU time the process has run on all its threads so far, in nanoseconds (the first field of
+/// each thread's `/proc/PID/task/TID/schedstat`). Unlike a rate, it hardly depends on what
+/// else the machine is doing, so it shows the coordinator's cost per upload even on a busy
+/// machine.
+fn proc_cpu_ns(pid: u32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .filter_map(Result::ok)
+        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
+}
+
 fn write_setup(dir: &Path, n: usize, device_port: u16, admin_port: u16) -> String {
     let cert = fedpref_coordinator::config::self_signed_localhost().unwrap();
     let write = |name: &str, text: &str| std::fs::write(dir.join(name), text).unwrap();
@@ -227,7 +242,7 @@ fn write_setup(dir: &Path, n: usize, device_port: u16, admin_port: u16) -> Strin
              [auth]\napp_key_file = \"app.key\"\nadmin_token_file = \"admin.token\"\n\
              [limits]\nmax_upload_bytes = 1048576\nmax_upload_chunks = 64\nmax_chunk_bytes = 65536\n\
              download_chunk_bytes = 65536\ndevice_requests_per_second = 1000.0\ndevice_burst = 100\n\
-             max_concurrent_requests = 20000\ntick_millis = 50\n"
+             max_concurrent_requests = 20000\nmax_concurrent_uploads = 64\nhttp2_stream_window_bytes = 65535\ntick_millis = 50\n"
         ),
     );
     let manifest = format!(
@@ -328,7 +343,9 @@ async fn measure(n: usize) -> String {
     let payloads: Vec<Vec<pb::UploadUpdateRequest>> = clients.iter().map(|c| c.2.clone()).collect();
     // N devices connected (enrolled, holding a task), none uploading yet.
     let connected = proc_memory(server.id()).0;
+    let cpu_before = proc_cpu_ns(server.id());
     let (fed_rate, fed_p50, fed_p99) = blast(clients).await;
+    let fed_cpu = (proc_cpu_ns(server.id()) - cpu_before) as f64 / n as f64 / 1e3;
     let (rss, peak) = proc_memory(server.id());
     let _ = server.kill();
     let _ = server.wait();
@@ -352,12 +369,15 @@ async fn measure(n: usize) -> String {
             msgs,
         ));
     }
+    let cpu_before = proc_cpu_ns(echo.id());
     let (echo_rate, echo_p50, echo_p99) = blast(echo_clients).await;
+    let echo_cpu = (proc_cpu_ns(echo.id()) - cpu_before) as f64 / n as f64 / 1e3;
     let _ = echo.kill();
     let _ = echo.wait();
     format!(
-        "| {n} | {fed_rate:.0} | {fed_p50:.1} / {fed_p99:.1} | {echo_rate:.0} | {echo_p50:.1} / {echo_p99:.1} | {:.0} % | {idle:.0} | {connected:.0} | {rss:.0} | {peak:.0} |",
-        100.0 * fed_rate / echo_rate
+        "| {n} | {fed_rate:.0} | {fed_p50:.1} / {fed_p99:.1} | {echo_rate:.0} | {echo_p50:.1} / {echo_p99:.1} | {:.0} % | {fed_cpu:.0} / {echo_cpu:.0} | {:.0} % | {idle:.0} | {connected:.0} | {rss:.0} | {peak:.0} |",
+        100.0 * fed_rate / echo_rate,
+        100.0 * echo_cpu / fed_cpu,
     )
 }
 
@@ -413,9 +433,9 @@ fn main() {
         (ITEMS * (FACTORS + 1) + 1) * 4
     );
     println!(
-        "| devices | fedpref uploads/s | fedpref p50 / p99 ms | ceiling uploads/s | ceiling p50 / p99 ms | fedpref / ceiling | coordinator RSS idle MiB | RSS with N connected MiB | RSS after uploads MiB | peak RSS MiB |"
+        "| devices | fedpref uploads/s | fedpref p50 / p99 ms | ceiling uploads/s | ceiling p50 / p99 ms | fedpref / ceiling | server CPU µs per upload: fedpref / ceiling | ceiling / fedpref CPU | coordinator RSS idle MiB | RSS with N connected MiB | RSS after uploads MiB | peak RSS MiB |"
     );
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for n in devices {
         println!("{}", runtime.block_on(measure(n)));
     }

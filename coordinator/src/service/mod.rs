@@ -58,9 +58,52 @@ fn remember<K: std::hash::Hash + Eq, V>(map: &Mutex<HashMap<K, V>>, key: K, valu
     }
 }
 
+/// A request's store work, run on the coordinator thread.
+type Job = Box<dyn FnOnce(&Mutex<Coordinator>) + Send>;
+
+/// The one thread that runs requests' store work, in arrival order.
+///
+/// The coordinator is synchronous and behind one lock, so its work is serial however it is
+/// scheduled. Sending each request's closure to one long-lived thread over a channel costs a
+/// wake-up at most; under load the thread runs queued jobs back to back. Handing each one to
+/// tokio's blocking pool instead made many threads queue on the lock, and under thousands of
+/// concurrent uploads the futex wake-ups and context switches cost more CPU than the work.
+/// The queue is bounded by the services' concurrency limit (every job belongs to an admitted
+/// request). A job that panics poisons the lock, as before: later jobs answer `INTERNAL`.
+struct CoordinatorThread {
+    jobs: std::sync::mpsc::Sender<Job>,
+}
+
+impl CoordinatorThread {
+    fn start(coordinator: Arc<Mutex<Coordinator>>) -> Result<Self, CoordinatorError> {
+        let (jobs, queue) = std::sync::mpsc::channel::<Job>();
+        std::thread::Builder::new()
+            .name("coordinator".into())
+            .spawn(move || {
+                // Ends when the services (and with them the sender) are dropped.
+                for job in queue {
+                    let run = std::panic::AssertUnwindSafe(|| job(&coordinator));
+                    if std::panic::catch_unwind(run).is_err() {
+                        tracing::error!("a coordinator task panicked");
+                    }
+                }
+            })
+            .map_err(CoordinatorError::Thread)?;
+        Ok(Self { jobs })
+    }
+
+    fn submit(&self, job: Job) -> Result<(), Status> {
+        self.jobs
+            .send(job)
+            .map_err(|_| Status::unavailable("the coordinator has shut down"))
+    }
+}
+
 /// What both services share.
 pub struct Shared {
     coordinator: Arc<Mutex<Coordinator>>,
+    /// Runs the store work of requests, one after another.
+    thread: CoordinatorThread,
     /// Run ids, oldest first: the order in which check-ins are offered to runs.
     run_order: Mutex<Vec<String>>,
     /// SHA-256 of the app key.
@@ -73,6 +116,8 @@ pub struct Shared {
     pub rate: limits::RateLimiter,
     /// The concurrency limit over both services.
     pub concurrency: limits::Concurrency,
+    /// Uploads read and decoded at once; the others wait for a permit.
+    pub uploads: Arc<tokio::sync::Semaphore>,
     caches: Caches,
     /// Prometheus metrics (also fed by the coordinator's engine steps).
     pub metrics: Arc<crate::metrics::Metrics>,
@@ -95,13 +140,18 @@ impl Shared {
             .into_iter()
             .map(|r| r.id)
             .collect();
+        let coordinator = Arc::new(Mutex::new(coordinator));
         Ok(Arc::new(Self {
-            coordinator: Arc::new(Mutex::new(coordinator)),
+            thread: CoordinatorThread::start(Arc::clone(&coordinator))?,
+            coordinator,
             run_order: Mutex::new(run_order),
             app_key_sha256: auth::sha256(app_key.as_bytes()),
             admin_token_sha256: auth::sha256(admin_token.as_bytes()),
             rate: limits::RateLimiter::new(limits.device_requests_per_second, limits.device_burst),
             concurrency: limits::Concurrency::new(limits.max_concurrent_requests),
+            uploads: Arc::new(tokio::sync::Semaphore::new(
+                limits.max_concurrent_uploads as usize,
+            )),
             limits,
             caches: Caches::default(),
             metrics,
@@ -113,23 +163,27 @@ impl Shared {
         Arc::clone(&self.coordinator)
     }
 
-    /// Runs `f` with the coordinator locked, on the blocking pool. The lock is taken and
-    /// released inside the blocking task, so it is never held across an await.
+    /// Runs `f` with the coordinator locked, on the coordinator's own thread (see
+    /// [`CoordinatorThread`]). The lock is taken and released there, so it is never held
+    /// across an await and no async worker ever waits for the store.
     pub async fn blocking<T, F>(&self, f: F) -> Result<T, Status>
     where
         T: Send + 'static,
         F: FnOnce(&mut Coordinator) -> Result<T, Status> + Send + 'static,
     {
-        let coordinator = Arc::clone(&self.coordinator);
-        tokio::task::spawn_blocking(move || {
-            let mut guard = coordinator
-                .lock()
-                .map_err(|_| Status::internal("the coordinator is unavailable after a failure"))?;
-            f(&mut guard)
-        })
-        .await
-        .map_err(|e| {
-            tracing::error!(error = %e, "store task failed");
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.thread
+            .submit(Box::new(move |coordinator: &Mutex<Coordinator>| {
+                let result = match coordinator.lock() {
+                    Ok(mut guard) => f(&mut guard),
+                    Err(_) => Err(Status::internal(
+                        "the coordinator is unavailable after a failure",
+                    )),
+                };
+                let _ = tx.send(result);
+            }))?;
+        rx.await.map_err(|_| {
+            tracing::error!("a coordinator task failed");
             Status::internal("internal error")
         })?
     }
@@ -141,18 +195,21 @@ impl Shared {
 
     /// A run's manifest (immutable once the run exists).
     pub fn manifest(&self, c: &Coordinator, run_id: &str) -> Result<Arc<RunManifest>, Status> {
-        if let Some(m) = self
-            .caches
-            .manifests
-            .lock()
-            .ok()
-            .and_then(|m| m.get(run_id).cloned())
-        {
+        if let Some(m) = self.cached_manifest(run_id) {
             return Ok(m);
         }
         let m = Arc::new(c.store().run(run_id).map_err(store_status)?.manifest);
         remember(&self.caches.manifests, run_id.to_string(), Arc::clone(&m));
         Ok(m)
+    }
+
+    /// A run's manifest if it is cached, without the coordinator's lock.
+    pub fn cached_manifest(&self, run_id: &str) -> Option<Arc<RunManifest>> {
+        self.caches
+            .manifests
+            .lock()
+            .ok()
+            .and_then(|m| m.get(run_id).cloned())
     }
 
     /// A model version's reference: SHA-256 and size of its encoded snapshot (immutable).

@@ -46,18 +46,16 @@ pub(super) async fn receive(
         }
     };
     let task = task_ref(header.task.as_ref(), "header.task")?;
-    let run_id = task.run_id.clone();
-    let state = Arc::clone(shared);
-    let (manifest, open_round, version) = shared
-        .blocking(move |c| {
-            let manifest = state.manifest(c, &run_id)?;
-            let (open, version) = match c.engine(&run_id) {
-                Some(e) => (e.open_round(), e.model().0),
-                None => (None, 0),
-            };
-            Ok((manifest, open, version))
-        })
-        .await?;
+    // The manifest is immutable: after the run's first request it comes from the cache, and
+    // the header is checked without the coordinator's lock. What changes with the rounds (the
+    // open round, the model version) is checked with the update itself, under the lock.
+    let manifest = match shared.cached_manifest(&task.run_id) {
+        Some(m) => m,
+        None => {
+            let (run_id, state) = (task.run_id.clone(), Arc::clone(shared));
+            shared.blocking(move |c| state.manifest(c, &run_id)).await?
+        }
+    };
     // The header must repeat the task: privacy settings and tensors.
     if header.privacy_mode != proto_mode(manifest.privacy_mode) as i32 {
         return Err(invalid(
@@ -85,15 +83,6 @@ pub(super) async fn receive(
         return Err(invalid(
             "header.clip_bit",
             "must be unset: the task did not request a clip bit",
-        ));
-    }
-    if open_round == Some(task.round_id) && header.base_model_version != version {
-        return Err(invalid(
-            "header.base_model_version",
-            format!(
-                "{} is not the task's model version {version}",
-                header.base_model_version
-            ),
         ));
     }
     if !header.update_sha256.is_empty() && header.update_sha256.len() != fedpref_proto::SHA256_LEN {
@@ -153,6 +142,15 @@ pub(super) async fn receive(
             ),
         ));
     }
+    // Wait for one of the upload permits before reading the chunks: until then the device's
+    // stream is held back by HTTP/2 flow control, so uploads in flight take at most
+    // `max_concurrent_uploads` decoded updates and one stream window each, however many
+    // devices upload at once. The request was already admitted, so this waits, bounded by
+    // the request timeout, rather than refusing.
+    let _decoding = Arc::clone(&shared.uploads)
+        .acquire_owned()
+        .await
+        .map_err(|_| Status::unavailable("the coordinator is shutting down"))?;
     while let Some(message) = stream.message().await? {
         let chunk = match message.part {
             Some(Part::Chunk(c)) => c,
@@ -175,14 +173,25 @@ pub(super) async fn receive(
     let round = task.round_id;
     let device_for_engine = device.clone();
     let examples = header.example_count;
+    let base_version = header.base_model_version;
     shared
         .blocking(move |c| {
-            if c.engine(&run_id)
-                .is_none_or(|e| e.state() == RunState::Stopped)
-            {
+            let Some(engine) = c.engine(&run_id) else {
                 return Err(Status::failed_precondition(format!(
                     "run {run_id:?} has stopped"
                 )));
+            };
+            if engine.state() == RunState::Stopped {
+                return Err(Status::failed_precondition(format!(
+                    "run {run_id:?} has stopped"
+                )));
+            }
+            let version = engine.model().0;
+            if engine.open_round() == Some(round) && base_version != version {
+                return Err(invalid(
+                    "header.base_model_version",
+                    format!("{base_version} is not the task's model version {version}"),
+                ));
             }
             let actions = c
                 .handle(
