@@ -176,23 +176,7 @@ pub(super) async fn receive(
     let base_version = header.base_model_version;
     shared
         .blocking(move |c| {
-            let Some(engine) = c.engine(&run_id) else {
-                return Err(Status::failed_precondition(format!(
-                    "run {run_id:?} has stopped"
-                )));
-            };
-            if engine.state() == RunState::Stopped {
-                return Err(Status::failed_precondition(format!(
-                    "run {run_id:?} has stopped"
-                )));
-            }
-            let version = engine.model().0;
-            if engine.open_round() == Some(round) && base_version != version {
-                return Err(invalid(
-                    "header.base_model_version",
-                    format!("{base_version} is not the task's model version {version}"),
-                ));
-            }
+            check_run_and_version(c, &run_id, round, base_version)?;
             let actions = c
                 .handle(
                     &run_id,
@@ -236,6 +220,29 @@ pub(super) async fn receive(
         bytes_received: received,
         accepted_at: Some(timestamp(now_ms())),
     })
+}
+
+/// Under the coordinator's lock, before the engine sees an update: the run must be live, and
+/// while the task's round is open the update must be computed from its model version.
+fn check_run_and_version(
+    c: &crate::coordinator::Coordinator,
+    run_id: &str,
+    round: u64,
+    base_version: u64,
+) -> Result<(), Status> {
+    let Some(engine) = c.engine(run_id).filter(|e| e.state() != RunState::Stopped) else {
+        return Err(Status::failed_precondition(format!(
+            "run {run_id:?} has stopped"
+        )));
+    };
+    let version = engine.model().0;
+    if engine.open_round() == Some(round) && base_version != version {
+        return Err(invalid(
+            "header.base_model_version",
+            format!("{base_version} is not the task's model version {version}"),
+        ));
+    }
+    Ok(())
 }
 
 /// Distributed mode: the upload is one `DTYPE_U32` tensor, `masked_update` of shape \[d\],
@@ -299,6 +306,11 @@ async fn receive_masked(
             ),
         ));
     }
+    // As for plain uploads: read the chunks only under one of the upload permits.
+    let _decoding = Arc::clone(&shared.uploads)
+        .acquire_owned()
+        .await
+        .map_err(|_| Status::unavailable("the coordinator is shutting down"))?;
     let mut bytes: Vec<u8> = Vec::with_capacity(total as usize);
     let mut chunks = 0u32;
     let mut hasher = Sha256::new();
@@ -372,15 +384,10 @@ async fn receive_masked(
     let run_id = task.run_id.clone();
     let round = task.round_id;
     let device_for_engine = device.clone();
+    let base_version = header.base_model_version;
     shared
         .blocking(move |c| {
-            if c.engine(&run_id)
-                .is_none_or(|e| e.state() == RunState::Stopped)
-            {
-                return Err(Status::failed_precondition(format!(
-                    "run {run_id:?} has stopped"
-                )));
-            }
+            check_run_and_version(c, &run_id, round, base_version)?;
             let actions = c
                 .handle(
                     &run_id,
