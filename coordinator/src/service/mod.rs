@@ -3,14 +3,16 @@
 //! `fedpref.v1.AdminService` ([`admin`]), thin drivers around the durable [`Coordinator`].
 //!
 //! - **One lock, never across an await.** The `Coordinator` is synchronous (rusqlite); it
-//!   sits behind a `std::sync::Mutex` and every use of it runs on tokio's blocking pool
+//!   sits behind a `std::sync::Mutex` and every use of it runs on one coordinator thread
 //!   ([`Shared::blocking`]), which takes the lock, does the store work and lets go before
 //!   the future resumes.
 //! - **Authentication** ([`auth`]): devices enrol with the app key and then present a
 //!   256-bit token whose SHA-256 alone is stored; the admin service wants the admin token.
 //!   Secrets are compared in constant time and never logged.
 //! - **Limits** ([`limits`]): a per-device token bucket and one semaphore over both services;
-//!   overload is refused at once with `RESOURCE_EXHAUSTED` and a retry hint, never queued.
+//!   overload is refused at once with `RESOURCE_EXHAUSTED` and a retry hint. Admitted
+//!   uploads read their chunks under one of `max_concurrent_uploads` permits and otherwise
+//!   wait, held back by HTTP/2 flow control: bounded memory, not a refusal.
 //! - **Validation before the engine**: uploads are checked (header, sizes, chunk order,
 //!   shapes, dtypes, finiteness) before anything reaches the aggregate.
 //! - **Caches of immutable facts** (manifests, model hashes and sizes, token hash → device)
