@@ -110,7 +110,7 @@ pub struct Settings {
     pub rounds: u64,
     /// Device selection.
     pub sampling: Sampling,
-    /// The privacy mode (`distributed` is refused).
+    /// The privacy mode (`distributed` runs in [`crate::distributed`]).
     pub privacy_mode: ManifestPrivacyMode,
     /// σ.
     pub noise_multiplier: Option<f64>,
@@ -147,6 +147,13 @@ pub struct Settings {
     /// Adaptive clipping (mode central): devices then do not pre-clip, so the engine sees
     /// the norms it estimates the quantile of.
     pub adaptive_clipping: Option<AdaptiveClippingSpec>,
+    /// Mode distributed: the probability that a cohort member drops out during the secure
+    /// aggregation round (at a stage drawn uniformly from the four; `--dropout`).
+    pub dropout: f64,
+    /// Mode distributed: the assumed fraction of corrupted devices colluding with the
+    /// coordinator (`--corruption-rate`), which sizes the threshold and the honest devices
+    /// the accountant counts on.
+    pub corruption_rate: f64,
 }
 
 impl Default for Settings {
@@ -173,6 +180,8 @@ impl Default for Settings {
             fedavg_weighting: FedavgWeighting::Examples,
             participation: None,
             adaptive_clipping: None,
+            dropout: 0.0,
+            corruption_rate: 0.0,
         }
     }
 }
@@ -193,7 +202,7 @@ impl Settings {
     pub fn manifest(&self, users: usize, items: usize) -> Result<RunManifest, SimError> {
         if self.privacy_mode == ManifestPrivacyMode::Distributed {
             return Err(SimError::Settings(
-                "--privacy-mode distributed is not available yet: it needs secure aggregation, which is not built".into(),
+                "--privacy-mode distributed does not run on the coordinator's round engine yet: use `DistributedSimulation` (the in-process secure-aggregation driver)".into(),
             ));
         }
         let sampling = match (self.sampling, self.privacy_mode) {
