@@ -406,6 +406,36 @@ impl RoundAggregator {
     }
 }
 
+impl Aggregate<Secure> {
+    /// Distributed mode: Δ from the sum secure aggregation unmasked. The noise in it was
+    /// added by the devices (each a share of the distributed discrete Gaussian, drawn from
+    /// the operating system's randomness on the device), so the coordinator adds none; `sum`
+    /// is in model units and is divided by the number of contributors. Under zero-out
+    /// neighbouring the contributors are the same in both neighbouring worlds, so dividing by
+    /// their number is post-processing. Errors if there are none or Δ is not finite.
+    pub fn from_unmasked_sum(
+        sum: Vec<f64>,
+        contributions: usize,
+        noise_std: f64,
+    ) -> Result<Self, AggregationError> {
+        if contributions == 0 {
+            return Err(AggregationError::NothingToAverage { contributions });
+        }
+        let denominator = contributions as f64;
+        let delta: Vec<f64> = sum.into_iter().map(|x| x / denominator).collect();
+        if let Some(index) = delta.iter().position(|x| !x.is_finite()) {
+            return Err(AggregationError::NonFiniteAggregate { index });
+        }
+        Ok(Self {
+            delta,
+            contributions,
+            denominator,
+            noise_std: noise_std / denominator,
+            provenance: PhantomData,
+        })
+    }
+}
+
 /// One round's aggregated update Δ, with the provenance `P` of the noise in it
 /// ([`Secure`] or [`Simulated`](fedpref_privacy::Simulated)); only this module makes one.
 /// Code that publishes a model should take `Aggregate<Secure>`; a simulation-noised aggregate

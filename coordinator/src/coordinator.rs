@@ -390,6 +390,7 @@ impl Coordinator {
             | Action::ComeBackLater { .. }
             | Action::Reject { .. }
             | Action::UpdateAccepted { .. }
+            | Action::SecAggAccepted { .. }
             | Action::TaskDeclined { .. }
             | Action::AdminRefused { .. } => {}
         }
@@ -407,7 +408,7 @@ pub fn create_run(
 ) -> Result<(), CoordinatorError> {
     if manifest.privacy_mode == ManifestPrivacyMode::None {
         return Err(CoordinatorError::Refused(
-            "privacy_mode = \"none\" is for simulations only; a coordinator run needs local or central".into(),
+            "privacy_mode = \"none\" is for simulations only; a coordinator run needs local, central or distributed".into(),
         ));
     }
     if run_id.is_empty()
@@ -443,8 +444,9 @@ pub fn create_run(
         initial_model_sha256: blob.sha256.clone(),
         participation_limits: manifest.participation,
         epsilon_assumption: (manifest.participation.is_some()
-            || manifest.adaptive_clipping.is_some())
-        .then(|| manifest.epsilon_assumption()),
+            || manifest.adaptive_clipping.is_some()
+            || manifest.privacy_mode == ManifestPrivacyMode::Distributed)
+            .then(|| manifest.epsilon_assumption()),
     };
     store.create_run(run_id, manifest, &blob, &server_state, created, now_ms)?;
     Ok(())

@@ -61,6 +61,7 @@
 //! tree.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 
 use fedpref_privacy::adaptive_clip::{QuantileClipConfig, QuantileClipper, centred_bit};
 use fedpref_privacy::tree::{ParticipationLimits, TreeAccountant, epsilon_from_zcdp_gaussian};
@@ -69,14 +70,19 @@ use fedpref_privacy::{
 };
 use rand_core::Rng;
 
+use fedpref_secagg::{AdvertiseKeys, AggregateOutput, Graph, ShareKeys, Unmask};
+
 use crate::aggregation::{
-    AggregationPrivacy, FtrlTree, RoundAggregator, ServerState, TreeProgress, apply,
+    Aggregate, AggregationPrivacy, FtrlTree, RoundAggregator, ServerState, TreeProgress, apply,
 };
+use crate::distributed::DistributedPlan;
 use crate::ledger::{
-    AudienceEpsilon, LedgerEvent, TreeRound, round_increments, tracked_audiences, tree_rho,
+    AudienceEpsilon, AudienceRdp, DistributedRound, LedgerEvent, TreeRound, round_increments,
+    tracked_audiences, tree_rho,
 };
 use crate::manifest::{RunManifest, SamplingSpec};
 use crate::model::{ModelBlob, encode};
+use crate::secure_round::{Ending, SecureRound, SecureRoundInfo, StageView};
 
 /// Something that happened.
 #[derive(Clone, Debug)]
@@ -110,6 +116,50 @@ pub enum Event {
         round: u64,
         /// The task token it was given.
         task_token: String,
+    },
+    /// Distributed mode, stage 1: a device advertises its keys.
+    SecAggKeys {
+        /// Its opaque id.
+        device: String,
+        /// The round of the task.
+        round: u64,
+        /// The task token it was given.
+        task_token: String,
+        /// Its two public keys.
+        keys: AdvertiseKeys,
+    },
+    /// Distributed mode, stage 2: a device sends its encrypted shares.
+    SecAggShares {
+        /// Its opaque id.
+        device: String,
+        /// The round of the task.
+        round: u64,
+        /// The task token it was given.
+        task_token: String,
+        /// One ciphertext per neighbour.
+        shares: ShareKeys,
+    },
+    /// Distributed mode, stage 3: a device uploads its masked input.
+    MaskedUpdate {
+        /// Its opaque id.
+        device: String,
+        /// The round of the task.
+        round: u64,
+        /// The task token it was given.
+        task_token: String,
+        /// The masked, fixed-point values modulo 2³².
+        values: Vec<u32>,
+    },
+    /// Distributed mode, stage 4: a device reveals the shares its plan asks for.
+    SecAggUnmask {
+        /// Its opaque id.
+        device: String,
+        /// The round of the task.
+        round: u64,
+        /// The task token it was given.
+        task_token: String,
+        /// The revealed shares.
+        unmask: Unmask,
     },
     /// Time passed (deadlines are checked against `now`).
     Tick,
@@ -170,6 +220,8 @@ pub struct Task {
     pub model_version: u64,
     /// When the upload must arrive, ms since the epoch.
     pub deadline_ms: i64,
+    /// Distributed mode: the round's secure-aggregation parameters and stage deadlines.
+    pub secure_aggregation: Option<Arc<SecureRoundInfo>>,
 }
 
 /// How a rejection maps to a status code.
@@ -218,8 +270,15 @@ pub enum Action {
         /// The round.
         round: u64,
     },
-    /// An update was accepted into the round.
+    /// An update was accepted into the round (in distributed mode: a masked input).
     UpdateAccepted {
+        /// The device.
+        device: String,
+        /// The round.
+        round: u64,
+    },
+    /// Distributed mode: a device's keys, shares or revealed shares were accepted.
+    SecAggAccepted {
         /// The device.
         device: String,
         /// The round.
@@ -338,6 +397,46 @@ struct OpenRound {
     bits: Option<ClippedSum>,
     /// The C the bits are computed against (the clipper's current C).
     bit_clip_norm: f64,
+    /// Distributed mode: the secure-aggregation round.
+    secure: Option<SecureRound>,
+}
+
+/// Distributed mode's accounting: the mechanism every round uses, its RDP curve and the run's
+/// composition of it.
+struct DistributedAccounting {
+    plan: DistributedPlan,
+    curve: Vec<f64>,
+    accountant: RdpAccountant,
+}
+
+impl DistributedAccounting {
+    fn epsilon_of(&self, accountant: &RdpAccountant, delta: f64) -> f64 {
+        accountant
+            .epsilon(delta)
+            .map(|e| e.epsilon)
+            .unwrap_or(f64::INFINITY)
+    }
+
+    /// ε after one more round.
+    fn next_epsilon(&self, delta: f64) -> f64 {
+        let mut next = self.accountant.clone();
+        if next.compose_rdp(&self.curve, 1).is_err() {
+            return f64::INFINITY;
+        }
+        self.epsilon_of(&next, delta)
+    }
+}
+
+/// The last sum a distributed round unmasked (the round's release, before the server
+/// optimiser), kept for simulations and tests.
+#[derive(Clone, Debug, PartialEq)]
+pub struct UnmaskedSum {
+    /// The round.
+    pub round: u64,
+    /// The centred integer sum of the contributors' encoded, noised inputs.
+    pub integers: Vec<i64>,
+    /// The contributors' device ids.
+    pub contributors: Vec<String>,
 }
 
 /// dp-ftrl's state in the engine.
@@ -385,6 +484,17 @@ pub struct Engine {
     participation: HashMap<String, Participation>,
     tree: Option<TreeState>,
     clipper: Option<QuantileClipper>,
+    distributed: Option<DistributedAccounting>,
+    last_unmasked: Option<UnmaskedSum>,
+    ended_secure: Option<EndedSecureRound>,
+}
+
+/// The last distributed round that ended, so its devices can still learn how (`GetStage`).
+struct EndedSecureRound {
+    round: u64,
+    tasks: HashMap<String, String>,
+    stage: fedpref_secagg::ServerStage,
+    end_ms: i64,
 }
 
 impl Engine {
@@ -503,6 +613,25 @@ impl Engine {
                 epsilon_from_zcdp_gaussian(rho, manifest.budget.delta).unwrap_or(f64::INFINITY);
             state
         });
+        let distributed = manifest.distributed_plan().map(|plan| {
+            let curve = plan.mechanism.rdp_curve(&orders);
+            let mut accountant = RdpAccountant::new(orders.clone());
+            if progress.rounds_committed > 0 {
+                accountant
+                    .compose_rdp(&curve, progress.rounds_committed)
+                    .expect("same grid");
+            }
+            DistributedAccounting {
+                plan,
+                curve,
+                accountant,
+            }
+        });
+        if distributed.as_ref().is_some_and(|d| {
+            d.epsilon_of(&d.accountant, manifest.budget.delta) > manifest.budget.epsilon
+        }) {
+            state = RunState::Stopped;
+        }
         // As for the RDP budget above: a replay that does not fit must not go on.
         if tree
             .as_ref()
@@ -528,6 +657,9 @@ impl Engine {
             participation: HashMap::new(),
             tree,
             clipper,
+            distributed,
+            last_unmasked: None,
+            ended_secure: None,
         }
     }
 
@@ -614,6 +746,12 @@ impl Engine {
 
     /// Cumulative ε per tracked audience at the run's δ.
     pub fn spent(&self) -> Vec<AudienceEpsilon> {
+        if let Some(d) = &self.distributed {
+            return vec![AudienceEpsilon {
+                audience: Audience::ReleaseObservers.as_str().to_string(),
+                epsilon: d.epsilon_of(&d.accountant, self.manifest.budget.delta),
+            }];
+        }
         if let Some(t) = &self.tree {
             return vec![AudienceEpsilon {
                 audience: Audience::ReleaseObservers.as_str().to_string(),
@@ -632,9 +770,91 @@ impl Engine {
             .collect()
     }
 
-    /// When the driver must call `handle(Event::Tick, …)` next (the open round's deadline).
+    /// When the driver must call `handle(Event::Tick, …)` next (the open round's deadline,
+    /// or in distributed mode its current stage's).
     pub fn next_wakeup(&self) -> Option<i64> {
-        self.open.as_ref().map(|r| r.deadline_ms)
+        self.open.as_ref().map(|r| match &r.secure {
+            Some(secure) => secure.stage_deadline(),
+            None => r.deadline_ms,
+        })
+    }
+
+    /// The last sum a distributed round unmasked, if any in this process.
+    pub fn last_unmasked_sum(&self) -> Option<&UnmaskedSum> {
+        self.last_unmasked.as_ref()
+    }
+
+    /// Distributed mode: the open round's stage as `device` sees it, with its input for it
+    /// (`GetStage`). Checks the round, the task token and the device like an upload.
+    pub fn secure_stage(
+        &self,
+        device: &str,
+        round: u64,
+        task_token: &str,
+    ) -> Result<StageView, Rejection> {
+        if let Some(ended) = &self.ended_secure
+            && ended.round == round
+            && self.open.as_ref().is_none_or(|o| o.round != round)
+        {
+            return match ended.tasks.get(device) {
+                Some(t) if t.as_bytes() == task_token.as_bytes() => Ok(StageView {
+                    stage: ended.stage.clone(),
+                    deadline_ms: ended.end_ms,
+                    input: crate::secure_round::StageInput::None,
+                }),
+                Some(_) => Err(Rejection {
+                    kind: RejectKind::InvalidArgument,
+                    message: "unknown task token".into(),
+                }),
+                None => Err(Rejection {
+                    kind: RejectKind::FailedPrecondition,
+                    message: format!("this device was not selected for round {round}"),
+                }),
+            };
+        }
+        let open = self.task_round(device, round, task_token)?;
+        let secure = open.secure.as_ref().ok_or_else(|| Rejection {
+            kind: RejectKind::FailedPrecondition,
+            message: format!(
+                "run {:?} is in privacy mode {}, which has no secure-aggregation stages",
+                self.run_id,
+                self.manifest.privacy_mode.as_str()
+            ),
+        })?;
+        secure.view(device)
+    }
+
+    /// The open round, if `device` holds the task `task_token` in round `round`.
+    fn task_round(
+        &self,
+        device: &str,
+        round: u64,
+        task_token: &str,
+    ) -> Result<&OpenRound, Rejection> {
+        let failed = |message: String| Rejection {
+            kind: RejectKind::FailedPrecondition,
+            message,
+        };
+        let open = self
+            .open
+            .as_ref()
+            .ok_or_else(|| failed(format!("round {round} is not open: no round is open")))?;
+        if round != open.round {
+            return Err(failed(format!(
+                "stale round id {round}: round {} is open",
+                open.round
+            )));
+        }
+        match open.tasks.get(device) {
+            None => Err(failed(format!(
+                "this device was not selected for round {round}"
+            ))),
+            Some(t) if t.as_bytes() != task_token.as_bytes() => Err(Rejection {
+                kind: RejectKind::InvalidArgument,
+                message: "unknown task token".into(),
+            }),
+            Some(_) => Ok(open),
+        }
     }
 
     /// Handles one event at time `now` (ms since the epoch).
@@ -652,7 +872,7 @@ impl Engine {
                 self.stop_if_done(&mut actions);
             }
             Event::CheckIn { device, eligible } => {
-                self.open_if_possible(now, &mut actions);
+                self.open_if_possible(now, rng, &mut actions);
                 self.check_in(device, eligible, now, rng, &mut actions);
             }
             Event::Update {
@@ -667,6 +887,38 @@ impl Engine {
                 round,
                 task_token,
             } => self.decline(device, round, &task_token, &mut actions),
+            Event::SecAggKeys {
+                device,
+                round,
+                task_token,
+                keys,
+            } => self.secure_message(device, round, &task_token, now, &mut actions, |s, d| {
+                s.receive_keys(d, keys)
+            }),
+            Event::SecAggShares {
+                device,
+                round,
+                task_token,
+                shares,
+            } => self.secure_message(device, round, &task_token, now, &mut actions, |s, d| {
+                s.receive_shares(d, shares)
+            }),
+            Event::MaskedUpdate {
+                device,
+                round,
+                task_token,
+                values,
+            } => self.secure_message(device, round, &task_token, now, &mut actions, |s, d| {
+                s.receive_masked_input(d, values)
+            }),
+            Event::SecAggUnmask {
+                device,
+                round,
+                task_token,
+                unmask,
+            } => self.secure_message(device, round, &task_token, now, &mut actions, |s, d| {
+                s.receive_unmask(d, unmask)
+            }),
             Event::Admin(cmd) => self.admin(cmd, now, &mut actions),
         }
         actions
@@ -705,13 +957,12 @@ impl Engine {
                     open.deadline_ms,
                 ));
             } else {
-                actions.push(Action::SendTask(Task {
-                    device: device.clone(),
-                    round: open.round,
-                    task_token: token.clone(),
-                    model_version: self.version,
-                    deadline_ms: open.deadline_ms,
-                }));
+                actions.push(Action::SendTask(task_in(
+                    open,
+                    &device,
+                    token.clone(),
+                    self.version,
+                )));
             }
             return;
         }
@@ -749,9 +1000,13 @@ impl Engine {
                 return;
             }
         }
-        let selected = match &self.manifest.sampling {
-            SamplingSpec::Poisson { rate, .. } => bernoulli(rng, *rate),
-            SamplingSpec::Cohort { target_size, .. } => open.tasks.len() < *target_size as usize,
+        let selected = match (open.secure.as_mut(), &self.manifest.sampling) {
+            // Distributed mode: the first n devices while keys are being advertised.
+            (Some(secure), _) => secure.assign(&device).is_some(),
+            (None, SamplingSpec::Poisson { rate, .. }) => bernoulli(rng, *rate),
+            (None, SamplingSpec::Cohort { target_size, .. }) => {
+                open.tasks.len() < *target_size as usize
+            }
         };
         if !selected {
             open.not_selected.insert(device.clone());
@@ -760,13 +1015,12 @@ impl Engine {
         }
         let token = task_token(rng);
         open.tasks.insert(device.clone(), token.clone());
-        actions.push(Action::SendTask(Task {
-            device,
-            round: open.round,
-            task_token: token,
-            model_version: self.version,
-            deadline_ms: open.deadline_ms,
-        }));
+        actions.push(Action::SendTask(task_in(
+            open,
+            &device,
+            token,
+            self.version,
+        )));
     }
 
     fn update(
@@ -817,6 +1071,15 @@ impl Engine {
             actions.push(reject(
                 RejectKind::FailedPrecondition,
                 format!("this device has already uploaded an update for round {round}"),
+            ));
+            return;
+        }
+        if open.secure.is_some() {
+            actions.push(reject(
+                RejectKind::InvalidArgument,
+                format!(
+                    "round {round} is a distributed round: it takes a masked DTYPE_U32 input, not a plain update"
+                ),
             ));
             return;
         }
@@ -890,6 +1153,9 @@ impl Engine {
             return;
         }
         open.tasks.remove(&device);
+        if let Some(secure) = open.secure.as_mut() {
+            secure.release(&device);
+        }
         open.not_selected.insert(device.clone());
         actions.push(Action::TaskDeclined { device, round });
     }
@@ -1006,6 +1272,18 @@ impl Engine {
             self.stop(reason, actions);
             return false;
         }
+        if let Some(d) = &self.distributed
+            && d.next_epsilon(self.manifest.budget.delta) > self.manifest.budget.epsilon
+        {
+            let reason = format!(
+                "budget exhausted: one more round would exceed ε = {} at δ = {} ({})",
+                self.manifest.budget.epsilon,
+                self.manifest.budget.delta,
+                d.plan.assumption()
+            );
+            self.stop(reason, actions);
+            return false;
+        }
         if let Some(t) = &self.tree {
             let rho = tree_rho(
                 &t.accountant,
@@ -1030,10 +1308,30 @@ impl Engine {
 
     /// Opens a round when a device asks for work and the run can take one. Rounds open on
     /// check-in only, so an idle run writes nothing to the ledger.
-    fn open_if_possible(&mut self, now: i64, actions: &mut Vec<Action>) {
+    fn open_if_possible<R: Rng + ?Sized>(
+        &mut self,
+        now: i64,
+        rng: &mut R,
+        actions: &mut Vec<Action>,
+    ) {
         if !self.stop_if_done(actions) {
             return;
         }
+        let secure = match &self.distributed {
+            Some(d) => match SecureRound::open(&d.plan, now, rng) {
+                Ok(round) => Some(round),
+                Err(e) => {
+                    // The plan is validated with the manifest; a failure here means the
+                    // secure-aggregation config no longer holds, so nothing may be released.
+                    self.stop(
+                        format!("secure aggregation refused the round's config: {e}"),
+                        actions,
+                    );
+                    return;
+                }
+            },
+            None => None,
+        };
         let clip_norm = self.clip_norm();
         let privacy = match self.manifest.aggregation_privacy() {
             AggregationPrivacy::Central {
@@ -1070,7 +1368,11 @@ impl Engine {
         };
         self.open = Some(OpenRound {
             round: self.next_round,
-            deadline_ms: now + self.manifest.sampling.round_millis(),
+            deadline_ms: secure.as_ref().map_or(
+                now + self.manifest.sampling.round_millis(),
+                SecureRound::end_ms,
+            ),
+            secure,
             tasks: HashMap::new(),
             not_selected: HashSet::new(),
             uploaded: vec![],
@@ -1083,6 +1385,7 @@ impl Engine {
 
     fn abandon_open(&mut self, _now: i64, reason: &str, actions: &mut Vec<Action>) {
         if let Some(open) = self.open.take() {
+            self.remember_ended(&open, fedpref_secagg::ServerStage::Aborted(reason.into()));
             actions.push(Action::AbandonRound {
                 round: open.round,
                 contributions: open.uploaded.len() as u64,
@@ -1098,6 +1401,10 @@ impl Engine {
         sampler: &mut S,
         actions: &mut Vec<Action>,
     ) {
+        if self.open.as_ref().is_some_and(|o| o.secure.is_some()) {
+            self.advance_secure(now, actions);
+            return;
+        }
         let due = matches!(&self.open, Some(open) if now >= open.deadline_ms);
         if !due {
             return;
@@ -1258,6 +1565,7 @@ impl Engine {
                 .then(|| self.manifest.epsilon_assumption()),
             tree: tree_record,
             next_clip_norm: self.clipper.as_ref().map(|_| self.clip_norm()),
+            distributed: None,
         };
         let stop = (self.progress_rounds >= self.manifest.rounds).then(|| {
             self.state = RunState::Stopped;
@@ -1283,6 +1591,252 @@ impl Engine {
     /// The run id.
     pub fn run_id(&self) -> &str {
         &self.run_id
+    }
+}
+
+impl Engine {
+    /// A secure-aggregation message from `device`: checked like an upload (round, token,
+    /// selection), handed to the round, answered, and any stage it completes is closed.
+    fn secure_message(
+        &mut self,
+        device: String,
+        round: u64,
+        task_token: &str,
+        now: i64,
+        actions: &mut Vec<Action>,
+        receive: impl FnOnce(&mut SecureRound, &str) -> Result<(), Rejection>,
+    ) {
+        if let Err(rejection) = self.task_round(&device, round, task_token) {
+            actions.push(Action::Reject { device, rejection });
+            return;
+        }
+        let mode = self.manifest.privacy_mode.as_str();
+        let open = self.open.as_mut().expect("checked by task_round");
+        let Some(secure) = open.secure.as_mut() else {
+            actions.push(Action::Reject {
+                device,
+                rejection: Rejection {
+                    kind: RejectKind::FailedPrecondition,
+                    message: format!(
+                        "round {round} is in privacy mode {mode}, which has no secure-aggregation stages"
+                    ),
+                },
+            });
+            return;
+        };
+        let before = secure.contributions();
+        match receive(secure, &device) {
+            Ok(()) if secure.contributions() > before => {
+                open.uploaded.push(device.clone());
+                actions.push(Action::UpdateAccepted { device, round });
+            }
+            Ok(()) => actions.push(Action::SecAggAccepted { device, round }),
+            Err(rejection) => actions.push(Action::Reject { device, rejection }),
+        }
+        self.advance_secure(now, actions);
+    }
+
+    /// Keeps how a distributed round ended (nothing for other rounds).
+    fn remember_ended(&mut self, open: &OpenRound, stage: fedpref_secagg::ServerStage) {
+        if let Some(secure) = &open.secure {
+            self.ended_secure = Some(EndedSecureRound {
+                round: open.round,
+                tasks: open.tasks.clone(),
+                stage,
+                end_ms: secure.end_ms(),
+            });
+        }
+    }
+
+    /// Closes the distributed round's stages that are due; commits or abandons the round
+    /// when it ends.
+    fn advance_secure(&mut self, now: i64, actions: &mut Vec<Action>) {
+        let Some(secure) = self.open.as_mut().and_then(|o| o.secure.as_mut()) else {
+            return;
+        };
+        match secure.advance(now) {
+            Ending::Running => {}
+            Ending::Abandoned {
+                contributions,
+                reason,
+            } => {
+                let open = self.open.take().expect("checked");
+                self.remember_ended(&open, fedpref_secagg::ServerStage::Aborted(reason.clone()));
+                self.next_round = open.round + 1;
+                actions.push(Action::AbandonRound {
+                    round: open.round,
+                    contributions,
+                    reason,
+                });
+            }
+            Ending::Completed(output) => {
+                let open = self.open.take().expect("checked");
+                self.remember_ended(&open, fedpref_secagg::ServerStage::Completed);
+                self.next_round = open.round + 1;
+                let before = actions.len();
+                self.commit_distributed(open, output, actions);
+                if let (Some(Action::AbandonRound { reason, .. }), Some(ended)) =
+                    (actions[before..].first(), self.ended_secure.as_mut())
+                {
+                    ended.stage = fedpref_secagg::ServerStage::Aborted(reason.clone());
+                }
+            }
+        }
+    }
+
+    /// A distributed round whose sum was unmasked: decode it, take the optimiser step, spend
+    /// the mechanism's RDP, and commit and publish like any other round.
+    fn commit_distributed(
+        &mut self,
+        open: OpenRound,
+        output: AggregateOutput,
+        actions: &mut Vec<Action>,
+    ) {
+        let secure = open.secure.as_ref().expect("a distributed round");
+        let info = Arc::clone(secure.info());
+        let contributors = secure.devices_of(&output.contributors);
+        let count = output.contributors.len();
+        let abandon = |reason: String, actions: &mut Vec<Action>| {
+            actions.push(Action::AbandonRound {
+                round: open.round,
+                contributions: count as u64,
+                reason,
+            });
+        };
+        let Some(d) = self.distributed.as_mut() else {
+            abandon("no distributed accounting for this run".into(), actions);
+            return;
+        };
+        let mechanism = d.plan.mechanism;
+        let integers = info.config.encoding.decode_integers(&output.sum);
+        let granularity = mechanism.granularity();
+        let sum: Vec<f64> = integers.iter().map(|&v| v as f64 * granularity).collect();
+        let noise_std = mechanism.device_noise_std() * (count as f64).sqrt();
+        let aggregate = match Aggregate::from_unmasked_sum(sum, count, noise_std) {
+            Ok(a) => a,
+            Err(e) => {
+                abandon(format!("aggregation failed: {e}"), actions);
+                return;
+            }
+        };
+        let mut params = self.params.clone();
+        let mut server_state = self.server_state.clone();
+        if let Err(e) = apply(
+            &self.manifest.server_optimizer,
+            &mut server_state,
+            &mut params,
+            &aggregate,
+        ) {
+            abandon(format!("the server optimiser failed: {e}"), actions);
+            return;
+        }
+        let mut accountant = d.accountant.clone();
+        let spent = accountant
+            .compose_rdp(&d.curve, 1)
+            .ok()
+            .map(|()| d.epsilon_of(&accountant, self.manifest.budget.delta));
+        match spent {
+            Some(e) if e <= self.manifest.budget.epsilon => d.accountant = accountant,
+            _ => {
+                // Checked when the round opened; reaching here means the manifest changed.
+                abandon(
+                    format!(
+                        "refused by the budget: the round would take ε past {}",
+                        self.manifest.budget.epsilon
+                    ),
+                    actions,
+                );
+                return;
+            }
+        }
+        let increments = vec![AudienceRdp {
+            audience: Audience::ReleaseObservers.as_str().to_string(),
+            sampling_rate: 1.0,
+            rdp: d.curve.clone(),
+        }];
+        let record = DistributedRound {
+            mechanism_name: "distributed_discrete_gaussian".into(),
+            mechanism,
+            neighbouring: "zero-out".into(),
+            threshold: info.config.threshold,
+            neighbour_count: match info.config.graph {
+                Graph::Complete => info.config.cohort_size - 1,
+                Graph::Harary { degree, .. } => degree,
+            },
+            min_contributors: info.config.min_contributors,
+            contributors: count as u64,
+            assumption: d.plan.assumption(),
+        };
+        let release_index = self.progress_rounds + 1;
+        for device in &contributors {
+            let p = self.participation.entry(device.clone()).or_default();
+            p.last = Some(release_index);
+            p.count += 1;
+        }
+        self.last_unmasked = Some(UnmaskedSum {
+            round: open.round,
+            integers,
+            contributors: contributors.clone(),
+        });
+        self.params = params;
+        self.server_state = server_state;
+        self.version += 1;
+        self.progress_rounds += 1;
+        let model = encode(
+            &self.run_id,
+            self.version,
+            open.round,
+            &self.manifest.model,
+            &self.params,
+        );
+        let event = LedgerEvent::RoundCommitted {
+            round: open.round,
+            cohort_size: count as u64,
+            noise_multiplier: self.manifest.noise_multiplier.unwrap_or(0.0),
+            clip_norm: open.clip_norm,
+            mode: self.manifest.privacy_mode.as_str().to_string(),
+            rdp_increments: increments,
+            cumulative_epsilon: self.spent(),
+            model_version: self.version,
+            model_sha256: model.sha256.clone(),
+            epsilon_assumption: Some(record.assumption.clone()),
+            tree: None,
+            next_clip_norm: None,
+            distributed: Some(record),
+        };
+        let stop = (self.progress_rounds >= self.manifest.rounds).then(|| {
+            self.state = RunState::Stopped;
+            LedgerEvent::RunStopped {
+                reason: "completed".into(),
+                rounds_committed: self.progress_rounds,
+                cumulative_epsilon: self.spent(),
+            }
+        });
+        actions.push(Action::CommitRound(Box::new(RoundOutcome {
+            round: open.round,
+            participants: contributors,
+            model,
+            server_state: serde_json::to_string(&self.server_state).expect("serialisable"),
+            event,
+            stop,
+        })));
+        actions.push(Action::PublishModel {
+            version: self.version,
+        });
+    }
+}
+
+/// The task `device` holds in `open`.
+fn task_in(open: &OpenRound, device: &str, token: String, model_version: u64) -> Task {
+    let secure = open.secure.as_ref().map(|s| Arc::clone(s.info()));
+    Task {
+        device: device.to_string(),
+        round: open.round,
+        task_token: token,
+        model_version,
+        // Distributed mode: the masked input's deadline.
+        deadline_ms: secure.as_ref().map_or(open.deadline_ms, |s| s.deadlines[2]),
+        secure_aggregation: secure,
     }
 }
 

@@ -32,6 +32,31 @@ pub struct AudienceEpsilon {
     pub epsilon: f64,
 }
 
+/// The mechanism and secure aggregation behind one distributed round: enough to re-derive its
+/// RDP increment, and the assumption its ε rests on.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DistributedRound {
+    /// `"distributed_discrete_gaussian"` (Kairouz, Liu, Steinke 2021).
+    pub mechanism_name: String,
+    /// The mechanism's parameters (C, granularity, d, β, per-device variance s², honest
+    /// devices m); the increment is its RDP curve over the run's grid.
+    pub mechanism: fedpref_privacy::distributed::DistributedDiscreteGaussian,
+    /// Neighbouring relation: `"zero-out"` (one user's update replaced by zeros, its device
+    /// still adding its noise share).
+    pub neighbouring: String,
+    /// Shamir threshold t.
+    pub threshold: u32,
+    /// Neighbours per device (n − 1 for the complete graph).
+    pub neighbour_count: u32,
+    /// The fewest masked inputs the coordinator would unmask (m).
+    pub min_contributors: u32,
+    /// Masked inputs in the unmasked sum.
+    pub contributors: u64,
+    /// The assumption ε rests on, in words.
+    pub assumption: String,
+}
+
 /// One audience's RDP increment for a round, over the run's order grid.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct AudienceRdp {
@@ -163,11 +188,14 @@ pub enum LedgerEvent {
         /// one this round used).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         next_clip_norm: Option<f64>,
-        /// The assumption `cumulative_epsilon` rests on, in words (written for dp-ftrl and
-        /// adaptive-clipping runs; for the others it follows from the audience and the
-        /// manifest's sampling).
+        /// The assumption `cumulative_epsilon` rests on, in words (written for dp-ftrl,
+        /// adaptive-clipping and distributed runs; for the others it follows from the
+        /// audience and the manifest's sampling).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         epsilon_assumption: Option<String>,
+        /// Distributed mode: the mechanism behind `rdp_increments` (absent otherwise).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        distributed: Option<DistributedRound>,
     },
     /// A round ended without a release: nothing was released and nothing spent.
     RoundAbandoned {
@@ -354,6 +382,16 @@ pub fn tracked_audiences(release: &RoundRelease) -> Vec<(Audience, f64)> {
         ],
         PrivacyMode::Central | PrivacyMode::Distributed => vec![(Audience::ReleaseObservers, 1.0)],
     }
+}
+
+/// A distributed round's RDP increment: the mechanism's curve, for observers of the released
+/// models (the coordinator knows who took part, so no amplification by sampling).
+pub fn distributed_increments(round: &DistributedRound, orders: &OrderGrid) -> Vec<AudienceRdp> {
+    vec![AudienceRdp {
+        audience: Audience::ReleaseObservers.as_str().to_string(),
+        sampling_rate: 1.0,
+        rdp: round.mechanism.rdp_curve(orders),
+    }]
 }
 
 /// One round's RDP increments per tracked audience.
@@ -572,6 +610,7 @@ pub fn verify(run_id: &str, entries: &[SealedEntry]) -> Result<VerifiedTotals, V
                     mode,
                     rdp_increments,
                     cumulative_epsilon,
+                    distributed,
                     ..
                 },
                 _,
@@ -586,19 +625,30 @@ pub fn verify(run_id: &str, entries: &[SealedEntry]) -> Result<VerifiedTotals, V
                 }
                 let grid = grid.as_ref().expect("set by the first entry");
                 let mode: PrivacyMode = mode.parse().map_err(|e: String| fail(expected, e))?;
-                let sampling_rate = rdp_increments
-                    .first()
-                    .map(|a| a.sampling_rate)
-                    .unwrap_or(1.0);
-                let release = RoundRelease {
-                    mode,
-                    noise_multiplier: *noise_multiplier,
-                    sampling_rate,
+                let derived = match distributed {
+                    Some(d) if mode == PrivacyMode::Distributed => distributed_increments(d, grid),
+                    Some(_) => {
+                        return Err(fail(
+                            expected,
+                            format!("it carries a distributed record in mode {mode:?}"),
+                        ));
+                    }
+                    None => {
+                        let sampling_rate = rdp_increments
+                            .first()
+                            .map(|a| a.sampling_rate)
+                            .unwrap_or(1.0);
+                        let release = RoundRelease {
+                            mode,
+                            noise_multiplier: *noise_multiplier,
+                            sampling_rate,
+                        };
+                        release
+                            .effective()
+                            .map_err(|e| fail(expected, format!("invalid release: {e}")))?;
+                        round_increments(&release, grid)
+                    }
                 };
-                release
-                    .effective()
-                    .map_err(|e| fail(expected, format!("invalid release: {e}")))?;
-                let derived = round_increments(&release, grid);
                 if !same_increments(&derived, rdp_increments) {
                     return Err(fail(
                         expected,

@@ -64,6 +64,8 @@
 //! ```
 //!
 //! Unknown keys and out-of-range values are errors naming the file and the key.
+//! `privacy_mode = "distributed"` adds a `[secure_aggregation]` section: see
+//! [`crate::distributed`].
 
 use std::path::Path;
 
@@ -73,6 +75,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::aggregation::{AggregationPrivacy, ServerOptimizer};
+pub use crate::distributed::{DistributedNoiseKind, DistributedPlan, SecureAggregationSpec};
 
 /// A manifest problem, naming the file and the key.
 #[derive(Debug, thiserror::Error)]
@@ -117,7 +120,8 @@ pub enum ManifestPrivacyMode {
     Local,
     /// Central DP.
     Central,
-    /// Distributed DP under secure aggregation (not available yet).
+    /// Distributed DP under secure aggregation: devices add integer noise shares and mask
+    /// their updates; the coordinator unmasks only the sum (see [`crate::distributed`]).
     Distributed,
 }
 
@@ -517,6 +521,9 @@ pub struct RunManifest {
     /// Adaptive clipping (central mode).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub adaptive_clipping: Option<AdaptiveClippingSpec>,
+    /// Secure aggregation and the devices' noise (distributed mode only, and required there).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secure_aggregation: Option<SecureAggregationSpec>,
 }
 
 impl RunManifest {
@@ -554,7 +561,10 @@ impl RunManifest {
     /// `dp-ftrl`, whose rounds are accounted together by the tree accountant: see
     /// [`RunManifest::tree_accountant`]).
     pub fn round_release(&self) -> Option<RoundRelease> {
-        if self.server_optimizer.is_tree() {
+        // Distributed rounds are accounted with the distributed discrete Gaussian's own RDP
+        // curve ([`RunManifest::distributed_plan`]), not as a Gaussian release.
+        if self.server_optimizer.is_tree() || self.privacy_mode == ManifestPrivacyMode::Distributed
+        {
             return None;
         }
         Some(RoundRelease {
@@ -597,6 +607,9 @@ impl RunManifest {
     /// limits for `dp-ftrl`, Poisson sampling from a population of N, or none (a fixed cohort
     /// or local DP: worst case per device).
     pub fn epsilon_assumption(&self) -> String {
+        if let Some(plan) = self.distributed_plan() {
+            return plan.assumption();
+        }
         if let Some(limits) = self
             .participation
             .filter(|_| self.server_optimizer.is_tree())
@@ -609,6 +622,15 @@ impl RunManifest {
             }
             _ => "none (worst case per device)".into(),
         }
+    }
+
+    /// A distributed run's per-round secure-aggregation and noise parameters (`None` in the
+    /// other modes; always `Some` for a validated distributed manifest).
+    pub fn distributed_plan(&self) -> Option<DistributedPlan> {
+        if self.privacy_mode != ManifestPrivacyMode::Distributed {
+            return None;
+        }
+        crate::distributed::plan(self).ok()
     }
 
     /// How the aggregator treats updates.
@@ -808,13 +830,7 @@ impl RunManifest {
                 ));
             }
         }
-        if self.privacy_mode == ManifestPrivacyMode::Distributed {
-            return Err(bad(
-                "privacy_mode",
-                "\"distributed\"".into(),
-                "distributed mode needs secure aggregation, which is not available yet",
-            ));
-        }
+        self.validate_distributed_combinations(file)?;
         self.validate_tree_and_clipping(file)?;
         match (self.noise_multiplier, self.target_epsilon) {
             (Some(_), Some(_)) => {
@@ -925,6 +941,68 @@ impl RunManifest {
             release
                 .effective()
                 .map_err(|e| bad("sampling", format!("{:?}", self.sampling), &e.to_string()))?;
+        }
+        if self.privacy_mode == ManifestPrivacyMode::Distributed {
+            crate::distributed::plan(self).map_err(|e| bad(&e.key, e.value, &e.reason))?;
+        }
+        Ok(())
+    }
+
+    /// Refuses what distributed mode cannot do, and `[secure_aggregation]` elsewhere.
+    fn validate_distributed_combinations(&self, file: &str) -> Result<(), ManifestError> {
+        let bad = |key: &str, value: String, reason: &str| ManifestError::Invalid {
+            file: file.to_string(),
+            key: key.to_string(),
+            value,
+            reason: reason.to_string(),
+        };
+        if self.privacy_mode != ManifestPrivacyMode::Distributed {
+            if self.secure_aggregation.is_some() {
+                return Err(bad(
+                    "secure_aggregation",
+                    format!("privacy_mode = \"{}\"", self.privacy_mode.as_str()),
+                    "[secure_aggregation] applies to privacy_mode = \"distributed\" only",
+                ));
+            }
+            return Ok(());
+        }
+        if self.server_optimizer.is_tree() {
+            return Err(bad(
+                "server_optimizer",
+                "\"dp-ftrl\"".into(),
+                "dp-ftrl is not available in distributed mode: its tree noise is added by the coordinator to exact prefix sums, which secure aggregation never reveals; use privacy_mode = \"central\" or a per-round optimiser",
+            ));
+        }
+        if matches!(
+            self.server_optimizer,
+            ServerOptimizer::Median { .. } | ServerOptimizer::TrimmedMean { .. }
+        ) {
+            return Err(bad(
+                "server_optimizer",
+                format!("\"{}\"", self.server_optimizer.kind()),
+                "robust aggregators need the individual updates, which secure aggregation hides from the coordinator: use a mean-based optimiser (fedavg, fedavgm, fedadam, fedyogi, fedadagrad)",
+            ));
+        }
+        if self.adaptive_clipping.is_some() {
+            return Err(bad(
+                "adaptive_clipping",
+                "privacy_mode = \"distributed\"".into(),
+                "adaptive clipping is not available in distributed mode yet (the clip bits would have to be masked and noised with the update)",
+            ));
+        }
+        if let Some(e) = self.target_epsilon {
+            return Err(bad(
+                "target_epsilon",
+                e.to_string(),
+                "distributed mode needs noise_multiplier: σ is split among the honest devices, and `fedpref-coordinator accountant` does not calibrate the distributed discrete Gaussian",
+            ));
+        }
+        if self.secure_aggregation.is_none() {
+            return Err(bad(
+                "secure_aggregation",
+                "(missing)".into(),
+                "privacy_mode = \"distributed\" needs a [secure_aggregation] section",
+            ));
         }
         Ok(())
     }
@@ -1289,15 +1367,137 @@ minimum_reporting_devices = 25
         }
     }
 
+    fn distributed(section: &str) -> String {
+        EXAMPLE
+            .replace(
+                "privacy_mode = \"central\"",
+                "privacy_mode = \"distributed\"",
+            )
+            .replace(
+                "target_size = 4\nminimum_size = 2",
+                "target_size = 50\nminimum_size = 30",
+            )
+            + section
+    }
+
+    const SECTION: &str = r#"
+[secure_aggregation]
+noise = "discrete_gaussian"
+dropout_rate = 0.3
+corruption_rate = 0.05
+"#;
+
     #[test]
-    fn distributed_mode_is_refused_until_secure_aggregation_exists() {
-        let text = EXAMPLE.replace(
-            "privacy_mode = \"central\"",
-            "privacy_mode = \"distributed\"",
+    fn distributed_mode_derives_threshold_scale_and_honest_devices() {
+        let m = RunManifest::from_toml(&distributed(SECTION), "m.toml").unwrap();
+        let plan = m.distributed_plan().unwrap();
+        assert_eq!(plan.params.cohort_size, 50);
+        assert!(plan.params.threshold > plan.params.degree / 2);
+        assert_eq!(plan.min_contributors, plan.params.threshold.max(30));
+        // m − ⌈γn⌉ − 1 honest devices besides the target.
+        assert_eq!(
+            plan.mechanism.honest_devices(),
+            u64::from(plan.min_contributors) - 3 - 1
         );
+        assert!(m.round_release().is_none(), "accounted by the mechanism");
+        assert!(m.epsilon_assumption().contains("zero-out"));
+        // The default scale is the largest power of two that passes the overflow check.
+        let scale = plan.encoding.scale;
+        assert_eq!(scale.log2().fract(), 0.0);
+        let twice = distributed(&format!("{SECTION}scale = {}\n", scale * 2.0));
+        let err = RunManifest::from_toml(&twice, "m.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("secure_aggregation.scale"), "{err}");
+        assert_eq!(
+            RunManifest::from_toml(&m.to_toml(), "again")
+                .unwrap()
+                .sha256(),
+            m.sha256()
+        );
+    }
+
+    #[test]
+    fn distributed_mode_refuses_what_it_cannot_do_naming_the_key() {
+        let section = |extra: &str| format!("{SECTION}{extra}\n");
+        for (text, key) in [
+            (
+                distributed("").replace("[secure_aggregation]", ""),
+                "secure_aggregation",
+            ),
+            (
+                distributed(&section("")).replace(
+                    "kind = \"fedavg\"\nserver_learning_rate = 1.0",
+                    "kind = \"median\"",
+                ),
+                "server_optimizer",
+            ),
+            (
+                distributed(&section("")).replace("noise_multiplier = 1.0", "target_epsilon = 5.0"),
+                "target_epsilon",
+            ),
+            (
+                distributed(&section("")).replace(
+                    "kind = \"cohort\"\ntarget_size = 50\nminimum_size = 30",
+                    "kind = \"poisson\"\nrate = 0.1\npopulation = 500",
+                ),
+                "sampling.kind",
+            ),
+            (
+                distributed(&section("")).replace("dropout_rate = 0.3", "dropout_rate = 0.6"),
+                "secure_aggregation.dropout_rate",
+            ),
+            (
+                distributed(&section("threshold = 2")),
+                "secure_aggregation.threshold",
+            ),
+            (
+                distributed(&section("assumed_honest_devices = 1000")),
+                "secure_aggregation.assumed_honest_devices",
+            ),
+            (
+                distributed(&section("rounding_beta = 1.5")),
+                "secure_aggregation.rounding_beta",
+            ),
+            (
+                distributed(&section("unmasking_seconds = 0")),
+                "secure_aggregation.unmasking_seconds",
+            ),
+            (
+                distributed(&section("")).replace("discrete_gaussian", "skellam"),
+                "secure_aggregation.noise",
+            ),
+            (format!("{EXAMPLE}{SECTION}"), "secure_aggregation"),
+        ] {
+            let err = RunManifest::from_toml(&text, "m.toml")
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key), "{key}: {err}");
+        }
+    }
+
+    #[test]
+    fn dp_ftrl_stays_refused_in_distributed_mode() {
+        let text = distributed(SECTION).replace(
+            "kind = \"fedavg\"\nserver_learning_rate = 1.0",
+            "kind = \"dp-ftrl\"\nserver_learning_rate = 1.0",
+        ) + "[participation]\nmin_separation = 1\nmax_participations = 5\n";
         let err = RunManifest::from_toml(&text, "m.toml")
             .unwrap_err()
             .to_string();
-        assert!(err.contains("secure aggregation"), "{err}");
+        assert!(
+            err.contains("dp-ftrl is not available in distributed mode"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn the_distributed_example_manifest_is_valid() {
+        let m = RunManifest::from_toml(
+            include_str!("../manifests/distributed.toml"),
+            "distributed.toml",
+        )
+        .unwrap();
+        assert!(m.distributed_plan().is_some());
     }
 }

@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use fedpref_proto::v1::admin_service_server::AdminServiceServer;
 use fedpref_proto::v1::device_service_server::DeviceServiceServer;
+use fedpref_proto::v1::secure_aggregation_service_server::SecureAggregationServiceServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -24,6 +25,7 @@ use crate::config::{Config, ConfigError, MAX_CHUNK, read_secret};
 use crate::coordinator::{Coordinator, CoordinatorError};
 use crate::service::admin::AdminApi;
 use crate::service::device::DeviceApi;
+use crate::service::secagg::SecureAggregationApi;
 use crate::service::{Shared, now_ms};
 
 /// How long shutdown waits for requests in progress.
@@ -232,6 +234,10 @@ pub async fn start(config: &Config, options: &ServeOptions) -> Result<Running, S
             DeviceServiceServer::new(DeviceApi::new(Arc::clone(&shared)))
                 .max_decoding_message_size(max_message),
         )
+        .add_service(
+            SecureAggregationServiceServer::new(SecureAggregationApi::new(Arc::clone(&shared)))
+                .max_decoding_message_size(max_message),
+        )
         .serve_with_incoming_shutdown(TcpListenerStream::new(device_listener), signal(&shutdown));
 
     let (admin_health_reporter, admin_health) = tonic_health::server::health_reporter();
@@ -322,6 +328,12 @@ async fn tick(shared: Arc<Shared>, every: Duration, mut stop: watch::Receiver<bo
 }
 
 impl Running {
+    /// The coordinator behind the services (for embedding programs and tests that read the
+    /// store or an engine; take the lock only briefly, never across an await).
+    pub fn coordinator(&self) -> Arc<Mutex<Coordinator>> {
+        Arc::clone(&self.coordinator)
+    }
+
     /// Stops accepting, waits up to [`SHUTDOWN_GRACE`] for requests in progress, stops the
     /// ticker, then waits for any store transaction in progress by taking the lock.
     pub async fn shutdown(self) -> Result<(), ServerError> {

@@ -258,6 +258,7 @@ impl Settings {
             seed: Some(self.seed),
             participation: self.participation,
             adaptive_clipping: self.adaptive_clipping,
+            secure_aggregation: None,
         };
         RunManifest::from_toml(&manifest.to_toml(), "flags").map_err(|e| {
             let text = e.to_string();

@@ -96,9 +96,11 @@ pub fn manifest_from_proto(m: &pb::RunManifest) -> Result<RunManifest, Status> {
     if m.local_training.is_some() {
         return Err(unsupported("local_training"));
     }
-    if m.secure_aggregation.is_some() {
-        return Err(unsupported("secure_aggregation"));
-    }
+    let secure_aggregation = m
+        .secure_aggregation
+        .as_ref()
+        .map(secure_aggregation_from_proto)
+        .transpose()?;
     let kpis = m
         .kpis
         .iter()
@@ -319,6 +321,7 @@ pub fn manifest_from_proto(m: &pb::RunManifest) -> Result<RunManifest, Status> {
         seed,
         participation,
         adaptive_clipping,
+        secure_aggregation,
     };
     // The same validation (and σ calibration) as a manifest file.
     RunManifest::from_toml(&manifest.to_toml(), MANIFEST_SOURCE)
@@ -512,8 +515,100 @@ pub fn manifest_to_proto(m: &RunManifest) -> pb::RunManifest {
             learning_rate: a.learning_rate,
             count_noise_multiplier: m.bit_noise_std().unwrap_or(0.0),
         }),
+        secure_aggregation: secure_aggregation_to_proto(m),
         ..Default::default()
     }
+}
+
+/// The manifest section of a distributed run as the protocol's `SecureAggregationConfig`,
+/// with the derived threshold, neighbour count, scale and honest devices filled in (also
+/// what a DISTRIBUTED task carries).
+pub fn secure_aggregation_to_proto(m: &RunManifest) -> Option<pb::SecureAggregationConfig> {
+    let spec = m.secure_aggregation?;
+    let plan = m.distributed_plan()?;
+    let secs = |s: u64| Some(duration(s as i64 * 1000));
+    Some(pb::SecureAggregationConfig {
+        threshold: plan.params.threshold,
+        neighbour_count: if plan.params.complete {
+            0
+        } else {
+            plan.params.degree
+        },
+        modulus_bits: fedpref_secagg::encoding::MODULUS_BITS,
+        fixed_point_scale: plan.encoding.scale,
+        noise: match spec.noise {
+            crate::distributed::DistributedNoiseKind::DiscreteGaussian => {
+                pb::DistributedNoise::DiscreteGaussian
+            }
+            crate::distributed::DistributedNoiseKind::Skellam => pb::DistributedNoise::Skellam,
+        } as i32,
+        assumed_honest_devices: u32::try_from(plan.mechanism.honest_devices()).unwrap_or(u32::MAX),
+        dropout_rate: spec.dropout_rate,
+        corruption_rate: spec.corruption_rate,
+        rounding_beta: plan.rounding_beta,
+        advertise_keys_duration: secs(spec.advertise_keys_seconds),
+        share_keys_duration: secs(spec.share_keys_seconds),
+        masked_input_duration: secs(spec.masked_input_seconds),
+        unmasking_duration: secs(spec.unmasking_seconds),
+    })
+}
+
+/// A protocol `SecureAggregationConfig` as the manifest's section. 0 (or unset) takes the
+/// default for `threshold`, `fixed_point_scale`, `rounding_beta`, `assumed_honest_devices`
+/// and the durations; `neighbour_count` is derived and must be 0, `modulus_bits` 0 or 32.
+fn secure_aggregation_from_proto(
+    c: &pb::SecureAggregationConfig,
+) -> Result<crate::distributed::SecureAggregationSpec, Status> {
+    use crate::distributed::DistributedNoiseKind;
+    const F: &str = "manifest.secure_aggregation";
+    if c.neighbour_count != 0 {
+        return Err(invalid(
+            &format!("{F}.neighbour_count"),
+            "must be 0: the neighbour count is derived from dropout_rate and corruption_rate",
+        ));
+    }
+    if c.modulus_bits != 0 && c.modulus_bits != fedpref_secagg::encoding::MODULUS_BITS {
+        return Err(invalid(
+            &format!("{F}.modulus_bits"),
+            format!("{}: only 32 (DTYPE_U32) is supported", c.modulus_bits),
+        ));
+    }
+    let noise = match pb::DistributedNoise::try_from(c.noise) {
+        Ok(pb::DistributedNoise::DiscreteGaussian) => DistributedNoiseKind::DiscreteGaussian,
+        Ok(pb::DistributedNoise::Skellam) => DistributedNoiseKind::Skellam,
+        _ => {
+            return Err(invalid(
+                &format!("{F}.noise"),
+                "must be DISTRIBUTED_NOISE_DISCRETE_GAUSSIAN",
+            ));
+        }
+    };
+    let seconds = |field: &str, d: Option<&prost_types::Duration>, default: u64| match d {
+        None => Ok(default),
+        Some(_) => whole_seconds(&format!("{F}.{field}"), d),
+    };
+    Ok(crate::distributed::SecureAggregationSpec {
+        noise,
+        dropout_rate: c.dropout_rate,
+        corruption_rate: c.corruption_rate,
+        threshold: (c.threshold != 0).then_some(c.threshold),
+        scale: (c.fixed_point_scale != 0.0).then_some(c.fixed_point_scale),
+        rounding_beta: (c.rounding_beta != 0.0).then_some(c.rounding_beta),
+        assumed_honest_devices: (c.assumed_honest_devices != 0)
+            .then_some(u64::from(c.assumed_honest_devices)),
+        advertise_keys_seconds: seconds(
+            "advertise_keys_duration",
+            c.advertise_keys_duration.as_ref(),
+            60,
+        )?,
+        share_keys_seconds: seconds("share_keys_duration", c.share_keys_duration.as_ref(), 60)?,
+        masked_input_seconds: seconds(
+            "masked_input_duration",
+            c.masked_input_duration.as_ref(),
+            600,
+        )?,
+        unmasking_seconds: seconds("unmasking_duration", c.unmasking_duration.as_ref(), 60)?,
+    })
 }
 
 /// The protocol's audience for one of the privacy crate's audience names, with the

@@ -26,6 +26,9 @@ use crate::model::{GLOBAL_OFFSET, ITEM_FACTORS};
 /// `item_bias`, [`crate::model::ITEM_BIAS`]).
 pub const UPDATE_ITEM_BIASES: &str = "item_biases";
 
+/// The one tensor of a distributed round's upload: the masked, fixed-point update.
+pub const MASKED_UPDATE: &str = "masked_update";
+
 /// How long a device waits when no run exists at all, in ms.
 const NO_RUN_RETRY_MS: i64 = 60_000;
 /// How often a device should report evaluation counts, in ms.
@@ -71,7 +74,18 @@ impl DeviceApi {
 /// names them (and the client SDK builds them): `item_factors` [items, k], `item_biases`
 /// \[items\], `global_offset` \[\] (a scalar), F64. Flattened in this order they are the
 /// engine's parameter layout ([`crate::model`]: factors, biases, offset).
+///
+/// In distributed mode the update is one tensor instead, [`MASKED_UPDATE`]: the same values
+/// flattened in that order, encoded in fixed point, noised and masked, `DTYPE_U32` of shape
+/// \[d\].
 pub fn update_tensors(manifest: &RunManifest) -> Vec<pb::TensorSpec> {
+    if manifest.privacy_mode == ManifestPrivacyMode::Distributed {
+        return vec![pb::TensorSpec {
+            name: MASKED_UPDATE.to_string(),
+            shape: vec![manifest.dimension() as u64],
+            dtype: pb::Dtype::U32 as i32,
+        }];
+    }
     let (items, k) = (manifest.model.items, manifest.model.factors);
     [
         (ITEM_FACTORS, vec![items, k]),
@@ -244,8 +258,18 @@ impl DeviceService for DeviceApi {
                                         update_tensors: update_tensors(&manifest),
                                         max_upload_bytes: limits.max_upload_bytes,
                                         max_chunk_bytes: limits.max_chunk_bytes,
-                                        secure_aggregation: None,
-                                        secure_aggregation_round: None,
+                                        secure_aggregation: task
+                                            .secure_aggregation
+                                            .as_ref()
+                                            .and_then(|_| {
+                                                super::convert::secure_aggregation_to_proto(
+                                                    &manifest,
+                                                )
+                                            }),
+                                        secure_aggregation_round: task
+                                            .secure_aggregation
+                                            .as_deref()
+                                            .map(super::secagg::round_to_proto),
                                     })),
                                     latest_model: Some(model),
                                 });

@@ -1,5 +1,6 @@
-//! The gRPC services: `fedpref.v1.DeviceService` ([`device`]) and `fedpref.v1.AdminService`
-//! ([`admin`]), thin drivers around the durable [`Coordinator`].
+//! The gRPC services: `fedpref.v1.DeviceService` ([`device`]),
+//! `fedpref.v1.SecureAggregationService` ([`secagg`], on the device port) and
+//! `fedpref.v1.AdminService` ([`admin`]), thin drivers around the durable [`Coordinator`].
 //!
 //! - **One lock, never across an await.** The `Coordinator` is synchronous (rusqlite); it
 //!   sits behind a `std::sync::Mutex` and every use of it runs on tokio's blocking pool
@@ -20,6 +21,7 @@ pub mod auth;
 pub mod convert;
 pub mod device;
 pub mod limits;
+pub mod secagg;
 mod upload;
 
 use std::collections::HashMap;

@@ -99,6 +99,9 @@ pub(super) async fn receive(
     if !header.update_sha256.is_empty() && header.update_sha256.len() != fedpref_proto::SHA256_LEN {
         return Err(invalid("header.update_sha256", "must be empty or 32 bytes"));
     }
+    if manifest.privacy_mode == crate::manifest::ManifestPrivacyMode::Distributed {
+        return receive_masked(shared, device, header, task, manifest.dimension(), stream).await;
+    }
     let expected = update_tensors(&manifest);
     if header.tensors.len() != expected.len() {
         return Err(invalid(
@@ -222,6 +225,192 @@ pub(super) async fn receive(
         round_id: round,
         update_sha256: digest,
         bytes_received: received,
+        accepted_at: Some(timestamp(now_ms())),
+    })
+}
+
+/// Distributed mode: the upload is one `DTYPE_U32` tensor, `masked_update` of shape \[d\],
+/// the masked fixed-point update. Its chunks are checked for order and size like any
+/// upload's, then the values go to the engine, which checks the stage and the device's place
+/// in the round.
+async fn receive_masked(
+    shared: &Arc<Shared>,
+    device: String,
+    header: pb::UpdateHeader,
+    task: pb::TaskRef,
+    dimension: usize,
+    mut stream: Streaming<pb::UploadUpdateRequest>,
+) -> Result<pb::UploadReceipt, Status> {
+    let expected = pb::TensorSpec {
+        name: super::device::MASKED_UPDATE.to_string(),
+        shape: vec![dimension as u64],
+        dtype: pb::Dtype::U32 as i32,
+    };
+    match header.tensors.as_slice() {
+        [t] if *t == expected => {}
+        [t] if t.name != expected.name => {
+            return Err(invalid(
+                "header.tensors[0].name",
+                format!(
+                    "`{}`, but a distributed round takes `{}`",
+                    t.name, expected.name
+                ),
+            ));
+        }
+        [t] if t.dtype != expected.dtype => {
+            return Err(invalid(
+                "header.tensors[0].dtype",
+                "must be DTYPE_U32: a distributed round takes the masked fixed-point update",
+            ));
+        }
+        [t] => {
+            return Err(invalid(
+                "header.tensors[0].shape",
+                format!("{:?}, but the round's dimension is [{dimension}]", t.shape),
+            ));
+        }
+        other => {
+            return Err(invalid(
+                "header.tensors",
+                format!(
+                    "{} tensors, but a distributed round takes exactly one, `{}`",
+                    other.len(),
+                    expected.name
+                ),
+            ));
+        }
+    }
+    let total = 4 * dimension as u64;
+    if total > shared.limits.max_upload_bytes {
+        return Err(invalid(
+            "header.tensors",
+            format!(
+                "the update is {total} bytes, more than this coordinator's limit of {} bytes",
+                shared.limits.max_upload_bytes
+            ),
+        ));
+    }
+    let mut bytes: Vec<u8> = Vec::with_capacity(total as usize);
+    let mut chunks = 0u32;
+    let mut hasher = Sha256::new();
+    while let Some(message) = stream.message().await? {
+        let Some(Part::Chunk(chunk)) = message.part else {
+            return Err(invalid(
+                "chunk",
+                "every message after the header must be a chunk",
+            ));
+        };
+        chunks += 1;
+        if chunks > shared.limits.max_upload_chunks {
+            return Err(invalid(
+                "chunk",
+                format!(
+                    "more than this coordinator's limit of {} chunks",
+                    shared.limits.max_upload_chunks
+                ),
+            ));
+        }
+        let len = chunk.content.len() as u64;
+        if len == 0 || len > u64::from(shared.limits.max_chunk_bytes) {
+            return Err(invalid(
+                "chunk.content",
+                format!(
+                    "{len} bytes; must be 1 to {} bytes",
+                    shared.limits.max_chunk_bytes
+                ),
+            ));
+        }
+        if chunk.tensor_index != 0 {
+            return Err(invalid(
+                "chunk.tensor_index",
+                format!("{}, but the upload has one tensor, 0", chunk.tensor_index),
+            ));
+        }
+        if chunk.offset != bytes.len() as u64 {
+            return Err(invalid(
+                "chunk.offset",
+                format!("{}, but the next byte is {}", chunk.offset, bytes.len()),
+            ));
+        }
+        if bytes.len() as u64 + len > total {
+            return Err(invalid(
+                "chunk.content",
+                format!("more bytes than the header's {total} bytes of tensors"),
+            ));
+        }
+        hasher.update(&chunk.content);
+        bytes.extend_from_slice(&chunk.content);
+    }
+    if bytes.len() as u64 != total {
+        return Err(invalid(
+            "chunk",
+            format!(
+                "the upload ended after {} of its {total} bytes",
+                bytes.len()
+            ),
+        ));
+    }
+    let digest = hasher.finalize().to_vec();
+    if !header.update_sha256.is_empty() && header.update_sha256 != digest {
+        return Err(Status::data_loss(
+            "header.update_sha256: does not match the bytes received",
+        ));
+    }
+    let values: Vec<u32> = bytes
+        .chunks_exact(4)
+        .map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")))
+        .collect();
+    let run_id = task.run_id.clone();
+    let round = task.round_id;
+    let device_for_engine = device.clone();
+    shared
+        .blocking(move |c| {
+            if c.engine(&run_id)
+                .is_none_or(|e| e.state() == RunState::Stopped)
+            {
+                return Err(Status::failed_precondition(format!(
+                    "run {run_id:?} has stopped"
+                )));
+            }
+            let actions = c
+                .handle(
+                    &run_id,
+                    Event::MaskedUpdate {
+                        device: device_for_engine.clone(),
+                        round,
+                        task_token: task.task_token,
+                        values,
+                    },
+                    now_ms(),
+                )
+                .map_err(coordinator_status)?;
+            for action in actions {
+                match action {
+                    Action::UpdateAccepted { device: d, .. } if d == device_for_engine => {
+                        return Ok(());
+                    }
+                    Action::Reject {
+                        device: d,
+                        rejection,
+                    } if d == device_for_engine => {
+                        return Err(reject_status(rejection.kind, rejection.message));
+                    }
+                    _ => {}
+                }
+            }
+            Err(Status::failed_precondition(format!(
+                "round {round} closed before the masked input arrived"
+            )))
+        })
+        .await?;
+    let (receipt_id, _) = auth::new_credentials()?;
+    tracing::info!(device = %device, run = %task.run_id, round, bytes = total, "masked input accepted");
+    Ok(pb::UploadReceipt {
+        receipt_id: receipt_id.replacen("dev-", "rcpt-", 1),
+        run_id: task.run_id,
+        round_id: round,
+        update_sha256: digest,
+        bytes_received: total,
         accepted_at: Some(timestamp(now_ms())),
     })
 }

@@ -1,0 +1,753 @@
+//! Distributed mode end to end, over the real gRPC services on 127.0.0.1 with TLS from a
+//! certificate generated here: cohorts of 50 devices, each driven by `fedpref_secagg::Client`
+//! and a tonic client, running concurrently on tokio, with 0 %, 10 % and 30 % of them dropping
+//! out before each stage; rounds with too few survivors abandoned without spending; the
+//! unmasking safety rule against a device that tries to break it; bad inputs and their
+//! statuses.
+//!
+//! The devices' inputs are random integers on the round's lattice with no noise, so the
+//! coordinator's unmasked sum must equal their plain sum exactly: any lost mask, double
+//! counting or decoding slip shows.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use fedpref_coordinator::config::{Config, Limits};
+use fedpref_coordinator::ledger::{LedgerEntry, LedgerEvent};
+use fedpref_coordinator::server::{Running, ServeOptions, start};
+use fedpref_proto::metadata::bearer;
+use fedpref_proto::prost_types;
+use fedpref_proto::v1::{
+    self as pb, admin_service_client::AdminServiceClient, check_in_response::Outcome,
+    device_service_client::DeviceServiceClient,
+    secure_aggregation_service_client::SecureAggregationServiceClient, upload_update_request::Part,
+};
+use fedpref_secagg::encoding::FixedPoint;
+use fedpref_secagg::{
+    AwaitingKeyDirectory, Client, EncodedInput, EncodingParams, Graph, KeyDirectory,
+    ParticipantKeys, RoundConfig, RoundContext, ShareInbox, UnmaskingPlan,
+};
+use rand_core::Rng;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig};
+use tonic::{Code, Request};
+
+const APP_KEY: &str = "test-app-key-0123456789abcdef";
+const ADMIN_TOKEN: &str = "test-admin-token-0123456789abcdef";
+const COHORT: u32 = 50;
+
+struct TestServer {
+    running: Running,
+    channel: Channel,
+    admin: Channel,
+    _dir: tempfile::TempDir,
+}
+
+fn limits() -> Limits {
+    Limits {
+        max_upload_bytes: 1 << 20,
+        max_upload_chunks: 64,
+        max_chunk_bytes: 4096,
+        download_chunk_bytes: 4096,
+        device_requests_per_second: 100_000.0,
+        device_burst: 100_000,
+        max_concurrent_requests: 512,
+        tick_millis: 20,
+    }
+}
+
+async fn connect(port: u16, ca_pem: &str) -> Channel {
+    Channel::from_shared(format!("https://127.0.0.1:{port}"))
+        .unwrap()
+        .tls_config(
+            ClientTlsConfig::new()
+                .ca_certificate(Certificate::from_pem(ca_pem))
+                .domain_name("localhost"),
+        )
+        .unwrap()
+        .connect()
+        .await
+        .unwrap()
+}
+
+impl TestServer {
+    async fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+        let write = |name: &str, text: &str| std::fs::write(dir.path().join(name), text).unwrap();
+        write("cert.pem", &cert.cert.pem());
+        write("key.pem", &cert.signing_key.serialize_pem());
+        write("app.key", APP_KEY);
+        write("admin.token", ADMIN_TOKEN);
+        let config = r#"
+[listen]
+device = "127.0.0.1:0"
+admin = "127.0.0.1:1"
+[store]
+path = "coordinator.db"
+[tls]
+certificate = "cert.pem"
+private_key = "key.pem"
+[auth]
+app_key_file = "app.key"
+admin_token_file = "admin.token"
+"#;
+        let mut config = Config::from_toml(config, "test.toml", dir.path()).unwrap();
+        config.limits = limits();
+        let options = ServeOptions {
+            admin_addr: Some("127.0.0.1:0".parse().unwrap()),
+            ..Default::default()
+        };
+        let running = start(&config, &options).await.unwrap();
+        let ca = cert.cert.pem();
+        let channel = connect(running.device_addr.port(), &ca).await;
+        let admin = connect(running.admin_addr.port(), &ca).await;
+        Self {
+            running,
+            channel,
+            admin,
+            _dir: dir,
+        }
+    }
+
+    fn device(&self) -> DeviceServiceClient<Channel> {
+        DeviceServiceClient::new(self.channel.clone())
+    }
+
+    fn secagg(&self) -> SecureAggregationServiceClient<Channel> {
+        SecureAggregationServiceClient::new(self.channel.clone())
+    }
+
+    async fn create_run(&self, m: pb::RunManifest) -> String {
+        AdminServiceClient::new(self.admin.clone())
+            .create_run(authed(
+                pb::CreateRunRequest {
+                    manifest: Some(m),
+                    request_id: "create-1".into(),
+                    simulation_seed: None,
+                },
+                ADMIN_TOKEN,
+            ))
+            .await
+            .unwrap()
+            .into_inner()
+            .run_id
+    }
+
+    async fn enroll(&self, n: usize) -> Vec<String> {
+        let mut tokens = vec![];
+        for _ in 0..n {
+            tokens.push(
+                self.device()
+                    .enroll(pb::EnrollRequest {
+                        app_key: APP_KEY.into(),
+                        sdk_version: "0.1.0".into(),
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .device_token,
+            );
+        }
+        tokens
+    }
+
+    /// The ledger's events, read from the store.
+    fn ledger(&self, run_id: &str) -> Vec<LedgerEvent> {
+        let c = self.running.coordinator();
+        let c = c.lock().unwrap();
+        c.store()
+            .ledger(run_id)
+            .unwrap()
+            .iter()
+            .map(|e| serde_json::from_str::<LedgerEntry>(&e.body).unwrap().event)
+            .collect()
+    }
+
+    /// The last sum a distributed round unmasked: its round, integers and contributors.
+    fn last_sum(&self, run_id: &str) -> Option<(u64, Vec<i64>, BTreeSet<String>)> {
+        let c = self.running.coordinator();
+        let c = c.lock().unwrap();
+        c.engine(run_id)?.last_unmasked_sum().map(|s| {
+            (
+                s.round,
+                s.integers.clone(),
+                s.contributors.iter().cloned().collect(),
+            )
+        })
+    }
+
+    /// The device id behind each token (the coordinator's, from the store).
+    fn device_ids(&self, tokens: &[String]) -> Vec<String> {
+        let c = self.running.coordinator();
+        let c = c.lock().unwrap();
+        tokens
+            .iter()
+            .map(|t| {
+                let hash = fedpref_coordinator::hex(&fedpref_coordinator::service::auth::sha256(
+                    t.as_bytes(),
+                ));
+                c.store().device_by_token_hash(&hash).unwrap().unwrap()
+            })
+            .collect()
+    }
+}
+
+fn authed<T>(message: T, token: &str) -> Request<T> {
+    let mut r = Request::new(message);
+    r.metadata_mut().insert(
+        fedpref_proto::metadata::AUTHORIZATION,
+        bearer(token).parse().unwrap(),
+    );
+    r
+}
+
+fn seconds(s: i64) -> Option<prost_types::Duration> {
+    Some(prost_types::Duration {
+        seconds: s,
+        nanos: 0,
+    })
+}
+
+/// A distributed run of 10 items × 2 factors (31 parameters) for a cohort of `n`, each stage
+/// lasting `stage_seconds` (stages close early once everyone has answered).
+fn manifest(n: u32, minimum: u32, stage_seconds: i64, rounds: u64) -> pb::RunManifest {
+    pb::RunManifest {
+        title: "Distributed test".into(),
+        purpose: "Exercise secure aggregation over gRPC".into(),
+        owner: "tests@example.com".into(),
+        data_elements_used: vec![pb::DataElement {
+            element: "ratings".into(),
+            rationale: String::new(),
+        }],
+        privacy_mode: pb::PrivacyMode::Distributed as i32,
+        budget: Some(pb::PrivacyBudget {
+            epsilon: 1000.0,
+            delta: 1e-5,
+        }),
+        clip_norm: 1.0,
+        noise_multiplier: 1.0,
+        sampling: Some(pb::Sampling {
+            method: Some(pb::sampling::Method::Cohort(pb::CohortSampling {
+                target_cohort_size: n,
+                round_deadline: seconds(600),
+                minimum_cohort_size: minimum,
+            })),
+        }),
+        rounds,
+        server_optimizer: Some(pb::ServerOptimizer {
+            optimizer: Some(pb::server_optimizer::Optimizer::Fedavg(pb::FedAvg {
+                server_learning_rate: 1.0,
+            })),
+        }),
+        model: Some(pb::ModelSpec {
+            model: Some(pb::model_spec::Model::MatrixFactorization(
+                pb::MatrixFactorizationSpec {
+                    item_count: 10,
+                    factor_dimension: 2,
+                    item_biases: true,
+                    global_offset: true,
+                    init_stddev: 0.1,
+                    init_seed: Some(7),
+                },
+            )),
+        }),
+        opt_out_policy: Some(pb::OptOutPolicy {
+            consent_model: pb::ConsentModel::OptIn as i32,
+            description: String::new(),
+            withdrawal_effect: String::new(),
+        }),
+        secure_aggregation: Some(pb::SecureAggregationConfig {
+            noise: pb::DistributedNoise::DiscreteGaussian as i32,
+            dropout_rate: 0.3,
+            corruption_rate: 0.0,
+            advertise_keys_duration: seconds(stage_seconds),
+            share_keys_duration: seconds(stage_seconds),
+            masked_input_duration: seconds(stage_seconds),
+            unmasking_duration: seconds(stage_seconds),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// The round's config as a device rebuilds it from its task (see `SecureAggregationRound`).
+fn round_config(task: &pb::Task) -> RoundConfig {
+    let r = task
+        .secure_aggregation_round
+        .as_ref()
+        .expect("a distributed task");
+    assert!(task.secure_aggregation.is_some());
+    assert_eq!(task.privacy_mode, pb::PrivacyMode::Distributed as i32);
+    let graph = if r.neighbour_count == 0 {
+        Graph::Complete
+    } else {
+        Graph::Harary {
+            degree: r.neighbour_count,
+            seed: r.graph_seed.as_slice().try_into().unwrap(),
+        }
+    };
+    let config = RoundConfig {
+        context: RoundContext(r.round_context.as_slice().try_into().unwrap()),
+        cohort_size: r.cohort_size,
+        threshold: r.threshold,
+        graph,
+        min_contributors: r.min_contributors,
+        encoding: FixedPoint::new(EncodingParams {
+            clip_norm: task.clip_norm,
+            scale: r.fixed_point_scale,
+            cohort_size: r.cohort_size as usize,
+            dimension: r.dimension as usize,
+            device_noise_std: (r.device_noise_variance as f64).sqrt() / r.fixed_point_scale,
+        })
+        .unwrap(),
+    };
+    config.validate().unwrap();
+    config
+}
+
+/// Where a device stops.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Drop {
+    BeforeKeys,
+    BeforeShares,
+    BeforeInput,
+    BeforeUnmask,
+    Never,
+}
+
+/// What a device saw.
+#[derive(Debug)]
+struct DeviceResult {
+    /// Its masked input was accepted.
+    uploaded: bool,
+    /// The round's end as GetStage reported it (for devices that stayed to the end).
+    ended: Option<pb::SecAggStage>,
+    /// The unmasking plan it received, with its own index.
+    plan: Option<(u32, UnmaskingPlan)>,
+    /// The round it took part in.
+    round: u64,
+}
+
+fn task_ref(task: &pb::Task) -> Option<pb::TaskRef> {
+    Some(pb::TaskRef {
+        run_id: task.run_id.clone(),
+        round_id: task.round_id,
+        task_token: task.task_token.clone(),
+    })
+}
+
+async fn check_in_task(device: &mut DeviceServiceClient<Channel>, token: &str) -> pb::Task {
+    let request = pb::CheckInRequest {
+        sdk_version: "0.1.0".into(),
+        held_model: None,
+        eligibility: Some(pb::Eligibility {
+            device_conditions_met: true,
+            privacy_budget_available: true,
+        }),
+    };
+    match device
+        .check_in(authed(request, token))
+        .await
+        .unwrap()
+        .into_inner()
+        .outcome
+        .unwrap()
+    {
+        Outcome::Task(t) => t,
+        Outcome::ComeBackLater(c) => panic!("no task: {}", c.detail),
+        other => panic!("no task: {other:?}"),
+    }
+}
+
+/// Polls GetStage (no faster than it asks) until the round leaves `stage`.
+async fn wait_past(
+    client: &mut SecureAggregationServiceClient<Channel>,
+    token: &str,
+    task: &pb::Task,
+    stage: pb::SecAggStage,
+) -> pb::StageUpdate {
+    loop {
+        let update = client
+            .get_stage(authed(
+                pb::GetStageRequest {
+                    task: task_ref(task),
+                },
+                token,
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        if update.stage != stage as i32 {
+            return update;
+        }
+        let wait = update.poll_after.unwrap();
+        tokio::time::sleep(Duration::from_millis(
+            wait.seconds as u64 * 1000 + wait.nanos as u64 / 1_000_000,
+        ))
+        .await;
+    }
+}
+
+fn directory_from(d: pb::KeyDirectory) -> KeyDirectory {
+    KeyDirectory {
+        own_index: d.own_index,
+        threshold: d.threshold,
+        neighbours: d
+            .neighbours
+            .into_iter()
+            .map(|k| ParticipantKeys {
+                participant_index: k.participant_index,
+                encryption_public_key: k.encryption_public_key.as_slice().try_into().unwrap(),
+                masking_public_key: k.masking_public_key.as_slice().try_into().unwrap(),
+            })
+            .collect(),
+    }
+}
+
+fn inbox_from(i: pb::ShareInbox) -> ShareInbox {
+    ShareInbox {
+        shares: i
+            .shares
+            .into_iter()
+            .map(|s| fedpref_secagg::EncryptedShare {
+                sender_index: s.sender_index,
+                recipient_index: s.recipient_index,
+                ciphertext: s.ciphertext,
+            })
+            .collect(),
+    }
+}
+
+fn shares_to_proto(shares: &fedpref_secagg::ShareKeys) -> Vec<pb::EncryptedShare> {
+    shares
+        .shares
+        .iter()
+        .map(|s| pb::EncryptedShare {
+            sender_index: s.sender_index,
+            recipient_index: s.recipient_index,
+            ciphertext: s.ciphertext.clone(),
+        })
+        .collect()
+}
+
+fn unmask_to_proto(u: &fedpref_secagg::Unmask) -> Vec<pb::RevealedShare> {
+    u.shares
+        .iter()
+        .map(|s| pb::RevealedShare {
+            owner_index: s.owner_index,
+            kind: match s.kind {
+                fedpref_secagg::ShareKind::SelfMaskSeed => pb::ShareKind::SelfMaskSeed,
+                fedpref_secagg::ShareKind::MaskingKey => pb::ShareKind::MaskingKey,
+            } as i32,
+            share: s.share.clone(),
+        })
+        .collect()
+}
+
+/// The upload stream of a masked input.
+fn masked_upload(
+    task: &pb::Task,
+    values: &[u32],
+    chunk_bytes: usize,
+) -> Vec<pb::UploadUpdateRequest> {
+    let header = pb::UpdateHeader {
+        task: task_ref(task),
+        base_model_version: task.model.as_ref().unwrap().model_version,
+        example_count: 1,
+        tensors: task.update_tensors.clone(),
+        privacy_mode: task.privacy_mode,
+        clip_norm: task.clip_norm,
+        noise_multiplier: task.noise_multiplier,
+        ..Default::default()
+    };
+    let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+    std::iter::once(pb::UploadUpdateRequest {
+        part: Some(Part::Header(header)),
+    })
+    .chain(
+        bytes
+            .chunks(chunk_bytes)
+            .enumerate()
+            .map(|(n, piece)| pb::UploadUpdateRequest {
+                part: Some(Part::Chunk(pb::TensorChunk {
+                    tensor_index: 0,
+                    offset: (n * chunk_bytes) as u64,
+                    content: piece.to_vec(),
+                })),
+            }),
+    )
+    .collect()
+}
+
+/// One honest device through a whole round, stopping before `drop`. `input` gives its
+/// encoded update once it knows the round's encoding.
+async fn run_device(
+    server: Arc<TestServer>,
+    token: String,
+    drop: Drop,
+    input: Vec<i64>,
+) -> DeviceResult {
+    let mut device = server.device();
+    let mut secagg = server.secagg();
+    let task = check_in_task(&mut device, &token).await;
+    let config = round_config(&task);
+    assert_eq!(task.update_tensors.len(), 1);
+    assert_eq!(task.update_tensors[0].dtype, pb::Dtype::U32 as i32);
+    let mut result = DeviceResult {
+        uploaded: false,
+        ended: None,
+        plan: None,
+        round: task.round_id,
+    };
+    let mut rng = fedpref_secagg::rng::os_rng().unwrap();
+    let (state, keys): (AwaitingKeyDirectory, _) =
+        Client::advertise(config.clone(), &mut rng).unwrap();
+    if drop == Drop::BeforeKeys {
+        return result;
+    }
+    secagg
+        .advertise_keys(authed(
+            pb::AdvertiseKeysRequest {
+                task: task_ref(&task),
+                encryption_public_key: keys.encryption_public_key.to_vec(),
+                masking_public_key: keys.masking_public_key.to_vec(),
+            },
+            &token,
+        ))
+        .await
+        .unwrap();
+    let update = wait_past(&mut secagg, &token, &task, pb::SecAggStage::AdvertiseKeys).await;
+    let Some(pb::stage_update::Input::KeyDirectory(directory)) = update.input else {
+        panic!("no key directory: {update:?}");
+    };
+    let (state, shares) = state
+        .share_keys(&directory_from(directory), &mut rng)
+        .unwrap();
+    if drop == Drop::BeforeShares {
+        return result;
+    }
+    secagg
+        .share_keys(authed(
+            pb::ShareKeysRequest {
+                task: task_ref(&task),
+                shares: shares_to_proto(&shares),
+            },
+            &token,
+        ))
+        .await
+        .unwrap();
+    let update = wait_past(&mut secagg, &token, &task, pb::SecAggStage::ShareKeys).await;
+    let Some(pb::stage_update::Input::ShareInbox(inbox)) = update.input else {
+        panic!("no share inbox: {update:?}");
+    };
+    let x: EncodedInput = config.encoding.encode_integers(&input).unwrap();
+    let (state, masked) = state.masked_input(&inbox_from(inbox), &x).unwrap();
+    if drop == Drop::BeforeInput {
+        return result;
+    }
+    device
+        .upload_update(authed(
+            tokio_stream::iter(masked_upload(&task, &masked.values, 40)),
+            &token,
+        ))
+        .await
+        .unwrap();
+    result.uploaded = true;
+    let update = wait_past(&mut secagg, &token, &task, pb::SecAggStage::MaskedInput).await;
+    let Some(pb::stage_update::Input::UnmaskingPlan(plan)) = update.input else {
+        panic!("no unmasking plan: {update:?}");
+    };
+    let plan = UnmaskingPlan {
+        survivor_indices: plan.survivor_indices,
+        dropped_indices: plan.dropped_indices,
+    };
+    result.plan = Some((state.own_index(), plan.clone()));
+    let reply = state.unmask(&plan).unwrap();
+    if drop == Drop::BeforeUnmask {
+        return result;
+    }
+    secagg
+        .unmask(authed(
+            pb::UnmaskRequest {
+                task: task_ref(&task),
+                shares: unmask_to_proto(&reply),
+            },
+            &token,
+        ))
+        .await
+        .unwrap();
+    let update = wait_past(&mut secagg, &token, &task, pb::SecAggStage::Unmasking).await;
+    result.ended = pb::SecAggStage::try_from(update.stage).ok();
+    result
+}
+
+/// Random inputs within the round's per-device bound (≤ C·scale per coordinate).
+fn random_inputs(n: usize, dimension: usize, bound: i64) -> Vec<Vec<i64>> {
+    let mut rng = fedpref_secagg::rng::os_rng().unwrap();
+    (0..n)
+        .map(|_| {
+            (0..dimension)
+                .map(|_| (rng.next_u64() % (2 * bound as u64 + 1)) as i64 - bound)
+                .collect()
+        })
+        .collect()
+}
+
+/// Runs one round with `drops[i]` for device i, all devices concurrently; returns what each
+/// saw.
+async fn round(
+    server: &Arc<TestServer>,
+    tokens: &[String],
+    drops: &[Drop],
+    inputs: &[Vec<i64>],
+) -> Vec<DeviceResult> {
+    let handles: Vec<_> = tokens
+        .iter()
+        .zip(drops)
+        .zip(inputs)
+        .map(|((token, &drop), input)| {
+            tokio::spawn(run_device(
+                Arc::clone(server),
+                token.clone(),
+                drop,
+                input.clone(),
+            ))
+        })
+        .collect();
+    let mut out = vec![];
+    for h in handles {
+        out.push(h.await.unwrap());
+    }
+    out
+}
+
+/// `count` devices dropping before `stage`, the others staying (a different choice per
+/// `salt`).
+fn drops_at(stage: Drop, count: usize, salt: usize) -> Vec<Drop> {
+    let n = COHORT as usize;
+    let mut drops = vec![Drop::Never; n];
+    for k in 0..count {
+        drops[(salt * 7 + k * 3) % n] = stage;
+    }
+    if stage != Drop::Never {
+        assert_eq!(drops.iter().filter(|d| **d == stage).count(), count);
+    }
+    drops
+}
+
+/// Σ of the inputs of the devices that uploaded.
+fn plain_sum(results: &[DeviceResult], inputs: &[Vec<i64>]) -> Vec<i64> {
+    let mut sum = vec![0i64; inputs[0].len()];
+    for (r, x) in results.iter().zip(inputs) {
+        if r.uploaded {
+            for (s, v) in sum.iter_mut().zip(x) {
+                *s += v;
+            }
+        }
+    }
+    sum
+}
+
+fn committed_rounds(events: &[LedgerEvent]) -> Vec<(u64, u64)> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            LedgerEvent::RoundCommitted {
+                round, cohort_size, ..
+            } => Some((*round, *cohort_size)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn spent(events: &[LedgerEvent]) -> Option<f64> {
+    events.iter().rev().find_map(|e| match e {
+        LedgerEvent::RoundCommitted {
+            cumulative_epsilon, ..
+        } => Some(cumulative_epsilon[0].epsilon),
+        _ => None,
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cohort_of_50_unmasks_the_exact_sum_with_0_10_and_30_percent_dropout_at_each_stage() {
+    let server = Arc::new(TestServer::start().await);
+    let run_id = server.create_run(manifest(COHORT, 20, 2, 100)).await;
+    let tokens = server.enroll(COHORT as usize).await;
+    let ids = server.device_ids(&tokens);
+    let mut scenarios = vec![(0.0, Drop::Never)];
+    for rate in [0.1, 0.3] {
+        for stage in [
+            Drop::BeforeKeys,
+            Drop::BeforeShares,
+            Drop::BeforeInput,
+            Drop::BeforeUnmask,
+        ] {
+            scenarios.push((rate, stage));
+        }
+    }
+    let mut epsilons = vec![];
+    for (salt, (rate, stage)) in scenarios.into_iter().enumerate() {
+        let count = (rate * f64::from(COHORT)).round() as usize;
+        let drops = drops_at(stage, count, salt);
+        // 31 coordinates, each well inside ⌈C·scale⌉ (the encoding refuses anything else).
+        let bound = 1 << 10;
+        let inputs = random_inputs(COHORT as usize, 31, bound);
+        let results = round(&server, &tokens, &drops, &inputs).await;
+        let what = format!("{}% drop-out {stage:?}", rate * 100.0);
+        // Everyone who stayed saw the round complete.
+        for (r, d) in results.iter().zip(&drops) {
+            if *d == Drop::Never {
+                assert_eq!(r.ended, Some(pb::SecAggStage::Completed), "{what}");
+            }
+        }
+        let (sum_round, sum, contributors) = server.last_sum(&run_id).expect("a sum");
+        assert_eq!(sum_round, results[0].round, "{what}");
+        // The unmasked sum is exactly the plain sum of the uploaded inputs.
+        assert_eq!(sum, plain_sum(&results, &inputs), "{what}");
+        let uploaded: BTreeSet<String> = results
+            .iter()
+            .zip(&ids)
+            .filter(|(r, _)| r.uploaded)
+            .map(|(_, id)| id.clone())
+            .collect();
+        assert_eq!(contributors, uploaded, "{what}");
+        let expected = if stage == Drop::BeforeUnmask {
+            COHORT as usize
+        } else {
+            COHORT as usize - count
+        };
+        assert_eq!(uploaded.len(), expected, "{what}");
+        let events = server.ledger(&run_id);
+        let last = *committed_rounds(&events).last().unwrap();
+        assert_eq!(last, (sum_round, expected as u64), "{what}");
+        epsilons.push(spent(&events).unwrap());
+    }
+    // ε grows by the same mechanism's increment every round.
+    assert!(epsilons.windows(2).all(|w| w[1] > w[0]), "{epsilons:?}");
+    let events = server.ledger(&run_id);
+    let Some(LedgerEvent::RoundCommitted {
+        distributed: Some(record),
+        epsilon_assumption: Some(assumption),
+        mode,
+        ..
+    }) = events
+        .iter()
+        .rev()
+        .find(|e| matches!(e, LedgerEvent::RoundCommitted { .. }))
+    else {
+        panic!("no distributed record");
+    };
+    assert_eq!(mode, "distributed");
+    assert_eq!(record.mechanism_name, "distributed_discrete_gaussian");
+    assert_eq!(record.neighbouring, "zero-out");
+    assert!(assumption.contains("honest devices"), "{assumption}");
+    // The chain verifies, distributed rounds included.
+    let entries = {
+        let c = server.running.coordinator();
+        let c = c.lock().unwrap();
+        c.store().ledger(&run_id).unwrap()
+    };
+    fedpref_coordinator::ledger::verify(&run_id, &entries).unwrap();
+}
