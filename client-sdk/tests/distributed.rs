@@ -142,7 +142,7 @@ fn no_share_is_prepared_when_training_is_off_the_budget_would_be_exceeded_or_the
 }
 
 #[test]
-fn the_masked_input_is_uploaded_as_u32_tensors_in_the_models_layout() {
+fn the_masked_input_is_uploaded_as_one_u32_tensor_of_the_models_dimension() {
     let dir = tempfile::tempdir().unwrap();
     let mut d = device(&dir, 3);
     let t = task(5.0);
@@ -157,19 +157,13 @@ fn the_masked_input_is_uploaded_as_u32_tensors_in_the_models_layout() {
     };
     assert_eq!(header.example_count, 1);
     assert_eq!(header.privacy_mode, pb::PrivacyMode::Distributed as i32);
-    let names: Vec<(&str, i32)> = header
-        .tensors
-        .iter()
-        .map(|t| (t.name.as_str(), t.dtype))
-        .collect();
-    let u32 = Dtype::U32 as i32;
     assert_eq!(
-        names,
-        [
-            ("item_factors", u32),
-            ("item_biases", u32),
-            ("global_offset", u32)
-        ]
+        header.tensors,
+        [pb::TensorSpec {
+            name: "masked_update".into(),
+            shape: vec![DIMENSION as u64],
+            dtype: Dtype::U32 as i32,
+        }]
     );
     let bytes: usize = messages[1..]
         .iter()

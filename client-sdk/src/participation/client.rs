@@ -22,6 +22,9 @@ use crate::device::Device;
 use crate::time::Timestamp;
 use crate::upload::{PreparedShare, PreparedUpload};
 
+/// The one tensor of a distributed-mode upload: the masked fixed-point update.
+pub const MASKED_UPDATE: &str = "masked_update";
+
 /// Upload chunks never exceed this, whatever the task allows (256 KiB keeps a retried
 /// chunk cheap on a phone's network).
 const UPLOAD_CHUNK_CAP: usize = 256 * 1024;
@@ -459,10 +462,11 @@ impl CoordinatorClient {
         }
     }
 
-    /// The upload stream for a distributed-mode masked input: the values modulo 2³², cut
-    /// along the share's tensor layout into `DTYPE_U32` tensors. The header's example count
-    /// is 1: in distributed mode every user weighs the same, and the device's own count is
-    /// not revealed.
+    /// The upload stream for a distributed-mode masked input: one `DTYPE_U32` tensor,
+    /// [`MASKED_UPDATE`] of shape \[d\], the masked values modulo 2³² in the layout's order
+    /// (item factors, item biases, global offset, flattened). The header's example count is
+    /// 1: in distributed mode every user weighs the same, and the device's own count is not
+    /// revealed.
     pub fn masked_input_messages(
         task: &pb::Task,
         share: &PreparedShare,
@@ -476,17 +480,14 @@ impl CoordinatorClient {
                 layout.dimension()
             )));
         }
-        let mut values = masked.values.as_slice();
-        let tensors = layout
-            .tensors()
-            .iter()
-            .map(|spec| {
-                let (head, rest) = values.split_at(spec.len());
-                values = rest;
-                pb::NamedTensor::from_values(spec.name.clone(), spec.shape.clone(), head)
-            })
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| ParticipationError::Upload(e.to_string()))?;
+        let tensors = vec![
+            pb::NamedTensor::from_values(
+                MASKED_UPDATE,
+                vec![masked.values.len() as u64],
+                &masked.values,
+            )
+            .map_err(|e| ParticipationError::Upload(e.to_string()))?,
+        ];
         let total: u64 = tensors.iter().map(|t| t.data.len() as u64).sum();
         if task.max_upload_bytes > 0 && total > task.max_upload_bytes {
             return Err(ParticipationError::Upload(format!(

@@ -13,9 +13,10 @@
 //!    its masking key as the plan says — never both (the secagg client refuses such a plan).
 //!
 //! While the device waits to act in a stage, it gives up once that stage's deadline (from
-//! the task) has passed, or when the coordinator reports the round ABORTED or moved past the
-//! stage: the round then goes on (or not) without it, which the protocol tolerates. Errors
-//! name the stage.
+//! the task) has passed, or when the coordinator reports the round ABORTED, moved past the
+//! stage, or reached it without input for the device (the coordinator's sign that the
+//! device missed a stage): the round then goes on (or not) without it, which the protocol
+//! tolerates. Errors name the stage.
 
 use std::time::Duration;
 
@@ -120,14 +121,22 @@ async fn wait_for(
         }
         let update = client.get_stage(task).await?;
         let stage = pb::SecAggStage::try_from(update.stage).unwrap_or(pb::SecAggStage::Unspecified);
-        if stage == target {
-            return Ok(Some(update));
-        }
         let left = |reason: String| ParticipationEvent::SecureAggregationLeft {
             round_id: task.round_id,
             stage: stage_name(target).to_string(),
             reason,
         };
+        if stage == target {
+            if update.input.is_none() {
+                // The coordinator's way of saying the device missed a stage: it is out.
+                emit(left(
+                    "the coordinator no longer counts this device in the round (it missed a stage)"
+                        .into(),
+                ));
+                return Ok(None);
+            }
+            return Ok(Some(update));
+        }
         match stage {
             pb::SecAggStage::Unspecified => {
                 return Err(ParticipationError::Rejected {

@@ -49,7 +49,7 @@ use thiserror::Error;
 use tonic::Code;
 
 pub use backoff::{RETRY_PUSHBACK, RetryPolicy, pushback, retryable};
-pub use client::{CoordinatorClient, DownloadProgress};
+pub use client::{CoordinatorClient, DownloadProgress, MASKED_UPDATE};
 pub use metrics::{MetricsOutcome, ReportWhen, report_metrics};
 pub use snapshot::{Enrolment, PartialDownload, model_from_snapshot};
 
@@ -654,7 +654,11 @@ pub async fn participate(
                     task.privacy_mode
                 ),
             ))
-        } else if let Err(why) = layout_matches(device, &task) {
+        } else if privacy_mode(task.privacy_mode) != Some(PrivacyMode::Distributed)
+            && let Err(why) = layout_matches(device, &task)
+        {
+            // (A distributed task asks for one `masked_update` tensor; its dimension is
+            // checked with the round's parameters.)
             Some((pb::DeclineReason::TrainingFailed, why))
         } else {
             None
