@@ -31,17 +31,15 @@
 //!    `release_observers`.
 //!
 //! # Parameters of the round
-//! From the cohort size n, the drop-out rate and the assumed corruption rate γ
-//! (`--corruption-rate`), [`SecAggParams::choose`] picks the graph degree k and the
-//! threshold t. The server unmasks a sum only if at least m = max(t, ⌈(1 − 2·RATE)·n⌉)
-//! masked inputs arrived (the expected survivors at drop-out rate RATE, minus as many again:
-//! with RATE = 0 every device must upload). The
-//! accountant assumes `m − ⌈γn⌉ − 1` honest devices besides the user (the devices guaranteed
-//! in any released sum, minus the corrupted ones, minus the user), and each device's noise
-//! variance is sized so that those alone carry (σC)²: s² = ⌈(σC/γ_lattice)² / honest⌉. The
-//! lattice step is the finest power of two for which the encoding's overflow check passes
-//! (at most 2⁻²⁰), so the sum of n devices' signal and noise cannot wrap modulo 2³² but with
-//! probability below 2⁻⁴⁰.
+//! The settings make a run manifest in mode `distributed` (with a `[secure_aggregation]`
+//! section: `--dropout` as its drop-out rate, `--corruption-rate` as its corruption rate, and
+//! `sampling.minimum_size` = ⌈(1 − 2·RATE)·n⌉: the expected survivors at drop-out rate RATE,
+//! minus as many again), validated by the coordinator's manifest code, and every round's
+//! parameters come from the coordinator's own [`fedpref_coordinator::distributed::plan`]: the
+//! graph degree k and threshold t ([`SecAggParams::choose`]), m = max(t, minimum_size), the
+//! lattice step, and the per-device noise variance sized so that the `m − ⌈γn⌉ − 1` honest
+//! devices guaranteed in a released sum (m, minus the colluders, minus the user) carry (σC)²
+//! between them. A coordinator given the same manifest picks the same numbers.
 //!
 //! # What is simulated
 //! The protocol, the noise and the encoding are the real ones; the devices and the server
@@ -55,14 +53,14 @@ use fedpref_coordinator::aggregation::{
     AggregationPrivacy, RoundAggregator, ServerOptimizer, ServerState, apply,
 };
 use fedpref_coordinator::ledger::AudienceEpsilon;
-use fedpref_coordinator::manifest::{ManifestPrivacyMode, ModelSpec};
+use fedpref_coordinator::manifest::{ManifestPrivacyMode, RunManifest};
 use fedpref_coordinator::model::initial_parameters;
 use fedpref_privacy::distributed::{DistributedDiscreteGaussian, SimulationShareSampler};
 use fedpref_privacy::{Audience, OrderGrid, RdpAccountant, SimulationSampler, clip_l2};
 use fedpref_secagg::inprocess::{Dropouts, run_round};
 use fedpref_secagg::rng::simulation_rng;
 use fedpref_secagg::{
-    EncodedInput, EncodingParams, FixedPoint, RoundConfig, RoundContext, SecAggError, SecAggParams,
+    EncodedInput, FixedPoint, RoundConfig, RoundContext, SecAggError, SecAggParams,
 };
 use rand::RngExt;
 use rayon::prelude::*;
@@ -70,14 +68,6 @@ use rayon::prelude::*;
 use crate::data::{Dataset, splitmix64, stream_rng};
 use crate::metrics::{evaluate, examples};
 use crate::sim::{RoundRecord, Sampling, Settings, SimError, Timings, candidates, shared_model};
-
-/// Conditional randomised rounding's β (KLS21's e^(−1/2)).
-pub fn rounding_beta() -> f64 {
-    (-0.5f64).exp()
-}
-
-/// The finest lattice step considered: 2⁻²⁰ model units.
-const FINEST_SCALE_EXPONENT: i32 = 20;
 
 /// The stream of the drop-out draws, (seed, 13, round).
 const DROPOUT_STREAM: u64 = 13;
@@ -96,95 +86,36 @@ pub struct DistributedPlan {
     pub encoding: FixedPoint,
     /// The distributed discrete Gaussian every device applies.
     pub mechanism: DistributedDiscreteGaussian,
+    assumption: String,
 }
 
 impl DistributedPlan {
-    /// The plan for a cohort of `cohort_size` devices and a model of `dimension` coordinates,
-    /// with the settings' C, σ, drop-out and corruption rates. Errors name the flag at fault.
-    pub fn new(settings: &Settings, cohort_size: u32, dimension: usize) -> Result<Self, SimError> {
-        let sigma = settings.noise_multiplier.ok_or_else(|| {
-            SimError::Settings(
-                "--privacy-mode distributed needs --noise-multiplier (a target ε is not \
-                 calibrated in this mode)"
-                    .into(),
-            )
+    /// The plan of a validated distributed run manifest, from the coordinator's own
+    /// [`fedpref_coordinator::distributed::plan`], so the in-process run and a coordinator
+    /// pick the very same n, t, graph, m, lattice and noise. Errors name the flag.
+    pub fn from_manifest(manifest: &RunManifest) -> Result<Self, SimError> {
+        let plan = fedpref_coordinator::distributed::plan(manifest).map_err(|e| {
+            SimError::Settings(crate::sim::flag_names(&format!(
+                "{} = {}: {}",
+                e.key, e.value, e.reason
+            )))
         })?;
-        let secagg = SecAggParams::choose(cohort_size, settings.dropout, settings.corruption_rate)
-            .map_err(|e| {
-                SimError::Settings(format!(
-                    "--cohort-size {cohort_size}, --dropout {}, --corruption-rate {}: {e}",
-                    settings.dropout, settings.corruption_rate
-                ))
-            })?;
-        let min_contributors = secagg
-            .threshold
-            .max(((1.0 - 2.0 * settings.dropout) * f64::from(cohort_size)).ceil() as u32)
-            .min(cohort_size);
-        let assumed_corrupted = (settings.corruption_rate * f64::from(cohort_size)).ceil() as u32;
-        let honest = i64::from(min_contributors) - i64::from(assumed_corrupted) - 1;
-        if honest < 1 {
-            return Err(SimError::Settings(format!(
-                "--corruption-rate {}: with at least {min_contributors} inputs per sum and {assumed_corrupted} \
-                 corrupted devices assumed, no honest device besides the user is guaranteed to add \
-                 noise; lower it or raise --cohort-size",
-                settings.corruption_rate
-            )));
-        }
-        let mut last_error = None;
-        for exponent in (-30..=FINEST_SCALE_EXPONENT).rev() {
-            let scale = 2f64.powi(exponent);
-            let mechanism = match DistributedDiscreteGaussian::for_noise_multiplier(
-                settings.clip_norm,
-                1.0 / scale,
-                dimension,
-                rounding_beta(),
-                sigma,
-                honest as u64,
-            ) {
-                Ok(m) => m,
-                Err(e) => {
-                    last_error = Some(e.to_string());
-                    continue;
-                }
-            };
-            let encoding = FixedPoint::new(EncodingParams {
-                clip_norm: settings.clip_norm,
-                scale,
-                cohort_size: cohort_size as usize,
-                dimension,
-                device_noise_std: mechanism.device_noise_std(),
-            });
-            match encoding {
-                Ok(encoding) => {
-                    return Ok(Self {
-                        secagg,
-                        min_contributors,
-                        assumed_corrupted,
-                        encoding,
-                        mechanism,
-                    });
-                }
-                Err(e) => last_error = Some(e.to_string()),
-            }
-        }
-        Err(SimError::Settings(format!(
-            "--noise-multiplier {sigma}, --clip-norm {}, --cohort-size {cohort_size}: no lattice \
-             step fits the sum in 32 bits ({})",
-            settings.clip_norm,
-            last_error.unwrap_or_default()
-        )))
+        let encoding = FixedPoint::new(plan.encoding)
+            .map_err(|e| SimError::Settings(format!("the round's encoding: {e}")))?;
+        Ok(Self {
+            secagg: plan.params,
+            min_contributors: plan.min_contributors,
+            assumed_corrupted: (plan.corruption_rate * f64::from(plan.params.cohort_size)).ceil()
+                as u32,
+            encoding,
+            mechanism: plan.mechanism,
+            assumption: plan.assumption(),
+        })
     }
 
-    /// The assumption the run's ε rests on, in words.
+    /// The assumption the run's ε rests on, in words (the coordinator's wording).
     pub fn assumption(&self) -> String {
-        format!(
-            "secure aggregation with an honest-but-curious coordinator: every released sum holds \
-             at least {} masked inputs, at most {} devices are corrupted, so at least {} honest \
-             devices besides the user add noise (zero-out neighbouring)",
-            self.min_contributors,
-            self.assumed_corrupted,
-            self.mechanism.honest_devices()
-        )
+        self.assumption.clone()
     }
 
     fn round_config(&self, seed: u64, round: u64) -> Result<RoundConfig, SecAggError> {
@@ -247,14 +178,9 @@ impl<'d> DistributedSimulation<'d> {
             unreachable!("checked");
         };
         let cohort = k.min(population as u32);
-        let spec = ModelSpec {
-            items: data.items.len() as u64,
-            factors: settings.factors as u64,
-            init_scale: 0.1,
-            initial_offset: 3.0,
-        };
-        let params = initial_parameters(&spec, settings.seed);
-        let plan = DistributedPlan::new(settings, cohort, params.len())?;
+        let manifest = settings.manifest(population, data.items.len())?;
+        let params = initial_parameters(&manifest.model, settings.seed);
+        let plan = DistributedPlan::from_manifest(&manifest)?;
         Ok(Self {
             settings: settings.clone(),
             data,
@@ -584,11 +510,13 @@ mod tests {
         let settings = Settings {
             privacy_mode: ManifestPrivacyMode::Distributed,
             noise_multiplier: Some(1.0),
+            sampling: Sampling::Cohort(50),
             dropout: 0.1,
             corruption_rate: 0.05,
             ..Settings::default()
         };
-        let plan = DistributedPlan::new(&settings, 50, 200).unwrap();
+        let manifest = settings.manifest(200, 20).unwrap();
+        let plan = DistributedPlan::from_manifest(&manifest).unwrap();
         let m = plan.min_contributors;
         assert_eq!(m, plan.secagg.threshold.max(40));
         assert_eq!(plan.assumed_corrupted, 3);

@@ -25,6 +25,7 @@ use std::time::Instant;
 
 use fedpref_client_sdk::{LocalTraining, MatrixFactorization, ModelError, local_round};
 use fedpref_coordinator::aggregation::ServerOptimizer;
+use fedpref_coordinator::distributed::{DistributedNoiseKind, SecureAggregationSpec};
 use fedpref_coordinator::engine::{Action, Engine, Event, RunState, Task};
 use fedpref_coordinator::ledger::AudienceEpsilon;
 use fedpref_coordinator::manifest::{
@@ -200,12 +201,19 @@ impl Settings {
     /// code (which calibrates σ from a target ε). `users` and `items` size the population
     /// and the model.
     pub fn manifest(&self, users: usize, items: usize) -> Result<RunManifest, SimError> {
-        if self.privacy_mode == ManifestPrivacyMode::Distributed {
-            return Err(SimError::Settings(
-                "--privacy-mode distributed does not run on the coordinator's round engine yet: use `DistributedSimulation` (the in-process secure-aggregation driver)".into(),
-            ));
-        }
+        let distributed = self.privacy_mode == ManifestPrivacyMode::Distributed;
         let sampling = match (self.sampling, self.privacy_mode) {
+            // Secure aggregation unmasks no sum of fewer than m = max(t, minimum_size)
+            // devices: the expected survivors at the drop-out rate, minus as many again.
+            (Sampling::Cohort(k), ManifestPrivacyMode::Distributed) => {
+                let n = k.min(users as u32).max(1);
+                SamplingSpec::Cohort {
+                    target_size: n,
+                    minimum_size: (((1.0 - 2.0 * self.dropout) * f64::from(n)).ceil() as u32)
+                        .clamp(1, n),
+                    round_seconds: 60,
+                }
+            }
             (Sampling::Cohort(k), _) => SamplingSpec::Cohort {
                 target_size: k.min(users as u32).max(1),
                 minimum_size: 1,
@@ -258,7 +266,19 @@ impl Settings {
             seed: Some(self.seed),
             participation: self.participation,
             adaptive_clipping: self.adaptive_clipping,
-            secure_aggregation: None,
+            secure_aggregation: distributed.then_some(SecureAggregationSpec {
+                noise: DistributedNoiseKind::DiscreteGaussian,
+                dropout_rate: self.dropout,
+                corruption_rate: self.corruption_rate,
+                threshold: None,
+                scale: None,
+                rounding_beta: None,
+                assumed_honest_devices: None,
+                advertise_keys_seconds: 60,
+                share_keys_seconds: 60,
+                masked_input_seconds: 60,
+                unmasking_seconds: 60,
+            }),
         };
         RunManifest::from_toml(&manifest.to_toml(), "flags").map_err(|e| {
             let text = e.to_string();
@@ -269,7 +289,7 @@ impl Settings {
 }
 
 /// Rewrites manifest keys in a message as the flags that set them.
-fn flag_names(message: &str) -> String {
+pub(crate) fn flag_names(message: &str) -> String {
     let mut m = message.to_string();
     for (key, flag) in [
         ("budget.epsilon", "--target-epsilon"),
@@ -283,6 +303,9 @@ fn flag_names(message: &str) -> String {
         ("participation", "--min-separation"),
         ("adaptive_clipping.target_quantile", "--target-quantile"),
         ("adaptive_clipping", "--adaptive-clipping"),
+        ("secure_aggregation.dropout_rate", "--dropout"),
+        ("secure_aggregation.corruption_rate", "--corruption-rate"),
+        ("sampling.minimum_size", "--cohort-size"),
         ("rounds", "--rounds"),
         ("model", "--factors"),
     ] {
