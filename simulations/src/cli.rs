@@ -71,8 +71,8 @@ pub enum Transport {
     /// The engine driven in-process (seeded; the same bytes for the same seed).
     #[default]
     Inprocess,
-    /// A real coordinator on 127.0.0.1 with TLS, the users as real SDK clients (mode local
-    /// only; the noise is OS-seeded, so not the same bytes — see `grpc.rs`).
+    /// A real coordinator on 127.0.0.1 with TLS, the users as real SDK clients (modes local
+    /// and distributed; the noise is OS-seeded, so not the same bytes — see `grpc.rs`).
     Grpc,
 }
 
@@ -86,8 +86,7 @@ pub enum Mode {
     Local,
     /// The coordinator clips, sums and noises once.
     Central,
-    /// Each device adds a share of the noise; secure aggregation reveals only the sum
-    /// (in-process only so far).
+    /// Each device adds a share of the noise; secure aggregation reveals only the sum.
     Distributed,
 }
 
@@ -207,7 +206,7 @@ pub struct RunArgs {
     #[arg(long)]
     pub centralised: bool,
     /// inprocess | grpc (a real coordinator on loopback with TLS, the users as SDK clients;
-    /// mode local only) [default: inprocess].
+    /// modes local and distributed) [default: inprocess].
     #[arg(long, value_enum)]
     pub transport: Option<Transport>,
     /// Print one summary object at the end.
