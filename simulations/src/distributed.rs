@@ -21,11 +21,13 @@
 //!    unmasking stage; when fewer than the threshold t (or the minimum number of contributors
 //!    m) survive a stage, the server abandons the round: nothing is unmasked, the model does
 //!    not move and **no ε is spent**;
-//! 5. the unmasked sum is decoded (centred, times γ) and aggregated as in central mode:
-//!    Δ = noised sum / K, K the target cohort size (DP-FedAvg's fixed denominator), then one
-//!    step of the server optimiser ([`fedpref_coordinator::aggregation::apply`]). The noised
-//!    sum enters the coordinator's aggregator as a single already-noised value (its `local`
-//!    treatment: post-processing of a DP release), so no noise is added on the server;
+//! 5. the unmasked sum is decoded (centred, times γ) and aggregated as the coordinator does
+//!    in this mode (`Aggregate::from_unmasked_sum`): Δ = noised sum / the number of
+//!    contributors (under zero-out neighbouring they are the same in both worlds, so this is
+//!    post-processing), then one step of the server optimiser
+//!    ([`fedpref_coordinator::aggregation::apply`]). The noised sum enters the coordinator's
+//!    aggregator as a single already-noised value (its `local` treatment: post-processing of a
+//!    DP release, with simulated provenance), so no noise is added on the server;
 //! 6. ε: each committed round composes the mechanism's RDP curve (KLS21 Prop. 14) into an
 //!    [`RdpAccountant`] over the default order grid; ε at δ is reported for the audience
 //!    `release_observers`.
@@ -312,7 +314,7 @@ impl<'d> DistributedSimulation<'d> {
                     }
                 }
                 let sum = config.encoding.decode_integers(&output.sum);
-                self.release(&sum)?;
+                self.release(&sum, output.contributors.len())?;
                 (output.contributors.len() as u64, None)
             }
             Err(SecAggError::Abandoned(reason)) => {
@@ -354,9 +356,9 @@ impl<'d> DistributedSimulation<'d> {
         })
     }
 
-    /// Δ = noised sum · γ / K, one server-optimiser step, and the round's ε.
-    fn release(&mut self, sum: &[i64]) -> Result<(), SimError> {
-        let denominator = f64::from(self.cohort);
+    /// Δ = noised sum · γ / contributors, one server-optimiser step, and the round's ε.
+    fn release(&mut self, sum: &[i64], contributors: usize) -> Result<(), SimError> {
+        let denominator = contributors as f64;
         let granularity = self.plan.mechanism.granularity();
         let delta: Vec<f32> = sum
             .iter()
