@@ -27,9 +27,9 @@ fn seconds(s: i64) -> Option<prost_types::Duration> {
     })
 }
 
-/// A distributed run: a cohort of 5 (at least 4 in every sum), σ = 4, stages of up to 20 s
-/// that close as soon as every device has answered.
-fn manifest() -> pb::RunManifest {
+/// A distributed run: a cohort of 5 (at least 4 in every sum), σ = 4, stages of up to
+/// `stage_seconds` that close as soon as every device has answered.
+fn manifest(stage_seconds: i64) -> pb::RunManifest {
     pb::RunManifest {
         title: "Distributed participation test".into(),
         purpose: "SDK devices through secure aggregation".into(),
@@ -79,18 +79,18 @@ fn manifest() -> pb::RunManifest {
             noise: pb::DistributedNoise::DiscreteGaussian as i32,
             dropout_rate: 0.1,
             corruption_rate: 0.0,
-            advertise_keys_duration: seconds(20),
-            share_keys_duration: seconds(20),
-            masked_input_duration: seconds(20),
-            unmasking_duration: seconds(20),
+            advertise_keys_duration: seconds(stage_seconds),
+            share_keys_duration: seconds(stage_seconds),
+            masked_input_duration: seconds(stage_seconds),
+            unmasking_duration: seconds(stage_seconds),
             ..Default::default()
         }),
         ..Default::default()
     }
 }
 
-fn device(dir: &Path, n: usize) -> Device {
-    let mut d = Device::open(dir.join(format!("device{n}.db")), DeviceConfig::default()).unwrap();
+fn device(dir: &Path, n: usize, config: DeviceConfig) -> Device {
+    let mut d = Device::open(dir.join(format!("device{n}.db")), config).unwrap();
     let mut lines = String::new();
     for i in 0..ITEMS {
         lines += &format!(
@@ -122,25 +122,28 @@ fn quick_retries() -> ParticipationConfig {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn five_sdk_devices_complete_a_distributed_round_and_each_records_its_spend() {
-    let server = TestServer::start().await;
-    let run_id = server
+async fn create_run(server: &TestServer, stage_seconds: i64) -> String {
+    server
         .admin()
         .await
         .create_run(admin(pb::CreateRunRequest {
-            manifest: Some(manifest()),
+            manifest: Some(manifest(stage_seconds)),
             request_id: "distributed".into(),
             simulation_seed: None,
         }))
         .await
         .unwrap()
         .into_inner()
-        .run_id;
-    let dir = tempfile::tempdir().unwrap();
+        .run_id
+}
+
+/// Runs one `participate` call per device, concurrently; returns each device and report.
+async fn participate_all(
+    server: &TestServer,
+    devices: Vec<Device>,
+) -> Vec<(Device, fedpref_client_sdk::ParticipationReport)> {
     let mut handles = vec![];
-    for n in 0..COHORT as usize {
-        let mut d = device(dir.path(), n);
+    for mut d in devices {
         let mut client = server.client(quick_retries()).await;
         handles.push(tokio::spawn(async move {
             let options = ParticipateOptions {
@@ -154,8 +157,41 @@ async fn five_sdk_devices_complete_a_distributed_round_and_each_records_its_spen
             (d, report)
         }));
     }
+    let mut out = vec![];
     for h in handles {
-        let (d, report) = h.await.unwrap();
+        out.push(h.await.unwrap());
+    }
+    out
+}
+
+/// Waits until the run has committed `rounds` rounds (or 20 s pass); returns the run.
+async fn committed(server: &TestServer, run_id: &str, rounds: u64) -> pb::Run {
+    let mut admin_client = server.admin().await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let run = admin_client
+            .get_run(admin(pb::GetRunRequest {
+                run_id: run_id.to_string(),
+            }))
+            .await
+            .unwrap()
+            .into_inner();
+        if run.rounds_committed >= rounds || Instant::now() > deadline {
+            return run;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn five_sdk_devices_complete_a_distributed_round_and_each_records_its_spend() {
+    let server = TestServer::start().await;
+    let run_id = create_run(&server, 20).await;
+    let dir = tempfile::tempdir().unwrap();
+    let devices = (0..COHORT as usize)
+        .map(|n| device(dir.path(), n, DeviceConfig::default()))
+        .collect();
+    for (d, report) in participate_all(&server, devices).await {
         assert_eq!(report.uploads, 1, "{:#?}", report.events);
         let stages: Vec<&str> = report
             .events
@@ -179,26 +215,60 @@ async fn five_sdk_devices_complete_a_distributed_round_and_each_records_its_spen
     }
 
     // The coordinator unmasked the sum, committed the round, and its ledger verifies.
-    let mut admin_client = server.admin().await;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let run = loop {
-        let run = admin_client
-            .get_run(admin(pb::GetRunRequest {
-                run_id: run_id.clone(),
-            }))
-            .await
-            .unwrap()
-            .into_inner();
-        if run.rounds_committed >= 1 || Instant::now() > deadline {
-            break run;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let run = committed(&server, &run_id, 1).await;
     assert_eq!(run.rounds_committed, 1, "{run:?}");
-    let verification = admin_client
+    let verification = server
+        .admin()
+        .await
         .verify_ledger(admin(pb::VerifyLedgerRequest { run_id }))
         .await
         .unwrap()
         .into_inner();
     assert!(verification.intact, "{verification:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_device_whose_budget_cannot_pay_for_the_round_declines_before_advertising_and_the_rest_go_on()
+ {
+    let server = TestServer::start().await;
+    // Stages of at most 3 s: the key stage waits that long for the fifth device.
+    let run_id = create_run(&server, 3).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut devices: Vec<Device> = (0..COHORT as usize - 1)
+        .map(|n| device(dir.path(), n, DeviceConfig::default()))
+        .collect();
+    devices.push(device(
+        dir.path(),
+        9,
+        DeviceConfig {
+            budget_epsilon: 0.01,
+            ..DeviceConfig::default()
+        },
+    ));
+    let results = participate_all(&server, devices).await;
+    let (poor, poor_report) = &results[COHORT as usize - 1];
+    assert_eq!(poor_report.declines, 1, "{:#?}", poor_report.events);
+    assert!(
+        poor_report.events.iter().any(|e| matches!(
+            e,
+            ParticipationEvent::Declined { reason, .. } if reason == "DECLINE_REASON_PRIVACY_BUDGET_EXHAUSTED"
+        )),
+        "{:#?}",
+        poor_report.events
+    );
+    assert!(
+        !poor_report
+            .events
+            .iter()
+            .any(|e| matches!(e, ParticipationEvent::SecureAggregationStage { .. })),
+        "it said nothing: {:#?}",
+        poor_report.events
+    );
+    assert_eq!(poor.budget().unwrap().rounds, 0);
+    for (d, report) in &results[..COHORT as usize - 1] {
+        assert_eq!(report.uploads, 1, "{:#?}", report.events);
+        assert_eq!(d.budget().unwrap().rounds, 1);
+    }
+    let run = committed(&server, &run_id, 1).await;
+    assert_eq!(run.rounds_committed, 1, "{run:?}");
 }
