@@ -52,6 +52,21 @@
 //! accountant charges the segments' ρ's added together ([`crate::ledger::TreeRound`]).
 //! Restarts therefore never under-count ε; each one can cost some.
 //!
+//! # Distributed rounds
+//! With `privacy_mode = "distributed"` a round is a secure-aggregation round
+//! ([`crate::secure_round`]): it opens with a fresh round context and graph seed drawn from
+//! the caller's RNG, gives the first n = `sampling.target_size` eligible devices a task and a
+//! participant index while keys are advertised, and moves through the stages advertise keys →
+//! share keys → masked input → unmasking on [`Event::SecAggKeys`], [`Event::SecAggShares`],
+//! [`Event::MaskedUpdate`] and [`Event::SecAggUnmask`], each stage closing at its deadline or
+//! as soon as it waits for nobody ([`Engine::next_wakeup`] is the current stage's deadline).
+//! Devices read their input for a stage with [`Engine::secure_stage`]. When the sum is
+//! unmasked it is decoded, scaled back to model units, divided by the number of contributors
+//! and handed to the server optimiser; the round spends the distributed discrete Gaussian's
+//! RDP (checked against the budget before the round opens) and its ledger entry names the
+//! mechanism and the assumption. A stage that cannot go on abandons the round: nothing is
+//! unmasked, released or spent.
+//!
 //! # Adaptive clipping
 //! With `[adaptive_clipping]` the engine computes each accepted update's centred clip bit
 //! against the current C from the update itself (in central mode the coordinator sees the
@@ -801,6 +816,7 @@ impl Engine {
                     stage: ended.stage.clone(),
                     deadline_ms: ended.end_ms,
                     input: crate::secure_round::StageInput::None,
+                    poll_after_ms: crate::secure_round::poll_after_ms(1),
                 }),
                 Some(_) => Err(Rejection {
                     kind: RejectKind::InvalidArgument,
@@ -1802,7 +1818,7 @@ impl Engine {
             epsilon_assumption: Some(record.assumption.clone()),
             tree: None,
             next_clip_norm: None,
-            distributed: Some(record),
+            distributed: Some(Box::new(record)),
         };
         let stop = (self.progress_rounds >= self.manifest.rounds).then(|| {
             self.state = RunState::Stopped;

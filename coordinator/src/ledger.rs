@@ -195,7 +195,7 @@ pub enum LedgerEvent {
         epsilon_assumption: Option<String>,
         /// Distributed mode: the mechanism behind `rdp_increments` (absent otherwise).
         #[serde(default, skip_serializing_if = "Option::is_none")]
-        distributed: Option<DistributedRound>,
+        distributed: Option<Box<DistributedRound>>,
     },
     /// A round ended without a release: nothing was released and nothing spent.
     RoundAbandoned {

@@ -476,6 +476,14 @@ impl ImpactReport {
                     m.epsilon_assumption()
                 ),
             }],
+            None if m.distributed_plan().is_some() => vec![AudienceNote {
+                audience: Audience::ReleaseObservers.as_str().into(),
+                description: format!(
+                    "{}, under {}",
+                    Audience::ReleaseObservers.describe(),
+                    m.epsilon_assumption()
+                ),
+            }],
             None => vec![],
         };
         let sampling = match &m.sampling {
@@ -588,6 +596,7 @@ fn per_device_spend(
         Some(PrivacyMode::Local) => Audience::Anyone,
         _ => Audience::ReleaseObservers,
     };
+    let distributed = m.distributed_plan();
     // ε depends only on the multiset of (mode, σ) of a device's rounds: compute each once.
     let mut cache: BTreeMap<Vec<(&'static str, u64, u64)>, f64> = BTreeMap::new();
     let mut groups: BTreeMap<u64, (u64, f64)> = BTreeMap::new();
@@ -604,6 +613,15 @@ fn per_device_spend(
         let key: Vec<(&'static str, u64, u64)> =
             key.into_iter().map(|((m, s), c)| (m, s, c)).collect();
         let epsilon = match (tree_epsilon, cache.get(&key)) {
+            // Distributed rounds all use the run's one mechanism: its RDP, `counted` times.
+            _ if distributed.is_some() => {
+                let plan = distributed.as_ref().expect("checked");
+                if counted > 0 {
+                    plan.mechanism.epsilon_after(counted, delta, grid)?.epsilon
+                } else {
+                    0.0
+                }
+            }
             (Some(e), _) => {
                 if counted > 0 {
                     e

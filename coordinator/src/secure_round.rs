@@ -75,6 +75,9 @@ pub struct StageView {
     pub deadline_ms: i64,
     /// The device's input for it.
     pub input: StageInput,
+    /// How long the device should wait before polling again, ms: 100 ms per 50 devices of
+    /// the cohort (at most 5 s), so a round's polls stay near 500 a second whatever n.
+    pub poll_after_ms: i64,
 }
 
 /// How a round ended, once it has.
@@ -387,6 +390,7 @@ impl SecureRound {
             deadline_ms: self.stage_deadline(),
             stage,
             input,
+            poll_after_ms: poll_after_ms(self.info.config.cohort_size),
         })
     }
 
@@ -458,6 +462,11 @@ impl SecureRound {
     }
 }
 
+/// The polling interval for a cohort of `n` (see [`StageView::poll_after_ms`]).
+pub fn poll_after_ms(n: u32) -> i64 {
+    (100 * i64::from(n.div_ceil(50))).clamp(100, 5_000)
+}
+
 /// The stage's name in messages.
 pub fn stage_name(stage: &ServerStage) -> &'static str {
     match stage {
@@ -467,5 +476,19 @@ pub fn stage_name(stage: &ServerStage) -> &'static str {
         ServerStage::Unmasking => "UNMASKING",
         ServerStage::Completed => "COMPLETED",
         ServerStage::Aborted(_) => "ABORTED",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn polling_slows_down_with_the_cohort_size() {
+        assert_eq!(poll_after_ms(5), 100);
+        assert_eq!(poll_after_ms(50), 100);
+        assert_eq!(poll_after_ms(51), 200);
+        assert_eq!(poll_after_ms(1_000), 2_000);
+        assert_eq!(poll_after_ms(1_000_000), 5_000);
     }
 }

@@ -374,3 +374,272 @@ fn a_declined_task_frees_its_cohort_slot_for_the_next_device() {
     assert_eq!(kind, RejectKind::FailedPrecondition);
     assert!(msg.contains("already uploaded"), "{msg}");
 }
+
+/// A distributed run of five devices whose stages last 10 s each.
+fn distributed_manifest() -> String {
+    COHORT_MANIFEST
+        .replace(
+            "privacy_mode = \"central\"",
+            "privacy_mode = \"distributed\"",
+        )
+        .replace(
+            "target_size = 4\nminimum_size = 2",
+            "target_size = 5\nminimum_size = 3",
+        )
+        + r#"
+[secure_aggregation]
+noise = "discrete_gaussian"
+dropout_rate = 0.3
+corruption_rate = 0.0
+advertise_keys_seconds = 10
+share_keys_seconds = 10
+masked_input_seconds = 10
+unmasking_seconds = 10
+"#
+}
+
+#[test]
+fn a_distributed_round_moves_through_its_stages_at_their_deadlines_and_unmasks_the_exact_sum() {
+    use fedpref_coordinator::secure_round::StageInput;
+    use fedpref_secagg::{Client, ServerStage, rng::simulation_rng};
+
+    let mut h = Harness::new(&distributed_manifest());
+    let mut rng = simulation_rng(5, &[]);
+    let opened = h.now;
+    let mut waiting = vec![];
+    for i in 0..5 {
+        let task = h.task(&format!("device-{i}")).expect("five slots");
+        let info = task.secure_aggregation.clone().expect("a distributed task");
+        assert_eq!(info.deadlines[0], opened + 10_000);
+        assert_eq!(task.deadline_ms, info.deadlines[2], "the upload deadline");
+        let (state, keys) = Client::advertise(info.config.clone(), &mut rng).unwrap();
+        waiting.push((task, info, state, keys));
+    }
+    // The cohort is full: a sixth device waits for the next round.
+    assert!(h.task("device-5").is_none());
+    // Device 4 never advertises its keys; the others do.
+    let mut sharing = vec![];
+    for (task, info, state, keys) in waiting.into_iter().take(4) {
+        let actions = h.send(Event::SecAggKeys {
+            device: task.device.clone(),
+            round: task.round,
+            task_token: task.task_token.clone(),
+            keys,
+        });
+        assert!(
+            actions
+                .iter()
+                .any(|a| matches!(a, Action::SecAggAccepted { .. }))
+        );
+        sharing.push((task, info, state));
+    }
+    let view = |h: &Harness, task: &fedpref_coordinator::engine::Task| {
+        h.engine
+            .secure_stage(&task.device, task.round, &task.task_token)
+            .unwrap()
+    };
+    assert_eq!(view(&h, &sharing[0].0).stage, ServerStage::AdvertiseKeys);
+    // Nothing closes a second early; at the deadline the stage closes without device 4.
+    h.now = opened + 9_999;
+    h.send(Event::Tick);
+    assert_eq!(view(&h, &sharing[0].0).stage, ServerStage::AdvertiseKeys);
+    assert_eq!(h.engine.next_wakeup(), Some(opened + 10_000));
+    h.now = opened + 10_000;
+    h.send(Event::Tick);
+    let mut masking = vec![];
+    for (task, info, state) in sharing {
+        let StageInput::KeyDirectory(directory) = view(&h, &task).input else {
+            panic!("no directory");
+        };
+        assert_eq!(directory.neighbours.len(), 3);
+        let (state, shares) = state.share_keys(&directory, &mut rng).unwrap();
+        h.send(Event::SecAggShares {
+            device: task.device.clone(),
+            round: task.round,
+            task_token: task.task_token.clone(),
+            shares,
+        });
+        masking.push((task, info, state));
+    }
+    // Everyone in the stage answered: it closed at once, and the next one lasts 10 s from now.
+    assert_eq!(view(&h, &masking[0].0).stage, ServerStage::MaskedInput);
+    assert_eq!(h.engine.next_wakeup(), Some(h.now + 10_000));
+    let mut expected = vec![0i64; h.dimension()];
+    let mut unmasking = vec![];
+    for (k, (task, info, state)) in masking.into_iter().enumerate() {
+        let StageInput::ShareInbox(inbox) = view(&h, &task).input else {
+            panic!("no inbox");
+        };
+        let x: Vec<i64> = (0..expected.len() as i64)
+            .map(|j| j * 7 - 50 + k as i64)
+            .collect();
+        let encoded = info.config.encoding.encode_integers(&x).unwrap();
+        let (state, masked) = state.masked_input(&inbox, &encoded).unwrap();
+        // A plain update is refused in a distributed round.
+        let actions = h.send(Event::Update {
+            device: task.device.clone(),
+            round: task.round,
+            task_token: task.task_token.clone(),
+            values: vec![0.0; expected.len()],
+            examples: 1,
+        });
+        assert_eq!(rejection(&actions).0, RejectKind::InvalidArgument);
+        let actions = h.send(Event::MaskedUpdate {
+            device: task.device.clone(),
+            round: task.round,
+            task_token: task.task_token.clone(),
+            values: masked.values,
+        });
+        assert!(
+            actions
+                .iter()
+                .any(|a| matches!(a, Action::UpdateAccepted { .. }))
+        );
+        for (e, v) in expected.iter_mut().zip(&x) {
+            *e += v;
+        }
+        unmasking.push((task, state));
+    }
+    let mut committed = None;
+    for (task, state) in unmasking {
+        let StageInput::UnmaskingPlan(plan) = view(&h, &task).input else {
+            panic!("no plan");
+        };
+        let actions = h.send(Event::SecAggUnmask {
+            device: task.device.clone(),
+            round: task.round,
+            task_token: task.task_token.clone(),
+            unmask: state.unmask(&plan).unwrap(),
+        });
+        committed = committed.or(actions.into_iter().find_map(|a| match a {
+            Action::CommitRound(outcome) => Some(outcome),
+            _ => None,
+        }));
+    }
+    let outcome = committed.expect("the last answer completes the round");
+    assert_eq!(outcome.participants.len(), 4);
+    let sum = h.engine.last_unmasked_sum().unwrap();
+    assert_eq!(sum.integers, expected);
+    let LedgerEvent::RoundCommitted {
+        distributed: Some(record),
+        cumulative_epsilon,
+        ..
+    } = &outcome.event
+    else {
+        panic!("no distributed record");
+    };
+    assert_eq!(record.contributors, 4);
+    assert_eq!(
+        cumulative_epsilon[0].epsilon,
+        record
+            .mechanism
+            .epsilon_after(1, 1e-6, &OrderGrid::default())
+            .unwrap()
+            .epsilon
+    );
+}
+
+#[test]
+fn a_distributed_round_without_enough_keys_is_abandoned_at_the_first_deadline() {
+    let mut h = Harness::new(&distributed_manifest());
+    let opened = h.now;
+    for i in 0..5 {
+        h.task(&format!("device-{i}")).unwrap();
+    }
+    h.now = opened + 10_000;
+    let actions = h.send(Event::Tick);
+    let Some(Action::AbandonRound { reason, .. }) = actions
+        .iter()
+        .find(|a| matches!(a, Action::AbandonRound { .. }))
+    else {
+        panic!("not abandoned: {actions:?}");
+    };
+    assert!(reason.contains("nothing was unmasked"), "{reason}");
+    assert_eq!(h.engine.spent()[0].epsilon, 0.0);
+    assert_eq!(h.engine.open_round(), None);
+}
+
+#[test]
+fn a_restored_distributed_run_has_spent_exactly_its_committed_rounds() {
+    use fedpref_coordinator::aggregation::ServerState;
+    use fedpref_coordinator::engine::{Engine, Progress};
+
+    let manifest = common::manifest(&distributed_manifest());
+    let plan = manifest.distributed_plan().unwrap();
+    let params = vec![0.0; manifest.dimension()];
+    let engine = Engine::restore(
+        "run-test",
+        manifest.clone(),
+        Progress {
+            state: RunState::Active,
+            rounds_committed: 3,
+            next_round: 5,
+            current_version: 4,
+            server_state: ServerState::new(&manifest.server_optimizer, params.len()),
+            params,
+        },
+    );
+    let expected = plan
+        .mechanism
+        .epsilon_after(3, manifest.budget.delta, &OrderGrid::default())
+        .unwrap()
+        .epsilon;
+    assert_eq!(engine.spent()[0].epsilon, expected);
+    assert_eq!(engine.state(), RunState::Active);
+    assert!(engine.epsilon_assumption().contains("honest devices"));
+}
+
+#[test]
+fn a_distributed_run_stops_before_a_round_its_budget_cannot_pay_for() {
+    let text = distributed_manifest().replace("epsilon = 20.0", "epsilon = 0.01");
+    let mut h = Harness::new(&text);
+    let actions = h.check_in("device-0");
+    assert!(!actions.iter().any(|a| matches!(a, Action::SendTask(_))));
+    let stopped = actions.iter().find_map(|a| match a {
+        Action::StatusChanged {
+            event: LedgerEvent::RunStopped { reason, .. },
+            ..
+        } => Some(reason.clone()),
+        _ => None,
+    });
+    let reason = stopped.expect("the run stops");
+    assert!(reason.contains("budget exhausted"), "{reason}");
+    assert!(reason.contains("honest devices"), "{reason}");
+    assert_eq!(h.engine.state(), RunState::Stopped);
+}
+
+#[test]
+fn a_distributed_slot_declined_before_advertising_goes_to_the_next_device() {
+    use fedpref_secagg::{Client, rng::simulation_rng};
+
+    let mut h = Harness::new(&distributed_manifest());
+    let mut rng = simulation_rng(9, &[]);
+    let tasks: Vec<_> = (0..5)
+        .map(|i| h.task(&format!("device-{i}")).unwrap())
+        .collect();
+    assert!(h.task("device-5").is_none(), "the cohort is full");
+    // Device 1 advertises, then declines: its keys stay in the round, its slot is not freed.
+    let info = tasks[1].secure_aggregation.clone().unwrap();
+    let (_, keys) = Client::advertise(info.config.clone(), &mut rng).unwrap();
+    h.send(Event::SecAggKeys {
+        device: tasks[1].device.clone(),
+        round: tasks[1].round,
+        task_token: tasks[1].task_token.clone(),
+        keys,
+    });
+    for t in &tasks[..2] {
+        let actions = h.send(Event::Decline {
+            device: t.device.clone(),
+            round: t.round,
+            task_token: t.task_token.clone(),
+        });
+        assert!(
+            actions
+                .iter()
+                .any(|a| matches!(a, Action::TaskDeclined { .. }))
+        );
+    }
+    // Device 0 had not advertised: exactly one slot is free again.
+    assert!(h.task("device-6").is_some());
+    assert!(h.task("device-7").is_none());
+}

@@ -324,8 +324,27 @@ pub fn manifest_from_proto(m: &pb::RunManifest) -> Result<RunManifest, Status> {
         secure_aggregation,
     };
     // The same validation (and σ calibration) as a manifest file.
-    RunManifest::from_toml(&manifest.to_toml(), MANIFEST_SOURCE)
-        .map_err(|e| Status::invalid_argument(e.to_string()))
+    let manifest = RunManifest::from_toml(&manifest.to_toml(), MANIFEST_SOURCE)
+        .map_err(|e| Status::invalid_argument(e.to_string()))?;
+    // A neighbour count is derived; one that repeats the derived value (as `GetRun` reports
+    // it) is accepted, any other refused.
+    if let (Some(c), Some(plan)) = (&m.secure_aggregation, manifest.distributed_plan()) {
+        let derived = if plan.params.complete {
+            0
+        } else {
+            plan.params.degree
+        };
+        if c.neighbour_count != 0 && c.neighbour_count != derived {
+            return Err(invalid(
+                "manifest.secure_aggregation.neighbour_count",
+                format!(
+                    "{}: the neighbour count is derived from dropout_rate and corruption_rate ({derived} here, 0 meaning the complete graph); give 0",
+                    c.neighbour_count
+                ),
+            ));
+        }
+    }
+    Ok(manifest)
 }
 
 /// A TOML manifest as the protocol's `RunManifest`.
@@ -555,18 +574,13 @@ pub fn secure_aggregation_to_proto(m: &RunManifest) -> Option<pb::SecureAggregat
 
 /// A protocol `SecureAggregationConfig` as the manifest's section. 0 (or unset) takes the
 /// default for `threshold`, `fixed_point_scale`, `rounding_beta`, `assumed_honest_devices`
-/// and the durations; `neighbour_count` is derived and must be 0, `modulus_bits` 0 or 32.
+/// and the durations; `neighbour_count` is derived (checked by the caller: 0 or the derived
+/// value), `modulus_bits` must be 0 or 32.
 fn secure_aggregation_from_proto(
     c: &pb::SecureAggregationConfig,
 ) -> Result<crate::distributed::SecureAggregationSpec, Status> {
     use crate::distributed::DistributedNoiseKind;
     const F: &str = "manifest.secure_aggregation";
-    if c.neighbour_count != 0 {
-        return Err(invalid(
-            &format!("{F}.neighbour_count"),
-            "must be 0: the neighbour count is derived from dropout_rate and corruption_rate",
-        ));
-    }
     if c.modulus_bits != 0 && c.modulus_bits != fedpref_secagg::encoding::MODULUS_BITS {
         return Err(invalid(
             &format!("{F}.modulus_bits"),

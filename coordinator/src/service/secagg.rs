@@ -22,7 +22,8 @@ use super::{Shared, auth, coordinator_status, duration, invalid, now_ms, timesta
 use crate::engine::{Action, Event};
 use crate::secure_round::{SecureRoundInfo, StageInput};
 
-/// How long a device should wait between `GetStage` polls, in ms.
+/// How long a device should wait after `AdvertiseKeys` or `ShareKeys` before its first
+/// `GetStage`, in ms (`GetStage` itself answers with an interval that grows with the cohort).
 pub const POLL_AFTER_MS: i64 = 100;
 
 /// The SecureAggregationService implementation.
@@ -221,7 +222,7 @@ impl SecureAggregationService for SecureAggregationApi {
         Ok(Response::new(pb::StageUpdate {
             stage: stage_to_proto(&view.stage) as i32,
             stage_deadline: Some(timestamp(view.deadline_ms)),
-            poll_after: Some(duration(POLL_AFTER_MS)),
+            poll_after: Some(duration(view.poll_after_ms)),
             input,
             abort_reason: match view.stage {
                 ServerStage::Aborted(reason) => reason,
