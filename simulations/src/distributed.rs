@@ -1,70 +1,68 @@
 //! `--privacy-mode distributed` in-process: distributed DP under secure aggregation, with
-//! simulated drop-out.
+//! simulated drop-out, driving **the coordinator's round engine** (its secure-aggregation
+//! stages, aggregation, server optimiser and accountant) as `sim.rs` does for the other
+//! modes.
 //!
 //! Each round:
 //! 1. the cohort is drawn exactly as in the other modes ([`crate::sim::candidates`], stream
-//!    (seed, 3, round)); distributed mode needs `--cohort-size` (the coordinator knows who
-//!    took part, so no amplification by sampling is claimed and rounds compose at q = 1);
+//!    (seed, 3, round)) and checks in (`Event::CheckIn`); distributed mode needs
+//!    `--cohort-size` (the coordinator knows who took part, so no amplification by sampling is
+//!    claimed and rounds compose at q = 1). The engine gives each a task carrying the round's
+//!    secure-aggregation config (context and graph seed from the engine's RNG, stream
+//!    (seed, 5, round));
 //! 2. the devices train in parallel with the SDK's [`local_round`], clip to C with
-//!    [`clip_l2`], and make their noised integer share with the privacy crate's
+//!    [`clip_l2`], and make their noised integer share with the task's
 //!    [`DistributedDiscreteGaussian`] (conditional randomised rounding to the lattice γ·Z, plus
 //!    the discrete Gaussian share of variance s²), drawn by a [`SimulationShareSampler`] seeded
-//!    from (seed, round, user) — so reruns are byte-identical whatever the thread count;
-//! 3. the shares are encoded modulo 2³² with the round's checked [`FixedPoint`] encoding and go
-//!    through the real SecAgg+ protocol ([`fedpref_secagg::inprocess::run_round`]: X25519 key
-//!    agreement, Shamir sharing, ChaCha20 masks, unmasking) with keys from
-//!    [`fedpref_secagg::rng::simulation_rng`] on stream (seed, round);
+//!    from (seed, round, user) — so reruns are byte-identical whatever the thread count — and
+//!    encode it modulo 2³² with the round's checked [`FixedPoint`] encoding;
+//! 3. the four stages run through the engine with the real SecAgg+ client
+//!    ([`fedpref_secagg::Client`]: X25519 key agreement, Shamir sharing, ChaCha20 masks,
+//!    unmasking; keys from [`fedpref_secagg::rng::simulation_rng`] on stream (seed, round)):
+//!    `Event::SecAggKeys`, `SecAggShares`, `MaskedUpdate`, `SecAggUnmask`, each device reading
+//!    its input with `Engine::secure_stage`. A stage closes as soon as every device has
+//!    answered; otherwise the simulated clock jumps to its deadline and a tick closes it;
 //! 4. drop-out (`--dropout RATE`): each cohort member independently drops out with probability
 //!    RATE, at a stage drawn uniformly from the four (before advertising keys, before sharing
 //!    them, before uploading its masked input, before answering the unmasking request), from
 //!    stream (seed, 13, round). Devices that drop after uploading are recovered by the
 //!    unmasking stage; when fewer than the threshold t (or the minimum number of contributors
-//!    m) survive a stage, the server abandons the round: nothing is unmasked, the model does
+//!    m) survive a stage, the engine abandons the round: nothing is unmasked, the model does
 //!    not move and **no ε is spent**;
-//! 5. the unmasked sum is decoded (centred, times γ) and aggregated as the coordinator does
-//!    in this mode (`Aggregate::from_unmasked_sum`): Δ = noised sum / the number of
-//!    contributors (under zero-out neighbouring they are the same in both worlds, so this is
-//!    post-processing), then one step of the server optimiser
-//!    ([`fedpref_coordinator::aggregation::apply`]). The noised sum enters the coordinator's
-//!    aggregator as a single already-noised value (its `local` treatment: post-processing of a
-//!    DP release, with simulated provenance), so no noise is added on the server;
-//! 6. ε: each committed round composes the mechanism's RDP curve (KLS21 Prop. 14) into an
-//!    [`RdpAccountant`] over the default order grid; ε at δ is reported for the audience
-//!    `release_observers`.
+//! 5. the engine decodes the unmasked sum, divides it by its contributors, takes a server
+//!    optimiser step, and composes the mechanism's RDP (KLS21 Prop. 14) into the run's
+//!    accountant; ε is reported for the audience `release_observers`.
 //!
 //! # Parameters of the round
 //! The settings make a run manifest in mode `distributed` (with a `[secure_aggregation]`
 //! section: `--dropout` as its drop-out rate, `--corruption-rate` as its corruption rate, and
 //! `sampling.minimum_size` = ⌈(1 − 2·RATE)·n⌉: the expected survivors at drop-out rate RATE,
-//! minus as many again), validated by the coordinator's manifest code, and every round's
-//! parameters come from the coordinator's own [`fedpref_coordinator::distributed::plan`]: the
+//! minus as many again), validated by the coordinator's manifest code; the engine takes every
+//! round's parameters from the coordinator's [`fedpref_coordinator::distributed::plan`]: the
 //! graph degree k and threshold t ([`SecAggParams::choose`]), m = max(t, minimum_size), the
 //! lattice step, and the per-device noise variance sized so that the `m − ⌈γn⌉ − 1` honest
 //! devices guaranteed in a released sum (m, minus the colluders, minus the user) carry (σC)²
-//! between them. A coordinator given the same manifest picks the same numbers.
+//! between them.
 //!
 //! # What is simulated
-//! The protocol, the noise and the encoding are the real ones; the devices and the server
-//! run in one process and every message is handed over in memory. The coordinator's round
-//! engine is not driven here: its ledger and run manifest do not take part.
+//! The engine, the protocol, the noise and the encoding are the real ones; the devices run in
+//! one process, every message is handed over in memory, and the clock is simulated.
 
 use std::time::Instant;
 
 use fedpref_client_sdk::{LocalTraining, local_round};
-use fedpref_coordinator::aggregation::{
-    AggregationPrivacy, RoundAggregator, ServerOptimizer, ServerState, apply,
-};
+use fedpref_coordinator::engine::{Action, Engine, Event, RunState, Task};
 use fedpref_coordinator::ledger::AudienceEpsilon;
 use fedpref_coordinator::manifest::{ManifestPrivacyMode, RunManifest};
 use fedpref_coordinator::model::initial_parameters;
+use fedpref_coordinator::secure_round::StageInput;
 use fedpref_privacy::distributed::{DistributedDiscreteGaussian, SimulationShareSampler};
-use fedpref_privacy::{Audience, OrderGrid, RdpAccountant, SimulationSampler, clip_l2};
-use fedpref_secagg::inprocess::{Dropouts, run_round};
+use fedpref_privacy::{SimulationSampler, clip_l2};
+use fedpref_secagg::inprocess::Dropouts;
 use fedpref_secagg::rng::simulation_rng;
-use fedpref_secagg::{
-    EncodedInput, FixedPoint, RoundConfig, RoundContext, SecAggError, SecAggParams,
-};
+use fedpref_secagg::{Client, EncodedInput, FixedPoint, SecAggParams, ServerStage};
 use rand::RngExt;
+use rand::rngs::Xoshiro256PlusPlus;
 use rayon::prelude::*;
 
 use crate::data::{Dataset, splitmix64, stream_rng};
@@ -119,26 +117,6 @@ impl DistributedPlan {
     pub fn assumption(&self) -> String {
         self.assumption.clone()
     }
-
-    fn round_config(&self, seed: u64, round: u64) -> Result<RoundConfig, SecAggError> {
-        let mut context = [0u8; 32];
-        let mut graph_seed = [0u8; 32];
-        for (i, chunk) in context.chunks_mut(8).enumerate() {
-            chunk.copy_from_slice(&splitmix64(seed ^ splitmix64(round) ^ i as u64).to_le_bytes());
-        }
-        for (i, chunk) in graph_seed.chunks_mut(8).enumerate() {
-            chunk.copy_from_slice(
-                &splitmix64(seed ^ splitmix64(round ^ 0x5eed) ^ (i as u64 + 4)).to_le_bytes(),
-            );
-        }
-        RoundConfig::new(
-            RoundContext(context),
-            &self.secagg,
-            graph_seed,
-            *self.encoding.params(),
-            self.min_contributors,
-        )
-    }
 }
 
 /// A simulated run in mode `distributed` (see the module docs).
@@ -146,27 +124,46 @@ pub struct DistributedSimulation<'d> {
     settings: Settings,
     data: &'d Dataset,
     plan: DistributedPlan,
-    optimizer: ServerOptimizer,
-    state: ServerState,
-    params: Vec<f32>,
-    version: u64,
-    accountant: RdpAccountant,
+    engine: Engine,
+    now: i64,
     item_ids: Vec<String>,
     cohort: u32,
-    committed: u64,
     step: u64,
-    /// Where the time went so far (aggregation: the secure-aggregation round and the server
-    /// step).
+    /// Where the time went so far (aggregation: the secure-aggregation stages in the engine,
+    /// aggregation and the server step).
     pub timings: Timings,
     /// Masked inputs that entered a released sum so far.
     pub client_updates: u64,
-    /// Bytes each device sent, summed over devices and rounds: advertise, share keys, masked
-    /// input, unmask.
+    /// Bytes the devices sent, summed over devices and rounds (protobuf sizes): advertise,
+    /// share keys, masked input, unmask.
     pub bytes_sent: [u64; 4],
 }
 
+/// A device still in the round, with the secagg client state of its next stage.
+struct Participant<S> {
+    /// 1-based position in check-in order: the index `Dropouts` refers to.
+    number: u32,
+    task: Task,
+    state: S,
+}
+
+/// How a round ended.
+#[derive(Default)]
+struct Outcome {
+    contributions: u64,
+    abandoned: Option<String>,
+    ended: bool,
+}
+
+/// The round's RNG and noise sampler for the engine (its round context and graph seed).
+struct EngineRandomness {
+    rng: Xoshiro256PlusPlus,
+    sampler: SimulationSampler,
+}
+
 impl<'d> DistributedSimulation<'d> {
-    /// A fresh run from the coordinator's initial parameters for the run's seed.
+    /// A fresh run at the engine's version 0 (initial parameters from the coordinator's
+    /// `initial_parameters` with the run's seed).
     pub fn new(settings: &Settings, data: &'d Dataset) -> Result<Self, SimError> {
         if settings.privacy_mode != ManifestPrivacyMode::Distributed {
             return Err(SimError::Settings(format!(
@@ -181,21 +178,17 @@ impl<'d> DistributedSimulation<'d> {
         };
         let cohort = k.min(population as u32);
         let manifest = settings.manifest(population, data.items.len())?;
-        let params = initial_parameters(&manifest.model, settings.seed);
         let plan = DistributedPlan::from_manifest(&manifest)?;
+        let params = initial_parameters(&manifest.model, settings.seed);
         Ok(Self {
             settings: settings.clone(),
             data,
-            optimizer: settings.server_optimizer,
-            state: ServerState::new(&settings.server_optimizer, params.len()),
-            params,
-            version: 0,
-            accountant: RdpAccountant::new(OrderGrid::default()),
+            plan,
+            engine: Engine::new("fedpref-sim", manifest, params),
+            now: 1_700_000_000_000,
             item_ids: data.items.iter().map(|i| i.id.clone()).collect(),
             cohort,
-            committed: 0,
             step: 0,
-            plan,
             timings: Timings::default(),
             client_updates: 0,
             bytes_sent: [0; 4],
@@ -209,7 +202,7 @@ impl<'d> DistributedSimulation<'d> {
 
     /// The assumption the run's ε rests on, in words.
     pub fn epsilon_assumption(&self) -> String {
-        self.plan.assumption()
+        self.engine.epsilon_assumption()
     }
 
     /// The cohort size n of every round.
@@ -219,39 +212,40 @@ impl<'d> DistributedSimulation<'d> {
 
     /// Rounds whose sum was released.
     pub fn rounds_committed(&self) -> u64 {
-        self.committed
+        self.engine.rounds_committed()
+    }
+
+    /// The round engine (read-only).
+    pub fn engine(&self) -> &Engine {
+        &self.engine
     }
 
     /// The current shared model, as the SDK sees it after a download.
     pub fn model(&self) -> Result<fedpref_client_sdk::MatrixFactorization, SimError> {
+        let (version, params) = self.engine.model();
         Ok(shared_model(
-            self.version,
+            version,
             &self.item_ids,
             self.settings.factors,
-            &self.params,
+            params,
         )?)
     }
 
-    /// Cumulative ε (audience `release_observers`) at the run's δ.
-    pub fn spent(&self) -> Result<Vec<AudienceEpsilon>, SimError> {
-        let epsilon = if self.committed == 0 {
-            0.0
-        } else {
-            self.accountant.epsilon(self.settings.delta)?.epsilon
-        };
-        Ok(vec![AudienceEpsilon {
-            audience: Audience::ReleaseObservers.as_str().into(),
-            epsilon,
-        }])
+    /// Cumulative ε (audience `release_observers`) at the run's δ, from the engine.
+    pub fn spent(&self) -> Vec<AudienceEpsilon> {
+        self.engine.spent()
     }
 
-    /// Runs every round, calling `progress` after each.
+    /// Runs every round, calling `progress` after each. As in the other modes the engine
+    /// stops the run after its last committed round (abandoned rounds do not count); the
+    /// bound only guards against a run in which no round ever commits.
     pub fn run(
         &mut self,
         mut progress: impl FnMut(&RoundRecord),
     ) -> Result<Vec<RoundRecord>, SimError> {
         let mut records = vec![];
-        while self.step < self.settings.rounds {
+        let limit = self.settings.rounds.saturating_mul(100).max(1_000);
+        while self.engine.state() == RunState::Active && self.step < limit {
             let record = self.run_round()?;
             progress(&record);
             records.push(record);
@@ -278,59 +272,79 @@ impl<'d> DistributedSimulation<'d> {
         let round = self.step;
         let start = Instant::now();
         let seed = self.settings.seed;
-        let users = candidates(&self.settings, self.data, round);
-        let model = self.model()?;
-        let training = self.settings.training;
-        let data = self.data;
-        let clip_norm = self.settings.clip_norm;
-        let mechanism = self.plan.mechanism;
-        let encoding = self.plan.encoding;
-        let shares: Vec<DeviceShare> = users
-            .par_iter()
-            .map(|&user| {
-                device_share(
-                    &model, data, user, &training, clip_norm, &mechanism, &encoding, seed, round,
-                )
-            })
-            .collect::<Result<_, _>>()?;
-        let mut inputs = Vec::with_capacity(shares.len());
-        for s in shares {
-            self.timings.fit_ns += s.fit_ns;
-            self.timings.privacy_ns += s.privacy_ns;
-            inputs.push(s.input);
-        }
-
         let t = Instant::now();
-        let config = self
-            .plan
-            .round_config(seed, round)
-            .map_err(|e| SimError::Settings(format!("round {round}: {e}")))?;
-        let mut rng = simulation_rng(seed, &[round]);
-        let (contributions, abandoned) = match run_round(&config, &inputs, dropouts, &mut rng) {
-            Ok((output, bytes)) => {
-                for sent in bytes.by_participant.values() {
-                    for (total, b) in self.bytes_sent.iter_mut().zip(sent) {
-                        *total += *b as u64;
-                    }
-                }
-                let sum = config.encoding.decode_integers(&output.sum);
-                self.release(&sum, output.contributors.len())?;
-                (output.contributors.len() as u64, None)
-            }
-            Err(SecAggError::Abandoned(reason)) => {
-                (0, Some(format!("secure aggregation: {reason}")))
-            }
-            Err(e) => {
-                return Err(SimError::Settings(format!(
-                    "round {round}: secure aggregation failed: {e}"
-                )));
-            }
+        let mut random = EngineRandomness {
+            rng: stream_rng(seed, &[5, round]),
+            sampler: SimulationSampler::for_stream(seed, &[round, u64::MAX - 1]),
         };
-        self.client_updates += contributions;
+        let mut tasks = Vec::new();
+        for user in candidates(&self.settings, self.data, round) {
+            let actions = self.engine.handle(
+                Event::CheckIn {
+                    device: format!("u{user}"),
+                    eligible: true,
+                },
+                self.now,
+                &mut random.rng,
+                &mut random.sampler,
+            );
+            for a in actions {
+                if let Action::SendTask(task) = a {
+                    tasks.push((user, task));
+                }
+            }
+        }
         self.timings.aggregation_ns += t.elapsed().as_nanos() as u64;
+
+        let mut outcome = Outcome::default();
+        if let Some(info) = tasks
+            .first()
+            .and_then(|(_, t)| t.secure_aggregation.clone())
+        {
+            let model = self.model()?;
+            let training = self.settings.training;
+            let data = self.data;
+            let clip_norm = self.settings.clip_norm;
+            let mechanism = info.plan.mechanism;
+            let encoding = info.config.encoding;
+            let shares: Vec<DeviceShare> = tasks
+                .par_iter()
+                .map(|(user, _)| {
+                    device_share(
+                        &model, data, *user, &training, clip_norm, &mechanism, &encoding, seed,
+                        round,
+                    )
+                })
+                .collect::<Result<_, _>>()?;
+            let mut inputs = Vec::with_capacity(shares.len());
+            for s in shares {
+                self.timings.fit_ns += s.fit_ns;
+                self.timings.privacy_ns += s.privacy_ns;
+                inputs.push(s.input);
+            }
+            let t = Instant::now();
+            let tasks: Vec<Task> = tasks.into_iter().map(|(_, task)| task).collect();
+            self.secure_round(
+                round,
+                &info.config,
+                tasks,
+                &inputs,
+                dropouts,
+                &mut random,
+                &mut outcome,
+            )?;
+            self.timings.aggregation_ns += t.elapsed().as_nanos() as u64;
+        } else {
+            outcome.abandoned = Some(if tasks.is_empty() {
+                "no device checked in, so the engine opened no round".into()
+            } else {
+                "the engine's tasks carry no secure-aggregation round".into()
+            });
+        }
+        self.client_updates += outcome.contributions;
         self.timings.rounds_wall_ns += start.elapsed().as_nanos() as u64;
 
-        let last = round >= self.settings.rounds;
+        let last = self.engine.state() != RunState::Active;
         let every = self.settings.eval_every;
         let evaluation = if last || (every > 0 && round.is_multiple_of(every)) {
             let t = Instant::now();
@@ -347,43 +361,216 @@ impl<'d> DistributedSimulation<'d> {
         };
         Ok(RoundRecord {
             round,
-            contributions,
-            abandoned,
-            epsilon: self.spent()?,
+            contributions: outcome.contributions,
+            abandoned: outcome.abandoned,
+            epsilon: self.spent(),
             evaluation,
             feedback: None,
             clip_norm: None,
         })
     }
 
-    /// Δ = noised sum · γ / contributors, one server-optimiser step, and the round's ε.
-    fn release(&mut self, sum: &[i64], contributors: usize) -> Result<(), SimError> {
-        let denominator = contributors as f64;
-        let granularity = self.plan.mechanism.granularity();
-        let delta: Vec<f32> = sum
-            .iter()
-            .map(|&v| (v as f64 * granularity / denominator) as f32)
-            .collect();
-        let refused = |e: &dyn std::fmt::Display| SimError::Settings(format!("aggregation: {e}"));
-        // The sum is already noised: the aggregator's `local` treatment (a weighted mean, here
-        // of one value) is post-processing and adds nothing.
-        let mut aggregator =
-            RoundAggregator::new(&self.optimizer, &AggregationPrivacy::Local, delta.len())
-                .map_err(|e| refused(&e))?;
-        aggregator.add(&delta, 1.0).map_err(|e| refused(&e))?;
-        let aggregate = aggregator
-            .finish(&mut SimulationSampler::seed_from_u64(0))
-            .map_err(|e| refused(&e))?;
-        apply(
-            &self.optimizer,
-            &mut self.state,
-            &mut self.params,
-            &aggregate,
-        )
-        .map_err(|e| refused(&e))?;
-        self.plan.mechanism.compose_into(&mut self.accountant, 1)?;
-        self.version += 1;
-        self.committed += 1;
+    /// Hands one event to the engine, recording a commit or an abandonment; a refusal of
+    /// what a simulated device did is an error.
+    fn send(
+        &mut self,
+        round: u64,
+        event: Event,
+        device: &str,
+        random: &mut EngineRandomness,
+        outcome: &mut Outcome,
+    ) -> Result<(), SimError> {
+        let actions = self
+            .engine
+            .handle(event, self.now, &mut random.rng, &mut random.sampler);
+        for a in actions {
+            match a {
+                Action::CommitRound(o) => {
+                    outcome.contributions = o.participants.len() as u64;
+                    outcome.ended = true;
+                }
+                Action::AbandonRound { reason, .. } => {
+                    outcome.abandoned = Some(format!("secure aggregation: {reason}"));
+                    outcome.ended = true;
+                }
+                Action::Reject { rejection, .. } => {
+                    return Err(SimError::Refused {
+                        round,
+                        device: device.to_string(),
+                        message: rejection.message,
+                    });
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// If the round is still in `stage` (someone did not answer), jumps the simulated clock
+    /// to the stage's deadline and ticks, which closes it.
+    fn close(
+        &mut self,
+        round: u64,
+        anchor: &Task,
+        stage: ServerStage,
+        random: &mut EngineRandomness,
+        outcome: &mut Outcome,
+    ) -> Result<(), SimError> {
+        if outcome.ended {
+            return Ok(());
+        }
+        let current = self
+            .engine
+            .secure_stage(&anchor.device, anchor.round, &anchor.task_token)
+            .map(|v| v.stage)
+            .map_err(|r| SimError::Refused {
+                round,
+                device: anchor.device.clone(),
+                message: r.message,
+            })?;
+        if current == stage {
+            self.now = self.engine.next_wakeup().unwrap_or(self.now).max(self.now);
+            self.send(round, Event::Tick, "(the clock)", random, outcome)?;
+        }
+        Ok(())
+    }
+
+    /// The device's input for the current stage (`StageInput::None` once it is out).
+    fn input(&self, task: &Task) -> StageInput {
+        self.engine
+            .secure_stage(&task.device, task.round, &task.task_token)
+            .map_or(StageInput::None, |v| v.input)
+    }
+
+    /// The four stages of one round (see the module docs).
+    #[allow(clippy::too_many_arguments)]
+    fn secure_round(
+        &mut self,
+        round: u64,
+        config: &fedpref_secagg::RoundConfig,
+        tasks: Vec<Task>,
+        inputs: &[EncodedInput],
+        dropouts: &Dropouts,
+        random: &mut EngineRandomness,
+        outcome: &mut Outcome,
+    ) -> Result<(), SimError> {
+        let mut keys_rng = simulation_rng(self.settings.seed, &[round]);
+        let secagg = |e: fedpref_secagg::SecAggError| {
+            SimError::Settings(format!("round {round}: secure aggregation failed: {e}"))
+        };
+        let anchor = tasks[0].clone();
+        // Stage 1: advertise keys.
+        let mut advertised = vec![];
+        for (k, task) in tasks.into_iter().enumerate() {
+            let number = k as u32 + 1;
+            if dropouts.before_keys.contains(&number) {
+                continue;
+            }
+            let (state, keys) = Client::advertise(config.clone(), &mut keys_rng).map_err(secagg)?;
+            self.bytes_sent[0] += keys.wire_len() as u64;
+            let event = Event::SecAggKeys {
+                device: task.device.clone(),
+                round: task.round,
+                task_token: task.task_token.clone(),
+                keys,
+            };
+            self.send(round, event, &task.device, random, outcome)?;
+            advertised.push(Participant {
+                number,
+                task,
+                state,
+            });
+        }
+        self.close(round, &anchor, ServerStage::AdvertiseKeys, random, outcome)?;
+        // Stage 2: share keys.
+        let mut sharing = vec![];
+        for p in advertised {
+            if outcome.ended {
+                break;
+            }
+            let StageInput::KeyDirectory(directory) = self.input(&p.task) else {
+                continue;
+            };
+            if dropouts.before_shares.contains(&p.number) {
+                continue;
+            }
+            let (state, shares) = p
+                .state
+                .share_keys(&directory, &mut keys_rng)
+                .map_err(secagg)?;
+            self.bytes_sent[1] += shares.wire_len() as u64;
+            let event = Event::SecAggShares {
+                device: p.task.device.clone(),
+                round: p.task.round,
+                task_token: p.task.task_token.clone(),
+                shares,
+            };
+            self.send(round, event, &p.task.device, random, outcome)?;
+            sharing.push(Participant {
+                number: p.number,
+                task: p.task,
+                state,
+            });
+        }
+        self.close(round, &anchor, ServerStage::ShareKeys, random, outcome)?;
+        // Stage 3: masked input.
+        let mut uploaded = vec![];
+        for p in sharing {
+            if outcome.ended {
+                break;
+            }
+            let StageInput::ShareInbox(inbox) = self.input(&p.task) else {
+                continue;
+            };
+            if dropouts.before_input.contains(&p.number) {
+                continue;
+            }
+            let (state, masked) = p
+                .state
+                .masked_input(&inbox, &inputs[p.number as usize - 1])
+                .map_err(secagg)?;
+            self.bytes_sent[2] += masked.wire_len() as u64;
+            let event = Event::MaskedUpdate {
+                device: p.task.device.clone(),
+                round: p.task.round,
+                task_token: p.task.task_token.clone(),
+                values: masked.values,
+            };
+            self.send(round, event, &p.task.device, random, outcome)?;
+            uploaded.push(Participant {
+                number: p.number,
+                task: p.task,
+                state,
+            });
+        }
+        self.close(round, &anchor, ServerStage::MaskedInput, random, outcome)?;
+        // Stage 4: unmasking.
+        for p in uploaded {
+            if outcome.ended {
+                break;
+            }
+            let StageInput::UnmaskingPlan(plan) = self.input(&p.task) else {
+                continue;
+            };
+            if dropouts.before_unmask.contains(&p.number) {
+                continue;
+            }
+            let reply = p.state.unmask(&plan).map_err(secagg)?;
+            self.bytes_sent[3] += reply.wire_len() as u64;
+            let event = Event::SecAggUnmask {
+                device: p.task.device.clone(),
+                round: p.task.round,
+                task_token: p.task.task_token.clone(),
+                unmask: reply,
+            };
+            self.send(round, event, &p.task.device, random, outcome)?;
+        }
+        self.close(round, &anchor, ServerStage::Unmasking, random, outcome)?;
+        if !outcome.ended {
+            return Err(SimError::Settings(format!(
+                "round {round}: the engine neither committed nor abandoned the round after its last stage"
+            )));
+        }
         Ok(())
     }
 }
