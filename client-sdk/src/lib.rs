@@ -54,7 +54,10 @@
 //! - [`model`]: the [`PreferenceModel`] trait and [`MatrixFactorization`] (the maths of
 //!   `../shared/bench/WORKLOAD.md`); [`recommend`]: the guardrails.
 //! - [`upload`]: [`Device::prepare_upload`], the one function that clips, noises and
-//!   records, and [`PreparedUpload`], the only thing that may be uploaded.
+//!   records, and [`PreparedUpload`], the only thing that may be uploaded; in distributed
+//!   mode [`Device::prepare_share`] and [`PreparedShare`], the only thing that may be masked.
+//! - [`secure_aggregation`]: a distributed task's round parameters, checked before the
+//!   device says anything, and the secure-aggregation message conversions.
 //! - [`participation`]: [`CoordinatorClient`] (the gRPC calls, retries, resumable
 //!   download) and [`participate`] (rounds with a [`Device`]).
 //! - [`evaluation`]: federated evaluation, the aggregate counts behind the coordinator's
