@@ -54,7 +54,10 @@
 //! - [`model`]: the [`PreferenceModel`] trait and [`MatrixFactorization`] (the maths of
 //!   `../shared/bench/WORKLOAD.md`); [`recommend`]: the guardrails.
 //! - [`upload`]: [`Device::prepare_upload`], the one function that clips, noises and
-//!   records, and [`PreparedUpload`], the only thing that may be uploaded.
+//!   records, and [`PreparedUpload`], the only thing that may be uploaded; in distributed
+//!   mode [`Device::prepare_share`] and [`PreparedShare`], the only thing that may be masked.
+//! - [`secure_aggregation`]: a distributed task's round parameters, checked before the
+//!   device says anything, and the secure-aggregation message conversions.
 //! - [`participation`]: [`CoordinatorClient`] (the gRPC calls, retries, resumable
 //!   download) and [`participate`] (rounds with a [`Device`]).
 //! - [`evaluation`]: federated evaluation, the aggregate counts behind the coordinator's
@@ -70,6 +73,7 @@ pub mod examples;
 pub mod model;
 pub mod participation;
 pub mod recommend;
+pub mod secure_aggregation;
 pub mod store;
 mod time;
 pub mod upload;
@@ -93,7 +97,7 @@ pub use participation::{
 };
 pub use recommend::{Guardrails, PersonalView, Ranker, Reason, Recommendation};
 pub use time::Timestamp;
-pub use upload::{PreparedUpload, TrainingTask};
+pub use upload::{PreparedShare, PreparedUpload, TrainingTask};
 
 pub use fedpref_privacy;
 pub use fedpref_proto;
@@ -146,7 +150,7 @@ pub enum SdkError {
     BudgetExceeded(PrivacyError),
     /// The task's privacy mode is one the SDK cannot honour.
     #[error(
-        "privacy mode {0} is not supported on the device: only local mode (the device adds all the noise) is built"
+        "privacy mode {0} cannot be released this way: `prepare_upload` releases local-mode updates and `prepare_share` distributed-mode shares; in central mode the device does not upload"
     )]
     UnsupportedMode(PrivacyMode),
     /// The task is for a model version the device does not hold.

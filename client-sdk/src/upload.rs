@@ -9,18 +9,28 @@
 //! is for another model version or there is nothing to learn from. [`PreparedUpload`] has
 //! private fields and no constructor outside this module, so holding one proves all
 //! three steps happened; the gRPC client will take nothing else.
+//!
+//! In distributed mode [`Device::prepare_share`] → [`PreparedShare`] is the counterpart: it
+//! fits, **clips**, makes the device's **noised integer share** with the task's
+//! [`DistributedDiscreteGaussian`] (conditional randomised rounding and discrete Gaussian
+//! noise from a [`SecureShareSampler`] seeded by the operating system), **encodes** it in the
+//! round's checked fixed point modulo 2³², and **records the spend** before returning. Only a
+//! `PreparedShare` can be masked and uploaded in that mode.
 
+use fedpref_privacy::distributed::{DistributedDiscreteGaussian, SecureShareSampler};
 use fedpref_privacy::{
     GaussianMechanism, PrivacyError, PrivacyMode, PrivacyStatement, Released, RoundRelease, Secure,
     SecureSampler, clip_l2,
 };
 use fedpref_proto::TensorError;
 use fedpref_proto::v1::NamedTensor;
+use fedpref_secagg::EncodedInput;
 use rusqlite::params;
 
 use crate::SdkError;
 use crate::device::Device;
 use crate::model::{LocalTraining, PreferenceModel, TensorLayout, local_round};
+use crate::secure_aggregation::DistributedRound;
 use crate::time::Timestamp;
 
 /// What the coordinator asks of the device for one round (the task's fields).
@@ -36,7 +46,8 @@ pub struct TrainingTask {
     pub clip_norm: f64,
     /// The noise multiplier σ (noise std σC on every coordinate).
     pub noise_multiplier: f64,
-    /// The privacy mode; the SDK releases updates in [`PrivacyMode::Local`] only.
+    /// The privacy mode: [`PrivacyMode::Local`] for [`Device::prepare_upload`],
+    /// [`PrivacyMode::Distributed`] for [`Device::prepare_share`].
     pub mode: PrivacyMode,
 }
 
@@ -188,6 +199,165 @@ impl Device {
             released,
             mode: task.mode,
             clip_norm: task.clip_norm,
+            noise_multiplier: task.noise_multiplier,
+            spent,
+        })
+    }
+}
+
+/// A clipped, noised, encoded share whose spend is recorded: the only thing the SDK masks
+/// and uploads in distributed mode. Built only by [`Device::prepare_share`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct PreparedShare {
+    round_id: u64,
+    base_model_version: u64,
+    layout: TensorLayout,
+    encoded: EncodedInput,
+    clip_norm: f64,
+    noise_multiplier: f64,
+    spent: PrivacyStatement,
+}
+
+impl PreparedShare {
+    /// The round.
+    pub fn round_id(&self) -> u64 {
+        self.round_id
+    }
+    /// The model version the update was computed from.
+    pub fn base_model_version(&self) -> u64 {
+        self.base_model_version
+    }
+    /// The tensors' names and shapes, in order (the masked input is cut along them).
+    pub fn layout(&self) -> &TensorLayout {
+        &self.layout
+    }
+    /// The encoded share, to be masked by the secure-aggregation client.
+    pub fn encoded(&self) -> &EncodedInput {
+        &self.encoded
+    }
+    /// The clip norm applied.
+    pub fn clip_norm(&self) -> f64 {
+        self.clip_norm
+    }
+    /// The task's noise multiplier σ.
+    pub fn noise_multiplier(&self) -> f64 {
+        self.noise_multiplier
+    }
+    /// What the user had spent after this share was recorded.
+    pub fn spent(&self) -> &PrivacyStatement {
+        &self.spent
+    }
+}
+
+impl Device {
+    /// The release the on-device accountant records for one distributed round: mode
+    /// distributed, q = 1 (the coordinator knows the cohort), and the noise multiplier
+    /// whose Gaussian RDP bounds the mechanism's at every order of the budget's grid
+    /// ([`DistributedRound::recorded_noise_multiplier`]).
+    pub fn distributed_release(&self, round: &DistributedRound) -> RoundRelease {
+        RoundRelease {
+            mode: PrivacyMode::Distributed,
+            noise_multiplier: round.recorded_noise_multiplier(self.budget.accountant().orders()),
+            sampling_rate: 1.0,
+        }
+    }
+
+    /// Refuses, recording nothing, when the device may not take part in `round`: training
+    /// is off, or the round would take the user past the budget. Cheap; called before the
+    /// device advertises keys.
+    pub fn check_share(&self, round: &DistributedRound) -> Result<(), SdkError> {
+        if !self.settings().training {
+            return Err(SdkError::TrainingOff);
+        }
+        let release = self.distributed_release(round);
+        if self.budget.would_exceed(&release)? {
+            let mut probe = self.budget.clone();
+            return Err(SdkError::BudgetExceeded(
+                probe.spend(&release).expect_err("would_exceed said so"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Trains locally and prepares the distributed-mode share: fit, update, clip, noised
+    /// integer share, encode, record — in that order — or refuses and records nothing. See
+    /// the module docs. `task.mode` must be [`PrivacyMode::Distributed`].
+    pub fn prepare_share(
+        &mut self,
+        task: &TrainingTask,
+        round: &DistributedRound,
+        now: Timestamp,
+    ) -> Result<PreparedShare, SdkError> {
+        if task.mode != PrivacyMode::Distributed {
+            return Err(SdkError::UnsupportedMode(task.mode));
+        }
+        self.check_share(round)?;
+        task.training.validate()?;
+        let held = self.model.as_ref().map(PreferenceModel::version);
+        if held != Some(task.model_version) {
+            return Err(SdkError::ModelVersionMismatch {
+                task: task.model_version,
+                held,
+            });
+        }
+        let mechanism: &DistributedDiscreteGaussian = &round.mechanism;
+        self.purge_expired(now)?;
+        let mut examples = self.user_cache(now)?.examples.clone();
+        examples.truncate(task.training.max_examples);
+        if examples.is_empty() {
+            return Err(SdkError::NoExamples);
+        }
+        let model = self.model.as_ref().expect("checked above");
+        let layout = model.layout();
+        if layout.dimension() != round.config.dimension() {
+            return Err(SdkError::InvalidInput(format!(
+                "the round is for {} coordinates, the installed model makes {}",
+                round.config.dimension(),
+                layout.dimension()
+            )));
+        }
+        let (_private, update) = local_round(model, &examples, &task.training);
+        // 1. clip, 2. round and noise in integers, encode …
+        let clipped = clip_l2(update, mechanism.clip_norm())?;
+        let share = mechanism.noised_share(&clipped, &mut SecureShareSampler::from_os()?)?;
+        let encoded = round
+            .config
+            .encoding
+            .encode_integers(share.values())
+            .map_err(|e| SdkError::InvalidInput(format!("encoding the share: {e}")))?;
+        // … 3. record, durably, before the share can go anywhere.
+        let release = self.distributed_release(round);
+        let mut budget = self.budget.clone();
+        let spent = budget.spend(&release).map_err(|e| match e {
+            e @ PrivacyError::BudgetExceeded { .. } => SdkError::BudgetExceeded(e),
+            e => SdkError::Privacy(e),
+        })?;
+        let tx = self.conn.transaction()?;
+        tx.execute(
+            "UPDATE privacy_budget SET budget = ?1 WHERE id = 1",
+            [serde_json::to_string(&budget).expect("budget serialises")],
+        )?;
+        tx.execute(
+            "INSERT INTO uploads (at_ms, round_id, model_version, mode, noise_multiplier, clip_norm, epsilon_after)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![
+                now.millis(),
+                task.round_id as i64,
+                task.model_version as i64,
+                task.mode.as_str(),
+                release.noise_multiplier,
+                mechanism.clip_norm(),
+                spent.epsilon
+            ],
+        )?;
+        tx.commit()?;
+        self.budget = budget;
+        Ok(PreparedShare {
+            round_id: task.round_id,
+            base_model_version: task.model_version,
+            layout,
+            encoded,
+            clip_norm: mechanism.clip_norm(),
             noise_multiplier: task.noise_multiplier,
             spent,
         })

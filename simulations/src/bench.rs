@@ -90,6 +90,8 @@ pub fn run(args: &BenchArgs) -> Result<String, CliError> {
         out: None,
         participation: None,
         adaptive_clipping: None,
+        dropout: 0.0,
+        corruption_rate: 0.0,
     };
     let mut simulation =
         Simulation::new(&settings, &data).map_err(|e| CliError::Usage(e.to_string()))?;

@@ -71,8 +71,8 @@ pub enum Transport {
     /// The engine driven in-process (seeded; the same bytes for the same seed).
     #[default]
     Inprocess,
-    /// A real coordinator on 127.0.0.1 with TLS, the users as real SDK clients (mode local
-    /// only; the noise is OS-seeded, so not the same bytes — see `grpc.rs`).
+    /// A real coordinator on 127.0.0.1 with TLS, the users as real SDK clients (modes local
+    /// and distributed; the noise is OS-seeded, so not the same bytes — see `grpc.rs`).
     Grpc,
 }
 
@@ -86,7 +86,7 @@ pub enum Mode {
     Local,
     /// The coordinator clips, sums and noises once.
     Central,
-    /// Secure aggregation with noise shares: not available yet.
+    /// Each device adds a share of the noise; secure aggregation reveals only the sum.
     Distributed,
 }
 
@@ -131,7 +131,7 @@ pub struct RunArgs {
     /// Devices per round, drawn uniformly without replacement [default: 100].
     #[arg(long, value_name = "K")]
     pub cohort_size: Option<u32>,
-    /// none | local | central | distributed (not available yet) [default: none].
+    /// none | local | central | distributed [default: none].
     #[arg(long, value_enum)]
     pub privacy_mode: Option<Mode>,
     /// σ (noise std σ·C).
@@ -206,7 +206,7 @@ pub struct RunArgs {
     #[arg(long)]
     pub centralised: bool,
     /// inprocess | grpc (a real coordinator on loopback with TLS, the users as SDK clients;
-    /// mode local only) [default: inprocess].
+    /// modes local and distributed) [default: inprocess].
     #[arg(long, value_enum)]
     pub transport: Option<Transport>,
     /// Print one summary object at the end.
@@ -224,6 +224,16 @@ pub struct RunArgs {
     /// weighs users equally [default: examples].
     #[arg(long, value_enum, value_name = "W")]
     pub fedavg_weighting: Option<FedavgWeighting>,
+    /// Mode distributed: the probability in [0, 0.5) that a cohort member drops out of the
+    /// secure-aggregation round, at a stage drawn uniformly from the four (advertise keys,
+    /// share keys, masked input, unmasking) [default: 0].
+    #[arg(long, value_name = "RATE")]
+    pub dropout: Option<f64>,
+    /// Mode distributed: the assumed fraction in [0, 0.5) of devices colluding with the
+    /// coordinator; it raises the threshold and lowers the honest devices the accountant
+    /// counts on [default: 0].
+    #[arg(long, value_name = "G")]
+    pub corruption_rate: Option<f64>,
 }
 
 /// `--config FILE`: the flags' settings in TOML.
@@ -259,6 +269,8 @@ struct FileConfig {
     transport: Option<Transport>,
     user_feedback: Option<bool>,
     fedavg_weighting: Option<FedavgWeighting>,
+    dropout: Option<f64>,
+    corruption_rate: Option<f64>,
     scenario: Option<Scenario>,
     guardrails: Option<Guardrails>,
 }
@@ -467,9 +479,11 @@ fn plan_with(args: &RunArgs, file: FileConfig) -> Result<RunPlan, CliError> {
             "--centralised trains without privacy (the baseline): drop --privacy-mode",
         ));
     }
-    if mode == Mode::Distributed {
+    let dropout = args.dropout.or(file.dropout);
+    let corruption_rate = args.corruption_rate.or(file.corruption_rate);
+    if mode != Mode::Distributed && (dropout.is_some() || corruption_rate.is_some()) {
         return Err(usage(
-            "--privacy-mode distributed is not available yet: it needs secure aggregation, which is not built; use local or central",
+            "--dropout and --corruption-rate describe the secure-aggregation round: they need --privacy-mode distributed",
         ));
     }
     let (noise_multiplier, target_epsilon) = match (args.noise_multiplier, args.target_epsilon) {
@@ -656,7 +670,12 @@ fn plan_with(args: &RunArgs, file: FileConfig) -> Result<RunPlan, CliError> {
         fedavg_weighting: fedavg_weighting.unwrap_or_default(),
         participation,
         adaptive_clipping,
+        dropout: dropout.unwrap_or(0.0),
+        corruption_rate: corruption_rate.unwrap_or(0.0),
     };
+    if mode == Mode::Distributed {
+        crate::distributed::check(&settings).map_err(|e| usage(e.to_string()))?;
+    }
     let out = args
         .out
         .clone()
@@ -692,6 +711,10 @@ fn plan_with(args: &RunArgs, file: FileConfig) -> Result<RunPlan, CliError> {
     }
     if let Some(a) = &adaptive_clipping {
         settings_json["adaptive_clipping"] = json!(a);
+    }
+    if mode == Mode::Distributed {
+        settings_json["dropout"] = json!(settings.dropout);
+        settings_json["corruption_rate"] = json!(settings.corruption_rate);
     }
     let transport = args.transport.or(file.transport).unwrap_or_default();
     if transport == Transport::Grpc {
@@ -804,6 +827,25 @@ pub fn run_plan(
         let sigma = run.manifest.noise_multiplier;
         assumption = Some(run.manifest.epsilon_assumption());
         (run.records, run.client_updates, run.timings, sigma)
+    } else if s.privacy_mode == ManifestPrivacyMode::Distributed {
+        let mut simulation = crate::distributed::DistributedSimulation::new(s, &plan.data)
+            .map_err(|e| usage(e.to_string()))?;
+        assumption = Some(simulation.epsilon_assumption());
+        let records = simulation
+            .run(|r| {
+                watch(r);
+                bar.set_position(r.round);
+                if let Some(e) = &r.evaluation {
+                    bar.set_message(format!("rmse {:.4}", e.rmse));
+                }
+            })
+            .map_err(|e| CliError::Failed(e.into()))?;
+        (
+            records,
+            simulation.client_updates,
+            simulation.timings,
+            s.noise_multiplier,
+        )
     } else {
         let mut simulation = Simulation::new(s, &plan.data).map_err(|e| usage(e.to_string()))?;
         let sigma = simulation.manifest().noise_multiplier;

@@ -13,9 +13,17 @@
 //! the production `SecureSampler`, which is OS-seeded on purpose (floating-point-safe noise
 //! must never be seeded or replayable), the coordinator's task tokens come from its
 //! OS-seeded generator, and the SDK builds its examples from its own store (one per item,
-//! newest first) where the in-process path feeds ratings in time order. Only mode `local`
-//! is supported: the SDK releases local-DP updates only and a coordinator refuses mode
-//! `none`.
+//! newest first) where the in-process path feeds ratings in time order. Modes `local` and
+//! `distributed` are supported (the SDK uploads nothing in mode `central`, and a coordinator
+//! refuses mode `none`).
+//!
+//! In mode `distributed` each SDK device runs the secure-aggregation stages against the
+//! coordinator's `SecureAggregationService` (keys, shares, masked `DTYPE_U32` input,
+//! unmasking) with OS-seeded keys and noise; the stages close as soon as every device has
+//! answered. No drop-out is simulated over the wire (`--dropout` must be 0): every device
+//! completes every stage. The round parameters come from the same manifest, hence the same
+//! coordinator plan, as in-process, so ε per round is the same; the masks and the noise are
+//! not.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -42,6 +50,10 @@ use crate::sim::{RoundRecord, SimError, Timings, candidates_among, shared_model}
 /// simulated). Every selected device must download, train and upload within it.
 pub const ROUND_SECONDS: u64 = 2;
 
+/// Mode distributed: the longest each secure-aggregation stage may last over gRPC, in
+/// wall-clock seconds (a stage closes early once every device has answered).
+pub const STAGE_SECONDS: u64 = 15;
+
 const RUN_ID: &str = "fedpref-sim";
 const APP_KEY: &str = "fedpref-sim-app-key-0123456789abcdef";
 const ADMIN_TOKEN: &str = "fedpref-sim-admin-token-0123456789ab";
@@ -66,13 +78,20 @@ fn failed(what: &str, e: impl std::fmt::Display) -> SimError {
 
 /// Refuses settings the gRPC transport cannot run, naming the flag.
 pub fn check(settings: &Settings) -> Result<(), SimError> {
-    if settings.privacy_mode != ManifestPrivacyMode::Local {
-        return Err(SimError::Settings(format!(
-            "--transport grpc needs --privacy-mode local (got {}): the SDK uploads local-DP updates only, and a coordinator refuses mode none",
-            settings.privacy_mode.as_str()
-        )));
+    match settings.privacy_mode {
+        ManifestPrivacyMode::Local => Ok(()),
+        ManifestPrivacyMode::Distributed if settings.dropout > 0.0 => {
+            Err(SimError::Settings(format!(
+                "--transport grpc and --dropout {}: no drop-out is simulated over the wire (every SDK device completes the stages); use the in-process transport for drop-out",
+                settings.dropout
+            )))
+        }
+        ManifestPrivacyMode::Distributed => crate::distributed::check(settings),
+        mode => Err(SimError::Settings(format!(
+            "--transport grpc needs --privacy-mode local or distributed (got {}): the SDK uploads nothing in mode central, and a coordinator refuses mode none",
+            mode.as_str()
+        ))),
     }
-    Ok(())
 }
 
 /// Runs `settings` on `data` over gRPC (see the module docs), calling `progress` after
@@ -184,6 +203,21 @@ async fn run_async(
         SamplingSpec::Cohort { round_seconds, .. }
         | SamplingSpec::Poisson { round_seconds, .. } => *round_seconds = ROUND_SECONDS,
     }
+    let distributed = manifest.privacy_mode == ManifestPrivacyMode::Distributed;
+    if let Some(spec) = manifest.secure_aggregation.as_mut() {
+        // Upper bounds in wall-clock seconds: each stage closes as soon as every device has
+        // answered.
+        spec.advertise_keys_seconds = STAGE_SECONDS;
+        spec.share_keys_seconds = STAGE_SECONDS;
+        spec.masked_input_seconds = STAGE_SECONDS;
+        spec.unmasking_seconds = STAGE_SECONDS;
+    }
+    // A device's whole part: the round, or the four stages.
+    let device_seconds = if distributed {
+        4 * STAGE_SECONDS + ROUND_SECONDS
+    } else {
+        4 * ROUND_SECONDS
+    };
     let (config, ca_pem) = coordinator_config(dir.path())?;
     {
         let mut store = Store::open(&config.store.path).map_err(|e| failed("the store", e))?;
@@ -268,7 +302,7 @@ async fn run_async(
                     let options = ParticipateOptions {
                         rounds: 1,
                         device_conditions_met: true,
-                        give_up_after: Some(Duration::from_secs(4 * ROUND_SECONDS)),
+                        give_up_after: Some(Duration::from_secs(device_seconds)),
                     };
                     let report =
                         participate(&mut device, &mut client, APP_KEY, &options, &mut |_| {}).await;
@@ -313,7 +347,9 @@ async fn run_async(
                     }
                     ledger_seen = ledger.len();
                     if outcome.is_none() {
-                        if waited.elapsed() > Duration::from_secs(10 * ROUND_SECONDS) {
+                        if waited.elapsed()
+                            > Duration::from_secs(10 * ROUND_SECONDS + device_seconds)
+                        {
                             return Err(failed(
                                 &format!("round {round}"),
                                 "the coordinator did not close it",

@@ -5,6 +5,7 @@
 //! **the SDK's training code** in-process, with the privacy crate's seeded
 //! [`fedpref_privacy::SimulationSampler`] for noise ([`sim`]), metrics per round ([`metrics`],
 //! [`report`]), a user-feedback scenario with negative feedback and opt-outs ([`feedback`]),
+//! distributed DP under real secure aggregation with simulated drop-out ([`distributed`]),
 //! guardrail alerts on drifting metrics ([`guardrails`]), labelled plots ([`plot`]), grids of
 //! runs ([`sweep`]), and the standard speed workload ([`bench`](mod@bench)).
 //! Same seed, same bytes: every client's randomness is its own stream keyed by (seed, round,
@@ -29,6 +30,7 @@
 pub mod bench;
 pub mod cli;
 pub mod data;
+pub mod distributed;
 pub mod feedback;
 pub mod grpc;
 pub mod guardrails;

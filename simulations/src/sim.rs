@@ -25,6 +25,7 @@ use std::time::Instant;
 
 use fedpref_client_sdk::{LocalTraining, MatrixFactorization, ModelError, local_round};
 use fedpref_coordinator::aggregation::ServerOptimizer;
+use fedpref_coordinator::distributed::{DistributedNoiseKind, SecureAggregationSpec};
 use fedpref_coordinator::engine::{Action, Engine, Event, RunState, Task};
 use fedpref_coordinator::ledger::AudienceEpsilon;
 use fedpref_coordinator::manifest::{
@@ -110,7 +111,7 @@ pub struct Settings {
     pub rounds: u64,
     /// Device selection.
     pub sampling: Sampling,
-    /// The privacy mode (`distributed` is refused).
+    /// The privacy mode (`distributed` runs in [`crate::distributed`]).
     pub privacy_mode: ManifestPrivacyMode,
     /// σ.
     pub noise_multiplier: Option<f64>,
@@ -147,6 +148,13 @@ pub struct Settings {
     /// Adaptive clipping (mode central): devices then do not pre-clip, so the engine sees
     /// the norms it estimates the quantile of.
     pub adaptive_clipping: Option<AdaptiveClippingSpec>,
+    /// Mode distributed: the probability that a cohort member drops out during the secure
+    /// aggregation round (at a stage drawn uniformly from the four; `--dropout`).
+    pub dropout: f64,
+    /// Mode distributed: the assumed fraction of corrupted devices colluding with the
+    /// coordinator (`--corruption-rate`), which sizes the threshold and the honest devices
+    /// the accountant counts on.
+    pub corruption_rate: f64,
 }
 
 impl Default for Settings {
@@ -173,6 +181,8 @@ impl Default for Settings {
             fedavg_weighting: FedavgWeighting::Examples,
             participation: None,
             adaptive_clipping: None,
+            dropout: 0.0,
+            corruption_rate: 0.0,
         }
     }
 }
@@ -191,12 +201,19 @@ impl Settings {
     /// code (which calibrates σ from a target ε). `users` and `items` size the population
     /// and the model.
     pub fn manifest(&self, users: usize, items: usize) -> Result<RunManifest, SimError> {
-        if self.privacy_mode == ManifestPrivacyMode::Distributed {
-            return Err(SimError::Settings(
-                "--privacy-mode distributed is not available yet: it needs secure aggregation, which is not built".into(),
-            ));
-        }
+        let distributed = self.privacy_mode == ManifestPrivacyMode::Distributed;
         let sampling = match (self.sampling, self.privacy_mode) {
+            // Secure aggregation unmasks no sum of fewer than m = max(t, minimum_size)
+            // devices: the expected survivors at the drop-out rate, minus as many again.
+            (Sampling::Cohort(k), ManifestPrivacyMode::Distributed) => {
+                let n = k.min(users as u32).max(1);
+                SamplingSpec::Cohort {
+                    target_size: n,
+                    minimum_size: (((1.0 - 2.0 * self.dropout) * f64::from(n)).ceil() as u32)
+                        .clamp(1, n),
+                    round_seconds: 60,
+                }
+            }
             (Sampling::Cohort(k), _) => SamplingSpec::Cohort {
                 target_size: k.min(users as u32).max(1),
                 minimum_size: 1,
@@ -249,7 +266,19 @@ impl Settings {
             seed: Some(self.seed),
             participation: self.participation,
             adaptive_clipping: self.adaptive_clipping,
-            secure_aggregation: None,
+            secure_aggregation: distributed.then_some(SecureAggregationSpec {
+                noise: DistributedNoiseKind::DiscreteGaussian,
+                dropout_rate: self.dropout,
+                corruption_rate: self.corruption_rate,
+                threshold: None,
+                scale: None,
+                rounding_beta: None,
+                assumed_honest_devices: None,
+                advertise_keys_seconds: 60,
+                share_keys_seconds: 60,
+                masked_input_seconds: 60,
+                unmasking_seconds: 60,
+            }),
         };
         RunManifest::from_toml(&manifest.to_toml(), "flags").map_err(|e| {
             let text = e.to_string();
@@ -260,7 +289,7 @@ impl Settings {
 }
 
 /// Rewrites manifest keys in a message as the flags that set them.
-fn flag_names(message: &str) -> String {
+pub(crate) fn flag_names(message: &str) -> String {
     let mut m = message.to_string();
     for (key, flag) in [
         ("budget.epsilon", "--target-epsilon"),
@@ -274,6 +303,9 @@ fn flag_names(message: &str) -> String {
         ("participation", "--min-separation"),
         ("adaptive_clipping.target_quantile", "--target-quantile"),
         ("adaptive_clipping", "--adaptive-clipping"),
+        ("secure_aggregation.dropout_rate", "--dropout"),
+        ("secure_aggregation.corruption_rate", "--corruption-rate"),
+        ("sampling.minimum_size", "--cohort-size"),
         ("rounds", "--rounds"),
         ("model", "--factors"),
     ] {

@@ -21,7 +21,7 @@ fn bad_flags_are_errors_naming_the_flag_with_exit_code_2() {
         (vec!["run", "--rounds", "0"], "--rounds"),
         (
             vec!["run", "--privacy-mode", "distributed"],
-            "not available yet",
+            "--noise-multiplier",
         ),
         (vec!["run", "--privacy-mode", "local"], "--noise-multiplier"),
         (

@@ -65,7 +65,7 @@ fn grpc_refuses_what_it_cannot_run_naming_the_flag() {
     a.privacy_mode = Some(Mode::Central);
     let e = plan(&a).err().unwrap().to_string();
     assert!(
-        e.contains("--transport grpc") && e.contains("--privacy-mode local"),
+        e.contains("--transport grpc") && e.contains("--privacy-mode local or distributed"),
         "{e}"
     );
     a.privacy_mode = None;
@@ -103,4 +103,49 @@ fn over_grpc_users_who_opt_out_are_not_sampled_again() {
         assert_eq!(f.opted_out, 5);
         assert_eq!(f.opt_out_rate, r.round as f64 * 5.0 / 20.0);
     }
+}
+
+#[test]
+fn distributed_over_grpc_runs_the_same_cohorts_and_epsilon_as_in_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let distributed = |transport| RunArgs {
+        privacy_mode: Some(Mode::Distributed),
+        noise_multiplier: Some(1.0),
+        ..args(transport)
+    };
+    let local = plan(&distributed(Transport::Inprocess)).unwrap();
+    let grpc = plan(&distributed(Transport::Grpc)).unwrap();
+    let a = run_plan(&local, false, &dir.path().join("a"), &ProgressBar::hidden()).unwrap();
+    let b = run_plan(&grpc, false, &dir.path().join("b"), &ProgressBar::hidden()).unwrap();
+    for key in [
+        "rounds",
+        "client_updates",
+        "epsilon",
+        "epsilon_assumption",
+        "epsilon_rests_on",
+    ] {
+        assert_eq!(a.summary[key], b.summary[key], "{key}");
+    }
+    assert_eq!(a.summary["client_updates"], 10);
+    assert_eq!(a.summary["epsilon_assumption"], "release_observers");
+    assert!(a.summary["epsilon"].as_f64().unwrap() > 0.0);
+    for (x, y) in a.records.iter().zip(&b.records) {
+        assert_eq!(
+            (x.round, x.contributions, &x.abandoned, &x.epsilon),
+            (y.round, y.contributions, &y.abandoned, &y.epsilon)
+        );
+    }
+}
+
+#[test]
+fn distributed_over_grpc_refuses_simulated_drop_out_naming_the_flag() {
+    let mut a = args(Transport::Grpc);
+    a.privacy_mode = Some(Mode::Distributed);
+    a.noise_multiplier = Some(1.0);
+    a.dropout = Some(0.1);
+    let e = plan(&a).err().unwrap().to_string();
+    assert!(
+        e.contains("--transport grpc") && e.contains("--dropout"),
+        "{e}"
+    );
 }

@@ -155,7 +155,7 @@ impl From<ParticipationError> for FedprefError {
             P::Unauthenticated { .. } => Self::Unauthenticated(message),
             P::Rejected { .. } | P::NotEnrolled { .. } => Self::Rejected(message),
             P::Download(_) => Self::Download(message),
-            P::Upload(_) => Self::Upload(message),
+            P::Upload(_) | P::SecureAggregation { .. } => Self::Upload(message),
         }
     }
 }
@@ -462,6 +462,25 @@ pub enum ParticipationStep {
         /// Why, in words.
         why: String,
     },
+    /// Distributed mode: the device completed a secure-aggregation stage.
+    SecureAggregationStage {
+        /// The round.
+        round_id: u64,
+        /// `advertise_keys`, `share_keys` or `unmasking`.
+        stage: String,
+        /// What the device sent.
+        detail: String,
+    },
+    /// Distributed mode: the round went on without the device (a stage deadline passed, or
+    /// the coordinator aborted or moved on) while it waited to act in `stage`.
+    SecureAggregationLeft {
+        /// The round.
+        round_id: u64,
+        /// The stage the device was waiting for.
+        stage: String,
+        /// Why.
+        reason: String,
+    },
     /// Participation stopped before the requested rounds.
     Stopped {
         /// Why.
@@ -521,6 +540,24 @@ impl From<&sdk::ParticipationEvent> for ParticipationStep {
                 round_id,
                 reason,
                 why,
+            },
+            E::SecureAggregationStage {
+                round_id,
+                stage,
+                detail,
+            } => Self::SecureAggregationStage {
+                round_id,
+                stage,
+                detail,
+            },
+            E::SecureAggregationLeft {
+                round_id,
+                stage,
+                reason,
+            } => Self::SecureAggregationLeft {
+                round_id,
+                stage,
+                reason,
             },
             E::Stopped { why } => Self::Stopped { why },
         }

@@ -5,8 +5,10 @@ use std::time::Duration;
 use fedpref_proto::metadata::{AUTHORIZATION, bearer};
 use fedpref_proto::prost::Message;
 use fedpref_proto::v1::{
-    self as pb, device_service_client::DeviceServiceClient, upload_update_request::Part,
+    self as pb, device_service_client::DeviceServiceClient,
+    secure_aggregation_service_client::SecureAggregationServiceClient, upload_update_request::Part,
 };
+use fedpref_secagg::MaskedInput;
 use rand::rngs::{ChaCha8Rng, SysRng};
 use rand::{RngExt, SeedableRng};
 use sha2::{Digest, Sha256};
@@ -18,7 +20,10 @@ use super::snapshot::{Enrolment, model_from_snapshot};
 use super::{ParticipationConfig, ParticipationError};
 use crate::device::Device;
 use crate::time::Timestamp;
-use crate::upload::PreparedUpload;
+use crate::upload::{PreparedShare, PreparedUpload};
+
+/// The one tensor of a distributed-mode upload: the masked fixed-point update.
+pub const MASKED_UPDATE: &str = "masked_update";
 
 /// Upload chunks never exceed this, whatever the task allows (256 KiB keeps a retried
 /// chunk cheap on a phone's network).
@@ -50,6 +55,7 @@ pub enum DownloadProgress {
 pub struct CoordinatorClient {
     endpoint: String,
     inner: DeviceServiceClient<Channel>,
+    secagg: SecureAggregationServiceClient<Channel>,
     config: ParticipationConfig,
     enrolment: Option<Enrolment>,
     rng: ChaCha8Rng,
@@ -148,7 +154,8 @@ impl CoordinatorClient {
         };
         Ok(Self {
             endpoint: url.to_string(),
-            inner: DeviceServiceClient::new(channel),
+            inner: DeviceServiceClient::new(channel.clone()),
+            secagg: SecureAggregationServiceClient::new(channel),
             config,
             enrolment: None,
             rng,
@@ -414,20 +421,8 @@ impl CoordinatorClient {
                 task.max_upload_bytes
             )));
         }
-        let chunk = match task.max_chunk_bytes as usize {
-            0 => UPLOAD_CHUNK_CAP,
-            n => n.min(UPLOAD_CHUNK_CAP),
-        };
-        let mut digest = Sha256::new();
-        for t in &tensors {
-            digest.update(&t.data);
-        }
         let header = pb::UpdateHeader {
-            task: Some(pb::TaskRef {
-                run_id: task.run_id.clone(),
-                round_id: task.round_id,
-                task_token: task.task_token.clone(),
-            }),
+            task: Some(task_ref(task)),
             base_model_version: upload.base_model_version(),
             example_count: upload.example_count(),
             tensors: tensors.iter().map(pb::NamedTensor::spec).collect(),
@@ -435,23 +430,9 @@ impl CoordinatorClient {
             clip_norm: upload.clip_norm(),
             noise_multiplier: upload.noise_multiplier(),
             clip_bit: None,
-            update_sha256: digest.finalize().to_vec(),
+            update_sha256: vec![],
         };
-        let mut messages = vec![pb::UploadUpdateRequest {
-            part: Some(Part::Header(header)),
-        }];
-        for (index, t) in tensors.iter().enumerate() {
-            for (n, piece) in t.data.chunks(chunk).enumerate() {
-                messages.push(pb::UploadUpdateRequest {
-                    part: Some(Part::Chunk(pb::TensorChunk {
-                        tensor_index: index as u32,
-                        offset: (n * chunk) as u64,
-                        content: piece.to_vec(),
-                    })),
-                });
-            }
-        }
-        Ok(messages)
+        Ok(stream(task, header, &tensors))
     }
 
     /// `UploadUpdate`: streams a prepared update (the only thing that may be uploaded) and
@@ -463,6 +444,13 @@ impl CoordinatorClient {
         upload: &PreparedUpload,
     ) -> Result<pb::UploadReceipt, ParticipationError> {
         let messages = Self::upload_messages(task, upload)?;
+        self.upload_stream(messages).await
+    }
+
+    async fn upload_stream(
+        &mut self,
+        messages: Vec<pb::UploadUpdateRequest>,
+    ) -> Result<pb::UploadReceipt, ParticipationError> {
         let mut attempt = 0;
         loop {
             attempt += 1;
@@ -470,6 +458,139 @@ impl CoordinatorClient {
             match self.inner.upload_update(request).await {
                 Ok(r) => return Ok(r.into_inner()),
                 Err(s) => self.backoff("UploadUpdate", attempt, s).await?,
+            }
+        }
+    }
+
+    /// The upload stream for a distributed-mode masked input: one `DTYPE_U32` tensor,
+    /// [`MASKED_UPDATE`] of shape \[d\], the masked values modulo 2³² in the layout's order
+    /// (item factors, item biases, global offset, flattened). The header's example count is
+    /// 1: in distributed mode every user weighs the same, and the device's own count is not
+    /// revealed.
+    pub fn masked_input_messages(
+        task: &pb::Task,
+        share: &PreparedShare,
+        masked: &MaskedInput,
+    ) -> Result<Vec<pb::UploadUpdateRequest>, ParticipationError> {
+        let layout = share.layout();
+        if masked.values.len() != layout.dimension() {
+            return Err(ParticipationError::Upload(format!(
+                "the masked input has {} values, the layout {}",
+                masked.values.len(),
+                layout.dimension()
+            )));
+        }
+        let tensors = vec![
+            pb::NamedTensor::from_values(
+                MASKED_UPDATE,
+                vec![masked.values.len() as u64],
+                &masked.values,
+            )
+            .map_err(|e| ParticipationError::Upload(e.to_string()))?,
+        ];
+        let total: u64 = tensors.iter().map(|t| t.data.len() as u64).sum();
+        if task.max_upload_bytes > 0 && total > task.max_upload_bytes {
+            return Err(ParticipationError::Upload(format!(
+                "the masked input is {total} bytes, more than the coordinator's max_upload_bytes of {}",
+                task.max_upload_bytes
+            )));
+        }
+        let header = pb::UpdateHeader {
+            task: Some(task_ref(task)),
+            base_model_version: share.base_model_version(),
+            example_count: 1,
+            tensors: tensors.iter().map(pb::NamedTensor::spec).collect(),
+            privacy_mode: task.privacy_mode,
+            clip_norm: share.clip_norm(),
+            noise_multiplier: share.noise_multiplier(),
+            clip_bit: None,
+            update_sha256: vec![],
+        };
+        Ok(stream(task, header, &tensors))
+    }
+
+    /// `UploadUpdate` of a masked input (distributed mode; see
+    /// [`CoordinatorClient::masked_input_messages`]). A retry resends the same bytes.
+    pub async fn upload_masked_input(
+        &mut self,
+        task: &pb::Task,
+        share: &PreparedShare,
+        masked: &MaskedInput,
+    ) -> Result<pb::UploadReceipt, ParticipationError> {
+        let messages = Self::masked_input_messages(task, share, masked)?;
+        self.upload_stream(messages).await
+    }
+
+    /// `SecureAggregationService.AdvertiseKeys`; returns how long to wait before polling.
+    pub async fn advertise_keys(
+        &mut self,
+        request: pb::AdvertiseKeysRequest,
+    ) -> Result<Duration, ParticipationError> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let r = self.authed(request.clone(), "AdvertiseKeys")?;
+            match self.secagg.advertise_keys(r).await {
+                Ok(r) => {
+                    return Ok(r
+                        .into_inner()
+                        .poll_after
+                        .map_or(Duration::ZERO, super::to_duration));
+                }
+                Err(s) => self.backoff("AdvertiseKeys", attempt, s).await?,
+            }
+        }
+    }
+
+    /// `SecureAggregationService.GetStage`.
+    pub async fn get_stage(
+        &mut self,
+        task: &pb::Task,
+    ) -> Result<pb::StageUpdate, ParticipationError> {
+        let request = pb::GetStageRequest {
+            task: Some(task_ref(task)),
+        };
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let r = self.authed(request.clone(), "GetStage")?;
+            match self.secagg.get_stage(r).await {
+                Ok(r) => return Ok(r.into_inner()),
+                Err(s) => self.backoff("GetStage", attempt, s).await?,
+            }
+        }
+    }
+
+    /// `SecureAggregationService.ShareKeys`; returns how long to wait before polling.
+    pub async fn share_keys(
+        &mut self,
+        request: pb::ShareKeysRequest,
+    ) -> Result<Duration, ParticipationError> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let r = self.authed(request.clone(), "ShareKeys")?;
+            match self.secagg.share_keys(r).await {
+                Ok(r) => {
+                    return Ok(r
+                        .into_inner()
+                        .poll_after
+                        .map_or(Duration::ZERO, super::to_duration));
+                }
+                Err(s) => self.backoff("ShareKeys", attempt, s).await?,
+            }
+        }
+    }
+
+    /// `SecureAggregationService.Unmask`.
+    pub async fn unmask(&mut self, request: pb::UnmaskRequest) -> Result<(), ParticipationError> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let r = self.authed(request.clone(), "Unmask")?;
+            match self.secagg.unmask(r).await {
+                Ok(_) => return Ok(()),
+                Err(s) => self.backoff("Unmask", attempt, s).await?,
             }
         }
     }
@@ -527,4 +648,45 @@ impl CoordinatorClient {
             }
         }
     }
+}
+
+fn task_ref(task: &pb::Task) -> pb::TaskRef {
+    pb::TaskRef {
+        run_id: task.run_id.clone(),
+        round_id: task.round_id,
+        task_token: task.task_token.clone(),
+    }
+}
+
+/// The header (its SHA-256 of the tensor bytes filled in), then each tensor's bytes in
+/// chunks of at most the task's `max_chunk_bytes`.
+fn stream(
+    task: &pb::Task,
+    mut header: pb::UpdateHeader,
+    tensors: &[pb::NamedTensor],
+) -> Vec<pb::UploadUpdateRequest> {
+    let chunk = match task.max_chunk_bytes as usize {
+        0 => UPLOAD_CHUNK_CAP,
+        n => n.min(UPLOAD_CHUNK_CAP),
+    };
+    let mut digest = Sha256::new();
+    for t in tensors {
+        digest.update(&t.data);
+    }
+    header.update_sha256 = digest.finalize().to_vec();
+    let mut messages = vec![pb::UploadUpdateRequest {
+        part: Some(Part::Header(header)),
+    }];
+    for (index, t) in tensors.iter().enumerate() {
+        for (n, piece) in t.data.chunks(chunk).enumerate() {
+            messages.push(pb::UploadUpdateRequest {
+                part: Some(Part::Chunk(pb::TensorChunk {
+                    tensor_index: index as u32,
+                    offset: (n * chunk) as u64,
+                    content: piece.to_vec(),
+                })),
+            });
+        }
+    }
+    messages
 }

@@ -15,6 +15,14 @@
 //! budget exceeded, no examples, a mode the SDK cannot honour) the task is given back with
 //! `DeclineTask` and the matching reason, and nothing is uploaded.
 //!
+//! **Distributed mode.** A task in `PRIVACY_MODE_DISTRIBUTED` runs the secure-aggregation
+//! stages instead of a single upload (see `distributed.rs`): its round parameters are
+//! checked first, then the device advertises keys, shares them, prepares its share with
+//! [`Device::prepare_share`] (clip, integer noise share, encode, record the spend), uploads
+//! the masked input as `DTYPE_U32` tensors and answers the unmasking request, polling
+//! `GetStage` as the coordinator's `poll_after` says and giving up on a stage once its
+//! deadline has passed.
+//!
 //! **Retries.** `UNAVAILABLE` and `RESOURCE_EXHAUSTED` are retried per [`RetryPolicy`]
 //! (jittered exponential backoff, bounded attempts, `grpc-retry-pushback-ms` honoured);
 //! every other status is final and surfaces as a [`ParticipationError`] with the server's
@@ -29,6 +37,7 @@
 
 mod backoff;
 mod client;
+mod distributed;
 pub mod metrics;
 pub mod snapshot;
 
@@ -40,7 +49,7 @@ use thiserror::Error;
 use tonic::Code;
 
 pub use backoff::{RETRY_PUSHBACK, RetryPolicy, pushback, retryable};
-pub use client::{CoordinatorClient, DownloadProgress};
+pub use client::{CoordinatorClient, DownloadProgress, MASKED_UPDATE};
 pub use metrics::{MetricsOutcome, ReportWhen, report_metrics};
 pub use snapshot::{Enrolment, PartialDownload, model_from_snapshot};
 
@@ -161,6 +170,15 @@ pub enum ParticipationError {
     /// The device (store, model, privacy) refused or failed.
     #[error(transparent)]
     Device(#[from] SdkError),
+    /// A secure-aggregation stage failed on the device (distributed mode): a malformed
+    /// message from the coordinator, or a request the protocol refuses.
+    #[error("secure aggregation, stage {stage}: {message}")]
+    SecureAggregation {
+        /// The stage: `advertise_keys`, `share_keys`, `masked_input` or `unmasking`.
+        stage: &'static str,
+        /// What went wrong.
+        message: String,
+    },
 }
 
 impl ParticipationError {
@@ -271,6 +289,27 @@ pub enum ParticipationEvent {
         /// Why, in words.
         why: String,
     },
+    /// Distributed mode: the device completed a secure-aggregation stage (its masked input
+    /// is reported as [`ParticipationEvent::Uploaded`]).
+    SecureAggregationStage {
+        /// The round.
+        round_id: u64,
+        /// `advertise_keys`, `share_keys` or `unmasking`.
+        stage: String,
+        /// What the device sent.
+        detail: String,
+    },
+    /// Distributed mode: the round went on without the device, or was abandoned, while the
+    /// device waited to act in `stage` (a stage deadline passed, or the coordinator aborted
+    /// or moved on).
+    SecureAggregationLeft {
+        /// The stage the device was waiting for.
+        round_id: u64,
+        /// The stage.
+        stage: String,
+        /// Why, in words.
+        reason: String,
+    },
     /// Participation stopped before the requested rounds.
     Stopped {
         /// Why.
@@ -339,6 +378,19 @@ impl std::fmt::Display for ParticipationEvent {
                 f,
                 "round {round_id}: declined ({reason}): {why}; nothing uploaded"
             ),
+            Self::SecureAggregationStage {
+                round_id,
+                stage,
+                detail,
+            } => write!(f, "round {round_id}: secure aggregation, {stage}: {detail}"),
+            Self::SecureAggregationLeft {
+                round_id,
+                stage,
+                reason,
+            } => write!(
+                f,
+                "round {round_id}: secure aggregation went on without this device at {stage}: {reason}"
+            ),
             Self::Stopped { why } => write!(f, "stopped: {why}"),
         }
     }
@@ -353,6 +405,9 @@ pub struct ParticipationReport {
     pub declines: u32,
     /// Updates refused by the coordinator.
     pub refused: u32,
+    /// Distributed rounds that went on without the device (or were abandoned) before its
+    /// part was done.
+    pub left: u32,
     /// Everything that happened, in order.
     pub events: Vec<ParticipationEvent>,
     /// The federated-evaluation report made at the end ([`metrics`]); None when
@@ -371,7 +426,7 @@ fn privacy_mode(mode: i32) -> Option<PrivacyMode> {
 }
 
 /// The task's local-training settings, or the device's where the task has none.
-fn local_training(task: &pb::Task, fallback: LocalTraining) -> LocalTraining {
+pub(super) fn local_training(task: &pb::Task, fallback: LocalTraining) -> LocalTraining {
     match &task.local_training {
         None => fallback,
         Some(c) => LocalTraining {
@@ -418,7 +473,7 @@ fn layout_matches(device: &Device, task: &pb::Task) -> Result<(), String> {
     Ok(())
 }
 
-fn decline_reason(e: &SdkError) -> pb::DeclineReason {
+pub(super) fn decline_reason(e: &SdkError) -> pb::DeclineReason {
     match e {
         SdkError::TrainingOff => pb::DeclineReason::TrainingDisabled,
         SdkError::BudgetExceeded(_) => pb::DeclineReason::PrivacyBudgetExhausted,
@@ -599,11 +654,47 @@ pub async fn participate(
                     task.privacy_mode
                 ),
             ))
-        } else if let Err(why) = layout_matches(device, &task) {
+        } else if privacy_mode(task.privacy_mode) != Some(PrivacyMode::Distributed)
+            && let Err(why) = layout_matches(device, &task)
+        {
+            // (A distributed task asks for one `masked_update` tensor; its dimension is
+            // checked with the round's parameters.)
             Some((pb::DeclineReason::TrainingFailed, why))
         } else {
             None
         };
+        if early.is_none() && privacy_mode(task.privacy_mode) == Some(PrivacyMode::Distributed) {
+            let outcome = {
+                let mut sink = |e: ParticipationEvent| emit(&mut report, e);
+                distributed::take_part(device, client, &task, model.model_version, &mut sink)
+                    .await?
+            };
+            match outcome {
+                distributed::Outcome::Uploaded => report.uploads += 1,
+                distributed::Outcome::Refused => report.refused += 1,
+                distributed::Outcome::Left => report.left += 1,
+                distributed::Outcome::Declined { reason, wait } => {
+                    report.declines += 1;
+                    if matches!(
+                        reason,
+                        pb::DeclineReason::PrivacyBudgetExhausted
+                            | pb::DeclineReason::TrainingDisabled
+                    ) {
+                        emit(
+                            &mut report,
+                            ParticipationEvent::Stopped {
+                                why: "this device cannot take part in further rounds".into(),
+                            },
+                        );
+                        break;
+                    }
+                    if finished < options.rounds {
+                        tokio::time::sleep(wait.mul_f64(1.0 + 0.1 * client.uniform())).await;
+                    }
+                }
+            }
+            continue;
+        }
         let prepared = match early {
             Some(refusal) => Err(refusal),
             None => {
