@@ -33,6 +33,7 @@ pub mod ledger;
 pub mod manifest;
 pub mod metrics;
 pub mod model;
+pub mod replica;
 pub mod report;
 pub mod server;
 pub mod service;

@@ -84,6 +84,9 @@ fn page_start(token: &str) -> Result<usize, Status> {
 fn command(c: &mut Coordinator, run_id: &str, cmd: AdminCommand) -> Result<pb::Run, Status> {
     if c.engine(run_id).is_none() {
         c.store().run(run_id).map_err(store_status)?;
+        if let Some(elsewhere) = crate::replica::owned_elsewhere(c, run_id) {
+            return Err(elsewhere);
+        }
         return Err(Status::failed_precondition(format!(
             "run {run_id:?} has stopped; nothing can change it"
         )));
@@ -261,6 +264,9 @@ impl AdminService for AdminApi {
             .blocking(move |c| {
                 let Some(engine) = c.engine(&id) else {
                     c.store().run(&id).map_err(store_status)?;
+                    if let Some(elsewhere) = crate::replica::owned_elsewhere(c, &id) {
+                        return Err(elsewhere);
+                    }
                     return Err(Status::failed_precondition(format!(
                         "run {id:?} has stopped; nothing can change it"
                     )));
