@@ -661,4 +661,38 @@ mod tests {
             .to_string();
         assert!(e.contains("admin"), "{e}");
     }
+
+    #[test]
+    fn a_postgres_store_and_a_replica_section_parse_and_bad_ones_name_the_key() {
+        let pg = INIT_CONFIG.replace(
+            "path = \"coordinator.db\"",
+            "url = \"postgres://fedpref@db/fedpref\"",
+        );
+        let text =
+            format!("{pg}\n[replica]\nid = \"coordinator-1\"\nadvertise = \"https://c1:7443\"\n");
+        let c = Config::from_toml(&text, "c.toml", Path::new("/etc/fp")).unwrap();
+        assert_eq!(c.store.location(), "postgres://fedpref@db/fedpref");
+        let r = c.replica.unwrap();
+        assert_eq!((r.lease_millis, r.renew_millis), (10_000, 3_000));
+        let err = |text: &str| {
+            Config::from_toml(text, "c.toml", Path::new("."))
+                .unwrap_err()
+                .to_string()
+        };
+        let both = INIT_CONFIG.replace(
+            "path = \"coordinator.db\"",
+            "path = \"c.db\"\nurl = \"postgres://x/y\"",
+        );
+        assert!(err(&both).contains("store.url"), "{}", err(&both));
+        let mysql = pg.replace("postgres://", "mysql://");
+        assert!(err(&mysql).contains("store.url"), "{}", err(&mysql));
+        let fast = text.replace("[replica]", "[replica]\nrenew_millis = 5000");
+        assert!(
+            err(&fast).contains("replica.renew_millis"),
+            "{}",
+            err(&fast)
+        );
+        let bad_id = text.replace("coordinator-1", "a b");
+        assert!(err(&bad_id).contains("replica.id"), "{}", err(&bad_id));
+    }
 }
