@@ -496,6 +496,14 @@ pub struct Store {
     fencing: Option<Fencing>,
 }
 
+impl Drop for Store {
+    fn drop(&mut self) {
+        if let Ok(conn) = self.conn.get_mut() {
+            conn.close_off_runtime();
+        }
+    }
+}
+
 /// The SQLite connection of a store, for tests that tamper with the database.
 pub struct SqliteConnection<'a>(MutexGuard<'a, Conn>);
 
@@ -505,7 +513,7 @@ impl std::ops::Deref for SqliteConnection<'_> {
     fn deref(&self) -> &Connection {
         match &*self.0 {
             Conn::Sqlite(c) => c,
-            Conn::Postgres(_) => unreachable!("checked by Store::connection"),
+            Conn::Postgres(_) | Conn::Closed => unreachable!("checked by Store::connection"),
         }
     }
 }

@@ -167,6 +167,8 @@ impl Row {
 pub(crate) enum Conn {
     Sqlite(rusqlite::Connection),
     Postgres(Box<postgres::Client>),
+    /// Closed (see [`Conn::close_off_runtime`]).
+    Closed,
 }
 
 /// An open transaction; dropped without [`Tx::commit`], it rolls back.
@@ -258,8 +260,20 @@ impl Conn {
     /// The connection's dialect.
     pub(crate) fn dialect(&self) -> Dialect {
         match self {
-            Conn::Sqlite(_) => Dialect::Sqlite,
+            Conn::Sqlite(_) | Conn::Closed => Dialect::Sqlite,
             Conn::Postgres(_) => Dialect::Postgres,
+        }
+    }
+
+    /// Closes a PostgreSQL connection on a thread of its own when called on an async runtime:
+    /// the synchronous client's close blocks on a runtime of its own, which tokio forbids
+    /// inside another (a server's last reference to the store may go there).
+    pub(crate) fn close_off_runtime(&mut self) {
+        if matches!(self, Conn::Postgres(_)) && tokio::runtime::Handle::try_current().is_ok() {
+            let conn = std::mem::replace(self, Conn::Closed);
+            let _ = std::thread::Builder::new()
+                .name("fedpref-pg-close".into())
+                .spawn(move || drop(conn));
         }
     }
 
@@ -273,6 +287,11 @@ impl Conn {
                 rusqlite::TransactionBehavior::Deferred
             })?),
             Conn::Postgres(c) => Tx::Postgres(c.transaction()?),
+            Conn::Closed => {
+                return Err(StoreError::Corrupt(
+                    "the store's connection is closed".into(),
+                ));
+            }
         })
     }
 }
