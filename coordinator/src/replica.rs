@@ -12,11 +12,14 @@
 //!   put a second hop (and a second TLS session) on every upload chunk and tie the device's
 //!   stream to two processes' lifetimes, while a redirect costs one extra check-in and lets
 //!   the load balancer spread only the first contact.
-//! - The admin API works from any replica for everything it reads (runs, ledgers, reports,
-//!   model versions — all read from the shared store) and for creating runs (the creating
-//!   replica takes the new run's lease in the creating transaction). Commands on a run that
-//!   another replica owns (pause, resume, stop, rollback) are refused with
-//!   `FAILED_PRECONDITION` naming the owner's endpoint.
+//! - The admin API works from any replica. Reads (runs, ledgers, reports, model versions) come
+//!   from the shared store; a run is created by the replica asked, which takes its lease in the
+//!   creating transaction. A command on a run another replica owns (pause, resume, stop,
+//!   rollback) is forwarded through the database ([`forward`]): queued in `admin_commands`,
+//!   claimed and applied by the owner on its next lease pass (fenced, like every write the run
+//!   makes), and answered here once the owner recorded the outcome — within `renew_millis`
+//!   plus a poll. A command nobody claimed within [`FORWARD_TIMEOUT`] is withdrawn and
+//!   answered `UNAVAILABLE`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,7 +30,8 @@ use tokio::task::JoinHandle;
 
 use crate::config::{Config, ReplicaConfig};
 use crate::coordinator::{Coordinator, CoordinatorError};
-use crate::service::{Shared, now_ms};
+use crate::engine::{Action, AdminCommand, Event};
+use crate::service::{Shared, coordinator_status, now_ms};
 use crate::store::{LeaseOutcome, RunStatus, Store};
 
 /// Opens the configured store: a plain coordinator with every run loaded, or, with a
@@ -57,10 +61,11 @@ pub fn renew(c: &mut Coordinator) -> Result<Vec<String>, CoordinatorError> {
         let step = match c.store_mut().acquire_lease(&run.id) {
             Ok(LeaseOutcome::Acquired { lease, taken_from }) => {
                 tracing::info!(run = %run.id, token = lease.token, from = ?taken_from, "run lease taken");
-                c.adopt(&run.id, taken_from.as_deref(), now).map(|_| ())
+                c.adopt(&run.id, taken_from.as_deref(), now)
+                    .and_then(|_| apply_forwarded(c, &run.id))
             }
             Ok(LeaseOutcome::Renewed(_)) if !loaded => c.adopt(&run.id, None, now).map(|_| ()),
-            Ok(LeaseOutcome::Renewed(_)) => Ok(()),
+            Ok(LeaseOutcome::Renewed(_)) => apply_forwarded(c, &run.id),
             Ok(LeaseOutcome::HeldBy(lease)) => {
                 if loaded {
                     tracing::warn!(run = %run.id, owner = %lease.owner, "run lease held by another replica: run unloaded");
@@ -135,10 +140,203 @@ pub fn redirect(c: &Coordinator, valid_for: Duration) -> Option<pb::CheckInRespo
     })
 }
 
-/// Why an admin command on `run_id` cannot run here, if another replica owns it.
-pub fn owned_elsewhere(c: &Coordinator, run_id: &str) -> Option<tonic::Status> {
-    let endpoint = c.remote_owners().get(run_id)?;
-    Some(tonic::Status::failed_precondition(format!(
-        "run {run_id:?} is owned by the replica at {endpoint}; send the command to that replica's admin service"
-    )))
+/// How long [`forward`] waits for the owning replica to take a command.
+pub const FORWARD_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// An admin command as queued for the owning replica.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum ForwardedCommand {
+    /// Pause.
+    Pause {
+        /// Why.
+        reason: String,
+    },
+    /// Resume.
+    Resume {
+        /// Why.
+        reason: String,
+    },
+    /// Stop for good.
+    Stop {
+        /// Why.
+        reason: String,
+    },
+    /// Roll back to an earlier version.
+    Rollback {
+        /// The version to restore.
+        to_version: u64,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// The outcome the owner records: a gRPC code (0 for success) and a message.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Outcome {
+    code: i32,
+    message: String,
+}
+
+/// Sends `command` to the replica that owns `run_id`, if another one does, and waits for its
+/// outcome. `Ok(true)`: the owner applied it; `Ok(false)`: this replica owns the run (or
+/// nobody does, or this is no replica) — handle it here.
+pub async fn forward(
+    shared: &Arc<Shared>,
+    run_id: &str,
+    command: ForwardedCommand,
+) -> Result<bool, tonic::Status> {
+    let run = run_id.to_string();
+    let json = serde_json::to_string(&command).expect("serialisable");
+    let queued = shared
+        .blocking(move |c| {
+            let Some(me) = c.store().replica_id().map(str::to_string) else {
+                return Ok(None);
+            };
+            if c.engine(&run).is_some() {
+                return Ok(None);
+            }
+            let lease = c
+                .store()
+                .lease(&run)
+                .map_err(crate::service::store_status)?;
+            let now = c
+                .store()
+                .database_now_ms()
+                .map_err(crate::service::store_status)?;
+            match lease {
+                Some(l) if !l.owner.is_empty() && l.owner != me && l.expires_at_ms > now => {}
+                _ => return Ok(None),
+            }
+            let id = format!("{me}-{:016x}", rand::random::<u64>());
+            c.store()
+                .enqueue_admin_command(&id, &run, &json, now_ms())
+                .map_err(crate::service::store_status)?;
+            Ok(Some(id))
+        })
+        .await?;
+    let Some(id) = queued else {
+        return Ok(false);
+    };
+    tracing::info!(run = %run_id, command = %id, "admin command forwarded to the owning replica");
+    let deadline = tokio::time::Instant::now() + FORWARD_TIMEOUT;
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let poll_id = id.clone();
+        let state = shared
+            .blocking(move |c| {
+                c.store()
+                    .admin_command(&poll_id)
+                    .map_err(crate::service::store_status)
+            })
+            .await?;
+        match state {
+            Some((status, result)) if status == "done" || status == "failed" => {
+                let outcome: Outcome = serde_json::from_str(&result).map_err(|_| {
+                    tonic::Status::internal("the owning replica recorded an unreadable outcome")
+                })?;
+                if outcome.code == 0 {
+                    return Ok(true);
+                }
+                return Err(tonic::Status::new(
+                    tonic::Code::from_i32(outcome.code),
+                    outcome.message,
+                ));
+            }
+            _ if tokio::time::Instant::now() < deadline => continue,
+            _ => {
+                let cancel_id = id.clone();
+                let withdrawn = shared
+                    .blocking(move |c| {
+                        c.store()
+                            .cancel_admin_command(&cancel_id)
+                            .map_err(crate::service::store_status)
+                    })
+                    .await?;
+                return Err(tonic::Status::unavailable(if withdrawn {
+                    format!(
+                        "the replica that owns run {run_id:?} did not take the command within {} s; it was withdrawn",
+                        FORWARD_TIMEOUT.as_secs()
+                    )
+                } else {
+                    format!(
+                        "the replica that owns run {run_id:?} took the command but has not finished it; check the run"
+                    )
+                }));
+            }
+        }
+    }
+}
+
+/// Applies the admin commands other replicas queued for a run this replica owns.
+fn apply_forwarded(c: &mut Coordinator, run_id: &str) -> Result<(), CoordinatorError> {
+    if c.engine(run_id).is_none() {
+        return Ok(());
+    }
+    for (id, json) in c.store_mut().claim_admin_commands(run_id)? {
+        let result = match serde_json::from_str::<ForwardedCommand>(&json) {
+            Ok(command) => apply(c, run_id, command),
+            Err(e) => Err(tonic::Status::invalid_argument(format!(
+                "unreadable forwarded command: {e}"
+            ))),
+        };
+        let outcome = match &result {
+            Ok(()) => Outcome {
+                code: 0,
+                message: String::new(),
+            },
+            Err(s) => Outcome {
+                code: s.code() as i32,
+                message: s.message().to_string(),
+            },
+        };
+        tracing::info!(run = %run_id, command = %id, ok = result.is_ok(), "forwarded admin command applied");
+        c.store().finish_admin_command(
+            &id,
+            result.is_ok(),
+            &serde_json::to_string(&outcome).expect("serialisable"),
+        )?;
+    }
+    Ok(())
+}
+
+fn apply(
+    c: &mut Coordinator,
+    run_id: &str,
+    command: ForwardedCommand,
+) -> Result<(), tonic::Status> {
+    let actions = match command {
+        ForwardedCommand::Pause { reason } => c.handle(
+            run_id,
+            Event::Admin(AdminCommand::Pause { reason }),
+            now_ms(),
+        ),
+        ForwardedCommand::Resume { reason } => c.handle(
+            run_id,
+            Event::Admin(AdminCommand::Resume { reason }),
+            now_ms(),
+        ),
+        ForwardedCommand::Stop { reason } => c.handle(
+            run_id,
+            Event::Admin(AdminCommand::Stop { reason }),
+            now_ms(),
+        ),
+        ForwardedCommand::Rollback { to_version, reason } => {
+            let current = c.engine(run_id).map(|e| e.model().0).unwrap_or(0);
+            if to_version >= current {
+                return Err(crate::service::invalid(
+                    "model_version",
+                    format!("{to_version} is not earlier than the current version {current}"),
+                ));
+            }
+            c.rollback(run_id, to_version, &reason, now_ms())
+        }
+    }
+    .map_err(coordinator_status)?;
+    for a in actions {
+        if let Action::AdminRefused { message } = a {
+            return Err(tonic::Status::failed_precondition(message));
+        }
+    }
+    Ok(())
 }

@@ -17,8 +17,8 @@ use fedpref_coordinator::ledger::verify;
 use fedpref_coordinator::store::Store;
 use fedpref_proto::metadata::bearer;
 use fedpref_proto::v1::{
-    self as pb, check_in_response::Outcome, device_service_client::DeviceServiceClient,
-    upload_update_request::Part,
+    self as pb, admin_service_client::AdminServiceClient, check_in_response::Outcome,
+    device_service_client::DeviceServiceClient, upload_update_request::Part,
 };
 use tonic::Request;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig};
@@ -64,6 +64,7 @@ fn free_port() -> u16 {
 struct Replica {
     id: &'static str,
     device_port: u16,
+    admin_port: u16,
     dir: PathBuf,
     child: Option<Child>,
 }
@@ -98,6 +99,7 @@ impl Replica {
         Self {
             id,
             device_port,
+            admin_port,
             dir,
             child: None,
         }
@@ -130,6 +132,21 @@ impl Replica {
 
     fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("log")).unwrap_or_default()
+    }
+
+    async fn admin(&self, ca: &str) -> AdminServiceClient<Channel> {
+        let channel = Channel::from_shared(format!("https://127.0.0.1:{}", self.admin_port))
+            .unwrap()
+            .tls_config(
+                ClientTlsConfig::new()
+                    .ca_certificate(Certificate::from_pem(ca))
+                    .domain_name("localhost"),
+            )
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        AdminServiceClient::new(channel)
     }
 
     async fn client(&self, ca: &str) -> DeviceServiceClient<Channel> {
@@ -442,6 +459,70 @@ async fn a_frozen_owner_resumed_after_takeover_stores_nothing() {
     })
     .await;
     assert_eq!(check_ledger(&url), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn admin_commands_sent_to_the_replica_that_does_not_own_the_run_are_applied_by_the_owner() {
+    let root = tempfile::tempdir().unwrap();
+    let Some((url, _a, b, ca, _devices)) = setup(root.path()).await else {
+        return;
+    };
+    let mut admin = b.admin(&ca).await;
+    let run = admin
+        .pause_run(authed(
+            pb::PauseRunRequest {
+                run_id: RUN.into(),
+                reason: "maintenance window".into(),
+            },
+            ADMIN_TOKEN,
+        ))
+        .await
+        .expect("a pause sent to the non-owner is applied by the owner")
+        .into_inner();
+    assert_eq!(run.status, pb::RunStatus::Paused as i32);
+    let (status, owner_now) = sync(|| {
+        let store = Store::open_location(&url).unwrap();
+        (store.run(RUN).unwrap().status, owner(&store))
+    });
+    assert_eq!(status, fedpref_coordinator::store::RunStatus::Paused);
+    assert_eq!(owner_now, "replica-a", "the owner did not change");
+    // The owner's refusal comes back with its code and message.
+    let err = admin
+        .rollback_run(authed(
+            pb::RollbackRunRequest {
+                run_id: RUN.into(),
+                model_version: 5,
+                reason: "bad".into(),
+            },
+            ADMIN_TOKEN,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("model_version"), "{err:?}");
+    let run = admin
+        .resume_run(authed(
+            pb::ResumeRunRequest {
+                run_id: RUN.into(),
+                reason: "window over".into(),
+            },
+            ADMIN_TOKEN,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(run.status, pb::RunStatus::Active as i32);
+    sync(|| {
+        let store = Store::open_location(&url).unwrap();
+        let entries = store.ledger(RUN).unwrap();
+        verify(RUN, &entries).unwrap();
+        assert!(
+            entries
+                .iter()
+                .any(|e| e.body.contains("maintenance window"))
+        );
+        assert!(entries.iter().any(|e| e.body.contains("window over")));
+    });
 }
 
 // The device side of the protocol, as in tests/service.rs.

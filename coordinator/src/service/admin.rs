@@ -15,6 +15,7 @@ use super::{Shared, auth, coordinator_status, invalid, now_ms, store_status, tim
 use crate::coordinator::Coordinator;
 use crate::engine::{Action, AdminCommand, Event};
 use crate::ledger::{LedgerEvent, verify};
+use crate::replica::{ForwardedCommand, forward};
 
 /// The AdminService implementation.
 pub struct AdminApi {
@@ -25,6 +26,12 @@ impl AdminApi {
     /// Serves operators from the shared state.
     pub fn new(shared: Arc<Shared>) -> Self {
         Self { shared }
+    }
+
+    /// The run after a command the owning replica applied.
+    async fn forwarded_run(&self, id: String) -> Result<Response<pb::Run>, Status> {
+        let run = self.shared.blocking(move |c| load_run(c, &id)).await?;
+        Ok(Response::new(run))
     }
 
     async fn admit<T>(
@@ -84,9 +91,6 @@ fn page_start(token: &str) -> Result<usize, Status> {
 fn command(c: &mut Coordinator, run_id: &str, cmd: AdminCommand) -> Result<pb::Run, Status> {
     if c.engine(run_id).is_none() {
         c.store().run(run_id).map_err(store_status)?;
-        if let Some(elsewhere) = crate::replica::owned_elsewhere(c, run_id) {
-            return Err(elsewhere);
-        }
         return Err(Status::failed_precondition(format!(
             "run {run_id:?} has stopped; nothing can change it"
         )));
@@ -213,6 +217,17 @@ impl AdminService for AdminApi {
         let r = request.into_inner();
         let (id, reason) = (run_id(&r.run_id)?, reason(&r.reason)?);
         tracing::info!(run = %id, "pause");
+        if forward(
+            &self.shared,
+            &id,
+            ForwardedCommand::Pause {
+                reason: reason.clone(),
+            },
+        )
+        .await?
+        {
+            return self.forwarded_run(id).await;
+        }
         let run = self
             .shared
             .blocking(move |c| command(c, &id, AdminCommand::Pause { reason }))
@@ -228,6 +243,17 @@ impl AdminService for AdminApi {
         let r = request.into_inner();
         let (id, reason) = (run_id(&r.run_id)?, reason(&r.reason)?);
         tracing::info!(run = %id, reason = %reason, "resume");
+        if forward(
+            &self.shared,
+            &id,
+            ForwardedCommand::Resume {
+                reason: reason.clone(),
+            },
+        )
+        .await?
+        {
+            return self.forwarded_run(id).await;
+        }
         let run = self
             .shared
             .blocking(move |c| command(c, &id, AdminCommand::Resume { reason }))
@@ -243,6 +269,17 @@ impl AdminService for AdminApi {
         let r = request.into_inner();
         let (id, reason) = (run_id(&r.run_id)?, reason(&r.reason)?);
         tracing::info!(run = %id, "stop");
+        if forward(
+            &self.shared,
+            &id,
+            ForwardedCommand::Stop {
+                reason: reason.clone(),
+            },
+        )
+        .await?
+        {
+            return self.forwarded_run(id).await;
+        }
         let run = self
             .shared
             .blocking(move |c| command(c, &id, AdminCommand::Stop { reason }))
@@ -259,14 +296,18 @@ impl AdminService for AdminApi {
         let (id, why) = (run_id(&r.run_id)?, reason(&r.reason)?);
         let to = r.model_version;
         tracing::info!(run = %id, to_version = to, "rollback");
+        let rollback = ForwardedCommand::Rollback {
+            to_version: to,
+            reason: why.clone(),
+        };
+        if forward(&self.shared, &id, rollback).await? {
+            return self.forwarded_run(id).await;
+        }
         let run = self
             .shared
             .blocking(move |c| {
                 let Some(engine) = c.engine(&id) else {
                     c.store().run(&id).map_err(store_status)?;
-                    if let Some(elsewhere) = crate::replica::owned_elsewhere(c, &id) {
-                        return Err(elsewhere);
-                    }
                     return Err(Status::failed_precondition(format!(
                         "run {id:?} has stopped; nothing can change it"
                     )));
