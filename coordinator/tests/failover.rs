@@ -464,7 +464,7 @@ async fn a_frozen_owner_resumed_after_takeover_stores_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn admin_commands_sent_to_the_replica_that_does_not_own_the_run_are_applied_by_the_owner() {
     let root = tempfile::tempdir().unwrap();
-    let Some((url, _a, b, ca, _devices)) = setup(root.path()).await else {
+    let Some((url, mut a, b, ca, _devices)) = setup(root.path()).await else {
         return;
     };
     let mut admin = b.admin(&ca).await;
@@ -523,6 +523,17 @@ async fn admin_commands_sent_to_the_replica_that_does_not_own_the_run_are_applie
         );
         assert!(entries.iter().any(|e| e.body.contains("window over")));
     });
+    // A graceful stop releases the lease: the other replica takes the run at once, and as
+    // nothing lapsed, no round is recorded as abandoned.
+    a.signal("-TERM");
+    let status = a.child.take().unwrap().wait().unwrap();
+    assert!(status.success(), "{status}: {}", a.log());
+    until(&url, 30, "b takes the released run", |s| {
+        owner(s) == "replica-b"
+    })
+    .await;
+    assert_eq!(abandoned_at_takeover(&url, "replica-a"), 0);
+    check_ledger(&url);
 }
 
 // The device side of the protocol, as in tests/service.rs.
