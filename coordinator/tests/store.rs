@@ -332,3 +332,46 @@ fn the_ledger_is_append_only_for_the_coordinators_postgres_role() {
     let store = Store::open_location(&coordinator_url).unwrap();
     verify("r1", &store.ledger("r1").unwrap()).unwrap();
 }
+
+#[test]
+fn forwarded_admin_commands_are_claimed_only_by_the_owner_and_withdrawn_only_while_pending() {
+    for (location, _dir) in locations() {
+        let (mut a, mut b) = two_replicas(&location, 60_000);
+        b.enqueue_admin_command("c1", "r1", r#"{"kind":"pause","reason":"x"}"#, T0)
+            .unwrap();
+        b.enqueue_admin_command("c2", "r1", r#"{"kind":"resume","reason":"y"}"#, T0 + 1)
+            .unwrap();
+        assert!(matches!(
+            b.enqueue_admin_command("c3", "nope", "{}", T0),
+            Err(StoreError::NoSuchRun(_))
+        ));
+        // b does not hold the lease: it cannot claim.
+        assert!(matches!(
+            b.claim_admin_commands("r1"),
+            Err(StoreError::LeaseLost { .. })
+        ));
+        assert!(b.cancel_admin_command("c2").unwrap(), "{location}");
+        let claimed = a.store_mut().claim_admin_commands("r1").unwrap();
+        assert_eq!(
+            claimed.len(),
+            1,
+            "{location}: the withdrawn one is not claimed"
+        );
+        assert_eq!(claimed[0].0, "c1");
+        assert!(
+            !b.cancel_admin_command("c1").unwrap(),
+            "a claimed command stays"
+        );
+        assert_eq!(
+            b.admin_command("c1").unwrap(),
+            Some(("running".to_string(), String::new()))
+        );
+        a.store().finish_admin_command("c1", true, "ok").unwrap();
+        assert_eq!(
+            b.admin_command("c1").unwrap(),
+            Some(("done".to_string(), "ok".to_string()))
+        );
+        assert_eq!(b.admin_command("c2").unwrap().unwrap().0, "cancelled");
+        assert!(a.store_mut().claim_admin_commands("r1").unwrap().is_empty());
+    }
+}
