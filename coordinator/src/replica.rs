@@ -54,7 +54,14 @@ pub fn renew(c: &mut Coordinator) -> Result<Vec<String>, CoordinatorError> {
     let mut first_error = None;
     for run in &runs {
         let loaded = c.engine(&run.id).is_some();
-        if run.status == RunStatus::Stopped && !loaded {
+        if run.status == RunStatus::Stopped {
+            // A stopped run needs no owner (its ledger is closed, its last version published
+            // in the same critical section as the stop): the lease is let go and no device is
+            // sent anywhere for it.
+            if loaded && let Err(e) = c.store_mut().release_lease(&run.id) {
+                tracing::warn!(run = %run.id, error = %e, "releasing a stopped run's lease failed");
+            }
+            c.disown(&run.id, None);
             continue;
         }
         let now = now_ms();
