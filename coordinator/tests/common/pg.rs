@@ -156,13 +156,16 @@ fn start() -> Result<PgServer, String> {
         .and_then(|l| l.local_addr())
         .map_err(|e| e.to_string())?
         .port();
-    // The server, and a watcher that stops it (fast shutdown) and removes the directory once
-    // this test process has gone.
+    // The server, and a watcher that stops it and removes the directory once this test
+    // process has gone. SIGTERM, not SIGINT: `sh` starts a background job with SIGINT
+    // ignored, so a SIGINT that arrives before the server installs its handlers is lost;
+    // SIGTERM then still ends it (and afterwards is a smart shutdown, immediate once this
+    // process's connections are closed).
     let script = format!(
         "{postgres} -D {data} -k {dir} -h 127.0.0.1 -p {port} -c fsync=off -c max_connections=200 >{dir}/log 2>&1 &\n\
          pg=$!\n\
          while [ -d /proc/{parent} ]; do sleep 1; done\n\
-         kill -INT $pg; wait $pg; rm -rf {dir}\n",
+         kill -TERM $pg; wait $pg; rm -rf {dir}\n",
         postgres = bin.join("postgres").display(),
         data = data.display(),
         dir = dir.display(),
