@@ -8,7 +8,14 @@
 //! metrics = "127.0.0.1:9464"  # Prometheus text on GET /metrics (optional)
 //!
 //! [store]
-//! path = "coordinator.db"
+//! path = "coordinator.db"     # a SQLite file, or instead:
+//! # url = "postgres://fedpref@db.internal/fedpref"
+//!
+//! [replica]                   # optional: one of several replicas sharing a PostgreSQL store
+//! id = "coordinator-1"
+//! advertise = "https://coordinator-1.internal:7443"  # where devices reach this replica
+//! lease_millis = 10000        # a run's lease lasts this long unless renewed
+//! renew_millis = 3000         # how often leases are renewed and free runs looked for
 //!
 //! [tls]
 //! certificate = "tls/cert.pem"
@@ -96,12 +103,53 @@ pub struct Listen {
     pub metrics: Option<SocketAddr>,
 }
 
-/// The store.
+/// The store: a SQLite file (`path`) or a PostgreSQL database (`url`), exactly one.
 #[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StoreConfig {
-    /// The SQLite file (created if missing).
+    /// The SQLite file (created if missing); empty when `url` is set.
+    #[serde(default)]
     pub path: PathBuf,
+    /// A PostgreSQL URL (`postgres://user[:password]@host[:port]/database`).
+    #[serde(default)]
+    pub url: Option<String>,
+}
+
+impl StoreConfig {
+    /// What [`crate::store::Store::open_location`] opens: the URL, or else the path.
+    pub fn location(&self) -> String {
+        match &self.url {
+            Some(url) => url.clone(),
+            None => self.path.display().to_string(),
+        }
+    }
+}
+
+/// This process as one of several replicas sharing one store: each run is owned by one
+/// replica at a time through a lease in the database.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplicaConfig {
+    /// The replica's id, unique among the replicas (letters, digits, `-`, `_`, `.`).
+    pub id: String,
+    /// The device endpoint other replicas redirect devices to for the runs this one owns,
+    /// e.g. `https://coordinator-1.internal:7443`.
+    pub advertise: String,
+    /// How long a lease lasts unless renewed, in ms.
+    #[serde(default = "default_lease_millis")]
+    pub lease_millis: u64,
+    /// How often leases are renewed and unowned runs looked for, in ms; below a third of
+    /// `lease_millis`.
+    #[serde(default = "default_renew_millis")]
+    pub renew_millis: u64,
+}
+
+fn default_lease_millis() -> u64 {
+    10_000
+}
+
+fn default_renew_millis() -> u64 {
+    3_000
 }
 
 /// The server's certificate chain and key, PEM.
@@ -183,6 +231,9 @@ pub struct Config {
     pub listen: Listen,
     /// The store.
     pub store: StoreConfig,
+    /// Optional: this process as one replica of several.
+    #[serde(default)]
+    pub replica: Option<ReplicaConfig>,
     /// TLS.
     pub tls: TlsConfig,
     /// Secrets.
@@ -212,15 +263,17 @@ impl Config {
             message: e.to_string().trim_end().to_string(),
         })?;
         config.validate(file)?;
-        for p in [
-            &mut config.store.path,
-            &mut config.tls.certificate,
-            &mut config.tls.private_key,
-            &mut config.auth.app_key_file,
-            &mut config.auth.admin_token_file,
-        ]
-        .into_iter()
-        .chain(config.auth.admin_client_ca.as_mut())
+        let store_path = (!config.store.path.as_os_str().is_empty())
+            .then_some(&mut config.store.path)
+            .into_iter();
+        for p in store_path
+            .chain([
+                &mut config.tls.certificate,
+                &mut config.tls.private_key,
+                &mut config.auth.app_key_file,
+                &mut config.auth.admin_token_file,
+            ])
+            .chain(config.auth.admin_client_ca.as_mut())
         {
             if p.is_relative() {
                 *p = base.join(&*p);
@@ -283,8 +336,52 @@ impl Config {
                 "must differ from listen.device: the admin service has its own port",
             ));
         }
+        match (&self.store.url, self.store.path.as_os_str().is_empty()) {
+            (Some(_), false) => {
+                return Err(bad(
+                    "store.url",
+                    "set either store.path (SQLite) or store.url (PostgreSQL), not both",
+                ));
+            }
+            (None, true) => return Err(bad("store.path", "must not be empty")),
+            (Some(url), true) if !crate::store::is_postgres_url(url) => {
+                return Err(bad(
+                    "store.url",
+                    "must start with postgres:// or postgresql://",
+                ));
+            }
+            _ => {}
+        }
+        if let Some(r) = &self.replica {
+            if r.id.is_empty()
+                || r.id.len() > 64
+                || !r
+                    .id
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+            {
+                return Err(bad(
+                    "replica.id",
+                    "must be 1 to 64 letters, digits, '-', '_' or '.'",
+                ));
+            }
+            if !(r.advertise.starts_with("https://") || r.advertise.starts_with("http://")) {
+                return Err(bad(
+                    "replica.advertise",
+                    "must be an http:// or https:// endpoint",
+                ));
+            }
+            if !(500..=600_000).contains(&r.lease_millis) {
+                return Err(bad("replica.lease_millis", "must be in 500..=600000"));
+            }
+            if r.renew_millis == 0 || r.renew_millis.saturating_mul(3) > r.lease_millis {
+                return Err(bad(
+                    "replica.renew_millis",
+                    "must be at least 1 and at most a third of replica.lease_millis",
+                ));
+            }
+        }
         for (key, p) in [
-            ("store.path", &self.store.path),
             ("tls.certificate", &self.tls.certificate),
             ("tls.private_key", &self.tls.private_key),
             ("auth.app_key_file", &self.auth.app_key_file),
@@ -589,5 +686,39 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("admin"), "{e}");
+    }
+
+    #[test]
+    fn a_postgres_store_and_a_replica_section_parse_and_bad_ones_name_the_key() {
+        let pg = INIT_CONFIG.replace(
+            "path = \"coordinator.db\"",
+            "url = \"postgres://fedpref@db/fedpref\"",
+        );
+        let text =
+            format!("{pg}\n[replica]\nid = \"coordinator-1\"\nadvertise = \"https://c1:7443\"\n");
+        let c = Config::from_toml(&text, "c.toml", Path::new("/etc/fp")).unwrap();
+        assert_eq!(c.store.location(), "postgres://fedpref@db/fedpref");
+        let r = c.replica.unwrap();
+        assert_eq!((r.lease_millis, r.renew_millis), (10_000, 3_000));
+        let err = |text: &str| {
+            Config::from_toml(text, "c.toml", Path::new("."))
+                .unwrap_err()
+                .to_string()
+        };
+        let both = INIT_CONFIG.replace(
+            "path = \"coordinator.db\"",
+            "path = \"c.db\"\nurl = \"postgres://x/y\"",
+        );
+        assert!(err(&both).contains("store.url"), "{}", err(&both));
+        let mysql = pg.replace("postgres://", "mysql://");
+        assert!(err(&mysql).contains("store.url"), "{}", err(&mysql));
+        let fast = text.replace("[replica]", "[replica]\nrenew_millis = 5000");
+        assert!(
+            err(&fast).contains("replica.renew_millis"),
+            "{}",
+            err(&fast)
+        );
+        let bad_id = text.replace("coordinator-1", "a b");
+        assert!(err(&bad_id).contains("replica.id"), "{}", err(&bad_id));
     }
 }

@@ -72,6 +72,50 @@ pub struct Coordinator {
     sampler: SecureSampler,
     hook: Option<StageHook>,
     metrics: Option<Arc<Metrics>>,
+    remote_owners: BTreeMap<String, String>,
+}
+
+/// Restores a run's engine from the store (publishing a committed, unpublished version
+/// first); `None` for a stopped run.
+fn load_engine(
+    store: &mut Store,
+    run_id: &str,
+    now_ms: i64,
+) -> Result<Option<Engine>, CoordinatorError> {
+    let mut run = store.run(run_id)?;
+    if run.current_version > run.published_version {
+        store.publish(&run.id, run.current_version, now_ms)?;
+        run.published_version = run.current_version;
+    }
+    if run.status == RunStatus::Stopped {
+        return Ok(None);
+    }
+    let blob = store.model(&run.id, run.current_version)?;
+    let params = model::decode(&blob, &run.manifest.model)?;
+    let server_state: ServerState = serde_json::from_str(&run.server_state)
+        .map_err(|e| StoreError::Corrupt(format!("server state of run {}: {e}", run.id)))?;
+    let state = match run.status {
+        RunStatus::Active => RunState::Active,
+        RunStatus::Paused => RunState::Paused,
+        RunStatus::Stopped => RunState::Stopped,
+    };
+    let mut engine = Engine::restore(
+        &run.id,
+        run.manifest.clone(),
+        Progress {
+            state,
+            rounds_committed: run.rounds_committed,
+            next_round: run.next_round,
+            current_version: run.current_version,
+            params,
+            server_state,
+        },
+    );
+    engine.restore_participations(
+        &store.committed_rounds(&run.id)?,
+        &store.participations_by_device(&run.id)?,
+    );
+    Ok(Some(engine))
 }
 
 impl Coordinator {
@@ -81,43 +125,30 @@ impl Coordinator {
         Self::with_store(Store::open(path)?, now_ms)
     }
 
+    /// As [`Coordinator::open`], for a `postgres://` URL or a SQLite path.
+    pub fn open_location(location: &str, now_ms: i64) -> Result<Self, CoordinatorError> {
+        Self::with_store(Store::open_location(location)?, now_ms)
+    }
+
     /// As [`Coordinator::open`], over an already open store.
     pub fn with_store(mut store: Store, now_ms: i64) -> Result<Self, CoordinatorError> {
         let mut engines = BTreeMap::new();
         for run in store.runs()? {
-            if run.current_version > run.published_version {
-                store.publish(&run.id, run.current_version, now_ms)?;
+            if let Some(engine) = load_engine(&mut store, &run.id, now_ms)? {
+                engines.insert(run.id.clone(), engine);
             }
-            if run.status == RunStatus::Stopped {
-                continue;
-            }
-            let blob = store.model(&run.id, run.current_version)?;
-            let params = model::decode(&blob, &run.manifest.model)?;
-            let server_state: ServerState = serde_json::from_str(&run.server_state)
-                .map_err(|e| StoreError::Corrupt(format!("server state of run {}: {e}", run.id)))?;
-            let state = match run.status {
-                RunStatus::Active => RunState::Active,
-                RunStatus::Paused => RunState::Paused,
-                RunStatus::Stopped => RunState::Stopped,
-            };
-            let mut engine = Engine::restore(
-                &run.id,
-                run.manifest.clone(),
-                Progress {
-                    state,
-                    rounds_committed: run.rounds_committed,
-                    next_round: run.next_round,
-                    current_version: run.current_version,
-                    params,
-                    server_state,
-                },
-            );
-            engine.restore_participations(
-                &store.committed_rounds(&run.id)?,
-                &store.participations_by_device(&run.id)?,
-            );
-            engines.insert(run.id.clone(), engine);
         }
+        Self::assemble(store, engines)
+    }
+
+    /// A replica's coordinator over a store with fencing on
+    /// ([`Store::enable_fencing`]): no run is loaded until its lease is taken and
+    /// [`Coordinator::adopt`] loads it.
+    pub fn replica(store: Store) -> Result<Self, CoordinatorError> {
+        Self::assemble(store, BTreeMap::new())
+    }
+
+    fn assemble(store: Store, engines: BTreeMap<String, Engine>) -> Result<Self, CoordinatorError> {
         Ok(Self {
             store,
             engines,
@@ -125,7 +156,72 @@ impl Coordinator {
             sampler: SecureSampler::from_os().map_err(|_| CoordinatorError::Entropy)?,
             hook: None,
             metrics: None,
+            remote_owners: BTreeMap::new(),
         })
+    }
+
+    /// Loads a run whose lease this replica has just taken, resuming from the store: a
+    /// committed but unpublished version is published, and when the lease was taken over from
+    /// `previous_owner` (whose lease lapsed), the round it may have had in flight is recorded
+    /// as abandoned — nothing of it was released, so nothing of it is spent. Returns whether
+    /// an engine was loaded (a stopped run has none).
+    pub fn adopt(
+        &mut self,
+        run_id: &str,
+        previous_owner: Option<&str>,
+        now_ms: i64,
+    ) -> Result<bool, CoordinatorError> {
+        self.remote_owners.remove(run_id);
+        let record = self.store.run(run_id)?;
+        if let Some(previous) = previous_owner
+            && record.status != RunStatus::Stopped
+        {
+            let reason = format!(
+                "replica {previous:?} stopped renewing its lease; the round it had open (if any) is abandoned and its contributions discarded"
+            );
+            self.store
+                .abandon_round(run_id, record.next_round, 0, &reason, now_ms)?;
+            tracing::warn!(run = %run_id, round = record.next_round, previous = %previous, "run taken over: in-flight round abandoned");
+        }
+        let Some(engine) = load_engine(&mut self.store, run_id, now_ms)? else {
+            self.engines.remove(run_id);
+            return Ok(false);
+        };
+        if let Some(m) = &self.metrics {
+            m.set_spent(run_id, &engine.spent());
+        }
+        self.engines.insert(run_id.to_string(), engine);
+        Ok(true)
+    }
+
+    /// Unloads a run this replica no longer owns (its open round, if any, is dropped: the
+    /// new owner records it as abandoned). `owner_endpoint` is where devices are sent.
+    pub fn disown(&mut self, run_id: &str, owner_endpoint: Option<String>) {
+        self.engines.remove(run_id);
+        self.store.forget_lease(run_id);
+        match owner_endpoint {
+            Some(e) if !e.is_empty() => {
+                self.remote_owners.insert(run_id.to_string(), e);
+            }
+            _ => {
+                self.remote_owners.remove(run_id);
+            }
+        }
+    }
+
+    /// Where the runs that another replica owns are served (run id → device endpoint).
+    pub fn remote_owners(&self) -> &BTreeMap<String, String> {
+        &self.remote_owners
+    }
+
+    /// The store, for lease renewal.
+    pub fn store_mut(&mut self) -> &mut Store {
+        &mut self.store
+    }
+
+    /// Ids of the runs this process has loaded.
+    pub fn loaded_runs(&self) -> Vec<String> {
+        self.engines.keys().cloned().collect()
     }
 
     /// Calls `hook` between the steps of carrying out actions (crash tests abort there).
@@ -188,7 +284,15 @@ impl Coordinator {
             m.observe(run_id, check_in, &actions, now_ms, &engine.spent());
         }
         for action in &actions {
-            self.execute(run_id, action, now_ms)?;
+            if let Err(e) = self.execute(run_id, action, now_ms) {
+                if matches!(e, CoordinatorError::Store(StoreError::LeaseLost { .. })) {
+                    // The engine ran ahead of what the store accepted: drop it; whoever owns
+                    // the run now resumes from the store.
+                    tracing::warn!(run = %run_id, error = %e, "lease lost: run unloaded");
+                    self.disown(run_id, None);
+                }
+                return Err(e);
+            }
         }
         Ok(actions)
     }
@@ -215,7 +319,10 @@ impl Coordinator {
         let guardrails = &record.manifest.guardrail_metrics;
         // A stopped run's ledger is closed: its counts are still summed for the report, but
         // no alert is appended after the stop.
-        if guardrails.is_empty() || record.status == RunStatus::Stopped {
+        // A replica checks guardrails only on the runs it owns (their alerts go to the ledger,
+        // which only the owner writes); the owner checks them on the next report it gets.
+        let not_owner = self.store.replica_id().is_some() && !self.engines.contains_key(run_id);
+        if guardrails.is_empty() || record.status == RunStatus::Stopped || not_owner {
             return Ok(vec![]);
         }
         let version = report.model_version;
@@ -319,10 +426,14 @@ impl Coordinator {
     /// Ticks every loaded run.
     pub fn tick_all(&mut self, now_ms: i64) -> Result<(), CoordinatorError> {
         let ids: Vec<String> = self.engines.keys().cloned().collect();
+        let mut first_error = None;
         for id in ids {
-            self.handle(&id, Event::Tick, now_ms)?;
+            // One run's failure (a lost lease) does not stop the others' deadlines.
+            if let Err(e) = self.handle(&id, Event::Tick, now_ms) {
+                first_error.get_or_insert(e);
+            }
         }
-        Ok(())
+        first_error.map_or(Ok(()), Err)
     }
 
     fn stage(&mut self, stage: Stage) {

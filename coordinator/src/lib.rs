@@ -34,6 +34,7 @@ pub mod ledger;
 pub mod manifest;
 pub mod metrics;
 pub mod model;
+pub mod replica;
 pub mod report;
 pub mod secure_round;
 pub mod server;

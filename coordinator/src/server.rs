@@ -90,6 +90,8 @@ pub struct Running {
     shutdown: watch::Sender<bool>,
     servers: Vec<JoinHandle<Result<(), tonic::transport::Error>>>,
     ticker: JoinHandle<()>,
+    /// A replica's lease loop, which releases its leases when it stops.
+    leases: Option<JoinHandle<()>>,
     coordinator: Arc<Mutex<Coordinator>>,
 }
 
@@ -152,11 +154,19 @@ pub async fn start(config: &Config, options: &ServeOptions) -> Result<Running, S
     };
     let app_key = read_secret(&config.auth.app_key_file, "auth.app_key_file")?;
     let admin_token = read_secret(&config.auth.admin_token_file, "auth.admin_token_file")?;
-    let store_path = config.store.path.clone();
-    let coordinator = tokio::task::spawn_blocking(move || Coordinator::open(&store_path, now_ms()))
-        .await
-        .map_err(|e| transport("opening the store", e))??;
-    let shared = Shared::new(coordinator, &app_key, &admin_token, config.limits.clone())?;
+    // Opening the store and the first reads block (PostgreSQL's client too): off the runtime.
+    let store_config = config.clone();
+    let shared = tokio::task::spawn_blocking(move || {
+        let coordinator = crate::replica::open(&store_config)?;
+        Shared::new(
+            coordinator,
+            &app_key,
+            &admin_token,
+            store_config.limits.clone(),
+        )
+    })
+    .await
+    .map_err(|e| transport("opening the store", e))??;
 
     let bind = |addr: SocketAddr, what: &'static str| async move {
         TcpListener::bind(addr)
@@ -295,6 +305,10 @@ pub async fn start(config: &Config, options: &ServeOptions) -> Result<Running, S
         Duration::from_millis(config.limits.tick_millis),
         shutdown.subscribe(),
     ));
+    let leases = config
+        .replica
+        .as_ref()
+        .map(|r| crate::replica::spawn(&shared, r, shutdown.subscribe()));
     tracing::info!(%device_addr, %admin_addr, ?metrics_addr, tls = tls.is_some(), "serving");
     Ok(Running {
         device_addr,
@@ -304,6 +318,7 @@ pub async fn start(config: &Config, options: &ServeOptions) -> Result<Running, S
         shutdown,
         servers,
         ticker,
+        leases,
         coordinator: shared.coordinator(),
     })
 }
@@ -359,6 +374,9 @@ impl Running {
             let _ = tokio::time::timeout(SHUTDOWN_GRACE, m).await;
         }
         let _ = self.ticker.await;
+        if let Some(leases) = self.leases {
+            let _ = leases.await;
+        }
         let coordinator = self.coordinator;
         let _ = tokio::task::spawn_blocking(move || {
             // Whoever holds the lock is inside a store transaction; wait for it.

@@ -15,6 +15,7 @@ use super::{Shared, auth, coordinator_status, invalid, now_ms, store_status, tim
 use crate::coordinator::Coordinator;
 use crate::engine::{Action, AdminCommand, Event};
 use crate::ledger::{LedgerEvent, verify};
+use crate::replica::{ForwardedCommand, forward};
 
 /// The AdminService implementation.
 pub struct AdminApi {
@@ -25,6 +26,12 @@ impl AdminApi {
     /// Serves operators from the shared state.
     pub fn new(shared: Arc<Shared>) -> Self {
         Self { shared }
+    }
+
+    /// The run after a command the owning replica applied.
+    async fn forwarded_run(&self, id: String) -> Result<Response<pb::Run>, Status> {
+        let run = self.shared.blocking(move |c| load_run(c, &id)).await?;
+        Ok(Response::new(run))
     }
 
     async fn admit<T>(
@@ -210,6 +217,17 @@ impl AdminService for AdminApi {
         let r = request.into_inner();
         let (id, reason) = (run_id(&r.run_id)?, reason(&r.reason)?);
         tracing::info!(run = %id, "pause");
+        if forward(
+            &self.shared,
+            &id,
+            ForwardedCommand::Pause {
+                reason: reason.clone(),
+            },
+        )
+        .await?
+        {
+            return self.forwarded_run(id).await;
+        }
         let run = self
             .shared
             .blocking(move |c| command(c, &id, AdminCommand::Pause { reason }))
@@ -225,6 +243,17 @@ impl AdminService for AdminApi {
         let r = request.into_inner();
         let (id, reason) = (run_id(&r.run_id)?, reason(&r.reason)?);
         tracing::info!(run = %id, reason = %reason, "resume");
+        if forward(
+            &self.shared,
+            &id,
+            ForwardedCommand::Resume {
+                reason: reason.clone(),
+            },
+        )
+        .await?
+        {
+            return self.forwarded_run(id).await;
+        }
         let run = self
             .shared
             .blocking(move |c| command(c, &id, AdminCommand::Resume { reason }))
@@ -240,6 +269,17 @@ impl AdminService for AdminApi {
         let r = request.into_inner();
         let (id, reason) = (run_id(&r.run_id)?, reason(&r.reason)?);
         tracing::info!(run = %id, "stop");
+        if forward(
+            &self.shared,
+            &id,
+            ForwardedCommand::Stop {
+                reason: reason.clone(),
+            },
+        )
+        .await?
+        {
+            return self.forwarded_run(id).await;
+        }
         let run = self
             .shared
             .blocking(move |c| command(c, &id, AdminCommand::Stop { reason }))
@@ -256,6 +296,13 @@ impl AdminService for AdminApi {
         let (id, why) = (run_id(&r.run_id)?, reason(&r.reason)?);
         let to = r.model_version;
         tracing::info!(run = %id, to_version = to, "rollback");
+        let rollback = ForwardedCommand::Rollback {
+            to_version: to,
+            reason: why.clone(),
+        };
+        if forward(&self.shared, &id, rollback).await? {
+            return self.forwarded_run(id).await;
+        }
         let run = self
             .shared
             .blocking(move |c| {

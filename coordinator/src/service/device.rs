@@ -31,6 +31,8 @@ pub const MASKED_UPDATE: &str = "masked_update";
 
 /// How long a device waits when no run exists at all, in ms.
 const NO_RUN_RETRY_MS: i64 = 60_000;
+/// How long a redirected device may use the owner's endpoint before checking in here again.
+const REDIRECT_VALID_FOR: std::time::Duration = std::time::Duration::from_secs(60);
 /// How often a device should report evaluation counts, in ms.
 const REPORT_EVERY_MS: i64 = 3_600_000;
 /// Clock skew tolerated on a report's window end, in ms.
@@ -291,6 +293,12 @@ impl DeviceService for DeviceApi {
                             _ => {}
                         }
                     }
+                }
+                // No run here had an answer: another replica may own one.
+                if later.is_none()
+                    && let Some(redirect) = crate::replica::redirect(c, REDIRECT_VALID_FOR)
+                {
+                    return Ok(redirect);
                 }
                 let (retry_at, reason, detail, latest_model) = match later {
                     Some((_, at, reason, run_id)) => {

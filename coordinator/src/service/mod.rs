@@ -195,6 +195,13 @@ impl Shared {
         self.run_order.lock().map(|v| v.clone()).unwrap_or_default()
     }
 
+    /// Replaces the run order (a replica learns of runs created at other replicas).
+    pub fn set_run_order(&self, ids: Vec<String>) {
+        if let Ok(mut order) = self.run_order.lock() {
+            *order = ids;
+        }
+    }
+
     /// A run's manifest (immutable once the run exists).
     pub fn manifest(&self, c: &Coordinator, run_id: &str) -> Result<Arc<RunManifest>, Status> {
         if let Some(m) = self.cached_manifest(run_id) {

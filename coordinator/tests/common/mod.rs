@@ -1,6 +1,8 @@
 //! Shared helpers for the coordinator's integration tests.
 #![allow(dead_code)]
 
+pub mod pg;
+
 use fedpref_coordinator::coordinator::Coordinator;
 use fedpref_coordinator::engine::{Action, Engine, Event, Task};
 use fedpref_coordinator::manifest::RunManifest;

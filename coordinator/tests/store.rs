@@ -1,0 +1,377 @@
+//! The store's behaviour on both backends: SQLite (a file) and PostgreSQL (a fresh database on
+//! the test server; see `common::pg`): rounds through a durable coordinator, the ledger's hash
+//! chain, one transaction per round, migrations, evaluation sums; then run leases and fencing
+//! with two store handles on one database, and the ledger's privileges on PostgreSQL.
+
+mod common;
+
+use common::{COHORT_MANIFEST, durable_round, manifest, pg};
+use fedpref_coordinator::coordinator::Coordinator;
+use fedpref_coordinator::ledger::{LedgerEvent, verify};
+use fedpref_coordinator::store::{
+    EvaluationReport, EvaluationSums, LeaseOutcome, RoundCommit, Store, StoreError,
+};
+use fedpref_privacy::{OrderGrid, PrivacyMode, RoundRelease, epsilon_after};
+
+const T0: i64 = 1_700_000_000_000;
+
+/// A SQLite file in a temporary directory, and a fresh PostgreSQL database when a server is
+/// available (otherwise the PostgreSQL half skips, saying why).
+fn locations() -> Vec<(String, Option<tempfile::TempDir>)> {
+    let dir = tempfile::tempdir().unwrap();
+    let mut out = vec![(dir.path().join("c.db").display().to_string(), Some(dir))];
+    if let Some(url) = pg::fresh_database() {
+        out.push((url, None));
+    }
+    out
+}
+
+fn spend_of(rounds: u64) -> f64 {
+    let release = RoundRelease {
+        mode: PrivacyMode::Central,
+        noise_multiplier: 1.0,
+        sampling_rate: 1.0,
+    };
+    epsilon_after(&release, rounds, 1e-6, &OrderGrid::default())
+        .unwrap()
+        .epsilon
+}
+
+#[test]
+fn rounds_commit_and_the_chain_verifies_on_both_backends() {
+    for (location, _dir) in locations() {
+        let mut c = Coordinator::open_location(&location, T0).unwrap();
+        c.create_run("r1", manifest(COHORT_MANIFEST), T0).unwrap();
+        let mut now = T0 + 1;
+        for round in 0..3 {
+            now = durable_round(&mut c, "r1", &round.to_string(), 4, now);
+        }
+        drop(c);
+        // Reopened: the migrations are not applied twice, and everything is there.
+        let store = Store::open_location(&location).unwrap();
+        let run = store.run("r1").unwrap();
+        assert_eq!(run.rounds_committed, 3, "{location}");
+        assert_eq!(run.published_version, 4, "{location}");
+        let totals = verify("r1", &store.ledger("r1").unwrap()).unwrap();
+        assert_eq!(totals.rounds_committed, 3, "{location}");
+        let want = spend_of(3);
+        assert!(
+            (totals.cumulative_epsilon[0].epsilon - want).abs() <= 1e-9 * want,
+            "{location}: spent {} want {want}",
+            totals.cumulative_epsilon[0].epsilon
+        );
+        assert_eq!(store.committed_rounds("r1").unwrap(), vec![1, 2, 3]);
+        assert_eq!(store.participations("r1", "dev-0-0").unwrap(), vec![1]);
+        let model = store.model("r1", 4).unwrap();
+        assert_eq!(model.version, 4);
+        assert!(!model.bytes.is_empty());
+        // Resuming a coordinator on it restores the engine where it was.
+        let c = Coordinator::open_location(&location, now).unwrap();
+        assert_eq!(c.engine("r1").unwrap().model().0, 4, "{location}");
+    }
+}
+
+#[test]
+fn a_failing_round_commit_leaves_nothing_behind_on_both_backends() {
+    for (location, _dir) in locations() {
+        let mut c = Coordinator::open_location(&location, T0).unwrap();
+        c.create_run("r1", manifest(COHORT_MANIFEST), T0).unwrap();
+        durable_round(&mut c, "r1", "a", 4, T0 + 1);
+        let store = c.store();
+        let before_ledger = store.ledger("r1").unwrap();
+        let before_run = store.run("r1").unwrap();
+        let model = store.model("r1", 2).unwrap();
+        drop(c);
+        let mut store = Store::open_location(&location).unwrap();
+        // A new round number with an existing model version: the model insert fails after
+        // the round row and its participations were written, and the whole transaction rolls
+        // back.
+        let err = store
+            .commit_round(&RoundCommit {
+                run_id: "r1",
+                round: 9,
+                participants: &["x".to_string(), "y".to_string()],
+                model: &model,
+                server_state: "{}",
+                event: LedgerEvent::RoundAbandoned {
+                    round: 9,
+                    contributions: 0,
+                    reason: "test".into(),
+                },
+                stop: None,
+                at_ms: T0 + 10,
+            })
+            .unwrap_err();
+        assert!(
+            matches!(err, StoreError::Sql(_) | StoreError::Postgres(_)),
+            "{location}: {err}"
+        );
+        assert_eq!(store.ledger("r1").unwrap(), before_ledger, "{location}");
+        assert_eq!(store.run("r1").unwrap(), before_run, "{location}");
+        assert!(store.participations("r1", "x").unwrap().is_empty());
+        assert_eq!(store.committed_rounds("r1").unwrap(), vec![1]);
+    }
+}
+
+#[test]
+fn evaluation_counts_sum_on_both_backends() {
+    for (location, _dir) in locations() {
+        let mut c = Coordinator::open_location(&location, T0).unwrap();
+        c.create_run("r1", manifest(COHORT_MANIFEST), T0).unwrap();
+        drop(c);
+        let mut store = Store::open_location(&location).unwrap();
+        for (device, start, end) in [("a", 10, 20), ("b", 5, 15), ("a", 30, 40)] {
+            store
+                .add_evaluation_counts(&EvaluationReport {
+                    run_id: "r1",
+                    model_version: 1,
+                    cohort: "light",
+                    device_id: device,
+                    window_start_ms: start,
+                    window_end_ms: end,
+                    counts: EvaluationSums {
+                        recommendations_shown: 3,
+                        intra_list_diversity_sum: 0.25,
+                        ..EvaluationSums::default()
+                    },
+                })
+                .unwrap();
+        }
+        let rows = store.evaluation_rows("r1").unwrap();
+        assert_eq!(rows.len(), 1, "{location}");
+        assert_eq!(rows[0].reports, 3);
+        assert_eq!(rows[0].sums.recommendations_shown, 9);
+        assert!((rows[0].sums.intra_list_diversity_sum - 0.75).abs() < 1e-12);
+        assert_eq!(
+            (rows[0].window_start_ms, rows[0].window_end_ms),
+            (Some(5), Some(40))
+        );
+        assert_eq!(store.reporting_devices("r1", 1).unwrap(), 2);
+        let (n, _) = store.evaluation_counts("r1", 1, "light").unwrap().unwrap();
+        assert_eq!(n, 3);
+    }
+}
+
+/// Two replicas' handles on one database, with a run created by the first.
+fn two_replicas(location: &str, lease_ms: u64) -> (Coordinator, Store) {
+    let mut a = Store::open_location(location).unwrap();
+    a.enable_fencing("replica-a", "https://a.example:7443", lease_ms);
+    let mut a = Coordinator::replica(a).unwrap();
+    a.create_run("r1", manifest(COHORT_MANIFEST), T0).unwrap();
+    let mut b = Store::open_location(location).unwrap();
+    b.enable_fencing("replica-b", "https://b.example:7443", lease_ms);
+    (a, b)
+}
+
+#[test]
+fn a_held_lease_is_not_taken_and_a_non_owner_cannot_write() {
+    for (location, _dir) in locations() {
+        let (mut a, mut b) = two_replicas(&location, 60_000);
+        assert_eq!(
+            a.store().held_token("r1"),
+            Some(1),
+            "the creator holds the lease"
+        );
+        match b.acquire_lease("r1").unwrap() {
+            LeaseOutcome::HeldBy(l) => {
+                assert_eq!(l.owner, "replica-a");
+                assert_eq!(l.owner_endpoint, "https://a.example:7443");
+                assert_eq!(l.token, 1);
+            }
+            other => panic!("{location}: {other:?}"),
+        }
+        let before = b.ledger("r1").unwrap();
+        let err = b
+            .append_event(
+                "r1",
+                LedgerEvent::RoundAbandoned {
+                    round: 1,
+                    contributions: 0,
+                    reason: "not mine".into(),
+                },
+                T0,
+            )
+            .unwrap_err();
+        assert!(matches!(err, StoreError::LeaseLost { .. }), "{err}");
+        assert_eq!(b.ledger("r1").unwrap(), before);
+        // The owner renews (same token) and keeps committing rounds.
+        assert!(matches!(
+            a.store_mut().acquire_lease("r1").unwrap(),
+            LeaseOutcome::Renewed(ref l) if l.token == 1
+        ));
+        durable_round(&mut a, "r1", "x", 4, T0 + 1);
+        assert_eq!(b.run("r1").unwrap().rounds_committed, 1);
+    }
+}
+
+#[test]
+fn after_a_lapse_the_new_owner_takes_over_and_the_stale_owner_cannot_commit() {
+    for (location, _dir) in locations() {
+        let (mut a, mut b) = two_replicas(&location, 500);
+        durable_round(&mut a, "r1", "first", 4, T0 + 1);
+        // Replica A stalls past its lease (no renewal).
+        std::thread::sleep(std::time::Duration::from_millis(700));
+        let taken = b.acquire_lease("r1").unwrap();
+        let LeaseOutcome::Acquired { lease, taken_from } = taken else {
+            panic!("{location}: {taken:?}");
+        };
+        assert_eq!(lease.token, 2, "the fencing token went up");
+        assert_eq!(taken_from.as_deref(), Some("replica-a"));
+        let mut b = Coordinator::replica(b).unwrap();
+        assert!(b.adopt("r1", taken_from.as_deref(), T0 + 100_000).unwrap());
+        let ledger_before = b.store().ledger("r1").unwrap();
+        // A wakes up and finishes a round it had in flight: its commit is refused and
+        // nothing of it is stored.
+        let dim = a.engine("r1").unwrap().model().1.len();
+        let mut refused = None;
+        for d in 0..4 {
+            let device = format!("late-{d}");
+            let actions = a
+                .handle(
+                    "r1",
+                    fedpref_coordinator::engine::Event::CheckIn {
+                        device: device.clone(),
+                        eligible: true,
+                    },
+                    T0 + 200_000,
+                )
+                .unwrap();
+            for action in actions {
+                if let fedpref_coordinator::engine::Action::SendTask(task) = action {
+                    a.handle(
+                        "r1",
+                        fedpref_coordinator::engine::Event::Update {
+                            device: device.clone(),
+                            round: task.round,
+                            task_token: task.task_token,
+                            values: vec![0.01; dim],
+                            examples: 5,
+                        },
+                        T0 + 200_000,
+                    )
+                    .unwrap();
+                }
+            }
+        }
+        let deadline = a.engine("r1").unwrap().next_wakeup().unwrap();
+        if let Err(e) = a.handle("r1", fedpref_coordinator::engine::Event::Tick, deadline) {
+            refused = Some(e.to_string());
+        }
+        let refused = refused.expect("the stale owner's commit must be refused");
+        assert!(refused.contains("stale"), "{location}: {refused}");
+        assert!(a.engine("r1").is_none(), "the stale owner unloaded the run");
+        assert_eq!(b.store().ledger("r1").unwrap(), ledger_before, "{location}");
+        // The ledger says the in-flight round was abandoned at takeover, and the new owner
+        // carries on: the spend is exactly that of the committed rounds.
+        durable_round(&mut b, "r1", "second", 4, T0 + 300_000);
+        let store = b.store();
+        let totals = verify("r1", &store.ledger("r1").unwrap()).unwrap();
+        assert_eq!(totals.rounds_committed, 2);
+        assert_eq!(store.run("r1").unwrap().rounds_committed, 2);
+        let want = spend_of(2);
+        assert!((totals.cumulative_epsilon[0].epsilon - want).abs() <= 1e-9 * want);
+        let abandoned = store
+            .ledger("r1")
+            .unwrap()
+            .iter()
+            .filter(|e| e.body.contains("round_abandoned") && e.body.contains("replica-a"))
+            .count();
+        assert_eq!(abandoned, 1, "{location}");
+    }
+}
+
+#[test]
+fn a_released_lease_is_taken_at_once_without_abandoning_a_round() {
+    for (location, _dir) in locations() {
+        let (mut a, mut b) = two_replicas(&location, 60_000);
+        a.store_mut().release_lease("r1").unwrap();
+        assert_eq!(a.store().held_token("r1"), None);
+        match b.acquire_lease("r1").unwrap() {
+            LeaseOutcome::Acquired { lease, taken_from } => {
+                assert_eq!((lease.token, taken_from), (2, None), "{location}");
+            }
+            other => panic!("{location}: {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn the_ledger_is_append_only_for_the_coordinators_postgres_role() {
+    let Some(server) = pg::server() else {
+        return;
+    };
+    let url = server.create_database();
+    let db = url.rsplit('/').next().unwrap().to_string();
+    let role = format!("fedpref_coord_{}", std::process::id());
+    server.admin(&format!(
+        "DROP ROLE IF EXISTS {role}; CREATE ROLE {role} LOGIN PASSWORD 'pw'; ALTER DATABASE {db} OWNER TO {role}"
+    ));
+    let coordinator_url = server.url_as(&role, "pw", &db);
+    let mut c = Coordinator::open_location(&coordinator_url, T0).unwrap();
+    c.create_run("r1", manifest(COHORT_MANIFEST), T0).unwrap();
+    durable_round(&mut c, "r1", "a", 4, T0 + 1);
+    drop(c);
+    let mut client = postgres::Client::connect(&coordinator_url, postgres::NoTls).unwrap();
+    for sql in [
+        "UPDATE ledger SET body = 'tampered' WHERE sequence = 1",
+        "DELETE FROM ledger WHERE sequence = 1",
+        "TRUNCATE ledger",
+    ] {
+        let err = client.batch_execute(sql).unwrap_err();
+        assert_eq!(
+            err.code(),
+            Some(&postgres::error::SqlState::INSUFFICIENT_PRIVILEGE),
+            "{sql}: {err}"
+        );
+    }
+    // The same role may still read and append (the coordinator just did), and other tables
+    // stay writable.
+    client
+        .batch_execute("UPDATE runs SET server_state = server_state")
+        .unwrap();
+    let store = Store::open_location(&coordinator_url).unwrap();
+    verify("r1", &store.ledger("r1").unwrap()).unwrap();
+}
+
+#[test]
+fn forwarded_admin_commands_are_claimed_only_by_the_owner_and_withdrawn_only_while_pending() {
+    for (location, _dir) in locations() {
+        let (mut a, mut b) = two_replicas(&location, 60_000);
+        b.enqueue_admin_command("c1", "r1", r#"{"kind":"pause","reason":"x"}"#, T0)
+            .unwrap();
+        b.enqueue_admin_command("c2", "r1", r#"{"kind":"resume","reason":"y"}"#, T0 + 1)
+            .unwrap();
+        assert!(matches!(
+            b.enqueue_admin_command("c3", "nope", "{}", T0),
+            Err(StoreError::NoSuchRun(_))
+        ));
+        // b does not hold the lease: it cannot claim.
+        assert!(matches!(
+            b.claim_admin_commands("r1"),
+            Err(StoreError::LeaseLost { .. })
+        ));
+        assert!(b.cancel_admin_command("c2").unwrap(), "{location}");
+        let claimed = a.store_mut().claim_admin_commands("r1").unwrap();
+        assert_eq!(
+            claimed.len(),
+            1,
+            "{location}: the withdrawn one is not claimed"
+        );
+        assert_eq!(claimed[0].0, "c1");
+        assert!(
+            !b.cancel_admin_command("c1").unwrap(),
+            "a claimed command stays"
+        );
+        assert_eq!(
+            b.admin_command("c1").unwrap(),
+            Some(("running".to_string(), String::new()))
+        );
+        a.store().finish_admin_command("c1", true, "ok").unwrap();
+        assert_eq!(
+            b.admin_command("c1").unwrap(),
+            Some(("done".to_string(), "ok".to_string()))
+        );
+        assert_eq!(b.admin_command("c2").unwrap().unwrap().0, "cancelled");
+        assert!(a.store_mut().claim_admin_commands("r1").unwrap().is_empty());
+    }
+}
