@@ -417,6 +417,11 @@ pub enum ParticipationStep {
         /// Seconds the device waits.
         wait_seconds: f64,
     },
+    /// The device moved to the coordinator replica that owns the run.
+    Redirected {
+        /// The replica's URL.
+        endpoint: String,
+    },
     /// A task arrived.
     Task {
         /// The run.
@@ -502,6 +507,7 @@ impl From<&sdk::ParticipationEvent> for ParticipationStep {
                 detail,
                 wait_seconds: wait.as_secs_f64(),
             },
+            E::Redirected { endpoint } => Self::Redirected { endpoint },
             E::Task {
                 run_id,
                 round_id,

@@ -54,6 +54,8 @@ pub enum DownloadProgress {
 /// A TLS connection to a coordinator's DeviceService, and the device's credentials there.
 pub struct CoordinatorClient {
     endpoint: String,
+    /// The CA certificate(s) the connection trusts, kept to follow redirects.
+    ca_pem: Vec<u8>,
     inner: DeviceServiceClient<Channel>,
     secagg: SecureAggregationServiceClient<Channel>,
     config: ParticipationConfig,
@@ -154,12 +156,24 @@ impl CoordinatorClient {
         };
         Ok(Self {
             endpoint: url.to_string(),
+            ca_pem: ca_pem.to_vec(),
             inner: DeviceServiceClient::new(channel.clone()),
             secagg: SecureAggregationServiceClient::new(channel),
             config,
             enrolment: None,
             rng,
         })
+    }
+
+    /// Moves to the coordinator replica at `url`, as a check-in's `Redirect` asks: the same
+    /// rules as [`connect`](Self::connect) (https only, the same CA certificates, retries), and
+    /// the same enrolment, since replicas share one database. The old connection is dropped
+    /// only once the new one is up.
+    pub async fn follow_redirect(&mut self, url: &str) -> Result<(), ParticipationError> {
+        let mut next = Self::connect(url, &self.ca_pem, self.config.clone()).await?;
+        next.enrolment = self.enrolment.take();
+        *self = next;
+        Ok(())
     }
 
     /// The coordinator's URL.

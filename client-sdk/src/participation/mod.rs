@@ -224,6 +224,9 @@ impl Default for ParticipateOptions {
     }
 }
 
+/// How many redirects in a row [`participate`] follows before it stops for now.
+pub const MAX_REDIRECTS_IN_A_ROW: u32 = 3;
+
 /// Something that happened during [`participate`], in order.
 #[derive(Clone, Debug, PartialEq)]
 pub enum ParticipationEvent {
@@ -242,6 +245,12 @@ pub enum ParticipationEvent {
         detail: String,
         /// How long the device waits.
         wait: Duration,
+    },
+    /// The coordinator replica the device checked in at does not own the run: the device
+    /// moved to the one that does (same CA, same enrolment) and checks in there.
+    Redirected {
+        /// The replica's URL.
+        endpoint: String,
     },
     /// A task arrived.
     Task {
@@ -336,6 +345,9 @@ impl std::fmt::Display for ParticipationEvent {
                 "no task ({reason}: {detail}); checking in again in {:.1} s",
                 wait.as_secs_f64()
             ),
+            Self::Redirected { endpoint } => {
+                write!(f, "redirected to {endpoint}, the replica that owns the run")
+            }
             Self::Task {
                 run_id,
                 round_id,
@@ -509,6 +521,7 @@ pub async fn participate(
     );
     let mut finished = 0;
     let mut reenrolled = false;
+    let mut redirects_in_a_row = 0;
     while finished < options.rounds {
         if let Some(limit) = options.give_up_after
             && started.elapsed() >= limit
@@ -544,6 +557,9 @@ pub async fn participate(
             }
             other => other?,
         };
+        if !matches!(response.outcome, Some(Outcome::Redirect(_))) {
+            redirects_in_a_row = 0;
+        }
         let task = match response.outcome {
             Some(Outcome::Task(task)) => task,
             Some(Outcome::ComeBackLater(later)) => {
@@ -582,16 +598,30 @@ pub async fn participate(
                 continue;
             }
             Some(Outcome::Redirect(r)) => {
+                // Another replica owns the run: check in there, with the same CA and
+                // enrolment. Replicas that keep sending the device on (a lease changing hands
+                // while it moves) are followed a few times, then the device stops for now.
+                redirects_in_a_row += 1;
+                if redirects_in_a_row > MAX_REDIRECTS_IN_A_ROW {
+                    emit(
+                        &mut report,
+                        ParticipationEvent::Stopped {
+                            why: format!(
+                                "redirected {MAX_REDIRECTS_IN_A_ROW} times in a row; the last replica named {}",
+                                r.endpoint
+                            ),
+                        },
+                    );
+                    break;
+                }
+                client.follow_redirect(&r.endpoint).await?;
                 emit(
                     &mut report,
-                    ParticipationEvent::Stopped {
-                        why: format!(
-                            "the coordinator redirects to {}, which this SDK does not follow yet",
-                            r.endpoint
-                        ),
+                    ParticipationEvent::Redirected {
+                        endpoint: r.endpoint,
                     },
                 );
-                break;
+                continue;
             }
             None => {
                 return Err(ParticipationError::Rejected {
