@@ -756,6 +756,7 @@ fn feed(
                 task_token: task.task_token.clone(),
                 values: update.values,
                 examples: update.examples,
+                clip_bit: None,
             },
             now,
             rng,
