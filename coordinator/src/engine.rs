@@ -257,6 +257,12 @@ pub struct Task {
     pub clip_bit_noise_std: Option<f64>,
 }
 
+/// What an upload says besides its values.
+struct UploadMeta {
+    examples: u64,
+    clip_bit: Option<ClipBit>,
+}
+
 /// A device's clip bit for adaptive clipping in local mode, with the C it was computed for.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct ClipBit {
@@ -935,8 +941,7 @@ impl Engine {
                 round,
                 &task_token,
                 &values,
-                examples,
-                clip_bit,
+                UploadMeta { examples, clip_bit },
                 &mut actions,
             ),
             Event::Decline {
@@ -1088,8 +1093,7 @@ impl Engine {
         round: u64,
         task_token: &str,
         values: &[f32],
-        examples: u64,
-        clip_bit: Option<ClipBit>,
+        UploadMeta { examples, clip_bit }: UploadMeta,
         actions: &mut Vec<Action>,
     ) {
         let reject = |kind, message: String| Action::Reject {

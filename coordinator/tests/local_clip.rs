@@ -218,3 +218,109 @@ fn device_bits_are_required_exactly_when_requested() {
     assert!(message.contains("header.clip_bit"), "{message}");
     assert!(accepted(&upload_with(&mut h, &task, None)));
 }
+
+#[test]
+fn a_durable_local_run_records_c_in_the_ledger_and_the_report_states_the_local_assumption() {
+    let dir = tempfile::tempdir().unwrap();
+    let t0 = 1_700_000_000_000;
+    let text = local_manifest(
+        3,
+        4,
+        1.0,
+        "\n[adaptive_clipping]\ntarget_quantile = 0.5\nbit_noise_std = 1.0\n",
+    );
+    let mut c =
+        fedpref_coordinator::coordinator::Coordinator::open(&dir.path().join("c.db"), t0).unwrap();
+    c.create_run("t", common::manifest(&text), t0).unwrap();
+    let dim = c.engine("t").unwrap().model().1.len();
+    let mut now = t0 + 1;
+    for r in 0..3 {
+        for d in 0..4 {
+            let device = format!("dev-{r}-{d}");
+            let actions = c
+                .handle(
+                    "t",
+                    Event::CheckIn {
+                        device: device.clone(),
+                        eligible: true,
+                    },
+                    now,
+                )
+                .unwrap();
+            let task = actions
+                .into_iter()
+                .find_map(|a| match a {
+                    Action::SendTask(t) => Some(t),
+                    _ => None,
+                })
+                .expect("a task");
+            // Every device reports "fits" (bit 1, no noise): C shrinks each round.
+            let actions = c
+                .handle(
+                    "t",
+                    Event::Update {
+                        device,
+                        round: task.round,
+                        task_token: task.task_token,
+                        values: vec![0.0; dim],
+                        examples: 5,
+                        clip_bit: Some(ClipBit {
+                            clip_norm: task.clip_norm,
+                            noised_bit: 1.0,
+                        }),
+                    },
+                    now,
+                )
+                .unwrap();
+            assert!(accepted(&actions), "{actions:?}");
+        }
+        let deadline = c.engine("t").unwrap().next_wakeup().unwrap();
+        c.handle("t", Event::Tick, deadline).unwrap();
+        now = deadline + 1;
+    }
+    let entries = c.store().ledger("t").unwrap();
+    let totals = fedpref_coordinator::ledger::verify("t", &entries).expect("intact");
+    // Three local releases at the combined z = 1 (the devices' pairs), nothing more.
+    let release = fedpref_privacy::RoundRelease {
+        mode: fedpref_privacy::PrivacyMode::Local,
+        noise_multiplier: 1.0,
+        sampling_rate: 1.0,
+    };
+    let mut budget = fedpref_privacy::Budget::new(1e9, 1e-6).unwrap();
+    for _ in 0..2 {
+        budget.spend(&release).unwrap();
+    }
+    let expected = budget.spend(&release).unwrap().epsilon;
+    let got = totals.cumulative_epsilon[0].epsilon;
+    assert!(
+        (got - expected).abs() <= 1e-9 * expected,
+        "{got} vs {expected}"
+    );
+    let report = fedpref_coordinator::report::ImpactReport::build(c.store(), "t", now).unwrap();
+    let trajectory = &report.spend.clip_trajectory;
+    assert_eq!(trajectory.len(), 3);
+    // b̄ = 1, γ = 0.5, η = 0.2: C ← C·e^(−0.1) each round.
+    for (i, p) in trajectory.iter().enumerate() {
+        let before = (-0.1 * i as f64).exp();
+        assert!((p.clip_norm - before).abs() < 1e-12, "{trajectory:?}");
+        assert!(
+            (p.next_clip_norm - before * (-0.1f64).exp()).abs() < 1e-12,
+            "{trajectory:?}"
+        );
+    }
+    assert_eq!(
+        report.assessment.epsilon_assumption,
+        "none (worst case per device)"
+    );
+    let md = report.to_markdown();
+    assert!(md.contains("| round | C | next C |"), "{md}");
+    assert!(
+        md.contains("Local mode: each device computed its bit"),
+        "{md}"
+    );
+    assert!(
+        report
+            .to_html()
+            .contains("Local mode: each device computed its bit")
+    );
+}
