@@ -145,8 +145,9 @@ pub struct Settings {
     /// training user then checks in each round, in a random order, and the engine gives
     /// tasks to the first K whose limits allow it (no sampling).
     pub participation: Option<ParticipationLimits>,
-    /// Adaptive clipping (mode central): devices then do not pre-clip, so the engine sees
-    /// the norms it estimates the quantile of.
+    /// Adaptive clipping. Mode central: devices then do not pre-clip, so the engine sees
+    /// the norms it estimates the quantile of. Mode local: devices send noised clip bits
+    /// (`bit_noise_std` is required).
     pub adaptive_clipping: Option<AdaptiveClippingSpec>,
     /// Mode distributed: the probability that a cohort member drops out during the secure
     /// aggregation round (at a stage drawn uniformly from the four; `--dropout`).
@@ -377,6 +378,8 @@ pub struct Simulation<'d> {
     /// Every device that checked in was refused by its participation limits, so no round
     /// can commit any more.
     exhausted: bool,
+    /// The L2 norms before clipping of the updates the last round's devices trained.
+    update_norms: Vec<f64>,
 }
 
 struct ClientUpdate {
@@ -384,6 +387,8 @@ struct ClientUpdate {
     examples: u64,
     /// Adaptive clipping in local mode: the device's noised clip bit.
     clip_bit: Option<f64>,
+    /// The update's L2 norm before clipping.
+    norm_before_clipping: f64,
     fit_ns: u64,
     privacy_ns: u64,
 }
@@ -415,6 +420,7 @@ impl<'d> Simulation<'d> {
             timings: Timings::default(),
             client_updates: 0,
             exhausted: false,
+            update_norms: vec![],
         })
     }
 
@@ -442,6 +448,12 @@ impl<'d> Simulation<'d> {
     /// The assumption the run's ε rests on, in words.
     pub fn epsilon_assumption(&self) -> String {
         self.engine.epsilon_assumption()
+    }
+
+    /// The L2 norms before clipping of the updates the last round's devices trained, in
+    /// task order (what adaptive clipping's C should track).
+    pub fn update_norms(&self) -> &[f64] {
+        &self.update_norms
     }
 
     /// The round engine (read-only), e.g. for its clip norm or participation limits.
@@ -574,6 +586,7 @@ impl<'d> Simulation<'d> {
         // Pipelined: while the workers train batch i + 1, this thread hands batch i to the
         // engine (in task order, so the aggregate does not depend on the thread count).
         let mut pending: Option<TrainedBatch> = None;
+        self.update_norms.clear();
         let now = self.now;
         for batch in tasks.chunks(BATCH) {
             let (fed, trained) = rayon::join(
@@ -581,6 +594,7 @@ impl<'d> Simulation<'d> {
                     feed(
                         &mut self.engine,
                         &mut self.timings,
+                        &mut self.update_norms,
                         now,
                         &mut rng,
                         &mut sampler,
@@ -596,6 +610,7 @@ impl<'d> Simulation<'d> {
         feed(
             &mut self.engine,
             &mut self.timings,
+            &mut self.update_norms,
             now,
             &mut rng,
             &mut sampler,
@@ -747,6 +762,7 @@ pub fn candidates_among(
 fn feed(
     engine: &mut Engine,
     timings: &mut Timings,
+    norms: &mut Vec<f64>,
     now: i64,
     rng: &mut Xoshiro256PlusPlus,
     sampler: &mut SimulationSampler,
@@ -759,6 +775,7 @@ fn feed(
     let t = Instant::now();
     for ((user, task), update) in batch.iter().zip(updates) {
         timings.fit_ns += update.fit_ns;
+        norms.push(update.norm_before_clipping);
         timings.privacy_ns += update.privacy_ns;
         let actions = engine.handle(
             Event::Update {
@@ -824,12 +841,12 @@ fn train_client(
     let t = Instant::now();
     let examples = examples(&data.users[user].train, training);
     let (_private, update) = local_round(model, &examples, training);
+    let norm_before_clipping = update.iter().map(|x| x * x).sum::<f64>().sqrt();
     let fit_ns = t.elapsed().as_nanos() as u64;
     let t = Instant::now();
     let mut clip_bit = None;
     let values: Vec<f32> = match (clip, mechanism) {
         (_, Some(mechanism)) => {
-            let norm_before_clipping = update.iter().map(|x| x * x).sum::<f64>().sqrt();
             let clipped = clip_l2(update, mechanism.clip_norm())?;
             let mut sampler = SimulationSampler::for_stream(seed, &[round, user as u64]);
             let released = mechanism.release_update(clipped, &mut sampler)?;
@@ -857,6 +874,7 @@ fn train_client(
         values,
         examples: examples.len() as u64,
         clip_bit,
+        norm_before_clipping,
         fit_ns,
         privacy_ns: t.elapsed().as_nanos() as u64,
     })

@@ -225,3 +225,52 @@ fn local_adaptive_clipping_needs_a_bit_noise_named_by_its_flag() {
     };
     assert!(e.contains("--bit-noise-std"), "{e}");
 }
+
+#[test]
+fn local_adaptive_clipping_converges_to_within_ten_percent_of_the_true_quantile_of_update_norms() {
+    use fedpref_coordinator::manifest::{AdaptiveClippingSpec, ManifestPrivacyMode};
+    use fedpref_simulations::data::{SyntheticSpec, synthetic};
+    use fedpref_simulations::sim::{Sampling, Settings, Simulation};
+
+    let data = synthetic(&SyntheticSpec {
+        users: 400,
+        items: 40,
+        ..SyntheticSpec::default()
+    })
+    .unwrap();
+    for gamma in [0.5, 0.8] {
+        let settings = Settings {
+            rounds: 80,
+            sampling: Sampling::Cohort(200),
+            privacy_mode: ManifestPrivacyMode::Local,
+            noise_multiplier: Some(2.0),
+            clip_norm: 0.05,
+            eval_every: 0,
+            ranking: false,
+            adaptive_clipping: Some(AdaptiveClippingSpec {
+                target_quantile: gamma,
+                learning_rate: 0.2,
+                bit_noise_std: Some(1.5),
+            }),
+            seed: 9,
+            ..Settings::default()
+        };
+        let mut run = Simulation::new(&settings, &data).unwrap();
+        let mut pooled = vec![];
+        for r in 0..80 {
+            run.run_round().unwrap();
+            if r >= 70 {
+                pooled.extend_from_slice(run.update_norms());
+            }
+        }
+        // The empirical γ-quantile of the last ten rounds' norms before clipping (C starts
+        // at 0.05, about a third of the median).
+        pooled.sort_by(f64::total_cmp);
+        let truth = pooled[((gamma * pooled.len() as f64) as usize).min(pooled.len() - 1)];
+        let c = run.engine().clip_norm();
+        assert!(
+            (c - truth).abs() <= 0.1 * truth,
+            "γ = {gamma}: C = {c}, quantile of the update norms {truth}"
+        );
+    }
+}
