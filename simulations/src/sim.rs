@@ -594,7 +594,6 @@ impl<'d> Simulation<'d> {
                     feed(
                         &mut self.engine,
                         &mut self.timings,
-                        &mut self.update_norms,
                         now,
                         &mut rng,
                         &mut sampler,
@@ -605,12 +604,14 @@ impl<'d> Simulation<'d> {
                 || train(batch),
             );
             fed?;
-            pending = Some((batch, trained?));
+            let trained = trained?;
+            self.update_norms
+                .extend(trained.iter().map(|u| u.norm_before_clipping));
+            pending = Some((batch, trained));
         }
         feed(
             &mut self.engine,
             &mut self.timings,
-            &mut self.update_norms,
             now,
             &mut rng,
             &mut sampler,
@@ -762,7 +763,6 @@ pub fn candidates_among(
 fn feed(
     engine: &mut Engine,
     timings: &mut Timings,
-    norms: &mut Vec<f64>,
     now: i64,
     rng: &mut Xoshiro256PlusPlus,
     sampler: &mut SimulationSampler,
@@ -775,7 +775,6 @@ fn feed(
     let t = Instant::now();
     for ((user, task), update) in batch.iter().zip(updates) {
         timings.fit_ns += update.fit_ns;
-        norms.push(update.norm_before_clipping);
         timings.privacy_ns += update.privacy_ns;
         let actions = engine.handle(
             Event::Update {
