@@ -10,6 +10,15 @@
 //! private fields and no constructor outside this module, so holding one proves all
 //! three steps happened; the gRPC client will take nothing else.
 //!
+//! **Adaptive clipping (local mode).** When the task requests a clip bit
+//! ([`TrainingTask::clip_bit_noise_std`]), `prepare_upload` also computes the update's L2 norm
+//! *before* clipping, the bit b = 1 if it is at most C else 0, and releases b + N(0, σ_b²)
+//! drawn from the same [`SecureSampler`] ([`fedpref_privacy::adaptive_clip::local_bit_release`]).
+//! Neighbouring is replace-one (local DP): the bit's sensitivity is 1 and the update's 2C, so
+//! the pair is one Gaussian mechanism, recorded in the accountant as one local release with
+//! multiplier z, z⁻² = σ⁻² + (2σ_b)⁻² ([`fedpref_privacy::adaptive_clip::local_upload_noise_multiplier`])
+//! — before either leaves the device.
+//!
 //! In distributed mode [`Device::prepare_share`] → [`PreparedShare`] is the counterpart: it
 //! fits, **clips**, makes the device's **noised integer share** with the task's
 //! [`DistributedDiscreteGaussian`] (conditional randomised rounding and discrete Gaussian
@@ -20,7 +29,7 @@
 use fedpref_privacy::distributed::{DistributedDiscreteGaussian, SecureShareSampler};
 use fedpref_privacy::{
     GaussianMechanism, PrivacyError, PrivacyMode, PrivacyStatement, Released, RoundRelease, Secure,
-    SecureSampler, clip_l2,
+    SecureSampler, adaptive_clip, clip_l2,
 };
 use fedpref_proto::TensorError;
 use fedpref_proto::v1::NamedTensor;
@@ -49,6 +58,9 @@ pub struct TrainingTask {
     /// The privacy mode: [`PrivacyMode::Local`] for [`Device::prepare_upload`],
     /// [`PrivacyMode::Distributed`] for [`Device::prepare_share`].
     pub mode: PrivacyMode,
+    /// Adaptive clipping in local mode: `Some(σ_b)` when the task requests a clip bit, the
+    /// standard deviation of the noise the device adds to it (> 0); `None` otherwise.
+    pub clip_bit_noise_std: Option<f64>,
 }
 
 /// A clipped, noised update whose spend is recorded: the only thing the SDK uploads.
@@ -63,10 +75,16 @@ pub struct PreparedUpload {
     mode: PrivacyMode,
     clip_norm: f64,
     noise_multiplier: f64,
+    clip_bit: Option<f64>,
     spent: PrivacyStatement,
 }
 
 impl PreparedUpload {
+    /// Adaptive clipping: the noised clip bit (1 if the update's norm before clipping was at
+    /// most C, else 0, plus N(0, σ_b²)), when the task requested one.
+    pub fn clip_bit(&self) -> Option<f64> {
+        self.clip_bit
+    }
     /// The round.
     pub fn round_id(&self) -> u64 {
         self.round_id
@@ -134,9 +152,17 @@ impl Device {
         }
         task.training.validate()?;
         let mechanism = GaussianMechanism::new(task.noise_multiplier, task.clip_norm)?;
+        // With a clip bit the upload releases the pair (update, bit): one Gaussian mechanism
+        // under replace-one neighbours, accounted with the combined multiplier.
+        let accounted_multiplier = match task.clip_bit_noise_std {
+            Some(sigma_b) => {
+                adaptive_clip::local_upload_noise_multiplier(task.noise_multiplier, sigma_b)?
+            }
+            None => task.noise_multiplier,
+        };
         let round = RoundRelease {
             mode: task.mode,
-            noise_multiplier: task.noise_multiplier,
+            noise_multiplier: accounted_multiplier,
             sampling_rate: 1.0,
         };
         if self.budget.would_exceed(&round)? {
@@ -162,9 +188,32 @@ impl Device {
         let model = self.model.as_ref().expect("checked above");
         let (_private, update) = local_round(model, &examples, &task.training);
         let layout = model.layout();
-        // 1. clip, 2. noise …
+        // The clip bit compares the norm *before* clipping with C.
+        let norm_before_clipping = update.iter().map(|x| x * x).sum::<f64>().sqrt();
+        // 1. clip, 2. noise (update and bit from the same OS-seeded sampler) …
         let clipped = clip_l2(update, task.clip_norm)?;
-        let released = mechanism.release_update(clipped, &mut SecureSampler::from_os()?)?;
+        let mut sampler = SecureSampler::from_os()?;
+        let released = mechanism.release_update(clipped, &mut sampler)?;
+        let clip_bit = match task.clip_bit_noise_std {
+            Some(sigma_b) => {
+                let centred = adaptive_clip::local_bit_release(
+                    norm_before_clipping,
+                    task.clip_norm,
+                    sigma_b,
+                    &mut sampler,
+                )?;
+                // On the wire the bit is 0/1 plus noise: undo the centring.
+                let bit = centred.values()[0] + 0.5;
+                if !bit.is_finite() {
+                    return Err(SdkError::Privacy(PrivacyError::NonFinite {
+                        index: 0,
+                        value: bit,
+                    }));
+                }
+                Some(bit)
+            }
+            None => None,
+        };
         // … 3. record, durably, before the update can go anywhere.
         let mut budget = self.budget.clone();
         let spent = budget.spend(&round).map_err(|e| match e {
@@ -200,6 +249,7 @@ impl Device {
             mode: task.mode,
             clip_norm: task.clip_norm,
             noise_multiplier: task.noise_multiplier,
+            clip_bit,
             spent,
         })
     }

@@ -72,6 +72,7 @@ fn task(version: u64, sigma: f64) -> TrainingTask {
         clip_norm: 1.0,
         noise_multiplier: sigma,
         mode: PrivacyMode::Local,
+        clip_bit_noise_std: None,
     }
 }
 
@@ -336,6 +337,74 @@ fn an_upload_is_clipped_noised_and_recorded_and_the_record_survives_a_restart() 
     let b = d.budget().unwrap();
     assert_eq!((b.rounds, b.uploads.len()), (1, 1));
     assert_eq!(b.epsilon_spent, spent.epsilon_spent);
+}
+
+#[test]
+fn a_requested_clip_bit_is_computed_before_clipping_noised_and_accounted_with_the_update() {
+    // σ = 20 on the update, σ_b = 10 on the bit: replace-one, the pair is one Gaussian with
+    // z⁻² = 20⁻² + (2·10)⁻², so z = 20/√2, and the device records exactly what an upload
+    // without a bit at σ = 20/√2 records.
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = device(&dir);
+    d.install_model(model(3)).unwrap();
+    let with_bit = TrainingTask {
+        clip_bit_noise_std: Some(10.0),
+        ..task(3, 20.0)
+    };
+    let upload = d.prepare_upload(&with_bit, now()).unwrap();
+    let bit = upload.clip_bit().expect("requested");
+    assert!(bit.is_finite());
+    assert_eq!(upload.noise_multiplier(), 20.0);
+    let other_dir = tempfile::tempdir().unwrap();
+    let mut other = device(&other_dir);
+    other.install_model(model(3)).unwrap();
+    let plain = other
+        .prepare_upload(&task(3, 20.0 / 2f64.sqrt()), now())
+        .unwrap();
+    assert!(plain.clip_bit().is_none());
+    let (a, b) = (upload.spent().epsilon, plain.spent().epsilon);
+    assert!(a > 0.0 && (a - b).abs() <= 1e-9 * b, "{a} vs {b}");
+    // More than the update alone would cost.
+    let third_dir = tempfile::tempdir().unwrap();
+    let mut third = device(&third_dir);
+    third.install_model(model(3)).unwrap();
+    let alone = third.prepare_upload(&task(3, 20.0), now()).unwrap();
+    assert!(alone.spent().epsilon < a);
+
+    // With small bit noise (σ_b = 0.01, affordable only under a huge budget) the bit is the
+    // comparison of the unclipped norm with C: under a huge C it is 1, under a tiny one 0
+    // (the update itself is not zero).
+    for (clip_norm, expected) in [(1e9, 1.0), (1e-9, 0.0)] {
+        let dir = tempfile::tempdir().unwrap();
+        let config = DeviceConfig {
+            budget_epsilon: 1e9,
+            ..DeviceConfig::default()
+        };
+        let mut d = Device::open(dir.path().join("device.db"), config).unwrap();
+        d.ingest_jsonl(&catalogue(), false, now()).unwrap();
+        d.ingest_jsonl(USER, false, now()).unwrap();
+        d.install_model(model(3)).unwrap();
+        let t = TrainingTask {
+            clip_norm,
+            clip_bit_noise_std: Some(0.01),
+            ..task(3, 20.0)
+        };
+        let bit = d.prepare_upload(&t, now()).unwrap().clip_bit().unwrap();
+        assert!((bit - expected).abs() < 0.08, "C = {clip_norm}: bit {bit}");
+    }
+    // A bit noise so small that one upload would blow the budget is refused, nothing recorded.
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = device(&dir);
+    d.install_model(model(3)).unwrap();
+    let t = TrainingTask {
+        clip_bit_noise_std: Some(1e-9),
+        ..task(3, 20.0)
+    };
+    assert!(matches!(
+        d.prepare_upload(&t, now()),
+        Err(SdkError::BudgetExceeded(_))
+    ));
+    assert_eq!(d.budget().unwrap().rounds, 0);
 }
 
 #[test]

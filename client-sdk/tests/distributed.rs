@@ -86,6 +86,7 @@ fn training_task(mode: PrivacyMode) -> TrainingTask {
         clip_norm: 1.0,
         noise_multiplier: 5.0,
         mode,
+        clip_bit_noise_std: None,
     }
 }
 

@@ -74,6 +74,16 @@
 //! for), releases the noised bit sum when the round commits and moves C toward the target
 //! quantile. Per-round optimisers use the new C from the next round; dp-ftrl from the next
 //! tree.
+//!
+//! In local mode the coordinator sees only noised updates, so the bits come from the devices:
+//! each task carries the round's C and asks for a bit ([`Task::clip_bit_noise_std`]); each
+//! upload must carry the device's noised bit and repeat C ([`ClipBit`]); the engine sums the
+//! centred noised bits (b + noise − ½) of the accepted updates and, when the round commits,
+//! moves C with that sum. It adds no noise of its own: every bit is already protected by its
+//! device's N(0, σ_b²) (local DP, replace-one, sensitivity 1), and the pair (update, bit) is
+//! accounted per upload as the manifest's combined multiplier z on the device and in the
+//! ledger (see [`fedpref_privacy::adaptive_clip::local_upload_noise_multiplier`]). The ε
+//! then rests on no sampling assumption (worst case per device, its own uploads).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -121,6 +131,9 @@ pub enum Event {
         values: Vec<f32>,
         /// Its number of local examples.
         examples: u64,
+        /// Adaptive clipping in local mode: the device's noised clip bit (required exactly
+        /// then; refused otherwise).
+        clip_bit: Option<ClipBit>,
     },
     /// A device hands its task back (budget, conditions, opt-out); in a fixed cohort its
     /// slot goes to the next device that checks in.
@@ -237,6 +250,28 @@ pub struct Task {
     pub deadline_ms: i64,
     /// Distributed mode: the round's secure-aggregation parameters and stage deadlines.
     pub secure_aggregation: Option<Arc<SecureRoundInfo>>,
+    /// The clip norm C of the round (adaptive clipping's current C, else the manifest's).
+    pub clip_norm: f64,
+    /// Adaptive clipping in local mode: the standard deviation σ_b of the noise the device
+    /// must add to its clip bit (the task requests a bit); `None` when no bit is requested.
+    pub clip_bit_noise_std: Option<f64>,
+}
+
+/// What an upload says besides its values.
+struct UploadMeta {
+    examples: u64,
+    clip_bit: Option<ClipBit>,
+}
+
+/// A device's clip bit for adaptive clipping in local mode, with the C it was computed for.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ClipBit {
+    /// The clip norm the device applied and compared its update's norm with; must be the
+    /// round's C.
+    pub clip_norm: f64,
+    /// 1 if the update's norm before clipping was at most C, else 0, plus the device's
+    /// N(0, σ_b²) noise. Must be finite.
+    pub noised_bit: f64,
 }
 
 /// How a rejection maps to a status code.
@@ -412,6 +447,9 @@ struct OpenRound {
     bits: Option<ClippedSum>,
     /// The C the bits are computed against (the clipper's current C).
     bit_clip_norm: f64,
+    /// Adaptive clipping in local mode: the sum of the accepted devices' centred noised bits
+    /// (no coordinator noise: each device noised its own).
+    device_bits: Option<f64>,
     /// Distributed mode: the secure-aggregation round.
     secure: Option<SecureRound>,
 }
@@ -897,7 +935,15 @@ impl Engine {
                 task_token,
                 values,
                 examples,
-            } => self.update(device, round, &task_token, &values, examples, &mut actions),
+                clip_bit,
+            } => self.update(
+                device,
+                round,
+                &task_token,
+                &values,
+                UploadMeta { examples, clip_bit },
+                &mut actions,
+            ),
             Event::Decline {
                 device,
                 round,
@@ -978,6 +1024,7 @@ impl Engine {
                     &device,
                     token.clone(),
                     self.version,
+                    self.manifest.bit_noise_std(),
                 )));
             }
             return;
@@ -1036,6 +1083,7 @@ impl Engine {
             &device,
             token,
             self.version,
+            self.manifest.bit_noise_std(),
         )));
     }
 
@@ -1045,7 +1093,7 @@ impl Engine {
         round: u64,
         task_token: &str,
         values: &[f32],
-        examples: u64,
+        UploadMeta { examples, clip_bit }: UploadMeta,
         actions: &mut Vec<Action>,
     ) {
         let reject = |kind, message: String| Action::Reject {
@@ -1099,6 +1147,46 @@ impl Engine {
             ));
             return;
         }
+        // Adaptive clipping in local mode: the device's noised bit, for the round's C.
+        let device_bit = match (open.device_bits.is_some(), clip_bit) {
+            (true, Some(b)) => {
+                if b.clip_norm != open.clip_norm {
+                    actions.push(reject(
+                        RejectKind::InvalidArgument,
+                        format!(
+                            "header.clip_norm {} is not round {round}'s clip norm {}",
+                            b.clip_norm, open.clip_norm
+                        ),
+                    ));
+                    return;
+                }
+                if !b.noised_bit.is_finite() {
+                    actions.push(reject(
+                        RejectKind::InvalidArgument,
+                        format!("header.clip_bit {} must be finite", b.noised_bit),
+                    ));
+                    return;
+                }
+                Some(b.noised_bit - 0.5)
+            }
+            (true, None) => {
+                actions.push(reject(
+                    RejectKind::InvalidArgument,
+                    format!(
+                        "header.clip_bit is missing: round {round}'s task requested a clip bit"
+                    ),
+                ));
+                return;
+            }
+            (false, Some(_)) => {
+                actions.push(reject(
+                    RejectKind::InvalidArgument,
+                    format!("header.clip_bit must be unset: round {round}'s task did not request a clip bit"),
+                ));
+                return;
+            }
+            (false, None) => None,
+        };
         // Central DP weighs users equally (each contribution has sensitivity C); local and
         // no-DP runs weigh by example count.
         let weight = match self.manifest.aggregation_privacy() {
@@ -1124,6 +1212,9 @@ impl Engine {
                     // One device moves the bit sum by at most ½; a failure here would be
                     // a lattice overflow, which the bit mechanism's σ rules out.
                     let _ = bits.add(&bit, 1.0);
+                }
+                if let (Some(sum), Some(bit)) = (open.device_bits.as_mut(), device_bit) {
+                    *sum += bit;
                 }
                 open.uploaded.push(device.clone());
                 actions.push(Action::UpdateAccepted { device, round });
@@ -1378,10 +1469,13 @@ impl Engine {
                 return;
             }
         };
+        let local_bits = self.manifest.local_clip_bits();
         let (bits, bit_clip_norm) = match &self.clipper {
-            Some(c) => (c.begin_bits().ok(), c.clip_norm()),
+            Some(c) if !local_bits => (c.begin_bits().ok(), c.clip_norm()),
+            Some(c) => (None, c.clip_norm()),
             None => (None, clip_norm),
         };
+        let device_bits = (local_bits && self.clipper.is_some()).then_some(0.0);
         self.open = Some(OpenRound {
             round: self.next_round,
             deadline_ms: secure.as_ref().map_or(
@@ -1396,6 +1490,7 @@ impl Engine {
             clip_norm,
             bits,
             bit_clip_norm,
+            device_bits,
         });
     }
 
@@ -1511,6 +1606,13 @@ impl Engine {
         {
             // Only a lattice overflow can fail here, which σ_b rules out; C then stays.
             tracing::warn!(round = open.round, error = %e, "clip bits not released; C unchanged");
+        }
+        // Local mode: the devices' noised bits are already released; C moves with their sum.
+        if let (Some(clipper), Some(sum)) = (self.clipper.as_mut(), open.device_bits)
+            && let Err(e) = clipper.update(sum)
+        {
+            // The sum of finite bits is finite; C then stays.
+            tracing::warn!(round = open.round, error = %e, "clip bits not usable; C unchanged");
         }
         let mut tree_record = None;
         if let Some(t) = self.tree.as_mut() {
@@ -1843,9 +1945,17 @@ impl Engine {
 }
 
 /// The task `device` holds in `open`.
-fn task_in(open: &OpenRound, device: &str, token: String, model_version: u64) -> Task {
+fn task_in(
+    open: &OpenRound,
+    device: &str,
+    token: String,
+    model_version: u64,
+    clip_bit_noise_std: Option<f64>,
+) -> Task {
     let secure = open.secure.as_ref().map(|s| Arc::clone(s.info()));
     Task {
+        clip_norm: open.clip_norm,
+        clip_bit_noise_std: open.device_bits.and(clip_bit_noise_std),
         device: device.to_string(),
         round: open.round,
         task_token: token,

@@ -34,10 +34,11 @@
 //! min_separation = 20                # a device at most once every 20 committed rounds …
 //! max_participations = 10            # … and at most 10 times in the run
 //!
-//! [adaptive_clipping]                # optional, central mode; clip_norm is the initial C
+//! [adaptive_clipping]                # optional, central or local mode; clip_norm is the initial C
 //! target_quantile = 0.5
 //! learning_rate = 0.2                # default 0.2 (Andrew et al. 2021)
-//! bit_noise_std = 5.0                # default: expected cohort size / 20
+//! bit_noise_std = 5.0                # central: on the bit sum, default expected cohort size / 20;
+//!                                    # local: on each device's bit, required
 //!
 //! [opt_out_policy]
 //! consent_model = "opt-in"
@@ -229,11 +230,19 @@ impl SamplingSpec {
     }
 }
 
-/// Quantile-based adaptive clipping (Andrew, Thakkar, McMahan, Ramaswamy 2021), central mode:
-/// the coordinator checks whether each update's norm was at most the current C, sums those
-/// centred bits, noises the sum with N(0, σ_b²) and moves C geometrically toward the
-/// `target_quantile` of the update norms (see [`fedpref_privacy::adaptive_clip`]). The
-/// manifest's `clip_norm` is the initial C.
+/// Quantile-based adaptive clipping (Andrew, Thakkar, McMahan, Ramaswamy 2021). In central
+/// mode the coordinator checks whether each update's norm was at most the current C, sums
+/// those centred bits, noises the sum with N(0, σ_b²) and moves C geometrically toward the
+/// `target_quantile` of the update norms (see [`fedpref_privacy::adaptive_clip`]). In local
+/// mode each device computes its bit before clipping, adds N(0, σ_b²) to it itself and sends
+/// it with its update; the coordinator sums the noised bits (adding no noise) and moves C the
+/// same way. The manifest's `clip_norm` is the initial C.
+///
+/// Local-mode privacy: neighbouring is replace-one (local DP); the update's sensitivity is 2C
+/// and the bit's 1, and `noise_multiplier` z is again the combined multiplier of the pair,
+/// z⁻² = σ_Δ⁻² + (2σ_b)⁻² (see
+/// [`fedpref_privacy::adaptive_clip::local_upload_noise_multiplier`]): devices noise their
+/// update with σ_Δ = (z⁻² − (2σ_b)⁻²)^(−1/2) and each upload is accounted as z.
 ///
 /// Privacy: with a per-round optimiser the manifest's `noise_multiplier` z is the combined
 /// multiplier of the update sum and the bit sum, so the accounting is that of z; the update
@@ -248,8 +257,9 @@ pub struct AdaptiveClippingSpec {
     /// η > 0 of the geometric update C ← C·exp(−η(b̄ − γ)).
     #[serde(default = "default_clip_learning_rate")]
     pub learning_rate: f64,
-    /// σ_b, the noise standard deviation on the sum of bits (default: the expected cohort
-    /// size / 20, the paper's default).
+    /// σ_b: in central mode the noise standard deviation on the sum of bits (default: the
+    /// expected cohort size / 20, the paper's default); in local mode the noise standard
+    /// deviation each device adds to its own bit (required).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bit_noise_std: Option<f64>,
 }
@@ -588,6 +598,22 @@ impl RunManifest {
             a.bit_noise_std
                 .unwrap_or(self.sampling.expected_cohort_size() / 20.0),
         )
+    }
+
+    /// The noise multiplier σ in the device's task: the update noise σ_Δ with adaptive
+    /// clipping in local mode ([`RunManifest::update_noise_multiplier`]), else the
+    /// manifest's σ (0 without one). Uploads must repeat it.
+    pub fn task_noise_multiplier(&self) -> f64 {
+        if self.local_clip_bits() {
+            self.update_noise_multiplier().unwrap_or(0.0)
+        } else {
+            self.noise_multiplier.unwrap_or(0.0)
+        }
+    }
+
+    /// Whether devices send noised clip bits: adaptive clipping in local mode.
+    pub fn local_clip_bits(&self) -> bool {
+        self.adaptive_clipping.is_some() && self.privacy_mode == ManifestPrivacyMode::Local
     }
 
     /// The noise multiplier the coordinator applies to each round's update sum: the
@@ -1052,11 +1078,21 @@ impl RunManifest {
             ));
         }
         if let Some(a) = self.adaptive_clipping {
-            if self.privacy_mode != ManifestPrivacyMode::Central {
+            if !matches!(
+                self.privacy_mode,
+                ManifestPrivacyMode::Central | ManifestPrivacyMode::Local
+            ) {
                 return Err(bad(
                     "adaptive_clipping",
                     format!("privacy_mode = \"{}\"", self.privacy_mode.as_str()),
-                    "adaptive clipping is available in central mode only (the coordinator sums and noises the clip bits)",
+                    "adaptive clipping is available in central mode (the coordinator noises the bit sum) and local mode (each device noises its bit)",
+                ));
+            }
+            if self.privacy_mode == ManifestPrivacyMode::Local && a.bit_noise_std.is_none() {
+                return Err(bad(
+                    "adaptive_clipping.bit_noise_std",
+                    "(missing)".into(),
+                    "required in local mode: the noise standard deviation each device adds to its clip bit (it must exceed noise_multiplier / 2)",
                 ));
             }
             if !(a.target_quantile > 0.0 && a.target_quantile < 1.0) {
@@ -1202,6 +1238,42 @@ description = "off until the user turns it on"
             .unwrap_err()
             .to_string();
         assert!(e.contains("adaptive_clipping.target_quantile"), "{e}");
+    }
+
+    #[test]
+    fn adaptive_clipping_in_local_mode_needs_a_per_device_bit_noise() {
+        let local = EXAMPLE.replace("privacy_mode = \"central\"", "privacy_mode = \"local\"");
+        let text =
+            format!("{local}\n[adaptive_clipping]\ntarget_quantile = 0.5\nbit_noise_std = 2.0\n");
+        let m = RunManifest::from_toml(&text, "m.toml").unwrap();
+        assert!(m.local_clip_bits());
+        let z = m.noise_multiplier.unwrap();
+        let s = m.task_noise_multiplier();
+        assert!(s > z, "{s} {z}");
+        // The device's pair (update σ_Δ, bit σ_b) is accounted as the manifest's z.
+        let pair = fedpref_privacy::adaptive_clip::local_upload_noise_multiplier(s, 2.0).unwrap();
+        assert!((pair - z).abs() < 1e-12, "{pair} {z}");
+        assert_eq!(m.round_release().unwrap().noise_multiplier, z);
+        // σ_b has no default in local mode.
+        let text = format!("{local}\n[adaptive_clipping]\ntarget_quantile = 0.5\n");
+        let e = RunManifest::from_toml(&text, "m.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("adaptive_clipping.bit_noise_std") && e.contains("required in local mode"),
+            "{e}"
+        );
+        // 2σ_b must exceed z here too.
+        let text =
+            format!("{local}\n[adaptive_clipping]\ntarget_quantile = 0.5\nbit_noise_std = 0.5\n");
+        let e = RunManifest::from_toml(&text, "m.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("adaptive_clipping.bit_noise_std"), "{e}");
+        // Without adaptive clipping nothing changes for local tasks.
+        let m = RunManifest::from_toml(&local, "m.toml").unwrap();
+        assert!(!m.local_clip_bits());
+        assert_eq!(m.task_noise_multiplier(), m.noise_multiplier.unwrap());
     }
 
     #[test]

@@ -194,6 +194,15 @@ pub struct Spend {
     pub clip_trajectory: Vec<ClipPoint>,
 }
 
+/// Where adaptive clipping's bits came from and what protects them, by privacy mode.
+fn clip_bits_sentence(privacy_mode: &str) -> &'static str {
+    if privacy_mode == "local" {
+        "Local mode: each device computed its bit (norm before clipping at most C) and added Gaussian noise to it itself; the coordinator summed the noised bits without adding noise. Each upload's (update, bit) pair is accounted in the ε above as one local release at the combined noise multiplier (replace-one neighbours; no sampling assumption)."
+    } else {
+        "Central mode: the coordinator computed each update's bit, summed the bits and added Gaussian noise to the sum; the bits' cost is in the ε above."
+    }
+}
+
 /// One committed round's clip norms under adaptive clipping.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize)]
 pub struct ClipPoint {
@@ -941,6 +950,7 @@ impl ImpactReport {
         if !s.clip_trajectory.is_empty() {
             let _ = writeln!(o);
             let _ = writeln!(o, "Adaptive clipping: the clip norm C of each round.");
+            let _ = writeln!(o, "{}", clip_bits_sentence(&self.assessment.privacy_mode));
             let _ = writeln!(o);
             let _ = writeln!(o, "| round | C | next C |");
             let _ = writeln!(o, "|---|---|---|");
@@ -1398,7 +1408,8 @@ impl ImpactReport {
         if !s.clip_trajectory.is_empty() {
             let _ = writeln!(
                 o,
-                "<h3>Adaptive clipping</h3>\n<table><tr><th>Round</th><th>C</th><th>Next C</th></tr>"
+                "<h3>Adaptive clipping</h3>\n<p>{}</p>\n<table><tr><th>Round</th><th>C</th><th>Next C</th></tr>",
+                esc(clip_bits_sentence(&self.assessment.privacy_mode))
             );
             for c in &s.clip_trajectory {
                 let _ = writeln!(

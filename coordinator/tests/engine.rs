@@ -482,6 +482,7 @@ fn a_distributed_round_moves_through_its_stages_at_their_deadlines_and_unmasks_t
             task_token: task.task_token.clone(),
             values: vec![0.0; expected.len()],
             examples: 1,
+            clip_bit: None,
         });
         assert_eq!(rejection(&actions).0, RejectKind::InvalidArgument);
         let actions = h.send(Event::MaskedUpdate {

@@ -113,6 +113,7 @@ fn round(c: &mut Coordinator, devices: &[&str], now: i64) -> i64 {
                 task_token: task.task_token,
                 values: vec![0.01; dim],
                 examples: 5,
+                clip_bit: None,
             },
             now,
         )
@@ -802,6 +803,7 @@ fn a_poisson_sampled_run_reports_both_audiences_and_unamplified_per_device_epsil
                         task_token: task.task_token,
                         values: vec![0.01; dim],
                         examples: 5,
+                        clip_bit: None,
                     },
                     now,
                 )

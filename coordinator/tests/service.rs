@@ -1430,3 +1430,102 @@ async fn reported_metrics_that_cross_a_pause_guardrail_pause_the_run_and_show_in
     );
     server.running.shutdown().await.unwrap();
 }
+
+/// Sets the header's clip bit of an upload stream.
+fn with_clip_bit(
+    mut messages: Vec<pb::UploadUpdateRequest>,
+    bit: Option<f64>,
+) -> Vec<pb::UploadUpdateRequest> {
+    if let Some(Part::Header(h)) = messages[0].part.as_mut() {
+        h.clip_bit = bit;
+    }
+    messages
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_adaptive_clipping_requests_a_clip_bit_and_the_upload_must_carry_exactly_one() {
+    let server = TestServer::start().await;
+    let mut m = manifest(2, 1, 30, 2);
+    m.privacy_mode = pb::PrivacyMode::Local as i32;
+    m.noise_multiplier = 2.0;
+    m.adaptive_clipping = Some(pb::AdaptiveClipping {
+        target_quantile: 0.5,
+        learning_rate: 0.2,
+        count_noise_multiplier: 1.5,
+    });
+    create_run(&server, m).await;
+    let mut client = server.device().await;
+    let token = enroll(&mut client).await;
+    let Outcome::Task(task) = check_in(&mut client, &token).await else {
+        panic!("a task");
+    };
+    assert!(task.clip_bit_requested);
+    assert_eq!(task.clip_bit_noise_stddev, 1.5);
+    assert_eq!(task.clip_norm, 1.0);
+    // The device's update noise is the raised σ_Δ = (z⁻² − (2σ_b)⁻²)^(−1/2).
+    let sigma_delta = (2f64.powi(-2) - 3f64.powi(-2)).powf(-0.5);
+    assert!((task.noise_multiplier - sigma_delta).abs() < 1e-12);
+    let messages = upload_messages(&task, &update_for(&task), 1000);
+    assert_status(
+        upload(&mut client, &token, with_clip_bit(messages.clone(), None)).await,
+        Code::InvalidArgument,
+        "header.clip_bit",
+    );
+    assert_status(
+        upload(
+            &mut client,
+            &token,
+            with_clip_bit(messages.clone(), Some(f64::NAN)),
+        )
+        .await,
+        Code::InvalidArgument,
+        "header.clip_bit",
+    );
+    assert_status(
+        upload(
+            &mut client,
+            &token,
+            with_clip_bit(messages.clone(), Some(f64::INFINITY)),
+        )
+        .await,
+        Code::InvalidArgument,
+        "header.clip_bit",
+    );
+    let mut wrong_c = with_clip_bit(messages.clone(), Some(1.0));
+    if let Some(Part::Header(h)) = wrong_c[0].part.as_mut() {
+        h.clip_norm = 2.0;
+    }
+    assert_status(
+        upload(&mut client, &token, wrong_c).await,
+        Code::InvalidArgument,
+        "header.clip_norm",
+    );
+    // Refusals left the task usable: the right upload is accepted.
+    upload(&mut client, &token, with_clip_bit(messages, Some(0.7)))
+        .await
+        .unwrap();
+
+    // A run without adaptive clipping requests no bit and refuses one.
+    let server = TestServer::start().await;
+    let mut m = manifest(2, 1, 30, 2);
+    m.privacy_mode = pb::PrivacyMode::Local as i32;
+    create_run(&server, m).await;
+    let mut client = server.device().await;
+    let token = enroll(&mut client).await;
+    let Outcome::Task(task) = check_in(&mut client, &token).await else {
+        panic!("a task");
+    };
+    assert!(!task.clip_bit_requested);
+    let messages = upload_messages(&task, &update_for(&task), 1000);
+    assert_status(
+        upload(
+            &mut client,
+            &token,
+            with_clip_bit(messages.clone(), Some(1.0)),
+        )
+        .await,
+        Code::InvalidArgument,
+        "header.clip_bit",
+    );
+    upload(&mut client, &token, messages).await.unwrap();
+}

@@ -246,6 +246,7 @@ fn after_a_lapse_the_new_owner_takes_over_and_the_stale_owner_cannot_commit() {
                             task_token: task.task_token,
                             values: vec![0.01; dim],
                             examples: 5,
+                            clip_bit: None,
                         },
                         T0 + 200_000,
                     )

@@ -25,6 +25,8 @@
 //!   [`QuantileClipper::update`] with the sum (noise variance m·σ_local²). Neighbouring
 //!   replace-one (the device uploads either way), sensitivity 1, so each upload is
 //!   ρ = 1/(2σ_local²)-zCDP on top of the update's own cost.
+//!   Accounted together with the update as one Gaussian with
+//!   [`local_upload_noise_multiplier`] (the same combination as central mode's).
 //! - Distributed mode (the bit as one more coordinate under secure aggregation, each device
 //!   adding a share of the noise) is not provided here.
 //!
@@ -118,6 +120,26 @@ pub fn effective_noise_multiplier(
     let s = check::positive("update_noise_multiplier", update_noise_multiplier)?;
     let sigma_b = check::positive("bit_noise_std", bit_noise_std)?;
     Ok((s.powi(-2) + (2.0 * sigma_b).powi(-2)).powf(-0.5))
+}
+
+/// Local mode: the noise multiplier to account one device upload of (noised update, noised
+/// clip bit) with, as a [`crate::RoundRelease`] in [`crate::PrivacyMode::Local`].
+///
+/// Neighbouring relation: local DP, one device's data **replaced** (the device uploads either
+/// way). Under it the clipped update moves by at most 2C (noise σ_Δ·C per coordinate: effective
+/// multiplier σ_Δ/2, which is what the local-mode accountant applies) and the bit (0/1, or
+/// centred ±½) by at most 1 (noise σ_b: effective multiplier σ_b). The pair is one Gaussian
+/// mechanism with effective multiplier z_eff, z_eff⁻² = (σ_Δ/2)⁻² + σ_b⁻², i.e.
+/// ρ = 2/σ_Δ² + 1/(2σ_b²) per upload. The local-mode accountant halves the multiplier it is
+/// given, so the multiplier to give it is z = 2·z_eff, and z⁻² = σ_Δ⁻² + (2σ_b)⁻²: the same
+/// formula as central mode's [`effective_noise_multiplier`] (both sensitivities double under
+/// replace-one), so a manifest's `noise_multiplier` z means the same combined cost in both
+/// modes and [`update_noise_multiplier`] gives the device's update noise σ_Δ.
+pub fn local_upload_noise_multiplier(
+    update_noise_multiplier: f64,
+    bit_noise_std: f64,
+) -> Result<f64, PrivacyError> {
+    effective_noise_multiplier(update_noise_multiplier, bit_noise_std)
 }
 
 /// ρ-zCDP of `participations` central bit releases of noise σ_b: k·(½)²/(2σ_b²) = k/(8σ_b²).
@@ -254,6 +276,35 @@ mod tests {
         assert!((effective_noise_multiplier(s, sigma_b).unwrap() - z).abs() < 1e-12);
         // The paper's example: m = 100, σ_b = m/20 = 5, z = 1 → σ_Δ = (1 − 1/100)^(-1/2).
         assert!((s - (0.99f64).powf(-0.5)).abs() < 1e-12);
+    }
+
+    #[test]
+    fn the_local_pair_is_accounted_as_one_gaussian_of_hand_derived_cost() {
+        // σ_Δ = 4, σ_b = 2, replace-one: update ρ = (2C)²/(2·(4C)²) = 1/8, bit ρ = 1²/(2·2²)
+        // = 1/8, so ρ = 1/4 per upload; z_eff = (2ρ)^(-1/2) = √2 and the local accountant's
+        // input is z = 2√2.
+        let z = local_upload_noise_multiplier(4.0, 2.0).unwrap();
+        assert!((z - 2.0 * 2f64.sqrt()).abs() < 1e-12, "{z}");
+        let release = crate::RoundRelease {
+            mode: crate::PrivacyMode::Local,
+            noise_multiplier: z,
+            sampling_rate: 1.0,
+        };
+        let (q, effective) = release.effective().unwrap();
+        assert_eq!(q, 1.0);
+        // Gaussian RDP at order α is α·ρ = α/(2·z_eff²).
+        for alpha in [2.0, 8.0, 32.0] {
+            let rdp = crate::rdp::gaussian_rdp(alpha, effective);
+            assert!((rdp - alpha * 0.25).abs() < 1e-12, "α = {alpha}: {rdp}");
+        }
+        // The bit's noise alone (no bit) would cost only the update's 1/8.
+        let update_only = crate::RoundRelease {
+            mode: crate::PrivacyMode::Local,
+            noise_multiplier: 4.0,
+            sampling_rate: 1.0,
+        };
+        let (_, e) = update_only.effective().unwrap();
+        assert!((crate::rdp::gaussian_rdp(2.0, e) - 2.0 / 8.0).abs() < 1e-12);
     }
 
     #[test]

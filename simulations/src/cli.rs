@@ -165,13 +165,18 @@ pub struct RunArgs {
     /// i.e. no limit beyond the separation].
     #[arg(long, value_name = "K", requires = "min_separation")]
     pub max_participations: Option<u64>,
-    /// Adaptive clipping (mode central): C follows the --target-quantile of update norms,
-    /// starting from --clip-norm.
+    /// Adaptive clipping (modes central and local): C follows the --target-quantile of
+    /// update norms, starting from --clip-norm.
     #[arg(long)]
     pub adaptive_clipping: bool,
     /// Adaptive clipping's target quantile γ in (0, 1) [default: 0.5].
     #[arg(long, value_name = "Q")]
     pub target_quantile: Option<f64>,
+    /// Adaptive clipping's bit noise σ_b: on the bit sum in mode central [default: the
+    /// expected cohort size / 20], on each device's bit in mode local (required there; must
+    /// exceed half the noise multiplier).
+    #[arg(long, value_name = "S")]
+    pub bit_noise_std: Option<f64>,
     /// The server learning rate η [default: the optimiser's].
     #[arg(long, value_name = "ETA")]
     pub server_learning_rate: Option<f64>,
@@ -258,6 +263,7 @@ struct FileConfig {
     max_participations: Option<u64>,
     adaptive_clipping: Option<bool>,
     target_quantile: Option<f64>,
+    bit_noise_std: Option<f64>,
     seed: Option<u64>,
     out: Option<PathBuf>,
     factors: Option<usize>,
@@ -557,10 +563,19 @@ fn plan_with(args: &RunArgs, file: FileConfig) -> Result<RunPlan, CliError> {
     if target_quantile.is_some() && !adaptive {
         return Err(usage("--target-quantile needs --adaptive-clipping"));
     }
+    let bit_noise_std = args.bit_noise_std.or(file.bit_noise_std);
+    if bit_noise_std.is_some() && !adaptive {
+        return Err(usage("--bit-noise-std needs --adaptive-clipping"));
+    }
+    if adaptive && mode == Mode::Local && bit_noise_std.is_none() {
+        return Err(usage(
+            "--adaptive-clipping with --privacy-mode local needs --bit-noise-std S (the noise each device adds to its clip bit; more than half the noise multiplier)",
+        ));
+    }
     let adaptive_clipping = adaptive.then(|| AdaptiveClippingSpec {
         target_quantile: target_quantile.unwrap_or(0.5),
         learning_rate: 0.2,
-        bit_noise_std: None,
+        bit_noise_std,
     });
     let factors = args
         .factors

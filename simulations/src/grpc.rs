@@ -79,6 +79,11 @@ fn failed(what: &str, e: impl std::fmt::Display) -> SimError {
 /// Refuses settings the gRPC transport cannot run, naming the flag.
 pub fn check(settings: &Settings) -> Result<(), SimError> {
     match settings.privacy_mode {
+        ManifestPrivacyMode::Local if settings.adaptive_clipping.is_some() => {
+            Err(SimError::Settings(
+                "--transport grpc and --adaptive-clipping: the simulator runs adaptive clipping in process only (the SDK and coordinator support it over gRPC; client-sdk/tests/adaptive_clipping.rs)".into(),
+            ))
+        }
         ManifestPrivacyMode::Local => Ok(()),
         ManifestPrivacyMode::Distributed if settings.dropout > 0.0 => {
             Err(SimError::Settings(format!(

@@ -26,7 +26,7 @@ use std::time::Instant;
 use fedpref_client_sdk::{LocalTraining, MatrixFactorization, ModelError, local_round};
 use fedpref_coordinator::aggregation::ServerOptimizer;
 use fedpref_coordinator::distributed::{DistributedNoiseKind, SecureAggregationSpec};
-use fedpref_coordinator::engine::{Action, Engine, Event, RunState, Task};
+use fedpref_coordinator::engine::{Action, ClipBit, Engine, Event, RunState, Task};
 use fedpref_coordinator::ledger::AudienceEpsilon;
 use fedpref_coordinator::manifest::{
     AdaptiveClippingSpec, BudgetSpec, ManifestPrivacyMode, ModelSpec, OptOutPolicy, RunManifest,
@@ -145,8 +145,9 @@ pub struct Settings {
     /// training user then checks in each round, in a random order, and the engine gives
     /// tasks to the first K whose limits allow it (no sampling).
     pub participation: Option<ParticipationLimits>,
-    /// Adaptive clipping (mode central): devices then do not pre-clip, so the engine sees
-    /// the norms it estimates the quantile of.
+    /// Adaptive clipping. Mode central: devices then do not pre-clip, so the engine sees
+    /// the norms it estimates the quantile of. Mode local: devices send noised clip bits
+    /// (`bit_noise_std` is required).
     pub adaptive_clipping: Option<AdaptiveClippingSpec>,
     /// Mode distributed: the probability that a cohort member drops out during the secure
     /// aggregation round (at a stage drawn uniformly from the four; `--dropout`).
@@ -301,6 +302,7 @@ pub(crate) fn flag_names(message: &str) -> String {
         ("sampling.target_size", "--cohort-size"),
         ("server_optimizer", "--server-optimizer"),
         ("participation", "--min-separation"),
+        ("adaptive_clipping.bit_noise_std", "--bit-noise-std"),
         ("adaptive_clipping.target_quantile", "--target-quantile"),
         ("adaptive_clipping", "--adaptive-clipping"),
         ("secure_aggregation.dropout_rate", "--dropout"),
@@ -376,11 +378,17 @@ pub struct Simulation<'d> {
     /// Every device that checked in was refused by its participation limits, so no round
     /// can commit any more.
     exhausted: bool,
+    /// The L2 norms before clipping of the updates the last round's devices trained.
+    update_norms: Vec<f64>,
 }
 
 struct ClientUpdate {
     values: Vec<f32>,
     examples: u64,
+    /// Adaptive clipping in local mode: the device's noised clip bit.
+    clip_bit: Option<f64>,
+    /// The update's L2 norm before clipping.
+    norm_before_clipping: f64,
     fit_ns: u64,
     privacy_ns: u64,
 }
@@ -412,6 +420,7 @@ impl<'d> Simulation<'d> {
             timings: Timings::default(),
             client_updates: 0,
             exhausted: false,
+            update_norms: vec![],
         })
     }
 
@@ -439,6 +448,12 @@ impl<'d> Simulation<'d> {
     /// The assumption the run's ε rests on, in words.
     pub fn epsilon_assumption(&self) -> String {
         self.engine.epsilon_assumption()
+    }
+
+    /// The L2 norms before clipping of the updates the last round's devices trained, in
+    /// task order (what adaptive clipping's C should track).
+    pub fn update_norms(&self) -> &[f64] {
+        &self.update_norms
     }
 
     /// The round engine (read-only), e.g. for its clip norm or participation limits.
@@ -521,13 +536,20 @@ impl<'d> Simulation<'d> {
 
         let (version, params) = self.engine.model();
         let model = shared_model(version, &self.item_ids, self.settings.factors, params)?;
+        // Local mode: the devices' update noise (raised to σ_Δ with adaptive clipping, whose
+        // bits take the rest of the combined multiplier) at the open round's C.
         let mechanism = match self.settings.privacy_mode {
             ManifestPrivacyMode::Local => Some(GaussianMechanism::new(
-                self.manifest.noise_multiplier.expect("validated"),
-                self.manifest.clip_norm,
+                self.manifest.task_noise_multiplier(),
+                self.engine.clip_norm(),
             )?),
             _ => None,
         };
+        let bit_noise_std = self
+            .manifest
+            .local_clip_bits()
+            .then(|| self.manifest.bit_noise_std())
+            .flatten();
         let clip = match self.settings.privacy_mode {
             ManifestPrivacyMode::None if !self.settings.clip_without_privacy => None,
             // The engine clips in central mode; with adaptive clipping it must see the
@@ -549,6 +571,7 @@ impl<'d> Simulation<'d> {
                         &training,
                         clip,
                         mechanism.as_ref(),
+                        bit_noise_std,
                         seed,
                         round,
                     )?;
@@ -563,6 +586,7 @@ impl<'d> Simulation<'d> {
         // Pipelined: while the workers train batch i + 1, this thread hands batch i to the
         // engine (in task order, so the aggregate does not depend on the thread count).
         let mut pending: Option<TrainedBatch> = None;
+        self.update_norms.clear();
         let now = self.now;
         for batch in tasks.chunks(BATCH) {
             let (fed, trained) = rayon::join(
@@ -580,7 +604,10 @@ impl<'d> Simulation<'d> {
                 || train(batch),
             );
             fed?;
-            pending = Some((batch, trained?));
+            let trained = trained?;
+            self.update_norms
+                .extend(trained.iter().map(|u| u.norm_before_clipping));
+            pending = Some((batch, trained));
         }
         feed(
             &mut self.engine,
@@ -756,6 +783,10 @@ fn feed(
                 task_token: task.task_token.clone(),
                 values: update.values,
                 examples: update.examples,
+                clip_bit: update.clip_bit.map(|noised_bit| ClipBit {
+                    clip_norm: task.clip_norm,
+                    noised_bit,
+                }),
             },
             now,
             rng,
@@ -802,19 +833,33 @@ fn train_client(
     training: &LocalTraining,
     clip: Option<f64>,
     mechanism: Option<&GaussianMechanism>,
+    bit_noise_std: Option<f64>,
     seed: u64,
     round: u64,
 ) -> Result<ClientUpdate, SimError> {
     let t = Instant::now();
     let examples = examples(&data.users[user].train, training);
     let (_private, update) = local_round(model, &examples, training);
+    let norm_before_clipping = update.iter().map(|x| x * x).sum::<f64>().sqrt();
     let fit_ns = t.elapsed().as_nanos() as u64;
     let t = Instant::now();
+    let mut clip_bit = None;
     let values: Vec<f32> = match (clip, mechanism) {
         (_, Some(mechanism)) => {
             let clipped = clip_l2(update, mechanism.clip_norm())?;
             let mut sampler = SimulationSampler::for_stream(seed, &[round, user as u64]);
             let released = mechanism.release_update(clipped, &mut sampler)?;
+            // Adaptive clipping in local mode: the device's bit, noised as the SDK does
+            // (seeded simulation noise here), 0/1 + N(0, σ_b²) on the wire.
+            if let Some(sigma_b) = bit_noise_std {
+                let bit = fedpref_privacy::adaptive_clip::local_bit_release(
+                    norm_before_clipping,
+                    mechanism.clip_norm(),
+                    sigma_b,
+                    &mut sampler,
+                )?;
+                clip_bit = Some(bit.values()[0] + 0.5);
+            }
             released.values().iter().map(|&x| x as f32).collect()
         }
         (Some(c), None) => clip_l2(update, c)?
@@ -827,6 +872,8 @@ fn train_client(
     Ok(ClientUpdate {
         values,
         examples: examples.len() as u64,
+        clip_bit,
+        norm_before_clipping,
         fit_ns,
         privacy_ns: t.elapsed().as_nanos() as u64,
     })

@@ -161,3 +161,116 @@ fn on_movielens_100k_dp_fedavg_with_sampling_and_dp_ftrl_without_both_learn_at_e
         assert!(r < global_mean, "{r} is no better than the global mean");
     }
 }
+
+fn local_adaptive_args() -> RunArgs {
+    RunArgs {
+        users: Some(150),
+        items: Some(60),
+        rounds: Some(10),
+        cohort_size: Some(30),
+        privacy_mode: Some(Mode::Local),
+        noise_multiplier: Some(2.0),
+        adaptive_clipping: true,
+        target_quantile: Some(0.5),
+        bit_noise_std: Some(1.5),
+        seed: Some(5),
+        ..RunArgs::default()
+    }
+}
+
+#[test]
+fn local_adaptive_clipping_runs_in_process_from_the_devices_bits_deterministically() {
+    let dir = tempfile::tempdir().unwrap();
+    let adaptive = plan(&local_adaptive_args()).unwrap();
+    let one = run_on(1, &adaptive, &dir.path().join("one"));
+    let three = run_on(3, &adaptive, &dir.path().join("three"));
+    assert_eq!((&one.0, &one.1), (&three.0, &three.1));
+    let s = &one.2;
+    let c = s["clip_norm"].as_f64().unwrap();
+    assert!(c.is_finite() && c > 0.0 && c != 1.0, "C moved: {c}");
+    assert_eq!(s["epsilon_rests_on"], "none (worst case per device)");
+    assert!(s["epsilon"].as_f64().unwrap() > 0.0);
+    // --noise-multiplier is the combined multiplier of (update, bit): the same run without
+    // adaptive clipping spends the same ε (its devices add more update noise instead).
+    let mut fixed = local_adaptive_args();
+    fixed.adaptive_clipping = false;
+    fixed.target_quantile = None;
+    fixed.bit_noise_std = None;
+    let (_, _, f) = run_on(2, &plan(&fixed).unwrap(), &dir.path().join("fixed"));
+    let (a, b) = (
+        s["epsilon"].as_f64().unwrap(),
+        f["epsilon"].as_f64().unwrap(),
+    );
+    assert!((a - b).abs() <= 1e-9 * b, "{a} vs {b}");
+}
+
+#[test]
+fn local_adaptive_clipping_needs_a_bit_noise_named_by_its_flag() {
+    let mut a = local_adaptive_args();
+    a.bit_noise_std = None;
+    let e = plan(&a).map(|_| ()).unwrap_err().to_string();
+    assert!(e.contains("--bit-noise-std"), "{e}");
+    // 2σ_b must exceed the noise multiplier.
+    let mut b = local_adaptive_args();
+    b.bit_noise_std = Some(0.5);
+    let e = match plan(&b) {
+        Err(e) => e.to_string(),
+        Ok(p) => {
+            let dir = tempfile::tempdir().unwrap();
+            run_plan(&p, false, dir.path(), &ProgressBar::hidden())
+                .map(|_| ())
+                .unwrap_err()
+                .to_string()
+        }
+    };
+    assert!(e.contains("--bit-noise-std"), "{e}");
+}
+
+#[test]
+fn local_adaptive_clipping_converges_to_within_ten_percent_of_the_true_quantile_of_update_norms() {
+    use fedpref_coordinator::manifest::{AdaptiveClippingSpec, ManifestPrivacyMode};
+    use fedpref_simulations::data::{SyntheticSpec, synthetic};
+    use fedpref_simulations::sim::{Sampling, Settings, Simulation};
+
+    let data = synthetic(&SyntheticSpec {
+        users: 400,
+        items: 40,
+        ..SyntheticSpec::default()
+    })
+    .unwrap();
+    for gamma in [0.5, 0.8] {
+        let settings = Settings {
+            rounds: 80,
+            sampling: Sampling::Cohort(200),
+            privacy_mode: ManifestPrivacyMode::Local,
+            noise_multiplier: Some(2.0),
+            clip_norm: 0.05,
+            eval_every: 0,
+            ranking: false,
+            adaptive_clipping: Some(AdaptiveClippingSpec {
+                target_quantile: gamma,
+                learning_rate: 0.2,
+                bit_noise_std: Some(1.5),
+            }),
+            seed: 9,
+            ..Settings::default()
+        };
+        let mut run = Simulation::new(&settings, &data).unwrap();
+        let mut pooled = vec![];
+        for r in 0..80 {
+            run.run_round().unwrap();
+            if r >= 70 {
+                pooled.extend_from_slice(run.update_norms());
+            }
+        }
+        // The empirical γ-quantile of the last ten rounds' norms before clipping (C starts
+        // at 0.05, about a third of the median).
+        pooled.sort_by(f64::total_cmp);
+        let truth = pooled[((gamma * pooled.len() as f64) as usize).min(pooled.len() - 1)];
+        let c = run.engine().clip_norm();
+        assert!(
+            (c - truth).abs() <= 0.1 * truth,
+            "γ = {gamma}: C = {c}, quantile of the update norms {truth}"
+        );
+    }
+}

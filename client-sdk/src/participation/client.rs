@@ -443,7 +443,7 @@ impl CoordinatorClient {
             privacy_mode: task.privacy_mode,
             clip_norm: upload.clip_norm(),
             noise_multiplier: upload.noise_multiplier(),
-            clip_bit: None,
+            clip_bit: upload.clip_bit(),
             update_sha256: vec![],
         };
         Ok(stream(task, header, &tensors))

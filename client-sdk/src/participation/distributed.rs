@@ -283,6 +283,7 @@ pub(super) async fn take_part(
         clip_norm: task.clip_norm,
         noise_multiplier: task.noise_multiplier,
         mode: PrivacyMode::Distributed,
+        clip_bit_noise_std: None,
     };
     let share = match device.prepare_share(&training_task, &round, Timestamp::now()) {
         Ok(share) => share,

@@ -735,6 +735,9 @@ pub async fn participate(
                     clip_norm: task.clip_norm,
                     noise_multiplier: task.noise_multiplier,
                     mode: privacy_mode(task.privacy_mode).expect("checked above"),
+                    clip_bit_noise_std: task
+                        .clip_bit_requested
+                        .then_some(task.clip_bit_noise_stddev),
                 };
                 // The one function that clips, noises and records the spend.
                 device

@@ -758,7 +758,15 @@ pub fn run_to_proto(
             .iter()
             .map(|a| audience_epsilon(a, &record.manifest))
             .collect(),
-        current_clip_norm: record.manifest.clip_norm,
+        // Adaptive clipping: the C the last committed round chose for the next.
+        current_clip_norm: entries
+            .iter()
+            .rev()
+            .find_map(|e| match &e.event {
+                LedgerEvent::RoundCommitted { next_clip_norm, .. } => *next_clip_norm,
+                _ => None,
+            })
+            .unwrap_or(record.manifest.clip_norm),
         ledger_head_sha256: sealed.last().map(|e| unhex(&e.hash)).unwrap_or_default(),
     }
 }

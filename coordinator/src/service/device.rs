@@ -252,11 +252,17 @@ impl DeviceService for DeviceApi {
                                         model: Some(model.clone()),
                                         local_training: None,
                                         privacy_mode: proto_mode(manifest.privacy_mode) as i32,
-                                        clip_norm: manifest.clip_norm,
-                                        noise_multiplier: manifest.noise_multiplier.unwrap_or(0.0),
+                                        clip_norm: if manifest.local_clip_bits() {
+                                            task.clip_norm
+                                        } else {
+                                            manifest.clip_norm
+                                        },
+                                        noise_multiplier: manifest.task_noise_multiplier(),
                                         upload_deadline: Some(timestamp(task.deadline_ms)),
-                                        clip_bit_requested: false,
-                                        clip_bit_noise_stddev: 0.0,
+                                        clip_bit_requested: task.clip_bit_noise_std.is_some(),
+                                        clip_bit_noise_stddev: task
+                                            .clip_bit_noise_std
+                                            .unwrap_or(0.0),
                                         update_tensors: update_tensors(&manifest),
                                         max_upload_bytes: limits.max_upload_bytes,
                                         max_chunk_bytes: limits.max_chunk_bytes,

@@ -63,7 +63,10 @@ pub(super) async fn receive(
             format!("must be the task's {:?}", proto_mode(manifest.privacy_mode)),
         ));
     }
-    if header.clip_norm != manifest.clip_norm {
+    // With adaptive clipping in local mode C changes with the rounds: the engine checks the
+    // header's C against the open round's, under the lock.
+    let local_bits = manifest.local_clip_bits();
+    if !local_bits && header.clip_norm != manifest.clip_norm {
         return Err(invalid(
             "header.clip_norm",
             format!(
@@ -72,19 +75,38 @@ pub(super) async fn receive(
             ),
         ));
     }
-    let sigma = manifest.noise_multiplier.unwrap_or(0.0);
+    let sigma = manifest.task_noise_multiplier();
     if header.noise_multiplier != sigma {
         return Err(invalid(
             "header.noise_multiplier",
             format!("{} is not the task's {sigma}", header.noise_multiplier),
         ));
     }
-    if header.clip_bit.is_some() {
-        return Err(invalid(
-            "header.clip_bit",
-            "must be unset: the task did not request a clip bit",
-        ));
-    }
+    let clip_bit = match (local_bits, header.clip_bit) {
+        (true, Some(bit)) if bit.is_finite() => Some(crate::engine::ClipBit {
+            clip_norm: header.clip_norm,
+            noised_bit: bit,
+        }),
+        (true, Some(bit)) => {
+            return Err(invalid(
+                "header.clip_bit",
+                format!("{bit} must be a finite number"),
+            ));
+        }
+        (true, None) => {
+            return Err(invalid(
+                "header.clip_bit",
+                "missing: the task requested a clip bit (adaptive clipping in local mode)",
+            ));
+        }
+        (false, Some(_)) => {
+            return Err(invalid(
+                "header.clip_bit",
+                "must be unset: the task did not request a clip bit",
+            ));
+        }
+        (false, None) => None,
+    };
     if !header.update_sha256.is_empty() && header.update_sha256.len() != fedpref_proto::SHA256_LEN {
         return Err(invalid("header.update_sha256", "must be empty or 32 bytes"));
     }
@@ -186,6 +208,7 @@ pub(super) async fn receive(
                         task_token: task.task_token,
                         values,
                         examples,
+                        clip_bit,
                     },
                     now_ms(),
                 )

@@ -99,6 +99,7 @@ impl Harness {
             task_token: task.task_token.clone(),
             values,
             examples: 10,
+            clip_bit: None,
         })
     }
 
@@ -158,6 +159,7 @@ pub fn durable_round(c: &mut Coordinator, run: &str, tag: &str, devices: usize, 
                     task_token: task.task_token,
                     values: vec![0.01; dim],
                     examples: 5,
+                    clip_bit: None,
                 },
                 now,
             )
