@@ -882,7 +882,7 @@ impl Engine {
         sampler: &mut S,
     ) -> Vec<Action> {
         let mut actions = vec![];
-        self.close_if_due(now, sampler, &mut actions);
+        self.close_if_due(now, rng, sampler, &mut actions);
         match event {
             Event::Tick => {
                 self.stop_if_done(&mut actions);
@@ -908,33 +908,57 @@ impl Engine {
                 round,
                 task_token,
                 keys,
-            } => self.secure_message(device, round, &task_token, now, &mut actions, |s, d| {
-                s.receive_keys(d, keys)
-            }),
+            } => self.secure_message(
+                device,
+                round,
+                &task_token,
+                now,
+                rng,
+                &mut actions,
+                |s, d| s.receive_keys(d, keys),
+            ),
             Event::SecAggShares {
                 device,
                 round,
                 task_token,
                 shares,
-            } => self.secure_message(device, round, &task_token, now, &mut actions, |s, d| {
-                s.receive_shares(d, shares)
-            }),
+            } => self.secure_message(
+                device,
+                round,
+                &task_token,
+                now,
+                rng,
+                &mut actions,
+                |s, d| s.receive_shares(d, shares),
+            ),
             Event::MaskedUpdate {
                 device,
                 round,
                 task_token,
                 values,
-            } => self.secure_message(device, round, &task_token, now, &mut actions, |s, d| {
-                s.receive_masked_input(d, values)
-            }),
+            } => self.secure_message(
+                device,
+                round,
+                &task_token,
+                now,
+                rng,
+                &mut actions,
+                |s, d| s.receive_masked_input(d, values),
+            ),
             Event::SecAggUnmask {
                 device,
                 round,
                 task_token,
                 unmask,
-            } => self.secure_message(device, round, &task_token, now, &mut actions, |s, d| {
-                s.receive_unmask(d, unmask)
-            }),
+            } => self.secure_message(
+                device,
+                round,
+                &task_token,
+                now,
+                rng,
+                &mut actions,
+                |s, d| s.receive_unmask(d, unmask),
+            ),
             Event::Admin(cmd) => self.admin(cmd, now, &mut actions),
         }
         actions
@@ -1411,14 +1435,15 @@ impl Engine {
         }
     }
 
-    fn close_if_due<S: GaussianSampler>(
+    fn close_if_due<R: Rng + ?Sized, S: GaussianSampler>(
         &mut self,
         now: i64,
+        rng: &mut R,
         sampler: &mut S,
         actions: &mut Vec<Action>,
     ) {
         if self.open.as_ref().is_some_and(|o| o.secure.is_some()) {
-            self.advance_secure(now, actions);
+            self.advance_secure(now, rng, actions);
             return;
         }
         let due = matches!(&self.open, Some(open) if now >= open.deadline_ms);
@@ -1613,12 +1638,14 @@ impl Engine {
 impl Engine {
     /// A secure-aggregation message from `device`: checked like an upload (round, token,
     /// selection), handed to the round, answered, and any stage it completes is closed.
-    fn secure_message(
+    #[allow(clippy::too_many_arguments)]
+    fn secure_message<R: Rng + ?Sized>(
         &mut self,
         device: String,
         round: u64,
         task_token: &str,
         now: i64,
+        rng: &mut R,
         actions: &mut Vec<Action>,
         receive: impl FnOnce(&mut SecureRound, &str) -> Result<(), Rejection>,
     ) {
@@ -1649,7 +1676,7 @@ impl Engine {
             Ok(()) => actions.push(Action::SecAggAccepted { device, round }),
             Err(rejection) => actions.push(Action::Reject { device, rejection }),
         }
-        self.advance_secure(now, actions);
+        self.advance_secure(now, rng, actions);
     }
 
     /// Keeps how a distributed round ended (nothing for other rounds).
@@ -1666,11 +1693,16 @@ impl Engine {
 
     /// Closes the distributed round's stages that are due; commits or abandons the round
     /// when it ends.
-    fn advance_secure(&mut self, now: i64, actions: &mut Vec<Action>) {
+    fn advance_secure<R: Rng + ?Sized>(
+        &mut self,
+        now: i64,
+        rng: &mut R,
+        actions: &mut Vec<Action>,
+    ) {
         let Some(secure) = self.open.as_mut().and_then(|o| o.secure.as_mut()) else {
             return;
         };
-        match secure.advance(now) {
+        match secure.advance(now, rng) {
             Ending::Running => {}
             Ending::Abandoned {
                 contributions,

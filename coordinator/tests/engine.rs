@@ -643,3 +643,92 @@ fn a_distributed_slot_declined_before_advertising_goes_to_the_next_device() {
     assert!(h.task("device-6").is_some());
     assert!(h.task("device-7").is_none());
 }
+
+/// Runs one distributed round of five devices up to the key directories: devices check in
+/// in `order` (the first two of `order` decline and come back under another id before anyone
+/// advertises, as colluders grabbing slots would), all advertise keys, and the index each
+/// device was given is returned, by device number.
+fn indices_after_advertising(seed: u64, order: [usize; 5]) -> [u32; 5] {
+    use fedpref_coordinator::secure_round::StageInput;
+    use fedpref_secagg::{Client, ServerStage, rng::simulation_rng};
+    use rand::SeedableRng;
+
+    let mut h = Harness::new(&distributed_manifest());
+    h.rng = rand::rngs::ChaCha20Rng::seed_from_u64(seed);
+    let mut rng = simulation_rng(seed, &[]);
+    let mut tasks = vec![None; 5];
+    for &i in &order {
+        tasks[i] = h.task(&format!("device-{i}"));
+    }
+    for &i in &order[..2] {
+        let t = tasks[i].take().unwrap();
+        h.send(Event::Decline {
+            device: t.device.clone(),
+            round: t.round,
+            task_token: t.task_token.clone(),
+        });
+        // A declined device waits for the next round; a colluder comes back as another.
+        tasks[i] = h.task(&format!("device-{i}-again"));
+    }
+    let mut indices = [0u32; 5];
+    let mut clients = vec![];
+    for t in tasks.iter().map(|t| t.as_ref().expect("five slots")) {
+        let info = t.secure_aggregation.clone().unwrap();
+        let (_, keys) = Client::advertise(info.config.clone(), &mut rng).unwrap();
+        h.send(Event::SecAggKeys {
+            device: t.device.clone(),
+            round: t.round,
+            task_token: t.task_token.clone(),
+            keys,
+        });
+        clients.push(t.clone());
+    }
+    for (i, t) in clients.iter().enumerate() {
+        let view = h
+            .engine
+            .secure_stage(&t.device, t.round, &t.task_token)
+            .unwrap();
+        assert_eq!(view.stage, ServerStage::ShareKeys);
+        let StageInput::KeyDirectory(directory) = view.input else {
+            panic!("no directory");
+        };
+        indices[i] = directory.own_index;
+    }
+    indices
+}
+
+#[test]
+fn a_device_cannot_steer_its_participant_index_by_its_check_in_order_or_declines() {
+    // Over many rounds, the device that checks in first (and the one that grabs a slot,
+    // declines and grabs another) lands on every index about equally often: the index is
+    // drawn when the key stage closes, not given out in check-in order.
+    let rounds = 250u64;
+    let mut first = [0u32; 5];
+    let mut decliner = [0u32; 5];
+    for seed in 0..rounds {
+        let indices = indices_after_advertising(seed, [0, 1, 2, 3, 4]);
+        let mut sorted = indices;
+        sorted.sort_unstable();
+        assert_eq!(sorted, [1, 2, 3, 4, 5], "a permutation of the cohort");
+        first[indices[0] as usize - 1] += 1;
+        decliner[indices[1] as usize - 1] += 1;
+    }
+    // Expected 50 each; a χ² statistic over 4 degrees of freedom above 18.47 has
+    // probability 0.001 under uniformity (the seeds are fixed, so the test is deterministic).
+    for counts in [first, decliner] {
+        let expected = rounds as f64 / 5.0;
+        let chi2: f64 = counts
+            .iter()
+            .map(|&c| (f64::from(c) - expected).powi(2) / expected)
+            .sum();
+        assert!(
+            chi2 < 18.47,
+            "indices not uniform: {counts:?} (χ² = {chi2})"
+        );
+    }
+    // The same seeds with the check-ins in another order give the same permutation of the
+    // slots, not the same indices to the same devices: the draw is over slots, after U1.
+    let a = indices_after_advertising(7, [0, 1, 2, 3, 4]);
+    let b = indices_after_advertising(7, [4, 3, 2, 1, 0]);
+    assert_ne!(a, b);
+}
