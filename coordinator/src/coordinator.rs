@@ -367,7 +367,7 @@ impl Coordinator {
                 contributions,
                 reason,
             } => {
-                tracing::info!(round, contributions, reason = %reason, "round abandoned: nothing released or spent");
+                tracing::info!(round, contributions, reason = %reason, "round abandoned: nothing released");
                 self.store
                     .abandon_round(run_id, *round, *contributions, reason, now_ms)?
             }

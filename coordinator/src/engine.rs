@@ -1702,7 +1702,16 @@ impl Engine {
         let Some(secure) = self.open.as_mut().and_then(|o| o.secure.as_mut()) else {
             return;
         };
-        match secure.advance(now, rng) {
+        let (distributed, budget) = (&self.distributed, &self.manifest.budget);
+        let may_unmask = || match distributed {
+            Some(d) if d.next_epsilon(budget.delta) <= budget.epsilon => Ok(()),
+            Some(_) => Err(format!(
+                "refused by the budget before unmasking: the round would take ε past {}",
+                budget.epsilon
+            )),
+            None => Err("no distributed accounting for this run".into()),
+        };
+        match secure.advance(now, rng, may_unmask) {
             Ending::Running => {}
             Ending::Abandoned {
                 contributions,
@@ -1732,6 +1741,40 @@ impl Engine {
         }
     }
 
+    /// A distributed round that fails after its sum was unmasked: the coordinator has seen
+    /// the noised sum, which is what the round's ε covers, so the ε is counted as spent (in
+    /// the run-stopped entry's cumulative ε) and the run stops, as no later round can be
+    /// accounted for without this one's release.
+    fn fail_after_unmasking(
+        &mut self,
+        round: u64,
+        contributions: usize,
+        reason: String,
+        actions: &mut Vec<Action>,
+    ) {
+        let counted = self
+            .distributed
+            .as_mut()
+            .is_some_and(|d| d.accountant.compose_rdp(&d.curve, 1).is_ok());
+        let counted = if counted {
+            "its ε is counted"
+        } else {
+            "its ε could not be added to the accountant"
+        };
+        actions.push(Action::AbandonRound {
+            round,
+            contributions: contributions as u64,
+            reason: format!("{reason}; the sum had been unmasked, so the round's ε is spent"),
+        });
+        self.stop(
+            format!(
+                "distributed round {round} failed after its sum was unmasked ({reason}): \
+                 {counted} and the run cannot go on"
+            ),
+            actions,
+        );
+    }
+
     /// A distributed round whose sum was unmasked: decode it, take the optimiser step, spend
     /// the mechanism's RDP, and commit and publish like any other round.
     fn commit_distributed(
@@ -1744,15 +1787,13 @@ impl Engine {
         let info = Arc::clone(secure.info());
         let contributors = secure.devices_of(&output.contributors);
         let count = output.contributors.len();
-        let abandon = |reason: String, actions: &mut Vec<Action>| {
-            actions.push(Action::AbandonRound {
-                round: open.round,
-                contributions: count as u64,
-                reason,
-            });
-        };
         let Some(d) = self.distributed.as_mut() else {
-            abandon("no distributed accounting for this run".into(), actions);
+            self.fail_after_unmasking(
+                open.round,
+                count,
+                "no distributed accounting for this run".into(),
+                actions,
+            );
             return;
         };
         let mechanism = d.plan.mechanism;
@@ -1763,7 +1804,12 @@ impl Engine {
         let aggregate = match Aggregate::from_unmasked_sum(sum, count, noise_std) {
             Ok(a) => a,
             Err(e) => {
-                abandon(format!("aggregation failed: {e}"), actions);
+                self.fail_after_unmasking(
+                    open.round,
+                    count,
+                    format!("aggregation failed: {e}"),
+                    actions,
+                );
                 return;
             }
         };
@@ -1775,9 +1821,17 @@ impl Engine {
             &mut params,
             &aggregate,
         ) {
-            abandon(format!("the server optimiser failed: {e}"), actions);
+            self.fail_after_unmasking(
+                open.round,
+                count,
+                format!("the server optimiser failed: {e}"),
+                actions,
+            );
             return;
         }
+        let Some(d) = self.distributed.as_mut() else {
+            unreachable!("checked above");
+        };
         let mut accountant = d.accountant.clone();
         let spent = accountant
             .compose_rdp(&d.curve, 1)
@@ -1786,14 +1840,12 @@ impl Engine {
         match spent {
             Some(e) if e <= self.manifest.budget.epsilon => d.accountant = accountant,
             _ => {
-                // Checked when the round opened; reaching here means the manifest changed.
-                abandon(
-                    format!(
-                        "refused by the budget: the round would take ε past {}",
-                        self.manifest.budget.epsilon
-                    ),
-                    actions,
+                // Checked before unmasking; reaching here means the accountant failed.
+                let reason = format!(
+                    "refused by the budget: the round would take ε past {}",
+                    self.manifest.budget.epsilon
                 );
+                self.fail_after_unmasking(open.round, count, reason, actions);
                 return;
             }
         }

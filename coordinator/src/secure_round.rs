@@ -19,7 +19,11 @@
 //! | unmasking | every device in U3 revealed its shares | the sum is unmasked |
 //!
 //! A stage that cannot go on (fewer than m devices left, fewer than t answers, inconsistent
-//! shares) abandons the round: nothing is unmasked, released or spent.
+//! shares) abandons the round: nothing is unmasked, released or spent. Right before the sum
+//! is unmasked the engine checks that the round's ε still fits the budget (an unmasked sum
+//! is a release: its ε is spent whatever happens next), and abandons the round otherwise. A
+//! round that fails after unmasking (decoding, the server step) counts its ε and stops the
+//! run.
 //!
 //! # Selection
 //! The cohort has a fixed size n (`sampling.target_size`): the first n eligible devices that
@@ -423,7 +427,16 @@ impl SecureRound {
     /// Closes every stage whose deadline has passed or that waits for nobody, in order, and
     /// says how the round ended if it has. Reports an ending once.
     /// `rng` draws the participant indices when the advertise-keys stage closes.
-    pub(crate) fn advance<R: Rng + ?Sized>(&mut self, now: i64, rng: &mut R) -> Ending {
+    /// `may_unmask` is asked just before the sum would be unmasked (once every earlier stage
+    /// succeeded): an error abandons the round with nothing unmasked. The engine checks there
+    /// that the round's ε still fits the budget, since after unmasking it is spent.
+    pub(crate) fn advance<R: Rng + ?Sized>(
+        &mut self,
+        now: i64,
+        rng: &mut R,
+        may_unmask: impl FnOnce() -> Result<(), String>,
+    ) -> Ending {
+        let mut may_unmask = Some(may_unmask);
         if self.ended {
             return Ending::Running;
         }
@@ -450,6 +463,10 @@ impl SecureRound {
                 }),
                 ServerStage::Unmasking => {
                     self.ended = true;
+                    if let Some(Err(reason)) = may_unmask.take().map(|check| check()) {
+                        let e = self.server.abandon(reason);
+                        return self.abandoned(e);
+                    }
                     return match self.server.finish() {
                         Ok(output) => Ending::Completed(output),
                         Err(e) => self.abandoned(e),

@@ -732,3 +732,139 @@ fn a_device_cannot_steer_its_participant_index_by_its_check_in_order_or_declines
     let b = indices_after_advertising(7, [4, 3, 2, 1, 0]);
     assert_ne!(a, b);
 }
+
+/// Runs one distributed round in which all five devices go through every stage with the
+/// same positive input; returns every action the engine took.
+fn complete_distributed_round(h: &mut Harness, seed: u64) -> Vec<Action> {
+    use fedpref_coordinator::secure_round::StageInput;
+    use fedpref_secagg::{Client, rng::simulation_rng};
+
+    let mut rng = simulation_rng(seed, &[]);
+    let mut all = vec![];
+    let tasks: Vec<_> = (0..5)
+        .map(|i| h.task(&format!("device-{i}")).expect("five slots"))
+        .collect();
+    let info = tasks[0].secure_aggregation.clone().unwrap();
+    let mut states = vec![];
+    for t in &tasks {
+        let (state, keys) = Client::advertise(info.config.clone(), &mut rng).unwrap();
+        all.extend(h.send(Event::SecAggKeys {
+            device: t.device.clone(),
+            round: t.round,
+            task_token: t.task_token.clone(),
+            keys,
+        }));
+        states.push(state);
+    }
+    let input = |h: &Harness, t: &fedpref_coordinator::engine::Task| {
+        h.engine
+            .secure_stage(&t.device, t.round, &t.task_token)
+            .unwrap()
+            .input
+    };
+    let mut next = vec![];
+    for (t, state) in tasks.iter().zip(states) {
+        let StageInput::KeyDirectory(d) = input(h, t) else {
+            panic!("no directory")
+        };
+        let (state, shares) = state.share_keys(&d, &mut rng).unwrap();
+        all.extend(h.send(Event::SecAggShares {
+            device: t.device.clone(),
+            round: t.round,
+            task_token: t.task_token.clone(),
+            shares,
+        }));
+        next.push(state);
+    }
+    let x = vec![3i64; h.dimension()];
+    let encoded = info.config.encoding.encode_integers(&x).unwrap();
+    let mut last = vec![];
+    for (t, state) in tasks.iter().zip(next) {
+        let StageInput::ShareInbox(inbox) = input(h, t) else {
+            panic!("no inbox")
+        };
+        let (state, masked) = state.masked_input(&inbox, &encoded).unwrap();
+        all.extend(h.send(Event::MaskedUpdate {
+            device: t.device.clone(),
+            round: t.round,
+            task_token: t.task_token.clone(),
+            values: masked.values,
+        }));
+        last.push(state);
+    }
+    for (t, state) in tasks.iter().zip(last) {
+        let StageInput::UnmaskingPlan(plan) = input(h, t) else {
+            panic!("no plan")
+        };
+        all.extend(h.send(Event::SecAggUnmask {
+            device: t.device.clone(),
+            round: t.round,
+            task_token: t.task_token.clone(),
+            unmask: state.unmask(&plan).unwrap(),
+        }));
+    }
+    all
+}
+
+#[test]
+fn a_distributed_round_that_fails_after_unmasking_counts_its_epsilon_and_stops_the_run() {
+    use fedpref_coordinator::aggregation::ServerState;
+    use fedpref_coordinator::engine::{Engine, Progress};
+
+    // Restored parameters that are not finite: the server step refuses them, so the round
+    // fails after its sum was unmasked.
+    let manifest = common::manifest(&distributed_manifest());
+    let params = vec![f32::NAN; manifest.dimension()];
+    let mut h = Harness::new(&distributed_manifest());
+    h.engine = Engine::restore(
+        "run-test",
+        manifest.clone(),
+        Progress {
+            state: RunState::Active,
+            rounds_committed: 1,
+            next_round: 2,
+            current_version: 1,
+            server_state: ServerState::new(&manifest.server_optimizer, params.len()),
+            params,
+        },
+    );
+    let before = h.engine.spent()[0].epsilon;
+    let actions = complete_distributed_round(&mut h, 3);
+    assert!(
+        !actions
+            .iter()
+            .any(|a| matches!(a, Action::CommitRound(_) | Action::PublishModel { .. }))
+    );
+    let Some(Action::AbandonRound { reason, .. }) = actions
+        .iter()
+        .find(|a| matches!(a, Action::AbandonRound { .. }))
+    else {
+        panic!("not abandoned: {actions:?}");
+    };
+    assert!(reason.contains("ε is spent"), "{reason}");
+    let stopped = actions.iter().find_map(|a| match a {
+        Action::StatusChanged {
+            event:
+                LedgerEvent::RunStopped {
+                    reason,
+                    cumulative_epsilon,
+                    ..
+                },
+            ..
+        } => Some((reason.clone(), cumulative_epsilon[0].epsilon)),
+        _ => None,
+    });
+    let (reason, epsilon) = stopped.expect("the run stops");
+    assert!(reason.contains("after its sum was unmasked"), "{reason}");
+    let expected = manifest
+        .distributed_plan()
+        .unwrap()
+        .mechanism
+        .epsilon_after(2, manifest.budget.delta, &OrderGrid::default())
+        .unwrap()
+        .epsilon;
+    assert!(epsilon > before);
+    assert_eq!(epsilon, expected);
+    assert_eq!(h.engine.spent()[0].epsilon, expected);
+    assert_eq!(h.engine.state(), RunState::Stopped);
+}
