@@ -422,6 +422,12 @@ struct DistributedAccounting {
     plan: DistributedPlan,
     curve: Vec<f64>,
     accountant: RdpAccountant,
+    /// Every public key (encryption or masking) a device advertised in an earlier or the
+    /// current round of this run, since the engine was created or restored. A key is never
+    /// accepted twice: a device reusing its masking key could, by surviving one round and
+    /// dropping in another, hand the coordinator both its self-mask seed and its masking key
+    /// for the first.
+    seen_keys: HashSet<[u8; 32]>,
 }
 
 impl DistributedAccounting {
@@ -640,6 +646,7 @@ impl Engine {
                 plan,
                 curve,
                 accountant,
+                seen_keys: HashSet::new(),
             }
         });
         if distributed.as_ref().is_some_and(|d| {
@@ -908,15 +915,29 @@ impl Engine {
                 round,
                 task_token,
                 keys,
-            } => self.secure_message(
-                device,
-                round,
-                &task_token,
-                now,
-                rng,
-                &mut actions,
-                |s, d| s.receive_keys(d, keys),
-            ),
+            } => {
+                if let Some(rejection) = self.reused_key(&keys) {
+                    actions.push(Action::Reject { device, rejection });
+                } else {
+                    let sender = device.clone();
+                    let pair = [keys.encryption_public_key, keys.masking_public_key];
+                    self.secure_message(
+                        device,
+                        round,
+                        &task_token,
+                        now,
+                        rng,
+                        &mut actions,
+                        |s, d| s.receive_keys(d, keys),
+                    );
+                    let accepted = actions.iter().any(
+                        |a| matches!(a, Action::SecAggAccepted { device, .. } if *device == sender),
+                    );
+                    if let (true, Some(d)) = (accepted, self.distributed.as_mut()) {
+                        d.seen_keys.extend(pair);
+                    }
+                }
+            }
             Event::SecAggShares {
                 device,
                 round,
@@ -1739,6 +1760,24 @@ impl Engine {
                 }
             }
         }
+    }
+
+    /// A refusal if `keys` repeats a public key already advertised in this run.
+    fn reused_key(&self, keys: &AdvertiseKeys) -> Option<Rejection> {
+        let seen = &self.distributed.as_ref()?.seen_keys;
+        [
+            ("encryption_public_key", &keys.encryption_public_key),
+            ("masking_public_key", &keys.masking_public_key),
+        ]
+        .into_iter()
+        .find(|(_, key)| seen.contains(*key))
+        .map(|(field, _)| Rejection {
+            kind: RejectKind::FailedPrecondition,
+            message: format!(
+                "{field}: this key was already advertised in this run; a device draws fresh keys \
+                 for every round"
+            ),
+        })
     }
 
     /// A distributed round that fails after its sum was unmasked: the coordinator has seen

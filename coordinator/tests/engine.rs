@@ -868,3 +868,72 @@ fn a_distributed_round_that_fails_after_unmasking_counts_its_epsilon_and_stops_t
     assert_eq!(h.engine.spent()[0].epsilon, expected);
     assert_eq!(h.engine.state(), RunState::Stopped);
 }
+
+#[test]
+fn a_public_key_advertised_in_an_earlier_round_is_refused() {
+    use fedpref_secagg::{AdvertiseKeys, Client, rng::simulation_rng};
+
+    let mut h = Harness::new(&distributed_manifest());
+    let mut rng = simulation_rng(11, &[]);
+    // Round 1: device-0 advertises keys, the round is abandoned for want of the others.
+    let opened = h.now;
+    let task = h.task("device-0").unwrap();
+    let info = task.secure_aggregation.clone().unwrap();
+    let (_, first) = Client::advertise(info.config.clone(), &mut rng).unwrap();
+    let actions = h.send(Event::SecAggKeys {
+        device: task.device.clone(),
+        round: task.round,
+        task_token: task.task_token.clone(),
+        keys: first.clone(),
+    });
+    assert!(
+        actions
+            .iter()
+            .any(|a| matches!(a, Action::SecAggAccepted { .. }))
+    );
+    h.now = opened + 10_000;
+    h.send(Event::Tick);
+    assert_eq!(h.engine.open_round(), None);
+    // Round 2: a device offering either of those keys again is refused, naming the field.
+    let task = h.task("device-1").unwrap();
+    assert_eq!(task.round, 2);
+    let info = task.secure_aggregation.clone().unwrap();
+    let (_, fresh) = Client::advertise(info.config.clone(), &mut rng).unwrap();
+    for (keys, field) in [
+        (
+            AdvertiseKeys {
+                encryption_public_key: fresh.encryption_public_key,
+                masking_public_key: first.masking_public_key,
+            },
+            "masking_public_key",
+        ),
+        (
+            AdvertiseKeys {
+                encryption_public_key: first.encryption_public_key,
+                masking_public_key: fresh.masking_public_key,
+            },
+            "encryption_public_key",
+        ),
+    ] {
+        let (kind, message) = rejection(&h.send(Event::SecAggKeys {
+            device: task.device.clone(),
+            round: task.round,
+            task_token: task.task_token.clone(),
+            keys,
+        }));
+        assert_eq!(kind, RejectKind::FailedPrecondition);
+        assert!(message.starts_with(field), "{message}");
+    }
+    // Fresh keys are taken.
+    let actions = h.send(Event::SecAggKeys {
+        device: task.device.clone(),
+        round: task.round,
+        task_token: task.task_token.clone(),
+        keys: fresh,
+    });
+    assert!(
+        actions
+            .iter()
+            .any(|a| matches!(a, Action::SecAggAccepted { .. }))
+    );
+}
