@@ -75,6 +75,10 @@ async fn connect(port: u16, ca_pem: &str) -> Channel {
 
 impl TestServer {
     async fn start() -> Self {
+        Self::start_with(limits()).await
+    }
+
+    async fn start_with(limits: Limits) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
         let write = |name: &str, text: &str| std::fs::write(dir.path().join(name), text).unwrap();
@@ -96,7 +100,7 @@ app_key_file = "app.key"
 admin_token_file = "admin.token"
 "#;
         let mut config = Config::from_toml(config, "test.toml", dir.path()).unwrap();
-        config.limits = limits();
+        config.limits = limits;
         let options = ServeOptions {
             admin_addr: Some("127.0.0.1:0".parse().unwrap()),
             ..Default::default()
@@ -1361,5 +1365,61 @@ async fn a_distributed_manifest_round_trips_through_the_admin_api() {
             Code::InvalidArgument,
             field,
         );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_following_the_poll_hints_stays_within_the_default_request_rate() {
+    let limits = Limits::default();
+    let server = TestServer::start_with(limits.clone()).await;
+    // Stages long enough that the key stage stays open while the device polls.
+    server.create_run(manifest(5, 3, 600, 10)).await;
+    let tokens = server.enroll(5).await;
+    let mut tasks = vec![];
+    for token in &tokens {
+        tasks.push(check_in_task(&mut server.device(), token).await);
+    }
+    let (token, task) = (&tokens[0], &tasks[0]);
+    let config = round_config(task);
+    let mut rng = fedpref_secagg::rng::os_rng().unwrap();
+    let (_, keys) = Client::advertise(config, &mut rng).unwrap();
+    let mut secagg = server.secagg();
+    let millis = |d: prost_types::Duration| d.seconds * 1000 + i64::from(d.nanos) / 1_000_000;
+    let response = secagg
+        .advertise_keys(authed(
+            pb::AdvertiseKeysRequest {
+                task: task_ref(task),
+                encryption_public_key: keys.encryption_public_key.to_vec(),
+                masking_public_key: keys.masking_public_key.to_vec(),
+            },
+            token,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut wait = millis(response.poll_after.unwrap());
+    // The device's bucket holds `device_burst` requests and refills at the sustained rate;
+    // polling at the hint must leave at least half of that rate unused, so more polls than
+    // the burst go through without RESOURCE_EXHAUSTED.
+    let polls = limits.device_burst as usize + 5;
+    for _ in 0..polls {
+        assert!(
+            wait as f64 * limits.device_requests_per_second >= 2_000.0,
+            "a poll every {wait} ms takes more than half of {} requests/s",
+            limits.device_requests_per_second
+        );
+        tokio::time::sleep(Duration::from_millis(wait as u64)).await;
+        let update = secagg
+            .get_stage(authed(
+                pb::GetStageRequest {
+                    task: task_ref(task),
+                },
+                token,
+            ))
+            .await
+            .expect("a device following the hints is not refused")
+            .into_inner();
+        assert_eq!(update.stage, pb::SecAggStage::AdvertiseKeys as i32);
+        wait = millis(update.poll_after.unwrap());
     }
 }
