@@ -142,10 +142,10 @@ fn rejection(kind: RejectKind, message: impl Into<String>) -> Rejection {
 fn refuse(field: &str, e: SecAggError) -> Rejection {
     match e {
         SecAggError::StageClosed(m) => rejection(RejectKind::FailedPrecondition, m),
-        SecAggError::Abandoned(m) => rejection(
-            RejectKind::FailedPrecondition,
-            format!("the round was abandoned: {m}"),
-        ),
+        // The protocol's reason can name participants; the device gets none of it.
+        SecAggError::Abandoned(_) => {
+            rejection(RejectKind::FailedPrecondition, "the round was abandoned")
+        }
         other => rejection(RejectKind::InvalidArgument, format!("{field}: {other}")),
     }
 }

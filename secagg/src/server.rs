@@ -230,10 +230,11 @@ impl Server {
                      key agreement with it would fail"
                 )));
             }
-            if let Some(owner) = self.advertised_keys.get(key) {
+            // The message goes back to the sender: it does not say who advertised the key.
+            if self.advertised_keys.contains_key(key) {
                 return Err(SecAggError::Protocol(format!(
-                    "participant {index}'s {name} public key was already advertised by \
-                     participant {owner}"
+                    "participant {index}'s {name} public key was already advertised in this \
+                     round"
                 )));
             }
         }
@@ -689,8 +690,13 @@ mod tests {
         }
         s.permute_participants(&[4, 1, 2, 3]).unwrap();
         // 1 became 4, 2 became 1, 3 became 2; 3 is now free, and a replayed key is still
-        // refused.
-        assert!(s.receive_keys(3, keys[0].clone()).is_err());
+        // refused, without naming whose it is.
+        let err = s.receive_keys(3, keys[0].clone()).unwrap_err().to_string();
+        assert!(err.contains("already advertised"), "{err}");
+        assert!(
+            !err.contains('4') && !err.contains("participant 1"),
+            "{err}"
+        );
         let directories = s.close_advertise_keys().unwrap();
         let own: Vec<u32> = directories.iter().map(|(i, _)| *i).collect();
         assert_eq!(own, [1, 2, 4]);

@@ -27,6 +27,12 @@ use crate::secure_round::{SecureRoundInfo, StageInput};
 /// unless the request rate needs longer (see [`SecureAggregationApi::poll_after_ms`]).
 pub const POLL_AFTER_MS: i64 = 100;
 
+/// What `StageUpdate.abort_reason` says to every device of an abandoned round. The
+/// coordinator's own reason can name participants (which one's shares could not be
+/// recovered, which dropped); it goes to the coordinator's log and the ledger only.
+pub const ABORT_REASON_FOR_DEVICES: &str = "the round was abandoned: too few devices completed a \
+     stage, or the coordinator could not finish the round; no model was released from it";
+
 /// The SecureAggregationService implementation.
 pub struct SecureAggregationApi {
     shared: Arc<Shared>,
@@ -241,7 +247,7 @@ impl SecureAggregationService for SecureAggregationApi {
             poll_after: Some(duration(self.poll_after_ms(view.poll_after_ms))),
             input,
             abort_reason: match view.stage {
-                ServerStage::Aborted(reason) => reason,
+                ServerStage::Aborted(_) => ABORT_REASON_FOR_DEVICES.to_string(),
                 _ => String::new(),
             },
         }))
