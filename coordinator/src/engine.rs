@@ -95,7 +95,7 @@ use crate::ledger::{
     AudienceEpsilon, AudienceRdp, DistributedRound, LedgerEvent, TreeRound, round_increments,
     tracked_audiences, tree_rho,
 };
-use crate::manifest::{RunManifest, SamplingSpec};
+use crate::manifest::{ManifestPrivacyMode, RunManifest, SamplingSpec};
 use crate::model::{ModelBlob, encode};
 use crate::secure_round::{Ending, SecureRound, SecureRoundInfo, StageView};
 
@@ -1331,6 +1331,21 @@ impl Engine {
                 self.manifest.budget.epsilon, self.manifest.budget.delta
             );
             self.stop(reason, actions);
+            return false;
+        }
+        if self.manifest.privacy_mode == ManifestPrivacyMode::Distributed
+            && self.distributed.is_none()
+        {
+            // Validated manifests always have a plan; without one no round may open, since
+            // it would be a plain round with neither masking nor a budget check.
+            let why = match crate::distributed::plan(&self.manifest) {
+                Err(e) => format!("{} = {}: {}", e.key, e.value, e.reason),
+                Ok(_) => "the plan was not available when the run was loaded".into(),
+            };
+            self.stop(
+                format!("privacy_mode = \"distributed\" without a valid plan: {why}"),
+                actions,
+            );
             return false;
         }
         if let Some(d) = &self.distributed

@@ -937,3 +937,32 @@ fn a_public_key_advertised_in_an_earlier_round_is_refused() {
             .any(|a| matches!(a, Action::SecAggAccepted { .. }))
     );
 }
+
+#[test]
+fn a_distributed_run_whose_plan_fails_stops_instead_of_opening_plain_rounds() {
+    use fedpref_coordinator::engine::Engine;
+    use fedpref_coordinator::model::initial_parameters;
+
+    let mut manifest = common::manifest(&distributed_manifest());
+    // A manifest that passed validation once but whose plan no longer holds (as after an
+    // upgrade that tightened the plan's checks).
+    manifest.secure_aggregation = None;
+    let params = initial_parameters(&manifest.model, 7);
+    let mut h = Harness::new(&distributed_manifest());
+    h.engine = Engine::new("run-test", manifest, params);
+    let actions = h.check_in("device-0");
+    assert!(
+        !actions.iter().any(|a| matches!(a, Action::SendTask(_))),
+        "{actions:?}"
+    );
+    let stopped = actions.iter().find_map(|a| match a {
+        Action::StatusChanged {
+            event: LedgerEvent::RunStopped { reason, .. },
+            ..
+        } => Some(reason.clone()),
+        _ => None,
+    });
+    let reason = stopped.expect("the run stops");
+    assert!(reason.contains("secure_aggregation"), "{reason}");
+    assert_eq!(h.engine.state(), RunState::Stopped);
+}
