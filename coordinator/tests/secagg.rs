@@ -1089,17 +1089,22 @@ async fn the_coordinator_never_takes_both_shares_of_a_device_and_bad_inputs_name
         Code::FailedPrecondition,
         "already advertised",
     );
-    // Another device replaying device 0's keys.
+    // Another device replaying device 0's keys: refused, naming the field and not the
+    // device whose keys they are.
     let mut replay = p[0].keys_request();
     replay
         .metadata_mut()
         .insert("authorization", bearer(&p[1].token).parse().unwrap());
     replay.get_mut().task = task_ref(&p[1].task);
-    assert_status(
-        secagg.advertise_keys(replay).await,
-        Code::InvalidArgument,
-        "already advertised by participant",
+    let refused = secagg.advertise_keys(replay).await.unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    assert!(
+        refused
+            .message()
+            .starts_with("encryption_public_key: this key was already advertised in this run"),
+        "{refused:?}"
     );
+    assert!(!refused.message().contains("participant"), "{refused:?}");
     for d in &p[1..] {
         secagg.advertise_keys(d.keys_request()).await.unwrap();
     }
