@@ -1434,3 +1434,74 @@ async fn a_device_following_the_poll_hints_stays_within_the_default_request_rate
         wait = millis(update.poll_after.unwrap());
     }
 }
+
+#[test]
+fn a_rounding_beta_of_zero_survives_the_admin_api_conversion() {
+    use fedpref_coordinator::service::convert::{manifest_from_proto, manifest_to_proto};
+
+    let text = |beta: &str| {
+        let m = manifest_to_proto_base();
+        format!("{m}\nrounding_beta = {beta}\n")
+    };
+    for (toml, expected) in [(text("0.0"), 0.0), (text("0.3"), 0.3)] {
+        let m = fedpref_coordinator::manifest::RunManifest::from_toml(&toml, "test").unwrap();
+        assert_eq!(m.distributed_plan().unwrap().rounding_beta, expected);
+        let back = manifest_from_proto(&manifest_to_proto(&m)).unwrap();
+        assert_eq!(
+            back.distributed_plan().unwrap().rounding_beta,
+            expected,
+            "β = {expected} must not become the default"
+        );
+    }
+    // Unset over the API is the default e^(−1/2).
+    let m = fedpref_coordinator::manifest::RunManifest::from_toml(&manifest_to_proto_base(), "t")
+        .unwrap();
+    let mut p = manifest_to_proto(&m);
+    p.secure_aggregation.as_mut().unwrap().rounding_beta = None;
+    let back = manifest_from_proto(&p).unwrap();
+    assert_eq!(
+        back.distributed_plan().unwrap().rounding_beta,
+        (-0.5f64).exp()
+    );
+}
+
+/// A distributed manifest in TOML ending inside its `[secure_aggregation]` section.
+fn manifest_to_proto_base() -> String {
+    r#"
+title = "Distributed test"
+purpose = "Exercise the manifest conversion"
+owner = "tests@example.com"
+data_elements_used = ["ratings"]
+privacy_mode = "distributed"
+rounds = 5
+clip_norm = 1.0
+noise_multiplier = 1.0
+seed = 7
+
+[budget]
+epsilon = 20.0
+delta = 1e-6
+
+[sampling]
+kind = "cohort"
+target_size = 5
+minimum_size = 3
+round_seconds = 60
+
+[server_optimizer]
+kind = "fedavg"
+server_learning_rate = 1.0
+
+[model]
+items = 10
+factors = 2
+
+[opt_out_policy]
+consent_model = "opt-in"
+
+[secure_aggregation]
+noise = "discrete_gaussian"
+dropout_rate = 0.3
+corruption_rate = 0.0"#
+        .to_string()
+}
