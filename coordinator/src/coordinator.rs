@@ -25,7 +25,7 @@ use crate::manifest::{
 };
 use crate::metrics::Metrics;
 use crate::model::{self, ModelError};
-use crate::store::{EvaluationReport, RoundCommit, RunStatus, Store, StoreError};
+use crate::store::{EvaluationReport, RoundCommit, RunRecord, RunStatus, Store, StoreError};
 
 /// A driver failure.
 #[derive(Debug, thiserror::Error)]
@@ -91,31 +91,7 @@ impl Coordinator {
             if run.status == RunStatus::Stopped {
                 continue;
             }
-            let blob = store.model(&run.id, run.current_version)?;
-            let params = model::decode(&blob, &run.manifest.model)?;
-            let server_state: ServerState = serde_json::from_str(&run.server_state)
-                .map_err(|e| StoreError::Corrupt(format!("server state of run {}: {e}", run.id)))?;
-            let state = match run.status {
-                RunStatus::Active => RunState::Active,
-                RunStatus::Paused => RunState::Paused,
-                RunStatus::Stopped => RunState::Stopped,
-            };
-            let mut engine = Engine::restore(
-                &run.id,
-                run.manifest.clone(),
-                Progress {
-                    state,
-                    rounds_committed: run.rounds_committed,
-                    next_round: run.next_round,
-                    current_version: run.current_version,
-                    params,
-                    server_state,
-                },
-            );
-            engine.restore_participations(
-                &store.committed_rounds(&run.id)?,
-                &store.participations_by_device(&run.id)?,
-            );
+            let engine = restore_engine(&store, &run)?;
             engines.insert(run.id.clone(), engine);
         }
         Ok(Self {
@@ -127,7 +103,40 @@ impl Coordinator {
             metrics: None,
         })
     }
+}
 
+/// A run's engine rebuilt from what the store holds (its newest version, server state,
+/// progress and participations).
+fn restore_engine(store: &Store, run: &RunRecord) -> Result<Engine, CoordinatorError> {
+    let blob = store.model(&run.id, run.current_version)?;
+    let params = model::decode(&blob, &run.manifest.model)?;
+    let server_state: ServerState = serde_json::from_str(&run.server_state)
+        .map_err(|e| StoreError::Corrupt(format!("server state of run {}: {e}", run.id)))?;
+    let state = match run.status {
+        RunStatus::Active => RunState::Active,
+        RunStatus::Paused => RunState::Paused,
+        RunStatus::Stopped => RunState::Stopped,
+    };
+    let mut engine = Engine::restore(
+        &run.id,
+        run.manifest.clone(),
+        Progress {
+            state,
+            rounds_committed: run.rounds_committed,
+            next_round: run.next_round,
+            current_version: run.current_version,
+            params,
+            server_state,
+        },
+    );
+    engine.restore_participations(
+        &store.committed_rounds(&run.id)?,
+        &store.participations_by_device(&run.id)?,
+    );
+    Ok(engine)
+}
+
+impl Coordinator {
     /// Calls `hook` between the steps of carrying out actions (crash tests abort there).
     pub fn set_stage_hook(&mut self, hook: impl FnMut(Stage) + Send + 'static) {
         self.hook = Some(Box::new(hook));
@@ -188,7 +197,27 @@ impl Coordinator {
             m.observe(run_id, check_in, &actions, now_ms, &engine.spent());
         }
         for action in &actions {
-            self.execute(run_id, action, now_ms)?;
+            if let Err(e) = self.execute(run_id, action, now_ms) {
+                // The engine has moved on (parameters, spend, progress) past what the store
+                // holds: rebuild it from the store, so that memory matches what is durable and
+                // the next commit does not publish an unrecorded round's update.
+                match self.store.run(run_id) {
+                    Ok(run) if run.status != RunStatus::Stopped => {
+                        match restore_engine(&self.store, &run) {
+                            Ok(engine) => {
+                                self.engines.insert(run_id.to_string(), engine);
+                            }
+                            Err(_) => {
+                                self.engines.remove(run_id);
+                            }
+                        }
+                    }
+                    _ => {
+                        self.engines.remove(run_id);
+                    }
+                }
+                return Err(e);
+            }
         }
         Ok(actions)
     }
