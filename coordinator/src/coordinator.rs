@@ -290,6 +290,18 @@ impl Coordinator {
                     // the run now resumes from the store.
                     tracing::warn!(run = %run_id, error = %e, "lease lost: run unloaded");
                     self.disown(run_id, None);
+                } else {
+                    // The engine has moved on (parameters, spend, progress) past what the
+                    // store holds: rebuild it from the store, so that memory matches what is
+                    // durable and the next commit does not publish an unrecorded round.
+                    match load_engine(&mut self.store, run_id, now_ms) {
+                        Ok(Some(engine)) => {
+                            self.engines.insert(run_id.to_string(), engine);
+                        }
+                        _ => {
+                            self.engines.remove(run_id);
+                        }
+                    }
                 }
                 return Err(e);
             }
@@ -478,7 +490,7 @@ impl Coordinator {
                 contributions,
                 reason,
             } => {
-                tracing::info!(round, contributions, reason = %reason, "round abandoned: nothing released or spent");
+                tracing::info!(round, contributions, reason = %reason, "round abandoned: nothing released");
                 self.store
                     .abandon_round(run_id, *round, *contributions, reason, now_ms)?
             }

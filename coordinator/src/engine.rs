@@ -105,7 +105,7 @@ use crate::ledger::{
     AudienceEpsilon, AudienceRdp, DistributedRound, LedgerEvent, TreeRound, round_increments,
     tracked_audiences, tree_rho,
 };
-use crate::manifest::{RunManifest, SamplingSpec};
+use crate::manifest::{ManifestPrivacyMode, RunManifest, SamplingSpec};
 use crate::model::{ModelBlob, encode};
 use crate::secure_round::{Ending, SecureRound, SecureRoundInfo, StageView};
 
@@ -460,6 +460,12 @@ struct DistributedAccounting {
     plan: DistributedPlan,
     curve: Vec<f64>,
     accountant: RdpAccountant,
+    /// Every public key (encryption or masking) a device advertised in an earlier or the
+    /// current round of this run, since the engine was created or restored. A key is never
+    /// accepted twice: a device reusing its masking key could, by surviving one round and
+    /// dropping in another, hand the coordinator both its self-mask seed and its masking key
+    /// for the first.
+    seen_keys: HashSet<[u8; 32]>,
 }
 
 impl DistributedAccounting {
@@ -678,6 +684,7 @@ impl Engine {
                 plan,
                 curve,
                 accountant,
+                seen_keys: HashSet::new(),
             }
         });
         if distributed.as_ref().is_some_and(|d| {
@@ -920,7 +927,7 @@ impl Engine {
         sampler: &mut S,
     ) -> Vec<Action> {
         let mut actions = vec![];
-        self.close_if_due(now, sampler, &mut actions);
+        self.close_if_due(now, rng, sampler, &mut actions);
         match event {
             Event::Tick => {
                 self.stop_if_done(&mut actions);
@@ -954,33 +961,71 @@ impl Engine {
                 round,
                 task_token,
                 keys,
-            } => self.secure_message(device, round, &task_token, now, &mut actions, |s, d| {
-                s.receive_keys(d, keys)
-            }),
+            } => {
+                if let Some(rejection) = self.reused_key(&keys) {
+                    actions.push(Action::Reject { device, rejection });
+                } else {
+                    let sender = device.clone();
+                    let pair = [keys.encryption_public_key, keys.masking_public_key];
+                    self.secure_message(
+                        device,
+                        round,
+                        &task_token,
+                        now,
+                        rng,
+                        &mut actions,
+                        |s, d| s.receive_keys(d, keys),
+                    );
+                    let accepted = actions.iter().any(
+                        |a| matches!(a, Action::SecAggAccepted { device, .. } if *device == sender),
+                    );
+                    if let (true, Some(d)) = (accepted, self.distributed.as_mut()) {
+                        d.seen_keys.extend(pair);
+                    }
+                }
+            }
             Event::SecAggShares {
                 device,
                 round,
                 task_token,
                 shares,
-            } => self.secure_message(device, round, &task_token, now, &mut actions, |s, d| {
-                s.receive_shares(d, shares)
-            }),
+            } => self.secure_message(
+                device,
+                round,
+                &task_token,
+                now,
+                rng,
+                &mut actions,
+                |s, d| s.receive_shares(d, shares),
+            ),
             Event::MaskedUpdate {
                 device,
                 round,
                 task_token,
                 values,
-            } => self.secure_message(device, round, &task_token, now, &mut actions, |s, d| {
-                s.receive_masked_input(d, values)
-            }),
+            } => self.secure_message(
+                device,
+                round,
+                &task_token,
+                now,
+                rng,
+                &mut actions,
+                |s, d| s.receive_masked_input(d, values),
+            ),
             Event::SecAggUnmask {
                 device,
                 round,
                 task_token,
                 unmask,
-            } => self.secure_message(device, round, &task_token, now, &mut actions, |s, d| {
-                s.receive_unmask(d, unmask)
-            }),
+            } => self.secure_message(
+                device,
+                round,
+                &task_token,
+                now,
+                rng,
+                &mut actions,
+                |s, d| s.receive_unmask(d, unmask),
+            ),
             Event::Admin(cmd) => self.admin(cmd, now, &mut actions),
         }
         actions
@@ -1379,6 +1424,21 @@ impl Engine {
             self.stop(reason, actions);
             return false;
         }
+        if self.manifest.privacy_mode == ManifestPrivacyMode::Distributed
+            && self.distributed.is_none()
+        {
+            // Validated manifests always have a plan; without one no round may open, since
+            // it would be a plain round with neither masking nor a budget check.
+            let why = match crate::distributed::plan(&self.manifest) {
+                Err(e) => format!("{} = {}: {}", e.key, e.value, e.reason),
+                Ok(_) => "the plan was not available when the run was loaded".into(),
+            };
+            self.stop(
+                format!("privacy_mode = \"distributed\" without a valid plan: {why}"),
+                actions,
+            );
+            return false;
+        }
         if let Some(d) = &self.distributed
             && d.next_epsilon(self.manifest.budget.delta) > self.manifest.budget.epsilon
         {
@@ -1506,14 +1566,15 @@ impl Engine {
         }
     }
 
-    fn close_if_due<S: GaussianSampler>(
+    fn close_if_due<R: Rng + ?Sized, S: GaussianSampler>(
         &mut self,
         now: i64,
+        rng: &mut R,
         sampler: &mut S,
         actions: &mut Vec<Action>,
     ) {
         if self.open.as_ref().is_some_and(|o| o.secure.is_some()) {
-            self.advance_secure(now, actions);
+            self.advance_secure(now, rng, actions);
             return;
         }
         let due = matches!(&self.open, Some(open) if now >= open.deadline_ms);
@@ -1715,12 +1776,14 @@ impl Engine {
 impl Engine {
     /// A secure-aggregation message from `device`: checked like an upload (round, token,
     /// selection), handed to the round, answered, and any stage it completes is closed.
-    fn secure_message(
+    #[allow(clippy::too_many_arguments)]
+    fn secure_message<R: Rng + ?Sized>(
         &mut self,
         device: String,
         round: u64,
         task_token: &str,
         now: i64,
+        rng: &mut R,
         actions: &mut Vec<Action>,
         receive: impl FnOnce(&mut SecureRound, &str) -> Result<(), Rejection>,
     ) {
@@ -1751,7 +1814,7 @@ impl Engine {
             Ok(()) => actions.push(Action::SecAggAccepted { device, round }),
             Err(rejection) => actions.push(Action::Reject { device, rejection }),
         }
-        self.advance_secure(now, actions);
+        self.advance_secure(now, rng, actions);
     }
 
     /// Keeps how a distributed round ended (nothing for other rounds).
@@ -1768,11 +1831,25 @@ impl Engine {
 
     /// Closes the distributed round's stages that are due; commits or abandons the round
     /// when it ends.
-    fn advance_secure(&mut self, now: i64, actions: &mut Vec<Action>) {
+    fn advance_secure<R: Rng + ?Sized>(
+        &mut self,
+        now: i64,
+        rng: &mut R,
+        actions: &mut Vec<Action>,
+    ) {
         let Some(secure) = self.open.as_mut().and_then(|o| o.secure.as_mut()) else {
             return;
         };
-        match secure.advance(now) {
+        let (distributed, budget) = (&self.distributed, &self.manifest.budget);
+        let may_unmask = || match distributed {
+            Some(d) if d.next_epsilon(budget.delta) <= budget.epsilon => Ok(()),
+            Some(_) => Err(format!(
+                "refused by the budget before unmasking: the round would take ε past {}",
+                budget.epsilon
+            )),
+            None => Err("no distributed accounting for this run".into()),
+        };
+        match secure.advance(now, rng, may_unmask) {
             Ending::Running => {}
             Ending::Abandoned {
                 contributions,
@@ -1802,6 +1879,58 @@ impl Engine {
         }
     }
 
+    /// A refusal if `keys` repeats a public key already advertised in this run.
+    fn reused_key(&self, keys: &AdvertiseKeys) -> Option<Rejection> {
+        let seen = &self.distributed.as_ref()?.seen_keys;
+        [
+            ("encryption_public_key", &keys.encryption_public_key),
+            ("masking_public_key", &keys.masking_public_key),
+        ]
+        .into_iter()
+        .find(|(_, key)| seen.contains(*key))
+        .map(|(field, _)| Rejection {
+            kind: RejectKind::FailedPrecondition,
+            message: format!(
+                "{field}: this key was already advertised in this run; a device draws fresh keys \
+                 for every round"
+            ),
+        })
+    }
+
+    /// A distributed round that fails after its sum was unmasked: the coordinator has seen
+    /// the noised sum, which is what the round's ε covers, so the ε is counted as spent (in
+    /// the run-stopped entry's cumulative ε) and the run stops, as no later round can be
+    /// accounted for without this one's release.
+    fn fail_after_unmasking(
+        &mut self,
+        round: u64,
+        contributions: usize,
+        reason: String,
+        actions: &mut Vec<Action>,
+    ) {
+        let counted = self
+            .distributed
+            .as_mut()
+            .is_some_and(|d| d.accountant.compose_rdp(&d.curve, 1).is_ok());
+        let counted = if counted {
+            "its ε is counted"
+        } else {
+            "its ε could not be added to the accountant"
+        };
+        actions.push(Action::AbandonRound {
+            round,
+            contributions: contributions as u64,
+            reason: format!("{reason}; the sum had been unmasked, so the round's ε is spent"),
+        });
+        self.stop(
+            format!(
+                "distributed round {round} failed after its sum was unmasked ({reason}): \
+                 {counted} and the run cannot go on"
+            ),
+            actions,
+        );
+    }
+
     /// A distributed round whose sum was unmasked: decode it, take the optimiser step, spend
     /// the mechanism's RDP, and commit and publish like any other round.
     fn commit_distributed(
@@ -1814,15 +1943,13 @@ impl Engine {
         let info = Arc::clone(secure.info());
         let contributors = secure.devices_of(&output.contributors);
         let count = output.contributors.len();
-        let abandon = |reason: String, actions: &mut Vec<Action>| {
-            actions.push(Action::AbandonRound {
-                round: open.round,
-                contributions: count as u64,
-                reason,
-            });
-        };
         let Some(d) = self.distributed.as_mut() else {
-            abandon("no distributed accounting for this run".into(), actions);
+            self.fail_after_unmasking(
+                open.round,
+                count,
+                "no distributed accounting for this run".into(),
+                actions,
+            );
             return;
         };
         let mechanism = d.plan.mechanism;
@@ -1833,7 +1960,12 @@ impl Engine {
         let aggregate = match Aggregate::from_unmasked_sum(sum, count, noise_std) {
             Ok(a) => a,
             Err(e) => {
-                abandon(format!("aggregation failed: {e}"), actions);
+                self.fail_after_unmasking(
+                    open.round,
+                    count,
+                    format!("aggregation failed: {e}"),
+                    actions,
+                );
                 return;
             }
         };
@@ -1845,9 +1977,17 @@ impl Engine {
             &mut params,
             &aggregate,
         ) {
-            abandon(format!("the server optimiser failed: {e}"), actions);
+            self.fail_after_unmasking(
+                open.round,
+                count,
+                format!("the server optimiser failed: {e}"),
+                actions,
+            );
             return;
         }
+        let Some(d) = self.distributed.as_mut() else {
+            unreachable!("checked above");
+        };
         let mut accountant = d.accountant.clone();
         let spent = accountant
             .compose_rdp(&d.curve, 1)
@@ -1856,14 +1996,12 @@ impl Engine {
         match spent {
             Some(e) if e <= self.manifest.budget.epsilon => d.accountant = accountant,
             _ => {
-                // Checked when the round opened; reaching here means the manifest changed.
-                abandon(
-                    format!(
-                        "refused by the budget: the round would take ε past {}",
-                        self.manifest.budget.epsilon
-                    ),
-                    actions,
+                // Checked before unmasking; reaching here means the accountant failed.
+                let reason = format!(
+                    "refused by the budget: the round would take ε past {}",
+                    self.manifest.budget.epsilon
                 );
+                self.fail_after_unmasking(open.round, count, reason, actions);
                 return;
             }
         }

@@ -463,6 +463,9 @@ pub fn verify(run_id: &str, entries: &[SealedEntry]) -> Result<VerifiedTotals, V
     // dp-ftrl: the participation limits `run_created` records (None: not a dp-ftrl run), and
     // the schedule and σ_b of the run's first tree record, which every later one must repeat.
     let mut tree_limits: Option<ParticipationLimits> = None;
+    // Whether run_created records a distributed run: its rounds must then carry their
+    // mechanism.
+    let mut distributed_run = false;
     let mut tree_reference: Option<TreeRound> = None;
     let (mut committed, mut abandoned) = (0u64, 0);
     if entries.is_empty() {
@@ -506,10 +509,12 @@ pub fn verify(run_id: &str, entries: &[SealedEntry]) -> Result<VerifiedTotals, V
                     budget_delta,
                     participation_limits,
                     epsilon_assumption,
+                    privacy_mode,
                     ..
                 },
                 1,
             ) => {
+                distributed_run = privacy_mode == "distributed";
                 // A dp-ftrl run records its limits and, as the assumption its ε rests on,
                 // exactly those limits; a run with limits but another optimiser names another
                 // assumption.
@@ -625,6 +630,39 @@ pub fn verify(run_id: &str, entries: &[SealedEntry]) -> Result<VerifiedTotals, V
                 }
                 let grid = grid.as_ref().expect("set by the first entry");
                 let mode: PrivacyMode = mode.parse().map_err(|e: String| fail(expected, e))?;
+                if (distributed_run || mode == PrivacyMode::Distributed)
+                    && (mode != PrivacyMode::Distributed || distributed.is_none())
+                {
+                    return Err(fail(
+                        expected,
+                        format!(
+                            "a round of a distributed run must be in mode distributed and carry its distributed record (mode {mode:?}, record {})",
+                            if distributed.is_some() {
+                                "present"
+                            } else {
+                                "absent"
+                            }
+                        ),
+                    ));
+                }
+                if let Some(d) = distributed {
+                    let m = u64::from(d.min_contributors);
+                    if d.contributors < m
+                        || d.min_contributors < d.threshold
+                        || d.mechanism.honest_devices() >= m
+                    {
+                        return Err(fail(
+                            expected,
+                            format!(
+                                "its distributed record is inconsistent: {} contributors, m = {}, t = {}, {} assumed honest devices (needs contributors ≥ m ≥ t and honest devices < m)",
+                                d.contributors,
+                                d.min_contributors,
+                                d.threshold,
+                                d.mechanism.honest_devices()
+                            ),
+                        ));
+                    }
+                }
                 let derived = match distributed {
                     Some(d) if mode == PrivacyMode::Distributed => distributed_increments(d, grid),
                     Some(_) => {

@@ -515,7 +515,7 @@ impl ImpactReport {
         let mode_explained = match mode {
             Some(PrivacyMode::Local) => "Local DP: each device clips its update to C and adds Gaussian noise before it leaves the device, so the coordinator never sees an un-noised update. Neighbouring datasets replace one user's data (sensitivity 2C).",
             Some(PrivacyMode::Central) => "Central DP: the coordinator clips each update to C, sums, and adds Gaussian noise once before any model is released; the coordinator itself is trusted with individual updates. Neighbouring datasets add or remove one user (sensitivity C).",
-            Some(PrivacyMode::Distributed) => "Distributed DP: each device adds a share of the noise under secure aggregation. Neighbouring datasets zero out one user's contribution while the device still takes part (sensitivity C).",
+            Some(PrivacyMode::Distributed) => "Distributed DP: each device adds a share of the noise under secure aggregation. Neighbouring datasets zero out one user's contribution while the device still takes part; the L2 sensitivity of the sum is C in model units, at most C/γ + √d in lattice units after scaling and randomised rounding (γ the granularity, d the model's dimension).",
             None => "No differential privacy.",
         }
         .to_string();

@@ -19,17 +19,33 @@
 //! | unmasking | every device in U3 revealed its shares | the sum is unmasked |
 //!
 //! A stage that cannot go on (fewer than m devices left, fewer than t answers, inconsistent
-//! shares) abandons the round: nothing is unmasked, released or spent.
+//! shares) abandons the round: nothing is unmasked, released or spent. Right before the sum
+//! is unmasked the engine checks that the round's ε still fits the budget (an unmasked sum
+//! is a release: its ε is spent whatever happens next), and abandons the round otherwise. A
+//! round that fails after unmasking (decoding, the server step) counts its ε and stops the
+//! run.
 //!
 //! # Selection
 //! The cohort has a fixed size n (`sampling.target_size`): the first n eligible devices that
-//! check in while the advertise-keys stage is open get a task and a participant index (the
-//! lowest free one); a device that declines before advertising frees its index for the next.
+//! check in while the advertise-keys stage is open get a task and a provisional slot (the
+//! lowest free one); a device that declines before advertising frees its slot for the next.
 //! Devices that check in later are told to come back for the next round.
+//!
+//! # Participant indices
+//! A device's participant index, and with it its place in the SecAgg+ graph and so its
+//! neighbours, is drawn only when the advertise-keys stage closes (U1 is fixed): the slots
+//! are renumbered by a uniformly random permutation of 1..=n from the engine's RNG
+//! ([`fedpref_secagg::server::random_permutation`]). Devices learn their index only from
+//! their key directory (`KeyDirectory.own_index`), after that. The graph seed is public from
+//! the task on, but a device cannot steer where it lands: neither the order of check-ins nor
+//! declines, nor anything else a device does before the stage closes, changes the index it
+//! gets. This is what the threshold's bound assumes (colluders among a device's k neighbours
+//! are as many as among k devices drawn at random).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
+use fedpref_secagg::server::random_permutation;
 use fedpref_secagg::{
     AdvertiseKeys, AggregateOutput, KeyDirectory, MaskedInput, RoundConfig, RoundContext,
     SecAggError, Server, ServerStage, ShareInbox, ShareKeys, Unmask, UnmaskingPlan,
@@ -126,10 +142,10 @@ fn rejection(kind: RejectKind, message: impl Into<String>) -> Rejection {
 fn refuse(field: &str, e: SecAggError) -> Rejection {
     match e {
         SecAggError::StageClosed(m) => rejection(RejectKind::FailedPrecondition, m),
-        SecAggError::Abandoned(m) => rejection(
-            RejectKind::FailedPrecondition,
-            format!("the round was abandoned: {m}"),
-        ),
+        // The protocol's reason can name participants; the device gets none of it.
+        SecAggError::Abandoned(_) => {
+            rejection(RejectKind::FailedPrecondition, "the round was abandoned")
+        }
         other => rejection(RejectKind::InvalidArgument, format!("{field}: {other}")),
     }
 }
@@ -210,7 +226,8 @@ impl SecureRound {
         *self.server.stage() == ServerStage::AdvertiseKeys && !self.free.is_empty()
     }
 
-    /// Gives `device` the lowest free participant index.
+    /// Gives `device` the lowest free slot (its provisional index, renumbered at random when
+    /// the advertise-keys stage closes).
     pub(crate) fn assign(&mut self, device: &str) -> Option<u32> {
         if !self.can_assign() {
             return None;
@@ -221,7 +238,7 @@ impl SecureRound {
         Some(index)
     }
 
-    /// A declined task: the index is freed if the device has not advertised keys yet (its
+    /// A declined task: the slot is freed if the device has not advertised keys yet (its
     /// keys, once advertised, stay in the round and it counts as dropped).
     pub(crate) fn release(&mut self, device: &str) {
         if let Some(&index) = self.indices.get(device)
@@ -409,7 +426,17 @@ impl SecureRound {
 
     /// Closes every stage whose deadline has passed or that waits for nobody, in order, and
     /// says how the round ended if it has. Reports an ending once.
-    pub(crate) fn advance(&mut self, now: i64) -> Ending {
+    /// `rng` draws the participant indices when the advertise-keys stage closes.
+    /// `may_unmask` is asked just before the sum would be unmasked (once every earlier stage
+    /// succeeded): an error abandons the round with nothing unmasked. The engine checks there
+    /// that the round's ε still fits the budget, since after unmasking it is spent.
+    pub(crate) fn advance<R: Rng + ?Sized>(
+        &mut self,
+        now: i64,
+        rng: &mut R,
+        may_unmask: impl FnOnce() -> Result<(), String>,
+    ) -> Ending {
+        let mut may_unmask = Some(may_unmask);
         if self.ended {
             return Ending::Running;
         }
@@ -419,10 +446,13 @@ impl SecureRound {
                 return Ending::Running;
             }
             let result = match self.server.stage() {
-                ServerStage::AdvertiseKeys => self.server.close_advertise_keys().map(|d| {
-                    self.directories = d.into_iter().collect();
-                    1
-                }),
+                ServerStage::AdvertiseKeys => {
+                    self.renumber(rng);
+                    self.server.close_advertise_keys().map(|d| {
+                        self.directories = d.into_iter().collect();
+                        1
+                    })
+                }
                 ServerStage::ShareKeys => self.server.close_share_keys().map(|i| {
                     self.inboxes = i.into_iter().collect();
                     2
@@ -433,6 +463,10 @@ impl SecureRound {
                 }),
                 ServerStage::Unmasking => {
                     self.ended = true;
+                    if let Some(Err(reason)) = may_unmask.take().map(|check| check()) {
+                        let e = self.server.abandon(reason);
+                        return self.abandoned(e);
+                    }
                     return match self.server.finish() {
                         Ok(output) => Ending::Completed(output),
                         Err(e) => self.abandoned(e),
@@ -448,6 +482,24 @@ impl SecureRound {
                 }
             }
         }
+    }
+
+    /// Renumbers the slots by a uniformly random permutation (see the module's doc).
+    fn renumber<R: Rng + ?Sized>(&mut self, rng: &mut R) {
+        let permutation = random_permutation(self.info.config.cohort_size, rng);
+        self.server
+            .permute_participants(&permutation)
+            .expect("a permutation of 1..=n while advertise keys is open");
+        let to = |i: u32| permutation[i as usize - 1];
+        for index in self.indices.values_mut() {
+            *index = to(*index);
+        }
+        self.devices = std::mem::take(&mut self.devices)
+            .into_iter()
+            .map(|(i, d)| (to(i), d))
+            .collect();
+        self.advertised = self.advertised.iter().map(|&i| to(i)).collect();
+        self.free.clear();
     }
 
     fn abandoned(&mut self, e: SecAggError) -> Ending {

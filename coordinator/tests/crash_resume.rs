@@ -178,3 +178,76 @@ fn kill_9_at_arbitrary_points_never_loses_or_double_counts_budget() {
     }
     assert!(last > 0, "the children never committed a round");
 }
+
+#[test]
+fn a_failed_commit_reloads_the_engine_from_the_store() {
+    use fedpref_coordinator::engine::Event;
+
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("c.db");
+    let mut c = Coordinator::open(&db, T0).unwrap();
+    c.create_run("r1", manifest(COHORT_MANIFEST), T0).unwrap();
+    let now = durable_round(&mut c, "r1", "a", 4, T0);
+    let spent_after_one = c.engine("r1").unwrap().spent();
+    // Every ledger write fails from now on (as a full disk would).
+    let sql = rusqlite::Connection::open(&db).unwrap();
+    sql.execute_batch(
+        "CREATE TRIGGER fail_ledger BEFORE INSERT ON ledger \
+         BEGIN SELECT RAISE(ABORT, 'injected failure'); END;",
+    )
+    .unwrap();
+    let dim = c.engine("r1").unwrap().model().1.len();
+    for d in 0..4 {
+        let device = format!("dev-b-{d}");
+        let actions = c
+            .handle(
+                "r1",
+                Event::CheckIn {
+                    device: device.clone(),
+                    eligible: true,
+                },
+                now,
+            )
+            .unwrap();
+        let task = actions
+            .into_iter()
+            .find_map(|a| match a {
+                fedpref_coordinator::engine::Action::SendTask(t) => Some(t),
+                _ => None,
+            })
+            .unwrap();
+        let update = Event::Update {
+            device,
+            round: task.round,
+            task_token: task.task_token,
+            values: vec![0.01; dim],
+            examples: 5,
+            clip_bit: None,
+        };
+        c.handle("r1", update, now).unwrap();
+    }
+    // The round commits at its deadline: that write fails.
+    let deadline = c.engine("r1").unwrap().next_wakeup().unwrap();
+    assert!(c.handle("r1", Event::Tick, deadline).is_err());
+    let now = deadline;
+    // The engine is back at what the store holds: no version, spend or round it could not
+    // record.
+    let store = Store::open(&db).unwrap();
+    let run = store.run("r1").unwrap();
+    let engine = c.engine("r1").unwrap();
+    assert_eq!(engine.model().0, run.current_version);
+    assert_eq!(engine.spent(), spent_after_one);
+    // Once writes work again, the next round commits and the chain verifies.
+    sql.execute_batch("DROP TRIGGER fail_ledger;").unwrap();
+    durable_round(&mut c, "r1", "c", 4, now + 1);
+    let store = Store::open(&db).unwrap();
+    let totals = verify("r1", &store.ledger("r1").unwrap()).expect("the chain verifies");
+    let run = store.run("r1").unwrap();
+    assert_eq!((totals.rounds_committed, run.rounds_committed), (2, 2));
+    assert_eq!(c.engine("r1").unwrap().model().0, run.current_version);
+    assert_eq!(
+        c.engine("r1").unwrap().spent(),
+        totals.cumulative_epsilon,
+        "the engine spent what the ledger says"
+    );
+}

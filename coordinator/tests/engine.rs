@@ -644,3 +644,326 @@ fn a_distributed_slot_declined_before_advertising_goes_to_the_next_device() {
     assert!(h.task("device-6").is_some());
     assert!(h.task("device-7").is_none());
 }
+
+/// Runs one distributed round of five devices up to the key directories: devices check in
+/// in `order` (the first two of `order` decline and come back under another id before anyone
+/// advertises, as colluders grabbing slots would), all advertise keys, and the index each
+/// device was given is returned, by device number.
+fn indices_after_advertising(seed: u64, order: [usize; 5]) -> [u32; 5] {
+    use fedpref_coordinator::secure_round::StageInput;
+    use fedpref_secagg::{Client, ServerStage, rng::simulation_rng};
+    use rand::SeedableRng;
+
+    let mut h = Harness::new(&distributed_manifest());
+    h.rng = rand::rngs::ChaCha20Rng::seed_from_u64(seed);
+    let mut rng = simulation_rng(seed, &[]);
+    let mut tasks = vec![None; 5];
+    for &i in &order {
+        tasks[i] = h.task(&format!("device-{i}"));
+    }
+    for &i in &order[..2] {
+        let t = tasks[i].take().unwrap();
+        h.send(Event::Decline {
+            device: t.device.clone(),
+            round: t.round,
+            task_token: t.task_token.clone(),
+        });
+        // A declined device waits for the next round; a colluder comes back as another.
+        tasks[i] = h.task(&format!("device-{i}-again"));
+    }
+    let mut indices = [0u32; 5];
+    let mut clients = vec![];
+    for t in tasks.iter().map(|t| t.as_ref().expect("five slots")) {
+        let info = t.secure_aggregation.clone().unwrap();
+        let (_, keys) = Client::advertise(info.config.clone(), &mut rng).unwrap();
+        h.send(Event::SecAggKeys {
+            device: t.device.clone(),
+            round: t.round,
+            task_token: t.task_token.clone(),
+            keys,
+        });
+        clients.push(t.clone());
+    }
+    for (i, t) in clients.iter().enumerate() {
+        let view = h
+            .engine
+            .secure_stage(&t.device, t.round, &t.task_token)
+            .unwrap();
+        assert_eq!(view.stage, ServerStage::ShareKeys);
+        let StageInput::KeyDirectory(directory) = view.input else {
+            panic!("no directory");
+        };
+        indices[i] = directory.own_index;
+    }
+    indices
+}
+
+#[test]
+fn a_device_cannot_steer_its_participant_index_by_its_check_in_order_or_declines() {
+    // Over many rounds, the device that checks in first (and the one that grabs a slot,
+    // declines and grabs another) lands on every index about equally often: the index is
+    // drawn when the key stage closes, not given out in check-in order.
+    let rounds = 250u64;
+    let mut first = [0u32; 5];
+    let mut decliner = [0u32; 5];
+    for seed in 0..rounds {
+        let indices = indices_after_advertising(seed, [0, 1, 2, 3, 4]);
+        let mut sorted = indices;
+        sorted.sort_unstable();
+        assert_eq!(sorted, [1, 2, 3, 4, 5], "a permutation of the cohort");
+        first[indices[0] as usize - 1] += 1;
+        decliner[indices[1] as usize - 1] += 1;
+    }
+    // Expected 50 each; a χ² statistic over 4 degrees of freedom above 18.47 has
+    // probability 0.001 under uniformity (the seeds are fixed, so the test is deterministic).
+    for counts in [first, decliner] {
+        let expected = rounds as f64 / 5.0;
+        let chi2: f64 = counts
+            .iter()
+            .map(|&c| (f64::from(c) - expected).powi(2) / expected)
+            .sum();
+        assert!(
+            chi2 < 18.47,
+            "indices not uniform: {counts:?} (χ² = {chi2})"
+        );
+    }
+    // The same seeds with the check-ins in another order give the same permutation of the
+    // slots, not the same indices to the same devices: the draw is over slots, after U1.
+    let a = indices_after_advertising(7, [0, 1, 2, 3, 4]);
+    let b = indices_after_advertising(7, [4, 3, 2, 1, 0]);
+    assert_ne!(a, b);
+}
+
+/// Runs one distributed round in which all five devices go through every stage with the
+/// same positive input; returns every action the engine took.
+fn complete_distributed_round(h: &mut Harness, seed: u64) -> Vec<Action> {
+    use fedpref_coordinator::secure_round::StageInput;
+    use fedpref_secagg::{Client, rng::simulation_rng};
+
+    let mut rng = simulation_rng(seed, &[]);
+    let mut all = vec![];
+    let tasks: Vec<_> = (0..5)
+        .map(|i| h.task(&format!("device-{i}")).expect("five slots"))
+        .collect();
+    let info = tasks[0].secure_aggregation.clone().unwrap();
+    let mut states = vec![];
+    for t in &tasks {
+        let (state, keys) = Client::advertise(info.config.clone(), &mut rng).unwrap();
+        all.extend(h.send(Event::SecAggKeys {
+            device: t.device.clone(),
+            round: t.round,
+            task_token: t.task_token.clone(),
+            keys,
+        }));
+        states.push(state);
+    }
+    let input = |h: &Harness, t: &fedpref_coordinator::engine::Task| {
+        h.engine
+            .secure_stage(&t.device, t.round, &t.task_token)
+            .unwrap()
+            .input
+    };
+    let mut next = vec![];
+    for (t, state) in tasks.iter().zip(states) {
+        let StageInput::KeyDirectory(d) = input(h, t) else {
+            panic!("no directory")
+        };
+        let (state, shares) = state.share_keys(&d, &mut rng).unwrap();
+        all.extend(h.send(Event::SecAggShares {
+            device: t.device.clone(),
+            round: t.round,
+            task_token: t.task_token.clone(),
+            shares,
+        }));
+        next.push(state);
+    }
+    let x = vec![3i64; h.dimension()];
+    let encoded = info.config.encoding.encode_integers(&x).unwrap();
+    let mut last = vec![];
+    for (t, state) in tasks.iter().zip(next) {
+        let StageInput::ShareInbox(inbox) = input(h, t) else {
+            panic!("no inbox")
+        };
+        let (state, masked) = state.masked_input(&inbox, &encoded).unwrap();
+        all.extend(h.send(Event::MaskedUpdate {
+            device: t.device.clone(),
+            round: t.round,
+            task_token: t.task_token.clone(),
+            values: masked.values,
+        }));
+        last.push(state);
+    }
+    for (t, state) in tasks.iter().zip(last) {
+        let StageInput::UnmaskingPlan(plan) = input(h, t) else {
+            panic!("no plan")
+        };
+        all.extend(h.send(Event::SecAggUnmask {
+            device: t.device.clone(),
+            round: t.round,
+            task_token: t.task_token.clone(),
+            unmask: state.unmask(&plan).unwrap(),
+        }));
+    }
+    all
+}
+
+#[test]
+fn a_distributed_round_that_fails_after_unmasking_counts_its_epsilon_and_stops_the_run() {
+    use fedpref_coordinator::aggregation::ServerState;
+    use fedpref_coordinator::engine::{Engine, Progress};
+
+    // Restored parameters that are not finite: the server step refuses them, so the round
+    // fails after its sum was unmasked.
+    let manifest = common::manifest(&distributed_manifest());
+    let params = vec![f32::NAN; manifest.dimension()];
+    let mut h = Harness::new(&distributed_manifest());
+    h.engine = Engine::restore(
+        "run-test",
+        manifest.clone(),
+        Progress {
+            state: RunState::Active,
+            rounds_committed: 1,
+            next_round: 2,
+            current_version: 1,
+            server_state: ServerState::new(&manifest.server_optimizer, params.len()),
+            params,
+        },
+    );
+    let before = h.engine.spent()[0].epsilon;
+    let actions = complete_distributed_round(&mut h, 3);
+    assert!(
+        !actions
+            .iter()
+            .any(|a| matches!(a, Action::CommitRound(_) | Action::PublishModel { .. }))
+    );
+    let Some(Action::AbandonRound { reason, .. }) = actions
+        .iter()
+        .find(|a| matches!(a, Action::AbandonRound { .. }))
+    else {
+        panic!("not abandoned: {actions:?}");
+    };
+    assert!(reason.contains("ε is spent"), "{reason}");
+    let stopped = actions.iter().find_map(|a| match a {
+        Action::StatusChanged {
+            event:
+                LedgerEvent::RunStopped {
+                    reason,
+                    cumulative_epsilon,
+                    ..
+                },
+            ..
+        } => Some((reason.clone(), cumulative_epsilon[0].epsilon)),
+        _ => None,
+    });
+    let (reason, epsilon) = stopped.expect("the run stops");
+    assert!(reason.contains("after its sum was unmasked"), "{reason}");
+    let expected = manifest
+        .distributed_plan()
+        .unwrap()
+        .mechanism
+        .epsilon_after(2, manifest.budget.delta, &OrderGrid::default())
+        .unwrap()
+        .epsilon;
+    assert!(epsilon > before);
+    assert_eq!(epsilon, expected);
+    assert_eq!(h.engine.spent()[0].epsilon, expected);
+    assert_eq!(h.engine.state(), RunState::Stopped);
+}
+
+#[test]
+fn a_public_key_advertised_in_an_earlier_round_is_refused() {
+    use fedpref_secagg::{AdvertiseKeys, Client, rng::simulation_rng};
+
+    let mut h = Harness::new(&distributed_manifest());
+    let mut rng = simulation_rng(11, &[]);
+    // Round 1: device-0 advertises keys, the round is abandoned for want of the others.
+    let opened = h.now;
+    let task = h.task("device-0").unwrap();
+    let info = task.secure_aggregation.clone().unwrap();
+    let (_, first) = Client::advertise(info.config.clone(), &mut rng).unwrap();
+    let actions = h.send(Event::SecAggKeys {
+        device: task.device.clone(),
+        round: task.round,
+        task_token: task.task_token.clone(),
+        keys: first.clone(),
+    });
+    assert!(
+        actions
+            .iter()
+            .any(|a| matches!(a, Action::SecAggAccepted { .. }))
+    );
+    h.now = opened + 10_000;
+    h.send(Event::Tick);
+    assert_eq!(h.engine.open_round(), None);
+    // Round 2: a device offering either of those keys again is refused, naming the field.
+    let task = h.task("device-1").unwrap();
+    assert_eq!(task.round, 2);
+    let info = task.secure_aggregation.clone().unwrap();
+    let (_, fresh) = Client::advertise(info.config.clone(), &mut rng).unwrap();
+    for (keys, field) in [
+        (
+            AdvertiseKeys {
+                encryption_public_key: fresh.encryption_public_key,
+                masking_public_key: first.masking_public_key,
+            },
+            "masking_public_key",
+        ),
+        (
+            AdvertiseKeys {
+                encryption_public_key: first.encryption_public_key,
+                masking_public_key: fresh.masking_public_key,
+            },
+            "encryption_public_key",
+        ),
+    ] {
+        let (kind, message) = rejection(&h.send(Event::SecAggKeys {
+            device: task.device.clone(),
+            round: task.round,
+            task_token: task.task_token.clone(),
+            keys,
+        }));
+        assert_eq!(kind, RejectKind::FailedPrecondition);
+        assert!(message.starts_with(field), "{message}");
+    }
+    // Fresh keys are taken.
+    let actions = h.send(Event::SecAggKeys {
+        device: task.device.clone(),
+        round: task.round,
+        task_token: task.task_token.clone(),
+        keys: fresh,
+    });
+    assert!(
+        actions
+            .iter()
+            .any(|a| matches!(a, Action::SecAggAccepted { .. }))
+    );
+}
+
+#[test]
+fn a_distributed_run_whose_plan_fails_stops_instead_of_opening_plain_rounds() {
+    use fedpref_coordinator::engine::Engine;
+    use fedpref_coordinator::model::initial_parameters;
+
+    let mut manifest = common::manifest(&distributed_manifest());
+    // A manifest that passed validation once but whose plan no longer holds (as after an
+    // upgrade that tightened the plan's checks).
+    manifest.secure_aggregation = None;
+    let params = initial_parameters(&manifest.model, 7);
+    let mut h = Harness::new(&distributed_manifest());
+    h.engine = Engine::new("run-test", manifest, params);
+    let actions = h.check_in("device-0");
+    assert!(
+        !actions.iter().any(|a| matches!(a, Action::SendTask(_))),
+        "{actions:?}"
+    );
+    let stopped = actions.iter().find_map(|a| match a {
+        Action::StatusChanged {
+            event: LedgerEvent::RunStopped { reason, .. },
+            ..
+        } => Some(reason.clone()),
+        _ => None,
+    });
+    let reason = stopped.expect("the run stops");
+    assert!(reason.contains("secure_aggregation"), "{reason}");
+    assert_eq!(h.engine.state(), RunState::Stopped);
+}

@@ -286,3 +286,48 @@ fn run_create_command_validates_the_manifest_and_refuses_mode_none() {
         reason: String::new(),
     };
 }
+
+#[test]
+fn a_distributed_round_without_its_record_is_found() {
+    // A central chain relabelled as distributed, hashes recomputed: the rounds then claim
+    // mode distributed with no mechanism record, which verify must not account as a
+    // Gaussian.
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("c.db");
+    drop(run_rounds(&db, 1));
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    let rows: Vec<(i64, String, String)> = conn
+        .prepare(
+            "SELECT sequence, body, prev_hash FROM ledger WHERE run_id = 'r1' ORDER BY sequence",
+        )
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    let mut prev = rows[0].2.clone();
+    let mut committed = None;
+    for (seq, body, _) in &rows {
+        let mut entry: serde_json::Value = serde_json::from_str(body).unwrap();
+        match entry["event"]["kind"].as_str().unwrap() {
+            "run_created" => entry["event"]["privacy_mode"] = serde_json::json!("distributed"),
+            "round_committed" => {
+                entry["event"]["mode"] = serde_json::json!("distributed");
+                committed.get_or_insert(*seq);
+            }
+            _ => {}
+        }
+        let body = serde_json::to_string(&entry).unwrap();
+        let hash = fedpref_coordinator::ledger::chain_hash(&prev, &body);
+        conn.execute(
+            "UPDATE ledger SET body = ?1, prev_hash = ?2, hash = ?3 WHERE run_id = 'r1' AND sequence = ?4",
+            params![body, prev, hash, seq],
+        )
+        .unwrap();
+        prev = hash;
+    }
+    drop(conn);
+    let (seq, problem) = verify_db(&db).unwrap_err();
+    assert_eq!(Some(seq as i64), committed);
+    assert!(problem.contains("distributed record"), "{problem}");
+}

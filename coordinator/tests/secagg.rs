@@ -75,6 +75,10 @@ async fn connect(port: u16, ca_pem: &str) -> Channel {
 
 impl TestServer {
     async fn start() -> Self {
+        Self::start_with(limits()).await
+    }
+
+    async fn start_with(limits: Limits) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
         let write = |name: &str, text: &str| std::fs::write(dir.path().join(name), text).unwrap();
@@ -96,7 +100,7 @@ app_key_file = "app.key"
 admin_token_file = "admin.token"
 "#;
         let mut config = Config::from_toml(config, "test.toml", dir.path()).unwrap();
-        config.limits = limits();
+        config.limits = limits;
         let options = ServeOptions {
             admin_addr: Some("127.0.0.1:0".parse().unwrap()),
             ..Default::default()
@@ -864,7 +868,12 @@ async fn fewer_than_t_survivors_abandon_the_round_and_nothing_is_spent() {
     for h in handles {
         let update = h.await.unwrap();
         assert_eq!(update.stage, pb::SecAggStage::Aborted as i32);
-        assert!(update.abort_reason.contains("fewer than"), "{update:?}");
+        // Devices get a generic reason; the coordinator's own (with counts, and in other
+        // cases participants) stays in its log and ledger.
+        assert_eq!(
+            update.abort_reason,
+            fedpref_coordinator::service::secagg::ABORT_REASON_FOR_DEVICES
+        );
     }
     let events = server.ledger(&run_id);
     assert!(matches!(
@@ -872,8 +881,9 @@ async fn fewer_than_t_survivors_abandon_the_round_and_nothing_is_spent() {
         Some(LedgerEvent::RoundAbandoned {
             round: 3,
             contributions: 0,
+            reason,
             ..
-        })
+        }) if reason.contains("fewer than")
     ));
     assert_eq!(spent(&events), Some(before), "nothing spent");
 }
@@ -1079,17 +1089,22 @@ async fn the_coordinator_never_takes_both_shares_of_a_device_and_bad_inputs_name
         Code::FailedPrecondition,
         "already advertised",
     );
-    // Another device replaying device 0's keys.
+    // Another device replaying device 0's keys: refused, naming the field and not the
+    // device whose keys they are.
     let mut replay = p[0].keys_request();
     replay
         .metadata_mut()
         .insert("authorization", bearer(&p[1].token).parse().unwrap());
     replay.get_mut().task = task_ref(&p[1].task);
-    assert_status(
-        secagg.advertise_keys(replay).await,
-        Code::InvalidArgument,
-        "already advertised by participant",
+    let refused = secagg.advertise_keys(replay).await.unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    assert!(
+        refused
+            .message()
+            .starts_with("encryption_public_key: this key was already advertised in this run"),
+        "{refused:?}"
     );
+    assert!(!refused.message().contains("participant"), "{refused:?}");
     for d in &p[1..] {
         secagg.advertise_keys(d.keys_request()).await.unwrap();
     }
@@ -1362,4 +1377,131 @@ async fn a_distributed_manifest_round_trips_through_the_admin_api() {
             field,
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_following_the_poll_hints_stays_within_the_default_request_rate() {
+    let limits = Limits::default();
+    let server = TestServer::start_with(limits.clone()).await;
+    // Stages long enough that the key stage stays open while the device polls.
+    server.create_run(manifest(5, 3, 600, 10)).await;
+    let tokens = server.enroll(5).await;
+    let mut tasks = vec![];
+    for token in &tokens {
+        tasks.push(check_in_task(&mut server.device(), token).await);
+    }
+    let (token, task) = (&tokens[0], &tasks[0]);
+    let config = round_config(task);
+    let mut rng = fedpref_secagg::rng::os_rng().unwrap();
+    let (_, keys) = Client::advertise(config, &mut rng).unwrap();
+    let mut secagg = server.secagg();
+    let millis = |d: prost_types::Duration| d.seconds * 1000 + i64::from(d.nanos) / 1_000_000;
+    let response = secagg
+        .advertise_keys(authed(
+            pb::AdvertiseKeysRequest {
+                task: task_ref(task),
+                encryption_public_key: keys.encryption_public_key.to_vec(),
+                masking_public_key: keys.masking_public_key.to_vec(),
+            },
+            token,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut wait = millis(response.poll_after.unwrap());
+    // The device's bucket holds `device_burst` requests and refills at the sustained rate;
+    // polling at the hint must leave at least half of that rate unused, so more polls than
+    // the burst go through without RESOURCE_EXHAUSTED.
+    let polls = limits.device_burst as usize + 5;
+    for _ in 0..polls {
+        assert!(
+            wait as f64 * limits.device_requests_per_second >= 2_000.0,
+            "a poll every {wait} ms takes more than half of {} requests/s",
+            limits.device_requests_per_second
+        );
+        tokio::time::sleep(Duration::from_millis(wait as u64)).await;
+        let update = secagg
+            .get_stage(authed(
+                pb::GetStageRequest {
+                    task: task_ref(task),
+                },
+                token,
+            ))
+            .await
+            .expect("a device following the hints is not refused")
+            .into_inner();
+        assert_eq!(update.stage, pb::SecAggStage::AdvertiseKeys as i32);
+        wait = millis(update.poll_after.unwrap());
+    }
+}
+
+#[test]
+fn a_rounding_beta_of_zero_survives_the_admin_api_conversion() {
+    use fedpref_coordinator::service::convert::{manifest_from_proto, manifest_to_proto};
+
+    let text = |beta: &str| {
+        let m = manifest_to_proto_base();
+        format!("{m}\nrounding_beta = {beta}\n")
+    };
+    for (toml, expected) in [(text("0.0"), 0.0), (text("0.3"), 0.3)] {
+        let m = fedpref_coordinator::manifest::RunManifest::from_toml(&toml, "test").unwrap();
+        assert_eq!(m.distributed_plan().unwrap().rounding_beta, expected);
+        let back = manifest_from_proto(&manifest_to_proto(&m)).unwrap();
+        assert_eq!(
+            back.distributed_plan().unwrap().rounding_beta,
+            expected,
+            "β = {expected} must not become the default"
+        );
+    }
+    // Unset over the API is the default e^(−1/2).
+    let m = fedpref_coordinator::manifest::RunManifest::from_toml(&manifest_to_proto_base(), "t")
+        .unwrap();
+    let mut p = manifest_to_proto(&m);
+    p.secure_aggregation.as_mut().unwrap().rounding_beta = None;
+    let back = manifest_from_proto(&p).unwrap();
+    assert_eq!(
+        back.distributed_plan().unwrap().rounding_beta,
+        (-0.5f64).exp()
+    );
+}
+
+/// A distributed manifest in TOML ending inside its `[secure_aggregation]` section.
+fn manifest_to_proto_base() -> String {
+    r#"
+title = "Distributed test"
+purpose = "Exercise the manifest conversion"
+owner = "tests@example.com"
+data_elements_used = ["ratings"]
+privacy_mode = "distributed"
+rounds = 5
+clip_norm = 1.0
+noise_multiplier = 1.0
+seed = 7
+
+[budget]
+epsilon = 20.0
+delta = 1e-6
+
+[sampling]
+kind = "cohort"
+target_size = 5
+minimum_size = 3
+round_seconds = 60
+
+[server_optimizer]
+kind = "fedavg"
+server_learning_rate = 1.0
+
+[model]
+items = 10
+factors = 2
+
+[opt_out_policy]
+consent_model = "opt-in"
+
+[secure_aggregation]
+noise = "discrete_gaussian"
+dropout_rate = 0.3
+corruption_rate = 0.0"#
+        .to_string()
 }

@@ -230,10 +230,11 @@ impl Server {
                      key agreement with it would fail"
                 )));
             }
-            if let Some(owner) = self.advertised_keys.get(key) {
+            // The message goes back to the sender: it does not say who advertised the key.
+            if self.advertised_keys.contains_key(key) {
                 return Err(SecAggError::Protocol(format!(
-                    "participant {index}'s {name} public key was already advertised by \
-                     participant {owner}"
+                    "participant {index}'s {name} public key was already advertised in this \
+                     round"
                 )));
             }
         }
@@ -242,6 +243,36 @@ impl Server {
         self.advertised_keys
             .insert(message.masking_public_key, index);
         self.keys.insert(index, message);
+        Ok(())
+    }
+
+    /// Renumbers the participants of stage 1: the one that advertised keys as `i` becomes
+    /// `permutation[i - 1]`. `permutation` must be a permutation of 1..=n, and the stage must
+    /// still be open. The caller draws it at random when it is about to close the stage (see
+    /// [`random_permutation`]), so that where a participant sits in the graph, and therefore
+    /// who its neighbours are, is fixed only once U1 is and cannot be steered by the order in
+    /// which participants joined (the threshold's bound assumes randomly placed neighbours).
+    pub fn permute_participants(&mut self, permutation: &[u32]) -> Result<(), SecAggError> {
+        self.expect_stage(ServerStage::AdvertiseKeys, "renumbering participants")?;
+        let n = self.config.cohort_size as usize;
+        let mut seen = vec![false; n];
+        if permutation.len() != n
+            || permutation.iter().any(|&p| {
+                p == 0 || p as usize > n || std::mem::replace(&mut seen[p as usize - 1], true)
+            })
+        {
+            return Err(SecAggError::InvalidInput(format!(
+                "the renumbering is not a permutation of 1..={n}"
+            )));
+        }
+        let to = |i: u32| permutation[i as usize - 1];
+        self.keys = std::mem::take(&mut self.keys)
+            .into_iter()
+            .map(|(i, k)| (to(i), k))
+            .collect();
+        for owner in self.advertised_keys.values_mut() {
+            *owner = to(*owner);
+        }
         Ok(())
     }
 
@@ -556,6 +587,29 @@ impl Server {
     }
 }
 
+/// A uniformly random permutation of 1..=n (Fisher–Yates with unbiased draws), for
+/// [`Server::permute_participants`]. `rng` should be a CSPRNG whose output participants
+/// cannot predict.
+pub fn random_permutation<R: rand_core::Rng + ?Sized>(n: u32, rng: &mut R) -> Vec<u32> {
+    let mut p: Vec<u32> = (1..=n).collect();
+    for i in (1..p.len()).rev() {
+        let j = uniform_below(rng, i as u64 + 1) as usize;
+        p.swap(i, j);
+    }
+    p
+}
+
+/// A uniform draw from 0..bound (bound ≥ 1), by rejection so that no value is favoured.
+fn uniform_below<R: rand_core::Rng + ?Sized>(rng: &mut R, bound: u64) -> u64 {
+    let zone = u64::MAX - (u64::MAX - bound + 1) % bound;
+    loop {
+        let v = rng.next_u64();
+        if v <= zone {
+            return v % bound;
+        }
+    }
+}
+
 /// Reconstructs from the first t shares and, when there are more, checks that the last t
 /// give the same secret.
 fn reconstruct_checked(shares: &[Share], t: usize) -> Result<[u8; 32], String> {
@@ -573,4 +627,95 @@ fn reconstruct_checked(shares: &[Share], t: usize) -> Result<[u8; 32], String> {
         }
     }
     Ok(secret)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::graph::SecAggParams;
+    use crate::{Client, EncodingParams, RoundContext, rng::simulation_rng};
+
+    fn server(n: u32) -> Server {
+        let params = SecAggParams::choose(n, 0.3, 0.0).unwrap();
+        let encoding = EncodingParams {
+            clip_norm: 1.0,
+            scale: 16.0,
+            cohort_size: n as usize,
+            dimension: 2,
+            device_noise_std: 0.0,
+        };
+        let config =
+            RoundConfig::new(RoundContext([3; 32]), &params, [4; 32], encoding, 2).unwrap();
+        Server::new(config).unwrap()
+    }
+
+    #[test]
+    fn random_permutations_are_permutations_and_vary() {
+        let mut rng = simulation_rng(1, &[]);
+        let mut seen = BTreeSet::new();
+        for _ in 0..50 {
+            let p = random_permutation(6, &mut rng);
+            let mut sorted = p.clone();
+            sorted.sort_unstable();
+            assert_eq!(sorted, (1..=6).collect::<Vec<_>>());
+            seen.insert(p);
+        }
+        assert!(
+            seen.len() > 30,
+            "{} distinct permutations of 50",
+            seen.len()
+        );
+    }
+
+    #[test]
+    fn participants_are_renumbered_before_the_key_stage_closes_and_not_after() {
+        let mut s = server(4);
+        let mut rng = simulation_rng(2, &[]);
+        let mut keys = vec![];
+        for i in 1..=3 {
+            let (_, k) = Client::advertise(s.config().clone(), &mut rng).unwrap();
+            s.receive_keys(i, k.clone()).unwrap();
+            keys.push(k);
+        }
+        for bad in [
+            vec![1, 2, 3],
+            vec![1, 1, 2, 3],
+            vec![0, 1, 2, 3],
+            vec![1, 2, 3, 5],
+        ] {
+            assert!(matches!(
+                s.permute_participants(&bad),
+                Err(SecAggError::InvalidInput(_))
+            ));
+        }
+        s.permute_participants(&[4, 1, 2, 3]).unwrap();
+        // 1 became 4, 2 became 1, 3 became 2; 3 is now free, and a replayed key is still
+        // refused, without naming whose it is.
+        let err = s.receive_keys(3, keys[0].clone()).unwrap_err().to_string();
+        assert!(err.contains("already advertised"), "{err}");
+        assert!(
+            !err.contains('4') && !err.contains("participant 1"),
+            "{err}"
+        );
+        let directories = s.close_advertise_keys().unwrap();
+        let own: Vec<u32> = directories.iter().map(|(i, _)| *i).collect();
+        assert_eq!(own, [1, 2, 4]);
+        let key_of = |i: u32| {
+            directories[0]
+                .1
+                .neighbours
+                .iter()
+                .chain(&directories[1].1.neighbours)
+                .find(|k| k.participant_index == i)
+                .unwrap()
+                .masking_public_key
+        };
+        assert_eq!(key_of(4), keys[0].masking_public_key);
+        assert_eq!(key_of(1), keys[1].masking_public_key);
+        assert_eq!(key_of(2), keys[2].masking_public_key);
+        assert!(matches!(
+            s.permute_participants(&[1, 2, 3, 4]),
+            Err(SecAggError::StageClosed(_))
+        ));
+    }
 }

@@ -564,7 +564,7 @@ pub fn secure_aggregation_to_proto(m: &RunManifest) -> Option<pb::SecureAggregat
         assumed_honest_devices: u32::try_from(plan.mechanism.honest_devices()).unwrap_or(u32::MAX),
         dropout_rate: spec.dropout_rate,
         corruption_rate: spec.corruption_rate,
-        rounding_beta: plan.rounding_beta,
+        rounding_beta: Some(plan.rounding_beta),
         advertise_keys_duration: secs(spec.advertise_keys_seconds),
         share_keys_duration: secs(spec.share_keys_seconds),
         masked_input_duration: secs(spec.masked_input_seconds),
@@ -573,8 +573,8 @@ pub fn secure_aggregation_to_proto(m: &RunManifest) -> Option<pb::SecureAggregat
 }
 
 /// A protocol `SecureAggregationConfig` as the manifest's section. 0 (or unset) takes the
-/// default for `threshold`, `fixed_point_scale`, `rounding_beta`, `assumed_honest_devices`
-/// and the durations; `neighbour_count` is derived (checked by the caller: 0 or the derived
+/// default for `threshold`, `fixed_point_scale`, `assumed_honest_devices` and the
+/// durations; `rounding_beta` takes the default only when unset (0 is β = 0); `neighbour_count` is derived (checked by the caller: 0 or the derived
 /// value), `modulus_bits` must be 0 or 32.
 fn secure_aggregation_from_proto(
     c: &pb::SecureAggregationConfig,
@@ -607,7 +607,7 @@ fn secure_aggregation_from_proto(
         corruption_rate: c.corruption_rate,
         threshold: (c.threshold != 0).then_some(c.threshold),
         scale: (c.fixed_point_scale != 0.0).then_some(c.fixed_point_scale),
-        rounding_beta: (c.rounding_beta != 0.0).then_some(c.rounding_beta),
+        rounding_beta: c.rounding_beta,
         assumed_honest_devices: (c.assumed_honest_devices != 0)
             .then_some(u64::from(c.assumed_honest_devices)),
         advertise_keys_seconds: seconds(

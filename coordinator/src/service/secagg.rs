@@ -23,8 +23,15 @@ use crate::engine::{Action, Event};
 use crate::secure_round::{SecureRoundInfo, StageInput};
 
 /// How long a device should wait after `AdvertiseKeys` or `ShareKeys` before its first
-/// `GetStage`, in ms (`GetStage` itself answers with an interval that grows with the cohort).
+/// `GetStage`, in ms (`GetStage` itself answers with an interval that grows with the cohort),
+/// unless the request rate needs longer (see [`SecureAggregationApi::poll_after_ms`]).
 pub const POLL_AFTER_MS: i64 = 100;
+
+/// What `StageUpdate.abort_reason` says to every device of an abandoned round. The
+/// coordinator's own reason can name participants (which one's shares could not be
+/// recovered, which dropped); it goes to the coordinator's log and the ledger only.
+pub const ABORT_REASON_FOR_DEVICES: &str = "the round was abandoned: too few devices completed a \
+     stage, or the coordinator could not finish the round; no model was released from it";
 
 /// The SecureAggregationService implementation.
 pub struct SecureAggregationApi {
@@ -35,6 +42,21 @@ impl SecureAggregationApi {
     /// Serves devices from the shared state.
     pub fn new(shared: Arc<Shared>) -> Self {
         Self { shared }
+    }
+
+    /// The polling interval to hand out, ms: at least `suggested`, and long enough that a
+    /// device following it polls at no more than half its sustained request rate
+    /// (`limits.device_requests_per_second`), so the other half is left for its own messages
+    /// (`ShareKeys`, `UploadUpdate`, `Unmask`), which draw from the same bucket. Capped at a
+    /// minute.
+    fn poll_after_ms(&self, suggested: i64) -> i64 {
+        let rate = self.shared.limits.device_requests_per_second;
+        let floor = if rate > 0.0 {
+            (2_000.0 / rate).ceil().min(60_000.0) as i64
+        } else {
+            60_000
+        };
+        suggested.max(floor)
     }
 
     /// A concurrency permit, the caller's device id, and a token from its rate bucket.
@@ -170,7 +192,7 @@ impl SecureAggregationService for SecureAggregationApi {
         };
         self.submit(task.run_id, device, event).await?;
         Ok(Response::new(pb::AdvertiseKeysResponse {
-            poll_after: Some(duration(POLL_AFTER_MS)),
+            poll_after: Some(duration(self.poll_after_ms(POLL_AFTER_MS))),
         }))
     }
 
@@ -222,10 +244,10 @@ impl SecureAggregationService for SecureAggregationApi {
         Ok(Response::new(pb::StageUpdate {
             stage: stage_to_proto(&view.stage) as i32,
             stage_deadline: Some(timestamp(view.deadline_ms)),
-            poll_after: Some(duration(view.poll_after_ms)),
+            poll_after: Some(duration(self.poll_after_ms(view.poll_after_ms))),
             input,
             abort_reason: match view.stage {
-                ServerStage::Aborted(reason) => reason,
+                ServerStage::Aborted(_) => ABORT_REASON_FOR_DEVICES.to_string(),
                 _ => String::new(),
             },
         }))
@@ -277,7 +299,7 @@ impl SecureAggregationService for SecureAggregationApi {
         };
         self.submit(task.run_id, device, event).await?;
         Ok(Response::new(pb::ShareKeysResponse {
-            poll_after: Some(duration(POLL_AFTER_MS)),
+            poll_after: Some(duration(self.poll_after_ms(POLL_AFTER_MS))),
         }))
     }
 
