@@ -699,7 +699,7 @@ async fn cohort_of_50_unmasks_the_exact_sum_with_0_10_and_30_percent_dropout_at_
 /// One run on its own coordinator, a round per (drop-out rate, stage).
 async fn dropout_rounds(scenarios: Vec<(f64, Drop)>) {
     let server = Arc::new(TestServer::start().await);
-    let run_id = server.create_run(manifest(COHORT, 20, 2, 100)).await;
+    let run_id = server.create_run(manifest(COHORT, 20, 5, 100)).await;
     let tokens = server.enroll(COHORT as usize).await;
     let ids = server.device_ids(&tokens);
     let mut epsilons = vec![];
@@ -780,7 +780,7 @@ fn assert_status(result: Result<impl std::fmt::Debug, tonic::Status>, code: Code
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn fewer_than_t_survivors_abandon_the_round_and_nothing_is_spent() {
     let server = Arc::new(TestServer::start().await);
-    let run_id = server.create_run(manifest(COHORT, 20, 2, 100)).await;
+    let run_id = server.create_run(manifest(COHORT, 20, 5, 100)).await;
     let tokens = server.enroll(COHORT as usize).await;
     let inputs = random_inputs(COHORT as usize, 31, 1000);
     // One committed round, so that there is a spend to compare with.
