@@ -242,7 +242,7 @@ fn write_setup(dir: &Path, n: usize, device_port: u16, admin_port: u16) -> Strin
              [auth]\napp_key_file = \"app.key\"\nadmin_token_file = \"admin.token\"\n\
              [limits]\nmax_upload_bytes = 1048576\nmax_upload_chunks = 64\nmax_chunk_bytes = 65536\n\
              download_chunk_bytes = 65536\ndevice_requests_per_second = 1000.0\ndevice_burst = 100\n\
-             max_concurrent_requests = 20000\nmax_concurrent_uploads = 64\nhttp2_stream_window_bytes = 65535\ntick_millis = 50\n"
+             max_concurrent_requests = 20000\ntick_millis = 50\n"
         ),
     );
     let manifest = format!(

@@ -34,8 +34,6 @@
 //! device_requests_per_second = 5.0
 //! device_burst = 20
 //! max_concurrent_requests = 256
-//! max_concurrent_uploads = 64
-//! http2_stream_window_bytes = 65535
 //! tick_millis = 250
 //! ```
 //!
@@ -195,13 +193,6 @@ pub struct Limits {
     pub device_burst: u32,
     /// Requests in progress over both services together; more are refused at once.
     pub max_concurrent_requests: u32,
-    /// Uploads whose chunks are read and decoded at once; admitted uploads beyond it wait
-    /// (their senders held back by HTTP/2 flow control), so the memory that uploads in flight
-    /// take is bounded by this, not by the number of devices uploading.
-    pub max_concurrent_uploads: u32,
-    /// HTTP/2 flow-control window of each stream, in bytes (the connection's is 4 times it):
-    /// what one waiting upload can have sent ahead of the coordinator reading it.
-    pub http2_stream_window_bytes: u32,
     /// How often the engines are ticked (round deadlines), in milliseconds.
     pub tick_millis: u64,
 }
@@ -216,8 +207,6 @@ impl Default for Limits {
             device_requests_per_second: 5.0,
             device_burst: 20,
             max_concurrent_requests: 256,
-            max_concurrent_uploads: 64,
-            http2_stream_window_bytes: 65_535,
             tick_millis: 250,
         }
     }
@@ -315,17 +304,6 @@ impl Config {
         }
         if l.max_concurrent_requests == 0 {
             return Err(bad("limits.max_concurrent_requests", "must be at least 1"));
-        }
-        if l.max_concurrent_uploads == 0 {
-            return Err(bad("limits.max_concurrent_uploads", "must be at least 1"));
-        }
-        // HTTP/2 allows windows of 65,535 bytes (its default) up to 2^31 - 1; below 16 KiB a
-        // stream could not carry one full-size frame without stalling.
-        if !(16_384..=(1 << 30)).contains(&l.http2_stream_window_bytes) {
-            return Err(bad(
-                "limits.http2_stream_window_bytes",
-                "must be in 16384..=1073741824",
-            ));
         }
         if !(10..=60_000).contains(&l.tick_millis) {
             return Err(bad("limits.tick_millis", "must be in 10..=60000"));
@@ -542,10 +520,6 @@ download_chunk_bytes = 262144
 device_requests_per_second = 5.0
 device_burst = 20
 max_concurrent_requests = 256
-# Uploads decoded at once (the rest wait, held back by HTTP/2 flow control) and each stream's
-# flow-control window: together they bound the memory that uploads in flight take.
-max_concurrent_uploads = 64
-http2_stream_window_bytes = 65535
 tick_millis = 250
 "#;
 

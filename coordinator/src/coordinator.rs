@@ -45,9 +45,6 @@ pub enum CoordinatorError {
     /// The operating system's random source failed.
     #[error("the operating system's random source failed")]
     Entropy,
-    /// The thread that runs the services' store work could not be started.
-    #[error("cannot start the coordinator thread: {0}")]
-    Thread(#[source] std::io::Error),
 }
 
 /// How a pause made by a guardrail begins its ledger reason.

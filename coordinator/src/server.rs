@@ -206,10 +206,6 @@ pub async fn start(config: &Config, options: &ServeOptions) -> Result<Running, S
             .http2_keepalive_interval(Some(Duration::from_secs(60)))
             .http2_keepalive_timeout(Some(Duration::from_secs(20)))
             .timeout(REQUEST_TIMEOUT)
-            .initial_stream_window_size(Some(config.limits.http2_stream_window_bytes))
-            .initial_connection_window_size(Some(
-                config.limits.http2_stream_window_bytes.saturating_mul(4),
-            ))
             .tcp_nodelay(true);
         if let Some(tls) = &tls {
             b = b.tls_config(tls.clone()).map_err(|e| {

@@ -52,9 +52,6 @@ fn limits() -> Limits {
         device_requests_per_second: 100_000.0,
         device_burst: 100_000,
         max_concurrent_requests: 512,
-        // Fewer than the cohort: masked inputs also wait for upload permits.
-        max_concurrent_uploads: 8,
-        http2_stream_window_bytes: 65_535,
         tick_millis: 20,
     }
 }

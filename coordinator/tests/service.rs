@@ -3,7 +3,6 @@
 //! authentication, health.
 
 use std::path::Path;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use fedpref_coordinator::config::{Config, Limits};
@@ -36,9 +35,6 @@ fn limits() -> Limits {
         device_requests_per_second: 10_000.0,
         device_burst: 10_000,
         max_concurrent_requests: 64,
-        // Few, so that the tests' concurrent uploads also wait for permits.
-        max_concurrent_uploads: 2,
-        http2_stream_window_bytes: 16_384,
         tick_millis: 20,
     }
 }
@@ -967,46 +963,6 @@ async fn each_bad_input_gets_its_status_code_and_a_message_naming_the_problem() 
         assert!(hashes.contains(&hash));
         assert!(!hashes.iter().any(|h| h.contains(token.as_str())));
     }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn uploads_beyond_the_decoding_limit_wait_for_a_permit_instead_of_failing() {
-    // One upload decoded at a time, eight devices uploading at once in small chunks: the
-    // others are held back by flow control and every upload is accepted.
-    let server = TestServer::start_with(Limits {
-        max_concurrent_uploads: 1,
-        ..limits()
-    })
-    .await;
-    let run = create_run(&server, manifest(8, 8, 60, 1)).await;
-    let mut ready = vec![];
-    for _ in 0..8 {
-        let mut client = server.device().await;
-        let token = enroll(&mut client).await;
-        let Outcome::Task(task) = check_in(&mut client, &token).await else {
-            panic!("every device of the cohort gets a task");
-        };
-        let messages = upload_messages(&task, &update_for(&task), 512);
-        assert!(messages.len() > 4, "the update spans several chunks");
-        ready.push((client, token, messages));
-    }
-    let start = Arc::new(tokio::sync::Barrier::new(ready.len()));
-    let mut uploads = vec![];
-    for (mut client, token, messages) in ready {
-        let start = Arc::clone(&start);
-        uploads.push(tokio::spawn(async move {
-            start.wait().await;
-            upload(&mut client, &token, messages).await
-        }));
-    }
-    for u in uploads {
-        let receipt = u
-            .await
-            .unwrap()
-            .expect("a waiting upload is accepted, not refused");
-        assert_eq!(receipt.run_id, run.run_id);
-    }
-    server.running.shutdown().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

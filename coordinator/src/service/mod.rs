@@ -3,16 +3,14 @@
 //! `fedpref.v1.AdminService` ([`admin`]), thin drivers around the durable [`Coordinator`].
 //!
 //! - **One lock, never across an await.** The `Coordinator` is synchronous (rusqlite); it
-//!   sits behind a `std::sync::Mutex` and every use of it runs on one coordinator thread
+//!   sits behind a `std::sync::Mutex` and every use of it runs on tokio's blocking pool
 //!   ([`Shared::blocking`]), which takes the lock, does the store work and lets go before
 //!   the future resumes.
 //! - **Authentication** ([`auth`]): devices enrol with the app key and then present a
 //!   256-bit token whose SHA-256 alone is stored; the admin service wants the admin token.
 //!   Secrets are compared in constant time and never logged.
 //! - **Limits** ([`limits`]): a per-device token bucket and one semaphore over both services;
-//!   overload is refused at once with `RESOURCE_EXHAUSTED` and a retry hint. Admitted
-//!   uploads read their chunks under one of `max_concurrent_uploads` permits and otherwise
-//!   wait, held back by HTTP/2 flow control: bounded memory, not a refusal.
+//!   overload is refused at once with `RESOURCE_EXHAUSTED` and a retry hint, never queued.
 //! - **Validation before the engine**: uploads are checked (header, sizes, chunk order,
 //!   shapes, dtypes, finiteness) before anything reaches the aggregate.
 //! - **Caches of immutable facts** (manifests, model hashes and sizes, token hash → device)
@@ -60,52 +58,9 @@ fn remember<K: std::hash::Hash + Eq, V>(map: &Mutex<HashMap<K, V>>, key: K, valu
     }
 }
 
-/// A request's store work, run on the coordinator thread.
-type Job = Box<dyn FnOnce(&Mutex<Coordinator>) + Send>;
-
-/// The one thread that runs requests' store work, in arrival order.
-///
-/// The coordinator is synchronous and behind one lock, so its work is serial however it is
-/// scheduled. Sending each request's closure to one long-lived thread over a channel costs a
-/// wake-up at most; under load the thread runs queued jobs back to back. Handing each one to
-/// tokio's blocking pool instead made many threads queue on the lock, and under thousands of
-/// concurrent uploads the futex wake-ups and context switches cost more CPU than the work.
-/// The queue is bounded by the services' concurrency limit (every job belongs to an admitted
-/// request). A job that panics poisons the lock, as before: later jobs answer `INTERNAL`.
-struct CoordinatorThread {
-    jobs: std::sync::mpsc::Sender<Job>,
-}
-
-impl CoordinatorThread {
-    fn start(coordinator: Arc<Mutex<Coordinator>>) -> Result<Self, CoordinatorError> {
-        let (jobs, queue) = std::sync::mpsc::channel::<Job>();
-        std::thread::Builder::new()
-            .name("coordinator".into())
-            .spawn(move || {
-                // Ends when the services (and with them the sender) are dropped.
-                for job in queue {
-                    let run = std::panic::AssertUnwindSafe(|| job(&coordinator));
-                    if std::panic::catch_unwind(run).is_err() {
-                        tracing::error!("a coordinator task panicked");
-                    }
-                }
-            })
-            .map_err(CoordinatorError::Thread)?;
-        Ok(Self { jobs })
-    }
-
-    fn submit(&self, job: Job) -> Result<(), Status> {
-        self.jobs
-            .send(job)
-            .map_err(|_| Status::unavailable("the coordinator has shut down"))
-    }
-}
-
 /// What both services share.
 pub struct Shared {
     coordinator: Arc<Mutex<Coordinator>>,
-    /// Runs the store work of requests, one after another.
-    thread: CoordinatorThread,
     /// Run ids, oldest first: the order in which check-ins are offered to runs.
     run_order: Mutex<Vec<String>>,
     /// SHA-256 of the app key.
@@ -118,8 +73,6 @@ pub struct Shared {
     pub rate: limits::RateLimiter,
     /// The concurrency limit over both services.
     pub concurrency: limits::Concurrency,
-    /// Uploads read and decoded at once; the others wait for a permit.
-    pub uploads: Arc<tokio::sync::Semaphore>,
     caches: Caches,
     /// Prometheus metrics (also fed by the coordinator's engine steps).
     pub metrics: Arc<crate::metrics::Metrics>,
@@ -142,18 +95,13 @@ impl Shared {
             .into_iter()
             .map(|r| r.id)
             .collect();
-        let coordinator = Arc::new(Mutex::new(coordinator));
         Ok(Arc::new(Self {
-            thread: CoordinatorThread::start(Arc::clone(&coordinator))?,
-            coordinator,
+            coordinator: Arc::new(Mutex::new(coordinator)),
             run_order: Mutex::new(run_order),
             app_key_sha256: auth::sha256(app_key.as_bytes()),
             admin_token_sha256: auth::sha256(admin_token.as_bytes()),
             rate: limits::RateLimiter::new(limits.device_requests_per_second, limits.device_burst),
             concurrency: limits::Concurrency::new(limits.max_concurrent_requests),
-            uploads: Arc::new(tokio::sync::Semaphore::new(
-                limits.max_concurrent_uploads as usize,
-            )),
             limits,
             caches: Caches::default(),
             metrics,
@@ -165,27 +113,26 @@ impl Shared {
         Arc::clone(&self.coordinator)
     }
 
-    /// Runs `f` with the coordinator locked, on the coordinator's own thread (see
-    /// [`CoordinatorThread`]). The lock is taken and released there, so it is never held
-    /// across an await and no async worker ever waits for the store.
+    /// Runs `f` with the coordinator locked, on the blocking pool. The lock is taken and
+    /// released inside the blocking task, so it is never held across an await. (One dedicated
+    /// thread fed over a channel was measured too: it cost more CPU per upload and more memory
+    /// under `benches/upload_load.rs`, because the blocking call before an upload's chunks are
+    /// read also paces how many uploads are decoded at once.)
     pub async fn blocking<T, F>(&self, f: F) -> Result<T, Status>
     where
         T: Send + 'static,
         F: FnOnce(&mut Coordinator) -> Result<T, Status> + Send + 'static,
     {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        self.thread
-            .submit(Box::new(move |coordinator: &Mutex<Coordinator>| {
-                let result = match coordinator.lock() {
-                    Ok(mut guard) => f(&mut guard),
-                    Err(_) => Err(Status::internal(
-                        "the coordinator is unavailable after a failure",
-                    )),
-                };
-                let _ = tx.send(result);
-            }))?;
-        rx.await.map_err(|_| {
-            tracing::error!("a coordinator task failed");
+        let coordinator = Arc::clone(&self.coordinator);
+        tokio::task::spawn_blocking(move || {
+            let mut guard = coordinator
+                .lock()
+                .map_err(|_| Status::internal("the coordinator is unavailable after a failure"))?;
+            f(&mut guard)
+        })
+        .await
+        .map_err(|e| {
+            tracing::error!(error = %e, "store task failed");
             Status::internal("internal error")
         })?
     }

