@@ -219,24 +219,12 @@ pub(super) async fn receive(
                     now_ms(),
                 )
                 .map_err(coordinator_status)?;
-            for action in actions {
-                match action {
-                    Action::UpdateAccepted { device: d, .. } if d == device_for_engine => {
-                        return Ok(());
-                    }
-                    Action::Reject {
-                        device: d,
-                        rejection,
-                    } if d == device_for_engine => {
-                        return Err(reject_status(rejection.kind, rejection.message));
-                    }
-                    _ => {}
-                }
-            }
-            // The round closed at this very moment (its deadline passed): too late.
-            Err(Status::failed_precondition(format!(
-                "round {round} closed before the update arrived"
-            )))
+            // `None`: the round closed at this very moment (its deadline passed): too late.
+            outcome_for(actions, &device_for_engine).unwrap_or_else(|| {
+                Err(Status::failed_precondition(format!(
+                    "round {round} closed before the update arrived"
+                )))
+            })
         })
         .await?;
     let (receipt_id, _) = auth::new_credentials()?;
@@ -248,6 +236,19 @@ pub(super) async fn receive(
         update_sha256: digest,
         bytes_received: received,
         accepted_at: Some(timestamp(now_ms())),
+    })
+}
+
+/// What the engine's actions say about `device`'s update: accepted, refused (with the
+/// rejection as a status), or `None` when they name neither.
+fn outcome_for(actions: Vec<Action>, device: &str) -> Option<Result<(), Status>> {
+    actions.into_iter().find_map(|action| match action {
+        Action::UpdateAccepted { device: d, .. } if d == device => Some(Ok(())),
+        Action::Reject {
+            device: d,
+            rejection,
+        } if d == device => Some(Err(reject_status(rejection.kind, rejection.message))),
+        _ => None,
     })
 }
 
@@ -424,23 +425,11 @@ async fn receive_masked(
                     now_ms(),
                 )
                 .map_err(coordinator_status)?;
-            for action in actions {
-                match action {
-                    Action::UpdateAccepted { device: d, .. } if d == device_for_engine => {
-                        return Ok(());
-                    }
-                    Action::Reject {
-                        device: d,
-                        rejection,
-                    } if d == device_for_engine => {
-                        return Err(reject_status(rejection.kind, rejection.message));
-                    }
-                    _ => {}
-                }
-            }
-            Err(Status::failed_precondition(format!(
-                "round {round} closed before the masked input arrived"
-            )))
+            outcome_for(actions, &device_for_engine).unwrap_or_else(|| {
+                Err(Status::failed_precondition(format!(
+                    "round {round} closed before the masked input arrived"
+                )))
+            })
         })
         .await?;
     let (receipt_id, _) = auth::new_credentials()?;
