@@ -1,6 +1,7 @@
 //! Shared helpers for the coordinator's integration tests.
 #![allow(dead_code)]
 
+pub mod device;
 pub mod pg;
 
 use fedpref_coordinator::coordinator::Coordinator;
