@@ -155,7 +155,7 @@ fn messages(task: &pb::Task) -> Vec<pb::UploadUpdateRequest> {
                 part: Some(Part::Chunk(pb::TensorChunk {
                     tensor_index: i as u32,
                     offset: (k * step) as u64,
-                    content: piece.to_vec(),
+                    content: piece.to_vec().into(),
                 })),
             });
         }
@@ -225,6 +225,34 @@ fn proc_cpu_ns(pid: u32) -> u64 {
         .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
         .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
         .sum()
+}
+
+/// Minor page faults of the whole process (`/proc/PID/stat`) and context switches summed over
+/// its threads (`/proc/PID/task/*/status`): counts, so they barely depend on the machine's load.
+fn proc_faults_and_switches(pid: u32) -> (u64, u64) {
+    let faults = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            // Fields after the command name, which is in parentheses and may hold spaces.
+            let rest = &s[s.rfind(')')? + 2..];
+            rest.split_whitespace().nth(7)?.parse().ok()
+        })
+        .unwrap_or(0);
+    let switches = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|tasks| {
+            tasks
+                .filter_map(Result::ok)
+                .filter_map(|t| std::fs::read_to_string(t.path().join("status")).ok())
+                .flat_map(|s| {
+                    s.lines()
+                        .filter(|l| l.contains("ctxt_switches:"))
+                        .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+                        .collect::<Vec<_>>()
+                })
+                .sum()
+        })
+        .unwrap_or(0);
+    (faults, switches)
 }
 
 fn write_setup(dir: &Path, n: usize, device_port: u16, admin_port: u16) -> String {
@@ -344,8 +372,12 @@ async fn measure(n: usize) -> String {
     // N devices connected (enrolled, holding a task), none uploading yet.
     let connected = proc_memory(server.id()).0;
     let cpu_before = proc_cpu_ns(server.id());
+    let counts_before = proc_faults_and_switches(server.id());
     let (fed_rate, fed_p50, fed_p99) = blast(clients).await;
     let fed_cpu = (proc_cpu_ns(server.id()) - cpu_before) as f64 / n as f64 / 1e3;
+    let counts = proc_faults_and_switches(server.id());
+    let fed_faults = (counts.0 - counts_before.0) as f64 / n as f64;
+    let fed_switches = (counts.1 - counts_before.1) as f64 / n as f64;
     let (rss, peak) = proc_memory(server.id());
     let _ = server.kill();
     let _ = server.wait();
@@ -370,12 +402,16 @@ async fn measure(n: usize) -> String {
         ));
     }
     let cpu_before = proc_cpu_ns(echo.id());
+    let counts_before = proc_faults_and_switches(echo.id());
     let (echo_rate, echo_p50, echo_p99) = blast(echo_clients).await;
     let echo_cpu = (proc_cpu_ns(echo.id()) - cpu_before) as f64 / n as f64 / 1e3;
+    let counts = proc_faults_and_switches(echo.id());
+    let echo_faults = (counts.0 - counts_before.0) as f64 / n as f64;
+    let echo_switches = (counts.1 - counts_before.1) as f64 / n as f64;
     let _ = echo.kill();
     let _ = echo.wait();
     format!(
-        "| {n} | {fed_rate:.0} | {fed_p50:.1} / {fed_p99:.1} | {echo_rate:.0} | {echo_p50:.1} / {echo_p99:.1} | {:.0} % | {fed_cpu:.0} / {echo_cpu:.0} | {:.0} % | {idle:.0} | {connected:.0} | {rss:.0} | {peak:.0} |",
+        "| {n} | {fed_rate:.0} | {fed_p50:.1} / {fed_p99:.1} | {echo_rate:.0} | {echo_p50:.1} / {echo_p99:.1} | {:.0} % | {fed_cpu:.0} / {echo_cpu:.0} | {:.0} % | {fed_faults:.1} / {echo_faults:.1} | {fed_switches:.1} / {echo_switches:.1} | {idle:.0} | {connected:.0} | {rss:.0} | {peak:.0} |",
         100.0 * fed_rate / echo_rate,
         100.0 * echo_cpu / fed_cpu,
     )
@@ -433,9 +469,9 @@ fn main() {
         (ITEMS * (FACTORS + 1) + 1) * 4
     );
     println!(
-        "| devices | fedpref uploads/s | fedpref p50 / p99 ms | ceiling uploads/s | ceiling p50 / p99 ms | fedpref / ceiling | server CPU µs per upload: fedpref / ceiling | ceiling / fedpref CPU | coordinator RSS idle MiB | RSS with N connected MiB | RSS after uploads MiB | peak RSS MiB |"
+        "| devices | fedpref uploads/s | fedpref p50 / p99 ms | ceiling uploads/s | ceiling p50 / p99 ms | fedpref / ceiling | server CPU µs per upload: fedpref / ceiling | ceiling / fedpref CPU | page faults per upload: fedpref / ceiling | context switches per upload: fedpref / ceiling | coordinator RSS idle MiB | RSS with N connected MiB | RSS after uploads MiB | peak RSS MiB |"
     );
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for n in devices {
         println!("{}", runtime.block_on(measure(n)));
     }

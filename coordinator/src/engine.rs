@@ -439,7 +439,10 @@ struct OpenRound {
     deadline_ms: i64,
     tasks: HashMap<String, String>,
     not_selected: HashSet<String>,
+    /// The devices whose updates were accepted, in the order they arrived.
     uploaded: Vec<String>,
+    /// The same devices, for membership checks in constant time.
+    uploaded_set: HashSet<String>,
     aggregator: RoundAggregator,
     /// The clip norm this round's updates are clipped to.
     clip_norm: f64,
@@ -804,6 +807,15 @@ impl Engine {
         self.open.as_ref().map(|r| r.round)
     }
 
+    /// Whether a device's update at `now_ms` is handled in memory alone: a plain round is open
+    /// and its deadline has not passed, so the event cannot close the round (no commit, nothing
+    /// written). Distributed rounds advance their stages on any event, so they never are.
+    pub fn update_stays_in_memory(&self, now_ms: i64) -> bool {
+        self.open
+            .as_ref()
+            .is_some_and(|o| o.secure.is_none() && now_ms < o.deadline_ms)
+    }
+
     /// Cumulative ε per tracked audience at the run's δ.
     pub fn spent(&self) -> Vec<AudienceEpsilon> {
         if let Some(d) = &self.distributed {
@@ -1058,7 +1070,7 @@ impl Engine {
             return;
         }
         if let Some(token) = open.tasks.get(&device) {
-            if open.uploaded.contains(&device) {
+            if open.uploaded_set.contains(&device) {
                 actions.push(later(
                     "this device has already contributed to the open round",
                     open.deadline_ms,
@@ -1176,7 +1188,7 @@ impl Engine {
             }
             Some(_) => {}
         }
-        if open.uploaded.contains(&device) {
+        if open.uploaded_set.contains(&device) {
             actions.push(reject(
                 RejectKind::FailedPrecondition,
                 format!("this device has already uploaded an update for round {round}"),
@@ -1262,6 +1274,7 @@ impl Engine {
                     *sum += bit;
                 }
                 open.uploaded.push(device.clone());
+                open.uploaded_set.insert(device.clone());
                 actions.push(Action::UpdateAccepted { device, round });
             }
             Err(e) => actions.push(reject(RejectKind::InvalidArgument, e.to_string())),
@@ -1297,7 +1310,7 @@ impl Engine {
                 return;
             }
         }
-        if open.uploaded.contains(&device) {
+        if open.uploaded_set.contains(&device) {
             actions.push(reject(
                 RejectKind::FailedPrecondition,
                 format!("this device has already uploaded an update for round {round}"),
@@ -1546,6 +1559,7 @@ impl Engine {
             tasks: HashMap::new(),
             not_selected: HashSet::new(),
             uploaded: vec![],
+            uploaded_set: HashSet::new(),
             aggregator,
             clip_norm,
             bits,
@@ -1809,6 +1823,7 @@ impl Engine {
         match receive(secure, &device) {
             Ok(()) if secure.contributions() > before => {
                 open.uploaded.push(device.clone());
+                open.uploaded_set.insert(device.clone());
                 actions.push(Action::UpdateAccepted { device, round });
             }
             Ok(()) => actions.push(Action::SecAggAccepted { device, round }),

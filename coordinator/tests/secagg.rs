@@ -479,7 +479,7 @@ fn masked_upload(
                 part: Some(Part::Chunk(pb::TensorChunk {
                     tensor_index: 0,
                     offset: (n * chunk_bytes) as u64,
-                    content: piece.to_vec(),
+                    content: piece.to_vec().into(),
                 })),
             }),
     )

@@ -48,7 +48,7 @@
 //!     })),
 //! };
 //! let chunk = UploadUpdateRequest {
-//!     part: Some(Part::Chunk(TensorChunk { tensor_index: 0, offset: 0, content: update.data.clone() })),
+//!     part: Some(Part::Chunk(TensorChunk { tensor_index: 0, offset: 0, content: update.data.clone().into() })),
 //! };
 //! let wire = [header.encode_to_vec(), chunk.encode_to_vec()];
 //!
@@ -64,7 +64,7 @@
 //!     name: spec.name.clone(),
 //!     shape: spec.shape.clone(),
 //!     dtype: spec.dtype,
-//!     data: chunk.content,
+//!     data: chunk.content.into(),
 //! };
 //! assert_eq!(received.to_f64_vec()?, vec![0.1, -0.2, 0.0, 0.3, 0.05, -0.1]);
 //!

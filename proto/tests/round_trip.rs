@@ -223,7 +223,7 @@ fn upload_header_and_chunks_round_trip() {
         part: Some(Part::Chunk(TensorChunk {
             tensor_index: 1,
             offset: 4096,
-            content: vec![1, 2, 3, 4],
+            content: vec![1, 2, 3, 4].into(),
         })),
     });
 }

@@ -697,7 +697,7 @@ fn stream(
                 part: Some(Part::Chunk(pb::TensorChunk {
                     tensor_index: index as u32,
                     offset: (n * chunk) as u64,
-                    content: piece.to_vec(),
+                    content: piece.to_vec().into(),
                 })),
             });
         }

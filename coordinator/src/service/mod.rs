@@ -137,6 +137,30 @@ impl Shared {
         })?
     }
 
+    /// Like [`Shared::blocking`], for calls that usually stay in memory: when the
+    /// coordinator's lock is free and `in_memory` says that `f` will not touch the store, `f`
+    /// runs right here, without the trip to the blocking pool and its thread wake-ups
+    /// (measured: about three context switches per upload). Otherwise `f` waits its turn on the
+    /// blocking pool like any other call. `in_memory` only decides where `f` runs; a wrong
+    /// answer costs a short store write on this thread, never correctness.
+    pub async fn in_memory_if<T, P, F>(&self, in_memory: P, f: F) -> Result<T, Status>
+    where
+        T: Send + 'static,
+        P: FnOnce(&Coordinator) -> bool,
+        F: FnOnce(&mut Coordinator) -> Result<T, Status> + Send + 'static,
+    {
+        let f = match self.coordinator.try_lock() {
+            Ok(mut guard) if in_memory(&guard) => return f(&mut guard),
+            Ok(_) | Err(std::sync::TryLockError::WouldBlock) => f,
+            Err(std::sync::TryLockError::Poisoned(_)) => {
+                return Err(Status::internal(
+                    "the coordinator is unavailable after a failure",
+                ));
+            }
+        };
+        self.blocking(f).await
+    }
+
     /// Run ids, oldest first.
     pub fn run_order(&self) -> Vec<String> {
         self.run_order.lock().map(|v| v.clone()).unwrap_or_default()

@@ -52,16 +52,16 @@ pub(super) async fn receive(
     // CPU per upload and its memory under load).
     let run_id = task.run_id.clone();
     let state = Arc::clone(shared);
-    let (manifest, open_round, version) = shared
-        .blocking(move |c| {
-            let manifest = state.manifest(c, &run_id)?;
-            let (open, version) = match c.engine(&run_id) {
-                Some(e) => (e.open_round(), e.model().0),
-                None => (None, 0),
-            };
-            Ok((manifest, open, version))
-        })
-        .await?;
+    let cached = shared.cached_manifest(&run_id).is_some();
+    let lookup = move |c: &mut crate::coordinator::Coordinator| {
+        let manifest = state.manifest(c, &run_id)?;
+        let (open, version) = match c.engine(&run_id) {
+            Some(e) => (e.open_round(), e.model().0),
+            None => (None, 0),
+        };
+        Ok((manifest, open, version))
+    };
+    let (manifest, open_round, version) = shared.in_memory_if(|_| cached, lookup).await?;
     if open_round == Some(task.round_id) && header.base_model_version != version {
         return Err(invalid(
             "header.base_model_version",
@@ -202,30 +202,37 @@ pub(super) async fn receive(
     let device_for_engine = device.clone();
     let examples = header.example_count;
     let base_version = header.base_model_version;
+    let in_memory_run = run_id.clone();
     shared
-        .blocking(move |c| {
-            check_run_and_version(c, &run_id, round, base_version)?;
-            let actions = c
-                .handle(
-                    &run_id,
-                    Event::Update {
-                        device: device_for_engine.clone(),
-                        round,
-                        task_token: task.task_token,
-                        values,
-                        examples,
-                        clip_bit,
-                    },
-                    now_ms(),
-                )
-                .map_err(coordinator_status)?;
-            // `None`: the round closed at this very moment (its deadline passed): too late.
-            outcome_for(actions, &device_for_engine).unwrap_or_else(|| {
-                Err(Status::failed_precondition(format!(
-                    "round {round} closed before the update arrived"
-                )))
-            })
-        })
+        .in_memory_if(
+            |c| {
+                c.engine(&in_memory_run)
+                    .is_some_and(|e| e.update_stays_in_memory(now_ms()))
+            },
+            move |c| {
+                check_run_and_version(c, &run_id, round, base_version)?;
+                let actions = c
+                    .handle(
+                        &run_id,
+                        Event::Update {
+                            device: device_for_engine.clone(),
+                            round,
+                            task_token: task.task_token,
+                            values,
+                            examples,
+                            clip_bit,
+                        },
+                        now_ms(),
+                    )
+                    .map_err(coordinator_status)?;
+                // `None`: the round closed at this very moment (its deadline passed): too late.
+                outcome_for(actions, &device_for_engine).unwrap_or_else(|| {
+                    Err(Status::failed_precondition(format!(
+                        "round {round} closed before the update arrived"
+                    )))
+                })
+            },
+        )
         .await?;
     let (receipt_id, _) = auth::new_credentials()?;
     tracing::info!(device = %device, run = %task.run_id, round, bytes = received, "update accepted");
@@ -661,7 +668,7 @@ mod tests {
         pb::TensorChunk {
             tensor_index,
             offset,
-            content: content.to_vec(),
+            content: content.to_vec().into(),
         }
     }
 

@@ -58,7 +58,7 @@ pub fn upload_messages(
                 part: Some(Part::Chunk(pb::TensorChunk {
                     tensor_index: i as u32,
                     offset: (n * chunk_bytes) as u64,
-                    content: piece.to_vec(),
+                    content: piece.to_vec().into(),
                 })),
             });
         }
