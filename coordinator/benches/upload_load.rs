@@ -401,6 +401,8 @@ async fn measure(n: usize) -> String {
             msgs,
         ));
     }
+    // Its memory with N connected: what TLS and HTTP/2 themselves hold per connection.
+    let echo_connected = proc_memory(echo.id()).0;
     let cpu_before = proc_cpu_ns(echo.id());
     let counts_before = proc_faults_and_switches(echo.id());
     let (echo_rate, echo_p50, echo_p99) = blast(echo_clients).await;
@@ -408,10 +410,11 @@ async fn measure(n: usize) -> String {
     let counts = proc_faults_and_switches(echo.id());
     let echo_faults = (counts.0 - counts_before.0) as f64 / n as f64;
     let echo_switches = (counts.1 - counts_before.1) as f64 / n as f64;
+    let echo_after = proc_memory(echo.id()).0;
     let _ = echo.kill();
     let _ = echo.wait();
     format!(
-        "| {n} | {fed_rate:.0} | {fed_p50:.1} / {fed_p99:.1} | {echo_rate:.0} | {echo_p50:.1} / {echo_p99:.1} | {:.0} % | {fed_cpu:.0} / {echo_cpu:.0} | {:.0} % | {fed_faults:.1} / {echo_faults:.1} | {fed_switches:.1} / {echo_switches:.1} | {idle:.0} | {connected:.0} | {rss:.0} | {peak:.0} |",
+        "| {n} | {fed_rate:.0} | {fed_p50:.1} / {fed_p99:.1} | {echo_rate:.0} | {echo_p50:.1} / {echo_p99:.1} | {:.0} % | {fed_cpu:.0} / {echo_cpu:.0} | {:.0} % | {fed_faults:.1} / {echo_faults:.1} | {fed_switches:.1} / {echo_switches:.1} | {idle:.0} | {connected:.0} | {rss:.0} | {peak:.0} | {echo_connected:.0} / {echo_after:.0} |",
         100.0 * fed_rate / echo_rate,
         100.0 * echo_cpu / fed_cpu,
     )
@@ -469,9 +472,9 @@ fn main() {
         (ITEMS * (FACTORS + 1) + 1) * 4
     );
     println!(
-        "| devices | fedpref uploads/s | fedpref p50 / p99 ms | ceiling uploads/s | ceiling p50 / p99 ms | fedpref / ceiling | server CPU µs per upload: fedpref / ceiling | ceiling / fedpref CPU | page faults per upload: fedpref / ceiling | context switches per upload: fedpref / ceiling | coordinator RSS idle MiB | RSS with N connected MiB | RSS after uploads MiB | peak RSS MiB |"
+        "| devices | fedpref uploads/s | fedpref p50 / p99 ms | ceiling uploads/s | ceiling p50 / p99 ms | fedpref / ceiling | server CPU µs per upload: fedpref / ceiling | ceiling / fedpref CPU | page faults per upload: fedpref / ceiling | context switches per upload: fedpref / ceiling | coordinator RSS idle MiB | RSS with N connected MiB | RSS after uploads MiB | peak RSS MiB | ceiling RSS: N connected / after uploads MiB |"
     );
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for n in devices {
         println!("{}", runtime.block_on(measure(n)));
     }

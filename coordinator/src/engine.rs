@@ -463,6 +463,13 @@ struct DistributedAccounting {
     plan: DistributedPlan,
     curve: Vec<f64>,
     accountant: RdpAccountant,
+    /// `[participation] max_participations`: no device's data is in more than this many
+    /// released sums (the engine hands out no task past it, and every round runs the same
+    /// mechanism), so the worst-case device's RDP is this many rounds' and the accountant
+    /// composes no more. `None`: every round may hold the same device.
+    max_participations: Option<u64>,
+    /// Rounds composed into `accountant` (at most `max_participations`).
+    composed: u64,
     /// Every public key (encryption or masking) a device advertised in an earlier or the
     /// current round of this run, since the engine was created or restored. A key is never
     /// accepted twice: a device reusing its masking key could, by surviving one round and
@@ -479,13 +486,35 @@ impl DistributedAccounting {
             .unwrap_or(f64::INFINITY)
     }
 
+    /// Whether one more released round adds to the worst-case device's RDP: always, unless
+    /// the participation limit has been composed already.
+    fn next_round_counts(&self) -> bool {
+        self.max_participations.is_none_or(|k| self.composed < k)
+    }
+
+    /// The accountant after one more released round, `None` if composing failed.
+    fn after_one_more(&self) -> Option<RdpAccountant> {
+        let mut next = self.accountant.clone();
+        if self.next_round_counts() {
+            next.compose_rdp(&self.curve, 1).ok()?;
+        }
+        Some(next)
+    }
+
+    /// Adopts `next` (from [`Self::after_one_more`]) as the accountant.
+    fn adopt(&mut self, next: RdpAccountant) {
+        if self.next_round_counts() {
+            self.composed += 1;
+        }
+        self.accountant = next;
+    }
+
     /// ε after one more round.
     fn next_epsilon(&self, delta: f64) -> f64 {
-        let mut next = self.accountant.clone();
-        if next.compose_rdp(&self.curve, 1).is_err() {
-            return f64::INFINITY;
+        match self.after_one_more() {
+            Some(next) => self.epsilon_of(&next, delta),
+            None => f64::INFINITY,
         }
-        self.epsilon_of(&next, delta)
     }
 }
 
@@ -678,15 +707,19 @@ impl Engine {
         let distributed = manifest.distributed_plan().map(|plan| {
             let curve = plan.mechanism.rdp_curve(&orders);
             let mut accountant = RdpAccountant::new(orders.clone());
-            if progress.rounds_committed > 0 {
-                accountant
-                    .compose_rdp(&curve, progress.rounds_committed)
-                    .expect("same grid");
+            let max_participations = manifest.participation.map(|l| l.max_participations());
+            let composed = max_participations.map_or(progress.rounds_committed, |k| {
+                k.min(progress.rounds_committed)
+            });
+            if composed > 0 {
+                accountant.compose_rdp(&curve, composed).expect("same grid");
             }
             DistributedAccounting {
                 plan,
                 curve,
                 accountant,
+                max_participations,
+                composed,
                 seen_keys: HashSet::new(),
             }
         });
@@ -1923,10 +1956,16 @@ impl Engine {
         reason: String,
         actions: &mut Vec<Action>,
     ) {
-        let counted = self
-            .distributed
-            .as_mut()
-            .is_some_and(|d| d.accountant.compose_rdp(&d.curve, 1).is_ok());
+        let counted = self.distributed.as_mut().is_some_and(|d| {
+            // The contributors' data is in the unmasked sum: it counts towards their limit.
+            match d.after_one_more() {
+                Some(next) => {
+                    d.adopt(next);
+                    true
+                }
+                None => false,
+            }
+        });
         let counted = if counted {
             "its ε is counted"
         } else {
@@ -2003,13 +2042,12 @@ impl Engine {
         let Some(d) = self.distributed.as_mut() else {
             unreachable!("checked above");
         };
-        let mut accountant = d.accountant.clone();
-        let spent = accountant
-            .compose_rdp(&d.curve, 1)
-            .ok()
-            .map(|()| d.epsilon_of(&accountant, self.manifest.budget.delta));
-        match spent {
-            Some(e) if e <= self.manifest.budget.epsilon => d.accountant = accountant,
+        let next = d.after_one_more();
+        let spent = next
+            .as_ref()
+            .map(|a| d.epsilon_of(a, self.manifest.budget.delta));
+        match (next, spent) {
+            (Some(next), Some(e)) if e <= self.manifest.budget.epsilon => d.adopt(next),
             _ => {
                 // Checked before unmasking; reaching here means the accountant failed.
                 let reason = format!(
@@ -2070,7 +2108,7 @@ impl Engine {
             cumulative_epsilon: self.spent(),
             model_version: self.version,
             model_sha256: model.sha256.clone(),
-            epsilon_assumption: Some(record.assumption.clone()),
+            epsilon_assumption: Some(self.manifest.epsilon_assumption()),
             tree: None,
             next_clip_norm: None,
             distributed: Some(Box::new(record)),

@@ -466,6 +466,10 @@ pub fn verify(run_id: &str, entries: &[SealedEntry]) -> Result<VerifiedTotals, V
     // Whether run_created records a distributed run: its rounds must then carry their
     // mechanism.
     let mut distributed_run = false;
+    // A distributed run with participation limits: no device is in more than this many
+    // released sums of the run's one mechanism, so ε composes at most this many rounds.
+    let mut distributed_cap: Option<u64> = None;
+    let mut distributed_composed = 0u64;
     let mut tree_reference: Option<TreeRound> = None;
     let (mut committed, mut abandoned) = (0u64, 0);
     if entries.is_empty() {
@@ -515,6 +519,9 @@ pub fn verify(run_id: &str, entries: &[SealedEntry]) -> Result<VerifiedTotals, V
                 1,
             ) => {
                 distributed_run = privacy_mode == "distributed";
+                distributed_cap = participation_limits
+                    .filter(|_| distributed_run)
+                    .map(|l| l.max_participations());
                 // A dp-ftrl run records its limits and, as the assumption its ε rests on,
                 // exactly those limits; a run with limits but another optimiser names another
                 // assumption.
@@ -699,10 +706,17 @@ pub fn verify(run_id: &str, entries: &[SealedEntry]) -> Result<VerifiedTotals, V
                         .map(|a| (a.audience.clone(), RdpAccountant::new(grid.clone())))
                         .collect();
                 }
+                let counts = distributed.is_none()
+                    || distributed_cap.is_none_or(|k| distributed_composed < k);
+                if counts && distributed.is_some() {
+                    distributed_composed += 1;
+                }
                 let mut eps = vec![];
                 for ((audience, acc), inc) in totals.iter_mut().zip(&derived) {
-                    acc.compose_rdp(&inc.rdp, 1)
-                        .map_err(|e| fail(expected, e.to_string()))?;
+                    if counts {
+                        acc.compose_rdp(&inc.rdp, 1)
+                            .map_err(|e| fail(expected, e.to_string()))?;
+                    }
                     let e = acc
                         .epsilon(delta)
                         .map_err(|e| fail(expected, e.to_string()))?;

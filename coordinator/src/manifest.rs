@@ -634,7 +634,13 @@ impl RunManifest {
     /// or local DP: worst case per device).
     pub fn epsilon_assumption(&self) -> String {
         if let Some(plan) = self.distributed_plan() {
-            return plan.assumption();
+            // Every round runs the same mechanism, so with limits a device's RDP is at most
+            // `max_participations` rounds' (its separation does not enter: the rounds' noises
+            // are independent).
+            return match self.participation {
+                Some(limits) => format!("{}; {}", limits.assumption(), plan.assumption()),
+                None => plan.assumption(),
+            };
         }
         if let Some(limits) = self
             .participation
@@ -996,7 +1002,7 @@ impl RunManifest {
             return Err(bad(
                 "server_optimizer",
                 "\"dp-ftrl\"".into(),
-                "dp-ftrl is not available in distributed mode: its tree noise is added by the coordinator to exact prefix sums, which secure aggregation never reveals; use privacy_mode = \"central\" or a per-round optimiser",
+                "dp-ftrl is not available in distributed mode: each tree node's noise must be added once and taken back out of later prefix sums, and under secure aggregation that noise comes from one round's devices, whom no later round can reach (it would need secrets handed from cohort to cohort); use privacy_mode = \"central\", or a per-round optimiser with [participation] limits, which distributed mode accounts without any sampling assumption",
             ));
         }
         if matches!(

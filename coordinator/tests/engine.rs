@@ -734,16 +734,58 @@ fn a_device_cannot_steer_its_participant_index_by_its_check_in_order_or_declines
     assert_ne!(a, b);
 }
 
-/// Runs one distributed round in which all five devices go through every stage with the
-/// same positive input; returns every action the engine took.
-fn complete_distributed_round(h: &mut Harness, seed: u64) -> Vec<Action> {
+/// What [`complete_distributed_round`] needs: the engine alone or a durable coordinator.
+trait Driver {
+    fn send(&mut self, event: Event) -> Vec<Action>;
+    fn engine(&self) -> &fedpref_coordinator::engine::Engine;
+}
+
+impl Driver for Harness {
+    fn send(&mut self, event: Event) -> Vec<Action> {
+        Harness::send(self, event)
+    }
+    fn engine(&self) -> &fedpref_coordinator::engine::Engine {
+        &self.engine
+    }
+}
+
+/// A coordinator on a SQLite store, with one run.
+struct Durable {
+    c: fedpref_coordinator::coordinator::Coordinator,
+    run: &'static str,
+    now: i64,
+}
+
+impl Driver for Durable {
+    fn send(&mut self, event: Event) -> Vec<Action> {
+        self.c.handle(self.run, event, self.now).unwrap()
+    }
+    fn engine(&self) -> &fedpref_coordinator::engine::Engine {
+        self.c.engine(self.run).unwrap()
+    }
+}
+
+/// Runs one distributed round in which five devices named `{prefix}-0` … `{prefix}-4` go
+/// through every stage with the same positive input; returns every action the engine took.
+fn complete_distributed_round(h: &mut impl Driver, prefix: &str, seed: u64) -> Vec<Action> {
     use fedpref_coordinator::secure_round::StageInput;
     use fedpref_secagg::{Client, rng::simulation_rng};
 
     let mut rng = simulation_rng(seed, &[]);
     let mut all = vec![];
     let tasks: Vec<_> = (0..5)
-        .map(|i| h.task(&format!("device-{i}")).expect("five slots"))
+        .map(|i| {
+            h.send(Event::CheckIn {
+                device: format!("{prefix}-{i}"),
+                eligible: true,
+            })
+            .into_iter()
+            .find_map(|a| match a {
+                Action::SendTask(t) => Some(t),
+                _ => None,
+            })
+            .expect("five slots")
+        })
         .collect();
     let info = tasks[0].secure_aggregation.clone().unwrap();
     let mut states = vec![];
@@ -757,8 +799,8 @@ fn complete_distributed_round(h: &mut Harness, seed: u64) -> Vec<Action> {
         }));
         states.push(state);
     }
-    let input = |h: &Harness, t: &fedpref_coordinator::engine::Task| {
-        h.engine
+    let input = |h: &dyn Driver, t: &fedpref_coordinator::engine::Task| {
+        h.engine()
             .secure_stage(&t.device, t.round, &t.task_token)
             .unwrap()
             .input
@@ -777,7 +819,7 @@ fn complete_distributed_round(h: &mut Harness, seed: u64) -> Vec<Action> {
         }));
         next.push(state);
     }
-    let x = vec![3i64; h.dimension()];
+    let x = vec![3i64; h.engine().model().1.len()];
     let encoded = info.config.encoding.encode_integers(&x).unwrap();
     let mut last = vec![];
     for (t, state) in tasks.iter().zip(next) {
@@ -807,6 +849,85 @@ fn complete_distributed_round(h: &mut Harness, seed: u64) -> Vec<Action> {
     all
 }
 
+/// A distributed run in which no device takes part more than `k` times.
+fn limited_distributed_manifest(k: u64) -> String {
+    distributed_manifest()
+        + &format!("\n[participation]\nmin_separation = 1\nmax_participations = {k}\n")
+}
+
+#[test]
+fn with_participation_limits_a_distributed_run_spends_at_most_k_rounds_and_the_ledger_agrees() {
+    use fedpref_coordinator::coordinator::Coordinator;
+    use fedpref_coordinator::ledger::verify;
+
+    let manifest = common::manifest(&limited_distributed_manifest(2));
+    let rounds = |n| {
+        manifest
+            .distributed_plan()
+            .unwrap()
+            .mechanism
+            .epsilon_after(n, manifest.budget.delta, &OrderGrid::default())
+            .unwrap()
+            .epsilon
+    };
+    let assumption = manifest.epsilon_assumption();
+    assert!(
+        assumption.starts_with("participation limits (separation 1, at most 2); ")
+            && assumption.contains("honest devices"),
+        "{assumption}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = Durable {
+        c: Coordinator::open(&dir.path().join("c.db"), 1_000).unwrap(),
+        run: "limited",
+        now: 2_000,
+    };
+    d.c.create_run("limited", manifest.clone(), 1_000).unwrap();
+    let mut spent = vec![];
+    for (round, prefix) in ["a", "b", "c", "d"].into_iter().enumerate() {
+        // The first cohort has used one of its two participations: it may come back once.
+        let prefix = if round == 1 { "a" } else { prefix };
+        let actions = complete_distributed_round(&mut d, prefix, round as u64);
+        let committed = actions.iter().find_map(|a| match a {
+            Action::CommitRound(o) => Some(o),
+            _ => None,
+        });
+        let Some(LedgerEvent::RoundCommitted {
+            cumulative_epsilon,
+            epsilon_assumption,
+            ..
+        }) = committed.map(|o| &o.event)
+        else {
+            panic!("round {round} did not commit: {actions:?}");
+        };
+        assert_eq!(epsilon_assumption.as_deref(), Some(assumption.as_str()));
+        spent.push(cumulative_epsilon[0].epsilon);
+        d.now += 1;
+    }
+    // Two rounds' ε after the second round, and no more after it: no device can be in a
+    // third released sum.
+    assert_eq!(spent, vec![rounds(1), rounds(2), rounds(2), rounds(2)]);
+    let refused = d.send(Event::CheckIn {
+        device: "a-0".into(),
+        eligible: true,
+    });
+    assert!(
+        refused
+            .iter()
+            .any(|a| matches!(a, Action::ComeBackLater { reason, .. }
+            if reason.contains("at most") || reason.contains("the most this run allows"))),
+        "{refused:?}"
+    );
+    let entries = d.c.store().ledger("limited").unwrap();
+    let totals = verify("limited", &entries).expect("the ledger verifies");
+    assert_eq!(totals.rounds_committed, 4);
+    assert_eq!(totals.cumulative_epsilon[0].epsilon, rounds(2));
+
+    // The cap survives a restart: the engine restored from the store spends nothing more.
+    let c = Coordinator::open(&dir.path().join("c.db"), d.now).unwrap();
+    assert_eq!(c.engine("limited").unwrap().spent()[0].epsilon, rounds(2));
+}
+
 #[test]
 fn a_distributed_round_that_fails_after_unmasking_counts_its_epsilon_and_stops_the_run() {
     use fedpref_coordinator::aggregation::ServerState;
@@ -830,7 +951,7 @@ fn a_distributed_round_that_fails_after_unmasking_counts_its_epsilon_and_stops_t
         },
     );
     let before = h.engine.spent()[0].epsilon;
-    let actions = complete_distributed_round(&mut h, 3);
+    let actions = complete_distributed_round(&mut h, "device", 3);
     assert!(
         !actions
             .iter()

@@ -604,14 +604,10 @@ pub fn check(settings: &Settings) -> Result<(), SimError> {
     if settings.server_optimizer.is_robust() || settings.server_optimizer.is_tree() {
         return Err(SimError::Settings(format!(
             "--server-optimizer {}: secure aggregation reveals only the sum, so robust statistics \
-             and dp-ftrl's tree are not available in mode distributed",
+             and dp-ftrl's tree are not available in mode distributed (participation limits \
+             are: --min-separation, --max-participations)",
             settings.server_optimizer.kind()
         )));
-    }
-    if settings.participation.is_some() {
-        return refuse(
-            "--min-separation: participation limits are not available in mode distributed",
-        );
     }
     if settings.adaptive_clipping.is_some() {
         return refuse("--adaptive-clipping: not available in mode distributed");

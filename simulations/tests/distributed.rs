@@ -211,3 +211,33 @@ fn settings_distributed_mode_cannot_honour_are_refused_naming_the_flag() {
         assert!(err.contains(flag), "expected {flag} in: {err}");
     }
 }
+
+#[test]
+fn participation_limits_cap_a_distributed_runs_epsilon_at_k_rounds() {
+    let mut a = args();
+    a.dropout = Some(0.0);
+    a.min_separation = Some(1);
+    a.max_participations = Some(1);
+    let p = plan(&a).unwrap();
+    let mut run = DistributedSimulation::new(&p.settings, &p.data).unwrap();
+    assert!(
+        run.epsilon_assumption()
+            .starts_with("participation limits (separation 1, at most 1); "),
+        "{}",
+        run.epsilon_assumption()
+    );
+    let records = run.run(|_| {}).unwrap();
+    assert_eq!(records.len(), 3);
+    let one_round = run
+        .plan()
+        .mechanism
+        .epsilon_after(1, 1e-5, &fedpref_privacy::OrderGrid::default())
+        .unwrap()
+        .epsilon;
+    for r in &records {
+        assert!(r.abandoned.is_none(), "{r:?}");
+        assert!((r.epsilon[0].epsilon - one_round).abs() < 1e-9, "{r:?}");
+    }
+    // 120 users, cohorts of 30, each at most once: three disjoint cohorts.
+    assert_eq!(run.client_updates, 90);
+}
