@@ -395,13 +395,32 @@ async fn measure(n: usize) -> String {
         .unwrap();
     let mut echo_clients = vec![];
     for msgs in payloads {
-        echo_clients.push((
-            DeviceServiceClient::new(channel(echo_port, &ca).await),
-            "x".to_string(),
-            msgs,
-        ));
+        let mut client = DeviceServiceClient::new(channel(echo_port, &ca).await);
+        // The same two calls a fedpref device made before uploading (the drain answers
+        // UNIMPLEMENTED), so that each connection's HTTP/2 state matches.
+        let _ = client
+            .enroll(pb::EnrollRequest {
+                app_key: "load-test-app-key-0123456789".into(),
+                sdk_version: "0.1.0".into(),
+            })
+            .await;
+        let _ = client
+            .check_in(authed(
+                pb::CheckInRequest {
+                    sdk_version: "0.1.0".into(),
+                    held_model: None,
+                    eligibility: Some(pb::Eligibility {
+                        device_conditions_met: true,
+                        privacy_budget_available: true,
+                    }),
+                },
+                "dev-0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+            ))
+            .await;
+        echo_clients.push((client, "x".to_string(), msgs));
     }
-    // Its memory with N connected: what TLS and HTTP/2 themselves hold per connection.
+    // Its memory with N connected after two calls each: what TLS and HTTP/2 themselves hold
+    // per connection.
     let echo_connected = proc_memory(echo.id()).0;
     let cpu_before = proc_cpu_ns(echo.id());
     let counts_before = proc_faults_and_switches(echo.id());

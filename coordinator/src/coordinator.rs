@@ -177,7 +177,7 @@ impl Coordinator {
                 "replica {previous:?} stopped renewing its lease; the round it had open (if any) is abandoned and its contributions discarded"
             );
             self.store
-                .abandon_round(run_id, record.next_round, 0, &reason, now_ms)?;
+                .abandon_round(run_id, record.next_round, 0, &reason, None, now_ms)?;
             tracing::warn!(run = %run_id, round = record.next_round, previous = %previous, "run taken over: in-flight round abandoned");
         }
         let Some(engine) = load_engine(&mut self.store, run_id, now_ms)? else {
@@ -486,10 +486,24 @@ impl Coordinator {
                 round,
                 contributions,
                 reason,
+                released,
             } => {
-                tracing::info!(round, contributions, reason = %reason, "round abandoned: nothing released");
-                self.store
-                    .abandon_round(run_id, *round, *contributions, reason, now_ms)?
+                match released {
+                    None => {
+                        tracing::info!(round, contributions, reason = %reason, "round abandoned: nothing released")
+                    }
+                    Some(_) => {
+                        tracing::warn!(round, contributions, reason = %reason, "round failed after its sum was unmasked: its ε is spent")
+                    }
+                }
+                self.store.abandon_round(
+                    run_id,
+                    *round,
+                    *contributions,
+                    reason,
+                    released.clone(),
+                    now_ms,
+                )?
             }
             Action::StatusChanged { status, event } => {
                 let status = match status {

@@ -95,7 +95,7 @@ use fedpref_privacy::{
 };
 use rand_core::Rng;
 
-use fedpref_secagg::{AdvertiseKeys, AggregateOutput, Graph, ShareKeys, Unmask};
+use fedpref_secagg::{AdvertiseKeys, AggregateOutput, ShareKeys, Unmask};
 
 use crate::aggregation::{
     Aggregate, AggregationPrivacy, FtrlTree, RoundAggregator, ServerState, TreeProgress, apply,
@@ -342,7 +342,8 @@ pub enum Action {
         /// The version.
         version: u64,
     },
-    /// Record that a round released nothing.
+    /// Record that a round was abandoned: it released nothing, unless `released` says its
+    /// sum was unmasked before it failed.
     AbandonRound {
         /// The round.
         round: u64,
@@ -350,6 +351,9 @@ pub enum Action {
         contributions: u64,
         /// Why.
         reason: String,
+        /// A distributed round that failed after its sum was unmasked: the mechanism of that
+        /// release, whose ε is counted (`None`: the round released nothing).
+        released: Option<Box<DistributedRound>>,
     },
     /// The run's status changed; record the ledger event.
     StatusChanged {
@@ -1429,6 +1433,7 @@ impl Engine {
             round,
             contributions: contributions as u64,
             reason: reason.clone(),
+            released: None,
         });
         self.stop(
             format!(
@@ -1492,7 +1497,7 @@ impl Engine {
                 "budget exhausted: one more round would exceed ε = {} at δ = {} ({})",
                 self.manifest.budget.epsilon,
                 self.manifest.budget.delta,
-                d.plan.assumption()
+                self.manifest.epsilon_assumption()
             );
             self.stop(reason, actions);
             return false;
@@ -1608,6 +1613,7 @@ impl Engine {
                 round: open.round,
                 contributions: open.uploaded.len() as u64,
                 reason: reason.to_string(),
+                released: None,
             });
             self.next_round = open.round + 1;
         }
@@ -1639,6 +1645,7 @@ impl Engine {
                 reason: format!(
                     "{contributions} contributions at the deadline, fewer than the minimum of {minimum}"
                 ),
+                released: None,
             });
             return;
         }
@@ -1664,6 +1671,7 @@ impl Engine {
                         round: open.round,
                         contributions: contributions as u64,
                         reason,
+                        released: None,
                     });
                 }
                 return;
@@ -1685,6 +1693,7 @@ impl Engine {
                     round: open.round,
                     contributions: contributions as u64,
                     reason,
+                    released: None,
                 });
             }
             return;
@@ -1697,6 +1706,7 @@ impl Engine {
                 round: open.round,
                 contributions: contributions as u64,
                 reason: format!("refused by the budget: {e}"),
+                released: None,
             });
             return;
         }
@@ -1910,6 +1920,7 @@ impl Engine {
                     round: open.round,
                     contributions,
                     reason,
+                    released: None,
                 });
             }
             Ending::Completed(output) => {
@@ -1953,6 +1964,7 @@ impl Engine {
         &mut self,
         round: u64,
         contributions: usize,
+        released: Option<DistributedRound>,
         reason: String,
         actions: &mut Vec<Action>,
     ) {
@@ -1966,6 +1978,7 @@ impl Engine {
                 None => false,
             }
         });
+        let counted_ok = counted;
         let counted = if counted {
             "its ε is counted"
         } else {
@@ -1975,6 +1988,8 @@ impl Engine {
             round,
             contributions: contributions as u64,
             reason: format!("{reason}; the sum had been unmasked, so the round's ε is spent"),
+            // Only what the accountant counted goes into the ledger as released.
+            released: released.filter(|_| counted_ok).map(Box::new),
         });
         self.stop(
             format!(
@@ -2001,6 +2016,7 @@ impl Engine {
             self.fail_after_unmasking(
                 open.round,
                 count,
+                Some(info.ledger_record(count as u64)),
                 "no distributed accounting for this run".into(),
                 actions,
             );
@@ -2017,6 +2033,7 @@ impl Engine {
                 self.fail_after_unmasking(
                     open.round,
                     count,
+                    Some(info.ledger_record(count as u64)),
                     format!("aggregation failed: {e}"),
                     actions,
                 );
@@ -2034,6 +2051,7 @@ impl Engine {
             self.fail_after_unmasking(
                 open.round,
                 count,
+                Some(info.ledger_record(count as u64)),
                 format!("the server optimiser failed: {e}"),
                 actions,
             );
@@ -2054,7 +2072,8 @@ impl Engine {
                     "refused by the budget: the round would take ε past {}",
                     self.manifest.budget.epsilon
                 );
-                self.fail_after_unmasking(open.round, count, reason, actions);
+                let released = Some(info.ledger_record(count as u64));
+                self.fail_after_unmasking(open.round, count, released, reason, actions);
                 return;
             }
         }
@@ -2063,19 +2082,7 @@ impl Engine {
             sampling_rate: 1.0,
             rdp: d.curve.clone(),
         }];
-        let record = DistributedRound {
-            mechanism_name: "distributed_discrete_gaussian".into(),
-            mechanism,
-            neighbouring: "zero-out".into(),
-            threshold: info.config.threshold,
-            neighbour_count: match info.config.graph {
-                Graph::Complete => info.config.cohort_size - 1,
-                Graph::Harary { degree, .. } => degree,
-            },
-            min_contributors: info.config.min_contributors,
-            contributors: count as u64,
-            assumption: d.plan.assumption(),
-        };
+        let record = info.ledger_record(count as u64);
         let release_index = self.progress_rounds + 1;
         for device in &contributors {
             let p = self.participation.entry(device.clone()).or_default();

@@ -205,6 +205,10 @@ pub enum LedgerEvent {
         contributions: u64,
         /// Why.
         reason: String,
+        /// A distributed round that failed after its sum was unmasked: the mechanism of that
+        /// release, whose ε the run has spent (absent when the round released nothing).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        released: Option<Box<DistributedRound>>,
     },
     /// A model version became visible to devices.
     ModelPublished {
@@ -466,10 +470,7 @@ pub fn verify(run_id: &str, entries: &[SealedEntry]) -> Result<VerifiedTotals, V
     // Whether run_created records a distributed run: its rounds must then carry their
     // mechanism.
     let mut distributed_run = false;
-    // A distributed run with participation limits: no device is in more than this many
-    // released sums of the run's one mechanism, so ε composes at most this many rounds.
-    let mut distributed_cap: Option<u64> = None;
-    let mut distributed_composed = 0u64;
+    let mut capped = DistributedCap::default();
     let mut tree_reference: Option<TreeRound> = None;
     let (mut committed, mut abandoned) = (0u64, 0);
     if entries.is_empty() {
@@ -519,9 +520,11 @@ pub fn verify(run_id: &str, entries: &[SealedEntry]) -> Result<VerifiedTotals, V
                 1,
             ) => {
                 distributed_run = privacy_mode == "distributed";
-                distributed_cap = participation_limits
-                    .filter(|_| distributed_run)
-                    .map(|l| l.max_participations());
+                capped = DistributedCap::from_run_created(
+                    distributed_run,
+                    *participation_limits,
+                    epsilon_assumption.as_deref(),
+                );
                 // A dp-ftrl run records its limits and, as the assumption its ε rests on,
                 // exactly those limits; a run with limits but another optimiser names another
                 // assumption.
@@ -623,6 +626,7 @@ pub fn verify(run_id: &str, entries: &[SealedEntry]) -> Result<VerifiedTotals, V
                     rdp_increments,
                     cumulative_epsilon,
                     distributed,
+                    epsilon_assumption,
                     ..
                 },
                 _,
@@ -653,22 +657,9 @@ pub fn verify(run_id: &str, entries: &[SealedEntry]) -> Result<VerifiedTotals, V
                     ));
                 }
                 if let Some(d) = distributed {
-                    let m = u64::from(d.min_contributors);
-                    if d.contributors < m
-                        || d.min_contributors < d.threshold
-                        || d.mechanism.honest_devices() >= m
-                    {
-                        return Err(fail(
-                            expected,
-                            format!(
-                                "its distributed record is inconsistent: {} contributors, m = {}, t = {}, {} assumed honest devices (needs contributors ≥ m ≥ t and honest devices < m)",
-                                d.contributors,
-                                d.min_contributors,
-                                d.threshold,
-                                d.mechanism.honest_devices()
-                            ),
-                        ));
-                    }
+                    capped
+                        .check(d, epsilon_assumption.as_deref())
+                        .map_err(|problem| fail(expected, problem))?;
                 }
                 let derived = match distributed {
                     Some(d) if mode == PrivacyMode::Distributed => distributed_increments(d, grid),
@@ -700,31 +691,9 @@ pub fn verify(run_id: &str, entries: &[SealedEntry]) -> Result<VerifiedTotals, V
                         "its RDP increments do not follow from its σ, q and mode".into(),
                     ));
                 }
-                if totals.is_empty() {
-                    totals = derived
-                        .iter()
-                        .map(|a| (a.audience.clone(), RdpAccountant::new(grid.clone())))
-                        .collect();
-                }
-                let counts = distributed.is_none()
-                    || distributed_cap.is_none_or(|k| distributed_composed < k);
-                if counts && distributed.is_some() {
-                    distributed_composed += 1;
-                }
-                let mut eps = vec![];
-                for ((audience, acc), inc) in totals.iter_mut().zip(&derived) {
-                    if counts {
-                        acc.compose_rdp(&inc.rdp, 1)
-                            .map_err(|e| fail(expected, e.to_string()))?;
-                    }
-                    let e = acc
-                        .epsilon(delta)
-                        .map_err(|e| fail(expected, e.to_string()))?;
-                    eps.push(AudienceEpsilon {
-                        audience: audience.clone(),
-                        epsilon: e.epsilon,
-                    });
-                }
+                let counts = distributed.is_none() || capped.counts_next();
+                let eps = compose_totals(&mut totals, &derived, counts, grid, delta)
+                    .map_err(|e| fail(expected, e))?;
                 if !same_epsilons(&eps, cumulative_epsilon) {
                     return Err(fail(
                         expected,
@@ -735,6 +704,30 @@ pub fn verify(run_id: &str, entries: &[SealedEntry]) -> Result<VerifiedTotals, V
                 }
                 last_eps = eps;
                 committed += 1;
+            }
+            (
+                LedgerEvent::RoundAbandoned {
+                    released: Some(d), ..
+                },
+                _,
+            ) => {
+                // A distributed round that failed after its sum was unmasked: the release is
+                // spent; the run-stopped entry after it carries the ε with it.
+                if !distributed_run {
+                    return Err(fail(
+                        expected,
+                        "it records a released distributed sum, but run_created is not a distributed run".into(),
+                    ));
+                }
+                let grid = grid.as_ref().expect("set by the first entry");
+                capped
+                    .check(d, None)
+                    .map_err(|problem| fail(expected, problem))?;
+                let derived = distributed_increments(d, grid);
+                let counts = capped.counts_next();
+                last_eps = compose_totals(&mut totals, &derived, counts, grid, delta)
+                    .map_err(|e| fail(expected, e))?;
+                abandoned += 1;
             }
             (LedgerEvent::RoundAbandoned { .. }, _) => abandoned += 1,
             (
@@ -764,6 +757,119 @@ pub fn verify(run_id: &str, entries: &[SealedEntry]) -> Result<VerifiedTotals, V
         delta,
         head_hash: prev_hash,
     })
+}
+
+/// Composes one round's derived increments into the running totals (one accountant per
+/// audience, created on the first round) unless `counts` is false (a distributed run past its
+/// participation cap), and returns the cumulative ε per audience.
+fn compose_totals(
+    totals: &mut Vec<(String, RdpAccountant)>,
+    derived: &[AudienceRdp],
+    counts: bool,
+    grid: &OrderGrid,
+    delta: f64,
+) -> Result<Vec<AudienceEpsilon>, String> {
+    if totals.is_empty() {
+        *totals = derived
+            .iter()
+            .map(|a| (a.audience.clone(), RdpAccountant::new(grid.clone())))
+            .collect();
+    }
+    let mut eps = vec![];
+    for ((audience, acc), inc) in totals.iter_mut().zip(derived) {
+        if counts {
+            acc.compose_rdp(&inc.rdp, 1).map_err(|e| e.to_string())?;
+        }
+        eps.push(AudienceEpsilon {
+            audience: audience.clone(),
+            epsilon: acc.epsilon(delta).map_err(|e| e.to_string())?.epsilon,
+        });
+    }
+    Ok(eps)
+}
+
+/// What `verify` keeps about a distributed run's participation cap.
+#[derive(Default)]
+struct DistributedCap {
+    /// `max_participations`, when `run_created` records limits and names them in its
+    /// assumption (a run created before distributed mode accounted limits composes every
+    /// round).
+    cap: Option<u64>,
+    /// `run_created`'s assumption, which every capped round must repeat.
+    assumption: Option<String>,
+    /// Released rounds composed so far.
+    composed: u64,
+    /// The first released round's mechanism: the cap assumes every round runs the same one.
+    mechanism: Option<fedpref_privacy::distributed::DistributedDiscreteGaussian>,
+}
+
+impl DistributedCap {
+    fn from_run_created(
+        distributed_run: bool,
+        limits: Option<ParticipationLimits>,
+        assumption: Option<&str>,
+    ) -> Self {
+        let cap = limits
+            .filter(|_| distributed_run)
+            .filter(|l| assumption.is_some_and(|a| a.starts_with(&format!("{}; ", l.assumption()))))
+            .map(|l| l.max_participations());
+        DistributedCap {
+            cap,
+            assumption: cap.and(assumption.map(str::to_string)),
+            ..Self::default()
+        }
+    }
+
+    /// Checks one released round's record: its own consistency and, in a capped run, the
+    /// same mechanism as the first round and (for committed rounds) the run's assumption.
+    fn check(
+        &mut self,
+        d: &DistributedRound,
+        round_assumption: Option<&str>,
+    ) -> Result<(), String> {
+        let m = u64::from(d.min_contributors);
+        if d.contributors < m
+            || d.min_contributors < d.threshold
+            || d.mechanism.honest_devices() >= m
+        {
+            return Err(format!(
+                "its distributed record is inconsistent: {} contributors, m = {}, t = {}, {} assumed honest devices (needs contributors ≥ m ≥ t and honest devices < m)",
+                d.contributors,
+                d.min_contributors,
+                d.threshold,
+                d.mechanism.honest_devices()
+            ));
+        }
+        if self.cap.is_some() {
+            match self.mechanism {
+                None => self.mechanism = Some(d.mechanism),
+                Some(first) if first != d.mechanism => {
+                    return Err(
+                        "its mechanism differs from the run's first round's, which a participation cap on ε assumes never happens".into(),
+                    );
+                }
+                Some(_) => {}
+            }
+            if let Some(a) = round_assumption
+                && Some(a) != self.assumption.as_deref()
+            {
+                return Err(format!(
+                    "its ε assumption {a:?} is not run_created's {:?}",
+                    self.assumption.as_deref().unwrap_or_default()
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the next released round adds to the worst-case device's RDP (and counts it).
+    fn counts_next(&mut self) -> bool {
+        let counts = self.cap.is_none_or(|k| self.composed < k);
+        if counts {
+            self.composed += 1;
+        }
+        counts
+    }
 }
 
 /// Checks a round's tree settings against the run: the participation limits `run_created`

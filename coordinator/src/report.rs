@@ -578,9 +578,12 @@ impl ImpactReport {
 
     /// Whether the run used dp-ftrl (its ε rests on participation limits).
     fn is_tree(&self) -> bool {
-        self.assessment
-            .epsilon_assumption
-            .starts_with("participation limits")
+        // A distributed run with limits names them too, but has no tree.
+        self.assessment.privacy_mode != "distributed"
+            && self
+                .assessment
+                .epsilon_assumption
+                .starts_with("participation limits")
     }
 
     /// The report as pretty-printed JSON (the layout is documented field by field in the

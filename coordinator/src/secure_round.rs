@@ -68,6 +68,26 @@ pub struct SecureRoundInfo {
     pub deadlines: [i64; 4],
 }
 
+impl SecureRoundInfo {
+    /// The ledger's record of this round once its sum was unmasked from `contributors`
+    /// masked inputs: the mechanism, the neighbouring relation, t, k, m and the assumption.
+    pub fn ledger_record(&self, contributors: u64) -> crate::ledger::DistributedRound {
+        crate::ledger::DistributedRound {
+            mechanism_name: "distributed_discrete_gaussian".into(),
+            mechanism: self.plan.mechanism,
+            neighbouring: "zero-out".into(),
+            threshold: self.config.threshold,
+            neighbour_count: match self.config.graph {
+                fedpref_secagg::Graph::Complete => self.config.cohort_size - 1,
+                fedpref_secagg::Graph::Harary { degree, .. } => degree,
+            },
+            min_contributors: self.config.min_contributors,
+            contributors,
+            assumption: self.plan.assumption(),
+        }
+    }
+}
+
 /// What a device is given for the current stage.
 #[derive(Clone, Debug, PartialEq)]
 pub enum StageInput {

@@ -984,6 +984,7 @@ impl Store {
         round: u64,
         contributions: u64,
         reason: &str,
+        released: Option<Box<crate::ledger::DistributedRound>>,
         at_ms: i64,
     ) -> Result<(), StoreError> {
         self.write(|tx| {
@@ -1000,6 +1001,7 @@ impl Store {
                     round,
                     contributions,
                     reason: reason.to_string(),
+                    released,
                 },
             )?;
             tx.execute(

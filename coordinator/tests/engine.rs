@@ -911,21 +911,59 @@ fn with_participation_limits_a_distributed_run_spends_at_most_k_rounds_and_the_l
         device: "a-0".into(),
         eligible: true,
     });
-    assert!(
-        refused
-            .iter()
-            .any(|a| matches!(a, Action::ComeBackLater { reason, .. }
-            if reason.contains("at most") || reason.contains("the most this run allows"))),
-        "{refused:?}"
-    );
+    let at_the_limit = |actions: &[Action]| {
+        actions.iter().any(|a| matches!(a, Action::ComeBackLater { reason, .. }
+            if reason.contains("has taken part 2 times, the most this run allows")))
+    };
+    assert!(at_the_limit(&refused), "{refused:?}");
     let entries = d.c.store().ledger("limited").unwrap();
     let totals = verify("limited", &entries).expect("the ledger verifies");
     assert_eq!(totals.rounds_committed, 4);
     assert_eq!(totals.cumulative_epsilon[0].epsilon, rounds(2));
 
-    // The cap survives a restart: the engine restored from the store spends nothing more.
-    let c = Coordinator::open(&dir.path().join("c.db"), d.now).unwrap();
-    assert_eq!(c.engine("limited").unwrap().spent()[0].epsilon, rounds(2));
+    // After a restart: the cap and the devices' histories come back from the store, and a
+    // fifth round spends nothing more and still verifies.
+    d.c = Coordinator::open(&dir.path().join("c.db"), d.now).unwrap();
+    assert_eq!(d.engine().spent()[0].epsilon, rounds(2));
+    let refused = d.send(Event::CheckIn {
+        device: "a-3".into(),
+        eligible: true,
+    });
+    assert!(at_the_limit(&refused), "{refused:?}");
+    let actions = complete_distributed_round(&mut d, "e", 9);
+    assert!(
+        actions.iter().any(|a| matches!(a, Action::CommitRound(_))),
+        "{actions:?}"
+    );
+    let entries = d.c.store().ledger("limited").unwrap();
+    let totals = verify("limited", &entries).expect("the ledger verifies after the restart");
+    assert_eq!(totals.rounds_committed, 5);
+    assert_eq!(totals.cumulative_epsilon[0].epsilon, rounds(2));
+    // A ledger whose run_created names no limits gets no cap: the same rounds then fail to
+    // verify where the cumulative ε stopped growing.
+    let mut first: fedpref_coordinator::ledger::LedgerEntry =
+        serde_json::from_str(&entries[0].body).unwrap();
+    if let LedgerEvent::RunCreated {
+        epsilon_assumption, ..
+    } = &mut first.event
+    {
+        *epsilon_assumption = Some(manifest.distributed_plan().unwrap().assumption());
+    }
+    let mut plain = vec![];
+    let mut prev = fedpref_coordinator::ledger::GENESIS_HASH.to_string();
+    for (i, sealed) in entries.iter().enumerate() {
+        let entry: fedpref_coordinator::ledger::LedgerEntry = if i == 0 {
+            first.clone()
+        } else {
+            serde_json::from_str(&sealed.body).unwrap()
+        };
+        let resealed = fedpref_coordinator::ledger::seal(&entry, &prev);
+        prev = resealed.hash.clone();
+        plain.push(resealed);
+    }
+    verify("limited", &plain[..4]).expect("two rounds verify either way");
+    let e = verify("limited", &plain).unwrap_err();
+    assert!(e.problem.contains("cumulative ε"), "{e}");
 }
 
 #[test]
@@ -989,6 +1027,98 @@ fn a_distributed_round_that_fails_after_unmasking_counts_its_epsilon_and_stops_t
     assert_eq!(epsilon, expected);
     assert_eq!(h.engine.spent()[0].epsilon, expected);
     assert_eq!(h.engine.state(), RunState::Stopped);
+}
+
+#[test]
+fn a_run_stopped_by_a_failure_after_unmasking_verifies_with_that_rounds_epsilon() {
+    use fedpref_coordinator::aggregation::ServerState;
+    use fedpref_coordinator::coordinator::Coordinator;
+    use fedpref_coordinator::engine::{Engine, Progress};
+    use fedpref_coordinator::ledger::{LedgerEntry, SealedEntry, seal, verify};
+
+    // The run's first entry from a real store; the rest is what the engine asks the store to
+    // write when the first round fails after unmasking (non-finite parameters).
+    let manifest = common::manifest(&distributed_manifest());
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = Coordinator::open(&dir.path().join("c.db"), 1_000).unwrap();
+    c.create_run("run-test", manifest.clone(), 1_000).unwrap();
+    let mut entries = c.store().ledger("run-test").unwrap();
+    let params = vec![f32::NAN; manifest.dimension()];
+    let mut h = Harness::new(&distributed_manifest());
+    h.engine = Engine::restore(
+        "run-test",
+        manifest.clone(),
+        Progress {
+            state: RunState::Active,
+            rounds_committed: 0,
+            next_round: 1,
+            current_version: 0,
+            server_state: ServerState::new(&manifest.server_optimizer, params.len()),
+            params,
+        },
+    );
+    let events: Vec<LedgerEvent> = complete_distributed_round(&mut h, "device", 5)
+        .into_iter()
+        .filter_map(|a| match a {
+            Action::AbandonRound {
+                round,
+                contributions,
+                reason,
+                released,
+            } => Some(LedgerEvent::RoundAbandoned {
+                round,
+                contributions,
+                reason,
+                released,
+            }),
+            Action::StatusChanged { event, .. } => Some(event),
+            _ => None,
+        })
+        .collect();
+    assert!(
+        matches!(
+            &events[0],
+            LedgerEvent::RoundAbandoned {
+                released: Some(_),
+                ..
+            }
+        ),
+        "{events:?}"
+    );
+    let chain = |entries: &mut Vec<SealedEntry>, events: &[LedgerEvent]| {
+        for event in events {
+            let last = entries.last().unwrap();
+            let entry = LedgerEntry {
+                run_id: "run-test".into(),
+                sequence: last.sequence + 1,
+                at_ms: 2_000,
+                event: event.clone(),
+            };
+            let sealed = seal(&entry, &last.hash);
+            entries.push(sealed);
+        }
+    };
+    let mut stripped = entries.clone();
+    chain(&mut entries, &events);
+    let totals = verify("run-test", &entries).expect("what the engine writes verifies");
+    let one_round = manifest
+        .distributed_plan()
+        .unwrap()
+        .mechanism
+        .epsilon_after(1, manifest.budget.delta, &OrderGrid::default())
+        .unwrap()
+        .epsilon;
+    assert_eq!(totals.rounds_committed, 0);
+    assert_eq!(totals.rounds_abandoned, 1);
+    assert!((totals.cumulative_epsilon[0].epsilon - one_round).abs() < 1e-9);
+    // Without the release record the stop's ε has nothing to follow from.
+    let mut without = events.clone();
+    if let LedgerEvent::RoundAbandoned { released, .. } = &mut without[0] {
+        *released = None;
+    }
+    chain(&mut stripped, &without);
+    let e = verify("run-test", &stripped).unwrap_err();
+    assert!(e.problem.contains("final totals"), "{e}");
 }
 
 #[test]

@@ -97,6 +97,7 @@ fn a_failing_round_commit_leaves_nothing_behind_on_both_backends() {
                     round: 9,
                     contributions: 0,
                     reason: "test".into(),
+                    released: None,
                 },
                 stop: None,
                 at_ms: T0 + 10,
@@ -188,6 +189,7 @@ fn a_held_lease_is_not_taken_and_a_non_owner_cannot_write() {
                     round: 1,
                     contributions: 0,
                     reason: "not mine".into(),
+                    released: None,
                 },
                 T0,
             )

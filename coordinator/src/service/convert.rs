@@ -868,6 +868,7 @@ pub fn ledger_entry_to_proto(
             round,
             contributions,
             reason,
+            ..
         } => {
             out.kind = K::RoundAbandoned as i32;
             out.round_id = *round;
