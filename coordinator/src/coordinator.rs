@@ -79,6 +79,7 @@ fn load_engine(
     run_id: &str,
     now_ms: i64,
 ) -> Result<Option<Engine>, CoordinatorError> {
+    close_orphan_releases(store, run_id, now_ms)?;
     let mut run = store.run(run_id)?;
     if run.current_version > run.published_version {
         store.publish(&run.id, run.current_version, now_ms)?;
@@ -112,7 +113,35 @@ fn load_engine(
         &store.committed_rounds(&run.id)?,
         &store.participations_by_device(&run.id)?,
     );
+    // A distributed run created before limits bounded its ε keeps composing every release,
+    // as its ledger (and `ledger verify`) does.
+    let cap_recorded = match (
+        run.manifest.participation,
+        store.created_assumption(&run.id)?,
+    ) {
+        (Some(limits), Some(assumption)) => {
+            assumption.starts_with(&format!("{}; ", limits.assumption()))
+        }
+        _ => false,
+    };
+    engine.restore_releases(store.released_rounds(&run.id)?.len() as u64, cap_recorded);
     Ok(Some(engine))
+}
+
+/// Records as abandoned every distributed round whose release was recorded but that never
+/// ended (the process stopped, or lost its lease, in between): its ε stays spent and its
+/// contributors' participations stay counted; its sum, if it was unmasked, is discarded.
+fn close_orphan_releases(
+    store: &mut Store,
+    run_id: &str,
+    now_ms: i64,
+) -> Result<(), CoordinatorError> {
+    for (round, contributions) in store.orphan_releases(run_id)? {
+        let reason = "its release had been recorded when the coordinator holding the round stopped; the round is lost and its ε stays spent";
+        store.abandon_round(run_id, round, contributions, reason, now_ms)?;
+        tracing::warn!(run = %run_id, round, "recorded release closed as abandoned after a restart or takeover");
+    }
+    Ok(())
 }
 
 impl Coordinator {
@@ -169,6 +198,7 @@ impl Coordinator {
         now_ms: i64,
     ) -> Result<bool, CoordinatorError> {
         self.remote_owners.remove(run_id);
+        close_orphan_releases(&mut self.store, run_id, now_ms)?;
         let record = self.store.run(run_id)?;
         if let Some(previous) = previous_owner
             && record.status != RunStatus::Stopped
@@ -177,7 +207,7 @@ impl Coordinator {
                 "replica {previous:?} stopped renewing its lease; the round it had open (if any) is abandoned and its contributions discarded"
             );
             self.store
-                .abandon_round(run_id, record.next_round, 0, &reason, None, now_ms)?;
+                .abandon_round(run_id, record.next_round, 0, &reason, now_ms)?;
             tracing::warn!(run = %run_id, round = record.next_round, previous = %previous, "run taken over: in-flight round abandoned");
         }
         let Some(engine) = load_engine(&mut self.store, run_id, now_ms)? else {
@@ -265,6 +295,25 @@ impl Coordinator {
     /// Passes an event to a run's engine and carries out its actions. Returns the actions
     /// the service layer answers devices and operators with (tasks, rejections, …).
     pub fn handle(
+        &mut self,
+        run_id: &str,
+        event: Event,
+        now_ms: i64,
+    ) -> Result<Vec<Action>, CoordinatorError> {
+        let mut actions = self.handle_once(run_id, event, now_ms)?;
+        // A release the store has just recorded may now be unmasked.
+        let recorded = actions.iter().find_map(|a| match a {
+            Action::RecordRelease(r) => Some(r.round),
+            _ => None,
+        });
+        if let Some(round) = recorded {
+            actions.extend(self.handle_once(run_id, Event::ReleaseRecorded { round }, now_ms)?);
+        }
+        Ok(actions)
+    }
+
+    /// One event through the engine, its actions carried out in order.
+    fn handle_once(
         &mut self,
         run_id: &str,
         event: Event,
@@ -482,28 +531,28 @@ impl Coordinator {
                 tracing::info!(version, "model published");
                 self.stage(Stage::ModelPublished);
             }
+            Action::RecordRelease(release) => {
+                self.store.record_release(
+                    run_id,
+                    release.round,
+                    &release.participants,
+                    &release.event,
+                    now_ms,
+                )?;
+                tracing::info!(
+                    round = release.round,
+                    contributors = release.participants.len(),
+                    "release recorded: the round's ε is spent before its sum is unmasked"
+                );
+            }
             Action::AbandonRound {
                 round,
                 contributions,
                 reason,
-                released,
             } => {
-                match released {
-                    None => {
-                        tracing::info!(round, contributions, reason = %reason, "round abandoned: nothing released")
-                    }
-                    Some(_) => {
-                        tracing::warn!(round, contributions, reason = %reason, "round failed after its sum was unmasked: its ε is spent")
-                    }
-                }
-                self.store.abandon_round(
-                    run_id,
-                    *round,
-                    *contributions,
-                    reason,
-                    released.clone(),
-                    now_ms,
-                )?
+                tracing::info!(round, contributions, reason = %reason, "round abandoned");
+                self.store
+                    .abandon_round(run_id, *round, *contributions, reason, now_ms)?
             }
             Action::StatusChanged { status, event } => {
                 let status = match status {

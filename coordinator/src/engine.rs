@@ -102,8 +102,8 @@ use crate::aggregation::{
 };
 use crate::distributed::DistributedPlan;
 use crate::ledger::{
-    AudienceEpsilon, AudienceRdp, DistributedRound, LedgerEvent, TreeRound, round_increments,
-    tracked_audiences, tree_rho,
+    AudienceEpsilon, AudienceRdp, LedgerEvent, TreeRound, round_increments, tracked_audiences,
+    tree_rho,
 };
 use crate::manifest::{ManifestPrivacyMode, RunManifest, SamplingSpec};
 use crate::model::{ModelBlob, encode};
@@ -188,6 +188,12 @@ pub enum Event {
         task_token: String,
         /// The revealed shares.
         unmask: Unmask,
+    },
+    /// The driver durably recorded the release an [`Action::RecordRelease`] asked for: the
+    /// round's sum may now be unmasked.
+    ReleaseRecorded {
+        /// The round.
+        round: u64,
     },
     /// Time passed (deadlines are checked against `now`).
     Tick,
@@ -292,11 +298,26 @@ pub struct Rejection {
     pub message: String,
 }
 
+/// A distributed round's release, to be recorded before its sum is unmasked.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ReleaseRecord {
+    /// The round.
+    pub round: u64,
+    /// The devices whose masked inputs are in the sum.
+    pub participants: Vec<String>,
+    /// The `round_released` ledger entry.
+    pub event: LedgerEvent,
+}
+
 /// What the engine asks its driver to do.
 #[derive(Clone, Debug)]
 pub enum Action {
     /// Give a device its task.
     SendTask(Task),
+    /// Distributed mode: record this release durably (fenced, with its ledger entry and the
+    /// contributors' participations), then answer [`Event::ReleaseRecorded`]; the sum is
+    /// unmasked only then. If recording fails the round is never unmasked.
+    RecordRelease(Box<ReleaseRecord>),
     /// Tell a device to come back later.
     ComeBackLater {
         /// The device.
@@ -342,8 +363,9 @@ pub enum Action {
         /// The version.
         version: u64,
     },
-    /// Record that a round was abandoned: it released nothing, unless `released` says its
-    /// sum was unmasked before it failed.
+    /// Record that a round was abandoned: nothing of it is published. It released nothing,
+    /// unless an [`Action::RecordRelease`] for the same round came first (a distributed round
+    /// whose sum was unmasked, or was about to be, when it failed).
     AbandonRound {
         /// The round.
         round: u64,
@@ -351,9 +373,6 @@ pub enum Action {
         contributions: u64,
         /// Why.
         reason: String,
-        /// A distributed round that failed after its sum was unmasked: the mechanism of that
-        /// release, whose ε is counted (`None`: the round released nothing).
-        released: Option<Box<DistributedRound>>,
     },
     /// The run's status changed; record the ledger event.
     StatusChanged {
@@ -778,9 +797,15 @@ impl Engine {
             .map(|(i, r)| (*r, i as u64 + 1))
             .collect();
         for (device, rounds) in by_device {
+            // A release that never committed (a distributed round recorded just before a
+            // crash) counts too, at the index the next committed round takes.
             let releases: Vec<u64> = rounds
                 .iter()
-                .filter_map(|r| index.get(r).copied())
+                .map(|r| {
+                    index.get(r).copied().unwrap_or_else(|| {
+                        committed_rounds.iter().filter(|c| *c < r).count() as u64 + 1
+                    })
+                })
                 .collect();
             if releases.is_empty() {
                 continue;
@@ -792,6 +817,31 @@ impl Engine {
                     count: releases.len() as u64,
                 },
             );
+        }
+    }
+
+    /// Distributed mode: the number of rounds whose release the store recorded (committed or
+    /// not; see [`Action::RecordRelease`]). The accountant is rebuilt from it, since a release
+    /// recorded just before a crash was spent although it never committed. Other modes
+    /// ignore it. `cap_recorded`: whether the run's `run_created` entry names its
+    /// participation limits (a run created before they bounded the ε composes every release).
+    pub fn restore_releases(&mut self, released: u64, cap_recorded: bool) {
+        let Some(d) = self.distributed.as_mut() else {
+            return;
+        };
+        if !cap_recorded {
+            d.max_participations = None;
+        }
+        let composed = d.max_participations.map_or(released, |k| k.min(released));
+        let mut accountant = RdpAccountant::new(d.accountant.orders().clone());
+        if composed > 0 && accountant.compose_rdp(&d.curve, composed).is_err() {
+            self.state = RunState::Stopped;
+            return;
+        }
+        d.accountant = accountant;
+        d.composed = composed;
+        if d.epsilon_of(&d.accountant, self.manifest.budget.delta) > self.manifest.budget.epsilon {
+            self.state = RunState::Stopped;
         }
     }
 
@@ -1075,6 +1125,17 @@ impl Engine {
                 &mut actions,
                 |s, d| s.receive_unmask(d, unmask),
             ),
+            Event::ReleaseRecorded { round } => {
+                if let Some(secure) = self
+                    .open
+                    .as_mut()
+                    .filter(|o| o.round == round)
+                    .and_then(|o| o.secure.as_mut())
+                {
+                    secure.release_recorded();
+                }
+                self.advance_secure(now, rng, &mut actions);
+            }
             Event::Admin(cmd) => self.admin(cmd, now, &mut actions),
         }
         actions
@@ -1433,7 +1494,6 @@ impl Engine {
             round,
             contributions: contributions as u64,
             reason: reason.clone(),
-            released: None,
         });
         self.stop(
             format!(
@@ -1613,7 +1673,6 @@ impl Engine {
                 round: open.round,
                 contributions: open.uploaded.len() as u64,
                 reason: reason.to_string(),
-                released: None,
             });
             self.next_round = open.round + 1;
         }
@@ -1645,7 +1704,6 @@ impl Engine {
                 reason: format!(
                     "{contributions} contributions at the deadline, fewer than the minimum of {minimum}"
                 ),
-                released: None,
             });
             return;
         }
@@ -1671,7 +1729,6 @@ impl Engine {
                         round: open.round,
                         contributions: contributions as u64,
                         reason,
-                        released: None,
                     });
                 }
                 return;
@@ -1693,7 +1750,6 @@ impl Engine {
                     round: open.round,
                     contributions: contributions as u64,
                     reason,
-                    released: None,
                 });
             }
             return;
@@ -1706,7 +1762,6 @@ impl Engine {
                 round: open.round,
                 contributions: contributions as u64,
                 reason: format!("refused by the budget: {e}"),
-                released: None,
             });
             return;
         }
@@ -1909,18 +1964,27 @@ impl Engine {
         };
         match secure.advance(now, rng, may_unmask) {
             Ending::Running => {}
+            Ending::ReadyToRelease(indices) => self.release(&indices, actions),
             Ending::Abandoned {
                 contributions,
                 reason,
             } => {
                 let open = self.open.take().expect("checked");
+                let released = open
+                    .secure
+                    .as_ref()
+                    .is_some_and(|s| s.release_was_recorded());
+                let reason = if released {
+                    format!("{reason}; its release had been recorded, so its ε stays spent")
+                } else {
+                    reason
+                };
                 self.remember_ended(&open, fedpref_secagg::ServerStage::Aborted(reason.clone()));
                 self.next_round = open.round + 1;
                 actions.push(Action::AbandonRound {
                     round: open.round,
                     contributions,
                     reason,
-                    released: None,
                 });
             }
             Ending::Completed(output) => {
@@ -1936,6 +2000,50 @@ impl Engine {
                 }
             }
         }
+    }
+
+    /// A distributed round is ready to unmask `indices`' inputs: spend the release now (the
+    /// accountant, the contributors' participations) and ask the driver to record it; the
+    /// sum is unmasked on [`Event::ReleaseRecorded`].
+    fn release(&mut self, indices: &[u32], actions: &mut Vec<Action>) {
+        let open = self.open.as_ref().expect("a distributed round is open");
+        let secure = open.secure.as_ref().expect("a distributed round");
+        let participants = secure.devices_of(indices);
+        let record = secure.info().ledger_record(participants.len() as u64);
+        let round = open.round;
+        let Some(d) = self.distributed.as_mut() else {
+            unreachable!("may_unmask refuses a run without distributed accounting");
+        };
+        let Some(next) = d.after_one_more() else {
+            unreachable!("may_unmask checked that one more round composes within the budget");
+        };
+        d.adopt(next);
+        let rdp_increments = vec![AudienceRdp {
+            audience: Audience::ReleaseObservers.as_str().to_string(),
+            sampling_rate: 1.0,
+            rdp: d.curve.clone(),
+        }];
+        // The release counts towards each contributor's limits whether or not the round
+        // commits.
+        let release_index = self.progress_rounds + 1;
+        for device in &participants {
+            let p = self.participation.entry(device.clone()).or_default();
+            p.last = Some(release_index);
+            p.count += 1;
+        }
+        let event = LedgerEvent::RoundReleased {
+            round,
+            contributors: participants.len() as u64,
+            rdp_increments,
+            cumulative_epsilon: self.spent(),
+            epsilon_assumption: self.manifest.epsilon_assumption(),
+            distributed: Box::new(record),
+        };
+        actions.push(Action::RecordRelease(Box::new(ReleaseRecord {
+            round,
+            participants,
+            event,
+        })));
     }
 
     /// A refusal if `keys` repeats a public key already advertised in this run.
@@ -1964,37 +2072,20 @@ impl Engine {
         &mut self,
         round: u64,
         contributions: usize,
-        released: Option<DistributedRound>,
         reason: String,
         actions: &mut Vec<Action>,
     ) {
-        let counted = self.distributed.as_mut().is_some_and(|d| {
-            // The contributors' data is in the unmasked sum: it counts towards their limit.
-            match d.after_one_more() {
-                Some(next) => {
-                    d.adopt(next);
-                    true
-                }
-                None => false,
-            }
-        });
-        let counted_ok = counted;
-        let counted = if counted {
-            "its ε is counted"
-        } else {
-            "its ε could not be added to the accountant"
-        };
         actions.push(Action::AbandonRound {
             round,
             contributions: contributions as u64,
-            reason: format!("{reason}; the sum had been unmasked, so the round's ε is spent"),
-            // Only what the accountant counted goes into the ledger as released.
-            released: released.filter(|_| counted_ok).map(Box::new),
+            reason: format!(
+                "{reason}; the sum had been unmasked, so the round's ε stays spent (its release is recorded)"
+            ),
         });
         self.stop(
             format!(
                 "distributed round {round} failed after its sum was unmasked ({reason}): \
-                 {counted} and the run cannot go on"
+                 its ε is counted and the run cannot go on"
             ),
             actions,
         );
@@ -2012,17 +2103,8 @@ impl Engine {
         let info = Arc::clone(secure.info());
         let contributors = secure.devices_of(&output.contributors);
         let count = output.contributors.len();
-        let Some(d) = self.distributed.as_mut() else {
-            self.fail_after_unmasking(
-                open.round,
-                count,
-                Some(info.ledger_record(count as u64)),
-                "no distributed accounting for this run".into(),
-                actions,
-            );
-            return;
-        };
-        let mechanism = d.plan.mechanism;
+        // The release was spent and recorded before the sum was unmasked (`release`).
+        let mechanism = info.plan.mechanism;
         let integers = info.config.encoding.decode_integers(&output.sum);
         let granularity = mechanism.granularity();
         let sum: Vec<f64> = integers.iter().map(|&v| v as f64 * granularity).collect();
@@ -2033,7 +2115,6 @@ impl Engine {
                 self.fail_after_unmasking(
                     open.round,
                     count,
-                    Some(info.ledger_record(count as u64)),
                     format!("aggregation failed: {e}"),
                     actions,
                 );
@@ -2051,44 +2132,21 @@ impl Engine {
             self.fail_after_unmasking(
                 open.round,
                 count,
-                Some(info.ledger_record(count as u64)),
                 format!("the server optimiser failed: {e}"),
                 actions,
             );
             return;
         }
-        let Some(d) = self.distributed.as_mut() else {
-            unreachable!("checked above");
-        };
-        let next = d.after_one_more();
-        let spent = next
-            .as_ref()
-            .map(|a| d.epsilon_of(a, self.manifest.budget.delta));
-        match (next, spent) {
-            (Some(next), Some(e)) if e <= self.manifest.budget.epsilon => d.adopt(next),
-            _ => {
-                // Checked before unmasking; reaching here means the accountant failed.
-                let reason = format!(
-                    "refused by the budget: the round would take ε past {}",
-                    self.manifest.budget.epsilon
-                );
-                let released = Some(info.ledger_record(count as u64));
-                self.fail_after_unmasking(open.round, count, released, reason, actions);
-                return;
-            }
-        }
         let increments = vec![AudienceRdp {
             audience: Audience::ReleaseObservers.as_str().to_string(),
             sampling_rate: 1.0,
-            rdp: d.curve.clone(),
+            rdp: self
+                .distributed
+                .as_ref()
+                .map(|d| d.curve.clone())
+                .unwrap_or_default(),
         }];
         let record = info.ledger_record(count as u64);
-        let release_index = self.progress_rounds + 1;
-        for device in &contributors {
-            let p = self.participation.entry(device.clone()).or_default();
-            p.last = Some(release_index);
-            p.count += 1;
-        }
         self.last_unmasked = Some(UnmaskedSum {
             round: open.round,
             integers,

@@ -197,7 +197,26 @@ pub enum LedgerEvent {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         distributed: Option<Box<DistributedRound>>,
     },
-    /// A round ended without a release: nothing was released and nothing spent.
+    /// A distributed round's sum is about to be unmasked: its release is spent here, before
+    /// it exists, so that no crash or lost lease can unmask a sum the ledger does not count.
+    /// The round's `round_committed` entry (if it commits) repeats the cumulative ε without
+    /// adding to it; a `round_abandoned` entry after it leaves the spend in place.
+    RoundReleased {
+        /// The round number.
+        round: u64,
+        /// The devices whose masked inputs are in the sum.
+        contributors: u64,
+        /// The RDP of the release, per audience.
+        rdp_increments: Vec<AudienceRdp>,
+        /// Cumulative ε at the run's δ with this release, per audience.
+        cumulative_epsilon: Vec<AudienceEpsilon>,
+        /// The assumption `cumulative_epsilon` rests on, in words.
+        epsilon_assumption: String,
+        /// The mechanism behind `rdp_increments`.
+        distributed: Box<DistributedRound>,
+    },
+    /// A round ended without a release: nothing was released and nothing spent (unless a
+    /// `round_released` entry for it came first).
     RoundAbandoned {
         /// The round number.
         round: u64,
@@ -205,10 +224,6 @@ pub enum LedgerEvent {
         contributions: u64,
         /// Why.
         reason: String,
-        /// A distributed round that failed after its sum was unmasked: the mechanism of that
-        /// release, whose ε the run has spent (absent when the round released nothing).
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        released: Option<Box<DistributedRound>>,
     },
     /// A model version became visible to devices.
     ModelPublished {
@@ -280,6 +295,7 @@ impl LedgerEvent {
         match self {
             Self::RunCreated { .. } => "run_created",
             Self::RoundCommitted { .. } => "round_committed",
+            Self::RoundReleased { .. } => "round_released",
             Self::RoundAbandoned { .. } => "round_abandoned",
             Self::ModelPublished { .. } => "model_published",
             Self::Paused { .. } => "paused",
@@ -471,6 +487,11 @@ pub fn verify(run_id: &str, entries: &[SealedEntry]) -> Result<VerifiedTotals, V
     // mechanism.
     let mut distributed_run = false;
     let mut capped = DistributedCap::default();
+    // The round whose release was recorded last, with its record, until its commit or
+    // abandonment; and whether this ledger records releases at all (older ledgers of
+    // distributed runs spend at commit).
+    let mut released: Option<(u64, DistributedRound)> = None;
+    let mut records_releases = false;
     let mut tree_reference: Option<TreeRound> = None;
     let (mut committed, mut abandoned) = (0u64, 0);
     if entries.is_empty() {
@@ -621,6 +642,7 @@ pub fn verify(run_id: &str, entries: &[SealedEntry]) -> Result<VerifiedTotals, V
             }
             (
                 LedgerEvent::RoundCommitted {
+                    round,
                     noise_multiplier,
                     mode,
                     rdp_increments,
@@ -631,6 +653,33 @@ pub fn verify(run_id: &str, entries: &[SealedEntry]) -> Result<VerifiedTotals, V
                 },
                 _,
             ) => {
+                // A distributed round whose release was recorded spent its ε there.
+                let after_release = match (released.take(), distributed) {
+                    (Some((r, record)), Some(d)) if r == *round => {
+                        if **d != record {
+                            return Err(fail(
+                                expected,
+                                "its distributed record differs from its release's".into(),
+                            ));
+                        }
+                        true
+                    }
+                    (Some((r, _)), _) => {
+                        return Err(fail(
+                            expected,
+                            format!(
+                                "round {r}'s release was neither committed nor abandoned before round {round} committed"
+                            ),
+                        ));
+                    }
+                    (None, Some(_)) if records_releases => {
+                        return Err(fail(
+                            expected,
+                            "a distributed round committed without a recorded release".into(),
+                        ));
+                    }
+                    _ => false,
+                };
                 if let Some(limits) = tree_limits {
                     return Err(fail(
                         expected,
@@ -656,7 +705,7 @@ pub fn verify(run_id: &str, entries: &[SealedEntry]) -> Result<VerifiedTotals, V
                         ),
                     ));
                 }
-                if let Some(d) = distributed {
+                if let Some(d) = distributed.as_ref().filter(|_| !after_release) {
                     capped
                         .check(d, epsilon_assumption.as_deref())
                         .map_err(|problem| fail(expected, problem))?;
@@ -691,7 +740,7 @@ pub fn verify(run_id: &str, entries: &[SealedEntry]) -> Result<VerifiedTotals, V
                         "its RDP increments do not follow from its σ, q and mode".into(),
                     ));
                 }
-                let counts = distributed.is_none() || capped.counts_next();
+                let counts = !after_release && (distributed.is_none() || capped.counts_next());
                 let eps = compose_totals(&mut totals, &derived, counts, grid, delta)
                     .map_err(|e| fail(expected, e))?;
                 if !same_epsilons(&eps, cumulative_epsilon) {
@@ -706,30 +755,71 @@ pub fn verify(run_id: &str, entries: &[SealedEntry]) -> Result<VerifiedTotals, V
                 committed += 1;
             }
             (
-                LedgerEvent::RoundAbandoned {
-                    released: Some(d), ..
+                LedgerEvent::RoundReleased {
+                    round,
+                    contributors,
+                    rdp_increments,
+                    cumulative_epsilon,
+                    epsilon_assumption,
+                    distributed: d,
                 },
                 _,
             ) => {
-                // A distributed round that failed after its sum was unmasked: the release is
-                // spent; the run-stopped entry after it carries the ε with it.
                 if !distributed_run {
                     return Err(fail(
                         expected,
                         "it records a released distributed sum, but run_created is not a distributed run".into(),
                     ));
                 }
-                let grid = grid.as_ref().expect("set by the first entry");
+                if let Some((r, _)) = &released {
+                    return Err(fail(
+                        expected,
+                        format!(
+                            "round {r}'s release was neither committed nor abandoned before this one"
+                        ),
+                    ));
+                }
+                if *contributors != d.contributors {
+                    return Err(fail(
+                        expected,
+                        format!(
+                            "it names {contributors} contributors but its record {}",
+                            d.contributors
+                        ),
+                    ));
+                }
                 capped
-                    .check(d, None)
+                    .check(d, Some(epsilon_assumption))
                     .map_err(|problem| fail(expected, problem))?;
+                let grid = grid.as_ref().expect("set by the first entry");
                 let derived = distributed_increments(d, grid);
+                if !same_increments(&derived, rdp_increments) {
+                    return Err(fail(
+                        expected,
+                        "its RDP increments do not follow from its mechanism".into(),
+                    ));
+                }
                 let counts = capped.counts_next();
-                last_eps = compose_totals(&mut totals, &derived, counts, grid, delta)
+                let eps = compose_totals(&mut totals, &derived, counts, grid, delta)
                     .map_err(|e| fail(expected, e))?;
+                if !same_epsilons(&eps, cumulative_epsilon) {
+                    return Err(fail(
+                        expected,
+                        format!(
+                            "its cumulative ε {cumulative_epsilon:?} does not follow from the releases before it ({eps:?})"
+                        ),
+                    ));
+                }
+                last_eps = eps;
+                released = Some((*round, (**d).clone()));
+                records_releases = true;
+            }
+            (LedgerEvent::RoundAbandoned { round, .. }, _) => {
+                if released.as_ref().is_some_and(|(r, _)| r == round) {
+                    released = None;
+                }
                 abandoned += 1;
             }
-            (LedgerEvent::RoundAbandoned { .. }, _) => abandoned += 1,
             (
                 LedgerEvent::RunStopped {
                     cumulative_epsilon,

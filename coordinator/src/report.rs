@@ -386,6 +386,16 @@ impl ImpactReport {
                     }
                     final_epsilon = cumulative_epsilon.clone();
                 }
+                LedgerEvent::RoundReleased {
+                    round,
+                    cumulative_epsilon,
+                    ..
+                } => {
+                    // A distributed release is spent when recorded, before it commits (or
+                    // not): its contributors count it, and so does the run's final ε.
+                    round_sigma.insert(*round, (PrivacyMode::Distributed, 0.0));
+                    final_epsilon = cumulative_epsilon.clone();
+                }
                 LedgerEvent::RoundAbandoned { .. } => abandoned += 1,
                 LedgerEvent::GuardrailAlert {
                     metric,

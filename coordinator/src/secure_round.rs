@@ -128,8 +128,24 @@ pub(crate) enum Ending {
         /// Why.
         reason: String,
     },
+    /// Ready to unmask: every earlier stage succeeded, enough devices answered the
+    /// unmasking request and the budget allows the release. The sum of these participants'
+    /// inputs is unmasked only after [`SecureRound::release_recorded`], so that the release
+    /// is durable before it exists.
+    ReadyToRelease(Vec<u32>),
     /// The sum was unmasked.
     Completed(AggregateOutput),
+}
+
+/// Where a round stands with its release (the unmasked sum).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Release {
+    /// Not asked for yet.
+    NotRequested,
+    /// [`Ending::ReadyToRelease`] was reported; waiting for the release to be recorded.
+    Requested,
+    /// Recorded: the sum may be unmasked.
+    Recorded,
 }
 
 /// A distributed round in flight.
@@ -148,6 +164,7 @@ pub(crate) struct SecureRound {
     /// When the current stage closes.
     deadline: i64,
     ended: bool,
+    release: Release,
 }
 
 fn rejection(kind: RejectKind, message: impl Into<String>) -> Rejection {
@@ -213,6 +230,7 @@ impl SecureRound {
             inboxes: BTreeMap::new(),
             plans: BTreeMap::new(),
             ended: false,
+            release: Release::NotRequested,
         })
     }
 
@@ -481,17 +499,35 @@ impl SecureRound {
                     self.plans = p.into_iter().collect();
                     3
                 }),
-                ServerStage::Unmasking => {
-                    self.ended = true;
-                    if let Some(Err(reason)) = may_unmask.take().map(|check| check()) {
-                        let e = self.server.abandon(reason);
-                        return self.abandoned(e);
+                ServerStage::Unmasking => match self.release {
+                    Release::Requested => return Ending::Running,
+                    Release::Recorded => {
+                        self.ended = true;
+                        return match self.server.finish() {
+                            Ok(output) => Ending::Completed(output),
+                            Err(e) => self.abandoned(e),
+                        };
                     }
-                    return match self.server.finish() {
-                        Ok(output) => Ending::Completed(output),
-                        Err(e) => self.abandoned(e),
-                    };
-                }
+                    Release::NotRequested => {
+                        let t = self.info.config.threshold as usize;
+                        let answers = self.server.unmask_answers();
+                        if answers < t {
+                            // `finish` would refuse too: nothing to release, nothing to spend.
+                            self.ended = true;
+                            let e = self.server.abandon(format!(
+                                "only {answers} participants answered the unmasking request, fewer than the threshold {t}"
+                            ));
+                            return self.abandoned(e);
+                        }
+                        if let Some(Err(reason)) = may_unmask.take().map(|check| check()) {
+                            self.ended = true;
+                            let e = self.server.abandon(reason);
+                            return self.abandoned(e);
+                        }
+                        self.release = Release::Requested;
+                        return Ending::ReadyToRelease(self.server.contributors().collect());
+                    }
+                },
                 ServerStage::Completed | ServerStage::Aborted(_) => return Ending::Running,
             };
             match result {
@@ -502,6 +538,19 @@ impl SecureRound {
                 }
             }
         }
+    }
+
+    /// The release [`Ending::ReadyToRelease`] asked for is recorded: the next
+    /// [`SecureRound::advance`] unmasks the sum.
+    pub(crate) fn release_recorded(&mut self) {
+        if self.release == Release::Requested {
+            self.release = Release::Recorded;
+        }
+    }
+
+    /// Whether this round's release was recorded (its ε is spent, whatever happens next).
+    pub(crate) fn release_was_recorded(&self) -> bool {
+        self.release == Release::Recorded
     }
 
     /// Renumbers the slots by a uniformly random permutation (see the module's doc).

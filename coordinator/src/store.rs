@@ -955,8 +955,10 @@ impl Store {
                 vals![c.run_id, c.round as i64, c.participants.len() as i64, c.at_ms],
             )?;
             for device in c.participants {
+                // A distributed round's participations were written with its release.
                 tx.execute(
-                    "INSERT INTO participations (run_id, round, device_id) VALUES (?1, ?2, ?3)",
+                    "INSERT INTO participations (run_id, round, device_id) VALUES (?1, ?2, ?3) \
+                     ON CONFLICT DO NOTHING",
                     vals![c.run_id, c.round as i64, device],
                 )?;
             }
@@ -977,14 +979,70 @@ impl Store {
         })
     }
 
-    /// Records an abandoned round: nothing released, nothing spent.
+    /// Records a distributed round's release before its sum is unmasked, in one fenced
+    /// transaction: the `round_released` ledger entry, the contributors' participations, and
+    /// the run's next round number (so that a restart never reuses this round's number). A
+    /// replica that lost the run's lease gets [`StoreError::LeaseLost`] and never unmasks.
+    pub fn record_release(
+        &mut self,
+        run_id: &str,
+        round: u64,
+        participants: &[String],
+        event: &LedgerEvent,
+        at_ms: i64,
+    ) -> Result<(), StoreError> {
+        self.write(|tx| {
+            self.fence(tx, run_id)?;
+            for device in participants {
+                tx.execute(
+                    "INSERT INTO participations (run_id, round, device_id) VALUES (?1, ?2, ?3)",
+                    vals![run_id, round as i64, device],
+                )?;
+            }
+            append(tx, run_id, at_ms, event.clone())?;
+            tx.execute(
+                "UPDATE runs SET next_round = ?2 WHERE id = ?1",
+                vals![run_id, round as i64 + 1],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// Rounds whose data was released: the committed ones and those with a recorded release
+    /// (participations), in order.
+    pub fn released_rounds(&self, run_id: &str) -> Result<Vec<u64>, StoreError> {
+        self.rounds_of(
+            "SELECT round FROM rounds WHERE run_id = ?1 AND outcome = 'committed' \
+             UNION SELECT round FROM participations WHERE run_id = ?1 ORDER BY round",
+            vals![run_id],
+        )
+    }
+
+    /// Releases recorded for rounds that have neither committed nor been abandoned (the
+    /// process that recorded them stopped before the round ended), with their contributor
+    /// counts, in order.
+    pub fn orphan_releases(&self, run_id: &str) -> Result<Vec<(u64, u64)>, StoreError> {
+        self.read(|tx| {
+            tx.query(
+                "SELECT p.round, COUNT(*) FROM participations p WHERE p.run_id = ?1 AND NOT EXISTS \
+                 (SELECT 1 FROM rounds r WHERE r.run_id = p.run_id AND r.round = p.round) \
+                 GROUP BY p.round ORDER BY p.round",
+                vals![run_id],
+            )?
+            .iter()
+            .map(|r| Ok((r.u64(0)?, r.u64(1)?)))
+            .collect()
+        })
+    }
+
+    /// Records an abandoned round: nothing released, nothing spent (unless its release was
+    /// recorded first, see [`Store::record_release`]).
     pub fn abandon_round(
         &mut self,
         run_id: &str,
         round: u64,
         contributions: u64,
         reason: &str,
-        released: Option<Box<crate::ledger::DistributedRound>>,
         at_ms: i64,
     ) -> Result<(), StoreError> {
         self.write(|tx| {
@@ -1001,7 +1059,6 @@ impl Store {
                     round,
                     contributions,
                     reason: reason.to_string(),
-                    released,
                 },
             )?;
             tx.execute(
@@ -1146,6 +1203,29 @@ impl Store {
                 })
             })
             .collect()
+        })
+    }
+
+    /// The `epsilon_assumption` a run's `run_created` entry records, if any.
+    pub fn created_assumption(&self, run_id: &str) -> Result<Option<String>, StoreError> {
+        let body = self.read(|tx| {
+            tx.query_opt(
+                "SELECT body FROM ledger WHERE run_id = ?1 AND sequence = 1",
+                vals![run_id],
+            )?
+            .map(|r| r.text(0))
+            .transpose()
+        })?;
+        let Some(body) = body else {
+            return Ok(None);
+        };
+        let entry: crate::ledger::LedgerEntry = serde_json::from_str(&body)
+            .map_err(|e| StoreError::Corrupt(format!("run_created of run {run_id}: {e}")))?;
+        Ok(match entry.event {
+            LedgerEvent::RunCreated {
+                epsilon_assumption, ..
+            } => epsilon_assumption,
+            _ => None,
         })
     }
 

@@ -849,6 +849,17 @@ fn complete_distributed_round(h: &mut impl Driver, prefix: &str, seed: u64) -> V
     all
 }
 
+/// ε after `n` releases of a distributed run's mechanism, at the run's δ.
+fn releases_epsilon(manifest: &fedpref_coordinator::manifest::RunManifest, n: u64) -> f64 {
+    manifest
+        .distributed_plan()
+        .unwrap()
+        .mechanism
+        .epsilon_after(n, manifest.budget.delta, &OrderGrid::default())
+        .unwrap()
+        .epsilon
+}
+
 /// A distributed run in which no device takes part more than `k` times.
 fn limited_distributed_manifest(k: u64) -> String {
     distributed_manifest()
@@ -861,15 +872,7 @@ fn with_participation_limits_a_distributed_run_spends_at_most_k_rounds_and_the_l
     use fedpref_coordinator::ledger::verify;
 
     let manifest = common::manifest(&limited_distributed_manifest(2));
-    let rounds = |n| {
-        manifest
-            .distributed_plan()
-            .unwrap()
-            .mechanism
-            .epsilon_after(n, manifest.budget.delta, &OrderGrid::default())
-            .unwrap()
-            .epsilon
-    };
+    let rounds = |n| releases_epsilon(&manifest, n);
     let assumption = manifest.epsilon_assumption();
     assert!(
         assumption.starts_with("participation limits (separation 1, at most 2); ")
@@ -912,8 +915,10 @@ fn with_participation_limits_a_distributed_run_spends_at_most_k_rounds_and_the_l
         eligible: true,
     });
     let at_the_limit = |actions: &[Action]| {
-        actions.iter().any(|a| matches!(a, Action::ComeBackLater { reason, .. }
-            if reason.contains("has taken part 2 times, the most this run allows")))
+        actions.iter().any(|a| {
+            matches!(a, Action::ComeBackLater { reason, .. }
+            if reason.contains("has taken part 2 times, the most this run allows"))
+        })
     };
     assert!(at_the_limit(&refused), "{refused:?}");
     let entries = d.c.store().ledger("limited").unwrap();
@@ -966,6 +971,126 @@ fn with_participation_limits_a_distributed_run_spends_at_most_k_rounds_and_the_l
     assert!(e.problem.contains("cumulative ε"), "{e}");
 }
 
+/// An engine driven without recording releases: what a durable driver holds when it
+/// crashes (or loses its lease) after asking for a release and before the round commits.
+struct Unrecorded(Harness);
+
+impl Driver for Unrecorded {
+    fn send(&mut self, event: Event) -> Vec<Action> {
+        let h = &mut self.0;
+        h.engine.handle(event, h.now, &mut h.rng, &mut h.sampler)
+    }
+    fn engine(&self) -> &fedpref_coordinator::engine::Engine {
+        &self.0.engine
+    }
+}
+
+/// Runs a distributed round with devices `{prefix}-0` … `{prefix}-4` until the engine asks
+/// for its release, and returns that request, unanswered.
+fn release_of_a_round(text: &str, prefix: &str) -> fedpref_coordinator::engine::ReleaseRecord {
+    let mut driver = Unrecorded(Harness::new(text));
+    let actions = complete_distributed_round(&mut driver, prefix, 17);
+    assert!(
+        !actions.iter().any(|a| matches!(a, Action::CommitRound(_))),
+        "nothing commits before the release is recorded"
+    );
+    actions
+        .into_iter()
+        .find_map(|a| match a {
+            Action::RecordRelease(r) => Some(*r),
+            _ => None,
+        })
+        .expect("the round asked for its release")
+}
+
+#[test]
+fn a_release_recorded_before_a_crash_stays_spent_and_counted_after_the_restart() {
+    use fedpref_coordinator::coordinator::Coordinator;
+    use fedpref_coordinator::ledger::verify;
+    use fedpref_coordinator::store::Store;
+
+    let manifest = common::manifest(&limited_distributed_manifest(1));
+    let rounds = |n| releases_epsilon(&manifest, n);
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("c.db");
+    let mut c = Coordinator::open(&db, 1_000).unwrap();
+    c.create_run("limited", manifest.clone(), 1_000).unwrap();
+    drop(c);
+    // Round 1 reaches its release, which is recorded; then the process dies before the
+    // round commits (its sum may have been unmasked in memory).
+    let release = release_of_a_round(&limited_distributed_manifest(1), "a");
+    assert_eq!(release.round, 1);
+    assert_eq!(release.participants.len(), 5);
+    let LedgerEvent::RoundReleased {
+        cumulative_epsilon, ..
+    } = &release.event
+    else {
+        panic!("not a release: {:?}", release.event);
+    };
+    assert_eq!(cumulative_epsilon[0].epsilon, rounds(1));
+    let mut store = Store::open(&db).unwrap();
+    store
+        .record_release("limited", 1, &release.participants, &release.event, 1_500)
+        .unwrap();
+    drop(store);
+
+    // After the restart the release is spent, its contributors have used their one
+    // participation, and round numbers move on.
+    let mut d = Durable {
+        c: Coordinator::open(&db, 2_000).unwrap(),
+        run: "limited",
+        now: 2_000,
+    };
+    assert_eq!(d.engine().spent()[0].epsilon, rounds(1));
+    let refused = d.send(Event::CheckIn {
+        device: "a-0".into(),
+        eligible: true,
+    });
+    assert!(
+        refused
+            .iter()
+            .any(|a| matches!(a, Action::ComeBackLater { reason, .. }
+            if reason.contains("the most this run allows"))),
+        "{refused:?}"
+    );
+    let actions = complete_distributed_round(&mut d, "b", 3);
+    let committed = actions
+        .iter()
+        .find_map(|a| match a {
+            Action::CommitRound(o) => Some(o),
+            _ => None,
+        })
+        .expect("round 2 commits");
+    assert_eq!(committed.round, 2);
+    let entries = d.c.store().ledger("limited").unwrap();
+    let totals = verify("limited", &entries).expect("the ledger verifies");
+    assert_eq!(totals.rounds_committed, 1);
+    // k = 1: each device is in at most one release, so two releases still cost one round's ε.
+    assert_eq!(totals.cumulative_epsilon[0].epsilon, rounds(1));
+    let kinds: Vec<&str> = entries
+        .iter()
+        .map(|e| {
+            serde_json::from_str::<fedpref_coordinator::ledger::LedgerEntry>(&e.body)
+                .unwrap()
+                .event
+                .kind()
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "run_created",
+            "model_published",
+            "round_released",
+            // Closed when the restarted coordinator loaded the run.
+            "round_abandoned",
+            "round_released",
+            "round_committed",
+            "model_published"
+        ]
+    );
+}
+
 #[test]
 fn a_distributed_round_that_fails_after_unmasking_counts_its_epsilon_and_stops_the_run() {
     use fedpref_coordinator::aggregation::ServerState;
@@ -1001,7 +1126,7 @@ fn a_distributed_round_that_fails_after_unmasking_counts_its_epsilon_and_stops_t
     else {
         panic!("not abandoned: {actions:?}");
     };
-    assert!(reason.contains("ε is spent"), "{reason}");
+    assert!(reason.contains("ε stays spent"), "{reason}");
     let stopped = actions.iter().find_map(|a| match a {
         Action::StatusChanged {
             event:
@@ -1060,29 +1185,23 @@ fn a_run_stopped_by_a_failure_after_unmasking_verifies_with_that_rounds_epsilon(
     let events: Vec<LedgerEvent> = complete_distributed_round(&mut h, "device", 5)
         .into_iter()
         .filter_map(|a| match a {
+            Action::RecordRelease(r) => Some(r.event),
             Action::AbandonRound {
                 round,
                 contributions,
                 reason,
-                released,
             } => Some(LedgerEvent::RoundAbandoned {
                 round,
                 contributions,
                 reason,
-                released,
             }),
             Action::StatusChanged { event, .. } => Some(event),
             _ => None,
         })
         .collect();
     assert!(
-        matches!(
-            &events[0],
-            LedgerEvent::RoundAbandoned {
-                released: Some(_),
-                ..
-            }
-        ),
+        matches!(&events[0], LedgerEvent::RoundReleased { .. })
+            && matches!(&events[1], LedgerEvent::RoundAbandoned { .. }),
         "{events:?}"
     );
     let chain = |entries: &mut Vec<SealedEntry>, events: &[LedgerEvent]| {
@@ -1101,22 +1220,12 @@ fn a_run_stopped_by_a_failure_after_unmasking_verifies_with_that_rounds_epsilon(
     let mut stripped = entries.clone();
     chain(&mut entries, &events);
     let totals = verify("run-test", &entries).expect("what the engine writes verifies");
-    let one_round = manifest
-        .distributed_plan()
-        .unwrap()
-        .mechanism
-        .epsilon_after(1, manifest.budget.delta, &OrderGrid::default())
-        .unwrap()
-        .epsilon;
+    let one_round = releases_epsilon(&manifest, 1);
     assert_eq!(totals.rounds_committed, 0);
     assert_eq!(totals.rounds_abandoned, 1);
     assert!((totals.cumulative_epsilon[0].epsilon - one_round).abs() < 1e-9);
-    // Without the release record the stop's ε has nothing to follow from.
-    let mut without = events.clone();
-    if let LedgerEvent::RoundAbandoned { released, .. } = &mut without[0] {
-        *released = None;
-    }
-    chain(&mut stripped, &without);
+    // Without the release entry the stop's ε has nothing to follow from.
+    chain(&mut stripped, &events[1..]);
     let e = verify("run-test", &stripped).unwrap_err();
     assert!(e.problem.contains("final totals"), "{e}");
 }

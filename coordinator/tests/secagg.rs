@@ -809,7 +809,6 @@ async fn fewer_than_t_survivors_abandon_the_round_and_nothing_is_spent() {
         round,
         contributions,
         reason,
-        released: None,
     } = abandoned
     else {
         panic!("round 2 was not abandoned: {abandoned:?}");

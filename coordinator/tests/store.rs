@@ -97,7 +97,6 @@ fn a_failing_round_commit_leaves_nothing_behind_on_both_backends() {
                     round: 9,
                     contributions: 0,
                     reason: "test".into(),
-                    released: None,
                 },
                 stop: None,
                 at_ms: T0 + 10,
@@ -153,6 +152,45 @@ fn evaluation_counts_sum_on_both_backends() {
     }
 }
 
+#[test]
+fn a_recorded_release_is_listed_until_its_round_ends_on_both_backends() {
+    for (location, _dir) in locations() {
+        let mut c = Coordinator::open_location(&location, T0).unwrap();
+        c.create_run("r1", manifest(COHORT_MANIFEST), T0).unwrap();
+        let mut other = Store::open_location(&location).unwrap();
+        let participants = vec!["dev-x-0".to_string(), "dev-x-1".to_string()];
+        // The event's content does not matter to the store.
+        let event = LedgerEvent::RoundAbandoned {
+            round: 1,
+            contributions: 2,
+            reason: "stand-in".into(),
+        };
+        other
+            .record_release("r1", 1, &participants, &event, T0 + 1)
+            .unwrap();
+        assert_eq!(
+            other.orphan_releases("r1").unwrap(),
+            vec![(1, 2)],
+            "{location}"
+        );
+        assert_eq!(other.released_rounds("r1").unwrap(), vec![1]);
+        assert_eq!(other.run("r1").unwrap().next_round, 2);
+        assert_eq!(other.participations("r1", "dev-x-0").unwrap(), vec![1]);
+        // The round then commits with the same devices among its participants: their rows
+        // are already there and stay single.
+        durable_round(&mut c, "r1", "x", 4, T0 + 2);
+        let store = c.store();
+        assert!(
+            store.orphan_releases("r1").unwrap().is_empty(),
+            "{location}"
+        );
+        assert_eq!(store.released_rounds("r1").unwrap(), vec![1]);
+        assert_eq!(store.participations("r1", "dev-x-0").unwrap(), vec![1]);
+        assert_eq!(store.participations("r1", "dev-x-3").unwrap(), vec![1]);
+        assert_eq!(store.run("r1").unwrap().rounds_committed, 1);
+    }
+}
+
 /// Two replicas' handles on one database, with a run created by the first.
 fn two_replicas(location: &str, lease_ms: u64) -> (Coordinator, Store) {
     let mut a = Store::open_location(location).unwrap();
@@ -189,13 +227,31 @@ fn a_held_lease_is_not_taken_and_a_non_owner_cannot_write() {
                     round: 1,
                     contributions: 0,
                     reason: "not mine".into(),
-                    released: None,
                 },
                 T0,
             )
             .unwrap_err();
         assert!(matches!(err, StoreError::LeaseLost { .. }), "{err}");
         assert_eq!(b.ledger("r1").unwrap(), before);
+        // Nor can it record a release, so it never gets to unmask a sum (the event is
+        // refused before anything is written, whatever it holds).
+        let err = b
+            .record_release(
+                "r1",
+                1,
+                &["device-x".to_string()],
+                &LedgerEvent::RoundAbandoned {
+                    round: 1,
+                    contributions: 1,
+                    reason: "not mine".into(),
+                },
+                T0,
+            )
+            .unwrap_err();
+        assert!(matches!(err, StoreError::LeaseLost { .. }), "{err}");
+        assert_eq!(b.ledger("r1").unwrap(), before);
+        assert!(b.participations("r1", "device-x").unwrap().is_empty());
+        assert!(b.orphan_releases("r1").unwrap().is_empty());
         // The owner renews (same token) and keeps committing rounds.
         assert!(matches!(
             a.store_mut().acquire_lease("r1").unwrap(),

@@ -117,6 +117,11 @@ impl Server {
         self.requested.get(&owner).copied()
     }
 
+    /// How many participants have answered the unmasking request (U4).
+    pub fn unmask_answers(&self) -> usize {
+        self.u4.len()
+    }
+
     /// Participants whose masked inputs were accepted (U3).
     pub fn contributors(&self) -> impl Iterator<Item = u32> + '_ {
         self.u3.iter().copied()

@@ -380,9 +380,22 @@ impl<'d> DistributedSimulation<'d> {
         random: &mut EngineRandomness,
         outcome: &mut Outcome,
     ) -> Result<(), SimError> {
-        let actions = self
+        let mut actions = self
             .engine
             .handle(event, self.now, &mut random.rng, &mut random.sampler);
+        // A simulation keeps no store: a release the engine asks to record is recorded.
+        let release = actions.iter().find_map(|a| match a {
+            Action::RecordRelease(r) => Some(r.round),
+            _ => None,
+        });
+        if let Some(round) = release {
+            actions.extend(self.engine.handle(
+                Event::ReleaseRecorded { round },
+                self.now,
+                &mut random.rng,
+                &mut random.sampler,
+            ));
+        }
         for a in actions {
             match a {
                 Action::CommitRound(o) => {

@@ -799,6 +799,21 @@ pub fn ledger_entry_to_proto(
             })
             .collect()
     };
+    // Each audience's cumulative ε with this entry's RDP increments at the ledger's orders.
+    let spend_with_increments =
+        |eps: &[AudienceEpsilon], increments: &[crate::ledger::AudienceRdp]| {
+            let orders = fedpref_privacy::OrderGrid::default();
+            let mut out = spend(eps);
+            for (s, inc) in out.iter_mut().zip(increments) {
+                s.rdp_increments = orders
+                    .orders()
+                    .iter()
+                    .zip(&inc.rdp)
+                    .map(|(&order, &rdp_epsilon)| pb::RdpPoint { order, rdp_epsilon })
+                    .collect();
+            }
+            out
+        };
     let mut out = pb::LedgerEntry {
         sequence: entry.sequence,
         run_id: entry.run_id.clone(),
@@ -853,16 +868,22 @@ pub fn ledger_entry_to_proto(
             out.expected_cohort_size = manifest.sampling.expected_cohort_size().round() as u64;
             out.model_version = *model_version;
             out.model_sha256 = unhex(model_sha256);
-            let orders = fedpref_privacy::OrderGrid::default();
-            out.spend = spend(cumulative_epsilon);
-            for (s, inc) in out.spend.iter_mut().zip(rdp_increments) {
-                s.rdp_increments = orders
-                    .orders()
-                    .iter()
-                    .zip(&inc.rdp)
-                    .map(|(&order, &rdp_epsilon)| pb::RdpPoint { order, rdp_epsilon })
-                    .collect();
-            }
+            out.spend = spend_with_increments(cumulative_epsilon, rdp_increments);
+        }
+        LedgerEvent::RoundReleased {
+            round,
+            contributors,
+            rdp_increments,
+            cumulative_epsilon,
+            ..
+        } => {
+            out.kind = K::RoundReleased as i32;
+            out.round_id = *round;
+            out.participants = *contributors;
+            out.noise_multiplier = manifest.noise_multiplier.unwrap_or(0.0);
+            out.clip_norm = manifest.clip_norm;
+            out.privacy_mode = mode("distributed");
+            out.spend = spend_with_increments(cumulative_epsilon, rdp_increments);
         }
         LedgerEvent::RoundAbandoned {
             round,

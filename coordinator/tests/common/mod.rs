@@ -74,9 +74,25 @@ impl Harness {
         }
     }
 
+    /// Handles `event`; a release the engine asks to record is taken as recorded at once
+    /// (as the durable driver does once its store has written it).
     pub fn send(&mut self, event: Event) -> Vec<Action> {
-        self.engine
-            .handle(event, self.now, &mut self.rng, &mut self.sampler)
+        let mut actions = self
+            .engine
+            .handle(event, self.now, &mut self.rng, &mut self.sampler);
+        let recorded = actions.iter().find_map(|a| match a {
+            Action::RecordRelease(r) => Some(r.round),
+            _ => None,
+        });
+        if let Some(round) = recorded {
+            actions.extend(self.engine.handle(
+                Event::ReleaseRecorded { round },
+                self.now,
+                &mut self.rng,
+                &mut self.sampler,
+            ));
+        }
+        actions
     }
 
     pub fn check_in(&mut self, device: &str) -> Vec<Action> {
