@@ -589,6 +589,10 @@ pub struct Engine {
     cumulative: Vec<(Audience, RdpAccountant)>,
     state: RunState,
     progress_rounds: u64,
+    /// Set while an operator's command is handled: a distributed round that becomes ready
+    /// to unmask then is abandoned with nothing spent, since the command would end it
+    /// before its sum could be used.
+    holding_release: bool,
     next_round: u64,
     version: u64,
     params: Vec<f32>,
@@ -768,6 +772,7 @@ impl Engine {
             cumulative,
             state,
             progress_rounds: progress.rounds_committed,
+            holding_release: false,
             next_round: progress.next_round,
             version: progress.current_version,
             params: progress.params,
@@ -1026,7 +1031,9 @@ impl Engine {
         sampler: &mut S,
     ) -> Vec<Action> {
         let mut actions = vec![];
+        self.holding_release = matches!(event, Event::Admin(_));
         self.close_if_due(now, rng, sampler, &mut actions);
+        self.holding_release = false;
         match event {
             Event::Tick => {
                 self.stop_if_done(&mut actions);
@@ -1954,13 +1961,20 @@ impl Engine {
             return;
         };
         let (distributed, budget) = (&self.distributed, &self.manifest.budget);
-        let may_unmask = || match distributed {
+        let hold = self.holding_release;
+        let may_unmask = || {
+            match distributed {
+            _ if hold => Err(
+                "an operator's command arrived as the round became ready to unmask: nothing was unmasked or spent"
+                    .into(),
+            ),
             Some(d) if d.next_epsilon(budget.delta) <= budget.epsilon => Ok(()),
             Some(_) => Err(format!(
                 "refused by the budget before unmasking: the round would take ε past {}",
                 budget.epsilon
             )),
             None => Err("no distributed accounting for this run".into()),
+        }
         };
         match secure.advance(now, rng, may_unmask) {
             Ending::Running => {}

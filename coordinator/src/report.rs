@@ -367,23 +367,7 @@ impl ImpactReport {
                     if let Ok(mode) = mode.parse::<PrivacyMode>() {
                         round_sigma.insert(*round, (mode, *noise_multiplier));
                     }
-                    for a in cumulative_epsilon {
-                        if !audience_order.contains(&a.audience) {
-                            audience_order.push(a.audience.clone());
-                        }
-                        series
-                            .entry(a.audience.clone())
-                            .or_insert_with(|| {
-                                vec![RoundEpsilon {
-                                    round: 0,
-                                    epsilon: 0.0,
-                                }]
-                            })
-                            .push(RoundEpsilon {
-                                round: *round,
-                                epsilon: a.epsilon,
-                            });
-                    }
+                    add_point(&mut series, &mut audience_order, *round, cumulative_epsilon);
                     final_epsilon = cumulative_epsilon.clone();
                 }
                 LedgerEvent::RoundReleased {
@@ -394,6 +378,7 @@ impl ImpactReport {
                     // A distributed release is spent when recorded, before it commits (or
                     // not): its contributors count it, and so does the run's final ε.
                     round_sigma.insert(*round, (PrivacyMode::Distributed, 0.0));
+                    add_point(&mut series, &mut audience_order, *round, cumulative_epsilon);
                     final_epsilon = cumulative_epsilon.clone();
                 }
                 LedgerEvent::RoundAbandoned { .. } => abandoned += 1,
@@ -1758,6 +1743,34 @@ fn trim_num(v: f64) -> String {
         "0".into()
     } else {
         s.to_string()
+    }
+}
+
+/// Adds a round's cumulative ε to each audience's series (from a point at round 0), once per
+/// round: a distributed round's release and its commit carry the same figure.
+fn add_point(
+    series: &mut BTreeMap<String, Vec<RoundEpsilon>>,
+    audience_order: &mut Vec<String>,
+    round: u64,
+    cumulative: &[AudienceEpsilon],
+) {
+    for a in cumulative {
+        if !audience_order.contains(&a.audience) {
+            audience_order.push(a.audience.clone());
+        }
+        let points = series.entry(a.audience.clone()).or_insert_with(|| {
+            vec![RoundEpsilon {
+                round: 0,
+                epsilon: 0.0,
+            }]
+        });
+        if points.last().is_some_and(|p| p.round == round) {
+            continue;
+        }
+        points.push(RoundEpsilon {
+            round,
+            epsilon: a.epsilon,
+        });
     }
 }
 

@@ -768,6 +768,17 @@ impl Driver for Durable {
 /// Runs one distributed round in which five devices named `{prefix}-0` … `{prefix}-4` go
 /// through every stage with the same positive input; returns every action the engine took.
 fn complete_distributed_round(h: &mut impl Driver, prefix: &str, seed: u64) -> Vec<Action> {
+    distributed_round(h, prefix, seed, 5)
+}
+
+/// As [`complete_distributed_round`], with only the first `answering` devices answering the
+/// unmasking request.
+fn distributed_round(
+    h: &mut impl Driver,
+    prefix: &str,
+    seed: u64,
+    answering: usize,
+) -> Vec<Action> {
     use fedpref_coordinator::secure_round::StageInput;
     use fedpref_secagg::{Client, rng::simulation_rng};
 
@@ -835,7 +846,7 @@ fn complete_distributed_round(h: &mut impl Driver, prefix: &str, seed: u64) -> V
         }));
         last.push(state);
     }
-    for (t, state) in tasks.iter().zip(last) {
+    for (t, state) in tasks.iter().zip(last).take(answering) {
         let StageInput::UnmaskingPlan(plan) = input(h, t) else {
             panic!("no plan")
         };
@@ -1088,6 +1099,51 @@ fn a_release_recorded_before_a_crash_stays_spent_and_counted_after_the_restart()
             "round_committed",
             "model_published"
         ]
+    );
+}
+
+#[test]
+fn an_operators_command_at_the_unmasking_deadline_abandons_the_round_with_nothing_spent() {
+    let manifest = common::manifest(&distributed_manifest());
+    assert!(manifest.distributed_plan().unwrap().params.threshold <= 4);
+    let mut h = Harness::new(&distributed_manifest());
+    // Four of five devices answer the unmasking request: the stage waits for its deadline.
+    let actions = distributed_round(&mut h, "device", 21, 4);
+    assert!(
+        !actions
+            .iter()
+            .any(|a| matches!(a, Action::RecordRelease(_) | Action::CommitRound(_))),
+        "{actions:?}"
+    );
+    // The first event after the deadline is an operator's pause.
+    h.now = h.engine.next_wakeup().unwrap();
+    let actions = h.send(Event::Admin(AdminCommand::Pause {
+        reason: "maintenance".into(),
+    }));
+    assert!(
+        !actions
+            .iter()
+            .any(|a| matches!(a, Action::RecordRelease(_))),
+        "{actions:?}"
+    );
+    let Some(Action::AbandonRound { reason, .. }) = actions
+        .iter()
+        .find(|a| matches!(a, Action::AbandonRound { .. }))
+    else {
+        panic!("not abandoned: {actions:?}");
+    };
+    assert!(reason.contains("nothing was unmasked or spent"), "{reason}");
+    assert_eq!(h.engine.spent()[0].epsilon, 0.0);
+    assert_eq!(h.engine.state(), RunState::Paused);
+    // Without the command, the same deadline releases the round (and records it first).
+    let mut h = Harness::new(&distributed_manifest());
+    distributed_round(&mut h, "device", 21, 4);
+    h.now = h.engine.next_wakeup().unwrap();
+    let actions = h.send(Event::Tick);
+    assert!(
+        matches!(actions.first(), Some(Action::RecordRelease(_)))
+            && actions.iter().any(|a| matches!(a, Action::CommitRound(_))),
+        "{actions:?}"
     );
 }
 

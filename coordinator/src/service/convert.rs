@@ -735,6 +735,9 @@ pub fn run_to_proto(
             LedgerEvent::RoundCommitted {
                 cumulative_epsilon, ..
             }
+            | LedgerEvent::RoundReleased {
+                cumulative_epsilon, ..
+            }
             | LedgerEvent::RunStopped {
                 cumulative_epsilon, ..
             } => Some(cumulative_epsilon.clone()),
