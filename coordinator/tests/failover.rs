@@ -366,11 +366,15 @@ async fn sigkill_of_the_owner_mid_round_fails_over_without_double_spend() {
         "failover: replica-b owned the run {} ms after SIGKILL of replica-a (lease {LEASE_MS} ms, renewal every 500 ms)",
         failover.as_millis()
     );
-    assert_eq!(
-        abandoned_at_takeover(&url, "replica-a"),
-        1,
-        "the in-flight round is abandoned in the ledger"
-    );
+    // The lease changes hands first; the new owner then records the abandoned round.
+    until(
+        &url,
+        30,
+        "the in-flight round is abandoned in the ledger",
+        |_| abandoned_now(&url, "replica-a") >= 1,
+    )
+    .await;
+    assert_eq!(abandoned_at_takeover(&url, "replica-a"), 1);
     let committed_before = check_ledger(&url);
     // The devices carry on at b.
     let mut next = vec![];
@@ -412,6 +416,13 @@ async fn a_frozen_owner_resumed_after_takeover_stores_nothing() {
         "failover: replica-b owned the run {} ms after replica-a froze (lease {LEASE_MS} ms)",
         frozen.elapsed().as_millis()
     );
+    until(
+        &url,
+        30,
+        "the in-flight round is abandoned in the ledger",
+        |_| abandoned_now(&url, "replica-a") >= 1,
+    )
+    .await;
     let ledger_at_takeover = sync(|| Store::open_location(&url).unwrap().ledger(RUN).unwrap());
     // a wakes up with its round past the deadline and its lease gone.
     a.signal("-CONT");
