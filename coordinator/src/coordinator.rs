@@ -120,7 +120,7 @@ fn load_engine(
         store.created_assumption(&run.id)?,
     ) {
         (Some(limits), Some(assumption)) => {
-            assumption.starts_with(&format!("{}; ", limits.assumption()))
+            crate::ledger::assumption_names_limits(limits, &assumption)
         }
         _ => false,
     };
@@ -302,11 +302,7 @@ impl Coordinator {
     ) -> Result<Vec<Action>, CoordinatorError> {
         let mut actions = self.handle_once(run_id, event, now_ms)?;
         // A release the store has just recorded may now be unmasked.
-        let recorded = actions.iter().find_map(|a| match a {
-            Action::RecordRelease(r) => Some(r.round),
-            _ => None,
-        });
-        if let Some(round) = recorded {
+        if let Some(round) = crate::engine::release_to_record(&actions) {
             actions.extend(self.handle_once(run_id, Event::ReleaseRecorded { round }, now_ms)?);
         }
         Ok(actions)

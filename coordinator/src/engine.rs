@@ -309,6 +309,15 @@ pub struct ReleaseRecord {
     pub event: LedgerEvent,
 }
 
+/// The round whose release `actions` ask to record, if any: once it is recorded, the driver
+/// answers [`Event::ReleaseRecorded`] for it.
+pub fn release_to_record(actions: &[Action]) -> Option<u64> {
+    actions.iter().find_map(|a| match a {
+        Action::RecordRelease(r) => Some(r.round),
+        _ => None,
+    })
+}
+
 /// What the engine asks its driver to do.
 #[derive(Clone, Debug)]
 pub enum Action {

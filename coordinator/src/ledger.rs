@@ -893,6 +893,13 @@ struct DistributedCap {
     mechanism: Option<fedpref_privacy::distributed::DistributedDiscreteGaussian>,
 }
 
+/// Whether a distributed run's ε assumption names its participation limits, as the
+/// manifest writes it once the limits bound the ε ("participation limits (…); …"). A run
+/// created before they did names only the mechanism.
+pub fn assumption_names_limits(limits: ParticipationLimits, assumption: &str) -> bool {
+    assumption.starts_with(&format!("{}; ", limits.assumption()))
+}
+
 impl DistributedCap {
     fn from_run_created(
         distributed_run: bool,
@@ -901,7 +908,7 @@ impl DistributedCap {
     ) -> Self {
         let cap = limits
             .filter(|_| distributed_run)
-            .filter(|l| assumption.is_some_and(|a| a.starts_with(&format!("{}; ", l.assumption()))))
+            .filter(|&l| assumption.is_some_and(|a| assumption_names_limits(l, a)))
             .map(|l| l.max_participations());
         DistributedCap {
             cap,

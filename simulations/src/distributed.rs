@@ -384,11 +384,7 @@ impl<'d> DistributedSimulation<'d> {
             .engine
             .handle(event, self.now, &mut random.rng, &mut random.sampler);
         // A simulation keeps no store: a release the engine asks to record is recorded.
-        let release = actions.iter().find_map(|a| match a {
-            Action::RecordRelease(r) => Some(r.round),
-            _ => None,
-        });
-        if let Some(round) = release {
+        if let Some(round) = fedpref_coordinator::engine::release_to_record(&actions) {
             actions.extend(self.engine.handle(
                 Event::ReleaseRecorded { round },
                 self.now,

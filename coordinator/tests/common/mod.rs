@@ -80,11 +80,7 @@ impl Harness {
         let mut actions = self
             .engine
             .handle(event, self.now, &mut self.rng, &mut self.sampler);
-        let recorded = actions.iter().find_map(|a| match a {
-            Action::RecordRelease(r) => Some(r.round),
-            _ => None,
-        });
-        if let Some(round) = recorded {
+        if let Some(round) = fedpref_coordinator::engine::release_to_record(&actions) {
             actions.extend(self.engine.handle(
                 Event::ReleaseRecorded { round },
                 self.now,
