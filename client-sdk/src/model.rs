@@ -6,12 +6,20 @@
 //! user factor u (k) and user bias b_u. The prediction for item j is
 //! μ + b_j + b_u + V_j·u. One local round, given the examples (j, r_j, w_j):
 //!
-//! 1. **Fit** (u, b_u) by a weighted ridge solve with λ_u (`private_l2`):
-//!    X = [V_j, 1], y = r − μ − b_j, w = (XᵀWX + λ_u I)⁻¹ XᵀWy.
+//! 1. **Fit** (u, b_u) by a weighted ridge solve:
+//!    X = [V_j, 1], y = r − μ − b_j, w = (XᵀWX + λ_u R)⁻¹ XᵀWy, where
+//!    λ_u = `private_l2` + `private_l2_per_example` · Σ w_j and R = diag(1, …, 1, β) with
+//!    β = `bias_l2_ratio` (the bias is regularised β times as much as a factor).
 //! 2. **Update** the shared part with (u, b_u) fixed, for E epochs with rate η and
 //!    regularisation ρ; each epoch, with e_j = r_j − (μ + b_j + b_u + V_j·u) computed at
-//!    its start: V_j += η(w_j e_j u − ρ V_j), b_j += η(w_j e_j − ρ b_j),
+//!    its start: V_j += η(w_j e_j u − ρ V_j), b_j += η(w_j e_j − βρ b_j),
 //!    μ += η Σ w_j e_j / Σ w_j.
+//!
+//! With η = 1 and E = 1 the update is minus half the gradient, for the user's items, of
+//! the regularised squared error Σ (r − r̂)² + ρ Σ_j (|V_j|² + β b_j²) per rating: summed
+//! over every user it is the full gradient of the objective that alternating least squares
+//! minimises with per-rating ("weighted-λ") regularisation (Zhou et al. 2008), so federated
+//! rounds and the centralised baseline optimise the same model.
 //! 3. The update is (V′, b′, μ′) − (V, b, μ) over **all** items, in the order
 //!    `item_factors` (row-major), `item_biases`, `global_offset`: dense, so that its shape
 //!    reveals nothing about which items the user touched.
@@ -100,6 +108,12 @@ pub struct LocalTraining {
     pub l2_regularization: f64,
     /// At most this many examples (the most recent) are used. Default 1,000.
     pub max_examples: usize,
+    /// λ_u grows by this much per unit of example weight (per-rating regularisation of the
+    /// private part, as in ALS-WR). Default 0.
+    pub private_l2_per_example: f64,
+    /// β: how much more (or less) the biases (user and item) are regularised than the
+    /// factors. Default 1.
+    pub bias_l2_ratio: f64,
 }
 
 impl Default for LocalTraining {
@@ -110,6 +124,8 @@ impl Default for LocalTraining {
             learning_rate: 0.05,
             l2_regularization: 0.01,
             max_examples: 1_000,
+            private_l2_per_example: 0.0,
+            bias_l2_ratio: 1.0,
         }
     }
 }
@@ -135,7 +151,21 @@ impl LocalTraining {
         if self.max_examples == 0 {
             return Err(model_error("max_examples", "must be at least 1"));
         }
+        if !(self.private_l2_per_example.is_finite() && self.private_l2_per_example >= 0.0) {
+            return Err(model_error(
+                "private_l2_per_example",
+                "must be a finite number ≥ 0",
+            ));
+        }
+        if !(self.bias_l2_ratio.is_finite() && self.bias_l2_ratio >= 0.0) {
+            return Err(model_error("bias_l2_ratio", "must be a finite number ≥ 0"));
+        }
         Ok(())
+    }
+
+    /// λ_u for examples of total weight `total_weight`.
+    pub fn private_lambda(&self, total_weight: f64) -> f64 {
+        self.private_l2 + self.private_l2_per_example * total_weight
     }
 }
 
@@ -588,12 +618,14 @@ impl PreferenceModel for MatrixFactorization {
                 a[j * d + i] = a[i * d + j];
             }
         }
-        let mut jitter = training.private_l2;
+        let total_weight: f64 = examples.iter().map(|e| e.weight).sum();
+        let mut jitter = training.private_lambda(total_weight);
         loop {
             let mut m = a.clone();
-            for i in 0..d {
+            for i in 0..k {
                 m[i * d + i] += jitter;
             }
+            m[k * d + k] += jitter * training.bias_l2_ratio;
             let mut w = rhs.clone();
             if solve_spd(&mut m, &mut w, d) {
                 let bias = w.pop().expect("d ≥ 2");
@@ -625,6 +657,7 @@ impl PreferenceModel for MatrixFactorization {
         let mut mu = self.offset;
         let total_weight: f64 = examples.iter().map(|e| e.weight).sum();
         let (lr, reg) = (training.learning_rate, training.l2_regularization);
+        let bias_reg = reg * training.bias_l2_ratio;
         let mut errors = vec![0.0; examples.len()];
         for _ in 0..training.epochs {
             for (i, e) in examples.iter().enumerate() {
@@ -637,7 +670,7 @@ impl PreferenceModel for MatrixFactorization {
                 for (v, u) in rows[i * k..(i + 1) * k].iter_mut().zip(&private.factor) {
                     *v += lr * (we * u - reg * *v);
                 }
-                biases[i] += lr * (we - reg * biases[i]);
+                biases[i] += lr * (we - bias_reg * biases[i]);
                 mean_error += we;
             }
             mu += lr * mean_error / total_weight;
@@ -719,6 +752,72 @@ mod tests {
             let wi = if i < 3 { p.factor[i] } else { p.bias };
             assert!((grad[i] - t.private_l2 * wi).abs() < 1e-10, "{grad:?}");
         }
+    }
+
+    #[test]
+    fn the_per_example_and_bias_regularisation_enter_the_normal_equations() {
+        let m = MatrixFactorization::initial(1, ids(6), 3, 0.5, 7).unwrap();
+        let ex = examples();
+        let t = LocalTraining {
+            private_l2: 0.5,
+            private_l2_per_example: 0.2,
+            bias_l2_ratio: 0.3,
+            ..LocalTraining::default()
+        };
+        let p = m.fit_private(&ex, &t);
+        // λ_u = 0.5 + 0.2 · (1 + 1 + 0.5); the bias's penalty is 0.3 λ_u.
+        let lambda = 0.5 + 0.2 * 2.5;
+        let mut grad = [0.0; 4];
+        for e in &ex {
+            let mut x = m.row(e.item).to_vec();
+            x.push(1.0);
+            let y = e.target - m.offset - m.biases[e.item];
+            let mut w = p.factor.clone();
+            w.push(p.bias);
+            let r = y - dot(&x, &w);
+            for i in 0..4 {
+                grad[i] += e.weight * r * x[i];
+            }
+        }
+        for i in 0..3 {
+            assert!((grad[i] - lambda * p.factor[i]).abs() < 1e-10, "{grad:?}");
+        }
+        assert!((grad[3] - 0.3 * lambda * p.bias).abs() < 1e-10, "{grad:?}");
+        // The item bias's decay in the shared update is β ρ.
+        let q = UserState {
+            factor: vec![0.0; 3],
+            bias: 0.0,
+        };
+        let one = [Example {
+            item: 2,
+            target: 3.0,
+            weight: 1.0,
+        }];
+        let mut biased = m.clone();
+        biased.biases[2] = 1.0;
+        let update = biased.shared_update(&q, &one, &t);
+        let e = 3.0 - (3.0 + 1.0);
+        assert!((update[18 + 2] - 0.05 * (e - 0.3 * 0.01 * 1.0)).abs() < 1e-15);
+        assert!(
+            LocalTraining {
+                bias_l2_ratio: f64::NAN,
+                ..t
+            }
+            .validate()
+            .unwrap_err()
+            .field
+                == "bias_l2_ratio"
+        );
+        assert!(
+            LocalTraining {
+                private_l2_per_example: -1.0,
+                ..t
+            }
+            .validate()
+            .unwrap_err()
+            .field
+                == "private_l2_per_example"
+        );
     }
 
     #[test]

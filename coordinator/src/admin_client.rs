@@ -354,6 +354,9 @@ async fn runs(cmd: &RunsCommand) -> Result<String, CliError> {
         } => {
             let m = crate::manifest::RunManifest::from_file(manifest)
                 .map_err(|e| CliError::Failed(e.to_string()))?;
+            if let Some(w) = m.noise_warning() {
+                eprintln!("warning: {}: {w}", manifest.display());
+            }
             let (mut client, token) = connect(target).await?;
             let request = pb::CreateRunRequest {
                 manifest: Some(crate::service::convert::manifest_to_proto(&m)),

@@ -548,6 +548,9 @@ fn run_runs(cmd: &RunCommand) -> Result<String, CliError> {
         } => {
             let m = crate::manifest::RunManifest::from_file(manifest)
                 .map_err(|e| CliError::Failed(e.to_string()))?;
+            if let Some(w) = m.noise_warning() {
+                eprintln!("warning: {}: {w}", manifest.display());
+            }
             let id = match id {
                 Some(id) => id.clone(),
                 None => {

@@ -689,6 +689,38 @@ impl RunManifest {
         (self.model.items * (self.model.factors + 1) + 1) as usize
     }
 
+    /// A warning, before training, when the noise on each round's released mean would exceed
+    /// the largest signal a mean of clipped updates can carry (C), naming the cohort size
+    /// that would be needed ([`fedpref_privacy::signal`]). `None` without noise or when the
+    /// expected cohort is large enough.
+    pub fn noise_warning(&self) -> Option<String> {
+        let mode = self.privacy_mode.privacy_mode()?;
+        let sigma = self.task_noise_multiplier();
+        let cohort = self.sampling.expected_cohort_size();
+        let dimension = self.dimension();
+        let e = fedpref_privacy::signal::noise_to_signal(
+            mode,
+            sigma,
+            self.clip_norm,
+            dimension,
+            cohort,
+        )?;
+        e.swamped().then(|| {
+            format!(
+                "the noise will swamp the signal: {} devices a round with σ = {sigma:.3} and C = {} over {dimension} coordinates put noise of norm ≈ {:.3} on each round's mean, more than the largest update mean (C); a cohort of about {} devices would be needed{}",
+                cohort.round(),
+                self.clip_norm,
+                e.noise_norm,
+                e.needed_cohort,
+                if mode == PrivacyMode::Local {
+                    " (local DP's noise grows with the dimension and shrinks only with √cohort)"
+                } else {
+                    ""
+                }
+            )
+        })
+    }
+
     fn validate(&mut self, file: &str) -> Result<(), ManifestError> {
         let bad = |key: &str, value: String, reason: &str| ManifestError::Invalid {
             file: file.to_string(),
@@ -1180,6 +1212,34 @@ factors = 2
 consent_model = "opt-in"
 description = "off until the user turns it on"
 "#;
+
+    #[test]
+    fn a_cohort_too_small_for_its_noise_gets_a_warning_naming_the_cohort_needed() {
+        // 10 items × 3 + 1 = 31 coordinates, σ = 1, central: a cohort of ⌈√31⌉ = 6 needed.
+        let m = RunManifest::from_toml(EXAMPLE, "m.toml").unwrap();
+        let w = m.noise_warning().unwrap();
+        assert!(
+            w.contains("4 devices a round") && w.contains("about 6 devices"),
+            "{w}"
+        );
+        let big = EXAMPLE.replace("target_size = 4", "target_size = 6");
+        assert_eq!(
+            RunManifest::from_toml(&big, "m.toml")
+                .unwrap()
+                .noise_warning(),
+            None
+        );
+        let local = EXAMPLE.replace("privacy_mode = \"central\"", "privacy_mode = \"local\"");
+        let w = RunManifest::from_toml(&local, "m.toml")
+            .unwrap()
+            .noise_warning()
+            .unwrap();
+        // Local DP needs σ²d = 31 devices.
+        assert!(
+            w.contains("about 31 devices") && w.contains("√cohort"),
+            "{w}"
+        );
+    }
 
     #[test]
     fn example_manifest_parses_and_hashes_stably() {

@@ -19,6 +19,7 @@
 //! - [`tree`]: DP-FTRL's binary-tree aggregation of per-round sums and its accountant, whose
 //!   ε rests on participation limits instead of amplification by sampling.
 //! - [`adaptive_clip`]: quantile-based adaptive clipping and its share of the privacy cost.
+//! - [`signal`]: whether a configuration's noise would swamp any signal, before training.
 //! - [`distributed`]: the distributed discrete Gaussian (each device's share of the noise under
 //!   secure aggregation) and its RDP accountant.
 //!
@@ -51,6 +52,7 @@ mod error;
 mod mode;
 pub mod noise;
 pub mod rdp;
+pub mod signal;
 mod special;
 pub mod tree;
 

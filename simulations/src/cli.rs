@@ -3,7 +3,6 @@
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use fedpref_client_sdk::LocalTraining;
@@ -38,6 +37,76 @@ pub enum Command {
     Bench(BenchArgs),
     /// Runs a grid of settings (in parallel) and writes one table.
     Sweep(SweepArgs),
+    /// Writes a data set's split as `run` makes it (train.tsv and test.tsv: user, item,
+    /// rating, with the data set's own ids), so that other libraries can be measured on
+    /// exactly the same ratings (`simulations/baselines/surprise_baselines.py`).
+    ExportSplit(ExportSplitArgs),
+}
+
+/// `fedpref-sim export-split` flags.
+#[derive(Debug, clap::Args)]
+pub struct ExportSplitArgs {
+    /// The data set.
+    #[arg(long, value_enum)]
+    pub dataset: DatasetKind,
+    /// The directory of a MovieLens data set [default: ../shared/data/ml-100k or ml-1m].
+    #[arg(long, value_name = "P")]
+    pub path: Option<PathBuf>,
+    /// The validation split instead: the test ratings are dropped and the latest 20 % of each
+    /// user's training ratings are held out (what `run --validation` trains and scores on).
+    #[arg(long)]
+    pub validation: bool,
+    /// Synthetic data: users [default: 1000].
+    #[arg(long, value_name = "N")]
+    pub users: Option<usize>,
+    /// Synthetic data: items [default: 500].
+    #[arg(long, value_name = "N")]
+    pub items: Option<usize>,
+    /// Synthetic data: the seed [default: 42].
+    #[arg(long, value_name = "N")]
+    pub seed: Option<u64>,
+    /// The directory to write train.tsv and test.tsv into.
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+}
+
+/// Writes the split of `export-split`; returns what to print.
+fn export_split(args: &ExportSplitArgs) -> Result<String, CliError> {
+    let plan = plan(&RunArgs {
+        dataset: Some(args.dataset),
+        path: args.path.clone(),
+        validation: args.validation,
+        users: args.users,
+        items: args.items,
+        seed: args.seed,
+        ..RunArgs::default()
+    })?;
+    let data = &plan.data;
+    std::fs::create_dir_all(&args.out)
+        .map_err(|e| CliError::Failed(anyhow::anyhow!("--out {}: {e}", args.out.display())))?;
+    let mut written = vec![];
+    for (name, test) in [("train.tsv", false), ("test.tsv", true)] {
+        let mut text = String::from("user\titem\trating\n");
+        for user in &data.users {
+            for r in if test { &user.test } else { &user.train } {
+                text += &format!(
+                    "{}\t{}\t{}\n",
+                    user.id, data.items[r.item as usize].id, r.value
+                );
+            }
+        }
+        let path = args.out.join(name);
+        std::fs::write(&path, text)
+            .map_err(|e| CliError::Failed(anyhow::anyhow!("--out: {}: {e}", path.display())))?;
+        written.push(path.display().to_string());
+    }
+    Ok(format!(
+        "{}: {} training and {} held-out ratings; wrote {}",
+        data.name,
+        data.train_ratings(),
+        data.test_ratings(),
+        written.join(", ")
+    ))
 }
 
 /// Data sets.
@@ -56,12 +125,21 @@ pub enum DatasetKind {
     Movielens1m,
 }
 
-/// Published settings to compare with.
+/// Published and tuned settings (see `docs/personalisation.md` for everything each sets).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Preset {
     /// TensorFlow Federated's federated-reconstruction tutorial on MovieLens 1M.
     #[value(name = "tff-fedrecon-movielens-1m")]
     TffFedreconMovielens1m,
+    /// MovieLens 100K without DP, tuned on validation data.
+    #[value(name = "movielens-100k")]
+    Movielens100k,
+    /// MovieLens 1M without DP, tuned on validation data.
+    #[value(name = "movielens-1m")]
+    Movielens1m,
+    /// MovieLens 1M under user-level central DP (ε ≤ 8 at δ = 1e-6), tuned on validation data.
+    #[value(name = "movielens-1m-private")]
+    Movielens1mPrivate,
 }
 
 /// How simulated devices reach the engine.
@@ -111,9 +189,12 @@ pub struct RunArgs {
     /// A TOML file with any of these settings (flags override it).
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
-    /// A published setting: `tff-fedrecon-movielens-1m` (TFF's federated-reconstruction
-    /// tutorial: MovieLens 1M from --path, 2,000 users with ≤ 300 ratings split 80/10/10 by
-    /// user, 50 users per round, 20 rounds, 50 factors, no DP). Other flags override it.
+    /// A preset: `movielens-100k` and `movielens-1m` (no DP), `movielens-1m-private`
+    /// (user-level central DP, ε ≤ 8 at δ = 1e-6), all tuned on validation data, or
+    /// `tff-fedrecon-movielens-1m` (TFF's federated-reconstruction tutorial: MovieLens 1M,
+    /// 2,000 users with ≤ 300 ratings split 80/10/10 by user, 50 users per round, 20 rounds,
+    /// 50 factors, no DP). MovieLens is read from --path, or ../shared/data. Other flags
+    /// override what a preset sets; `docs/personalisation.md` lists it all.
     #[arg(long, value_enum)]
     pub preset: Option<Preset>,
     /// The data set [default: synthetic].
@@ -192,9 +273,25 @@ pub struct RunArgs {
     /// Local epochs E of the shared update [default: 1].
     #[arg(long, value_name = "E")]
     pub local_epochs: Option<u32>,
-    /// Local learning rate [default: 0.05].
+    /// Local learning rate η of the shared update [default: 1].
     #[arg(long, value_name = "LR")]
     pub learning_rate: Option<f64>,
+    /// ρ: L2 regularisation of the shared parameters, per rating [default: 0.1].
+    #[arg(long, value_name = "RHO")]
+    pub l2_regularization: Option<f64>,
+    /// λ_u's constant part: L2 regularisation of a user's private part [default: 0].
+    #[arg(long, value_name = "L")]
+    pub private_l2: Option<f64>,
+    /// λ_u's part per rating: λ_u = private-l2 + this × the user's ratings [default: 0.2].
+    #[arg(long, value_name = "L")]
+    pub private_l2_per_example: Option<f64>,
+    /// β: biases (user and item) are regularised β times as much as factors [default: 0.3].
+    #[arg(long, value_name = "B")]
+    pub bias_l2_ratio: Option<f64>,
+    /// Tune on validation data: train on the earlier 80 % of each user's training ratings
+    /// and evaluate on the rest; the test ratings are not loaded into the run at all.
+    #[arg(long)]
+    pub validation: bool,
     /// Evaluate every N rounds; 0: only after the last [default: 1].
     #[arg(long, value_name = "N")]
     pub eval_every: Option<u64>,
@@ -269,6 +366,11 @@ struct FileConfig {
     factors: Option<usize>,
     local_epochs: Option<u32>,
     learning_rate: Option<f64>,
+    l2_regularization: Option<f64>,
+    private_l2: Option<f64>,
+    private_l2_per_example: Option<f64>,
+    bias_l2_ratio: Option<f64>,
+    validation: Option<bool>,
     eval_every: Option<u64>,
     users: Option<usize>,
     items: Option<usize>,
@@ -388,9 +490,19 @@ pub struct RunPlan {
     pub guardrails: Option<Guardrails>,
 }
 
-fn server_optimizer(name: Option<Value>, lr: Option<f64>) -> Result<ServerOptimizer, CliError> {
+fn server_optimizer(
+    name: Option<Value>,
+    lr: Option<f64>,
+    default: &Defaults,
+) -> Result<ServerOptimizer, CliError> {
     let mut v = match name {
-        None => json!({"kind": "fedavg"}),
+        None => {
+            let mut v = json!({"kind": default.server_optimizer});
+            if let Some(lr) = default.server_learning_rate {
+                v["server_learning_rate"] = json!(lr);
+            }
+            v
+        }
         Some(Value::String(s)) => json!({ "kind": s }),
         Some(v @ Value::Object(_)) => v,
         Some(other) => {
@@ -408,6 +520,117 @@ fn server_optimizer(name: Option<Value>, lr: Option<f64>) -> Result<ServerOptimi
             "--server-optimizer {kind}: {e} (one of fedavg, fedavgm, fedadam, fedyogi, fedadagrad, median; trimmed-mean needs a [server_optimizer] table with beta in --config)"
         ))
     })
+}
+
+/// What a run uses for every setting that neither a flag nor the config file gives: the
+/// command line's defaults, or a preset's.
+#[derive(Clone, Debug)]
+struct Defaults {
+    dataset: DatasetKind,
+    rounds: u64,
+    /// Devices per round; `u32::MAX`: every training user.
+    cohort_size: u32,
+    factors: usize,
+    training: LocalTraining,
+    server_optimizer: &'static str,
+    server_learning_rate: Option<f64>,
+    fedavg_weighting: Option<FedavgWeighting>,
+    eval_every: u64,
+    privacy_mode: Mode,
+    target_epsilon: Option<f64>,
+    delta: f64,
+    clip_norm: Option<f64>,
+}
+
+/// The local training every run uses unless told otherwise: weighted-λ regularisation and one
+/// full gradient step (η = 1), so that the server optimiser sets the step size (tuned on
+/// MovieLens 100K's validation split; `docs/personalisation.md`).
+pub fn tuned_local_training() -> LocalTraining {
+    LocalTraining {
+        private_l2: 0.0,
+        private_l2_per_example: 0.2,
+        bias_l2_ratio: 0.3,
+        l2_regularization: 0.1,
+        learning_rate: 1.0,
+        epochs: 1,
+        ..LocalTraining::default()
+    }
+}
+
+impl Defaults {
+    fn of(preset: Option<Preset>) -> Self {
+        let plain = Self {
+            dataset: DatasetKind::Synthetic,
+            rounds: 50,
+            cohort_size: 100,
+            factors: 16,
+            training: tuned_local_training(),
+            server_optimizer: "fedadam",
+            server_learning_rate: Some(0.01),
+            fedavg_weighting: Some(FedavgWeighting::Uniform),
+            eval_every: 1,
+            privacy_mode: Mode::None,
+            target_epsilon: None,
+            delta: 1e-5,
+            clip_norm: None,
+        };
+        match preset {
+            None => plain,
+            // The tutorial's protocol with the workload's local training and plain FedAvg,
+            // as first published beside it.
+            Some(Preset::TffFedreconMovielens1m) => Self {
+                dataset: DatasetKind::Movielens1m,
+                rounds: 20,
+                cohort_size: 50,
+                factors: 50,
+                training: LocalTraining::default(),
+                server_optimizer: "fedavg",
+                server_learning_rate: None,
+                fedavg_weighting: None,
+                ..plain
+            },
+            Some(Preset::Movielens100k) => Self {
+                dataset: DatasetKind::Movielens100k,
+                rounds: 100,
+                cohort_size: u32::MAX,
+                factors: 32,
+                eval_every: 10,
+                ..plain
+            },
+            Some(Preset::Movielens1m) => Self {
+                dataset: DatasetKind::Movielens1m,
+                rounds: 100,
+                cohort_size: u32::MAX,
+                factors: 32,
+                eval_every: 10,
+                ..plain
+            },
+            Some(Preset::Movielens1mPrivate) => Self {
+                dataset: DatasetKind::Movielens1m,
+                rounds: 20,
+                cohort_size: u32::MAX,
+                factors: 16,
+                eval_every: 5,
+                privacy_mode: Mode::Central,
+                target_epsilon: Some(8.0),
+                delta: 1e-6,
+                clip_norm: Some(1.0),
+                ..plain
+            },
+        }
+    }
+}
+
+/// The directory a MovieLens data set is read from without `--path`: `../shared/data/<dir>`
+/// when it exists there (where the project's checkout keeps it).
+fn default_data_path(dataset: DatasetKind) -> Option<PathBuf> {
+    let dir = match dataset {
+        DatasetKind::Movielens100k => "ml-100k",
+        DatasetKind::Movielens1m => "ml-1m",
+        DatasetKind::Synthetic => return None,
+    };
+    let path = Path::new("../shared/data").join(dir);
+    path.is_dir().then_some(path)
 }
 
 /// Resolves `run`'s flags and config file into a plan, loading the data set.
@@ -440,15 +663,9 @@ pub fn plan_from_table(table: toml::Table, source: &str) -> Result<RunPlan, CliE
 
 fn plan_with(args: &RunArgs, file: FileConfig) -> Result<RunPlan, CliError> {
     let tff = args.preset == Some(Preset::TffFedreconMovielens1m);
-    let dataset = args.dataset.or(file.dataset).unwrap_or(if tff {
-        DatasetKind::Movielens1m
-    } else {
-        DatasetKind::Synthetic
-    });
-    let rounds = args
-        .rounds
-        .or(file.rounds)
-        .unwrap_or(if tff { 20 } else { 50 });
+    let defaults = Defaults::of(args.preset);
+    let dataset = args.dataset.or(file.dataset).unwrap_or(defaults.dataset);
+    let rounds = args.rounds.or(file.rounds).unwrap_or(defaults.rounds);
     if rounds == 0 {
         return Err(usage("--rounds 0: must be at least 1"));
     }
@@ -467,7 +684,7 @@ fn plan_with(args: &RunArgs, file: FileConfig) -> Result<RunPlan, CliError> {
         }
         (None, None, Some(q), None) => Sampling::Rate(q),
         (None, None, None, Some(k)) => Sampling::Cohort(k),
-        (None, None, None, None) => Sampling::Cohort(if tff { 50 } else { 100 }),
+        (None, None, None, None) => Sampling::Cohort(defaults.cohort_size),
     };
     match sampling {
         Sampling::Rate(q) if !(q > 0.0 && q <= 1.0) => {
@@ -479,7 +696,7 @@ fn plan_with(args: &RunArgs, file: FileConfig) -> Result<RunPlan, CliError> {
     let mode = args
         .privacy_mode
         .or(file.privacy_mode)
-        .unwrap_or(Mode::None);
+        .unwrap_or(defaults.privacy_mode);
     if args.centralised && mode != Mode::None {
         return Err(usage(
             "--centralised trains without privacy (the baseline): drop --privacy-mode",
@@ -493,7 +710,10 @@ fn plan_with(args: &RunArgs, file: FileConfig) -> Result<RunPlan, CliError> {
         ));
     }
     let (noise_multiplier, target_epsilon) = match (args.noise_multiplier, args.target_epsilon) {
-        (None, None) => (file.noise_multiplier, file.target_epsilon),
+        (None, None) => match (file.noise_multiplier, file.target_epsilon) {
+            (None, None) if mode == defaults.privacy_mode => (None, defaults.target_epsilon),
+            from_file => from_file,
+        },
         flags => flags,
     };
     if noise_multiplier.is_some() && target_epsilon.is_some() {
@@ -503,7 +723,7 @@ fn plan_with(args: &RunArgs, file: FileConfig) -> Result<RunPlan, CliError> {
     }
     positive("--noise-multiplier", noise_multiplier)?;
     positive("--target-epsilon", target_epsilon)?;
-    let delta = args.delta.or(file.delta).unwrap_or(1e-5);
+    let delta = args.delta.or(file.delta).unwrap_or(defaults.delta);
     if !(delta > 0.0 && delta < 1.0) {
         return Err(usage(format!("--delta {delta}: must be in (0, 1)")));
     }
@@ -520,13 +740,17 @@ fn plan_with(args: &RunArgs, file: FileConfig) -> Result<RunPlan, CliError> {
             "--noise-multiplier/--target-epsilon need --privacy-mode local or central",
         ));
     }
-    let clip = args.clip_norm.or(file.clip_norm);
+    let clip = args
+        .clip_norm
+        .or(file.clip_norm)
+        .or(defaults.clip_norm.filter(|_| mode != Mode::None));
     positive("--clip-norm", clip)?;
     let mut optimizer = server_optimizer(
         args.server_optimizer.clone().map(Value::String).or(file
             .server_optimizer
             .map(|v| serde_json::to_value(v).expect("TOML is JSON-representable"))),
         args.server_learning_rate.or(file.server_learning_rate),
+        &defaults,
     )?;
     let restart = args.restart_every.or(file.restart_every);
     let completion = args.tree_completion || file.tree_completion == Some(true);
@@ -577,29 +801,46 @@ fn plan_with(args: &RunArgs, file: FileConfig) -> Result<RunPlan, CliError> {
         learning_rate: 0.2,
         bit_noise_std,
     });
-    let factors = args
-        .factors
-        .or(file.factors)
-        .unwrap_or(if tff { 50 } else { 16 });
+    let factors = args.factors.or(file.factors).unwrap_or(defaults.factors);
     if factors == 0 || factors > 1024 {
         return Err(usage(format!("--factors {factors}: must be in [1, 1024]")));
     }
-    let mut training = LocalTraining::default();
+    let mut training = defaults.training;
     if let Some(e) = args.local_epochs.or(file.local_epochs) {
         training.epochs = e;
     }
     if let Some(lr) = args.learning_rate.or(file.learning_rate) {
         training.learning_rate = lr;
     }
+    if let Some(rho) = args.l2_regularization.or(file.l2_regularization) {
+        training.l2_regularization = rho;
+    }
+    if let Some(l) = args.private_l2.or(file.private_l2) {
+        training.private_l2 = l;
+    }
+    if let Some(l) = args.private_l2_per_example.or(file.private_l2_per_example) {
+        training.private_l2_per_example = l;
+    }
+    if let Some(b) = args.bias_l2_ratio.or(file.bias_l2_ratio) {
+        training.bias_l2_ratio = b;
+    }
     training.validate().map_err(|e| {
         usage(match e.field.as_str() {
             "epochs" => format!("--local-epochs: {}", e.message),
             "learning_rate" => format!("--learning-rate: {}", e.message),
+            "l2_regularization" => format!("--l2-regularization: {}", e.message),
+            "private_l2" => format!("--private-l2: {}", e.message),
+            "private_l2_per_example" => format!("--private-l2-per-example: {}", e.message),
+            "bias_l2_ratio" => format!("--bias-l2-ratio: {}", e.message),
             _ => e.to_string(),
         })
     })?;
     let seed = args.seed.or(file.seed).unwrap_or(42);
-    let path = args.path.clone().or(file.path);
+    let path = args
+        .path
+        .clone()
+        .or(file.path)
+        .or_else(|| default_data_path(dataset));
     let data = match dataset {
         DatasetKind::Synthetic => {
             let spec = SyntheticSpec {
@@ -640,6 +881,13 @@ fn plan_with(args: &RunArgs, file: FileConfig) -> Result<RunPlan, CliError> {
     } else {
         data
     };
+    let validation = args.validation || file.validation == Some(true);
+    let data = if validation {
+        data.validation_split()
+            .map_err(|e| CliError::Failed(anyhow::anyhow!("--validation: {e}")))?
+    } else {
+        data
+    };
     let scenario = match (
         file.scenario,
         args.user_feedback || file.user_feedback == Some(true),
@@ -659,7 +907,11 @@ fn plan_with(args: &RunArgs, file: FileConfig) -> Result<RunPlan, CliError> {
     if let Some(g) = &file.guardrails {
         g.validate().map_err(usage)?;
     }
-    let fedavg_weighting = args.fedavg_weighting.or(file.fedavg_weighting);
+    let transport = args.transport.or(file.transport).unwrap_or_default();
+    // Over gRPC real SDK devices report their own example counts.
+    let fedavg_weighting = args.fedavg_weighting.or(file.fedavg_weighting).or(defaults
+        .fedavg_weighting
+        .filter(|_| mode != Mode::Central && transport == Transport::Inprocess));
     if mode == Mode::Central && fedavg_weighting == Some(FedavgWeighting::Examples) {
         return Err(usage(
             "--fedavg-weighting examples: mode central weighs every user equally (each contribution has sensitivity C); drop the flag or use uniform",
@@ -678,7 +930,10 @@ fn plan_with(args: &RunArgs, file: FileConfig) -> Result<RunPlan, CliError> {
         seed,
         factors,
         training,
-        eval_every: args.eval_every.or(file.eval_every).unwrap_or(1),
+        eval_every: args
+            .eval_every
+            .or(file.eval_every)
+            .unwrap_or(defaults.eval_every),
         ranking: true,
         out: None,
         scenario,
@@ -710,6 +965,11 @@ fn plan_with(args: &RunArgs, file: FileConfig) -> Result<RunPlan, CliError> {
         "factors": factors,
         "local_epochs": training.epochs,
         "learning_rate": training.learning_rate,
+        "l2_regularization": training.l2_regularization,
+        "private_l2": training.private_l2,
+        "private_l2_per_example": training.private_l2_per_example,
+        "bias_l2_ratio": training.bias_l2_ratio,
+        "validation": validation,
         "centralised": args.centralised,
         // The centralised baseline aggregates nothing.
         "fedavg_weighting": (!args.centralised).then(|| settings.effective_weighting().as_str()),
@@ -731,7 +991,6 @@ fn plan_with(args: &RunArgs, file: FileConfig) -> Result<RunPlan, CliError> {
         settings_json["dropout"] = json!(settings.dropout);
         settings_json["corruption_rate"] = json!(settings.corruption_rate);
     }
-    let transport = args.transport.or(file.transport).unwrap_or_default();
     if transport == Transport::Grpc {
         if args.centralised {
             return Err(usage(
@@ -799,6 +1058,16 @@ pub struct RunOutcome {
     pub alerts: Vec<Alert>,
 }
 
+/// The warning `run` gives before training when the noise would swamp the signal
+/// ([`fedpref_coordinator::manifest::RunManifest::noise_warning`]).
+pub fn noise_warning(settings: &Settings, data: &Dataset) -> Option<String> {
+    let population = data.users.iter().filter(|u| u.trains).count();
+    settings
+        .manifest(population, data.items.len())
+        .ok()?
+        .noise_warning()
+}
+
 /// Runs a plan (federated, or `--centralised`) and writes its outputs under `out`.
 pub fn run_plan(
     plan: &RunPlan,
@@ -820,16 +1089,30 @@ pub fn run_plan(
         }
     };
     let mut assumption: Option<String> = None;
+    let warning = if centralised {
+        None
+    } else {
+        noise_warning(s, &plan.data)
+    };
+    if let Some(w) = &warning {
+        bar.suspend(|| eprintln!("warning: {w}"));
+    }
+    let mut chosen: Option<Value> = None;
     let (records, client_updates, timings, sigma) = if centralised {
-        let t = Instant::now();
-        let records = sim::centralised(s, &plan.data).map_err(|e| CliError::Failed(e.into()))?;
+        let run = crate::centralised::centralised(s, &plan.data)
+            .map_err(|e| CliError::Failed(e.into()))?;
         let timings = sim::Timings {
-            rounds_wall_ns: t.elapsed().as_nanos() as u64,
+            rounds_wall_ns: run.wall_ns,
             ..Default::default()
         };
+        chosen = Some(json!({
+            "method": "alternating least squares",
+            "sweeps": run.sweeps,
+            "validation_rmse": run.validation_rmse,
+        }));
         bar.set_position(s.rounds);
-        records.iter().for_each(&mut watch);
-        (records, 0, timings, None)
+        run.records.iter().for_each(&mut watch);
+        (run.records, 0, timings, None)
     } else if plan.transport == Transport::Grpc {
         let run = crate::grpc::run(s, &plan.data, |r| {
             watch(r);
@@ -887,6 +1170,18 @@ pub fn run_plan(
     report::add_privacy_details(&mut summary, &records, assumption.as_deref());
     if plan.guardrails.is_some() {
         summary["alerts"] = json!(alerts.len());
+    }
+    if let Some(c) = chosen {
+        summary["centralised"] = c;
+    }
+    if let Some(w) = warning {
+        summary["noise_warning"] = json!(w);
+    }
+    if s.ranking
+        && let Some(p) = crate::metrics::popularity_ranking(&plan.data)
+    {
+        summary["popularity_hit_rate_at_10"] = json!(p.hit_rate_at_10);
+        summary["popularity_ndcg_at_10"] = json!(p.ndcg_at_10);
     }
     let mut settings_json = plan.settings_json.clone();
     settings_json["noise_multiplier"] = json!(sigma);
@@ -1046,6 +1341,19 @@ pub fn execute(cli: &Cli) -> Result<String, CliError> {
                 "global-mean baseline rmse {:.4}\n",
                 crate::metrics::global_mean_rmse(&plan.data)
             );
+            if s.get("popularity_hit_rate_at_10").is_some() {
+                text += &format!(
+                    "popularity ranking hit_rate@10 {}  ndcg@10 {}\n",
+                    fmt(&s["popularity_hit_rate_at_10"]),
+                    fmt(&s["popularity_ndcg_at_10"]),
+                );
+            }
+            if let Some(c) = s.get("centralised") {
+                text += &format!(
+                    "centralised: {} sweeps of alternating least squares, chosen on validation data\n",
+                    c["sweeps"]
+                );
+            }
             if s.get("opt_out_rate").is_some() {
                 text += &format!(
                     "user feedback: negative_feedback_rate {}  opt_out_rate {}\n",
@@ -1081,5 +1389,6 @@ pub fn execute(cli: &Cli) -> Result<String, CliError> {
         }
         Command::Bench(args) => with_threads(args.threads, || crate::bench::run(args))?,
         Command::Sweep(args) => with_threads(args.threads, || crate::sweep::run(args))?,
+        Command::ExportSplit(args) => export_split(args),
     }
 }

@@ -150,6 +150,33 @@ impl Dataset {
         if n == 0 { 0.0 } else { sum / n as f64 }
     }
 
+    /// The data set for tuning: every user's training ratings split again as the test split
+    /// was made — the last [`test_count`] of them (the latest, for data with times) become the
+    /// held-out ratings, the rest the training ratings — and the test ratings dropped. A run
+    /// on it never sees the test split, so settings chosen by its RMSE are chosen on
+    /// validation data only. Cohorts and topics are kept.
+    pub fn validation_split(&self) -> Result<Dataset, DataError> {
+        let users = self
+            .users
+            .iter()
+            .map(|u| {
+                let mut train = u.train.clone();
+                let test = train.split_off(train.len() - test_count(train.len()));
+                User {
+                    train,
+                    test,
+                    ..u.clone()
+                }
+            })
+            .collect();
+        Dataset {
+            name: format!("{} (validation)", self.name),
+            users,
+            ..self.clone()
+        }
+        .check()
+    }
+
     fn check(self) -> Result<Self, DataError> {
         if self.items.is_empty() || self.train_ratings() == 0 || self.test_ratings() == 0 {
             return Err(DataError::Empty(format!(
@@ -883,6 +910,27 @@ mod tests {
         assert_eq!(test_count(2), 1);
         assert_eq!(test_count(1), 0);
         assert_eq!(test_count(50), 10);
+    }
+
+    #[test]
+    fn the_validation_split_holds_out_the_latest_training_ratings_and_no_test_rating() {
+        let d = synthetic(&SyntheticSpec {
+            users: 30,
+            items: 40,
+            ..SyntheticSpec::default()
+        })
+        .unwrap();
+        let v = d.validation_split().unwrap();
+        assert_eq!(v.users.len(), d.users.len());
+        for (full, carved) in d.users.iter().zip(&v.users) {
+            assert_eq!(carved.train.len() + carved.test.len(), full.train.len());
+            assert_eq!(carved.test.len(), test_count(full.train.len()));
+            // The carve is the tail of the training ratings, in order.
+            let mut joined = carved.train.clone();
+            joined.extend(&carved.test);
+            assert_eq!(joined, full.train);
+            assert!(carved.test.iter().all(|r| !full.test.contains(r)));
+        }
     }
 
     #[test]

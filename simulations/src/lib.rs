@@ -28,6 +28,7 @@
 //! ```
 
 pub mod bench;
+pub mod centralised;
 pub mod cli;
 pub mod data;
 pub mod distributed;

@@ -879,49 +879,6 @@ fn train_client(
     })
 }
 
-/// Trains the same model on all data in one place (the `--centralised` baseline): one
-/// "device" holds every user's ratings; each round visits the users in a seeded order and
-/// applies each user's SDK local-round update at once (sequential SGD over users), with no
-/// clipping or noise. Evaluated like a federated run.
-pub fn centralised(settings: &Settings, data: &Dataset) -> Result<Vec<RoundRecord>, SimError> {
-    let spec = ModelSpec {
-        items: data.items.len() as u64,
-        factors: settings.factors as u64,
-        init_scale: 0.1,
-        initial_offset: 3.0,
-    };
-    let item_ids: Vec<String> = data.items.iter().map(|i| i.id.clone()).collect();
-    let params = initial_parameters(&spec, settings.seed);
-    let mut model = shared_model(0, &item_ids, settings.factors, &params)?;
-    let mut records = vec![];
-    for round in 1..=settings.rounds {
-        let mut order: Vec<usize> = (0..data.users.len())
-            .filter(|&u| data.users[u].trains)
-            .collect();
-        let mut r = stream_rng(settings.seed, &[8, round]);
-        for i in (1..order.len()).rev() {
-            order.swap(i, r.random_range(0..=i));
-        }
-        for user in order {
-            let ex = examples(&data.users[user].train, &settings.training);
-            let (_, update) = local_round(&model, &ex, &settings.training);
-            model.apply_update(&update, 1.0)?;
-        }
-        let due = round == settings.rounds
-            || (settings.eval_every > 0 && round.is_multiple_of(settings.eval_every));
-        records.push(RoundRecord {
-            round,
-            contributions: data.users.iter().filter(|u| u.trains).count() as u64,
-            abandoned: None,
-            epsilon: vec![],
-            evaluation: due.then(|| evaluate(&model, data, &settings.training, settings.ranking)),
-            feedback: None,
-            clip_norm: None,
-        });
-    }
-    Ok(records)
-}
-
 /// A stable 64-bit digest of a record list (for quick determinism checks in logs).
 pub fn digest(bytes: &[u8]) -> u64 {
     bytes

@@ -123,6 +123,9 @@ fn json_prints_one_summary_object_with_the_documented_keys_in_order() {
             "peak_rss_bytes",
             "seed",
             "epsilon_rests_on",
+            "noise_warning",
+            "popularity_hit_rate_at_10",
+            "popularity_ndcg_at_10",
         ]
     );
     assert_eq!(v["rounds"], 2);
@@ -280,7 +283,8 @@ fn guardrails_that_must_fire_write_alerts_to_the_file_stderr_and_the_summary() {
         "every alert is on stderr: {stderr}"
     );
     assert!(stderr.contains("round 4: opt_out_rate"), "{stderr}");
-    // The scenario's keys come after the documented ones, then the alert count.
+    // The scenario's keys come after the documented ones, then the alert count, then the
+    // popularity ranking's figures.
     let keys: Vec<&str> = summary
         .as_object()
         .unwrap()
@@ -288,8 +292,15 @@ fn guardrails_that_must_fire_write_alerts_to_the_file_stderr_and_the_summary() {
         .map(String::as_str)
         .collect();
     assert_eq!(
-        keys[keys.len() - 4..],
-        ["seed", "opt_out_rate", "negative_feedback_rate", "alerts"]
+        keys[keys.len() - 6..],
+        [
+            "seed",
+            "opt_out_rate",
+            "negative_feedback_rate",
+            "alerts",
+            "popularity_hit_rate_at_10",
+            "popularity_ndcg_at_10"
+        ]
     );
     let negative = summary["negative_feedback_rate"].as_f64().unwrap();
     assert!(negative > 0.0 && negative < 1.0, "{negative}");
@@ -438,4 +449,192 @@ fn sweep_rows_carry_feedback_rates_and_alert_counts_when_the_runs_have_them() {
     }
     let header = std::fs::read_to_string(out.join("sweep.csv")).unwrap();
     assert!(header.lines().next().unwrap().contains("opt_out_rate"));
+}
+
+#[test]
+fn a_run_whose_noise_swamps_the_signal_warns_before_training_and_names_the_cohort_needed() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let common = [
+        "run",
+        "--users",
+        "60",
+        "--items",
+        "30",
+        "--rounds",
+        "1",
+        "--cohort-size",
+        "20",
+        "--quiet",
+        "--json",
+        "--out",
+    ];
+    let mut args = common.to_vec();
+    args.extend([
+        out.to_str().unwrap(),
+        "--privacy-mode",
+        "local",
+        "--noise-multiplier",
+        "1",
+    ]);
+    let (code, stdout, stderr) = sim(&args);
+    assert_eq!(code, 0, "{stderr}");
+    // 30 items × 17 + 1 = 511 coordinates: local DP needs σ²d = 511 devices a round.
+    assert!(
+        stderr.contains("warning: the noise will swamp the signal")
+            && stderr.contains("a cohort of about 511 devices"),
+        "{stderr}"
+    );
+    let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert!(v["noise_warning"].as_str().unwrap().contains("511"));
+    // Without noise there is nothing to warn about.
+    let mut args = common.to_vec();
+    args.push(out.to_str().unwrap());
+    let (code, stdout, stderr) = sim(&args);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(!stderr.contains("warning"), "{stderr}");
+    let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert!(v.get("noise_warning").is_none());
+}
+
+#[test]
+fn export_split_writes_the_runs_split_and_validation_holds_out_only_training_ratings() {
+    let dir = tempfile::tempdir().unwrap();
+    let read = |d: &std::path::Path, f: &str| -> Vec<String> {
+        std::fs::read_to_string(d.join(f))
+            .unwrap()
+            .lines()
+            .skip(1)
+            .map(str::to_owned)
+            .collect()
+    };
+    let full = dir.path().join("full");
+    let (code, stdout, stderr) = sim(&[
+        "export-split",
+        "--dataset",
+        "synthetic",
+        "--users",
+        "50",
+        "--items",
+        "40",
+        "--out",
+        full.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("training and"), "{stdout}");
+    let (train, test) = (read(&full, "train.tsv"), read(&full, "test.tsv"));
+    assert!(!train.is_empty() && !test.is_empty());
+    assert!(test.iter().all(|l| !train.contains(l)));
+    let val = dir.path().join("val");
+    let (code, _, stderr) = sim(&[
+        "export-split",
+        "--dataset",
+        "synthetic",
+        "--users",
+        "50",
+        "--items",
+        "40",
+        "--validation",
+        "--out",
+        val.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    let (vtrain, vtest) = (read(&val, "train.tsv"), read(&val, "test.tsv"));
+    // The validation split is the training split cut in two; no test rating is in it.
+    assert_eq!(vtrain.len() + vtest.len(), train.len());
+    assert!(vtrain.iter().chain(&vtest).all(|l| train.contains(l)));
+    let (code, _, stderr) = sim(&[
+        "export-split",
+        "--dataset",
+        "movielens-1m",
+        "--path",
+        "/nonexistent/ml-1m",
+        "--out",
+        val.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("--path"), "{stderr}");
+}
+
+#[test]
+fn the_centralised_baseline_says_how_many_sweeps_validation_chose() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let (code, stdout, stderr) = sim(&[
+        "run",
+        "--centralised",
+        "--users",
+        "80",
+        "--items",
+        "40",
+        "--rounds",
+        "6",
+        "--quiet",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stdout.contains("sweeps of alternating least squares, chosen on validation data"),
+        "{stdout}"
+    );
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    let sweeps = summary["centralised"]["sweeps"].as_u64().unwrap();
+    assert!((1..=6).contains(&sweeps));
+    assert!(
+        !summary["centralised"]["validation_rmse"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+}
+
+#[test]
+fn presets_and_their_overrides_are_written_with_the_settings() {
+    // A preset reads MovieLens; without the files the error names --path.
+    let (code, _, stderr) = sim(&[
+        "run",
+        "--preset",
+        "movielens-100k",
+        "--path",
+        "/nonexistent",
+    ]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("--path"), "{stderr}");
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let (code, _, stderr) = sim(&[
+        "run",
+        "--users",
+        "40",
+        "--items",
+        "20",
+        "--rounds",
+        "1",
+        "--cohort-size",
+        "10",
+        "--private-l2-per-example",
+        "0.5",
+        "--bias-l2-ratio",
+        "0.2",
+        "--l2-regularization",
+        "0.05",
+        "--validation",
+        "--quiet",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    let metrics: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap()).unwrap();
+    let s = &metrics["settings"];
+    assert_eq!(s["private_l2_per_example"], 0.5);
+    assert_eq!(s["bias_l2_ratio"], 0.2);
+    assert_eq!(s["l2_regularization"], 0.05);
+    assert_eq!(s["validation"], true);
+    assert!(s["dataset"].as_str().unwrap().ends_with("(validation)"));
+    let (code, _, stderr) = sim(&["run", "--bias-l2-ratio", "-1"]);
+    assert_eq!(code, 2);
+    assert!(stderr.contains("--bias-l2-ratio"), "{stderr}");
 }

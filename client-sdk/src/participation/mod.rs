@@ -450,6 +450,8 @@ pub(super) fn local_training(task: &pb::Task, fallback: LocalTraining) -> LocalT
             learning_rate: c.learning_rate,
             l2_regularization: c.l2_regularization,
             max_examples: usize::try_from(c.max_examples).unwrap_or(usize::MAX),
+            // Not on the wire: the device's own.
+            ..fallback
         },
     }
 }
