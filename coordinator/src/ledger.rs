@@ -278,6 +278,24 @@ pub enum LedgerEvent {
         /// The latest window end.
         window_end_ms: i64,
     },
+    /// The first federated-evaluation report on a model version was accepted: each device
+    /// may release one evaluation of that version (one report per device and version), a
+    /// local Gaussian release of K rates in [0, 1] (replace-one, sensitivity 2C with
+    /// C = √K/2) with noise multiplier `noise_multiplier`, costing each reporting device
+    /// `epsilon` at `delta` on its own. Evaluation spends on devices' own accountants, apart
+    /// from the rounds' cumulative ε.
+    EvaluationReleased {
+        /// The model version evaluated.
+        model_version: u64,
+        /// σ of each device's evaluation release.
+        noise_multiplier: f64,
+        /// C = √K/2 of the centred rate vector.
+        clip_norm: f64,
+        /// ε of one device's release of this version, at `delta`.
+        epsilon: f64,
+        /// δ.
+        delta: f64,
+    },
     /// The run stopped; no further rounds.
     RunStopped {
         /// `completed`, `budget exhausted: …`, or an operator's reason.
@@ -302,8 +320,33 @@ impl LedgerEvent {
             Self::Resumed { .. } => "resumed",
             Self::RolledBack { .. } => "rolled_back",
             Self::GuardrailAlert { .. } => "guardrail_alert",
+            Self::EvaluationReleased { .. } => "evaluation_released",
             Self::RunStopped { .. } => "run_stopped",
         }
+    }
+}
+
+/// The [`LedgerEvent::EvaluationReleased`] entry for `model_version` when devices release
+/// their evaluation with noise multiplier `noise_multiplier` (ε of one local release at δ
+/// on the default order grid).
+pub fn evaluation_release_event(
+    model_version: u64,
+    noise_multiplier: f64,
+    delta: f64,
+) -> LedgerEvent {
+    let epsilon = fedpref_privacy::epsilon_after(
+        &fedpref_privacy::evaluation::release(noise_multiplier),
+        1,
+        delta,
+        &fedpref_privacy::OrderGrid::default(),
+    )
+    .map_or(f64::INFINITY, |s| s.epsilon);
+    LedgerEvent::EvaluationReleased {
+        model_version,
+        noise_multiplier,
+        clip_norm: fedpref_privacy::evaluation::clip_norm(),
+        epsilon,
+        delta,
     }
 }
 

@@ -660,11 +660,22 @@ fn plan_with(args: &RunArgs, file: FileConfig) -> Result<RunPlan, CliError> {
         g.validate().map_err(usage)?;
     }
     let fedavg_weighting = args.fedavg_weighting.or(file.fedavg_weighting);
-    if mode == Mode::Central && fedavg_weighting == Some(FedavgWeighting::Examples) {
+    let transport = args.transport.or(file.transport).unwrap_or_default();
+    if mode != Mode::None && fedavg_weighting == Some(FedavgWeighting::Examples) {
         return Err(usage(
-            "--fedavg-weighting examples: mode central weighs every user equally (each contribution has sensitivity C); drop the flag or use uniform",
+            "--fedavg-weighting examples: every DP mode weighs users equally (a device sends no example count, and in central mode each contribution has sensitivity C); drop the flag or use uniform",
         ));
     }
+    // Over gRPC a device sends no example count: the coordinator weighs every update alike.
+    if transport == Transport::Grpc && fedavg_weighting == Some(FedavgWeighting::Examples) {
+        return Err(usage(
+            "--transport grpc and --fedavg-weighting examples: an SDK device sends no example count, so the coordinator weighs every update equally; drop one",
+        ));
+    }
+    let fedavg_weighting = match transport {
+        Transport::Grpc => Some(FedavgWeighting::Uniform),
+        Transport::Inprocess => fedavg_weighting,
+    };
     let settings = Settings {
         rounds,
         sampling,
@@ -731,7 +742,6 @@ fn plan_with(args: &RunArgs, file: FileConfig) -> Result<RunPlan, CliError> {
         settings_json["dropout"] = json!(settings.dropout);
         settings_json["corruption_rate"] = json!(settings.corruption_rate);
     }
-    let transport = args.transport.or(file.transport).unwrap_or_default();
     if transport == Transport::Grpc {
         if args.centralised {
             return Err(usage(
@@ -739,11 +749,6 @@ fn plan_with(args: &RunArgs, file: FileConfig) -> Result<RunPlan, CliError> {
             ));
         }
         crate::grpc::check(&settings).map_err(|e| usage(e.to_string()))?;
-        if settings.fedavg_weighting == FedavgWeighting::Uniform {
-            return Err(usage(
-                "--transport grpc and --fedavg-weighting uniform: over gRPC each SDK device reports its own example count, so the coordinator weighs by examples; drop one",
-            ));
-        }
     }
     Ok(RunPlan {
         data,
