@@ -187,6 +187,8 @@ fn check_in_and_its_task_answer_round_trip() {
             max_chunk_bytes: 1 << 20,
             secure_aggregation: None,
             secure_aggregation_round: None,
+            evaluation_token: "eval-tok".into(),
+            evaluation_noise_multiplier: 4.0,
         })),
         latest_model: None,
     });
