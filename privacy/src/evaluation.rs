@@ -84,7 +84,8 @@ pub const ALL: [Coordinate; COORDINATES] = [
 pub const COORDINATES: usize = 12;
 
 /// The noise multiplier the coordinator asks for by default: noise std σC = 4·√12/2 ≈ 6.9
-/// per coordinate, so the mean over 1,000 devices is within about ±0.014 of the truth.
+/// per coordinate, so a mean over n devices has noise of standard deviation ≈ 6.9/√n
+/// (±0.022 for 100,000 devices): local DP needs large populations.
 pub const DEFAULT_NOISE_MULTIPLIER: f64 = 4.0;
 
 /// The smallest noise multiplier a device accepts for an evaluation release.
