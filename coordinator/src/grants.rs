@@ -117,7 +117,11 @@ impl TaskGrants {
             .tokens
             .get_mut(&(run_id.to_owned(), model_version))
             .is_some_and(|bucket| bucket.remove(token_hash));
-        if removed { Ok(()) } else { Err(RedeemError::Unknown) }
+        if removed {
+            Ok(())
+        } else {
+            Err(RedeemError::Unknown)
+        }
     }
 }
 
@@ -137,7 +141,9 @@ mod tests {
     fn one_token_per_device_and_version_redeemable_once_for_its_run_and_version_only() {
         let mut g = TaskGrants::default();
         assert!(!g.was_tasked("r", "d1"));
-        let t = g.task_given("r", "d1", 3, true, || "tok-a".into(), h).unwrap();
+        let t = g
+            .task_given("r", "d1", 3, true, || "tok-a".into(), h)
+            .unwrap();
         assert!(g.was_tasked("r", "d1"));
         assert!(!g.was_tasked("other", "d1"));
         // A second task on the same version carries no second token.
@@ -147,20 +153,29 @@ mod tests {
         assert_eq!(g.redeem(&h(&t), "r", 3), Ok(()));
         assert_eq!(g.redeem(&h(&t), "r", 3), Err(RedeemError::Unknown));
         // Without evaluation (distributed mode) no token is issued.
-        assert_eq!(g.task_given("r", "d2", 3, false, || "tok-c".into(), h), None);
+        assert_eq!(
+            g.task_given("r", "d2", 3, false, || "tok-c".into(), h),
+            None
+        );
         assert!(g.was_tasked("r", "d2"));
     }
 
     #[test]
     fn tokens_of_versions_more_than_keep_versions_old_are_forgotten() {
         let mut g = TaskGrants::default();
-        let old = g.task_given("r", "d1", 1, true, || "old".into(), h).unwrap();
-        let other_run = g.task_given("s", "d1", 1, true, || "other".into(), h).unwrap();
+        let old = g
+            .task_given("r", "d1", 1, true, || "old".into(), h)
+            .unwrap();
+        let other_run = g
+            .task_given("s", "d1", 1, true, || "other".into(), h)
+            .unwrap();
         g.task_given("r", "d2", 1 + KEEP_VERSIONS, true, || "x".into(), h)
             .unwrap();
         // Version 1 is still within reach of version 1 + KEEP_VERSIONS …
         assert_eq!(g.redeem(&h(&old), "r", 1), Ok(()));
-        let old = g.task_given("r", "d3", 1, true, || "old-2".into(), h).unwrap();
+        let old = g
+            .task_given("r", "d3", 1, true, || "old-2".into(), h)
+            .unwrap();
         g.task_given("r", "d2", 2 + KEEP_VERSIONS, true, || "y".into(), h)
             .unwrap();
         // … but not of 2 + KEEP_VERSIONS; another run's tokens stay.
