@@ -498,7 +498,7 @@ impl Coordinator {
             }
             if g.on_alert == AlertAction::Pause && pause.is_none() {
                 pause = Some(format!(
-                    "{GUARDRAIL_PAUSE_PREFIX}{} = {value:.4} is {} the threshold {} on model version {version} ({devices} reporting devices)",
+                    "{GUARDRAIL_PAUSE_PREFIX}{} = {value:.4} is {} the threshold {} on model version {version} ({devices} reporting devices; a ratio of noised sums)",
                     g.metric.as_str(),
                     g.direction.as_str(),
                     g.threshold

@@ -1192,7 +1192,7 @@ fn latest_value(g: &Guardrails, k: GuardrailMetricKind) -> String {
 
 fn alert_sentence(a: &Alert) -> String {
     format!(
-        "entry {} ({}): {} = {} is {} the threshold {} on model version {} ({} reporting devices); action: {}",
+        "entry {} ({}): {} = {} is {} the threshold {} on model version {} ({} reporting devices; a ratio of noised sums); action: {}",
         a.sequence,
         utc(a.at_ms),
         a.metric.as_str(),
