@@ -350,6 +350,36 @@ pub fn evaluation_release_event(
     }
 }
 
+/// Whether two `evaluation_released` events agree (ε to a relative 10⁻¹²).
+fn same_evaluation(a: &LedgerEvent, b: &LedgerEvent) -> bool {
+    match (a, b) {
+        (
+            LedgerEvent::EvaluationReleased {
+                model_version: va,
+                noise_multiplier: sa,
+                clip_norm: ca,
+                epsilon: ea,
+                delta: da,
+            },
+            LedgerEvent::EvaluationReleased {
+                model_version: vb,
+                noise_multiplier: sb,
+                clip_norm: cb,
+                epsilon: eb,
+                delta: db,
+            },
+        ) => {
+            va == vb
+                && sa == sb
+                && ca == cb
+                && da == db
+                && ea.is_finite()
+                && (ea - eb).abs() <= 1e-12 * eb.abs().max(1.0)
+        }
+        _ => false,
+    }
+}
+
 /// One ledger entry.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct LedgerEntry {
@@ -856,6 +886,27 @@ pub fn verify(run_id: &str, entries: &[SealedEntry]) -> Result<VerifiedTotals, V
                 last_eps = eps;
                 released = Some((*round, (**d).clone()));
                 records_releases = true;
+            }
+            (
+                LedgerEvent::EvaluationReleased {
+                    model_version,
+                    noise_multiplier,
+                    delta: evaluation_delta,
+                    ..
+                },
+                _,
+            ) => {
+                // The entry must be what its σ gives at the run's δ: C and ε re-derived.
+                let again =
+                    evaluation_release_event(*model_version, *noise_multiplier, *evaluation_delta);
+                if *evaluation_delta != delta || !same_evaluation(&entry.event, &again) {
+                    return Err(fail(
+                        expected,
+                        format!(
+                            "its evaluation release does not follow from σ = {noise_multiplier} at the run's δ = {delta} (expected {again:?})"
+                        ),
+                    ));
+                }
             }
             (LedgerEvent::RoundAbandoned { round, .. }, _) => {
                 if released.as_ref().is_some_and(|(r, _)| r == round) {
