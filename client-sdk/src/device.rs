@@ -217,6 +217,8 @@ pub struct UploadRecord {
     pub clip_norm: f64,
     /// ε spent after this upload.
     pub epsilon_after: f64,
+    /// `update` (a model update or share) or `evaluation` (a federated-evaluation release).
+    pub kind: String,
 }
 
 pub(crate) struct UserCache {
@@ -262,24 +264,13 @@ impl Device {
         config.training.validate()?;
         let path = path.as_ref().to_path_buf();
         let conn = store::open(&path)?;
-        let budget = match conn
-            .query_row("SELECT budget FROM privacy_budget WHERE id = 1", [], |r| {
-                r.get::<_, String>(0)
-            })
-            .optional()?
-        {
-            Some(json) => serde_json::from_str(&json).map_err(|e| {
-                SdkError::Storage(format!("the stored privacy budget is unreadable: {e}"))
-            })?,
-            None => {
-                let budget = Budget::new(config.budget_epsilon, config.budget_delta)?;
-                conn.execute(
-                    "INSERT INTO privacy_budget (id, budget) VALUES (1, ?1)",
-                    [serde_json::to_string(&budget).expect("budget serialises")],
-                )?;
-                budget
-            }
-        };
+        // Insert-if-missing, so two handles creating one store agree on a single budget.
+        let initial = Budget::new(config.budget_epsilon, config.budget_delta)?;
+        conn.execute(
+            "INSERT INTO privacy_budget (id, budget) VALUES (1, ?1) ON CONFLICT (id) DO NOTHING",
+            [serde_json::to_string(&initial).expect("budget serialises")],
+        )?;
+        let budget = stored_budget(&conn)?;
         let model = load_model(&conn)?;
         let mut device = Self {
             settings: read_settings(&conn)?,
@@ -753,6 +744,7 @@ impl Device {
             "model_download",
             "model_download_chunks",
             "enrolment",
+            "evaluation_token",
         ]) {
             tx.execute(&format!("DELETE FROM {table}"), [])?;
         }
@@ -768,11 +760,20 @@ impl Device {
         self.rebuild_ranker()
     }
 
-    /// The on-device accountant: ε spent and left, and the uploads.
+    /// Re-reads the on-device accountant from the store: another handle or process on the
+    /// same store may have recorded a spend since this one last looked.
+    pub(crate) fn reload_budget(&mut self) -> Result<(), SdkError> {
+        self.budget = stored_budget(&self.conn)?;
+        Ok(())
+    }
+
+    /// The on-device accountant as stored: ε spent and left, and the uploads (read from the
+    /// store on each call, so a spend by another handle on the same store shows).
     pub fn budget(&self) -> Result<BudgetStatus, SdkError> {
-        let spent: PrivacyStatement = self.budget.spent();
+        let budget = stored_budget(&self.conn)?;
+        let spent: PrivacyStatement = budget.spent();
         let mut stmt = self.conn.prepare(
-            "SELECT at_ms, round_id, model_version, mode, noise_multiplier, clip_norm, epsilon_after FROM uploads ORDER BY id",
+            "SELECT at_ms, round_id, model_version, mode, noise_multiplier, clip_norm, epsilon_after, kind FROM uploads ORDER BY id",
         )?;
         let uploads = stmt
             .query_map([], |r| {
@@ -784,15 +785,16 @@ impl Device {
                     noise_multiplier: r.get(4)?,
                     clip_norm: r.get(5)?,
                     epsilon_after: r.get(6)?,
+                    kind: r.get(7)?,
                 })
             })?
             .collect::<Result<Vec<_>, _>>()?;
         Ok(BudgetStatus {
-            epsilon_budget: self.budget.epsilon(),
-            delta: self.budget.delta(),
+            epsilon_budget: budget.epsilon(),
+            delta: budget.delta(),
             epsilon_spent: spent.epsilon,
-            epsilon_remaining: self.budget.remaining(),
-            rounds: self.budget.rounds(),
+            epsilon_remaining: budget.remaining(),
+            rounds: budget.rounds(),
             audience: spent.audience.as_str().to_owned(),
             uploads,
         })
@@ -1006,4 +1008,14 @@ fn sum_affinities(rows: &[ImplicitRow], kind: &str) -> Vec<Affinity> {
             .then_with(|| a.value.cmp(&b.value))
     });
     out
+}
+
+/// The on-device accountant as the store holds it now.
+pub(crate) fn stored_budget(conn: &Connection) -> Result<Budget, SdkError> {
+    let json: String =
+        conn.query_row("SELECT budget FROM privacy_budget WHERE id = 1", [], |r| {
+            r.get(0)
+        })?;
+    serde_json::from_str(&json)
+        .map_err(|e| SdkError::Storage(format!("the stored privacy budget is unreadable: {e}")))
 }

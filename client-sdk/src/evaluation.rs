@@ -39,11 +39,21 @@
 //! never identity, never topics.
 //!
 //! # What leaves the device
-//! Only the numbers of [`EvaluationCounts`], the window's bounds, the cohort label, the run
-//! and the model version. The item ids and topics kept to count feedback and coverage stay
-//! in the store (tables `evaluation_shown` and `evaluation_topics`), are deleted with the
-//! window once it is reported, and by [`Device::reset_model`] and
-//! [`Device::delete_everything`].
+//! A window's counts never leave the device as they are. [`Device::prepare_evaluation`]
+//! maps them to K = 12 rates in \[0, 1\], each count bounded by its definition
+//! ([`fedpref_privacy::evaluation::EvaluationRates::from_counts`]; the cohort becomes which
+//! pair of accuracy rates is filled in), centres and clips them, adds Gaussian noise from the
+//! OS-seeded [`fedpref_privacy::SecureSampler`] with the noise multiplier the task gave, and
+//! records the release in the on-device accountant (one local release, `uploads.kind =
+//! evaluation`) before anything is sent — the same clip, noise, record order as a model
+//! update. What is sent: the noised rates, the run, the model version (the window: no time
+//! is sent), the noise multiplier and the single-use evaluation token the task carried. A
+//! window is reported only with a token, so only for a model version the device was given
+//! in a task, once; a window without one (distributed mode, whose devices send no
+//! evaluation) is closed unsent. A device whose user turned training participation off
+//! sends nothing. The item ids and topics kept to count feedback and coverage stay in the
+//! store (tables `evaluation_shown` and `evaluation_topics`), are deleted with the window
+//! once it is reported, and by [`Device::reset_model`] and [`Device::delete_everything`].
 
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
@@ -461,15 +471,21 @@ impl Device {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
-    /// Closes a reported window: deletes its counts and the items and topics kept for it.
-    /// Counts added for the same version afterwards open a new window.
+    /// Closes a reported window: deletes its counts, the items and topics kept for it and its
+    /// evaluation token. Counts added for the same version afterwards open a new window, which
+    /// is never sent (the version's one report is used).
     pub fn close_evaluation_window(
         &mut self,
         run_id: &str,
         model_version: u64,
     ) -> Result<(), SdkError> {
         let tx = self.conn.transaction()?;
-        for table in ["evaluation_window", "evaluation_shown", "evaluation_topics"] {
+        for table in [
+            "evaluation_window",
+            "evaluation_shown",
+            "evaluation_topics",
+            "evaluation_token",
+        ] {
             tx.execute(
                 &format!("DELETE FROM {table} WHERE run_id = ?1 AND model_version = ?2"),
                 params![run_id, model_version as i64],
@@ -812,5 +828,158 @@ mod tests {
         assert_eq!(d.next_evaluation_report().unwrap(), None);
         let export = d.export(now()).unwrap();
         assert_eq!(export["evaluation"]["items_shown"], serde_json::json!([]));
+    }
+}
+
+/// A federated-evaluation release whose spend is recorded: the only evaluation the SDK
+/// sends. Built only by [`Device::prepare_evaluation`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct PreparedEvaluation {
+    run_id: String,
+    model_version: u64,
+    token: String,
+    noise_multiplier: f64,
+    released: Vec<f64>,
+}
+
+impl PreparedEvaluation {
+    /// The run.
+    pub fn run_id(&self) -> &str {
+        &self.run_id
+    }
+    /// The model version evaluated.
+    pub fn model_version(&self) -> u64 {
+        self.model_version
+    }
+    /// The single-use token from the task.
+    pub fn token(&self) -> &str {
+        &self.token
+    }
+    /// σ applied.
+    pub fn noise_multiplier(&self) -> f64 {
+        self.noise_multiplier
+    }
+    /// The released (centred, noised, clamped) rates, in wire order.
+    pub fn released_rates(&self) -> &[f64] {
+        &self.released
+    }
+}
+
+/// What became of a window [`Device::prepare_evaluation`] was asked to release.
+#[derive(Clone, Debug, PartialEq)]
+pub enum EvaluationRelease {
+    /// Released and recorded: send it.
+    Ready(PreparedEvaluation),
+    /// Not released, and why; the window was closed, so its counts never leave the device.
+    Dropped(String),
+}
+
+impl Device {
+    /// Keeps the evaluation token a task gave for (run, model version).
+    pub(crate) fn store_evaluation_token(
+        &mut self,
+        run_id: &str,
+        model_version: u64,
+        token: &str,
+        noise_multiplier: f64,
+    ) -> Result<(), SdkError> {
+        self.conn.execute(
+            "INSERT INTO evaluation_token (run_id, model_version, token, noise_multiplier)
+             VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (run_id, model_version) DO UPDATE SET token = excluded.token,
+               noise_multiplier = excluded.noise_multiplier",
+            params![run_id, model_version as i64, token, noise_multiplier],
+        )?;
+        Ok(())
+    }
+
+    /// Releases one window's evaluation: bound, centre, clip, noise (OS-seeded secure
+    /// sampler), record the spend (in one `BEGIN IMMEDIATE` transaction with the budget
+    /// check) — in that order — or refuses. Training off: [`SdkError::TrainingOff`], nothing
+    /// recorded, the window kept. No token for the window's model version, a noise
+    /// multiplier below [`fedpref_privacy::evaluation::MIN_NOISE_MULTIPLIER`], or a budget
+    /// that would be exceeded: [`EvaluationRelease::Dropped`], the window closed unsent.
+    pub fn prepare_evaluation(
+        &mut self,
+        window: &EvaluationWindow,
+        now: Timestamp,
+    ) -> Result<EvaluationRelease, SdkError> {
+        use fedpref_privacy::evaluation as ev;
+        if !self.settings().training {
+            return Err(SdkError::TrainingOff);
+        }
+        let token: Option<(String, f64)> = self
+            .conn
+            .query_row(
+                "SELECT token, noise_multiplier FROM evaluation_token WHERE run_id = ?1 AND model_version = ?2",
+                params![window.run_id, window.model_version as i64],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        let drop = |d: &mut Self, why: String| -> Result<EvaluationRelease, SdkError> {
+            d.close_evaluation_window(&window.run_id, window.model_version)?;
+            Ok(EvaluationRelease::Dropped(why))
+        };
+        let Some((token, sigma)) = token else {
+            return drop(
+                self,
+                format!(
+                    "no task for run {} model version {} carried an evaluation token",
+                    window.run_id, window.model_version
+                ),
+            );
+        };
+        if !(sigma.is_finite() && sigma >= ev::MIN_NOISE_MULTIPLIER) {
+            return drop(
+                self,
+                format!(
+                    "the task's evaluation noise multiplier {sigma} is below the SDK's minimum"
+                ),
+            );
+        }
+        let c = &window.counts;
+        let rates = ev::EvaluationRates::from_counts(&ev::EvaluationCounts {
+            lists_shown: c.recommendation_lists_shown,
+            items_shown: c.recommendations_shown,
+            injected_shown: c.injected_recommendations_shown,
+            intra_list_diversity_sum: c.intra_list_diversity_sum,
+            distinct_topics_shown: c.distinct_topics_shown,
+            catalogue_topics: c.catalogue_topic_count,
+            positive_feedback: c.positive_feedback_count,
+            negative_feedback: c.negative_feedback_count,
+            personalisation_opt_out: c.personalisation_opt_outs > 0,
+            predictions: c.predictions_evaluated,
+            predictions_within_half: c.predictions_within_half,
+            heavy: window.cohort == "heavy",
+        });
+        let mut sampler = fedpref_privacy::SecureSampler::from_os()?;
+        let released = ev::release_rates(&rates, sigma, &mut sampler)?;
+        let spent = self.record_spend(
+            &ev::release(sigma),
+            &crate::upload::UploadRow {
+                kind: "evaluation",
+                round_id: 0,
+                model_version: window.model_version,
+                noise_multiplier: sigma,
+                clip_norm: ev::clip_norm(),
+            },
+            now,
+        );
+        match spent {
+            Ok(_) => {}
+            Err(SdkError::BudgetExceeded(e)) => {
+                return drop(self, format!("the privacy budget does not allow it: {e}"));
+            }
+            Err(e) => return Err(e),
+        }
+        // The token stays until the coordinator acknowledges the report (closing the window
+        // deletes it): a report lost on the way is released afresh, and spent again, next time.
+        Ok(EvaluationRelease::Ready(PreparedEvaluation {
+            run_id: window.run_id.clone(),
+            model_version: window.model_version,
+            token,
+            noise_multiplier: sigma,
+            released: released.into_values(),
+        }))
     }
 }

@@ -83,7 +83,7 @@ pub use device::{
     Affinity, BudgetStatus, Consent, Device, DeviceConfig, IngestReport, Profile, ProfileEdit,
     PurgeReport, Retention, Settings, UploadRecord, derive_implicit,
 };
-pub use evaluation::{EvaluationCounts, EvaluationWindow};
+pub use evaluation::{EvaluationCounts, EvaluationRelease, EvaluationWindow, PreparedEvaluation};
 pub use event::{CatalogueItem, Event, EventError, EventLimits, ExplicitKind, Feedback, Signal};
 pub use examples::{Example, ExampleTable, ItemExample, SignalMapping};
 pub use model::{

@@ -40,6 +40,11 @@ use crate::time::Timestamp;
 /// counts of each open window, one per run and model version), `evaluation_shown` and
 /// `evaluation_topics` (the items and topics shown in each window, kept on the device only
 /// to attribute feedback and count distinct topics; deleted with the window).
+///
+/// Migration 4 makes evaluation a DP release: `evaluation_token` (the single-use token and
+/// noise multiplier a task gave for reporting on its run and model version; a secret like
+/// the device token, deleted with the enrolment) and `uploads.kind` (`update` for a model
+/// update or share, `evaluation` for an evaluation release: both spend the budget).
 pub const MIGRATIONS: &[&str] = &[
     r#"
 CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -164,6 +169,16 @@ CREATE TABLE evaluation_topics (
     PRIMARY KEY (run_id, model_version, topic)
 );
 "#,
+    r#"
+CREATE TABLE evaluation_token (
+    run_id TEXT NOT NULL,
+    model_version INTEGER NOT NULL,
+    token TEXT NOT NULL,
+    noise_multiplier REAL NOT NULL,
+    PRIMARY KEY (run_id, model_version)
+);
+ALTER TABLE uploads ADD COLUMN kind TEXT NOT NULL DEFAULT 'update';
+"#,
 ];
 
 /// The schema version this SDK writes.
@@ -179,10 +194,44 @@ pub(crate) const USER_TABLES: &[&str] = &[
     "private_model",
 ];
 
+/// How long a write waits for another handle's lock before it fails with "database is
+/// locked".
+pub const BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Creates the store's file with mode 0600 if it does not exist, and tightens an existing
+/// one to 0600 (Unix; elsewhere the platform's defaults apply).
+fn restrict_to_owner(path: &std::path::Path) -> Result<(), crate::SdkError> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        let storage =
+            |e: std::io::Error| crate::SdkError::Storage(format!("{}: {e}", path.display()));
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(path)
+            .map_err(storage)?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(storage)?;
+    }
+    #[cfg(not(unix))]
+    let _ = path;
+    Ok(())
+}
+
 /// Opens (creating if needed) and migrates a store. Fails if the file's schema is newer
 /// than this SDK's.
+///
+/// The file is created readable and writable by its owner only (mode 0600 on Unix; an
+/// existing store is tightened to 0600): it holds the device token and the participation
+/// history. SQLite gives its rollback journal the database file's mode. Writers wait up to
+/// [`BUSY_TIMEOUT`] for another handle's write lock, so two handles (or two processes) on
+/// one store take turns instead of failing.
 pub(crate) fn open(path: &std::path::Path) -> Result<Connection, crate::SdkError> {
+    restrict_to_owner(path)?;
     let mut conn = Connection::open(path)?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
     conn.pragma_update(None, "secure_delete", "ON")?;
     let mode: String = conn.query_row("PRAGMA journal_mode = DELETE", [], |r| r.get(0))?;
     if !mode.eq_ignore_ascii_case("delete") {
@@ -502,6 +551,20 @@ mod tests {
         let err = open(&path).unwrap_err();
         assert!(err.to_string().contains("99"), "{err}");
         assert_eq!(std::fs::read(&path).unwrap(), before);
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_new_store_is_created_readable_by_its_owner_only_and_an_old_one_is_tightened() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        drop(open(&path).unwrap());
+        let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&path), 0o600);
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        drop(open(&path).unwrap());
+        assert_eq!(mode(&path), 0o600);
     }
 
     #[test]

@@ -165,8 +165,10 @@ impl Device {
             noise_multiplier: accounted_multiplier,
             sampling_rate: 1.0,
         };
+        // Ask before any work, against the stored accountant (another handle or process
+        // may have spent since this one opened); `record_spend` checks again, atomically.
+        self.reload_budget()?;
         if self.budget.would_exceed(&round)? {
-            // Ask before any work; `spend` below checks again before it records.
             let mut probe = self.budget.clone();
             return Err(SdkError::BudgetExceeded(
                 probe.spend(&round).expect_err("would_exceed said so"),
@@ -215,31 +217,17 @@ impl Device {
             None => None,
         };
         // … 3. record, durably, before the update can go anywhere.
-        let mut budget = self.budget.clone();
-        let spent = budget.spend(&round).map_err(|e| match e {
-            e @ PrivacyError::BudgetExceeded { .. } => SdkError::BudgetExceeded(e),
-            e => SdkError::Privacy(e),
-        })?;
-        let tx = self.conn.transaction()?;
-        tx.execute(
-            "UPDATE privacy_budget SET budget = ?1 WHERE id = 1",
-            [serde_json::to_string(&budget).expect("budget serialises")],
+        let spent = self.record_spend(
+            &round,
+            &UploadRow {
+                kind: "update",
+                round_id: task.round_id,
+                model_version: task.model_version,
+                noise_multiplier: task.noise_multiplier,
+                clip_norm: task.clip_norm,
+            },
+            now,
         )?;
-        tx.execute(
-            "INSERT INTO uploads (at_ms, round_id, model_version, mode, noise_multiplier, clip_norm, epsilon_after)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-            params![
-                now.millis(),
-                task.round_id as i64,
-                task.model_version as i64,
-                task.mode.as_str(),
-                task.noise_multiplier,
-                task.clip_norm,
-                spent.epsilon
-            ],
-        )?;
-        tx.commit()?;
-        self.budget = budget;
         Ok(PreparedUpload {
             round_id: task.round_id,
             base_model_version: task.model_version,
@@ -320,8 +308,11 @@ impl Device {
             return Err(SdkError::TrainingOff);
         }
         let release = self.distributed_release(round);
-        if self.budget.would_exceed(&release)? {
-            let mut probe = self.budget.clone();
+        // Against the stored accountant, not this handle's copy: another handle or process
+        // may have spent since. `record_spend` checks again, atomically, before recording.
+        let budget = crate::device::stored_budget(&self.conn)?;
+        if budget.would_exceed(&release)? {
+            let mut probe = budget;
             return Err(SdkError::BudgetExceeded(
                 probe.spend(&release).expect_err("would_exceed said so"),
             ));
@@ -377,31 +368,17 @@ impl Device {
             .map_err(|e| SdkError::InvalidInput(format!("encoding the share: {e}")))?;
         // … 3. record, durably, before the share can go anywhere.
         let release = self.distributed_release(round);
-        let mut budget = self.budget.clone();
-        let spent = budget.spend(&release).map_err(|e| match e {
-            e @ PrivacyError::BudgetExceeded { .. } => SdkError::BudgetExceeded(e),
-            e => SdkError::Privacy(e),
-        })?;
-        let tx = self.conn.transaction()?;
-        tx.execute(
-            "UPDATE privacy_budget SET budget = ?1 WHERE id = 1",
-            [serde_json::to_string(&budget).expect("budget serialises")],
+        let spent = self.record_spend(
+            &release,
+            &UploadRow {
+                kind: "update",
+                round_id: task.round_id,
+                model_version: task.model_version,
+                noise_multiplier: release.noise_multiplier,
+                clip_norm: mechanism.clip_norm(),
+            },
+            now,
         )?;
-        tx.execute(
-            "INSERT INTO uploads (at_ms, round_id, model_version, mode, noise_multiplier, clip_norm, epsilon_after)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-            params![
-                now.millis(),
-                task.round_id as i64,
-                task.model_version as i64,
-                task.mode.as_str(),
-                release.noise_multiplier,
-                mechanism.clip_norm(),
-                spent.epsilon
-            ],
-        )?;
-        tx.commit()?;
-        self.budget = budget;
         Ok(PreparedShare {
             round_id: task.round_id,
             base_model_version: task.model_version,
@@ -411,5 +388,59 @@ impl Device {
             noise_multiplier: task.noise_multiplier,
             spent,
         })
+    }
+}
+
+/// The parameters of one release, as the `uploads` table records them.
+pub(crate) struct UploadRow {
+    pub(crate) kind: &'static str,
+    pub(crate) round_id: u64,
+    pub(crate) model_version: u64,
+    pub(crate) noise_multiplier: f64,
+    pub(crate) clip_norm: f64,
+}
+
+impl Device {
+    /// Checks and records one release in a single SQLite write transaction
+    /// (`BEGIN IMMEDIATE`): the accountant is re-read inside the transaction, the spend
+    /// checked against the budget and, if it fits, written back with the `uploads` row
+    /// before the transaction commits. Two handles or two processes on one store are
+    /// serialised by SQLite's write lock, so no interleaving can take the user past the
+    /// budget or lose a record. On refusal nothing is written.
+    pub(crate) fn record_spend(
+        &mut self,
+        release: &RoundRelease,
+        row: &UploadRow,
+        now: Timestamp,
+    ) -> Result<PrivacyStatement, SdkError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let mut budget = crate::device::stored_budget(&tx)?;
+        let spent = budget.spend(release).map_err(|e| match e {
+            e @ PrivacyError::BudgetExceeded { .. } => SdkError::BudgetExceeded(e),
+            e => SdkError::Privacy(e),
+        })?;
+        tx.execute(
+            "UPDATE privacy_budget SET budget = ?1 WHERE id = 1",
+            [serde_json::to_string(&budget).expect("budget serialises")],
+        )?;
+        tx.execute(
+            "INSERT INTO uploads (at_ms, round_id, model_version, mode, noise_multiplier, clip_norm, epsilon_after, kind)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            params![
+                now.millis(),
+                row.round_id as i64,
+                row.model_version as i64,
+                release.mode.as_str(),
+                row.noise_multiplier,
+                row.clip_norm,
+                spent.epsilon,
+                row.kind
+            ],
+        )?;
+        tx.commit()?;
+        self.budget = budget;
+        Ok(spent)
     }
 }

@@ -156,7 +156,6 @@ fn the_masked_input_is_uploaded_as_one_u32_tensor_of_the_models_dimension() {
     let Some(Part::Header(header)) = &messages[0].part else {
         panic!("no header first");
     };
-    assert_eq!(header.example_count, 1);
     assert_eq!(header.privacy_mode, pb::PrivacyMode::Distributed as i32);
     assert_eq!(
         header.tensors,

@@ -136,7 +136,6 @@ fn messages(task: &pb::Task) -> Vec<pb::UploadUpdateRequest> {
                 task_token: task.task_token.clone(),
             }),
             base_model_version: task.model.as_ref().map(|m| m.model_version).unwrap_or(1),
-            example_count: 10,
             tensors: tensors.clone(),
             privacy_mode: task.privacy_mode,
             clip_norm: task.clip_norm,

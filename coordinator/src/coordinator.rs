@@ -18,6 +18,7 @@ use rand::rngs::{ChaCha20Rng, SysRng};
 
 use crate::aggregation::ServerState;
 use crate::engine::{Action, AdminCommand, Engine, Event, Progress, RunState};
+use crate::grants::TaskGrants;
 use crate::guardrail::VersionMetrics;
 use crate::ledger::{LedgerEntry, LedgerEvent};
 use crate::manifest::{
@@ -25,7 +26,7 @@ use crate::manifest::{
 };
 use crate::metrics::Metrics;
 use crate::model::{self, ModelError};
-use crate::store::{EvaluationReport, RoundCommit, RunStatus, Store, StoreError};
+use crate::store::{RoundCommit, RunStatus, Store, StoreError};
 
 /// A driver failure.
 #[derive(Debug, thiserror::Error)]
@@ -61,6 +62,21 @@ pub enum Stage {
 
 type StageHook = Box<dyn FnMut(Stage) + Send>;
 
+/// One device's federated-evaluation release, as the service layer checked it.
+#[derive(Clone, Debug)]
+pub struct EvaluationRelease<'a> {
+    /// The run.
+    pub run_id: &'a str,
+    /// The model version evaluated.
+    pub model_version: u64,
+    /// SHA-256 of the evaluation token the report came with.
+    pub token_hash: [u8; 32],
+    /// σ the device applied.
+    pub noise_multiplier: f64,
+    /// The released, centred, noised rates (checked with `EvaluationSum::check`).
+    pub values: [f64; fedpref_privacy::evaluation::COORDINATES],
+}
+
 /// All runs of one database, each with its engine.
 pub struct Coordinator {
     store: Store,
@@ -70,6 +86,7 @@ pub struct Coordinator {
     hook: Option<StageHook>,
     metrics: Option<Arc<Metrics>>,
     remote_owners: BTreeMap<String, String>,
+    grants: TaskGrants,
 }
 
 /// Restores a run's engine from the store (publishing a committed, unpublished version
@@ -183,6 +200,7 @@ impl Coordinator {
             hook: None,
             metrics: None,
             remote_owners: BTreeMap::new(),
+            grants: TaskGrants::default(),
         })
     }
 
@@ -351,25 +369,67 @@ impl Coordinator {
         Ok(actions)
     }
 
-    /// Adds one device's federated-evaluation counts to the run's sums and checks the
-    /// manifest's guardrails on that model version. Each guardrail alerts at most once per
-    /// model version: the alert is logged, counted in Prometheus, written to the ledger and,
-    /// where the guardrail says `pause` and the run is active, followed by a pause (its own
-    /// ledger entry). Returns the alerts written.
+    /// Records that `device` was given a task in `run_id` on `model_version` (see
+    /// [`crate::grants`]); returns the evaluation token the task carries, if one is issued
+    /// (the first task of the device on that version, in every mode but distributed).
+    pub fn task_given(
+        &mut self,
+        run_id: &str,
+        device: &str,
+        model_version: u64,
+        evaluation: bool,
+        new_token: impl FnOnce() -> String,
+    ) -> Option<String> {
+        self.grants
+            .task_given(run_id, device, model_version, evaluation, new_token, |t| {
+                crate::service::auth::sha256(t.as_bytes())
+            })
+    }
+
+    /// Whether `device` may download `run_id`'s models: it was given a task in the run since
+    /// this coordinator started, or took part in one of its committed rounds.
+    pub fn may_download(&self, run_id: &str, device: &str) -> Result<bool, CoordinatorError> {
+        Ok(self.grants.was_tasked(run_id, device) || self.store.took_part(run_id, device)?)
+    }
+
+    /// Adds one device's released evaluation to the run's noised sums and checks the
+    /// manifest's guardrails on that model version. The report is accepted once per
+    /// evaluation token (one per device and version; see [`crate::grants`]); nothing that
+    /// identifies the device is stored with it. Each guardrail alerts at most once per
+    /// model version, and only once at least its `minimum_reporting_devices` devices' noised
+    /// releases are summed: the alert is logged, counted in Prometheus, written to the ledger
+    /// and, where the guardrail says `pause` and the run is active, followed by a pause (its
+    /// own ledger entry). Returns the alerts written.
     pub fn record_evaluation(
         &mut self,
-        report: &EvaluationReport<'_>,
+        release: &EvaluationRelease<'_>,
         now_ms: i64,
     ) -> Result<Vec<LedgerEvent>, CoordinatorError> {
-        let run_id = report.run_id;
+        let run_id = release.run_id;
         let record = self.store.run(run_id)?;
-        if report.model_version > record.current_version {
+        if release.model_version > record.current_version {
             return Err(CoordinatorError::Refused(format!(
-                "run {run_id:?} has no model version {}",
-                report.model_version
+                "model_version: run {run_id:?} has no model version {}",
+                release.model_version
             )));
         }
-        self.store.add_evaluation_counts(report)?;
+        self.grants
+            .redeem(&release.token_hash, run_id, release.model_version)
+            .map_err(|e| CoordinatorError::Refused(e.to_string()))?;
+        let first =
+            self.store
+                .add_evaluation_release(run_id, release.model_version, &release.values)?;
+        // The ledger says, once per model version, what each device's evaluation release of
+        // it cost (a stopped run's ledger is closed; only the run's owner writes it).
+        let owner = self.store.replica_id().is_none() || self.engines.contains_key(run_id);
+        if first && owner && record.status != RunStatus::Stopped {
+            let event = crate::ledger::evaluation_release_event(
+                release.model_version,
+                release.noise_multiplier,
+                record.manifest.budget.delta,
+            );
+            self.store.append_event(run_id, event, now_ms)?;
+        }
         let guardrails = &record.manifest.guardrail_metrics;
         // A stopped run's ledger is closed: its counts are still summed for the report, but
         // no alert is appended after the stop.
@@ -379,10 +439,10 @@ impl Coordinator {
         if guardrails.is_empty() || record.status == RunStatus::Stopped || not_owner {
             return Ok(vec![]);
         }
-        let version = report.model_version;
-        let rows = self.store.evaluation_rows(run_id)?;
-        let devices = self.store.reporting_devices(run_id, version)?;
-        let metrics = VersionMetrics::compute(version, &rows, devices);
+        let version = release.model_version;
+        let sum = self.store.evaluation_sum(run_id, version)?;
+        let metrics = VersionMetrics::compute(version, &sum);
+        let devices = metrics.reporting_devices;
         let crossed = metrics.crossed(guardrails);
         if crossed.is_empty() {
             return Ok(vec![]);
@@ -416,8 +476,10 @@ impl Coordinator {
                 action_taken: g.on_alert,
                 model_version: version,
                 reporting_devices: devices,
-                window_start_ms: metrics.window_start_ms.unwrap_or(report.window_start_ms),
-                window_end_ms: metrics.window_end_ms.unwrap_or(report.window_end_ms),
+                // The window is the model version: no device sends a time. These are the
+                // coordinator's clock at the alert.
+                window_start_ms: now_ms,
+                window_end_ms: now_ms,
             };
             self.store.append_event(run_id, event.clone(), now_ms)?;
             tracing::warn!(
@@ -436,7 +498,7 @@ impl Coordinator {
             }
             if g.on_alert == AlertAction::Pause && pause.is_none() {
                 pause = Some(format!(
-                    "{GUARDRAIL_PAUSE_PREFIX}{} = {value:.4} is {} the threshold {} on model version {version} ({devices} reporting devices)",
+                    "{GUARDRAIL_PAUSE_PREFIX}{} = {value:.4} is {} the threshold {} on model version {version} ({devices} reporting devices; a ratio of noised sums)",
                     g.metric.as_str(),
                     g.direction.as_str(),
                     g.threshold

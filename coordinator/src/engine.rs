@@ -29,8 +29,9 @@
 //! One update per device per round. Stale round ids, unknown task tokens, devices that were
 //! not selected, second uploads, wrong lengths and NaN/±∞ are rejected with a
 //! [`Rejection`] whose kind maps to a gRPC status. In central mode every update is clipped to
-//! C on the coordinator (devices are not trusted to have done it) and weighted equally; in
-//! local mode updates are weighted by their example counts.
+//! C on the coordinator (devices are not trusted to have done it); in every DP mode updates are
+//! weighted equally (devices send no example count); only runs without DP, driven by the
+//! simulator, weigh by the example counts it passes in.
 //!
 //! A round in flight when the process dies is simply gone: nothing of it was released or
 //! spent, and its round number is used again.
@@ -1358,11 +1359,12 @@ impl Engine {
             }
             (false, None) => None,
         };
-        // Central DP weighs users equally (each contribution has sensitivity C); local and
-        // no-DP runs weigh by example count.
+        // Under DP every update weighs the same: central DP because each contribution has
+        // sensitivity C, local DP because a device sends nothing unnoised about its data (no
+        // example count). Only runs without DP (the simulator's) weigh by example count.
         let weight = match self.manifest.aggregation_privacy() {
-            AggregationPrivacy::Central { .. } => 1.0,
-            _ => examples.max(1) as f64,
+            AggregationPrivacy::None => examples.max(1) as f64,
+            _ => 1.0,
         };
         // The clip bit is computed before the update enters the aggregator (which refuses
         // NaN and wrong lengths itself; such an update adds no bit either).

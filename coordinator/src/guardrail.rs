@@ -1,68 +1,44 @@
-//! Guardrail metrics: what the coordinator derives from the devices' summed
-//! federated-evaluation counts, and when a manifest threshold is crossed.
+//! Guardrail metrics: what the coordinator derives from the devices' released (noised)
+//! federated-evaluation rates, and when a manifest threshold is crossed.
 //!
-//! Pure functions over [`EvaluationRow`]s (the store's sums per model version and cohort):
-//! no device's own report is ever looked at on its own. A metric is evaluated per model
-//! version over all cohorts, and only once at least the guardrail's
-//! `minimum_reporting_devices` distinct devices have reported on that version.
+//! Pure functions over an [`EvaluationSum`] (the store's sum of one model version's
+//! releases, one per device): no device's release is ever looked at on its own. Every metric
+//! is a ratio of **noised** sums ([`EvaluationSum::ratio`]), a mean over the devices that
+//! had something to say (e.g. the negative-feedback rate is the mean, over devices that were
+//! shown lists, of each device's rate), clamped to [0, 1]. A guardrail is evaluated only
+//! once at least its `minimum_reporting_devices` distinct devices' releases are summed
+//! (each device reports at most once per model version), and the report shows a version's
+//! metrics only from [`MINIMUM_DEVICES_SHOWN`] devices.
 
 use std::collections::BTreeMap;
 
+use fedpref_privacy::evaluation::{Coordinate, EvaluationSum};
 use serde::Serialize;
 
 use crate::manifest::{GuardrailMetric, GuardrailMetricKind};
-use crate::store::EvaluationRow;
 
-/// The guardrail metrics of one model version, from its summed counts.
+/// The fewest devices whose releases a version's metrics are shown for (in the report and
+/// the admin API). Below it the report shows the number of devices only.
+pub const MINIMUM_DEVICES_SHOWN: u64 = 20;
+
+/// The guardrail metrics of one model version, from its noised sums.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct VersionMetrics {
-    /// The model version the reports evaluate.
+    /// The model version the releases evaluate.
     pub model_version: u64,
-    /// Reports summed (a device may report more than once).
+    /// Releases summed (one per device).
     pub reports: u64,
-    /// Distinct devices that reported.
+    /// Distinct devices whose releases are summed (equal to `reports`: one per device).
     pub reporting_devices: u64,
-    /// The earliest window start (ms since the epoch), if any report had one.
-    pub window_start_ms: Option<i64>,
-    /// The latest window end.
-    pub window_end_ms: Option<i64>,
-    /// Each metric's value; absent where its denominator is zero (nothing shown, fewer
-    /// than two cohorts with predictions, …).
+    /// Each metric's value from the noised sums; absent where its denominator's noised sum
+    /// is below one device's worth (nothing shown, fewer than two cohorts evaluated, …).
     pub values: BTreeMap<GuardrailMetricKind, f64>,
 }
 
 impl VersionMetrics {
-    /// Computes every metric of `version` from the rows of that version (other rows are
-    /// ignored).
-    pub fn compute(version: u64, rows: &[EvaluationRow], reporting_devices: u64) -> Self {
-        let rows: Vec<&EvaluationRow> =
-            rows.iter().filter(|r| r.model_version == version).collect();
-        let mut lists = 0i64;
-        let mut shown = 0i64;
-        let mut injected = 0i64;
-        let mut negative = 0i64;
-        let mut diversity = 0.0;
-        let mut coverage = 0.0;
-        let mut coverage_reports = 0i64;
-        let mut opted_out = 0i64;
-        let mut reports = 0u64;
-        let mut accuracy = vec![];
-        for r in &rows {
-            let s = &r.sums;
-            lists += s.recommendation_lists_shown;
-            shown += s.recommendations_shown;
-            injected += s.injected_recommendations_shown;
-            negative += s.negative_feedback_count;
-            diversity += s.intra_list_diversity_sum;
-            coverage += s.topic_coverage_sum;
-            coverage_reports += s.topic_coverage_reports;
-            opted_out += s.opted_out_reports;
-            reports += r.reports;
-            if s.predictions_evaluated > 0 {
-                accuracy.push(s.predictions_within_half as f64 / s.predictions_evaluated as f64);
-            }
-        }
-        let ratio = |num: f64, den: i64| (den > 0).then(|| num / den as f64);
+    /// Computes every metric of `version` from its noised sum.
+    pub fn compute(version: u64, sum: &EvaluationSum) -> Self {
+        use Coordinate as C;
         let mut values = BTreeMap::new();
         let mut put = |k, v: Option<f64>| {
             if let Some(v) = v {
@@ -71,69 +47,69 @@ impl VersionMetrics {
         };
         put(
             GuardrailMetricKind::IntraListDiversity,
-            ratio(diversity, lists),
+            sum.ratio(C::IntraListDiversity, Some(C::ListsShown)),
         );
         put(
             GuardrailMetricKind::TopicCoverage,
-            ratio(coverage, coverage_reports),
+            sum.ratio(C::TopicCoverage, Some(C::HasCatalogue)),
         );
         put(
             GuardrailMetricKind::NegativeFeedbackRate,
-            ratio(negative as f64, shown),
+            sum.ratio(C::NegativeFeedbackRate, Some(C::ListsShown)),
         );
         put(
             GuardrailMetricKind::OptOutRate,
-            ratio(opted_out as f64, reports as i64),
+            sum.ratio(C::PersonalisationOptOut, None),
         );
         put(
             GuardrailMetricKind::CohortAccuracyGap,
-            (accuracy.len() >= 2).then(|| {
-                let max = accuracy.iter().copied().fold(f64::MIN, f64::max);
-                let min = accuracy.iter().copied().fold(f64::MAX, f64::min);
-                max - min
-            }),
+            sum.ratio(C::LightAccuracy, Some(C::LightEvaluated))
+                .zip(sum.ratio(C::HeavyAccuracy, Some(C::HeavyEvaluated)))
+                .map(|(light, heavy)| (light - heavy).abs()),
         );
         put(
             GuardrailMetricKind::InjectedShare,
-            ratio(injected as f64, shown),
+            sum.ratio(C::InjectedShare, Some(C::ListsShown)),
         );
         Self {
             model_version: version,
-            reports,
-            reporting_devices,
-            window_start_ms: rows.iter().filter_map(|r| r.window_start_ms).min(),
-            window_end_ms: rows.iter().filter_map(|r| r.window_end_ms).max(),
+            reports: sum.reports,
+            reporting_devices: sum.reports,
             values,
         }
     }
 
-    /// The guardrails of `guardrails` this version's metrics cross, with their values. A
-    /// guardrail is not evaluated below its minimum number of reporting devices.
+    /// The guardrails of `guardrails` this version's noised metrics cross, with their values.
+    /// A guardrail is not evaluated below its minimum number of reporting devices.
     pub fn crossed<'a>(
         &self,
         guardrails: &'a [GuardrailMetric],
     ) -> Vec<(&'a GuardrailMetric, f64)> {
         guardrails
             .iter()
-            .filter(|g| self.reporting_devices >= g.minimum_reporting_devices)
+            .filter(|g| self.reporting_devices >= g.minimum_reporting_devices.max(1))
             .filter_map(|g| {
                 let v = *self.values.get(&g.metric)?;
                 g.direction.crossed(v, g.threshold).then_some((g, v))
             })
             .collect()
     }
+
+    /// The version's metrics as the report shows them: all of them from
+    /// [`MINIMUM_DEVICES_SHOWN`] devices, none below.
+    pub fn shown(mut self) -> Self {
+        if self.reporting_devices < MINIMUM_DEVICES_SHOWN {
+            self.values.clear();
+        }
+        self
+    }
 }
 
-/// The metrics of every model version that has reports, in version order.
-pub fn all_versions(
-    rows: &[EvaluationRow],
-    reporting_devices: impl Fn(u64) -> u64,
-) -> Vec<VersionMetrics> {
-    let mut versions: Vec<u64> = rows.iter().map(|r| r.model_version).collect();
-    versions.dedup();
-    versions
-        .into_iter()
-        .map(|v| VersionMetrics::compute(v, rows, reporting_devices(v)))
+/// The metrics of every model version that has releases, in version order, as the report
+/// shows them ([`VersionMetrics::shown`]).
+pub fn all_versions(sums: &[(u64, EvaluationSum)]) -> Vec<VersionMetrics> {
+    sums.iter()
+        .map(|(v, sum)| VersionMetrics::compute(*v, sum).shown())
         .collect()
 }
 
@@ -141,63 +117,75 @@ pub fn all_versions(
 mod tests {
     use super::*;
     use crate::manifest::{AlertAction, ThresholdDirection};
-    use crate::store::EvaluationSums;
+    use fedpref_privacy::evaluation::{COORDINATES, EvaluationCounts, EvaluationRates};
 
-    fn row(version: u64, cohort: &str, reports: u64, sums: EvaluationSums) -> EvaluationRow {
-        EvaluationRow {
-            model_version: version,
-            cohort: cohort.into(),
-            reports,
-            sums,
-            window_start_ms: Some(1000),
-            window_end_ms: Some(2000),
+    /// The sum of `n` devices' noiseless (centred) rates.
+    fn sum_of(devices: &[(u64, EvaluationCounts)]) -> EvaluationSum {
+        let mut sum = EvaluationSum::default();
+        for (n, c) in devices {
+            let r = EvaluationRates::from_counts(c);
+            let mut v = [0.0; COORDINATES];
+            for (slot, x) in v.iter_mut().zip(r.values()) {
+                *slot = x - 0.5;
+            }
+            for _ in 0..*n {
+                sum.add(&v);
+            }
         }
+        sum
     }
 
     #[test]
-    fn metrics_are_ratios_of_the_summed_counts_over_cohorts() {
-        let light = EvaluationSums {
-            recommendation_lists_shown: 10,
-            recommendations_shown: 100,
-            injected_recommendations_shown: 20,
-            negative_feedback_count: 5,
-            predictions_evaluated: 10,
+    fn metrics_are_means_of_the_devices_rates_over_those_with_a_denominator() {
+        let light = EvaluationCounts {
+            lists_shown: 2,
+            items_shown: 20,
+            injected_shown: 4,
+            intra_list_diversity_sum: 1.0,
+            negative_feedback: 2,
+            distinct_topics_shown: 1,
+            catalogue_topics: 4,
+            predictions: 10,
             predictions_within_half: 9,
-            intra_list_diversity_sum: 6.0,
-            topic_coverage_sum: 1.5,
-            topic_coverage_reports: 3,
-            opted_out_reports: 1,
             ..Default::default()
         };
-        let heavy = EvaluationSums {
-            recommendation_lists_shown: 30,
-            recommendations_shown: 300,
-            injected_recommendations_shown: 40,
-            negative_feedback_count: 35,
-            predictions_evaluated: 20,
-            predictions_within_half: 10,
-            intra_list_diversity_sum: 10.0,
-            topic_coverage_sum: 0.5,
-            topic_coverage_reports: 1,
-            opted_out_reports: 0,
+        let heavy = EvaluationCounts {
+            lists_shown: 1,
+            items_shown: 10,
+            negative_feedback: 5,
+            intra_list_diversity_sum: 0.2,
+            catalogue_topics: 4,
+            distinct_topics_shown: 3,
+            personalisation_opt_out: true,
+            predictions: 10,
+            predictions_within_half: 5,
+            heavy: true,
             ..Default::default()
         };
-        let rows = [
-            row(2, "heavy", 1, heavy),
-            row(2, "light", 3, light),
-            row(3, "light", 1, light),
-        ];
-        let m = VersionMetrics::compute(2, &rows, 4);
+        let m = VersionMetrics::compute(2, &sum_of(&[(3, light), (1, heavy)]));
         let v = |k| m.values[&k];
-        assert_eq!(m.reports, 4);
-        assert_eq!(v(GuardrailMetricKind::IntraListDiversity), 16.0 / 40.0);
-        assert_eq!(v(GuardrailMetricKind::TopicCoverage), 2.0 / 4.0);
-        assert_eq!(v(GuardrailMetricKind::NegativeFeedbackRate), 40.0 / 400.0);
-        assert_eq!(v(GuardrailMetricKind::OptOutRate), 1.0 / 4.0);
-        assert!((v(GuardrailMetricKind::CohortAccuracyGap) - 0.4).abs() < 1e-12);
-        assert_eq!(v(GuardrailMetricKind::InjectedShare), 60.0 / 400.0);
+        let close = |a: f64, b: f64| (a - b).abs() < 1e-12;
+        assert_eq!(m.reporting_devices, 4);
+        assert!(close(
+            v(GuardrailMetricKind::NegativeFeedbackRate),
+            (3.0 * 0.1 + 0.5) / 4.0
+        ));
+        assert!(close(
+            v(GuardrailMetricKind::IntraListDiversity),
+            (3.0 * 0.5 + 0.2) / 4.0
+        ));
+        assert!(close(
+            v(GuardrailMetricKind::TopicCoverage),
+            (3.0 * 0.25 + 0.75) / 4.0
+        ));
+        assert!(close(v(GuardrailMetricKind::OptOutRate), 0.25));
+        assert!(close(v(GuardrailMetricKind::CohortAccuracyGap), 0.4));
+        assert!(close(
+            v(GuardrailMetricKind::InjectedShare),
+            3.0 * 0.2 / 4.0
+        ));
         // One cohort only: no gap to speak of.
-        let single = VersionMetrics::compute(3, &rows, 1);
+        let single = VersionMetrics::compute(3, &sum_of(&[(5, light)]));
         assert!(
             !single
                 .values
@@ -207,12 +195,12 @@ mod tests {
 
     #[test]
     fn a_guardrail_is_not_evaluated_below_its_minimum_of_reporting_devices() {
-        let sums = EvaluationSums {
-            recommendations_shown: 10,
-            negative_feedback_count: 9,
+        let bad = EvaluationCounts {
+            lists_shown: 1,
+            items_shown: 10,
+            negative_feedback: 9,
             ..Default::default()
         };
-        let rows = [row(1, "light", 3, sums)];
         let g = [GuardrailMetric {
             metric: GuardrailMetricKind::NegativeFeedbackRate,
             direction: ThresholdDirection::Above,
@@ -220,8 +208,29 @@ mod tests {
             on_alert: AlertAction::Log,
             minimum_reporting_devices: 3,
         }];
-        assert!(VersionMetrics::compute(1, &rows, 2).crossed(&g).is_empty());
-        let crossed = VersionMetrics::compute(1, &rows, 3).crossed(&g).len();
-        assert_eq!(crossed, 1);
+        assert!(
+            VersionMetrics::compute(1, &sum_of(&[(2, bad)]))
+                .crossed(&g)
+                .is_empty()
+        );
+        assert_eq!(
+            VersionMetrics::compute(1, &sum_of(&[(3, bad)]))
+                .crossed(&g)
+                .len(),
+            1
+        );
+    }
+
+    #[test]
+    fn the_report_shows_no_metric_below_its_minimum_of_devices() {
+        let opted_out = EvaluationCounts {
+            personalisation_opt_out: true,
+            ..Default::default()
+        };
+        let few = all_versions(&[(1, sum_of(&[(1, opted_out)]))]);
+        assert!(few[0].values.is_empty(), "{few:?}");
+        assert_eq!(few[0].reporting_devices, 1);
+        let many = all_versions(&[(1, sum_of(&[(MINIMUM_DEVICES_SHOWN, opted_out)]))]);
+        assert_eq!(many[0].values[&GuardrailMetricKind::OptOutRate], 1.0);
     }
 }

@@ -278,6 +278,24 @@ pub enum LedgerEvent {
         /// The latest window end.
         window_end_ms: i64,
     },
+    /// The first federated-evaluation report on a model version was accepted: each device
+    /// may release one evaluation of that version (one report per device and version), a
+    /// local Gaussian release of K rates in [0, 1] (replace-one, sensitivity 2C with
+    /// C = √K/2) with noise multiplier `noise_multiplier`, costing each reporting device
+    /// `epsilon` at `delta` on its own. Evaluation spends on devices' own accountants, apart
+    /// from the rounds' cumulative ε.
+    EvaluationReleased {
+        /// The model version evaluated.
+        model_version: u64,
+        /// σ of each device's evaluation release.
+        noise_multiplier: f64,
+        /// C = √K/2 of the centred rate vector.
+        clip_norm: f64,
+        /// ε of one device's release of this version, at `delta`.
+        epsilon: f64,
+        /// δ.
+        delta: f64,
+    },
     /// The run stopped; no further rounds.
     RunStopped {
         /// `completed`, `budget exhausted: …`, or an operator's reason.
@@ -302,8 +320,63 @@ impl LedgerEvent {
             Self::Resumed { .. } => "resumed",
             Self::RolledBack { .. } => "rolled_back",
             Self::GuardrailAlert { .. } => "guardrail_alert",
+            Self::EvaluationReleased { .. } => "evaluation_released",
             Self::RunStopped { .. } => "run_stopped",
         }
+    }
+}
+
+/// The [`LedgerEvent::EvaluationReleased`] entry for `model_version` when devices release
+/// their evaluation with noise multiplier `noise_multiplier` (ε of one local release at δ
+/// on the default order grid).
+pub fn evaluation_release_event(
+    model_version: u64,
+    noise_multiplier: f64,
+    delta: f64,
+) -> LedgerEvent {
+    let epsilon = fedpref_privacy::epsilon_after(
+        &fedpref_privacy::evaluation::release(noise_multiplier),
+        1,
+        delta,
+        &fedpref_privacy::OrderGrid::default(),
+    )
+    .map_or(f64::INFINITY, |s| s.epsilon);
+    LedgerEvent::EvaluationReleased {
+        model_version,
+        noise_multiplier,
+        clip_norm: fedpref_privacy::evaluation::clip_norm(),
+        epsilon,
+        delta,
+    }
+}
+
+/// Whether two `evaluation_released` events agree (ε to a relative 10⁻¹²).
+fn same_evaluation(a: &LedgerEvent, b: &LedgerEvent) -> bool {
+    match (a, b) {
+        (
+            LedgerEvent::EvaluationReleased {
+                model_version: va,
+                noise_multiplier: sa,
+                clip_norm: ca,
+                epsilon: ea,
+                delta: da,
+            },
+            LedgerEvent::EvaluationReleased {
+                model_version: vb,
+                noise_multiplier: sb,
+                clip_norm: cb,
+                epsilon: eb,
+                delta: db,
+            },
+        ) => {
+            va == vb
+                && sa == sb
+                && ca == cb
+                && da == db
+                && ea.is_finite()
+                && (ea - eb).abs() <= 1e-12 * eb.abs().max(1.0)
+        }
+        _ => false,
     }
 }
 
@@ -813,6 +886,27 @@ pub fn verify(run_id: &str, entries: &[SealedEntry]) -> Result<VerifiedTotals, V
                 last_eps = eps;
                 released = Some((*round, (**d).clone()));
                 records_releases = true;
+            }
+            (
+                LedgerEvent::EvaluationReleased {
+                    model_version,
+                    noise_multiplier,
+                    delta: evaluation_delta,
+                    ..
+                },
+                _,
+            ) => {
+                // The entry must be what its σ gives at the run's δ: C and ε re-derived.
+                let again =
+                    evaluation_release_event(*model_version, *noise_multiplier, *evaluation_delta);
+                if *evaluation_delta != delta || !same_evaluation(&entry.event, &again) {
+                    return Err(fail(
+                        expected,
+                        format!(
+                            "its evaluation release does not follow from σ = {noise_multiplier} at the run's δ = {delta} (expected {again:?})"
+                        ),
+                    ));
+                }
             }
             (LedgerEvent::RoundAbandoned { round, .. }, _) => {
                 if released.as_ref().is_some_and(|(r, _)| r == round) {

@@ -29,6 +29,7 @@ pub mod config;
 pub mod coordinator;
 pub mod distributed;
 pub mod engine;
+pub mod grants;
 pub mod guardrail;
 pub mod ledger;
 pub mod manifest;

@@ -338,22 +338,24 @@ pub struct Kpi {
     pub higher_is_better: bool,
 }
 
-/// A metric the coordinator derives from the devices' summed federated-evaluation counts
-/// (`ReportMetrics`), per model version, over all activity cohorts.
+/// A metric the coordinator derives from the devices' noised federated-evaluation releases
+/// (`ReportMetrics`), per model version: a ratio of noised sums, each a mean of the devices'
+/// rates over the devices with a denominator (see [`crate::guardrail`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum GuardrailMetricKind {
-    /// Σ intra-list diversity ÷ recommendation lists shown.
+    /// Mean over devices shown lists of their mean intra-list diversity.
     IntraListDiversity,
-    /// Mean over reports (with a catalogue) of distinct topics shown ÷ catalogue topics.
+    /// Mean over devices with a catalogue of distinct topics shown ÷ catalogue topics.
     TopicCoverage,
-    /// Negative feedback ÷ recommendations shown.
+    /// Mean over devices shown lists of negative feedback ÷ recommendations shown.
     NegativeFeedbackRate,
-    /// Reporting devices whose user turned personalisation or training off ÷ reports.
+    /// Reporting devices whose user turned personalisation off ÷ reporting devices.
     OptOutRate,
-    /// Largest difference in prediction accuracy (share within 0.5) between cohorts.
+    /// Difference in prediction accuracy (share within 0.5) between the light and heavy
+    /// cohorts.
     CohortAccuracyGap,
-    /// Slots filled by diversity injection ÷ recommendations shown.
+    /// Mean over devices shown lists of injected slots ÷ recommendations shown.
     InjectedShare,
 }
 
@@ -386,9 +388,7 @@ impl GuardrailMetricKind {
             Self::IntraListDiversity => "mean intra-list diversity of the lists shown",
             Self::TopicCoverage => "mean share of the catalogue's topics shown on a device",
             Self::NegativeFeedbackRate => "negative feedback per recommendation shown",
-            Self::OptOutRate => {
-                "share of reports whose user turned personalisation or training off"
-            }
+            Self::OptOutRate => "share of reporting devices whose user turned personalisation off",
             Self::CohortAccuracyGap => {
                 "largest gap in prediction accuracy between activity cohorts"
             }

@@ -262,6 +262,33 @@ pub struct Guardrails {
     pub versions: Vec<VersionMetrics>,
     /// Every alert that fired (the ledger's `guardrail_alert` entries).
     pub alerts: Vec<Alert>,
+    /// What federated evaluation cost each reporting device, per model version (the
+    /// ledger's `evaluation_released` entries).
+    pub evaluation: Vec<EvaluationSpend>,
+}
+
+/// One model version's evaluation release, as the ledger records it.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct EvaluationSpend {
+    /// The ledger entry.
+    pub sequence: u64,
+    /// The model version evaluated.
+    pub model_version: u64,
+    /// σ of each device's release.
+    pub noise_multiplier: f64,
+    /// ε of one device's release, at `delta`.
+    pub epsilon: f64,
+    /// δ.
+    pub delta: f64,
+}
+
+impl EvaluationSpend {
+    fn sentence(&self) -> String {
+        format!(
+            "Model version {}: each reporting device released its evaluation once, a local Gaussian release with σ = {}, ε = {:.4} at δ = {:e} on that device's own accountant (ledger entry {}).",
+            self.model_version, self.noise_multiplier, self.epsilon, self.delta, self.sequence
+        )
+    }
 }
 
 /// A guardrail alert as recorded in the ledger.
@@ -333,6 +360,7 @@ impl ImpactReport {
         let (mut committed, mut abandoned) = (0u64, 0u64);
         let mut final_epsilon = vec![];
         let mut alerts = vec![];
+        let mut evaluation = vec![];
         let mut operations = vec![];
         let mut clip_trajectory = vec![];
         for e in &entries {
@@ -442,6 +470,19 @@ impl ImpactReport {
                     kind: "run_stopped".into(),
                     detail: format!("stopped after {rounds_committed} rounds: {reason}"),
                 }),
+                LedgerEvent::EvaluationReleased {
+                    model_version,
+                    noise_multiplier,
+                    epsilon,
+                    delta,
+                    ..
+                } => evaluation.push(EvaluationSpend {
+                    sequence: e.sequence,
+                    model_version: *model_version,
+                    noise_multiplier: *noise_multiplier,
+                    epsilon: *epsilon,
+                    delta: *delta,
+                }),
                 LedgerEvent::ModelPublished { .. } => {}
             }
         }
@@ -461,8 +502,7 @@ impl ImpactReport {
             .then(|| final_epsilon.first().map_or(0.0, |a| a.epsilon));
         let per_device =
             per_device_spend(&participations, &round_sigma, &grid, delta, m, tree_epsilon)?;
-        let rows = store.evaluation_rows(run_id)?;
-        let versions = all_versions(&rows, |v| store.reporting_devices(run_id, v).unwrap_or(0));
+        let versions = all_versions(&store.evaluation_sums(run_id)?);
         let mode = m.privacy_mode.privacy_mode();
         let audiences: Vec<AudienceNote> = match m.round_release() {
             Some(release) => crate::ledger::tracked_audiences(&release)
@@ -566,6 +606,7 @@ impl ImpactReport {
                 thresholds: m.guardrail_metrics.clone(),
                 versions,
                 alerts,
+                evaluation,
             },
             operations,
         })
@@ -748,7 +789,11 @@ fn rederive_text(run_id: &str, tree: bool) -> Vec<String> {
             "`fedpref-coordinator ledger export --db PATH --run {run_id} --format json` prints every entry with its canonical text, previous hash and hash (documented field by field in the README): the rounds, cohort sizes, ε per round, guardrail alerts, pauses, rollbacks and the stop shown here are those entries."
         ),
         "Per-device ε composes, for each device, the rounds it took part in at each round's σ without amplification by sampling (`fedpref-coordinator accountant epsilon --noise-multiplier σ --sampling-rate 1 --rounds K --delta δ` gives the same figure for K participations at one σ).".to_string(),
-        "Guardrail metrics are ratios of the evaluation counts summed over all reporting devices of a model version; no single device's report is shown or used alone.".to_string(),
+        format!(
+            "Guardrail metrics are ratios of noised sums: each device releases its evaluation of a model version once, as K = {} rates in [0, 1] with Gaussian noise added on the device; the coordinator sums the releases and compares ratios of the noised sums with the thresholds. A version's metrics are shown only from {} reporting devices; no single device's release is shown or used alone.",
+            fedpref_privacy::evaluation::COORDINATES,
+            crate::guardrail::MINIMUM_DEVICES_SHOWN
+        ),
     ];
     if tree {
         lines.push(
@@ -1044,6 +1089,12 @@ impl ImpactReport {
             }
             let _ = writeln!(o);
         }
+        for spend in &g.evaluation {
+            let _ = writeln!(o, "- {}", spend.sentence());
+        }
+        if !g.evaluation.is_empty() {
+            let _ = writeln!(o);
+        }
         let _ = writeln!(o, "### Alerts");
         let _ = writeln!(o);
         if g.alerts.is_empty() {
@@ -1141,7 +1192,7 @@ fn latest_value(g: &Guardrails, k: GuardrailMetricKind) -> String {
 
 fn alert_sentence(a: &Alert) -> String {
     format!(
-        "entry {} ({}): {} = {} is {} the threshold {} on model version {} ({} reporting devices); action: {}",
+        "entry {} ({}): {} = {} is {} the threshold {} on model version {} ({} reporting devices; a ratio of noised sums); action: {}",
         a.sequence,
         utc(a.at_ms),
         a.metric.as_str(),
@@ -1475,6 +1526,13 @@ impl ImpactReport {
                 let _ = writeln!(o, "</tr>");
             }
             let _ = writeln!(o, "</table>");
+        }
+        if !g.evaluation.is_empty() {
+            let _ = writeln!(o, "<ul>");
+            for spend in &g.evaluation {
+                let _ = writeln!(o, "<li>{}</li>", esc(&spend.sentence()));
+            }
+            let _ = writeln!(o, "</ul>");
         }
         let _ = writeln!(o, "<h3>Alerts</h3>");
         if g.alerts.is_empty() {

@@ -1,6 +1,6 @@
 //! The coordinator's durable state, in SQLite or PostgreSQL: runs and manifests, rounds,
 //! model versions (kept for rollback), the privacy ledger, participations (opaque device id,
-//! round), enrolled devices (id and token hash), summed federated-evaluation counts, and the
+//! round), enrolled devices (id and token hash), the noised sums of federated-evaluation releases, and the
 //! runs' leases when several replicas share one PostgreSQL database.
 //!
 //! - One [`Store`] type, two backends (module `backend`): the queries are written once in
@@ -34,6 +34,8 @@ use std::sync::{Mutex, MutexGuard};
 use rusqlite::Connection;
 
 use backend::{Conn, Dialect, Row, Tx, Value, now_ms_sql, vals};
+
+use fedpref_privacy::evaluation::{COORDINATES, EvaluationSum};
 
 use crate::ledger::{GENESIS_HASH, LedgerEntry, LedgerEvent, SealedEntry, seal};
 use crate::manifest::RunManifest;
@@ -156,6 +158,20 @@ CREATE TABLE admin_commands (
     created_at_ms BIGINT NOT NULL
 );
 CREATE INDEX admin_commands_by_run ON admin_commands (run_id, status);
+"#,
+    // 6: federated evaluation as a DP release: the sums of the devices' released, noised
+    // rates per model version (no device identity, no time, no raw count); the raw counts
+    // and the table of which device reported on which version are dropped.
+    r#"
+DROP TABLE evaluation_reporters;
+DROP TABLE evaluation_counts;
+CREATE TABLE evaluation_releases (
+    run_id TEXT NOT NULL REFERENCES runs(id),
+    model_version BIGINT NOT NULL,
+    reports BIGINT NOT NULL,
+    sums TEXT NOT NULL,
+    PRIMARY KEY (run_id, model_version)
+);
 "#,
 ];
 
@@ -283,6 +299,20 @@ CREATE TABLE admin_commands (
 );
 CREATE INDEX admin_commands_by_run ON admin_commands (run_id, status);
 "#,
+    // 6: federated evaluation as a DP release: the sums of the devices' released, noised
+    // rates per model version (no device identity, no time, no raw count); the raw counts
+    // and the table of which device reported on which version are dropped.
+    r#"
+DROP TABLE evaluation_reporters;
+DROP TABLE evaluation_counts;
+CREATE TABLE evaluation_releases (
+    run_id TEXT NOT NULL REFERENCES runs(id),
+    model_version BIGINT NOT NULL,
+    reports BIGINT NOT NULL,
+    sums TEXT NOT NULL,
+    PRIMARY KEY (run_id, model_version)
+);
+"#,
 ];
 
 /// A store failure.
@@ -406,73 +436,30 @@ pub struct RoundCommit<'a> {
     pub at_ms: i64,
 }
 
-/// The federated-evaluation counts the store sums (from `fedpref.v1.EvaluationCounts`; each
-/// integer is at most `i64::MAX`).
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
-pub struct EvaluationSums {
-    /// Recommendation lists shown.
-    pub recommendation_lists_shown: i64,
-    /// Recommended items shown.
-    pub recommendations_shown: i64,
-    /// Slots filled by diversity injection.
-    pub injected_recommendations_shown: i64,
-    /// Positive feedback on recommended items.
-    pub positive_feedback_count: i64,
-    /// Negative feedback on recommended items.
-    pub negative_feedback_count: i64,
-    /// Personalisation opt-outs.
-    pub personalisation_opt_outs: i64,
-    /// Training opt-outs.
-    pub training_opt_outs: i64,
-    /// Held-out predictions evaluated.
-    pub predictions_evaluated: i64,
-    /// Of those, within 0.5 of the target.
-    pub predictions_within_half: i64,
-    /// Sum over lists shown of each list's intra-list diversity (in [0, 1]).
-    pub intra_list_diversity_sum: f64,
-    /// Sum over reports that had a catalogue of distinct topics shown ÷ catalogue topics.
-    pub topic_coverage_sum: f64,
-    /// Reports that had a catalogue (the denominator of topic coverage).
-    pub topic_coverage_reports: i64,
-    /// Reports whose user turned personalisation or training off in the window (0 or 1 per
-    /// report).
-    pub opted_out_reports: i64,
+/// Reads the noised evaluation sum of (run, version) inside a transaction.
+fn read_evaluation_sum(
+    tx: &mut Tx<'_>,
+    run_id: &str,
+    version: i64,
+) -> Result<EvaluationSum, StoreError> {
+    match tx.query_opt(
+        "SELECT reports, sums FROM evaluation_releases WHERE run_id = ?1 AND model_version = ?2",
+        vals![run_id, version],
+    )? {
+        Some(r) => evaluation_sum_from(r.u64(0)?, &r.text(1)?),
+        None => Ok(EvaluationSum::default()),
+    }
 }
 
-/// The summed evaluation counts of one (model version, cohort).
-#[derive(Clone, Debug, PartialEq)]
-pub struct EvaluationRow {
-    /// The model version the counts evaluate.
-    pub model_version: u64,
-    /// The activity cohort.
-    pub cohort: String,
-    /// Reports summed.
-    pub reports: u64,
-    /// The sums.
-    pub sums: EvaluationSums,
-    /// The earliest window start of the reports summed (ms since the epoch).
-    pub window_start_ms: Option<i64>,
-    /// The latest window end.
-    pub window_end_ms: Option<i64>,
-}
-
-/// One device's report, as [`Store::add_evaluation_counts`] records it.
-#[derive(Clone, Debug)]
-pub struct EvaluationReport<'a> {
-    /// The run.
-    pub run_id: &'a str,
-    /// The model version the counts evaluate.
-    pub model_version: u64,
-    /// The activity cohort.
-    pub cohort: &'a str,
-    /// The reporting device (recorded only as having reported on this version).
-    pub device_id: &'a str,
-    /// Start of the window (ms since the epoch).
-    pub window_start_ms: i64,
-    /// End of the window.
-    pub window_end_ms: i64,
-    /// The counts.
-    pub counts: EvaluationSums,
+fn evaluation_sum_from(reports: u64, sums: &str) -> Result<EvaluationSum, StoreError> {
+    let sums: [f64; COORDINATES] = serde_json::from_str(sums)
+        .map_err(|e| StoreError::Corrupt(format!("evaluation sums {sums:?}: {e}")))?;
+    if sums.iter().any(|v| !v.is_finite()) {
+        return Err(StoreError::Corrupt(format!(
+            "evaluation sums {sums:?}: not finite"
+        )));
+    }
+    Ok(EvaluationSum { reports, sums })
 }
 
 /// The rows a run's lease keeps (see [`Store::acquire_lease`]).
@@ -1276,107 +1263,72 @@ impl Store {
         self.read(|tx| tx.query_one("SELECT COUNT(*) FROM devices", &[])?.u64(0))
     }
 
-    /// Adds one device's evaluation counts to the sums for (run, model version, cohort) and
-    /// records that the device reported on that version, in one transaction. Sums commute,
-    /// so any replica may add them: this write is not fenced.
-    pub fn add_evaluation_counts(
+    /// Adds one device's released evaluation (checked with
+    /// [`EvaluationSum::check`]) to the noised sums of (run, model version), in one
+    /// transaction; returns whether it is the version's first. Nothing else is stored: no
+    /// device, no time. Sums commute, so any replica may add them: this write is not fenced.
+    pub fn add_evaluation_release(
         &mut self,
-        report: &EvaluationReport<'_>,
-    ) -> Result<(), StoreError> {
-        let c = &report.counts;
+        run_id: &str,
+        model_version: u64,
+        values: &[f64; COORDINATES],
+    ) -> Result<bool, StoreError> {
         self.write(|tx| {
-            tx.execute(
-                "INSERT INTO evaluation_counts (run_id, model_version, cohort, reports, recommendation_lists_shown, \
-                 recommendations_shown, injected_recommendations_shown, positive_feedback_count, negative_feedback_count, \
-                 personalisation_opt_outs, training_opt_outs, predictions_evaluated, predictions_within_half, \
-                 intra_list_diversity_sum, topic_coverage_sum, topic_coverage_reports, opted_out_reports, \
-                 window_start_ms, window_end_ms) \
-                 VALUES (?1, ?2, ?3, 1, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18) \
-                 ON CONFLICT (run_id, model_version, cohort) DO UPDATE SET reports = evaluation_counts.reports + 1, \
-                 recommendation_lists_shown = evaluation_counts.recommendation_lists_shown + excluded.recommendation_lists_shown, \
-                 recommendations_shown = evaluation_counts.recommendations_shown + excluded.recommendations_shown, \
-                 injected_recommendations_shown = evaluation_counts.injected_recommendations_shown + excluded.injected_recommendations_shown, \
-                 positive_feedback_count = evaluation_counts.positive_feedback_count + excluded.positive_feedback_count, \
-                 negative_feedback_count = evaluation_counts.negative_feedback_count + excluded.negative_feedback_count, \
-                 personalisation_opt_outs = evaluation_counts.personalisation_opt_outs + excluded.personalisation_opt_outs, \
-                 training_opt_outs = evaluation_counts.training_opt_outs + excluded.training_opt_outs, \
-                 predictions_evaluated = evaluation_counts.predictions_evaluated + excluded.predictions_evaluated, \
-                 predictions_within_half = evaluation_counts.predictions_within_half + excluded.predictions_within_half, \
-                 intra_list_diversity_sum = evaluation_counts.intra_list_diversity_sum + excluded.intra_list_diversity_sum, \
-                 topic_coverage_sum = evaluation_counts.topic_coverage_sum + excluded.topic_coverage_sum, \
-                 topic_coverage_reports = evaluation_counts.topic_coverage_reports + excluded.topic_coverage_reports, \
-                 opted_out_reports = evaluation_counts.opted_out_reports + excluded.opted_out_reports, \
-                 window_start_ms = CASE WHEN evaluation_counts.window_start_ms IS NULL \
-                     OR excluded.window_start_ms < evaluation_counts.window_start_ms \
-                     THEN excluded.window_start_ms ELSE evaluation_counts.window_start_ms END, \
-                 window_end_ms = CASE WHEN evaluation_counts.window_end_ms IS NULL \
-                     OR excluded.window_end_ms > evaluation_counts.window_end_ms \
-                     THEN excluded.window_end_ms ELSE evaluation_counts.window_end_ms END",
-                vals![
-                    report.run_id,
-                    report.model_version as i64,
-                    report.cohort,
-                    c.recommendation_lists_shown,
-                    c.recommendations_shown,
-                    c.injected_recommendations_shown,
-                    c.positive_feedback_count,
-                    c.negative_feedback_count,
-                    c.personalisation_opt_outs,
-                    c.training_opt_outs,
-                    c.predictions_evaluated,
-                    c.predictions_within_half,
-                    c.intra_list_diversity_sum,
-                    c.topic_coverage_sum,
-                    c.topic_coverage_reports,
-                    c.opted_out_reports,
-                    report.window_start_ms,
-                    report.window_end_ms,
-                ],
-            )?;
-            tx.execute(
-                "INSERT INTO evaluation_reporters (run_id, model_version, device_id) VALUES (?1, ?2, ?3) \
-                 ON CONFLICT (run_id, model_version, device_id) DO NOTHING",
-                vals![report.run_id, report.model_version as i64, report.device_id],
-            )?;
-            Ok(())
+            let version = i64::try_from(model_version)
+                .map_err(|_| StoreError::Corrupt(format!("model version {model_version}")))?;
+            let mut sum = read_evaluation_sum(tx, run_id, version)?;
+            let first = sum.reports == 0;
+            sum.add(values);
+            let text = serde_json::to_string(&sum.sums).expect("finite sums serialise");
+            if first {
+                tx.execute(
+                    "INSERT INTO evaluation_releases (run_id, model_version, reports, sums) VALUES (?1, ?2, ?3, ?4)",
+                    vals![run_id, version, sum.reports as i64, text],
+                )?;
+            } else {
+                tx.execute(
+                    "UPDATE evaluation_releases SET reports = ?3, sums = ?4 WHERE run_id = ?1 AND model_version = ?2",
+                    vals![run_id, version, sum.reports as i64, text],
+                )?;
+            }
+            Ok(first)
         })
     }
 
-    /// Every (model version, cohort) row of a run's summed evaluation counts, by version and
-    /// cohort.
-    pub fn evaluation_rows(&self, run_id: &str) -> Result<Vec<EvaluationRow>, StoreError> {
+    /// The noised evaluation sum of (run, model version); empty if none was reported.
+    pub fn evaluation_sum(
+        &self,
+        run_id: &str,
+        model_version: u64,
+    ) -> Result<EvaluationSum, StoreError> {
+        let version = i64::try_from(model_version)
+            .map_err(|_| StoreError::Corrupt(format!("model version {model_version}")))?;
+        self.read(|tx| read_evaluation_sum(tx, run_id, version))
+    }
+
+    /// Every model version of the run with evaluation reports, with its noised sum, in
+    /// version order.
+    pub fn evaluation_sums(&self, run_id: &str) -> Result<Vec<(u64, EvaluationSum)>, StoreError> {
         self.read(|tx| {
             tx.query(
-                "SELECT model_version, cohort, reports, recommendation_lists_shown, recommendations_shown, \
-                 injected_recommendations_shown, positive_feedback_count, negative_feedback_count, \
-                 personalisation_opt_outs, training_opt_outs, predictions_evaluated, predictions_within_half, \
-                 intra_list_diversity_sum, topic_coverage_sum, topic_coverage_reports, opted_out_reports, \
-                 window_start_ms, window_end_ms FROM evaluation_counts WHERE run_id = ?1 ORDER BY model_version, cohort",
+                "SELECT model_version, reports, sums FROM evaluation_releases WHERE run_id = ?1 ORDER BY model_version",
                 vals![run_id],
             )?
             .iter()
-            .map(|r| {
-                Ok(EvaluationRow {
-                    model_version: r.u64(0)?,
-                    cohort: r.text(1)?,
-                    reports: r.u64(2)?,
-                    sums: sums_from(r, 3)?,
-                    window_start_ms: r.opt_i64(16)?,
-                    window_end_ms: r.opt_i64(17)?,
-                })
-            })
+            .map(|r| Ok((r.u64(0)?, evaluation_sum_from(r.u64(1)?, &r.text(2)?)?)))
             .collect()
         })
     }
 
-    /// Distinct devices that reported evaluation counts on a model version.
-    pub fn reporting_devices(&self, run_id: &str, model_version: u64) -> Result<u64, StoreError> {
+    /// Whether `device_id` took part in a committed round of `run_id`.
+    pub fn took_part(&self, run_id: &str, device_id: &str) -> Result<bool, StoreError> {
         self.read(|tx| {
-            tx.query_one(
-                "SELECT COUNT(*) FROM evaluation_reporters WHERE run_id = ?1 AND model_version = ?2",
-                vals![run_id, model_version as i64],
-            )?
-            .u64(0)
+            Ok(tx
+                .query_opt(
+                    "SELECT 1 FROM participations WHERE run_id = ?1 AND device_id = ?2 LIMIT 1",
+                    vals![run_id, device_id],
+                )?
+                .is_some())
         })
     }
 
@@ -1423,28 +1375,6 @@ impl Store {
             run_status(tx, run_id)?;
             self.fence(tx, run_id)?;
             append(tx, run_id, at_ms, event)
-        })
-    }
-
-    /// The summed evaluation counts of (run, model version, cohort) and how many reports they
-    /// sum, if any.
-    pub fn evaluation_counts(
-        &self,
-        run_id: &str,
-        model_version: u64,
-        cohort: &str,
-    ) -> Result<Option<(u64, EvaluationSums)>, StoreError> {
-        self.read(|tx| {
-            tx.query_opt(
-                "SELECT reports, recommendation_lists_shown, recommendations_shown, injected_recommendations_shown, \
-                 positive_feedback_count, negative_feedback_count, personalisation_opt_outs, training_opt_outs, \
-                 predictions_evaluated, predictions_within_half, intra_list_diversity_sum, topic_coverage_sum, \
-                 topic_coverage_reports, opted_out_reports FROM evaluation_counts \
-                 WHERE run_id = ?1 AND model_version = ?2 AND cohort = ?3",
-                vals![run_id, model_version as i64, cohort],
-            )?
-            .map(|r| Ok((r.u64(0)?, sums_from(&r, 1)?)))
-            .transpose()
         })
     }
 
@@ -1540,24 +1470,6 @@ impl Store {
         );
         SqliteConnection(guard)
     }
-}
-
-fn sums_from(r: &Row, at: usize) -> Result<EvaluationSums, StoreError> {
-    Ok(EvaluationSums {
-        recommendation_lists_shown: r.i64(at)?,
-        recommendations_shown: r.i64(at + 1)?,
-        injected_recommendations_shown: r.i64(at + 2)?,
-        positive_feedback_count: r.i64(at + 3)?,
-        negative_feedback_count: r.i64(at + 4)?,
-        personalisation_opt_outs: r.i64(at + 5)?,
-        training_opt_outs: r.i64(at + 6)?,
-        predictions_evaluated: r.i64(at + 7)?,
-        predictions_within_half: r.i64(at + 8)?,
-        intra_list_diversity_sum: r.f64(at + 9)?,
-        topic_coverage_sum: r.f64(at + 10)?,
-        topic_coverage_reports: r.i64(at + 11)?,
-        opted_out_reports: r.i64(at + 12)?,
-    })
 }
 
 fn run_status(tx: &mut Tx<'_>, run_id: &str) -> Result<RunStatus, StoreError> {

@@ -1383,3 +1383,43 @@ fn a_distributed_run_whose_plan_fails_stops_instead_of_opening_plain_rounds() {
     assert!(reason.contains("secure_aggregation"), "{reason}");
     assert_eq!(h.engine.state(), RunState::Stopped);
 }
+
+#[test]
+fn local_mode_weighs_every_update_equally_whatever_example_count_reaches_the_engine() {
+    let text = COHORT_MANIFEST
+        .replace("privacy_mode = \"central\"", "privacy_mode = \"local\"")
+        .replace("noise_multiplier = 1.0", "noise_multiplier = 5.0");
+    let mut h = Harness::new(&text);
+    let before = h.engine.model().1.to_vec();
+    let dim = h.dimension();
+    // One device claims 2^50 examples for an update of +1 everywhere, another one example
+    // for -1 everywhere: weighted by the claim, the mean would be +1.
+    for (name, value, examples) in [("a", 1.0f32, 1u64 << 50), ("b", -1.0, 1)] {
+        let t = h.task(name).unwrap();
+        let actions = h.send(Event::Update {
+            device: t.device.clone(),
+            round: t.round,
+            task_token: t.task_token.clone(),
+            values: vec![value; dim],
+            examples,
+            clip_bit: None,
+        });
+        assert!(
+            actions
+                .iter()
+                .any(|a| matches!(a, Action::UpdateAccepted { .. })),
+            "{actions:?}"
+        );
+    }
+    h.finish_round();
+    let after = h.engine.model().1;
+    let moved = before
+        .iter()
+        .zip(after)
+        .map(|(a, b)| f64::from(b - a).abs())
+        .fold(0.0, f64::max);
+    assert!(
+        moved < 1e-6,
+        "the uniform mean of +1 and -1 is 0; moved {moved}"
+    );
+}

@@ -331,3 +331,38 @@ fn a_distributed_round_without_its_record_is_found() {
     assert_eq!(Some(seq as i64), committed);
     assert!(problem.contains("distributed record"), "{problem}");
 }
+
+#[test]
+fn an_evaluation_release_entry_verifies_only_with_the_epsilon_its_sigma_gives() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("c.db");
+    let c = run_rounds(&db, 1);
+    let delta = c.store().run("r1").unwrap().manifest.budget.delta;
+    drop(c);
+    let mut store = Store::open(&db).unwrap();
+    let honest = fedpref_coordinator::ledger::evaluation_release_event(2, 4.0, delta);
+    let LedgerEvent::EvaluationReleased { epsilon, .. } = honest else {
+        unreachable!()
+    };
+    assert!(epsilon > 0.0 && epsilon.is_finite());
+    store.append_event("r1", honest, T0 + 100).unwrap();
+    assert_eq!(verify_db(&db), Ok(()));
+    // An entry that understates what each device's evaluation release cost is found, even
+    // with a correct hash chain.
+    store
+        .append_event(
+            "r1",
+            LedgerEvent::EvaluationReleased {
+                model_version: 3,
+                noise_multiplier: 4.0,
+                clip_norm: fedpref_privacy::evaluation::clip_norm(),
+                epsilon: epsilon / 10.0,
+                delta,
+            },
+            T0 + 200,
+        )
+        .unwrap();
+    let (sequence, problem) = verify_db(&db).unwrap_err();
+    assert_eq!(sequence, store.ledger("r1").unwrap().len() as u64);
+    assert!(problem.contains("evaluation release"), "{problem}");
+}

@@ -7,13 +7,13 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use fedpref_coordinator::coordinator::Coordinator;
+use fedpref_coordinator::coordinator::{Coordinator, EvaluationRelease};
 use fedpref_coordinator::engine::{Action, AdminCommand, Event};
 use fedpref_coordinator::ledger::{LedgerEvent, chain_hash, verify};
 use fedpref_coordinator::manifest::RunManifest;
 use fedpref_coordinator::metrics::Metrics;
 use fedpref_coordinator::report::ImpactReport;
-use fedpref_coordinator::store::{EvaluationReport, EvaluationSums, Store};
+use fedpref_coordinator::store::Store;
 use fedpref_privacy::{OrderGrid, PrivacyMode, RoundRelease};
 use rusqlite::params;
 
@@ -124,39 +124,63 @@ fn round(c: &mut Coordinator, devices: &[&str], now: i64) -> i64 {
     deadline + 1000
 }
 
+/// One device's evaluation of `version`, as the SDK would release it but without noise (so
+/// that the golden report is deterministic): the device is given a task on the version
+/// first, which hands it the evaluation token it reports with.
+fn try_report(
+    c: &mut Coordinator,
+    device: &str,
+    version: u64,
+    negative: u64,
+    diversity: f64,
+    now: i64,
+) -> Result<(), fedpref_coordinator::coordinator::CoordinatorError> {
+    use fedpref_privacy::evaluation::{COORDINATES, EvaluationCounts, EvaluationRates};
+    let token = c
+        .task_given(RUN, device, version, true, || {
+            format!("token-{device}-{version}")
+        })
+        .unwrap_or_else(|| format!("token-{device}-{version}"));
+    let rates = EvaluationRates::from_counts(&EvaluationCounts {
+        lists_shown: 4,
+        items_shown: 40,
+        injected_shown: 8,
+        negative_feedback: negative,
+        positive_feedback: 6,
+        predictions: 10,
+        predictions_within_half: if device < "c" { 8 } else { 6 },
+        intra_list_diversity_sum: diversity,
+        distinct_topics_shown: 1,
+        catalogue_topics: 2,
+        heavy: device < "c",
+        ..Default::default()
+    });
+    let mut values = [0.0; COORDINATES];
+    for (v, r) in values.iter_mut().zip(rates.values()) {
+        *v = r - 0.5;
+    }
+    c.record_evaluation(
+        &EvaluationRelease {
+            run_id: RUN,
+            model_version: version,
+            token_hash: fedpref_coordinator::service::auth::sha256(token.as_bytes()),
+            noise_multiplier: fedpref_privacy::evaluation::DEFAULT_NOISE_MULTIPLIER,
+            values,
+        },
+        now,
+    )
+    .map(|_| ())
+}
+
 fn report(
     c: &mut Coordinator,
     device: &str,
     version: u64,
-    negative: i64,
+    negative: u64,
     diversity: f64,
     now: i64,
 ) {
-    c.record_evaluation(
-        &EvaluationReport {
-            run_id: RUN,
-            model_version: version,
-            cohort: if device < "c" { "heavy" } else { "light" },
-            device_id: device,
-            window_start_ms: now - 3_600_000,
-            window_end_ms: now - 60_000,
-            counts: EvaluationSums {
-                recommendation_lists_shown: 4,
-                recommendations_shown: 40,
-                injected_recommendations_shown: 8,
-                negative_feedback_count: negative,
-                positive_feedback_count: 6,
-                predictions_evaluated: 10,
-                predictions_within_half: if device < "c" { 8 } else { 6 },
-                intra_list_diversity_sum: diversity,
-                topic_coverage_sum: 0.5,
-                topic_coverage_reports: 1,
-                ..Default::default()
-            },
-        },
-        now,
-    )
-    .unwrap();
+    try_report(c, device, version, negative, diversity, now).unwrap();
 }
 
 /// The fixed run: five committed rounds and one abandoned, a guardrail that pauses the run,
@@ -475,10 +499,11 @@ fn two_devices_cannot_trip_a_guardrail_that_needs_three() {
     let mut c = Coordinator::open(&dir.path().join("c.db"), T0).unwrap();
     c.create_run(RUN, RunManifest::from_toml(MANIFEST, "m").unwrap(), T0)
         .unwrap();
-    // The same device reporting twice still counts as one.
-    for d in ["a", "b", "b"] {
-        report(&mut c, d, 1, 40, 0.0, T0 + 5000);
-    }
+    report(&mut c, "a", 1, 40, 0.0, T0 + 5000);
+    report(&mut c, "b", 1, 40, 0.0, T0 + 5000);
+    // The same device cannot report twice on a version: its token is used up.
+    let err = try_report(&mut c, "b", 1, 40, 0.0, T0 + 5000).unwrap_err();
+    assert!(err.to_string().contains("evaluation_token"), "{err}");
     assert!(
         c.store()
             .ledger(RUN)
@@ -486,7 +511,7 @@ fn two_devices_cannot_trip_a_guardrail_that_needs_three() {
             .iter()
             .all(|e| !e.body.contains("guardrail_alert"))
     );
-    assert_eq!(c.store().reporting_devices(RUN, 1).unwrap(), 2);
+    assert_eq!(c.store().evaluation_sum(RUN, 1).unwrap().reports, 2);
 }
 
 fn bin() -> Command {

@@ -460,7 +460,6 @@ fn masked_upload(
     let header = pb::UpdateHeader {
         task: task_ref(task),
         base_model_version: task.model.as_ref().unwrap().model_version,
-        example_count: 1,
         tensors: task.update_tensors.clone(),
         privacy_mode: task.privacy_mode,
         clip_norm: task.clip_norm,

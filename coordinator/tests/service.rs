@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use fedpref_coordinator::config::{Config, Limits};
 use fedpref_coordinator::server::{Running, ServeOptions, start};
+use fedpref_privacy::evaluation::Coordinate;
 use fedpref_proto::prost_types;
 use fedpref_proto::v1::{
     self as pb, admin_service_client::AdminServiceClient, check_in_response::Outcome,
@@ -504,6 +505,15 @@ async fn each_bad_input_gets_its_status_code_and_a_message_naming_the_problem() 
         Code::InvalidArgument,
         "model_version",
     );
+    // B was given no task in the run: it may download none of its models, and cannot tell
+    // the run from one that does not exist.
+    for run_id in [run.run_id.as_str(), "no-such-run"] {
+        assert_status(
+            download(&mut client, &b, run_id, None, 0).await,
+            Code::PermissionDenied,
+            "no task in run",
+        );
+    }
 
     let good = update_for(&task);
     // Not selected: B uploads for A's round.
@@ -601,44 +611,26 @@ async fn each_bad_input_gets_its_status_code_and_a_message_naming_the_problem() 
         ))
         .await;
     assert_status(declined, Code::FailedPrecondition, "already uploaded");
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64;
-    let report = |cohort: &str| pb::ReportMetricsRequest {
-        run_id: run.run_id.clone(),
-        model_version: 0,
-        window_start: Some(prost_types::Timestamp {
-            seconds: now - 3600,
-            nanos: 0,
-        }),
-        window_end: Some(prost_types::Timestamp {
-            seconds: now - 60,
-            nanos: 0,
-        }),
-        cohort: cohort.into(),
-        counts: Some(pb::EvaluationCounts {
-            recommendation_lists_shown: 3,
-            recommendations_shown: 30,
-            ..Default::default()
-        }),
-        counters: vec![],
-        histograms: vec![],
-    };
+    // The task carried an evaluation token: A's release is accepted once, B (no task) has none.
+    assert!(!task.evaluation_token.is_empty());
+    assert_eq!(
+        task.evaluation_noise_multiplier,
+        fedpref_privacy::evaluation::DEFAULT_NOISE_MULTIPLIER
+    );
+    let mine = evaluation_report(&task, &[]);
     client
-        .report_metrics(authed(report("light"), &a))
-        .await
-        .unwrap();
-    client
-        .report_metrics(authed(report("light"), &b))
+        .report_metrics(authed(mine.clone(), &a))
         .await
         .unwrap();
     assert_status(
-        client
-            .report_metrics(authed(report("Light Users"), &a))
-            .await,
-        Code::InvalidArgument,
-        "cohort",
+        client.report_metrics(authed(mine.clone(), &a)).await,
+        Code::FailedPrecondition,
+        "evaluation_token",
+    );
+    assert_status(
+        client.report_metrics(authed(mine, &b)).await,
+        Code::FailedPrecondition,
+        "evaluation_token",
     );
 
     // The admin service: device tokens refused, no token unauthenticated.
@@ -1223,33 +1215,29 @@ async fn reported_metrics_that_cross_a_pause_guardrail_pause_the_run_and_show_in
 
     let mut client = server.device().await;
     let (a, b) = (enroll(&mut client).await, enroll(&mut client).await);
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64;
-    let report = |opted_out: u64| pb::ReportMetricsRequest {
-        run_id: run.run_id.clone(),
-        model_version: 1,
-        window_start: Some(prost_types::Timestamp {
-            seconds: now - 3600,
-            nanos: 0,
-        }),
-        window_end: Some(prost_types::Timestamp {
-            seconds: now - 60,
-            nanos: 0,
-        }),
-        cohort: "light".into(),
-        counts: Some(pb::EvaluationCounts {
-            recommendation_lists_shown: 2,
-            recommendations_shown: 20,
-            training_opt_outs: opted_out,
-            ..Default::default()
-        }),
-        counters: vec![],
-        histograms: vec![],
+    let task = |outcome: Outcome| match outcome {
+        Outcome::Task(t) => t,
+        other => panic!("expected a task, got {other:?}"),
+    };
+    let (task_a, task_b) = (
+        task(check_in(&mut client, &a).await),
+        task(check_in(&mut client, &b).await),
+    );
+    // Noiseless releases (the coordinator cannot tell): one device opted out, one did not.
+    let report = |t: &pb::Task, opted_out: f64| {
+        evaluation_report(
+            t,
+            &[
+                (Coordinate::ListsShown, 1.0),
+                (Coordinate::PersonalisationOptOut, opted_out),
+            ],
+        )
     };
     // One device opting out is one of one: below the two-device minimum, nothing happens.
-    client.report_metrics(authed(report(1), &a)).await.unwrap();
+    client
+        .report_metrics(authed(report(&task_a, 1.0), &a))
+        .await
+        .unwrap();
     let mut admin = server.admin().await;
     let get = || {
         authed(
@@ -1264,7 +1252,10 @@ async fn reported_metrics_that_cross_a_pause_guardrail_pause_the_run_and_show_in
         pb::RunStatus::Active as i32
     );
     // A second device: 1 of 2 opted out = 0.5 > 0.4, so the run pauses.
-    client.report_metrics(authed(report(0), &b)).await.unwrap();
+    client
+        .report_metrics(authed(report(&task_b, 0.0), &b))
+        .await
+        .unwrap();
     let got = admin.get_run(get()).await.unwrap().into_inner();
     assert_eq!(got.status, pb::RunStatus::Paused as i32);
     let ledger = admin
@@ -1290,6 +1281,18 @@ async fn reported_metrics_that_cross_a_pause_guardrail_pause_the_run_and_show_in
     let paused = ledger.entries.last().unwrap();
     assert_eq!(paused.kind, pb::LedgerEntryKind::Paused as i32);
     assert_eq!(paused.actor, "guardrail");
+    // The evaluation's cost has its own ledger entry, before the alert.
+    let spent = ledger
+        .entries
+        .iter()
+        .find(|e| e.kind == pb::LedgerEntryKind::EvaluationReleased as i32)
+        .expect("an evaluation_released entry");
+    assert_eq!(spent.model_version, 1);
+    assert_eq!(
+        spent.noise_multiplier,
+        fedpref_privacy::evaluation::DEFAULT_NOISE_MULTIPLIER
+    );
+    assert!(spent.reason.contains("ε ="), "{}", spent.reason);
     let md = admin
         .get_report(authed(
             pb::GetReportRequest {
@@ -1307,6 +1310,22 @@ async fn reported_metrics_that_cross_a_pause_guardrail_pause_the_run_and_show_in
         "{md}"
     );
     server.running.shutdown().await.unwrap();
+}
+
+/// A release of rates `set` (every other rate 0), centred as a device sends it but without
+/// noise, with the task's evaluation token.
+fn evaluation_report(task: &pb::Task, set: &[(Coordinate, f64)]) -> pb::ReportMetricsRequest {
+    let mut released_rates = vec![-0.5; fedpref_privacy::evaluation::COORDINATES];
+    for (k, v) in set {
+        released_rates[k.index()] = v - 0.5;
+    }
+    pb::ReportMetricsRequest {
+        run_id: task.run_id.clone(),
+        model_version: task.model.as_ref().unwrap().model_version,
+        evaluation_token: task.evaluation_token.clone(),
+        released_rates,
+        noise_multiplier: task.evaluation_noise_multiplier,
+    }
 }
 
 /// Sets the header's clip bit of an upload stream.
@@ -1406,4 +1425,173 @@ async fn local_adaptive_clipping_requests_a_clip_bit_and_the_upload_must_carry_e
         "header.clip_bit",
     );
     upload(&mut client, &token, messages).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_evaluation_reports_are_refused_naming_the_field_and_store_nothing() {
+    let server = TestServer::start().await;
+    let mut m = manifest(2, 1, 60, 5);
+    m.guardrail_metrics = vec![pb::GuardrailMetric {
+        metric: pb::GuardrailMetricKind::NegativeFeedbackRate as i32,
+        direction: pb::ThresholdDirection::Above as i32,
+        threshold: 0.1,
+        on_alert: pb::AlertAction::Pause as i32,
+        minimum_reporting_devices: 3,
+    }];
+    let run = create_run(&server, m).await;
+    let mut client = server.device().await;
+    let a = enroll(&mut client).await;
+    let Outcome::Task(task) = check_in(&mut client, &a).await else {
+        panic!("a task");
+    };
+    let good = evaluation_report(&task, &[(Coordinate::ListsShown, 1.0)]);
+    // Out-of-range values, counts up to i64::MAX among them: INVALID_ARGUMENT naming the
+    // field; the token is not used up.
+    for (i, v) in [
+        (4, i64::MAX as f64),
+        (0, f64::NAN),
+        (7, -1e300),
+        (11, f64::INFINITY),
+    ] {
+        let mut bad = good.clone();
+        bad.released_rates[i] = v;
+        assert_status(
+            client.report_metrics(authed(bad, &a)).await,
+            Code::InvalidArgument,
+            &format!("released_rates[{i}]"),
+        );
+    }
+    let mut short = good.clone();
+    short.released_rates.truncate(3);
+    assert_status(
+        client.report_metrics(authed(short, &a)).await,
+        Code::InvalidArgument,
+        "released_rates",
+    );
+    let mut no_token = good.clone();
+    no_token.evaluation_token.clear();
+    assert_status(
+        client.report_metrics(authed(no_token, &a)).await,
+        Code::InvalidArgument,
+        "evaluation_token",
+    );
+    let mut sigma = good.clone();
+    sigma.noise_multiplier = 0.01;
+    assert_status(
+        client.report_metrics(authed(sigma, &a)).await,
+        Code::InvalidArgument,
+        "noise_multiplier",
+    );
+    // A model version the task was not for, and a run the device never joined.
+    let mut version = good.clone();
+    version.model_version += 1;
+    assert_status(
+        client.report_metrics(authed(version, &a)).await,
+        Code::FailedPrecondition,
+        "model_version",
+    );
+    let other = server
+        .admin()
+        .await
+        .create_run(authed(
+            pb::CreateRunRequest {
+                manifest: Some(pb::RunManifest {
+                    title: "Another run".into(),
+                    ..manifest(2, 1, 60, 5)
+                }),
+                request_id: "create-2".into(),
+                simulation_seed: None,
+            },
+            ADMIN_TOKEN,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_ne!(other.run_id, run.run_id);
+    let mut never_joined = good.clone();
+    never_joined.run_id = other.run_id.clone();
+    never_joined.model_version = 1;
+    assert_status(
+        client.report_metrics(authed(never_joined, &a)).await,
+        Code::FailedPrecondition,
+        "evaluation_token",
+    );
+    // Ten fresh enrolments, each reporting the worst rates allowed, a forged token and
+    // values far out of range: none is accepted, the run keeps running.
+    for i in 0..10 {
+        let fresh = enroll(&mut client).await;
+        let mut forged = evaluation_report(
+            &task,
+            &[
+                (Coordinate::ListsShown, 1.0),
+                (Coordinate::NegativeFeedbackRate, 1.0),
+            ],
+        );
+        forged.evaluation_token = format!("forged-{i}");
+        assert_status(
+            client.report_metrics(authed(forged.clone(), &fresh)).await,
+            Code::FailedPrecondition,
+            "evaluation_token",
+        );
+        forged.released_rates[Coordinate::NegativeFeedbackRate.index()] = 1e6;
+        assert_status(
+            client.report_metrics(authed(forged, &fresh)).await,
+            Code::InvalidArgument,
+            "released_rates[4]",
+        );
+    }
+    // The real report still goes through once; the store summed exactly it.
+    client
+        .report_metrics(authed(good.clone(), &a))
+        .await
+        .unwrap();
+    assert_status(
+        client.report_metrics(authed(good, &a)).await,
+        Code::FailedPrecondition,
+        "evaluation_token",
+    );
+    let mut admin = server.admin().await;
+    let got = admin
+        .get_run(authed(
+            pb::GetRunRequest {
+                run_id: run.run_id.clone(),
+            },
+            ADMIN_TOKEN,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.status, pb::RunStatus::Active as i32);
+    let ledger = admin
+        .read_ledger(authed(
+            pb::ReadLedgerRequest {
+                run_id: run.run_id.clone(),
+                ..Default::default()
+            },
+            ADMIN_TOKEN,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        ledger
+            .entries
+            .iter()
+            .all(|e| e.kind != pb::LedgerEntryKind::GuardrailAlert as i32)
+    );
+    let report = admin
+        .get_report(authed(
+            pb::GetReportRequest {
+                run_id: run.run_id.clone(),
+                format: pb::ReportFormat::Json as i32,
+            },
+            ADMIN_TOKEN,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let json: serde_json::Value = serde_json::from_slice(&report.content).unwrap();
+    let versions = &json["guardrails"]["versions"];
+    assert_eq!(versions[0]["reports"], 1, "{versions}");
+    server.running.shutdown().await.unwrap();
 }

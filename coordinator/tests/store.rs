@@ -8,9 +8,7 @@ mod common;
 use common::{COHORT_MANIFEST, durable_round, manifest, pg};
 use fedpref_coordinator::coordinator::Coordinator;
 use fedpref_coordinator::ledger::{LedgerEvent, verify};
-use fedpref_coordinator::store::{
-    EvaluationReport, EvaluationSums, LeaseOutcome, RoundCommit, Store, StoreError,
-};
+use fedpref_coordinator::store::{LeaseOutcome, RoundCommit, Store, StoreError};
 use fedpref_privacy::{OrderGrid, PrivacyMode, RoundRelease, epsilon_after};
 
 const T0: i64 = 1_700_000_000_000;
@@ -114,42 +112,51 @@ fn a_failing_round_commit_leaves_nothing_behind_on_both_backends() {
 }
 
 #[test]
-fn evaluation_counts_sum_on_both_backends() {
+fn evaluation_releases_sum_on_both_backends_with_no_device_or_time_stored() {
     for (location, _dir) in locations() {
         let mut c = Coordinator::open_location(&location, T0).unwrap();
         c.create_run("r1", manifest(COHORT_MANIFEST), T0).unwrap();
         drop(c);
         let mut store = Store::open_location(&location).unwrap();
-        for (device, start, end) in [("a", 10, 20), ("b", 5, 15), ("a", 30, 40)] {
-            store
-                .add_evaluation_counts(&EvaluationReport {
-                    run_id: "r1",
-                    model_version: 1,
-                    cohort: "light",
-                    device_id: device,
-                    window_start_ms: start,
-                    window_end_ms: end,
-                    counts: EvaluationSums {
-                        recommendations_shown: 3,
-                        intra_list_diversity_sum: 0.25,
-                        ..EvaluationSums::default()
-                    },
-                })
-                .unwrap();
-        }
-        let rows = store.evaluation_rows("r1").unwrap();
-        assert_eq!(rows.len(), 1, "{location}");
-        assert_eq!(rows[0].reports, 3);
-        assert_eq!(rows[0].sums.recommendations_shown, 9);
-        assert!((rows[0].sums.intra_list_diversity_sum - 0.75).abs() < 1e-12);
-        assert_eq!(
-            (rows[0].window_start_ms, rows[0].window_end_ms),
-            (Some(5), Some(40))
+        let mut v = [0.0; fedpref_privacy::evaluation::COORDINATES];
+        v[4] = 0.25;
+        assert!(
+            store.add_evaluation_release("r1", 1, &v).unwrap(),
+            "{location}"
         );
-        assert_eq!(store.reporting_devices("r1", 1).unwrap(), 2);
-        let (n, _) = store.evaluation_counts("r1", 1, "light").unwrap().unwrap();
-        assert_eq!(n, 3);
+        assert!(!store.add_evaluation_release("r1", 1, &v).unwrap());
+        assert!(store.add_evaluation_release("r1", 2, &v).unwrap());
+        let sum = store.evaluation_sum("r1", 1).unwrap();
+        assert_eq!(sum.reports, 2, "{location}");
+        assert!((sum.sums[4] - 0.5).abs() < 1e-12);
+        assert_eq!(store.evaluation_sum("r1", 9).unwrap().reports, 0);
+        let all = store.evaluation_sums("r1").unwrap();
+        assert_eq!(
+            all.iter().map(|(v, s)| (*v, s.reports)).collect::<Vec<_>>(),
+            [(1, 2), (2, 1)]
+        );
     }
+    // The SQLite file holds no table that links devices to evaluation reports.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.db");
+    drop(Store::open(&path).unwrap());
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    let columns: Vec<String> = conn
+        .prepare("SELECT name FROM pragma_table_info('evaluation_releases')")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(columns, ["run_id", "model_version", "reports", "sums"]);
+    let reporters: i64 = conn
+        .query_row(
+            "SELECT count(*) FROM sqlite_master WHERE name IN ('evaluation_reporters', 'evaluation_counts')",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(reporters, 0);
 }
 
 #[test]

@@ -49,6 +49,7 @@ mod budget;
 mod clip;
 pub mod distributed;
 mod error;
+pub mod evaluation;
 mod mode;
 pub mod noise;
 pub mod rdp;

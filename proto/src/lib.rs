@@ -39,7 +39,6 @@
 //!     part: Some(Part::Header(UpdateHeader {
 //!         task: Some(TaskRef { run_id: "run-1".into(), round_id: 7, task_token: "t0k3n".into() }),
 //!         base_model_version: 6,
-//!         example_count: 40,
 //!         tensors: vec![update.spec()],
 //!         privacy_mode: PrivacyMode::Local as i32,
 //!         clip_norm: 1.0,

@@ -331,7 +331,6 @@ const REQUIRED_FIELDS: &[(&str, &str, Type, bool)] = &[
     ("UploadUpdateRequest", "header", Type::Message, false),
     ("UploadUpdateRequest", "chunk", Type::Message, false),
     ("UpdateHeader", "task", Type::Message, false),
-    ("UpdateHeader", "example_count", Type::Uint64, false),
     ("UpdateHeader", "tensors", Type::Message, true),
     ("TaskRef", "run_id", Type::String, false),
     ("TaskRef", "round_id", Type::Uint64, false),
@@ -662,5 +661,142 @@ fn the_descriptor_set_includes_the_well_known_types_reflection_needs() {
         "fedpref/v1/admin.proto",
     ] {
         assert!(names.contains(&needed), "{needed} missing from {names:?}");
+    }
+}
+
+/// What each field of each message a device sends is, as
+/// `docs/what-leaves-the-device.md` documents it:
+/// - `noised`: a differentially private release (or a function of one alone);
+/// - `bounded`: chosen by the device from a small, documented set, never from the user's data;
+/// - `public`: copied from what the coordinator sent, or protocol bookkeeping (sizes, offsets,
+///   keys of the secure-aggregation protocol).
+const DEVICE_SENT: &[(&str, &str, &str)] = &[
+    ("EnrollRequest", "app_key", "public"),
+    ("EnrollRequest", "sdk_version", "public"),
+    ("CheckInRequest", "sdk_version", "public"),
+    ("CheckInRequest", "held_model", "public"),
+    ("CheckInRequest", "eligibility", "bounded"),
+    ("Eligibility", "device_conditions_met", "bounded"),
+    ("Eligibility", "privacy_budget_available", "bounded"),
+    ("ModelVersionRef", "run_id", "public"),
+    ("ModelVersionRef", "model_version", "public"),
+    ("ModelVersionRef", "sha256", "public"),
+    ("ModelVersionRef", "size_bytes", "public"),
+    ("DownloadModelRequest", "run_id", "public"),
+    ("DownloadModelRequest", "model_version", "public"),
+    ("DownloadModelRequest", "offset", "public"),
+    ("DownloadModelRequest", "max_chunk_bytes", "public"),
+    ("DownloadModelRequest", "expected_sha256", "public"),
+    ("UploadUpdateRequest", "header", "public"),
+    ("UploadUpdateRequest", "chunk", "noised"),
+    ("UpdateHeader", "task", "public"),
+    ("UpdateHeader", "base_model_version", "public"),
+    ("UpdateHeader", "tensors", "public"),
+    ("UpdateHeader", "privacy_mode", "public"),
+    ("UpdateHeader", "clip_norm", "public"),
+    ("UpdateHeader", "noise_multiplier", "public"),
+    ("UpdateHeader", "clip_bit", "noised"),
+    ("UpdateHeader", "update_sha256", "noised"),
+    ("TensorSpec", "name", "public"),
+    ("TensorSpec", "shape", "public"),
+    ("TensorSpec", "dtype", "public"),
+    ("TensorChunk", "tensor_index", "public"),
+    ("TensorChunk", "offset", "public"),
+    ("TensorChunk", "content", "noised"),
+    ("TaskRef", "run_id", "public"),
+    ("TaskRef", "round_id", "public"),
+    ("TaskRef", "task_token", "public"),
+    ("DeclineTaskRequest", "task", "public"),
+    ("DeclineTaskRequest", "reason", "bounded"),
+    ("ReportMetricsRequest", "run_id", "public"),
+    ("ReportMetricsRequest", "model_version", "public"),
+    ("ReportMetricsRequest", "evaluation_token", "public"),
+    ("ReportMetricsRequest", "released_rates", "noised"),
+    ("ReportMetricsRequest", "noise_multiplier", "public"),
+    ("AdvertiseKeysRequest", "task", "public"),
+    ("AdvertiseKeysRequest", "encryption_public_key", "public"),
+    ("AdvertiseKeysRequest", "masking_public_key", "public"),
+    ("GetStageRequest", "task", "public"),
+    ("ShareKeysRequest", "task", "public"),
+    ("ShareKeysRequest", "shares", "public"),
+    ("EncryptedShare", "sender_index", "public"),
+    ("EncryptedShare", "recipient_index", "public"),
+    ("EncryptedShare", "ciphertext", "public"),
+    ("UnmaskRequest", "task", "public"),
+    ("UnmaskRequest", "shares", "public"),
+    ("RevealedShare", "owner_index", "public"),
+    ("RevealedShare", "kind", "public"),
+    ("RevealedShare", "share", "public"),
+];
+
+/// Fields that carried unnoised information about the user's data and must never return.
+const NEVER_SENT: &[(&str, &str)] = &[
+    ("UpdateHeader", "example_count"),
+    ("ReportMetricsRequest", "window_start"),
+    ("ReportMetricsRequest", "window_end"),
+    ("ReportMetricsRequest", "cohort"),
+    ("ReportMetricsRequest", "counts"),
+];
+
+#[test]
+fn every_field_a_device_sends_is_classified_noised_bounded_or_public() {
+    let set = descriptors();
+    let mut messages: BTreeMap<String, &DescriptorProto> = BTreeMap::new();
+    for file in fedpref_files(&set) {
+        for m in &file.message_type {
+            messages.insert(format!(".fedpref.v1.{}", m.name()), m);
+        }
+    }
+    // The request types of every method of the services devices call, and every fedpref.v1
+    // message reachable from them.
+    let mut todo: Vec<String> = fedpref_files(&set)
+        .iter()
+        .flat_map(|f| &f.service)
+        .filter(|s| ["DeviceService", "SecureAggregationService"].contains(&s.name()))
+        .flat_map(|s| &s.method)
+        .map(|m| m.input_type().to_owned())
+        .collect();
+    assert!(todo.len() >= 10, "{todo:?}");
+    let mut seen = std::collections::BTreeSet::new();
+    let mut found = vec![];
+    while let Some(name) = todo.pop() {
+        if !seen.insert(name.clone()) {
+            continue;
+        }
+        let Some(m) = messages.get(&name) else {
+            panic!("{name}: a device sends a message from outside fedpref.v1");
+        };
+        for f in &m.field {
+            found.push((m.name().to_owned(), f.name().to_owned()));
+            if f.r#type() == Type::Message {
+                todo.push(f.type_name().to_owned());
+            }
+        }
+    }
+    let classified: Vec<(String, String)> = DEVICE_SENT
+        .iter()
+        .map(|(m, f, class)| {
+            assert!(
+                ["noised", "bounded", "public"].contains(class),
+                "{m}.{f}: {class}"
+            );
+            (m.to_string(), f.to_string())
+        })
+        .collect();
+    let unclassified: Vec<_> = found.iter().filter(|f| !classified.contains(f)).collect();
+    assert!(
+        unclassified.is_empty(),
+        "fields a device sends that DEVICE_SENT (and docs/what-leaves-the-device.md) do not classify: {unclassified:?}"
+    );
+    let stale: Vec<_> = classified.iter().filter(|f| !found.contains(f)).collect();
+    assert!(
+        stale.is_empty(),
+        "classified fields no device sends: {stale:?}"
+    );
+    for (m, f) in NEVER_SENT {
+        assert!(
+            !found.contains(&(m.to_string(), f.to_string())),
+            "{m}.{f} carried unnoised information about the user and must not return"
+        );
     }
 }

@@ -12,10 +12,10 @@ use fedpref_proto::v1::{
 };
 use fedpref_proto::v1::{
     AudienceEpsilon, AudienceSpend, CheckInRequest, CheckInResponse, CohortSampling, ComeBackLater,
-    ComeBackReason, DataElement, Dtype, Eligibility, EpsilonAssumption, EvaluationCounts,
-    FedAdaptive, GuardrailMetric, GuardrailMetricKind, HarmScenario, Histogram, Kpi, LedgerEntry,
-    LedgerEntryKind, LocalTrainingConfig, MatrixFactorizationSpec, ModelChunk, ModelSnapshot,
-    ModelSpec, ModelVersionRef, NamedTensor, OptOutPolicy, ParticipationLimits, PoissonSampling,
+    ComeBackReason, DataElement, Dtype, Eligibility, EpsilonAssumption, FedAdaptive,
+    GuardrailMetric, GuardrailMetricKind, HarmScenario, Kpi, LedgerEntry, LedgerEntryKind,
+    LocalTrainingConfig, MatrixFactorizationSpec, ModelChunk, ModelSnapshot, ModelSpec,
+    ModelVersionRef, NamedTensor, OptOutPolicy, ParticipationLimits, PoissonSampling,
     PoissonSamplingAssumption, PrivacyBudget, PrivacyMode, PrivateFit, PrivateFitMethod, RdpPoint,
     ReportMetricsRequest, RunManifest, Sampling, ServerOptimizer, StageUpdate, Task, TaskRef,
     TensorChunk, UpdateHeader, UploadUpdateRequest, check_in_response::Outcome, epsilon_assumption,
@@ -187,6 +187,8 @@ fn check_in_and_its_task_answer_round_trip() {
             max_chunk_bytes: 1 << 20,
             secure_aggregation: None,
             secure_aggregation_round: None,
+            evaluation_token: "eval-tok".into(),
+            evaluation_noise_multiplier: 4.0,
         })),
         latest_model: None,
     });
@@ -210,7 +212,6 @@ fn upload_header_and_chunks_round_trip() {
                 task_token: "tok".into(),
             }),
             base_model_version: 4,
-            example_count: 57,
             tensors: vec![],
             privacy_mode: PrivacyMode::Local as i32,
             clip_norm: 1.0,
@@ -275,25 +276,11 @@ fn metrics_reports_round_trip() {
     assert_round_trips(&ReportMetricsRequest {
         run_id: "run-1".into(),
         model_version: 12,
-        window_start: at(1_800_000_000),
-        window_end: at(1_800_086_400),
-        cohort: "light".into(),
-        counts: Some(EvaluationCounts {
-            recommendation_lists_shown: 14,
-            recommendations_shown: 140,
-            injected_recommendations_shown: 28,
-            intra_list_diversity_sum: 9.1,
-            distinct_topics_shown: 11,
-            catalogue_topic_count: 19,
-            negative_feedback_count: 3,
-            ..Default::default()
-        }),
-        counters: vec![],
-        histograms: vec![Histogram {
-            metric: "list_position_clicked".into(),
-            upper_bounds: vec![1.0, 3.0, 10.0],
-            bucket_counts: vec![4, 2, 1, 0],
-        }],
+        evaluation_token: "tok".into(),
+        released_rates: vec![
+            0.25, -3.5, 7.0, 0.0, 0.5, -0.5, 1.0, 2.0, -2.0, 0.1, 0.2, 0.3,
+        ],
+        noise_multiplier: 4.0,
     });
 }
 

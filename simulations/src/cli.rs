@@ -907,16 +907,23 @@ fn plan_with(args: &RunArgs, file: FileConfig) -> Result<RunPlan, CliError> {
     if let Some(g) = &file.guardrails {
         g.validate().map_err(usage)?;
     }
+    let fedavg_weighting = args.fedavg_weighting.or(file.fedavg_weighting);
     let transport = args.transport.or(file.transport).unwrap_or_default();
-    // Over gRPC real SDK devices report their own example counts.
-    let fedavg_weighting = args.fedavg_weighting.or(file.fedavg_weighting).or(defaults
-        .fedavg_weighting
-        .filter(|_| mode != Mode::Central && transport == Transport::Inprocess));
-    if mode == Mode::Central && fedavg_weighting == Some(FedavgWeighting::Examples) {
+    if mode != Mode::None && fedavg_weighting == Some(FedavgWeighting::Examples) {
         return Err(usage(
-            "--fedavg-weighting examples: mode central weighs every user equally (each contribution has sensitivity C); drop the flag or use uniform",
+            "--fedavg-weighting examples: every DP mode weighs users equally (a device sends no example count, and in central mode each contribution has sensitivity C); drop the flag or use uniform",
         ));
     }
+    // Over gRPC a device sends no example count: the coordinator weighs every update alike.
+    if transport == Transport::Grpc && fedavg_weighting == Some(FedavgWeighting::Examples) {
+        return Err(usage(
+            "--transport grpc and --fedavg-weighting examples: an SDK device sends no example count, so the coordinator weighs every update equally; drop one",
+        ));
+    }
+    let fedavg_weighting = match transport {
+        Transport::Grpc => Some(FedavgWeighting::Uniform),
+        Transport::Inprocess => fedavg_weighting.or(defaults.fedavg_weighting),
+    };
     let settings = Settings {
         rounds,
         sampling,
@@ -998,11 +1005,6 @@ fn plan_with(args: &RunArgs, file: FileConfig) -> Result<RunPlan, CliError> {
             ));
         }
         crate::grpc::check(&settings).map_err(|e| usage(e.to_string()))?;
-        if settings.fedavg_weighting == FedavgWeighting::Uniform {
-            return Err(usage(
-                "--transport grpc and --fedavg-weighting uniform: over gRPC each SDK device reports its own example count, so the coordinator weighs by examples; drop one",
-            ));
-        }
     }
     Ok(RunPlan {
         data,

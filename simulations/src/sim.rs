@@ -78,8 +78,10 @@ pub enum Sampling {
     Cohort(u32),
 }
 
-/// How FedAvg weighs the updates of a round (local and no-DP runs; central DP always weighs
-/// users equally, each contribution having sensitivity C).
+/// How FedAvg weighs the updates of a round in runs without DP. Every DP mode weighs users
+/// equally: central DP because each contribution has sensitivity C, local and distributed DP
+/// because a device sends nothing unnoised about its data, so there is no example count to
+/// weigh by.
 #[derive(
     Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize, clap::ValueEnum,
 )]
@@ -189,12 +191,12 @@ impl Default for Settings {
 }
 
 impl Settings {
-    /// The weighting the engine actually applies: [`FedavgWeighting::Uniform`] in mode
-    /// `central`, else the chosen one.
+    /// The weighting the engine actually applies: the chosen one in mode `none`,
+    /// [`FedavgWeighting::Uniform`] in every DP mode.
     pub fn effective_weighting(&self) -> FedavgWeighting {
         match self.privacy_mode {
-            ManifestPrivacyMode::Central => FedavgWeighting::Uniform,
-            _ => self.fedavg_weighting,
+            ManifestPrivacyMode::None => self.fedavg_weighting,
+            _ => FedavgWeighting::Uniform,
         }
     }
 
@@ -559,7 +561,7 @@ impl<'d> Simulation<'d> {
         };
         let training = self.settings.training;
         let data = self.data;
-        let uniform = self.settings.fedavg_weighting == FedavgWeighting::Uniform;
+        let uniform = self.settings.effective_weighting() == FedavgWeighting::Uniform;
         let train = |batch: &[(usize, Task)]| -> Result<Vec<ClientUpdate>, SimError> {
             batch
                 .par_iter()

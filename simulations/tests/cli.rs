@@ -406,17 +406,20 @@ fn the_fedavg_weighting_is_written_with_the_settings_and_refused_where_it_cannot
     let metrics: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap()).unwrap();
     assert_eq!(metrics["settings"]["fedavg_weighting"], "uniform");
-    let (code, _, stderr) = sim(&[
-        "run",
-        "--privacy-mode",
-        "central",
-        "--noise-multiplier",
-        "1",
-        "--fedavg-weighting",
-        "examples",
-    ]);
-    assert_eq!(code, 2);
-    assert!(stderr.contains("--fedavg-weighting"), "{stderr}");
+    // Every DP mode weighs users equally (devices send no example count), and so does a
+    // real coordinator over gRPC.
+    for args in [
+        &["--privacy-mode", "central", "--noise-multiplier", "1"][..],
+        &["--privacy-mode", "local", "--noise-multiplier", "1"][..],
+        &["--transport", "grpc"][..],
+    ] {
+        let mut all = vec!["run"];
+        all.extend_from_slice(args);
+        all.extend_from_slice(&["--fedavg-weighting", "examples"]);
+        let (code, _, stderr) = sim(&all);
+        assert_eq!(code, 2, "{args:?}: {stderr}");
+        assert!(stderr.contains("--fedavg-weighting"), "{stderr}");
+    }
 }
 
 #[test]

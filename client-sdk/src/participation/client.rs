@@ -438,7 +438,6 @@ impl CoordinatorClient {
         let header = pb::UpdateHeader {
             task: Some(task_ref(task)),
             base_model_version: upload.base_model_version(),
-            example_count: upload.example_count(),
             tensors: tensors.iter().map(pb::NamedTensor::spec).collect(),
             privacy_mode: task.privacy_mode,
             clip_norm: upload.clip_norm(),
@@ -512,7 +511,6 @@ impl CoordinatorClient {
         let header = pb::UpdateHeader {
             task: Some(task_ref(task)),
             base_model_version: share.base_model_version(),
-            example_count: 1,
             tensors: tensors.iter().map(pb::NamedTensor::spec).collect(),
             privacy_mode: task.privacy_mode,
             clip_norm: share.clip_norm(),

@@ -6,13 +6,18 @@
 //! device that never reported may report at once). [`report_metrics`] with
 //! [`ReportWhen::Now`] ignores the wait, for an app that wants to report now.
 //!
-//! **The user's switches.** A device whose user turned training participation off still
-//! reports its counts: they are aggregate numbers about how the recommendations served the
-//! user, never a model update and never spending the privacy budget, and the coordinator's
-//! opt-out rate is only meaningful if the devices that opted out are counted among those
-//! that report. Turning personalisation off does not stop reports either, for the same
-//! reason. Deleting everything deletes the windows, so nothing about the deleted data is
-//! ever reported.
+//! **What is sent.** Each window is released with differential privacy on the device first
+//! ([`Device::prepare_evaluation`]: bounded rates, Gaussian noise from the secure sampler,
+//! the spend recorded in the on-device accountant); only the noised rates, the run, the model
+//! version, σ and the task's single-use evaluation token are sent. A window without a token
+//! (its version came with no task that carried one, e.g. distributed mode) or that the budget
+//! cannot pay for is closed unsent.
+//!
+//! **The user's switches.** A device whose user turned training participation off sends
+//! nothing (its windows stay on the device until the user turns it on again, resets or
+//! deletes everything). Turning personalisation off does not stop reports. Deleting
+//! everything deletes the windows and the tokens, so nothing about the deleted data is ever
+//! reported.
 //!
 //! **Failures.** Inside `participate` a failed report never fails participation: it is
 //! recorded in [`crate::ParticipationReport::metrics`] and the window stays open for the
@@ -20,12 +25,11 @@
 
 use std::time::Duration;
 
-use fedpref_proto::prost_types;
 use fedpref_proto::v1 as pb;
 
 use super::{CoordinatorClient, ParticipationError};
 use crate::device::Device;
-use crate::evaluation::EvaluationWindow;
+use crate::evaluation::{EvaluationRelease, PreparedEvaluation};
 use crate::time::Timestamp;
 
 /// Whether to wait for the coordinator's `next_report_after`.
@@ -72,7 +76,7 @@ impl std::fmt::Display for MetricsOutcome {
                     .collect();
                 write!(
                     f,
-                    "evaluation counts reported for {}; next report in {:.0} s",
+                    "evaluation reported for {}; next report in {:.0} s",
                     list.join(", "),
                     next_report_after.as_secs_f64()
                 )
@@ -83,43 +87,14 @@ impl std::fmt::Display for MetricsOutcome {
     }
 }
 
-fn timestamp(t: Timestamp) -> prost_types::Timestamp {
-    let ms = t.millis();
-    prost_types::Timestamp {
-        seconds: ms.div_euclid(1000),
-        nanos: (ms.rem_euclid(1000) * 1_000_000) as i32,
-    }
-}
-
-/// The request for one window ending at `end`. The window's start is kept strictly before
-/// its end (a start recorded with a clock ahead of `end` is moved to just before it).
-pub fn request(window: &EvaluationWindow, end: Timestamp) -> pb::ReportMetricsRequest {
-    let start = Timestamp::from_millis(window.start.millis().min(end.millis() - 1));
-    let c = &window.counts;
+/// The request that sends one prepared release.
+pub fn request(release: &PreparedEvaluation) -> pb::ReportMetricsRequest {
     pb::ReportMetricsRequest {
-        run_id: window.run_id.clone(),
-        model_version: window.model_version,
-        window_start: Some(timestamp(start)),
-        window_end: Some(timestamp(end)),
-        cohort: window.cohort.to_string(),
-        counts: Some(pb::EvaluationCounts {
-            recommendation_lists_shown: c.recommendation_lists_shown,
-            recommendations_shown: c.recommendations_shown,
-            injected_recommendations_shown: c.injected_recommendations_shown,
-            intra_list_diversity_sum: c.intra_list_diversity_sum,
-            distinct_topics_shown: c.distinct_topics_shown,
-            catalogue_topic_count: c.catalogue_topic_count,
-            positive_feedback_count: c.positive_feedback_count,
-            negative_feedback_count: c.negative_feedback_count,
-            personalisation_opt_outs: c.personalisation_opt_outs,
-            training_opt_outs: c.training_opt_outs,
-            predictions_evaluated: c.predictions_evaluated,
-            predictions_within_half: c.predictions_within_half,
-            prediction_absolute_error_sum: c.prediction_absolute_error_sum,
-            prediction_squared_error_sum: c.prediction_squared_error_sum,
-        }),
-        counters: Vec::new(),
-        histograms: Vec::new(),
+        run_id: release.run_id().to_owned(),
+        model_version: release.model_version(),
+        evaluation_token: release.token().to_owned(),
+        released_rates: release.released_rates().to_vec(),
+        noise_multiplier: release.noise_multiplier(),
     }
 }
 
@@ -150,17 +125,35 @@ pub async fn report_metrics(
             why: format!("the coordinator asked for the next report no sooner than {at}"),
         });
     }
+    if !device.settings().training {
+        return Ok(MetricsOutcome::NotSent {
+            why: "training participation is off: the device sends no evaluation".into(),
+        });
+    }
     client.ensure_enrolled(device, app_key).await?;
     let mut sent = Vec::new();
+    let mut dropped = Vec::new();
     let mut wait = Duration::ZERO;
     for w in &windows {
-        wait = client.report_metrics(request(w, now)).await?;
+        let release = match device.prepare_evaluation(w, now)? {
+            EvaluationRelease::Ready(release) => release,
+            EvaluationRelease::Dropped(why) => {
+                dropped.push(why);
+                continue;
+            }
+        };
+        wait = client.report_metrics(request(&release)).await?;
         device.close_evaluation_window(&w.run_id, w.model_version)?;
         let next = now
             .millis()
             .saturating_add(wait.as_millis().min(i64::MAX as u128) as i64);
         device.set_next_evaluation_report(Timestamp::from_millis(next))?;
         sent.push((w.run_id.clone(), w.model_version));
+    }
+    if sent.is_empty() {
+        return Ok(MetricsOutcome::NotSent {
+            why: dropped.join("; "),
+        });
     }
     Ok(MetricsOutcome::Reported {
         windows: sent,
@@ -171,55 +164,49 @@ pub async fn report_metrics(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::evaluation::EvaluationCounts;
+    use crate::evaluation::{EvaluationCounts, EvaluationWindow};
+    use crate::{Device, DeviceConfig};
 
     #[test]
-    fn the_request_carries_the_counts_and_a_window_that_ends_after_it_starts() {
-        let counts = EvaluationCounts {
-            recommendation_lists_shown: 2,
-            recommendations_shown: 9,
-            injected_recommendations_shown: 1,
-            intra_list_diversity_sum: 1.25,
-            distinct_topics_shown: 3,
-            catalogue_topic_count: 4,
-            negative_feedback_count: 2,
-            training_opt_outs: 1,
-            predictions_evaluated: 5,
-            predictions_within_half: 2,
-            prediction_absolute_error_sum: 3.5,
-            prediction_squared_error_sum: 4.0,
-            ..EvaluationCounts::default()
-        };
+    fn the_request_carries_only_the_noised_release_the_run_the_version_and_the_token() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut d = Device::open(dir.path().join("d.db"), DeviceConfig::default()).unwrap();
+        d.store_evaluation_token("r", 4, "tok", 4.0).unwrap();
         let w = EvaluationWindow {
             run_id: "r".into(),
             model_version: 4,
             start: Timestamp::from_millis(10_500),
             cohort: "heavy",
-            counts,
+            counts: EvaluationCounts {
+                recommendation_lists_shown: 2,
+                recommendations_shown: 9,
+                negative_feedback_count: u64::MAX,
+                ..EvaluationCounts::default()
+            },
         };
-        let r = request(&w, Timestamp::from_millis(20_250));
-        assert_eq!(
-            r.window_start,
-            Some(prost_types::Timestamp {
-                seconds: 10,
-                nanos: 500_000_000
-            })
-        );
-        assert_eq!(r.window_end.unwrap().seconds, 20);
+        let EvaluationRelease::Ready(release) = d
+            .prepare_evaluation(&w, Timestamp::from_millis(20_000))
+            .unwrap()
+        else {
+            panic!("released")
+        };
+        let r = request(&release);
         assert_eq!((r.run_id.as_str(), r.model_version), ("r", 4));
-        assert_eq!(r.cohort, "heavy");
-        let c = r.counts.unwrap();
-        assert_eq!(c.recommendations_shown, 9);
-        assert_eq!(c.training_opt_outs, 1);
-        assert_eq!(c.prediction_squared_error_sum, 4.0);
-        // A start recorded ahead of the end is moved to just before it.
-        let r = request(&w, Timestamp::from_millis(10_000));
+        assert_eq!(r.evaluation_token, "tok");
+        assert_eq!(r.noise_multiplier, 4.0);
         assert_eq!(
-            r.window_start,
-            Some(prost_types::Timestamp {
-                seconds: 9,
-                nanos: 999_000_000
-            })
+            r.released_rates.len(),
+            fedpref_privacy::evaluation::COORDINATES
         );
+        let bound = fedpref_privacy::evaluation::value_bound(4.0);
+        assert!(
+            r.released_rates
+                .iter()
+                .all(|v| v.is_finite() && v.abs() <= bound)
+        );
+        // Recorded before it could be sent.
+        let b = d.budget().unwrap();
+        assert_eq!(b.rounds, 1);
+        assert_eq!(b.uploads[0].kind, "evaluation");
     }
 }

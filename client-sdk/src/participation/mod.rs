@@ -667,6 +667,15 @@ pub async fn participate(
                 DownloadProgress::Partial { .. } => unreachable!("no chunk limit was given"),
             }
         }
+        // The task's evaluation token: the device may report once on this run and version.
+        if !task.evaluation_token.is_empty() {
+            device.store_evaluation_token(
+                &task.run_id,
+                model.model_version,
+                &task.evaluation_token,
+                task.evaluation_noise_multiplier,
+            )?;
+        }
         // Refusals that cost nothing come first: a task the device cannot finish is given
         // back before any budget is spent on it.
         let deadline_passed = task.upload_deadline.as_ref().is_some_and(|d| {

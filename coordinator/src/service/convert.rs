@@ -966,6 +966,22 @@ pub fn ledger_entry_to_proto(
                 reporting_devices: *reporting_devices,
             });
         }
+        LedgerEvent::EvaluationReleased {
+            model_version,
+            noise_multiplier,
+            clip_norm,
+            epsilon,
+            delta,
+        } => {
+            out.kind = K::EvaluationReleased as i32;
+            out.model_version = *model_version;
+            out.noise_multiplier = *noise_multiplier;
+            out.clip_norm = *clip_norm;
+            out.sampling_rate = 1.0;
+            out.reason = format!(
+                "each device's evaluation of model version {model_version}: one local release, ε = {epsilon:.4} at δ = {delta:e}"
+            );
+        }
         LedgerEvent::RunStopped {
             reason,
             cumulative_epsilon,

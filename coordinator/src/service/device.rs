@@ -35,8 +35,6 @@ const NO_RUN_RETRY_MS: i64 = 60_000;
 const REDIRECT_VALID_FOR: std::time::Duration = std::time::Duration::from_secs(60);
 /// How often a device should report evaluation counts, in ms.
 const REPORT_EVERY_MS: i64 = 3_600_000;
-/// Clock skew tolerated on a report's window end, in ms.
-const CLOCK_SKEW_MS: i64 = 300_000;
 
 /// The DeviceService implementation.
 pub struct DeviceApi {
@@ -243,6 +241,24 @@ impl DeviceService for DeviceApi {
                             Action::SendTask(task) if task.device == device => {
                                 let manifest = shared.manifest(c, &run_id)?;
                                 let model = shared.model_ref(c, &run_id, task.model_version)?;
+                                // Distributed-mode devices send no evaluation (see
+                                // docs/what-leaves-the-device.md).
+                                let evaluation = task.secure_aggregation.is_none();
+                                let mut token_error = None;
+                                let evaluation_token = c
+                                    .task_given(&run_id, &device, task.model_version, evaluation, || {
+                                        match auth::new_credentials() {
+                                            Ok((_, token)) => token,
+                                            Err(e) => {
+                                                token_error = Some(e);
+                                                String::new()
+                                            }
+                                        }
+                                    })
+                                    .unwrap_or_default();
+                                if let Some(e) = token_error {
+                                    return Err(e);
+                                }
                                 tracing::info!(device = %device, run = %run_id, round = task.round, "task sent");
                                 return Ok(pb::CheckInResponse {
                                     outcome: Some(pb::check_in_response::Outcome::Task(pb::Task {
@@ -278,6 +294,12 @@ impl DeviceService for DeviceApi {
                                             .secure_aggregation
                                             .as_deref()
                                             .map(super::secagg::round_to_proto),
+                                        evaluation_noise_multiplier: if evaluation_token.is_empty() {
+                                            0.0
+                                        } else {
+                                            fedpref_privacy::evaluation::DEFAULT_NOISE_MULTIPLIER
+                                        },
+                                        evaluation_token,
                                     })),
                                     latest_model: Some(model),
                                 });
@@ -344,7 +366,7 @@ impl DeviceService for DeviceApi {
         &self,
         request: Request<pb::DownloadModelRequest>,
     ) -> Result<Response<Self::DownloadModelStream>, Status> {
-        let (_device, permit) = self.admit(request.metadata()).await?;
+        let (device, permit) = self.admit(request.metadata()).await?;
         let r = request.into_inner();
         if r.run_id.is_empty() {
             return Err(invalid("run_id", "must not be empty"));
@@ -370,6 +392,16 @@ impl DeviceService for DeviceApi {
         let (version, blob) = self
             .shared
             .blocking(move |c| {
+                // Only a device given a task in the run may download its models: to any
+                // other device an unknown run and a run it may not see look the same.
+                if !c
+                    .may_download(&run_id, &device)
+                    .map_err(super::coordinator_status)?
+                {
+                    return Err(Status::permission_denied(format!(
+                        "run_id: this device has no task in run {run_id:?} (or there is no such run)"
+                    )));
+                }
                 let record = c.store().run(&run_id).map_err(super::store_status)?;
                 let version = requested.unwrap_or(record.published_version);
                 if version > record.published_version {
@@ -489,205 +521,48 @@ impl DeviceService for DeviceApi {
         &self,
         request: Request<pb::ReportMetricsRequest>,
     ) -> Result<Response<pb::ReportMetricsResponse>, Status> {
-        let (device, _permit) = self.admit(request.metadata()).await?;
+        let (_device, _permit) = self.admit(request.metadata()).await?;
         let r = request.into_inner();
         if r.run_id.is_empty() {
             return Err(invalid("run_id", "must not be empty"));
         }
-        let ms = |t: &Option<prost_types::Timestamp>, field: &str| -> Result<i64, Status> {
-            let t = t.as_ref().ok_or_else(|| invalid(field, "must be set"))?;
-            if !(0..1_000_000_000).contains(&t.nanos) {
-                return Err(invalid(field, "nanos must be in [0, 1e9)"));
-            }
-            Ok(t.seconds.saturating_mul(1000) + i64::from(t.nanos / 1_000_000))
-        };
-        let start = ms(&r.window_start, "window_start")?;
-        let end = ms(&r.window_end, "window_end")?;
-        if end <= start {
-            return Err(invalid("window_end", "must be after window_start"));
-        }
-        if end > now_ms() + CLOCK_SKEW_MS {
-            return Err(invalid("window_end", "must not be in the future"));
-        }
-        if r.cohort.is_empty()
-            || r.cohort.len() > 32
-            || !r
-                .cohort
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
-        {
+        if r.evaluation_token.is_empty() {
             return Err(invalid(
-                "cohort",
-                "must be 1 to 32 characters of a-z, 0-9, '_' or '-'",
+                "evaluation_token",
+                "must be set: the token of a task for this run and model version",
             ));
         }
-        let counts = r.counts.ok_or_else(|| invalid("counts", "must be set"))?;
-        for (field, v) in [
-            (
-                "counts.intra_list_diversity_sum",
-                counts.intra_list_diversity_sum,
-            ),
-            (
-                "counts.prediction_absolute_error_sum",
-                counts.prediction_absolute_error_sum,
-            ),
-            (
-                "counts.prediction_squared_error_sum",
-                counts.prediction_squared_error_sum,
-            ),
-        ] {
-            if !(v.is_finite() && v >= 0.0) {
-                return Err(invalid(field, "must be a finite number >= 0"));
-            }
-        }
-        if counts.injected_recommendations_shown > counts.recommendations_shown {
+        let sigma = fedpref_privacy::evaluation::DEFAULT_NOISE_MULTIPLIER;
+        if r.noise_multiplier != sigma {
             return Err(invalid(
-                "counts.injected_recommendations_shown",
-                "must not exceed recommendations_shown",
+                "noise_multiplier",
+                format!("must be the task's evaluation_noise_multiplier, {sigma}"),
             ));
         }
-        if counts.predictions_within_half > counts.predictions_evaluated {
-            return Err(invalid(
-                "counts.predictions_within_half",
-                "must not exceed predictions_evaluated",
-            ));
-        }
-        for (i, c) in r.counters.iter().enumerate() {
-            if c.metric.is_empty() {
-                return Err(invalid(
-                    &format!("counters[{i}].metric"),
-                    "must not be empty",
-                ));
-            }
-        }
-        for (i, h) in r.histograms.iter().enumerate() {
-            if h.metric.is_empty() {
-                return Err(invalid(
-                    &format!("histograms[{i}].metric"),
-                    "must not be empty",
-                ));
-            }
-            if !h.upper_bounds.windows(2).all(|w| w[0] < w[1])
-                || !h.upper_bounds.iter().all(|b| b.is_finite())
-            {
-                return Err(invalid(
-                    &format!("histograms[{i}].upper_bounds"),
-                    "must be finite and strictly increasing",
-                ));
-            }
-            if h.bucket_counts.len() != h.upper_bounds.len() + 1 {
-                return Err(invalid(
-                    &format!("histograms[{i}].bucket_counts"),
-                    "must have exactly one more entry than upper_bounds",
-                ));
-            }
-        }
-        for (field, v) in [
-            (
-                "counts.personalisation_opt_outs",
-                counts.personalisation_opt_outs,
-            ),
-            ("counts.training_opt_outs", counts.training_opt_outs),
-        ] {
-            if v > 1 {
-                return Err(invalid(field, "must be 0 or 1"));
-            }
-        }
-        let int = |v: u64, field: &str| -> Result<i64, Status> {
-            i64::try_from(v).map_err(|_| invalid(field, "is too large"))
-        };
-        let sums = crate::store::EvaluationSums {
-            recommendation_lists_shown: int(
-                counts.recommendation_lists_shown,
-                "counts.recommendation_lists_shown",
-            )?,
-            recommendations_shown: int(
-                counts.recommendations_shown,
-                "counts.recommendations_shown",
-            )?,
-            injected_recommendations_shown: int(
-                counts.injected_recommendations_shown,
-                "counts.injected_recommendations_shown",
-            )?,
-            positive_feedback_count: int(
-                counts.positive_feedback_count,
-                "counts.positive_feedback_count",
-            )?,
-            negative_feedback_count: int(
-                counts.negative_feedback_count,
-                "counts.negative_feedback_count",
-            )?,
-            personalisation_opt_outs: int(
-                counts.personalisation_opt_outs,
-                "counts.personalisation_opt_outs",
-            )?,
-            training_opt_outs: int(counts.training_opt_outs, "counts.training_opt_outs")?,
-            predictions_evaluated: int(
-                counts.predictions_evaluated,
-                "counts.predictions_evaluated",
-            )?,
-            predictions_within_half: int(
-                counts.predictions_within_half,
-                "counts.predictions_within_half",
-            )?,
-            ..Default::default()
-        };
-        let sums = crate::store::EvaluationSums {
-            intra_list_diversity_sum: counts.intra_list_diversity_sum,
-            // Per report, the share of the device's catalogue topics it was shown; a
-            // report without a catalogue does not count towards coverage.
-            topic_coverage_sum: if counts.catalogue_topic_count > 0 {
-                (counts.distinct_topics_shown as f64 / counts.catalogue_topic_count as f64).min(1.0)
-            } else {
-                0.0
-            },
-            topic_coverage_reports: i64::from(counts.catalogue_topic_count > 0),
-            opted_out_reports: i64::from(
-                counts.personalisation_opt_outs + counts.training_opt_outs > 0,
-            ),
-            ..sums
-        };
-        if counts.distinct_topics_shown > counts.catalogue_topic_count
-            && counts.catalogue_topic_count > 0
-        {
-            return Err(invalid(
-                "counts.distinct_topics_shown",
-                "must not exceed catalogue_topic_count",
-            ));
-        }
+        let values = fedpref_privacy::evaluation::EvaluationSum::check(&r.released_rates, sigma)
+            .map_err(|e| invalid(&e.field.replacen("values", "released_rates", 1), e.reason))?;
+        let token_hash = auth::sha256(r.evaluation_token.as_bytes());
         let run_id = r.run_id.clone();
         let version = r.model_version;
-        let cohort = r.cohort.clone();
-        let device_id = device.clone();
         self.shared
             .blocking(move |c| {
-                let record = c.store().run(&run_id).map_err(super::store_status)?;
-                if version > record.current_version {
-                    return Err(invalid(
-                        "model_version",
-                        format!("run {run_id:?} has no model version {version}"),
-                    ));
-                }
+                c.store().run(&run_id).map_err(super::store_status)?;
                 c.record_evaluation(
-                    &crate::store::EvaluationReport {
+                    &crate::coordinator::EvaluationRelease {
                         run_id: &run_id,
                         model_version: version,
-                        cohort: &cohort,
-                        device_id: &device_id,
-                        window_start_ms: start,
-                        window_end_ms: end,
-                        counts: sums,
+                        token_hash,
+                        noise_multiplier: sigma,
+                        values,
                     },
                     now_ms(),
                 )
                 .map_err(super::coordinator_status)
             })
             .await?;
-        tracing::debug!(device = %device, run = %r.run_id, "evaluation counts added");
+        tracing::debug!(run = %r.run_id, "evaluation release added");
         Ok(Response::new(pb::ReportMetricsResponse {
             next_report_after: Some(duration(REPORT_EVERY_MS)),
         }))
     }
 }
-
-use fedpref_proto::prost_types;

@@ -200,7 +200,9 @@ pub(super) async fn receive(
     let run_id = task.run_id.clone();
     let round = task.round_id;
     let device_for_engine = device.clone();
-    let examples = header.example_count;
+    // Devices send no example count (it would be unnoised side information): under DP every
+    // update weighs the same, and a run without DP has no devices.
+    let examples = 1;
     let base_version = header.base_model_version;
     let in_memory_run = run_id.clone();
     shared

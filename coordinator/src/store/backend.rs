@@ -138,6 +138,7 @@ impl Row {
     }
 
     /// A floating-point column (an integer is widened, as SQLite may store one).
+    #[cfg_attr(not(test), allow(dead_code))]
     pub(crate) fn f64(&self, i: usize) -> Result<f64, StoreError> {
         match self.at(i)? {
             Value::F64(v) => Ok(*v),

@@ -41,7 +41,6 @@ pub fn upload_messages(
             task_token: task.task_token.clone(),
         }),
         base_model_version: task.model.as_ref().unwrap().model_version,
-        example_count: 10,
         tensors: tensors.iter().map(|(s, _)| s.clone()).collect(),
         privacy_mode: task.privacy_mode,
         clip_norm: task.clip_norm,

@@ -151,7 +151,6 @@ def main() -> int:
                     header=device_pb2.UpdateHeader(
                         task=device_pb2.TaskRef(run_id=task.run_id, round_id=task.round_id, task_token=task.task_token),
                         base_model_version=task.model.model_version,
-                        example_count=5,
                         tensors=list(task.update_tensors),
                         privacy_mode=task.privacy_mode,
                         clip_norm=task.clip_norm,

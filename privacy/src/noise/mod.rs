@@ -360,6 +360,15 @@ impl<P: Provenance> Released<P> {
         &self.values
     }
 
+    /// Post-processing: the release with `f` applied to each coordinate (same provenance and
+    /// noise; post-processing cannot weaken a DP guarantee).
+    pub fn map_values(mut self, f: impl Fn(f64) -> f64) -> Self {
+        for v in &mut self.values {
+            *v = f(*v);
+        }
+        self
+    }
+
     /// The released coordinates, by value.
     pub fn into_values(self) -> Vec<f64> {
         self.values
