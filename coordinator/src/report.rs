@@ -31,7 +31,7 @@ use fedpref_privacy::{Audience, OrderGrid, PrivacyMode, RdpAccountant};
 use serde::Serialize;
 
 use crate::guardrail::{VersionMetrics, all_versions};
-use crate::ledger::{AudienceEpsilon, LedgerEntry, LedgerEvent, verify};
+use crate::ledger::{AudienceEpsilon, LedgerEntry, LedgerEvent};
 use crate::manifest::{
     AlertAction, GuardrailMetric, GuardrailMetricKind, HarmScenario, Kpi, OptOutPolicy,
     SamplingSpec, ThresholdDirection,
@@ -94,6 +94,9 @@ pub struct LedgerStatus {
     pub problem: Option<String>,
     /// Cumulative ε per audience as `verify` re-derived it (empty when the chain is broken).
     pub rederived_epsilon: Vec<AudienceEpsilon>,
+    /// The ledger signing key that signed the head (hex), `None` if the head is unsigned;
+    /// with the head hash, what a checkpoint kept elsewhere is compared with.
+    pub public_key: Option<String>,
 }
 
 /// The manifest, as an impact assessment.
@@ -307,8 +310,14 @@ impl ImpactReport {
         let record = store.run(run_id)?;
         let m = &record.manifest;
         let sealed = store.ledger(run_id)?;
-        let verification = verify(run_id, &sealed);
+        let stored = crate::audit::verify_stored_run(store, run_id, &[])?;
+        let public_key = stored
+            .as_ref()
+            .ok()
+            .and_then(|v| v.signed.public_key.clone());
+        let verification = stored.map(|v| v.totals);
         let ledger = LedgerStatus {
+            public_key,
             intact: verification.is_ok(),
             entries: sealed.len() as u64,
             head_sequence: sealed.last().map(|e| e.sequence).unwrap_or(0),
@@ -378,6 +387,18 @@ impl ImpactReport {
                     // A distributed release is spent when recorded, before it commits (or
                     // not): its contributors count it, and so does the run's final ε.
                     round_sigma.insert(*round, (PrivacyMode::Distributed, 0.0));
+                    add_point(&mut series, &mut audience_order, *round, cumulative_epsilon);
+                    final_epsilon = cumulative_epsilon.clone();
+                }
+                LedgerEvent::RoundCharged {
+                    round,
+                    cumulative_epsilon,
+                    noise_multiplier,
+                    ..
+                } => {
+                    // A local round is spent when its first update arrives, whether it then
+                    // commits or not.
+                    round_sigma.insert(*round, (PrivacyMode::Local, *noise_multiplier));
                     add_point(&mut series, &mut audience_order, *round, cumulative_epsilon);
                     final_epsilon = cumulative_epsilon.clone();
                 }
@@ -787,7 +808,7 @@ impl ImpactReport {
         let _ = writeln!(o);
         let _ = writeln!(
             o,
-            "Ledger: **{}** · {} entries · head entry {} · head SHA-256 `{}`",
+            "Ledger: **{}** · {} entries · head entry {} · head SHA-256 `{}` · {}",
             if self.ledger.intact {
                 "chain intact, totals re-derived"
             } else {
@@ -795,7 +816,11 @@ impl ImpactReport {
             },
             self.ledger.entries,
             self.ledger.head_sequence,
-            self.ledger.head_sha256
+            self.ledger.head_sha256,
+            match &self.ledger.public_key {
+                Some(k) => format!("signed by ledger key `{k}`"),
+                None => "head not signed".to_string(),
+            }
         );
         let _ = writeln!(o);
         let _ = writeln!(o, "## What the run promised");
@@ -1233,7 +1258,7 @@ impl ImpactReport {
         );
         let _ = writeln!(
             o,
-            "<p>Ledger: {} · {} entries · head entry {} · head SHA-256 <span class=\"hash\">{}</span></p>",
+            "<p>Ledger: {} · {} entries · head entry {} · head SHA-256 <span class=\"hash\">{}</span> · {}</p>",
             if self.ledger.intact {
                 "<span class=\"ok\">chain intact, totals re-derived</span>"
             } else {
@@ -1241,7 +1266,14 @@ impl ImpactReport {
             },
             self.ledger.entries,
             self.ledger.head_sequence,
-            esc(&self.ledger.head_sha256)
+            esc(&self.ledger.head_sha256),
+            match &self.ledger.public_key {
+                Some(k) => format!(
+                    "signed by ledger key <span class=\"hash\">{}</span>",
+                    esc(k)
+                ),
+                None => "head not signed".to_string(),
+            }
         );
 
         let _ = writeln!(o, "<h2>What the run promised</h2>\n<table>");

@@ -243,6 +243,7 @@ impl Settings {
             budget: BudgetSpec {
                 epsilon: self.target_epsilon.unwrap_or(1e12),
                 delta: self.delta,
+                audience: None,
             },
             clip_norm: self.clip_norm,
             noise_multiplier: if noise { self.noise_multiplier } else { None },
