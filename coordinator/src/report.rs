@@ -77,6 +77,10 @@ pub struct ImpactReport {
     pub operations: Vec<Operation>,
 }
 
+/// Whom "one user" is: without enrolment grants from the app's backend (not built), each
+/// enrolment is its own user.
+pub const UNIT_OF_PRIVACY: &str = "one enrolment (one installation of the app on one device). The coordinator accepts no enrolment grants naming a person, so participation limits, every ε and the budget hold per enrolment, not per person: a person with two devices, or one who deletes everything and enrols again, counts as two. Sybil enrolment is limited only by the app key shipped in the app and by per-device request limits; distributed mode's ε assumes its honest devices are real, distinct users.";
+
 /// The ledger's verification when the report was rendered.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct LedgerStatus {
@@ -114,6 +118,11 @@ pub struct Assessment {
     pub privacy_mode: String,
     /// Who adds the noise and what a neighbouring dataset is, in words.
     pub mode_explained: String,
+    /// Whom "one user" is in every ε and limit of the run, and how Sybil enrolment is limited,
+    /// in words.
+    pub unit_of_privacy: String,
+    /// The audience whose ε the budget binds (`fedpref_privacy::Audience::as_str`).
+    pub budget_audience: String,
     /// The audiences the run's ε is reported for, widest first, each with what it holds
     /// against.
     pub audiences: Vec<AudienceNote>,
@@ -554,6 +563,8 @@ impl ImpactReport {
                 data_elements_not_used: m.data_elements_not_used.clone(),
                 privacy_mode: m.privacy_mode.as_str().into(),
                 mode_explained,
+                unit_of_privacy: UNIT_OF_PRIVACY.to_string(),
+                budget_audience: m.budget_audience().as_str().to_string(),
                 audiences,
                 budget_epsilon: m.budget.epsilon,
                 budget_delta: m.budget.delta,
@@ -846,6 +857,12 @@ impl ImpactReport {
         for n in &a.audiences {
             let _ = writeln!(o, "  - ε for `{}` {}", n.audience, n.description);
         }
+        let _ = writeln!(
+            o,
+            "- **The budget binds:** the ε for `{}`",
+            a.budget_audience
+        );
+        let _ = writeln!(o, "- **One user is:** {}", md(&a.unit_of_privacy));
         let _ = writeln!(
             o,
             "- **Budget:** ε = {} at δ = {:e} · clip norm C = {} · noise multiplier σ = {}",
@@ -1310,6 +1327,12 @@ impl ImpactReport {
                 esc(&a.mode_explained)
             ),
         );
+        row(
+            &mut o,
+            "The budget binds",
+            format!("the ε for <code>{}</code>", esc(&a.budget_audience)),
+        );
+        row(&mut o, "One user is", esc(&a.unit_of_privacy));
         row(
             &mut o,
             "Budget and noise",

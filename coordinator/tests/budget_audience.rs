@@ -121,3 +121,23 @@ fn a_budget_audience_the_run_does_not_track_is_refused_by_name() {
         .to_string();
     assert!(e.contains("budget.audience"), "{e}");
 }
+
+#[test]
+fn the_report_names_the_bound_audience_and_that_limits_hold_per_enrolment() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c =
+        fedpref_coordinator::coordinator::Coordinator::open(&dir.path().join("c.db"), 1).unwrap();
+    c.create_run("r", manifest(&poisson("")), 1).unwrap();
+    let report = fedpref_coordinator::report::ImpactReport::build(c.store(), "r", 2).unwrap();
+    let md = report.to_markdown();
+    assert!(
+        md.contains("- **The budget binds:** the ε for `release_observers`"),
+        "{md}"
+    );
+    assert!(
+        md.contains("hold per enrolment, not per person") && md.contains("Sybil enrolment"),
+        "{md}"
+    );
+    let html = report.to_html();
+    assert!(html.contains("One user is"), "{html}");
+}
