@@ -38,6 +38,8 @@
 //! device_burst = 20
 //! max_concurrent_requests = 256
 //! tick_millis = 250
+//! max_enrolments_per_window = 10000   # enrolments with the app key, all devices together …
+//! enrolment_window_seconds = 60       # … per this many seconds
 //! ```
 //!
 //! Relative paths are relative to the directory of the configuration file. Unknown keys and
@@ -207,6 +209,12 @@ pub struct Limits {
     pub max_concurrent_requests: u32,
     /// How often the engines are ticked (round deadlines), in milliseconds.
     pub tick_millis: u64,
+    /// Most enrolments (with the app key, from all addresses together) in any window of
+    /// `enrolment_window_seconds`; more are refused with `RESOURCE_EXHAUSTED`. Whoever
+    /// extracts the app key can enrol devices; this bounds how fast.
+    pub max_enrolments_per_window: u32,
+    /// The enrolment window, in seconds.
+    pub enrolment_window_seconds: u64,
 }
 
 impl Default for Limits {
@@ -220,6 +228,8 @@ impl Default for Limits {
             device_burst: 20,
             max_concurrent_requests: 256,
             tick_millis: 250,
+            max_enrolments_per_window: 10_000,
+            enrolment_window_seconds: 60,
         }
     }
 }
@@ -324,6 +334,18 @@ impl Config {
         }
         if !(10..=60_000).contains(&l.tick_millis) {
             return Err(bad("limits.tick_millis", "must be in 10..=60000"));
+        }
+        if l.max_enrolments_per_window == 0 {
+            return Err(bad(
+                "limits.max_enrolments_per_window",
+                "must be at least 1",
+            ));
+        }
+        if !(1..=604_800).contains(&l.enrolment_window_seconds) {
+            return Err(bad(
+                "limits.enrolment_window_seconds",
+                "must be in 1..=604800 (a week)",
+            ));
         }
         if self.listen.device == self.listen.admin {
             return Err(bad(
@@ -565,6 +587,10 @@ device_requests_per_second = 5.0
 device_burst = 20
 max_concurrent_requests = 256
 tick_millis = 250
+# Enrolments with the app key, all devices together, per window (whoever extracts the app key
+# from the app can enrol devices; this bounds how fast).
+max_enrolments_per_window = 10000
+enrolment_window_seconds = 60
 "#;
 
 /// The example manifest `init` writes: a small central-DP run that three devices complete in

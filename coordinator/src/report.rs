@@ -79,7 +79,7 @@ pub struct ImpactReport {
 
 /// Whom "one user" is: without enrolment grants from the app's backend (not built), each
 /// enrolment is its own user.
-pub const UNIT_OF_PRIVACY: &str = "one enrolment (one installation of the app on one device). The coordinator accepts no enrolment grants naming a person, so participation limits, every ε and the budget hold per enrolment, not per person: a person with two devices, or one who deletes everything and enrols again, counts as two. Sybil enrolment is limited only by the app key shipped in the app and by per-device request limits; distributed mode's ε assumes its honest devices are real, distinct users.";
+pub const UNIT_OF_PRIVACY: &str = "one enrolment (one installation of the app on one device). The coordinator accepts no enrolment grants naming a person, so participation limits, every ε and the budget hold per enrolment, not per person: a person with two devices, or one who deletes everything and enrols again, counts as two. Sybil enrolment is limited only by the app key shipped in the app, per-address and per-device request limits, and the coordinator's cap on enrolments per window (limits.max_enrolments_per_window); distributed mode's ε assumes its honest devices are real, distinct users.";
 
 /// The ledger's verification when the report was rendered.
 #[derive(Clone, Debug, PartialEq, Serialize)]

@@ -1357,6 +1357,17 @@ impl Store {
         })
     }
 
+    /// Devices enrolled at or after `since_ms`.
+    pub fn enrolments_since(&self, since_ms: i64) -> Result<u64, StoreError> {
+        self.read(|tx| {
+            tx.query_one(
+                "SELECT COUNT(*) FROM devices WHERE enrolled_at_ms >= ?1",
+                vals![since_ms],
+            )?
+            .u64(0)
+        })
+    }
+
     /// The device whose token hashes to `token_sha256` (hex), if any.
     pub fn device_by_token_hash(&self, token_sha256: &str) -> Result<Option<String>, StoreError> {
         self.read(|tx| {

@@ -38,6 +38,7 @@ fn limits() -> Limits {
         device_burst: 10_000,
         max_concurrent_requests: 64,
         tick_millis: 20,
+        ..Limits::default()
     }
 }
 
@@ -1407,4 +1408,34 @@ async fn local_adaptive_clipping_requests_a_clip_bit_and_the_upload_must_carry_e
         "header.clip_bit",
     );
     upload(&mut client, &token, messages).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enrolments_past_the_window_cap_get_resource_exhausted_naming_the_limit() {
+    let server = TestServer::start_with(Limits {
+        max_enrolments_per_window: 3,
+        enrolment_window_seconds: 3600,
+        ..limits()
+    })
+    .await;
+    let mut client = server.device().await;
+    for _ in 0..3 {
+        enroll(&mut client).await;
+    }
+    let status = client
+        .enroll(pb::EnrollRequest {
+            app_key: APP_KEY.into(),
+            sdk_version: "0.1.0".into(),
+        })
+        .await
+        .expect_err("over the cap");
+    assert_eq!(status.code(), Code::ResourceExhausted);
+    assert!(
+        status
+            .message()
+            .contains("limits.max_enrolments_per_window"),
+        "{}",
+        status.message()
+    );
+    server.running.shutdown().await.unwrap();
 }
