@@ -794,7 +794,18 @@ impl RunManifest {
             ));
         }
         if let Some(a) = self.budget.audience {
-            let tracked: Vec<fedpref_privacy::Audience> = match self.round_release() {
+            // σ may still be a target ε here: the audiences depend only on mode and sampling.
+            let release = self.round_release().or_else(|| {
+                let mode = self.privacy_mode.privacy_mode()?;
+                (!self.server_optimizer.is_tree() && mode != PrivacyMode::Distributed).then(|| {
+                    RoundRelease {
+                        mode,
+                        noise_multiplier: 1.0,
+                        sampling_rate: self.sampling.accounting_rate(),
+                    }
+                })
+            });
+            let tracked: Vec<fedpref_privacy::Audience> = match release {
                 Some(r) => crate::ledger::tracked_audiences(&r)
                     .into_iter()
                     .map(|(a, _)| a)

@@ -141,3 +141,19 @@ fn the_report_names_the_bound_audience_and_that_limits_hold_per_enrolment() {
     let html = report.to_html();
     assert!(html.contains("One user is"), "{html}");
 }
+
+#[test]
+fn a_target_epsilon_is_calibrated_for_the_audience_the_budget_binds() {
+    let strict = manifest(&poisson("").replace("noise_multiplier = 1.0", "target_epsilon = 8.0"));
+    let amplified = manifest(
+        &poisson("audience = \"observers_unaware_of_participation\"")
+            .replace("noise_multiplier = 1.0", "target_epsilon = 8.0")
+            .replace("rounds = 100000", "rounds = 100"),
+    );
+    let strict_sigma = strict.noise_multiplier.unwrap();
+    let amplified_sigma = amplified.noise_multiplier.unwrap();
+    assert!(
+        strict_sigma > amplified_sigma,
+        "{strict_sigma} vs {amplified_sigma}"
+    );
+}
