@@ -567,6 +567,22 @@ async fn each_bad_input_gets_its_status_code_and_a_message_naming_the_problem() 
         Code::InvalidArgument,
         "unknown task token",
     );
+    // The header is checked before the body is read: a forged header whose body never comes
+    // is refused at once.
+    let header_only = upload_messages(&forged, &good, 1024).remove(0);
+    let hanging =
+        tokio_stream::StreamExt::chain(tokio_stream::iter([header_only]), tokio_stream::pending());
+    let refused = tokio::time::timeout(
+        Duration::from_secs(5),
+        client.upload_update(authed(hanging, &a)),
+    )
+    .await
+    .expect("answered without waiting for the body");
+    assert_status(
+        refused.map(|r| r.into_inner()),
+        Code::InvalidArgument,
+        "unknown task token",
+    );
     let mut messages = upload_messages(&task, &good, 1024);
     if let Some(Part::Header(h)) = messages[0].part.as_mut() {
         h.update_sha256 = vec![0; 32];
