@@ -204,8 +204,9 @@ impl Device {
                     sigma_b,
                     &mut sampler,
                 )?;
-                // On the wire the bit is 0/1 plus noise: undo the centring.
-                let bit = centred.values()[0] + 0.5;
+                // On the wire the bit is 0/1 plus noise: undo the centring, and clamp it to
+                // the range the coordinator accepts (post-processing).
+                let bit = adaptive_clip::clamp_local_bit(centred.values()[0] + 0.5, sigma_b);
                 if !bit.is_finite() {
                     return Err(SdkError::Privacy(PrivacyError::NonFinite {
                         index: 0,

@@ -6,7 +6,8 @@
 //! fedpref-coordinator accountant calibrate --target-epsilon E   --sampling-rate Q --rounds T --delta D   [--mode M] [--json]
 //! fedpref-coordinator accountant tree (--noise-multiplier S | --target-epsilon E) --rounds T --delta D
 //!                                     --min-separation s --max-participations k [--restart-every R [--completion]] [--json]
-//! fedpref-coordinator ledger verify --db PATH [--run ID] [--json]
+//! fedpref-coordinator ledger verify --db PATH [--run ID] [--checkpoint FILE]… [--json]
+//! fedpref-coordinator ledger checkpoint --db PATH --run ID [--out FILE]
 //! fedpref-coordinator ledger export --db PATH --run ID [--format json]
 //! fedpref-coordinator report --db PATH --run ID [--out FILE] [--format html|md|json]
 //! fedpref-coordinator init --dir DIR
@@ -122,17 +123,36 @@ pub enum RunCommand {
 /// Ledger commands.
 #[derive(Debug, Subcommand)]
 pub enum LedgerCommand {
-    /// Recompute the hash chain and every cumulative ε; exit 1 at the first bad entry.
+    /// Recompute the hash chain and every cumulative ε, check the head signatures, the rounds
+    /// against the run's manifest, the budget, and that the chain extends every checkpoint
+    /// given; exit 1 at the first problem.
     Verify {
-        /// The coordinator's SQLite database.
+        /// The coordinator's SQLite database (or a postgres:// URL).
         #[arg(long, value_name = "PATH")]
         db: std::path::PathBuf,
-        /// Only this run (default: every run).
+        /// Only this run (default: every run in the ledger or in a checkpoint).
         #[arg(long)]
         run: Option<String>,
+        /// A checkpoint written by `ledger checkpoint` (repeatable): the run's chain must
+        /// still hold its head at its position.
+        #[arg(long, value_name = "FILE")]
+        checkpoint: Vec<std::path::PathBuf>,
         /// Print JSON.
         #[arg(long)]
         json: bool,
+    },
+    /// Write a run's signed head (run, entry count, head hash, public key, signature, time)
+    /// as JSON, to keep outside the database.
+    Checkpoint {
+        /// The coordinator's SQLite database (or a postgres:// URL).
+        #[arg(long, value_name = "PATH")]
+        db: std::path::PathBuf,
+        /// The run.
+        #[arg(long)]
+        run: String,
+        /// Write it here (default: standard output).
+        #[arg(long, value_name = "FILE")]
+        out: Option<std::path::PathBuf>,
     },
     /// Export a run's entries with their canonical text and hashes, for re-derivation
     /// elsewhere (the fields are documented in the README).
@@ -529,6 +549,10 @@ fn now_ms() -> i64 {
 }
 
 fn open_existing(db: &std::path::Path) -> Result<crate::store::Store, CliError> {
+    if let Some(url) = db.to_str().filter(|u| crate::store::is_postgres_url(u)) {
+        return crate::store::Store::open_postgres(url)
+            .map_err(|e| CliError::Failed(format!("--db: {e}")));
+    }
     if !db.exists() {
         return Err(CliError::Usage(format!(
             "--db {}: no such file",
@@ -611,42 +635,59 @@ fn run_runs(cmd: &RunCommand) -> Result<String, CliError> {
 
 fn run_ledger(cmd: &LedgerCommand) -> Result<String, CliError> {
     match cmd {
-        LedgerCommand::Verify { db, run, json } => {
+        LedgerCommand::Verify {
+            db,
+            run,
+            checkpoint,
+            json,
+        } => {
             let store = open_existing(db)?;
-            let ids: Vec<String> = match run {
-                Some(id) => vec![id.clone()],
-                None => store
-                    .runs()
-                    .map_err(|e| CliError::Failed(e.to_string()))?
-                    .into_iter()
-                    .map(|r| r.id)
-                    .collect(),
-            };
+            let mut checkpoints = vec![];
+            for path in checkpoint {
+                let text = std::fs::read_to_string(path).map_err(|e| {
+                    CliError::Usage(format!("--checkpoint {}: {e}", path.display()))
+                })?;
+                checkpoints.push(
+                    crate::checkpoint::Checkpoint::parse(
+                        &text,
+                        &format!("--checkpoint {}", path.display()),
+                    )
+                    .map_err(CliError::Usage)?,
+                );
+            }
+            let ids = crate::audit::runs_to_verify(&store, run.as_deref(), &checkpoints)
+                .map_err(|e| CliError::Failed(e.to_string()))?;
             let mut lines = vec![];
             let mut reports = vec![];
             let mut failed = None;
             for id in &ids {
-                let entries = store
-                    .ledger(id)
+                let outcome = crate::audit::verify_stored_run(&store, id, &checkpoints)
                     .map_err(|e| CliError::Failed(e.to_string()))?;
-                match crate::ledger::verify(id, &entries) {
-                    Ok(t) => {
+                match outcome {
+                    Ok(v) => {
+                        let t = &v.totals;
                         let eps = t
                             .cumulative_epsilon
                             .iter()
                             .map(|a| format!("ε = {:.6} ({})", a.epsilon, a.audience))
                             .collect::<Vec<_>>()
                             .join(", ");
+                        let signed = match &v.signed.public_key {
+                            Some(k) => format!("signed by ledger key {k}"),
+                            None => "UNSIGNED (no ledger signing key configured)".into(),
+                        };
                         lines.push(format!(
-                            "run {id}: ok — {} entries, {} rounds committed, {} abandoned, {} at δ = {:e}, head {}",
+                            "run {id}: ok — {} entries, {} rounds committed, {} abandoned, {} at δ = {:e}, head {} {signed}, extends {} checkpoint(s)",
                             t.entries,
                             t.rounds_committed,
                             t.rounds_abandoned,
                             if eps.is_empty() { "nothing spent".to_string() } else { eps },
                             t.delta,
-                            t.head_hash
+                            t.head_hash,
+                            v.checkpoints
                         ));
-                        reports.push(json!({"run_id": id, "ok": true, "totals": t}));
+                        reports.push(json!({"run_id": id, "ok": true, "totals": t,
+                            "public_key": v.signed.public_key, "checkpoints": v.checkpoints}));
                     }
                     Err(f) => {
                         lines.push(format!("run {id}: FAILED at {f}"));
@@ -666,6 +707,39 @@ fn run_ledger(cmd: &LedgerCommand) -> Result<String, CliError> {
             match failed {
                 Some(_) => Err(CliError::Verification(out)),
                 None => Ok(out),
+            }
+        }
+        LedgerCommand::Checkpoint { db, run, out } => {
+            let store = open_existing(db)?;
+            // Never sign off on a chain that does not verify.
+            crate::audit::verify_stored_run(&store, run, &[])
+                .map_err(|e| CliError::Failed(e.to_string()))?
+                .map_err(|f| {
+                    CliError::Verification(format!("run {run}: not checkpointed: FAILED at {f}"))
+                })?;
+            let entries = store
+                .ledger(run)
+                .map_err(|e| CliError::Failed(e.to_string()))?;
+            let signatures = store
+                .ledger_signatures(run)
+                .map_err(|e| CliError::Failed(e.to_string()))?;
+            let checkpoint =
+                crate::checkpoint::Checkpoint::of_head(run, &entries, &signatures, now_ms())
+                    .map_err(CliError::Failed)?;
+            let text = checkpoint.to_json();
+            match out {
+                Some(path) => {
+                    std::fs::write(path, &text)
+                        .map_err(|e| CliError::Failed(format!("--out {}: {e}", path.display())))?;
+                    Ok(format!(
+                        "wrote {}: run {run}, {} entries, head {}, key {}",
+                        path.display(),
+                        checkpoint.entry_count,
+                        checkpoint.head_hash,
+                        checkpoint.public_key
+                    ))
+                }
+                None => Ok(text.trim_end().to_string()),
             }
         }
         LedgerCommand::Export { db, run, format } => {

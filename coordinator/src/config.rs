@@ -26,6 +26,9 @@
 //! admin_token_file = "admin.token"
 //! admin_client_ca = "tls/admin-ca.pem"  # optional: admin client certificates it signed
 //!
+//! [ledger]                    # optional: without it, ledger heads are not signed
+//! signing_key_file = "ledger.key"  # Ed25519 seed, hex, mode 0600 (see docs/ledger.md)
+//!
 //! [limits]
 //! max_upload_bytes = 16777216
 //! max_upload_chunks = 4096
@@ -35,6 +38,8 @@
 //! device_burst = 20
 //! max_concurrent_requests = 256
 //! tick_millis = 250
+//! max_enrolments_per_window = 10000   # enrolments with the app key, all devices together …
+//! enrolment_window_seconds = 60       # … per this many seconds
 //! ```
 //!
 //! Relative paths are relative to the directory of the configuration file. Unknown keys and
@@ -175,6 +180,15 @@ pub struct AuthConfig {
     pub admin_client_ca: Option<PathBuf>,
 }
 
+/// The privacy ledger.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LedgerConfig {
+    /// The Ed25519 key that signs each run's ledger head after every entry (one line: the
+    /// 32-byte seed in hex; mode 0600). `init` writes one.
+    pub signing_key_file: PathBuf,
+}
+
 /// Bounds on what one request, one device and the whole server may take.
 #[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -195,6 +209,12 @@ pub struct Limits {
     pub max_concurrent_requests: u32,
     /// How often the engines are ticked (round deadlines), in milliseconds.
     pub tick_millis: u64,
+    /// Most enrolments (with the app key, from all addresses together) in any window of
+    /// `enrolment_window_seconds`; more are refused with `RESOURCE_EXHAUSTED`. Whoever
+    /// extracts the app key can enrol devices; this bounds how fast.
+    pub max_enrolments_per_window: u32,
+    /// The enrolment window, in seconds.
+    pub enrolment_window_seconds: u64,
 }
 
 impl Default for Limits {
@@ -208,6 +228,8 @@ impl Default for Limits {
             device_burst: 20,
             max_concurrent_requests: 256,
             tick_millis: 250,
+            max_enrolments_per_window: 10_000,
+            enrolment_window_seconds: 60,
         }
     }
 }
@@ -227,6 +249,10 @@ pub struct Config {
     pub tls: TlsConfig,
     /// Secrets.
     pub auth: AuthConfig,
+    /// The ledger's signing key (optional: without it, heads are not signed and checkpoints
+    /// cannot be written).
+    #[serde(default)]
+    pub ledger: Option<LedgerConfig>,
     /// Limits.
     #[serde(default)]
     pub limits: Limits,
@@ -263,6 +289,7 @@ impl Config {
                 &mut config.auth.admin_token_file,
             ])
             .chain(config.auth.admin_client_ca.as_mut())
+            .chain(config.ledger.as_mut().map(|l| &mut l.signing_key_file))
         {
             if p.is_relative() {
                 *p = base.join(&*p);
@@ -307,6 +334,18 @@ impl Config {
         }
         if !(10..=60_000).contains(&l.tick_millis) {
             return Err(bad("limits.tick_millis", "must be in 10..=60000"));
+        }
+        if l.max_enrolments_per_window == 0 {
+            return Err(bad(
+                "limits.max_enrolments_per_window",
+                "must be at least 1",
+            ));
+        }
+        if !(1..=604_800).contains(&l.enrolment_window_seconds) {
+            return Err(bad(
+                "limits.enrolment_window_seconds",
+                "must be in 1..=604800 (a week)",
+            ));
         }
         if self.listen.device == self.listen.admin {
             return Err(bad(
@@ -371,12 +410,34 @@ impl Config {
                 .admin_client_ca
                 .as_ref()
                 .map(|p| ("auth.admin_client_ca", p)),
+        )
+        .chain(
+            self.ledger
+                .as_ref()
+                .map(|l| ("ledger.signing_key_file", &l.signing_key_file)),
         ) {
             if p.as_os_str().is_empty() {
                 return Err(bad(key, "must not be empty"));
             }
         }
         Ok(())
+    }
+}
+
+impl Config {
+    /// The ledger signing key the configuration names, read and checked (`None` without a
+    /// `[ledger]` section).
+    pub fn ledger_signer(&self) -> Result<Option<crate::checkpoint::LedgerSigner>, ConfigError> {
+        let Some(l) = &self.ledger else {
+            return Ok(None);
+        };
+        crate::checkpoint::LedgerSigner::read_file(&l.signing_key_file)
+            .map(Some)
+            .map_err(|e| ConfigError::Invalid {
+                file: l.signing_key_file.display().to_string(),
+                key: "ledger.signing_key_file".into(),
+                message: e.to_string(),
+            })
     }
 }
 
@@ -512,6 +573,11 @@ admin_token_file = "admin.token"
 # tls/admin-client.pem with its key tls/admin-client.key). Remove the line to allow tokens only.
 admin_client_ca = "tls/admin-ca.pem"
 
+[ledger]
+# The Ed25519 key that signs each run's ledger head after every entry (keep it 0600 and back
+# it up; `fedpref-coordinator ledger checkpoint` exports signed heads for safekeeping).
+signing_key_file = "ledger.key"
+
 [limits]
 max_upload_bytes = 16777216
 max_upload_chunks = 4096
@@ -521,6 +587,10 @@ device_requests_per_second = 5.0
 device_burst = 20
 max_concurrent_requests = 256
 tick_millis = 250
+# Enrolments with the app key, all devices together, per window (whoever extracts the app key
+# from the app can enrol devices; this bounds how fast).
+max_enrolments_per_window = 10000
+enrolment_window_seconds = 60
 "#;
 
 /// The example manifest `init` writes: a small central-DP run that three devices complete in
@@ -570,7 +640,8 @@ pub struct Initialised {
 /// Writes `DIR/coordinator.toml`, `DIR/tls/cert.pem` and `DIR/tls/key.pem` (self-signed for
 /// localhost), `DIR/app.key` and `DIR/admin.token` (random, mode 0600), an admin client CA
 /// with one client certificate (`DIR/tls/admin-ca.pem`, `DIR/tls/admin-client.pem`,
-/// `DIR/tls/admin-client.key`, the key mode 0600) and `DIR/manifest.toml`. Refuses, writing nothing, if any of them exists.
+/// `DIR/tls/admin-client.key`, the key mode 0600), `DIR/manifest.toml` and the ledger signing
+/// key `DIR/ledger.key` (mode 0600). Refuses, writing nothing, if any of them exists.
 pub fn init(dir: &Path) -> Result<Initialised, ConfigError> {
     let io = |file: &Path| {
         let file = file.display().to_string();
@@ -586,6 +657,7 @@ pub fn init(dir: &Path) -> Result<Initialised, ConfigError> {
         (dir.join("tls").join("admin-client.pem"), false),
         (dir.join("tls").join("admin-client.key"), true),
         (dir.join("manifest.toml"), false),
+        (dir.join("ledger.key"), true),
     ];
     for (f, _) in &files {
         if f.exists() {
@@ -604,6 +676,9 @@ pub fn init(dir: &Path) -> Result<Initialised, ConfigError> {
         admin.client_certificate_pem,
         admin.client_private_key_pem,
         INIT_MANIFEST.to_string(),
+        crate::checkpoint::LedgerSigner::generate()
+            .map_err(|e| ConfigError::Generate(e.to_string()))?
+            .key_file_text(),
     ];
     let tls_dir = dir.join("tls");
     std::fs::create_dir_all(&tls_dir).map_err(io(&tls_dir))?;
@@ -639,6 +714,35 @@ mod tests {
         assert_eq!(c.store.path, Path::new("/etc/fp/coordinator.db"));
         assert_eq!(c.limits, Limits::default());
         crate::manifest::RunManifest::from_toml(INIT_MANIFEST, "manifest.toml").unwrap();
+        assert_eq!(
+            c.ledger.unwrap().signing_key_file,
+            Path::new("/etc/fp/ledger.key")
+        );
+    }
+
+    #[test]
+    fn init_writes_a_private_ledger_signing_key_that_the_config_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let done = init(dir.path()).unwrap();
+        let key = dir.path().join("ledger.key");
+        assert!(done.files.contains(&key));
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&key).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600);
+        }
+        let c = Config::from_file(&dir.path().join("coordinator.toml")).unwrap();
+        let signer = c.ledger_signer().unwrap().unwrap();
+        assert_eq!(signer.public_key_hex().len(), 64);
+        let empty = INIT_CONFIG.replace(
+            "signing_key_file = \"ledger.key\"",
+            "signing_key_file = \"\"",
+        );
+        let e = Config::from_toml(&empty, "c.toml", Path::new("."))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("ledger.signing_key_file"), "{e}");
     }
 
     #[test]

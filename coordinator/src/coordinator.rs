@@ -97,6 +97,7 @@ fn load_engine(
     now_ms: i64,
 ) -> Result<Option<Engine>, CoordinatorError> {
     close_orphan_releases(store, run_id, now_ms)?;
+    close_open_charge(store, run_id, now_ms)?;
     let mut run = store.run(run_id)?;
     if run.current_version > run.published_version {
         store.publish(&run.id, run.current_version, now_ms)?;
@@ -114,16 +115,25 @@ fn load_engine(
         RunStatus::Paused => RunState::Paused,
         RunStatus::Stopped => RunState::Stopped,
     };
+    // The spend is rebuilt from the ledger, not from the `runs` row's counter: a counter
+    // that says fewer rounds than the ledger records must not hand budget back.
+    let spend = LedgerSpend::read(store, &run.id)?;
+    let ledger_rounds = spend.committed;
+    if ledger_rounds != run.rounds_committed {
+        tracing::warn!(run = %run.id, ledger = ledger_rounds, counter = run.rounds_committed,
+            "the runs table's round counter disagrees with the ledger; restoring the larger");
+    }
     let mut engine = Engine::restore(
         &run.id,
         run.manifest.clone(),
         Progress {
             state,
-            rounds_committed: run.rounds_committed,
+            rounds_committed: ledger_rounds.max(run.rounds_committed),
             next_round: run.next_round,
             current_version: run.current_version,
             params,
             server_state,
+            uncommitted_charges: spend.uncommitted_charges,
         },
     );
     engine.restore_participations(
@@ -143,6 +153,63 @@ fn load_engine(
     };
     engine.restore_releases(store.released_rounds(&run.id)?.len() as u64, cap_recorded);
     Ok(Some(engine))
+}
+
+/// What a run's ledger says was spent: what its engine's spend is rebuilt from.
+struct LedgerSpend {
+    /// Rounds committed.
+    committed: u64,
+    /// Local rounds charged that did not commit (abandoned, or still open).
+    uncommitted_charges: u64,
+    /// The charged round still open (neither committed nor abandoned), if any.
+    open_charge: Option<u64>,
+}
+
+impl LedgerSpend {
+    fn read(store: &Store, run_id: &str) -> Result<Self, CoordinatorError> {
+        let mut spend = Self {
+            committed: 0,
+            uncommitted_charges: 0,
+            open_charge: None,
+        };
+        for sealed in store.ledger(run_id)? {
+            let entry: LedgerEntry = serde_json::from_str(&sealed.body).map_err(|e| {
+                StoreError::Corrupt(format!(
+                    "ledger entry {} of run {run_id}: {e}",
+                    sealed.sequence
+                ))
+            })?;
+            match entry.event {
+                LedgerEvent::RoundCharged { round, .. } => {
+                    spend.uncommitted_charges += 1;
+                    spend.open_charge = Some(round);
+                }
+                LedgerEvent::RoundCommitted { round, .. } => {
+                    spend.committed += 1;
+                    if spend.open_charge.take() == Some(round) {
+                        spend.uncommitted_charges -= 1;
+                    }
+                }
+                LedgerEvent::RoundAbandoned { round, .. } if spend.open_charge == Some(round) => {
+                    spend.open_charge = None;
+                }
+                _ => {}
+            }
+        }
+        Ok(spend)
+    }
+}
+
+/// Records as abandoned a local round that was charged (an update arrived) but never ended:
+/// the coordinator stopped while it was open. Its ε stays spent.
+fn close_open_charge(store: &mut Store, run_id: &str, now_ms: i64) -> Result<(), CoordinatorError> {
+    if let Some(round) = LedgerSpend::read(store, run_id)?.open_charge {
+        let reason =
+            "open when the coordinator stopped; updates may have arrived, so its ε stays spent";
+        store.abandon_round(run_id, round, 0, reason, now_ms)?;
+        tracing::warn!(run = %run_id, round, "charged round closed as abandoned after a restart or takeover");
+    }
+    Ok(())
 }
 
 /// Records as abandoned every distributed round whose release was recorded but that never
@@ -603,6 +670,13 @@ impl Coordinator {
                     "release recorded: the round's ε is spent before its sum is unmasked"
                 );
             }
+            Action::ChargeRound { round, event } => {
+                self.store.append_event(run_id, event.clone(), now_ms)?;
+                tracing::info!(
+                    round,
+                    "round charged: an update arrived, so the round's ε is spent whether it commits or not"
+                );
+            }
             Action::AbandonRound {
                 round,
                 contributions,
@@ -682,6 +756,7 @@ pub fn create_run(
         privacy_mode: manifest.privacy_mode.as_str().to_string(),
         budget_epsilon: manifest.budget.epsilon,
         budget_delta: manifest.budget.delta,
+        budget_audience: Some(manifest.budget_audience().as_str().to_string()),
         noise_multiplier: manifest.noise_multiplier,
         clip_norm: manifest.clip_norm,
         orders: OrderGrid::default().orders().to_vec(),

@@ -136,6 +136,18 @@ pub enum Event {
         /// then; refused otherwise).
         clip_bit: Option<ClipBit>,
     },
+    /// A device's upload header arrived (its body, the noised update, not yet read): the
+    /// header is checked against the device's task and, in local mode, the round is charged
+    /// in the ledger ([`Action::ChargeRound`]) before the body is read, so that the ledger
+    /// counts every update the coordinator could have seen.
+    UpdateHeader {
+        /// Its opaque id.
+        device: String,
+        /// The round it says the update is for.
+        round: u64,
+        /// The task token it was given.
+        task_token: String,
+    },
     /// A device hands its task back (budget, conditions, opt-out); in a fixed cohort its
     /// slot goes to the next device that checks in.
     Decline {
@@ -368,6 +380,16 @@ pub enum Action {
     /// Durably record a round: its ledger event, participants and the model version it
     /// produced (unpublished), in one transaction.
     CommitRound(Box<RoundOutcome>),
+    /// Local mode: record the round's spend (its `round_charged` ledger entry) now, before any
+    /// of its updates is read: each device's upload is a release to the coordinator whether
+    /// the round later commits or not. The round's commit adds nothing to it; an abandonment
+    /// leaves it spent. If recording fails, the upload must be refused unread.
+    ChargeRound {
+        /// The round.
+        round: u64,
+        /// The `RoundCharged` ledger event.
+        event: LedgerEvent,
+    },
     /// Make a committed model version visible. Always comes after its `CommitRound`.
     PublishModel {
         /// The version.
@@ -465,6 +487,9 @@ pub struct Progress {
     pub params: Vec<f32>,
     /// The server optimiser's state.
     pub server_state: ServerState,
+    /// Releases the ledger charges beyond the committed rounds: local rounds charged when an
+    /// update arrived, then abandoned (or open when the process stopped).
+    pub uncommitted_charges: u64,
 }
 
 struct OpenRound {
@@ -488,6 +513,8 @@ struct OpenRound {
     device_bits: Option<f64>,
     /// Distributed mode: the secure-aggregation round.
     secure: Option<SecureRound>,
+    /// Local mode: whether the round's spend was charged (the first update header arrived).
+    charged: bool,
 }
 
 /// Distributed mode's accounting: the mechanism every round uses, its RDP curve and the run's
@@ -594,6 +621,9 @@ pub struct Engine {
     run_id: String,
     manifest: RunManifest,
     release: Option<RoundRelease>,
+    /// The release the budget is charged with: `release` at the sampling rate of the audience
+    /// the budget binds ([`RunManifest::budget_release`]).
+    budget_release: Option<RoundRelease>,
     orders: OrderGrid,
     budget: Option<Budget>,
     cumulative: Vec<(Audience, RdpAccountant)>,
@@ -639,6 +669,7 @@ impl Engine {
                 current_version: 1,
                 params,
                 server_state,
+                uncommitted_charges: 0,
             },
         )
     }
@@ -648,6 +679,7 @@ impl Engine {
     pub fn restore(run_id: &str, manifest: RunManifest, progress: Progress) -> Self {
         let orders = OrderGrid::default();
         let release = manifest.round_release();
+        let budget_release = manifest.budget_release();
         let mut budget = release.map(|_| {
             Budget::with_orders(
                 manifest.budget.epsilon,
@@ -667,11 +699,14 @@ impl Engine {
         let mut state = progress.state;
         if let (Some(release), Some(budget)) = (release, budget.as_mut()) {
             let increments = round_increments(&release, &orders);
-            for _ in 0..progress.rounds_committed {
+            for _ in 0..progress.rounds_committed + progress.uncommitted_charges {
                 // Restoring what was already spent. Each round fitted the budget when it was
                 // committed; if replaying one does not (the manifest was altered), the run
                 // must not go on, or it could spend past its budget.
-                if budget.spend(&release).is_err() {
+                if budget
+                    .spend(&budget_release.expect("set with release"))
+                    .is_err()
+                {
                     state = RunState::Stopped;
                 }
                 for ((_, acc), inc) in cumulative.iter_mut().zip(&increments) {
@@ -684,13 +719,23 @@ impl Engine {
         // or unadapted noise, so an impossible failure is a loud one.
         let clipper = manifest.adaptive_clipping.map(|a| {
             QuantileClipper::new(QuantileClipConfig {
-                initial_clip_norm: server_state.clip_norm().unwrap_or(manifest.clip_norm),
+                // A stored C outside the bounds (written before they existed) is brought in.
+                initial_clip_norm: server_state
+                    .clip_norm()
+                    .filter(|c| c.is_finite() && *c > 0.0)
+                    .unwrap_or(manifest.clip_norm),
                 target_quantile: a.target_quantile,
                 learning_rate: a.learning_rate,
                 bit_noise_std: manifest
                     .bit_noise_std()
                     .expect("adaptive clipping has σ_b (validated with the manifest)"),
                 expected_contributions: manifest.sampling.expected_cohort_size(),
+            })
+            .and_then(|c| {
+                let (lo, hi) = manifest
+                    .clip_norm_bounds()
+                    .expect("adaptive clipping has bounds");
+                c.with_bounds(lo, hi)
             })
             .expect("adaptive clipping settings are validated with the manifest")
         });
@@ -777,6 +822,7 @@ impl Engine {
             limits: manifest.participation,
             manifest,
             release,
+            budget_release,
             orders,
             budget,
             cumulative,
@@ -1067,6 +1113,18 @@ impl Engine {
                 UploadMeta { examples, clip_bit },
                 &mut actions,
             ),
+            Event::UpdateHeader {
+                device,
+                round,
+                task_token,
+            } => match self.check_update_header(&device, round, &task_token) {
+                Err(rejection) => actions.push(Action::Reject { device, rejection }),
+                Ok(()) => {
+                    if let Err(rejection) = self.charge_open_round(&mut actions) {
+                        actions.push(Action::Reject { device, rejection });
+                    }
+                }
+            },
             Event::Decline {
                 device,
                 round,
@@ -1272,44 +1330,19 @@ impl Engine {
             device: device.clone(),
             rejection: Rejection { kind, message },
         };
+        if let Err(rejection) = self.check_update_header(&device, round, task_token) {
+            actions.push(Action::Reject { device, rejection });
+            return;
+        }
+        // A driver that did not send the header first is charged here, still before the
+        // update is looked at.
+        if let Err(rejection) = self.charge_open_round(actions) {
+            actions.push(Action::Reject { device, rejection });
+            return;
+        }
         let Some(open) = self.open.as_mut() else {
-            actions.push(reject(
-                RejectKind::FailedPrecondition,
-                format!("round {round} is not open: no round is open"),
-            ));
-            return;
+            unreachable!("check_update_header found the round open");
         };
-        if round != open.round {
-            actions.push(reject(
-                RejectKind::FailedPrecondition,
-                format!("stale round id {round}: round {} is open", open.round),
-            ));
-            return;
-        }
-        match open.tasks.get(&device) {
-            None => {
-                actions.push(reject(
-                    RejectKind::FailedPrecondition,
-                    format!("this device was not selected for round {round}"),
-                ));
-                return;
-            }
-            Some(t) if t.as_bytes() != task_token.as_bytes() => {
-                actions.push(reject(
-                    RejectKind::InvalidArgument,
-                    "unknown task token".into(),
-                ));
-                return;
-            }
-            Some(_) => {}
-        }
-        if open.uploaded_set.contains(&device) {
-            actions.push(reject(
-                RejectKind::FailedPrecondition,
-                format!("this device has already uploaded an update for round {round}"),
-            ));
-            return;
-        }
         if open.secure.is_some() {
             actions.push(reject(
                 RejectKind::InvalidArgument,
@@ -1332,11 +1365,8 @@ impl Engine {
                     ));
                     return;
                 }
-                if !b.noised_bit.is_finite() {
-                    actions.push(reject(
-                        RejectKind::InvalidArgument,
-                        format!("header.clip_bit {} must be finite", b.noised_bit),
-                    ));
+                if let Err(message) = check_clip_bit(b.noised_bit, &self.manifest) {
+                    actions.push(reject(RejectKind::InvalidArgument, message));
                     return;
                 }
                 Some(b.noised_bit - 0.5)
@@ -1395,6 +1425,103 @@ impl Engine {
             }
             Err(e) => actions.push(reject(RejectKind::InvalidArgument, e.to_string())),
         }
+    }
+
+    /// Checks an update's header against the device's task: the round is open, the device
+    /// was given a task in it with this token, and has not uploaded yet.
+    fn check_update_header(
+        &self,
+        device: &str,
+        round: u64,
+        task_token: &str,
+    ) -> Result<(), Rejection> {
+        let reject = |kind, message: String| Err(Rejection { kind, message });
+        let Some(open) = self.open.as_ref() else {
+            return reject(
+                RejectKind::FailedPrecondition,
+                format!("round {round} is not open: no round is open"),
+            );
+        };
+        if round != open.round {
+            return reject(
+                RejectKind::FailedPrecondition,
+                format!("stale round id {round}: round {} is open", open.round),
+            );
+        }
+        match open.tasks.get(device) {
+            None => {
+                return reject(
+                    RejectKind::FailedPrecondition,
+                    format!("this device was not selected for round {round}"),
+                );
+            }
+            Some(t) if t.as_bytes() != task_token.as_bytes() => {
+                return reject(RejectKind::InvalidArgument, "unknown task token".into());
+            }
+            Some(_) => {}
+        }
+        if open.uploaded_set.contains(device) {
+            return reject(
+                RejectKind::FailedPrecondition,
+                format!("this device has already uploaded an update for round {round}"),
+            );
+        }
+        Ok(())
+    }
+
+    /// Whether an update header for `round` would charge it now ([`Action::ChargeRound`]):
+    /// a local round, open, not yet charged.
+    pub fn update_header_charges(&self, round: u64) -> bool {
+        self.charges_local_rounds()
+            && self
+                .open
+                .as_ref()
+                .is_some_and(|o| o.round == round && !o.charged && o.secure.is_none())
+    }
+
+    /// Local mode with per-round accounting: every upload is a release to the coordinator.
+    fn charges_local_rounds(&self) -> bool {
+        self.manifest.privacy_mode == crate::manifest::ManifestPrivacyMode::Local
+            && self.release.is_some()
+    }
+
+    /// Charges the open round once, in local mode: spends its release from the budget, adds
+    /// it to the run's ε and asks the driver to record it. The round only opened if one more
+    /// release fitted the budget, so refusing here means the manifest changed under us.
+    fn charge_open_round(&mut self, actions: &mut Vec<Action>) -> Result<(), Rejection> {
+        if !self.charges_local_rounds() {
+            return Ok(());
+        }
+        let Some(round) = self.open.as_ref().filter(|o| !o.charged).map(|o| o.round) else {
+            return Ok(());
+        };
+        let release = self.release.expect("checked by charges_local_rounds");
+        if let (Some(budget), Some(budget_release)) = (self.budget.as_mut(), &self.budget_release)
+            && let Err(e) = budget.spend(budget_release)
+        {
+            return Err(Rejection {
+                kind: RejectKind::FailedPrecondition,
+                message: format!("round {round} cannot take updates: refused by the budget: {e}"),
+            });
+        }
+        let increments = round_increments(&release, &self.orders);
+        for ((_, acc), inc) in self.cumulative.iter_mut().zip(&increments) {
+            acc.compose_rdp(&inc.rdp, 1).expect("same grid");
+        }
+        if let Some(open) = self.open.as_mut() {
+            open.charged = true;
+        }
+        actions.push(Action::ChargeRound {
+            round,
+            event: LedgerEvent::RoundCharged {
+                round,
+                noise_multiplier: self.manifest.noise_multiplier.unwrap_or(0.0),
+                mode: self.manifest.privacy_mode.as_str().to_string(),
+                rdp_increments: increments,
+                cumulative_epsilon: self.spent(),
+            },
+        });
+        Ok(())
     }
 
     fn decline(&mut self, device: String, round: u64, task_token: &str, actions: &mut Vec<Action>) {
@@ -1543,7 +1670,7 @@ impl Engine {
             self.stop("completed".into(), actions);
             return false;
         }
-        if let (Some(release), Some(budget)) = (&self.release, &self.budget)
+        if let (Some(release), Some(budget)) = (&self.budget_release, &self.budget)
             && budget.would_exceed(release).unwrap_or(true)
         {
             let reason = format!(
@@ -1681,6 +1808,7 @@ impl Engine {
             bits,
             bit_clip_norm,
             device_bits,
+            charged: false,
         });
     }
 
@@ -1772,7 +1900,8 @@ impl Engine {
             }
             return;
         }
-        if let (Some(release), Some(budget)) = (&self.release, self.budget.as_mut())
+        if let (false, Some(release), Some(budget)) =
+            (open.charged, &self.budget_release, self.budget.as_mut())
             && let Err(e) = budget.spend(release)
         {
             // Checked when the round opened; reaching here means the manifest changed under us.
@@ -1787,8 +1916,11 @@ impl Engine {
             .release
             .map(|r| round_increments(&r, &self.orders))
             .unwrap_or_default();
-        for ((_, acc), inc) in self.cumulative.iter_mut().zip(&increments) {
-            acc.compose_rdp(&inc.rdp, 1).expect("same grid");
+        // A charged round's spend is in the run's ε already.
+        if !open.charged {
+            for ((_, acc), inc) in self.cumulative.iter_mut().zip(&increments) {
+                acc.compose_rdp(&inc.rdp, 1).expect("same grid");
+            }
         }
         // Adaptive clipping: the bits are released with the round (their cost is in the
         // accounting of the committed round), and C moves.
@@ -2248,6 +2380,21 @@ fn task_in(
 }
 
 /// Bernoulli(p) from 53 random bits.
+/// A local clip bit must be finite and in the range devices clamp it to
+/// (`fedpref_privacy::adaptive_clip::local_bit_range`); the message names `header.clip_bit`.
+pub fn check_clip_bit(noised_bit: f64, manifest: &RunManifest) -> Result<(), String> {
+    let sigma_b = manifest.bit_noise_std().unwrap_or(0.0);
+    let (lo, hi) = fedpref_privacy::adaptive_clip::local_bit_range(sigma_b);
+    if noised_bit.is_finite() && (lo..=hi).contains(&noised_bit) {
+        Ok(())
+    } else {
+        Err(format!(
+            "header.clip_bit {noised_bit} is outside [{lo}, {hi}], the range devices clamp their noised bit to (±{} σ_b around [0, 1])",
+            fedpref_privacy::adaptive_clip::LOCAL_BIT_RANGE_STDS
+        ))
+    }
+}
+
 fn bernoulli<R: Rng + ?Sized>(rng: &mut R, p: f64) -> bool {
     ((rng.next_u64() >> 11) as f64) < p * (1u64 << 53) as f64
 }

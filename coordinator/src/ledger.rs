@@ -143,6 +143,10 @@ pub enum LedgerEvent {
         budget_epsilon: f64,
         /// Budget δ (every ε in this ledger is at this δ).
         budget_delta: f64,
+        /// The audience whose ε the budget binds (absent in ledgers written before it was
+        /// recorded: then the first audience of each round's ε).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        budget_audience: Option<String>,
         /// σ (absent in mode `none`).
         noise_multiplier: Option<f64>,
         /// C.
@@ -215,8 +219,25 @@ pub enum LedgerEvent {
         /// The mechanism behind `rdp_increments`.
         distributed: Box<DistributedRound>,
     },
+    /// Local mode: a round's spend, recorded when the first update header of the round
+    /// arrived and before any update was read. Each device's upload is a release to the
+    /// coordinator, so the round is spent whether it later commits (its `round_committed`
+    /// entry repeats the cumulative ε without adding to it), is abandoned, or is open when the
+    /// coordinator stops (a `round_abandoned` entry closes it at the next start).
+    RoundCharged {
+        /// The round number.
+        round: u64,
+        /// σ.
+        noise_multiplier: f64,
+        /// The privacy mode (`local`).
+        mode: String,
+        /// The RDP of the round's release, per audience.
+        rdp_increments: Vec<AudienceRdp>,
+        /// Cumulative ε at the run's δ with this round, per audience.
+        cumulative_epsilon: Vec<AudienceEpsilon>,
+    },
     /// A round ended without a release: nothing was released and nothing spent (unless a
-    /// `round_released` entry for it came first).
+    /// `round_released` or `round_charged` entry for it came first).
     RoundAbandoned {
         /// The round number.
         round: u64,
@@ -314,6 +335,7 @@ impl LedgerEvent {
             Self::RunCreated { .. } => "run_created",
             Self::RoundCommitted { .. } => "round_committed",
             Self::RoundReleased { .. } => "round_released",
+            Self::RoundCharged { .. } => "round_charged",
             Self::RoundAbandoned { .. } => "round_abandoned",
             Self::ModelPublished { .. } => "model_published",
             Self::Paused { .. } => "paused",
@@ -550,6 +572,10 @@ pub fn verify(run_id: &str, entries: &[SealedEntry]) -> Result<VerifiedTotals, V
     let mut prev_hash = GENESIS_HASH.to_string();
     let mut grid: Option<OrderGrid> = None;
     let mut delta = 0.0;
+    // The budget ε run_created records: no cumulative ε (of the audience the budget binds,
+    // the first listed) may exceed it.
+    let mut budget = f64::INFINITY;
+    let mut budget_audience: Option<String> = None;
     let mut totals: Vec<(String, RdpAccountant)> = vec![];
     let mut last_eps: Vec<AudienceEpsilon> = vec![];
     let mut segments: Vec<u64> = vec![];
@@ -565,6 +591,8 @@ pub fn verify(run_id: &str, entries: &[SealedEntry]) -> Result<VerifiedTotals, V
     // distributed runs spend at commit).
     let mut released: Option<(u64, DistributedRound)> = None;
     let mut records_releases = false;
+    // Local mode: the round charged last, until its commit or abandonment.
+    let mut charged: Option<u64> = None;
     let mut tree_reference: Option<TreeRound> = None;
     let (mut committed, mut abandoned) = (0u64, 0);
     if entries.is_empty() {
@@ -606,6 +634,8 @@ pub fn verify(run_id: &str, entries: &[SealedEntry]) -> Result<VerifiedTotals, V
                 LedgerEvent::RunCreated {
                     orders,
                     budget_delta,
+                    budget_epsilon,
+                    budget_audience: bound,
                     participation_limits,
                     epsilon_assumption,
                     privacy_mode,
@@ -613,6 +643,8 @@ pub fn verify(run_id: &str, entries: &[SealedEntry]) -> Result<VerifiedTotals, V
                 },
                 1,
             ) => {
+                budget = *budget_epsilon;
+                budget_audience = bound.clone();
                 distributed_run = privacy_mode == "distributed";
                 capped = DistributedCap::from_run_created(
                     distributed_run,
@@ -710,6 +742,8 @@ pub fn verify(run_id: &str, entries: &[SealedEntry]) -> Result<VerifiedTotals, V
                         ),
                     ));
                 }
+                within_budget(&eps, budget, budget_audience.as_deref())
+                    .map_err(|problem| fail(expected, problem))?;
                 last_eps = eps;
                 committed += 1;
             }
@@ -726,33 +760,47 @@ pub fn verify(run_id: &str, entries: &[SealedEntry]) -> Result<VerifiedTotals, V
                 },
                 _,
             ) => {
-                // A distributed round whose release was recorded spent its ε there.
-                let after_release = match (released.take(), distributed) {
-                    (Some((r, record)), Some(d)) if r == *round => {
-                        if **d != record {
-                            return Err(fail(
-                                expected,
-                                "its distributed record differs from its release's".into(),
-                            ));
-                        }
-                        true
-                    }
-                    (Some((r, _)), _) => {
+                // A local round charged when its first update arrived spent its ε there.
+                let after_charge = match charged.take() {
+                    Some(r) if r == *round => true,
+                    Some(r) => {
                         return Err(fail(
                             expected,
                             format!(
-                                "round {r}'s release was neither committed nor abandoned before round {round} committed"
+                                "round {r}'s charge was neither committed nor abandoned before round {round} committed"
                             ),
                         ));
                     }
-                    (None, Some(_)) if records_releases => {
-                        return Err(fail(
-                            expected,
-                            "a distributed round committed without a recorded release".into(),
-                        ));
-                    }
-                    _ => false,
+                    None => false,
                 };
+                // A distributed round whose release was recorded spent its ε there.
+                let after_release = after_charge
+                    || match (released.take(), distributed) {
+                        (Some((r, record)), Some(d)) if r == *round => {
+                            if **d != record {
+                                return Err(fail(
+                                    expected,
+                                    "its distributed record differs from its release's".into(),
+                                ));
+                            }
+                            true
+                        }
+                        (Some((r, _)), _) => {
+                            return Err(fail(
+                                expected,
+                                format!(
+                                    "round {r}'s release was neither committed nor abandoned before round {round} committed"
+                                ),
+                            ));
+                        }
+                        (None, Some(_)) if records_releases => {
+                            return Err(fail(
+                                expected,
+                                "a distributed round committed without a recorded release".into(),
+                            ));
+                        }
+                        _ => false,
+                    };
                 if let Some(limits) = tree_limits {
                     return Err(fail(
                         expected,
@@ -824,6 +872,8 @@ pub fn verify(run_id: &str, entries: &[SealedEntry]) -> Result<VerifiedTotals, V
                         ),
                     ));
                 }
+                within_budget(&eps, budget, budget_audience.as_deref())
+                    .map_err(|problem| fail(expected, problem))?;
                 last_eps = eps;
                 committed += 1;
             }
@@ -883,6 +933,8 @@ pub fn verify(run_id: &str, entries: &[SealedEntry]) -> Result<VerifiedTotals, V
                         ),
                     ));
                 }
+                within_budget(&eps, budget, budget_audience.as_deref())
+                    .map_err(|problem| fail(expected, problem))?;
                 last_eps = eps;
                 released = Some((*round, (**d).clone()));
                 records_releases = true;
@@ -908,9 +960,69 @@ pub fn verify(run_id: &str, entries: &[SealedEntry]) -> Result<VerifiedTotals, V
                     ));
                 }
             }
+            (
+                LedgerEvent::RoundCharged {
+                    round,
+                    noise_multiplier,
+                    mode,
+                    rdp_increments,
+                    cumulative_epsilon,
+                },
+                _,
+            ) => {
+                if distributed_run || tree_limits.is_some() || mode != "local" {
+                    return Err(fail(
+                        expected,
+                        format!(
+                            "a round_charged entry in mode {mode} of a run that is not a local per-round run"
+                        ),
+                    ));
+                }
+                if let Some(r) = charged {
+                    return Err(fail(
+                        expected,
+                        format!(
+                            "round {r}'s charge was neither committed nor abandoned before this one"
+                        ),
+                    ));
+                }
+                let grid = grid.as_ref().expect("set by the first entry");
+                let release = RoundRelease {
+                    mode: PrivacyMode::Local,
+                    noise_multiplier: *noise_multiplier,
+                    sampling_rate: 1.0,
+                };
+                release
+                    .effective()
+                    .map_err(|e| fail(expected, format!("invalid release: {e}")))?;
+                let derived = round_increments(&release, grid);
+                if !same_increments(&derived, rdp_increments) {
+                    return Err(fail(
+                        expected,
+                        "its RDP increments do not follow from its σ and mode".into(),
+                    ));
+                }
+                let eps = compose_totals(&mut totals, &derived, true, grid, delta)
+                    .map_err(|e| fail(expected, e))?;
+                if !same_epsilons(&eps, cumulative_epsilon) {
+                    return Err(fail(
+                        expected,
+                        format!(
+                            "its cumulative ε {cumulative_epsilon:?} does not follow from the rounds before it ({eps:?})"
+                        ),
+                    ));
+                }
+                within_budget(&eps, budget, budget_audience.as_deref())
+                    .map_err(|problem| fail(expected, problem))?;
+                last_eps = eps;
+                charged = Some(*round);
+            }
             (LedgerEvent::RoundAbandoned { round, .. }, _) => {
                 if released.as_ref().is_some_and(|(r, _)| r == round) {
                     released = None;
+                }
+                if charged == Some(*round) {
+                    charged = None;
                 }
                 abandoned += 1;
             }
@@ -941,6 +1053,226 @@ pub fn verify(run_id: &str, entries: &[SealedEntry]) -> Result<VerifiedTotals, V
         delta,
         head_hash: prev_hash,
     })
+}
+
+/// Whether a cumulative ε is within the budget: the ε of the audience the budget binds
+/// (`run_created`'s `budget_audience`, else the first listed) may not exceed the budget ε (up
+/// to rounding in the last digits). A round that does not track the bound audience (a
+/// distributed or tree round, tracked for release observers only) is checked on its first.
+fn within_budget(
+    eps: &[AudienceEpsilon],
+    budget: f64,
+    audience: Option<&str>,
+) -> Result<(), String> {
+    let bound = audience
+        .and_then(|name| eps.iter().find(|a| a.audience == name))
+        .or(eps.first());
+    match bound {
+        Some(a) if a.epsilon > budget && !close(a.epsilon, budget) => Err(format!(
+            "its cumulative ε = {} ({}) exceeds the budget ε = {budget} that run_created records",
+            a.epsilon, a.audience
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Checks a run's verified chain against the manifest whose SHA-256 its `run_created` entry
+/// records (`manifest_toml`: the stored manifest, `None` if the run's row is gone): the stored
+/// manifest must hash to it, `run_created` must repeat its mode, budget, σ and C, and every
+/// round must have been released with its σ, sampling rate q, mode and clip norm C (with
+/// adaptive clipping: the first round at the manifest's C, each later one at the C the round
+/// before it chose, within the manifest's bounds; in distributed mode, the manifest's
+/// mechanism).
+pub fn check_against_manifest(
+    run_id: &str,
+    entries: &[SealedEntry],
+    manifest_toml: Option<&str>,
+) -> Result<(), VerifyFailure> {
+    let fail = |sequence: u64, problem: String| VerifyFailure { sequence, problem };
+    let parse = |e: &SealedEntry| {
+        serde_json::from_str::<LedgerEntry>(&e.body)
+            .map_err(|err| fail(e.sequence, format!("its body is not a ledger entry: {err}")))
+    };
+    let Some(first) = entries.first() else {
+        return Err(fail(1, format!("run {run_id} has no ledger entries")));
+    };
+    let LedgerEvent::RunCreated {
+        manifest_sha256,
+        privacy_mode,
+        budget_epsilon,
+        budget_delta,
+        budget_audience,
+        noise_multiplier,
+        clip_norm,
+        ..
+    } = parse(first)?.event
+    else {
+        return Err(fail(1, "the first entry is not run_created".into()));
+    };
+    let Some(toml) = manifest_toml else {
+        return Err(fail(
+            1,
+            format!(
+                "run {run_id}'s manifest (SHA-256 {manifest_sha256}) is missing from the runs table, so its rounds cannot be checked against it"
+            ),
+        ));
+    };
+    let manifest = crate::manifest::RunManifest::from_toml(toml, "the stored manifest")
+        .map_err(|e| fail(1, e.to_string()))?;
+    if manifest.sha256() != manifest_sha256 {
+        return Err(fail(
+            1,
+            format!(
+                "the stored manifest hashes to {}, not the {manifest_sha256} run_created records: it was replaced",
+                manifest.sha256()
+            ),
+        ));
+    }
+    let mode = manifest.privacy_mode.as_str();
+    let differs = |what: &str, recorded: String, expected: String| {
+        fail(
+            1,
+            format!("run_created records {what} {recorded}, but the manifest says {expected}"),
+        )
+    };
+    if privacy_mode != mode {
+        return Err(differs("privacy mode", privacy_mode, mode.into()));
+    }
+    if budget_epsilon != manifest.budget.epsilon || budget_delta != manifest.budget.delta {
+        return Err(differs(
+            "budget",
+            format!("(ε = {budget_epsilon}, δ = {budget_delta})"),
+            format!(
+                "(ε = {}, δ = {})",
+                manifest.budget.epsilon, manifest.budget.delta
+            ),
+        ));
+    }
+    if let Some(a) = budget_audience
+        && a != manifest.budget_audience().as_str()
+    {
+        return Err(differs(
+            "the budget binding audience",
+            a,
+            manifest.budget_audience().as_str().into(),
+        ));
+    }
+    if noise_multiplier != manifest.noise_multiplier {
+        return Err(differs(
+            "σ",
+            format!("{noise_multiplier:?}"),
+            format!("{:?}", manifest.noise_multiplier),
+        ));
+    }
+    if clip_norm != manifest.clip_norm {
+        return Err(differs(
+            "C",
+            clip_norm.to_string(),
+            manifest.clip_norm.to_string(),
+        ));
+    }
+    let sigma = manifest.noise_multiplier.unwrap_or(0.0);
+    let rates: Option<Vec<(String, f64)>> = manifest.round_release().map(|r| {
+        tracked_audiences(&r)
+            .into_iter()
+            .map(|(a, q)| (a.as_str().to_string(), q))
+            .collect()
+    });
+    let mechanism = manifest.distributed_plan().map(|p| p.mechanism);
+    let mut next_c = manifest.clip_norm;
+    let check_mechanism = |sequence: u64, d: &DistributedRound| match mechanism {
+        Some(m) if m != d.mechanism => Err(fail(
+            sequence,
+            "its distributed mechanism is not the one the manifest configures".into(),
+        )),
+        _ => Ok(()),
+    };
+    for stored in &entries[1..] {
+        let seq = stored.sequence;
+        match parse(stored)?.event {
+            LedgerEvent::RoundCommitted {
+                noise_multiplier: round_sigma,
+                clip_norm: round_c,
+                mode: round_mode,
+                rdp_increments,
+                tree,
+                next_clip_norm,
+                distributed,
+                ..
+            } => {
+                if round_mode != mode {
+                    return Err(fail(
+                        seq,
+                        format!("its mode {round_mode} departs from the manifest's {mode}"),
+                    ));
+                }
+                if round_sigma != sigma {
+                    return Err(fail(
+                        seq,
+                        format!("its σ = {round_sigma} departs from the manifest's σ = {sigma}"),
+                    ));
+                }
+                if let (Some(rates), None, None) = (&rates, &tree, &distributed) {
+                    let recorded: Vec<(String, f64)> = rdp_increments
+                        .iter()
+                        .map(|a| (a.audience.clone(), a.sampling_rate))
+                        .collect();
+                    if &recorded != rates {
+                        return Err(fail(
+                            seq,
+                            format!(
+                                "its audiences and sampling rates {recorded:?} depart from the manifest's {rates:?}"
+                            ),
+                        ));
+                    }
+                }
+                if let Some(d) = &distributed {
+                    check_mechanism(seq, d)?;
+                }
+                let expected_c = match manifest.adaptive_clipping {
+                    None => manifest.clip_norm,
+                    Some(_) => next_c,
+                };
+                if round_c != expected_c {
+                    return Err(fail(
+                        seq,
+                        format!(
+                            "its clip norm C = {round_c} departs from the C = {expected_c} the manifest and the rounds before it set"
+                        ),
+                    ));
+                }
+                if let Some(c) = next_clip_norm {
+                    let (lo, hi) = manifest
+                        .clip_norm_bounds()
+                        .unwrap_or((f64::MIN_POSITIVE, f64::MAX));
+                    if !(c.is_finite() && lo <= c && c <= hi) {
+                        return Err(fail(
+                            seq,
+                            format!(
+                                "its next clip norm {c} is outside the manifest's bounds [{lo}, {hi}]"
+                            ),
+                        ));
+                    }
+                    next_c = c;
+                }
+            }
+            LedgerEvent::RoundReleased { distributed, .. } => check_mechanism(seq, &distributed)?,
+            LedgerEvent::RoundCharged {
+                noise_multiplier: round_sigma,
+                mode: round_mode,
+                ..
+            } if round_mode != mode || round_sigma != sigma => {
+                return Err(fail(
+                    seq,
+                    format!(
+                        "its mode {round_mode} and σ = {round_sigma} depart from the manifest's {mode} and σ = {sigma}"
+                    ),
+                ));
+            }
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 /// Composes one round's derived increments into the running totals (one accountant per

@@ -24,6 +24,8 @@
 
 pub mod admin_client;
 pub mod aggregation;
+pub mod audit;
+pub mod checkpoint;
 pub mod cli;
 pub mod config;
 pub mod coordinator;

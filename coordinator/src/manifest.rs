@@ -15,6 +15,8 @@
 //! [budget]
 //! epsilon = 8.0
 //! delta = 1e-6
+//! # audience = "release_observers"  # which ε the budget binds (default: the strictest one the
+//! #                                 # run tracks; see RunManifest::budget_audience)
 //!
 //! [sampling]
 //! kind = "poisson"                # or "cohort" with target_size, minimum_size
@@ -39,6 +41,8 @@
 //! learning_rate = 0.2                # default 0.2 (Andrew et al. 2021)
 //! bit_noise_std = 5.0                # central: on the bit sum, default expected cohort size / 20;
 //!                                    # local: on each device's bit, required
+//! min_clip_norm = 0.001              # C never goes below this (default clip_norm / 1000) …
+//! max_clip_norm = 1000.0             # … nor above this (default clip_norm × 1000)
 //!
 //! [opt_out_policy]
 //! consent_model = "opt-in"
@@ -156,6 +160,35 @@ pub struct BudgetSpec {
     pub epsilon: f64,
     /// δ.
     pub delta: f64,
+    /// The audience whose ε the budget binds (absent: the strictest the run tracks).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audience: Option<BudgetAudience>,
+}
+
+/// An audience a budget can bind (`fedpref_privacy::Audience`, by its name).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BudgetAudience {
+    /// Anyone, the coordinator included (local mode).
+    Anyone,
+    /// Whoever sees the released models and may know who took part (no amplification).
+    ReleaseObservers,
+    /// Observers of the released models who do not learn who was sampled (amplified by
+    /// Poisson sampling).
+    ObserversUnawareOfParticipation,
+}
+
+impl BudgetAudience {
+    /// The privacy crate's audience.
+    pub fn audience(self) -> fedpref_privacy::Audience {
+        match self {
+            Self::Anyone => fedpref_privacy::Audience::Anyone,
+            Self::ReleaseObservers => fedpref_privacy::Audience::ReleaseObservers,
+            Self::ObserversUnawareOfParticipation => {
+                fedpref_privacy::Audience::ObserversUnawareOfParticipation
+            }
+        }
+    }
 }
 
 /// How devices are selected for a round.
@@ -262,7 +295,16 @@ pub struct AdaptiveClippingSpec {
     /// deviation each device adds to its own bit (required).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bit_noise_std: Option<f64>,
+    /// The smallest C adaptive clipping may set (default: `clip_norm` / 1000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_clip_norm: Option<f64>,
+    /// The largest C adaptive clipping may set (default: `clip_norm` × 1000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_clip_norm: Option<f64>,
 }
+
+/// How far below and above the initial C adaptive clipping may go by default.
+pub const DEFAULT_CLIP_NORM_RANGE: f64 = 1000.0;
 
 fn default_clip_learning_rate() -> f64 {
     0.2
@@ -591,6 +633,45 @@ impl RunManifest {
         TreeAccountant::new(self.noise_multiplier?, schedule, self.participation?).ok()
     }
 
+    /// The audience whose ε the budget binds: `[budget] audience` if given, else the strictest
+    /// the run tracks (`anyone` in local mode, `release_observers` otherwise, never the
+    /// audience amplification by sampling is claimed for).
+    pub fn budget_audience(&self) -> fedpref_privacy::Audience {
+        match (self.budget.audience, self.privacy_mode) {
+            (Some(a), _) => a.audience(),
+            (None, ManifestPrivacyMode::Local) => fedpref_privacy::Audience::Anyone,
+            (None, _) => fedpref_privacy::Audience::ReleaseObservers,
+        }
+    }
+
+    /// The per-round release the budget is charged with: [`RunManifest::round_release`] at
+    /// the sampling rate of the audience the budget binds ([`RunManifest::budget_audience`]):
+    /// q for observers unaware of participation, 1 for everyone else.
+    pub fn budget_release(&self) -> Option<RoundRelease> {
+        let release = self.round_release()?;
+        let audience = self.budget_audience();
+        let q = crate::ledger::tracked_audiences(&release)
+            .into_iter()
+            .find(|(a, _)| *a == audience)
+            .map_or(1.0, |(_, q)| q);
+        Some(RoundRelease {
+            sampling_rate: q,
+            ..release
+        })
+    }
+
+    /// The bounds adaptive clipping keeps C within, with their defaults (`clip_norm` / 1000 and
+    /// `clip_norm` × 1000); `None` without adaptive clipping.
+    pub fn clip_norm_bounds(&self) -> Option<(f64, f64)> {
+        let a = self.adaptive_clipping?;
+        Some((
+            a.min_clip_norm
+                .unwrap_or(self.clip_norm / DEFAULT_CLIP_NORM_RANGE),
+            a.max_clip_norm
+                .unwrap_or(self.clip_norm * DEFAULT_CLIP_NORM_RANGE),
+        ))
+    }
+
     /// σ_b of adaptive clipping, with its default (expected cohort size / 20).
     pub fn bit_noise_std(&self) -> Option<f64> {
         let a = self.adaptive_clipping?;
@@ -743,6 +824,43 @@ impl RunManifest {
                 self.budget.epsilon.to_string(),
                 "must be a finite number > 0",
             ));
+        }
+        if let Some(a) = self.budget.audience {
+            // σ may still be a target ε here: the audiences depend only on mode and sampling.
+            let release = self.round_release().or_else(|| {
+                let mode = self.privacy_mode.privacy_mode()?;
+                (!self.server_optimizer.is_tree() && mode != PrivacyMode::Distributed).then(|| {
+                    RoundRelease {
+                        mode,
+                        noise_multiplier: 1.0,
+                        sampling_rate: self.sampling.accounting_rate(),
+                    }
+                })
+            });
+            let tracked: Vec<fedpref_privacy::Audience> = match release {
+                Some(r) => crate::ledger::tracked_audiences(&r)
+                    .into_iter()
+                    .map(|(a, _)| a)
+                    .collect(),
+                None if self.privacy_mode == ManifestPrivacyMode::Local => {
+                    vec![fedpref_privacy::Audience::Anyone]
+                }
+                None => vec![fedpref_privacy::Audience::ReleaseObservers],
+            };
+            if !tracked.contains(&a.audience()) {
+                return Err(bad(
+                    "budget.audience",
+                    format!("\"{}\"", a.audience().as_str()),
+                    &format!(
+                        "this run's ε is tracked for {}",
+                        tracked
+                            .iter()
+                            .map(|a| format!("\"{}\"", a.as_str()))
+                            .collect::<Vec<_>>()
+                            .join(" and ")
+                    ),
+                ));
+            }
         }
         if !(self.budget.delta > 0.0 && self.budget.delta < 1.0) {
             return Err(bad(
@@ -952,7 +1070,12 @@ impl RunManifest {
                     return self.validate_optimizer(file);
                 }
                 let mode = self.privacy_mode.privacy_mode().expect("checked above");
-                let q = if mode == PrivacyMode::Local {
+                // Calibrated for the audience the budget binds: amplified by sampling only when
+                // the manifest says the budget binds observers unaware of participation.
+                let q = if mode == PrivacyMode::Local
+                    || self.budget_audience()
+                        != fedpref_privacy::Audience::ObserversUnawareOfParticipation
+                {
                     1.0
                 } else {
                     self.sampling.accounting_rate()
@@ -1153,6 +1276,22 @@ impl RunManifest {
                     "adaptive_clipping.bit_noise_std",
                     sigma_b.to_string(),
                     "must be a finite number > 0",
+                ));
+            }
+            let (lo, hi) = self.clip_norm_bounds().expect("adaptive clipping is on");
+            for (key, v) in [
+                ("adaptive_clipping.min_clip_norm", lo),
+                ("adaptive_clipping.max_clip_norm", hi),
+            ] {
+                if !(v.is_finite() && v > 0.0) {
+                    return Err(bad(key, v.to_string(), "must be a finite number > 0"));
+                }
+            }
+            if !(lo <= self.clip_norm && self.clip_norm <= hi) {
+                return Err(bad(
+                    "adaptive_clipping.min_clip_norm",
+                    format!("{lo} (max_clip_norm {hi}, clip_norm {})", self.clip_norm),
+                    "must satisfy min_clip_norm ≤ clip_norm ≤ max_clip_norm",
                 ));
             }
             if self.server_optimizer.is_tree()

@@ -38,10 +38,15 @@ use crate::store::{LeaseOutcome, RunStatus, Store};
 /// `[replica]` section, a replica's with fencing on and the leases it could take loaded.
 pub fn open(config: &Config) -> Result<Coordinator, CoordinatorError> {
     let location = config.store.location();
-    let Some(replica) = &config.replica else {
-        return Coordinator::open_location(&location, now_ms());
-    };
     let mut store = Store::open_location(&location)?;
+    store.set_ledger_signer(
+        config
+            .ledger_signer()
+            .map_err(|e| CoordinatorError::Refused(e.to_string()))?,
+    );
+    let Some(replica) = &config.replica else {
+        return Coordinator::with_store(store, now_ms());
+    };
     store.enable_fencing(&replica.id, &replica.advertise, replica.lease_millis);
     let mut coordinator = Coordinator::replica(store)?;
     let _ = renew(&mut coordinator)?;

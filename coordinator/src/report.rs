@@ -31,7 +31,7 @@ use fedpref_privacy::{Audience, OrderGrid, PrivacyMode, RdpAccountant};
 use serde::Serialize;
 
 use crate::guardrail::{VersionMetrics, all_versions};
-use crate::ledger::{AudienceEpsilon, LedgerEntry, LedgerEvent, verify};
+use crate::ledger::{AudienceEpsilon, LedgerEntry, LedgerEvent};
 use crate::manifest::{
     AlertAction, GuardrailMetric, GuardrailMetricKind, HarmScenario, Kpi, OptOutPolicy,
     SamplingSpec, ThresholdDirection,
@@ -77,6 +77,10 @@ pub struct ImpactReport {
     pub operations: Vec<Operation>,
 }
 
+/// Whom "one user" is: without enrolment grants from the app's backend (not built), each
+/// enrolment is its own user.
+pub const UNIT_OF_PRIVACY: &str = "one enrolment (one installation of the app on one device). The coordinator accepts no enrolment grants naming a person, so participation limits, every ε and the budget hold per enrolment, not per person: a person with two devices, or one who deletes everything and enrols again, counts as two. Sybil enrolment is limited only by the app key shipped in the app, per-address and per-device request limits, and the coordinator's cap on enrolments per window (limits.max_enrolments_per_window); distributed mode's ε assumes its honest devices are real, distinct users.";
+
 /// The ledger's verification when the report was rendered.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct LedgerStatus {
@@ -94,6 +98,9 @@ pub struct LedgerStatus {
     pub problem: Option<String>,
     /// Cumulative ε per audience as `verify` re-derived it (empty when the chain is broken).
     pub rederived_epsilon: Vec<AudienceEpsilon>,
+    /// The ledger signing key that signed the head (hex), `None` if the head is unsigned;
+    /// with the head hash, what a checkpoint kept elsewhere is compared with.
+    pub public_key: Option<String>,
 }
 
 /// The manifest, as an impact assessment.
@@ -111,6 +118,11 @@ pub struct Assessment {
     pub privacy_mode: String,
     /// Who adds the noise and what a neighbouring dataset is, in words.
     pub mode_explained: String,
+    /// Whom "one user" is in every ε and limit of the run, and how Sybil enrolment is limited,
+    /// in words.
+    pub unit_of_privacy: String,
+    /// The audience whose ε the budget binds (`fedpref_privacy::Audience::as_str`).
+    pub budget_audience: String,
     /// The audiences the run's ε is reported for, widest first, each with what it holds
     /// against.
     pub audiences: Vec<AudienceNote>,
@@ -334,8 +346,14 @@ impl ImpactReport {
         let record = store.run(run_id)?;
         let m = &record.manifest;
         let sealed = store.ledger(run_id)?;
-        let verification = verify(run_id, &sealed);
+        let stored = crate::audit::verify_stored_run(store, run_id, &[])?;
+        let public_key = stored
+            .as_ref()
+            .ok()
+            .and_then(|v| v.signed.public_key.clone());
+        let verification = stored.map(|v| v.totals);
         let ledger = LedgerStatus {
+            public_key,
             intact: verification.is_ok(),
             entries: sealed.len() as u64,
             head_sequence: sealed.last().map(|e| e.sequence).unwrap_or(0),
@@ -406,6 +424,18 @@ impl ImpactReport {
                     // A distributed release is spent when recorded, before it commits (or
                     // not): its contributors count it, and so does the run's final ε.
                     round_sigma.insert(*round, (PrivacyMode::Distributed, 0.0));
+                    add_point(&mut series, &mut audience_order, *round, cumulative_epsilon);
+                    final_epsilon = cumulative_epsilon.clone();
+                }
+                LedgerEvent::RoundCharged {
+                    round,
+                    cumulative_epsilon,
+                    noise_multiplier,
+                    ..
+                } => {
+                    // A local round is spent when its first update arrives, whether it then
+                    // commits or not.
+                    round_sigma.insert(*round, (PrivacyMode::Local, *noise_multiplier));
                     add_point(&mut series, &mut audience_order, *round, cumulative_epsilon);
                     final_epsilon = cumulative_epsilon.clone();
                 }
@@ -573,6 +603,8 @@ impl ImpactReport {
                 data_elements_not_used: m.data_elements_not_used.clone(),
                 privacy_mode: m.privacy_mode.as_str().into(),
                 mode_explained,
+                unit_of_privacy: UNIT_OF_PRIVACY.to_string(),
+                budget_audience: m.budget_audience().as_str().to_string(),
                 audiences,
                 budget_epsilon: m.budget.epsilon,
                 budget_delta: m.budget.delta,
@@ -832,7 +864,7 @@ impl ImpactReport {
         let _ = writeln!(o);
         let _ = writeln!(
             o,
-            "Ledger: **{}** · {} entries · head entry {} · head SHA-256 `{}`",
+            "Ledger: **{}** · {} entries · head entry {} · head SHA-256 `{}` · {}",
             if self.ledger.intact {
                 "chain intact, totals re-derived"
             } else {
@@ -840,7 +872,11 @@ impl ImpactReport {
             },
             self.ledger.entries,
             self.ledger.head_sequence,
-            self.ledger.head_sha256
+            self.ledger.head_sha256,
+            match &self.ledger.public_key {
+                Some(k) => format!("signed by ledger key `{k}`"),
+                None => "head not signed".to_string(),
+            }
         );
         let _ = writeln!(o);
         let _ = writeln!(o, "## What the run promised");
@@ -866,6 +902,12 @@ impl ImpactReport {
         for n in &a.audiences {
             let _ = writeln!(o, "  - ε for `{}` {}", n.audience, n.description);
         }
+        let _ = writeln!(
+            o,
+            "- **The budget binds:** the ε for `{}`",
+            a.budget_audience
+        );
+        let _ = writeln!(o, "- **One user is:** {}", md(&a.unit_of_privacy));
         let _ = writeln!(
             o,
             "- **Budget:** ε = {} at δ = {:e} · clip norm C = {} · noise multiplier σ = {}",
@@ -1284,7 +1326,7 @@ impl ImpactReport {
         );
         let _ = writeln!(
             o,
-            "<p>Ledger: {} · {} entries · head entry {} · head SHA-256 <span class=\"hash\">{}</span></p>",
+            "<p>Ledger: {} · {} entries · head entry {} · head SHA-256 <span class=\"hash\">{}</span> · {}</p>",
             if self.ledger.intact {
                 "<span class=\"ok\">chain intact, totals re-derived</span>"
             } else {
@@ -1292,7 +1334,14 @@ impl ImpactReport {
             },
             self.ledger.entries,
             self.ledger.head_sequence,
-            esc(&self.ledger.head_sha256)
+            esc(&self.ledger.head_sha256),
+            match &self.ledger.public_key {
+                Some(k) => format!(
+                    "signed by ledger key <span class=\"hash\">{}</span>",
+                    esc(k)
+                ),
+                None => "head not signed".to_string(),
+            }
         );
 
         let _ = writeln!(o, "<h2>What the run promised</h2>\n<table>");
@@ -1329,6 +1378,12 @@ impl ImpactReport {
                 esc(&a.mode_explained)
             ),
         );
+        row(
+            &mut o,
+            "The budget binds",
+            format!("the ε for <code>{}</code>", esc(&a.budget_audience)),
+        );
+        row(&mut o, "One user is", esc(&a.unit_of_privacy));
         row(
             &mut o,
             "Budget and noise",

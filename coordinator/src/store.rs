@@ -173,6 +173,18 @@ CREATE TABLE evaluation_releases (
     PRIMARY KEY (run_id, model_version)
 );
 "#,
+    // 7: the ledger signing key's signature of each run's head after every entry (see
+    // crate::checkpoint), written in the entry's transaction.
+    r#"
+CREATE TABLE ledger_signatures (
+    run_id TEXT NOT NULL,
+    sequence BIGINT NOT NULL,
+    at_ms BIGINT NOT NULL,
+    public_key TEXT NOT NULL,
+    signature TEXT NOT NULL,
+    PRIMARY KEY (run_id, sequence)
+);
+"#,
 ];
 
 /// The PostgreSQL schema, one script per version, version for version the same as
@@ -312,6 +324,19 @@ CREATE TABLE evaluation_releases (
     sums TEXT NOT NULL,
     PRIMARY KEY (run_id, model_version)
 );
+"#,
+    // 7: as in SQLite, and append-only like the ledger.
+    r#"
+CREATE TABLE ledger_signatures (
+    run_id TEXT NOT NULL,
+    sequence BIGINT NOT NULL,
+    at_ms BIGINT NOT NULL,
+    public_key TEXT NOT NULL,
+    signature TEXT NOT NULL,
+    PRIMARY KEY (run_id, sequence)
+);
+REVOKE UPDATE, DELETE, TRUNCATE ON ledger_signatures FROM PUBLIC;
+REVOKE UPDATE, DELETE, TRUNCATE ON ledger_signatures FROM CURRENT_USER;
 "#,
 ];
 
@@ -507,6 +532,7 @@ pub struct Store {
     conn: Mutex<Conn>,
     dialect: Dialect,
     fencing: Option<Fencing>,
+    signer: Option<crate::checkpoint::LedgerSigner>,
 }
 
 impl Drop for Store {
@@ -539,7 +565,11 @@ pub fn is_postgres_url(location: &str) -> bool {
 impl Store {
     /// Opens (creating if needed) the SQLite database at `path` and applies pending
     /// migrations.
+    /// A new database file is created with mode 0600 (on Unix): it holds device token hashes
+    /// and who took part in which round. SQLite gives its `-wal` and `-shm` files the same
+    /// mode.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
+        create_private_file(path)?;
         let conn = Connection::open(path)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
@@ -610,6 +640,7 @@ impl Store {
             conn: Mutex::new(conn),
             dialect,
             fencing: None,
+            signer: None,
         })
     }
 
@@ -878,9 +909,10 @@ impl Store {
                 vals![run_id, manifest.to_toml(), manifest.sha256(), RunStatus::Active.as_str(), at_ms, server_state],
             )?;
             insert_model(tx, run_id, 0, initial, at_ms, Some(at_ms))?;
-            append(tx, run_id, at_ms, created)?;
+            append(tx, self.signer.as_ref(), run_id, at_ms, created)?;
             append(
                 tx,
+                self.signer.as_ref(),
                 run_id,
                 at_ms,
                 LedgerEvent::ModelPublished {
@@ -950,9 +982,9 @@ impl Store {
                 )?;
             }
             insert_model(tx, c.run_id, c.round, c.model, c.at_ms, None)?;
-            append(tx, c.run_id, c.at_ms, c.event.clone())?;
+            append(tx, self.signer.as_ref(), c.run_id, c.at_ms, c.event.clone())?;
             let status = if let Some(stop) = &c.stop {
-                append(tx, c.run_id, c.at_ms, stop.clone())?;
+                append(tx, self.signer.as_ref(), c.run_id, c.at_ms, stop.clone())?;
                 RunStatus::Stopped
             } else {
                 run_status(tx, c.run_id)?
@@ -986,7 +1018,7 @@ impl Store {
                     vals![run_id, round as i64, device],
                 )?;
             }
-            append(tx, run_id, at_ms, event.clone())?;
+            append(tx, self.signer.as_ref(), run_id, at_ms, event.clone())?;
             tx.execute(
                 "UPDATE runs SET next_round = ?2 WHERE id = ?1",
                 vals![run_id, round as i64 + 1],
@@ -1040,6 +1072,7 @@ impl Store {
             )?;
             append(
                 tx,
+                self.signer.as_ref(),
                 run_id,
                 at_ms,
                 LedgerEvent::RoundAbandoned {
@@ -1083,6 +1116,7 @@ impl Store {
             )?;
             append(
                 tx,
+                self.signer.as_ref(),
                 run_id,
                 at_ms,
                 LedgerEvent::ModelPublished {
@@ -1108,7 +1142,7 @@ impl Store {
                 "UPDATE runs SET status = ?2 WHERE id = ?1",
                 vals![run_id, status.as_str()],
             )?;
-            append(tx, run_id, at_ms, event)
+            append(tx, self.signer.as_ref(), run_id, at_ms, event)
         })
     }
 
@@ -1132,6 +1166,7 @@ impl Store {
             )?;
             append(
                 tx,
+                self.signer.as_ref(),
                 run_id,
                 at_ms,
                 LedgerEvent::RolledBack {
@@ -1143,6 +1178,7 @@ impl Store {
             )?;
             append(
                 tx,
+                self.signer.as_ref(),
                 run_id,
                 at_ms,
                 LedgerEvent::ModelPublished {
@@ -1191,6 +1227,68 @@ impl Store {
             })
             .collect()
         })
+    }
+
+    /// The stored head signatures of a run's ledger, in sequence order.
+    pub fn ledger_signatures(
+        &self,
+        run_id: &str,
+    ) -> Result<Vec<crate::checkpoint::HeadSignature>, StoreError> {
+        self.read(|tx| {
+            tx.query(
+                "SELECT sequence, at_ms, public_key, signature FROM ledger_signatures WHERE run_id = ?1 ORDER BY sequence",
+                vals![run_id],
+            )?
+            .iter()
+            .map(|r| {
+                Ok(crate::checkpoint::HeadSignature {
+                    sequence: r.u64(0)?,
+                    at_ms: r.i64(1)?,
+                    public_key: r.text(2)?,
+                    signature: r.text(3)?,
+                })
+            })
+            .collect()
+        })
+    }
+
+    /// Every run id that has ledger entries or head signatures, or a row in `runs`, sorted:
+    /// what `ledger verify` checks. The ledger itself is the authority; a run whose `runs`
+    /// row was deleted is still listed, and one with a row but no entries fails verification.
+    pub fn ledger_run_ids(&self) -> Result<Vec<String>, StoreError> {
+        self.read(|tx| {
+            tx.query(
+                "SELECT run_id FROM ledger UNION SELECT run_id FROM ledger_signatures \
+                 UNION SELECT id FROM runs ORDER BY 1",
+                &[],
+            )?
+            .iter()
+            .map(|r| r.text(0))
+            .collect()
+        })
+    }
+
+    /// A run's stored manifest TOML, if its `runs` row exists.
+    pub fn manifest_toml(&self, run_id: &str) -> Result<Option<String>, StoreError> {
+        self.read(|tx| {
+            tx.query_opt(
+                "SELECT manifest_toml FROM runs WHERE id = ?1",
+                vals![run_id],
+            )?
+            .map(|r| r.text(0))
+            .transpose()
+        })
+    }
+
+    /// Signs every ledger entry appended from now on with `signer` (see
+    /// [`crate::checkpoint`]).
+    pub fn set_ledger_signer(&mut self, signer: Option<crate::checkpoint::LedgerSigner>) {
+        self.signer = signer;
+    }
+
+    /// The public key entries are signed with, hex.
+    pub fn ledger_public_key(&self) -> Option<String> {
+        self.signer.as_ref().map(|s| s.public_key_hex())
     }
 
     /// The `epsilon_assumption` a run's `run_created` entry records, if any.
@@ -1243,6 +1341,17 @@ impl Store {
                 vals![device_id, token_sha256, sdk_version, at_ms],
             )?;
             Ok(())
+        })
+    }
+
+    /// Devices enrolled at or after `since_ms`.
+    pub fn enrolments_since(&self, since_ms: i64) -> Result<u64, StoreError> {
+        self.read(|tx| {
+            tx.query_one(
+                "SELECT COUNT(*) FROM devices WHERE enrolled_at_ms >= ?1",
+                vals![since_ms],
+            )?
+            .u64(0)
         })
     }
 
@@ -1374,7 +1483,7 @@ impl Store {
         self.write(|tx| {
             run_status(tx, run_id)?;
             self.fence(tx, run_id)?;
-            append(tx, run_id, at_ms, event)
+            append(tx, self.signer.as_ref(), run_id, at_ms, event)
         })
     }
 
@@ -1495,8 +1604,42 @@ fn insert_model(
     Ok(())
 }
 
-/// Appends one entry to a run's chain inside `tx`.
-fn append(tx: &mut Tx<'_>, run_id: &str, at_ms: i64, event: LedgerEvent) -> Result<(), StoreError> {
+/// Creates `path` empty with mode 0600 if it does not exist (on Unix; elsewhere SQLite creates
+/// it).
+fn create_private_file(path: &Path) -> Result<(), StoreError> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+        {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => {
+                return Err(StoreError::Corrupt(format!(
+                    "creating {}: {e}",
+                    path.display()
+                )));
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = path;
+    Ok(())
+}
+
+/// Appends one entry to a run's chain inside `tx` and, with a signing key, stores the key's
+/// signature of the new head in the same transaction.
+fn append(
+    tx: &mut Tx<'_>,
+    signer: Option<&crate::checkpoint::LedgerSigner>,
+    run_id: &str,
+    at_ms: i64,
+    event: LedgerEvent,
+) -> Result<(), StoreError> {
     let last = tx.query_opt(
         "SELECT sequence, hash FROM ledger WHERE run_id = ?1 ORDER BY sequence DESC LIMIT 1",
         vals![run_id],
@@ -1517,6 +1660,13 @@ fn append(tx: &mut Tx<'_>, run_id: &str, at_ms: i64, event: LedgerEvent) -> Resu
         "INSERT INTO ledger (run_id, sequence, at_ms, kind, body, prev_hash, hash) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
         vals![run_id, sequence as i64, at_ms, kind, &sealed.body, &sealed.prev_hash, &sealed.hash],
     )?;
+    if let Some(signer) = signer {
+        let s = signer.sign_head(run_id, sequence, &sealed.hash, at_ms);
+        tx.execute(
+            "INSERT INTO ledger_signatures (run_id, sequence, at_ms, public_key, signature) VALUES (?1, ?2, ?3, ?4, ?5)",
+            vals![run_id, sequence as i64, at_ms, &s.public_key, &s.signature],
+        )?;
+    }
     Ok(())
 }
 

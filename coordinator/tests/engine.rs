@@ -577,6 +577,7 @@ fn a_restored_distributed_run_has_spent_exactly_its_committed_rounds() {
             next_round: 5,
             current_version: 4,
             server_state: ServerState::new(&manifest.server_optimizer, params.len()),
+            uncommitted_charges: 0,
             params,
         },
     );
@@ -1166,6 +1167,7 @@ fn a_distributed_round_that_fails_after_unmasking_counts_its_epsilon_and_stops_t
             next_round: 2,
             current_version: 1,
             server_state: ServerState::new(&manifest.server_optimizer, params.len()),
+            uncommitted_charges: 0,
             params,
         },
     );
@@ -1235,6 +1237,7 @@ fn a_run_stopped_by_a_failure_after_unmasking_verifies_with_that_rounds_epsilon(
             next_round: 1,
             current_version: 0,
             server_state: ServerState::new(&manifest.server_optimizer, params.len()),
+            uncommitted_charges: 0,
             params,
         },
     );

@@ -324,3 +324,114 @@ fn a_durable_local_run_records_c_in_the_ledger_and_the_report_states_the_local_a
             .contains("Local mode: each device computed its bit")
     );
 }
+
+#[test]
+fn a_clip_bit_of_minus_1e300_is_refused_and_c_stays_finite() {
+    let text = local_manifest(
+        3,
+        3,
+        1.0,
+        "\n[adaptive_clipping]\ntarget_quantile = 0.5\nbit_noise_std = 1.0\n",
+    );
+    let mut h = Harness::new(&text);
+    let task = h.task("a").unwrap();
+    let (kind, message) = rejection(&upload_with(
+        &mut h,
+        &task,
+        Some(ClipBit {
+            clip_norm: 1.0,
+            noised_bit: -1e300,
+        }),
+    ))
+    .expect("refused");
+    assert_eq!(kind, RejectKind::InvalidArgument);
+    assert!(
+        message.contains("header.clip_bit") && message.contains("outside [-10, 11]"),
+        "{message}"
+    );
+    // The edge of the range is accepted; the round ends with C finite and the next task's C
+    // is what the bits moved it to.
+    assert!(accepted(&upload_with(
+        &mut h,
+        &task,
+        Some(ClipBit {
+            clip_norm: 1.0,
+            noised_bit: -10.0,
+        }),
+    )));
+    h.finish_round();
+    h.now += 1;
+    let c = h.engine.clip_norm();
+    assert!(c.is_finite() && c > 1.0, "{c}");
+    assert_eq!(h.task("b").unwrap().clip_norm, c);
+}
+
+#[test]
+fn c_stays_within_the_manifests_bounds_however_the_bits_push() {
+    let text = local_manifest(
+        40,
+        1,
+        1.0,
+        "\n[adaptive_clipping]\ntarget_quantile = 0.5\nlearning_rate = 1.0\nbit_noise_std = 1.0\nmin_clip_norm = 0.5\nmax_clip_norm = 4.0\n",
+    );
+    let mut h = Harness::new(&text);
+    // Every device lies at the bottom of the range: C grows by e^(10.5) a round, unbounded.
+    for r in 0..3 {
+        let task = h.task(&format!("up{r}")).unwrap();
+        assert!(accepted(&upload_with(
+            &mut h,
+            &task,
+            Some(ClipBit {
+                clip_norm: task.clip_norm,
+                noised_bit: -10.0,
+            }),
+        )));
+        h.finish_round();
+        h.now += 1;
+    }
+    assert_eq!(h.engine.clip_norm(), 4.0);
+    for r in 0..3 {
+        let task = h.task(&format!("down{r}")).unwrap();
+        assert!(accepted(&upload_with(
+            &mut h,
+            &task,
+            Some(ClipBit {
+                clip_norm: task.clip_norm,
+                noised_bit: 11.0,
+            }),
+        )));
+        h.finish_round();
+        h.now += 1;
+    }
+    assert_eq!(h.engine.clip_norm(), 0.5);
+}
+
+#[test]
+fn clip_norm_bounds_are_validated_and_named() {
+    for (extra, key) in [
+        ("min_clip_norm = 2.0", "adaptive_clipping.min_clip_norm"),
+        ("max_clip_norm = 0.5", "adaptive_clipping.min_clip_norm"),
+        ("max_clip_norm = -1.0", "adaptive_clipping.max_clip_norm"),
+    ] {
+        let text = local_manifest(
+            3,
+            3,
+            1.0,
+            &format!(
+                "\n[adaptive_clipping]\ntarget_quantile = 0.5\nbit_noise_std = 1.0\n{extra}\n"
+            ),
+        );
+        let e = fedpref_coordinator::manifest::RunManifest::from_toml(&text, "m.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(key), "{extra}: {e}");
+    }
+    let text = local_manifest(
+        3,
+        3,
+        2.0,
+        "\n[adaptive_clipping]\ntarget_quantile = 0.5\nbit_noise_std = 1.0\n",
+    );
+    let m = fedpref_coordinator::manifest::RunManifest::from_toml(&text, "m.toml").unwrap();
+    assert_eq!(m.clip_norm_bounds(), Some((0.002, 2000.0)));
+}

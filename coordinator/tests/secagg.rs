@@ -53,6 +53,7 @@ fn limits() -> Limits {
         device_burst: 100_000,
         max_concurrent_requests: 512,
         tick_millis: 20,
+        ..Limits::default()
     }
 }
 

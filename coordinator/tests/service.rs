@@ -39,6 +39,7 @@ fn limits() -> Limits {
         device_burst: 10_000,
         max_concurrent_requests: 64,
         tick_millis: 20,
+        ..Limits::default()
     }
 }
 
@@ -576,6 +577,22 @@ async fn each_bad_input_gets_its_status_code_and_a_message_naming_the_problem() 
         Code::InvalidArgument,
         "unknown task token",
     );
+    // The header is checked before the body is read: a forged header whose body never comes
+    // is refused at once.
+    let header_only = upload_messages(&forged, &good, 1024).remove(0);
+    let hanging =
+        tokio_stream::StreamExt::chain(tokio_stream::iter([header_only]), tokio_stream::pending());
+    let refused = tokio::time::timeout(
+        Duration::from_secs(5),
+        client.upload_update(authed(hanging, &a)),
+    )
+    .await
+    .expect("answered without waiting for the body");
+    assert_status(
+        refused.map(|r| r.into_inner()),
+        Code::InvalidArgument,
+        "unknown task token",
+    );
     let mut messages = upload_messages(&task, &good, 1024);
     if let Some(Part::Header(h)) = messages[0].part.as_mut() {
         h.update_sha256 = vec![0; 32];
@@ -969,7 +986,7 @@ async fn plaintext_is_refused_beyond_loopback() {
 fn init_writes_a_working_directory_and_never_overwrites() {
     let dir = tempfile::tempdir().unwrap();
     let done = fedpref_coordinator::config::init(dir.path()).unwrap();
-    assert_eq!(done.files.len(), 9);
+    assert_eq!(done.files.len(), 10);
     let config = Config::from_file(&dir.path().join("coordinator.toml")).unwrap();
     assert!(Path::new(&config.tls.certificate).exists());
     assert!(
@@ -987,6 +1004,7 @@ fn init_writes_a_working_directory_and_never_overwrites() {
             "admin.token",
             "tls/key.pem",
             "tls/admin-client.key",
+            "ledger.key",
         ] {
             let mode = std::fs::metadata(dir.path().join(secret))
                 .unwrap()
@@ -1593,5 +1611,35 @@ async fn hostile_evaluation_reports_are_refused_naming_the_field_and_store_nothi
     let json: serde_json::Value = serde_json::from_slice(&report.content).unwrap();
     let versions = &json["guardrails"]["versions"];
     assert_eq!(versions[0]["reports"], 1, "{versions}");
+    server.running.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enrolments_past_the_window_cap_get_resource_exhausted_naming_the_limit() {
+    let server = TestServer::start_with(Limits {
+        max_enrolments_per_window: 3,
+        enrolment_window_seconds: 3600,
+        ..limits()
+    })
+    .await;
+    let mut client = server.device().await;
+    for _ in 0..3 {
+        enroll(&mut client).await;
+    }
+    let status = client
+        .enroll(pb::EnrollRequest {
+            app_key: APP_KEY.into(),
+            sdk_version: "0.1.0".into(),
+        })
+        .await
+        .expect_err("over the cap");
+    assert_eq!(status.code(), Code::ResourceExhausted);
+    assert!(
+        status
+            .message()
+            .contains("limits.max_enrolments_per_window"),
+        "{}",
+        status.message()
+    );
     server.running.shutdown().await.unwrap();
 }

@@ -91,6 +91,25 @@ pub fn local_bit_release<S: GaussianSampler>(
     GaussianMechanism::new(2.0 * noise_std, 0.5)?.release_update(bit, sampler)
 }
 
+/// How many noise standard deviations a local clip bit may lie outside [0, 1] on the wire.
+pub const LOCAL_BIT_RANGE_STDS: f64 = 10.0;
+
+/// The range a device's noised clip bit (0/1 plus N(0, σ_b²), uncentred, as sent) is clamped
+/// to before upload and the coordinator accepts: [−10σ_b, 1 + 10σ_b]. Clamping is
+/// post-processing of the released value, so it costs no privacy; a bit lands outside only
+/// with probability below 2·10⁻²³, so the estimator's bias is nil. What it buys: no single
+/// device can move the round's bit sum by more than 1 + 20σ_b, however it lies.
+pub fn local_bit_range(bit_noise_std: f64) -> (f64, f64) {
+    let w = LOCAL_BIT_RANGE_STDS * bit_noise_std;
+    (-w, 1.0 + w)
+}
+
+/// Clamps a noised clip bit (uncentred) into [`local_bit_range`]; post-processing.
+pub fn clamp_local_bit(noised_bit: f64, bit_noise_std: f64) -> f64 {
+    let (lo, hi) = local_bit_range(bit_noise_std);
+    noised_bit.clamp(lo, hi)
+}
+
 /// The update noise multiplier σ_Δ = (z⁻² − (2σ_b)⁻²)^(−1/2) that, together with bit noise
 /// σ_b, spends what noise multiplier z alone would (Andrew et al. 2021, Sec. 3.1). Refused
 /// unless z > 0 and 2σ_b > z.
@@ -171,6 +190,8 @@ pub struct QuantileClipper {
     config: QuantileClipConfig,
     clip_norm: f64,
     trajectory: Vec<f64>,
+    /// [min, max] that C is kept in, if set ([`QuantileClipper::with_bounds`]).
+    bounds: Option<(f64, f64)>,
 }
 
 impl QuantileClipper {
@@ -191,7 +212,30 @@ impl QuantileClipper {
             config,
             clip_norm: config.initial_clip_norm,
             trajectory: vec![config.initial_clip_norm],
+            bounds: None,
         })
+    }
+
+    /// Keeps C within [`min_clip_norm`, `max_clip_norm`] from now on (each update's C is
+    /// clamped; the current C too). Refused unless 0 < min ≤ max < ∞. The bounds are public
+    /// settings, so clamping is post-processing of the released bit sum.
+    pub fn with_bounds(
+        mut self,
+        min_clip_norm: f64,
+        max_clip_norm: f64,
+    ) -> Result<Self, PrivacyError> {
+        check::positive("min_clip_norm", min_clip_norm)?;
+        check::positive("max_clip_norm", max_clip_norm)?;
+        if min_clip_norm > max_clip_norm {
+            return Err(PrivacyError::invalid(
+                "min_clip_norm",
+                min_clip_norm,
+                "must be at most max_clip_norm",
+            ));
+        }
+        self.bounds = Some((min_clip_norm, max_clip_norm));
+        self.clip_norm = self.clip_norm.clamp(min_clip_norm, max_clip_norm);
+        Ok(self)
     }
 
     /// The settings.
@@ -258,6 +302,9 @@ impl QuantileClipper {
         let fraction = (noised_centred_sum + m / 2.0) / m;
         self.clip_norm *=
             (-self.config.learning_rate * (fraction - self.config.target_quantile)).exp();
+        if let Some((lo, hi)) = self.bounds {
+            self.clip_norm = self.clip_norm.clamp(lo, hi);
+        }
         self.trajectory.push(self.clip_norm);
         Ok(self.clip_norm)
     }
@@ -266,6 +313,52 @@ impl QuantileClipper {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bounds_keep_c_finite_whatever_the_bit_sum() {
+        let config = QuantileClipConfig {
+            initial_clip_norm: 1.0,
+            target_quantile: 0.5,
+            learning_rate: 0.2,
+            bit_noise_std: 1.0,
+            expected_contributions: 3.0,
+        };
+        // Unbounded, one absurd sum sends C to infinity.
+        let mut free = QuantileClipper::new(config).unwrap();
+        assert_eq!(free.update(-1e300).unwrap(), f64::INFINITY);
+        let mut c = QuantileClipper::new(config)
+            .unwrap()
+            .with_bounds(0.01, 100.0)
+            .unwrap();
+        assert_eq!(c.update(-1e300).unwrap(), 100.0);
+        assert_eq!(c.update(1e300).unwrap(), 0.01);
+        assert!(
+            QuantileClipper::new(config)
+                .unwrap()
+                .with_bounds(2.0, 1.0)
+                .is_err()
+        );
+        assert!(
+            QuantileClipper::new(config)
+                .unwrap()
+                .with_bounds(0.0, 1.0)
+                .is_err()
+        );
+        assert!(
+            QuantileClipper::new(config)
+                .unwrap()
+                .with_bounds(1.0, f64::INFINITY)
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn a_clamped_local_bit_stays_in_its_stated_range() {
+        assert_eq!(local_bit_range(0.5), (-5.0, 6.0));
+        assert_eq!(clamp_local_bit(-1e300, 0.5), -5.0);
+        assert_eq!(clamp_local_bit(1e300, 0.5), 6.0);
+        assert_eq!(clamp_local_bit(0.7, 0.5), 0.7);
+    }
 
     #[test]
     fn the_combined_multiplier_inverts_the_effective_one() {

@@ -800,6 +800,8 @@ fn plan_with(args: &RunArgs, file: FileConfig) -> Result<RunPlan, CliError> {
         target_quantile: target_quantile.unwrap_or(0.5),
         learning_rate: 0.2,
         bit_noise_std,
+        min_clip_norm: None,
+        max_clip_norm: None,
     });
     let factors = args.factors.or(file.factors).unwrap_or(defaults.factors);
     if factors == 0 || factors > 1024 {

@@ -29,8 +29,8 @@ use fedpref_coordinator::distributed::{DistributedNoiseKind, SecureAggregationSp
 use fedpref_coordinator::engine::{Action, ClipBit, Engine, Event, RunState, Task};
 use fedpref_coordinator::ledger::AudienceEpsilon;
 use fedpref_coordinator::manifest::{
-    AdaptiveClippingSpec, BudgetSpec, ManifestPrivacyMode, ModelSpec, OptOutPolicy, RunManifest,
-    SamplingSpec,
+    AdaptiveClippingSpec, BudgetAudience, BudgetSpec, ManifestPrivacyMode, ModelSpec, OptOutPolicy,
+    RunManifest, SamplingSpec,
 };
 use fedpref_coordinator::model::initial_parameters;
 use fedpref_privacy::tree::ParticipationLimits;
@@ -245,6 +245,13 @@ impl Settings {
             budget: BudgetSpec {
                 epsilon: self.target_epsilon.unwrap_or(1e12),
                 delta: self.delta,
+                // `--target-epsilon` has always been the amplified ε of a Poisson-sampled
+                // central run (the simulator really samples); a coordinator's manifest binds
+                // the unamplified one unless it says otherwise.
+                audience: (matches!(sampling, SamplingSpec::Poisson { .. })
+                    && self.privacy_mode == ManifestPrivacyMode::Central
+                    && !self.server_optimizer.is_tree())
+                .then_some(BudgetAudience::ObserversUnawareOfParticipation),
             },
             clip_norm: self.clip_norm,
             noise_multiplier: if noise { self.noise_multiplier } else { None },

@@ -251,6 +251,8 @@ fn local_adaptive_clipping_converges_to_within_ten_percent_of_the_true_quantile_
                 target_quantile: gamma,
                 learning_rate: 0.2,
                 bit_noise_std: Some(1.5),
+                min_clip_norm: None,
+                max_clip_norm: None,
             }),
             seed: 9,
             ..Settings::default()

@@ -55,6 +55,7 @@ admin_token_file = "admin.token"
             device_burst: 10_000,
             max_concurrent_requests: 64,
             tick_millis: 20,
+            ..Limits::default()
         };
         let options = ServeOptions {
             admin_addr: Some("127.0.0.1:0".parse().unwrap()),

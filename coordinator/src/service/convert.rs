@@ -92,6 +92,9 @@ pub fn manifest_from_proto(m: &pb::RunManifest) -> Result<RunManifest, Status> {
                 // standard deviation σ_b; 0 takes the default.
                 bit_noise_std: (a.count_noise_multiplier != 0.0)
                     .then_some(a.count_noise_multiplier),
+                // The admin API's manifest carries no bounds: the defaults apply.
+                min_clip_norm: None,
+                max_clip_norm: None,
             });
     if m.local_training.is_some() {
         return Err(unsupported("local_training"));
@@ -302,6 +305,7 @@ pub fn manifest_from_proto(m: &pb::RunManifest) -> Result<RunManifest, Status> {
         budget: BudgetSpec {
             epsilon: budget.epsilon,
             delta: budget.delta,
+            audience: None,
         },
         clip_norm: m.clip_norm,
         noise_multiplier: m.target_epsilon.is_none().then_some(m.noise_multiplier),
@@ -738,6 +742,9 @@ pub fn run_to_proto(
             | LedgerEvent::RoundReleased {
                 cumulative_epsilon, ..
             }
+            | LedgerEvent::RoundCharged {
+                cumulative_epsilon, ..
+            }
             | LedgerEvent::RunStopped {
                 cumulative_epsilon, ..
             } => Some(cumulative_epsilon.clone()),
@@ -886,6 +893,22 @@ pub fn ledger_entry_to_proto(
             out.noise_multiplier = manifest.noise_multiplier.unwrap_or(0.0);
             out.clip_norm = manifest.clip_norm;
             out.privacy_mode = mode("distributed");
+            out.spend = spend_with_increments(cumulative_epsilon, rdp_increments);
+        }
+        LedgerEvent::RoundCharged {
+            round,
+            noise_multiplier,
+            rdp_increments,
+            cumulative_epsilon,
+            ..
+        } => {
+            // A local round's spend, recorded when its first update arrived.
+            out.kind = K::RoundReleased as i32;
+            out.round_id = *round;
+            out.noise_multiplier = *noise_multiplier;
+            out.clip_norm = manifest.clip_norm;
+            out.privacy_mode = mode("local");
+            out.reason = "charged when the round's first update arrived".into();
             out.spend = spend_with_increments(cumulative_epsilon, rdp_increments);
         }
         LedgerEvent::RoundAbandoned {

@@ -185,10 +185,26 @@ impl DeviceService for DeviceApi {
         let (device_id, token) = auth::new_credentials()?;
         let hash = crate::hex(&auth::sha256(token.as_bytes()));
         let id = device_id.clone();
+        let (cap, window_s) = (
+            self.shared.limits.max_enrolments_per_window,
+            self.shared.limits.enrolment_window_seconds,
+        );
         self.shared
             .blocking(move |c| {
+                // Counted and inserted under the coordinator's lock, so concurrent enrolments
+                // cannot pass the cap together.
+                let now = now_ms();
+                let recent = c
+                    .store()
+                    .enrolments_since(now - (window_s as i64) * 1000)
+                    .map_err(super::store_status)?;
+                if recent >= u64::from(cap) {
+                    return Err(Status::resource_exhausted(format!(
+                        "enrolment: {recent} devices enrolled in the last {window_s} seconds, the most limits.max_enrolments_per_window allows; retry later"
+                    )));
+                }
                 c.store()
-                    .insert_device(&id, &hash, &r.sdk_version, now_ms())
+                    .insert_device(&id, &hash, &r.sdk_version, now)
                     .map_err(super::store_status)
             })
             .await?;

@@ -98,16 +98,13 @@ pub(super) async fn receive(
         ));
     }
     let clip_bit = match (local_bits, header.clip_bit) {
-        (true, Some(bit)) if bit.is_finite() => Some(crate::engine::ClipBit {
-            clip_norm: header.clip_norm,
-            noised_bit: bit,
-        }),
-        (true, Some(bit)) => {
-            return Err(invalid(
-                "header.clip_bit",
-                format!("{bit} must be a finite number"),
-            ));
-        }
+        (true, Some(bit)) => match crate::engine::check_clip_bit(bit, &manifest) {
+            Ok(()) => Some(crate::engine::ClipBit {
+                clip_norm: header.clip_norm,
+                noised_bit: bit,
+            }),
+            Err(message) => return Err(Status::invalid_argument(message)),
+        },
         (true, None) => {
             return Err(invalid(
                 "header.clip_bit",
@@ -179,6 +176,7 @@ pub(super) async fn receive(
             ),
         ));
     }
+    check_header_and_charge(shared, &device, &task, header.base_model_version).await?;
     while let Some(message) = stream.message().await? {
         let chunk = match message.part {
             Some(Part::Chunk(c)) => c,
@@ -246,6 +244,46 @@ pub(super) async fn receive(
         bytes_received: received,
         accepted_at: Some(timestamp(now_ms())),
     })
+}
+
+/// Before any chunk is read: the engine checks the header against the device's task (round,
+/// token, not yet uploaded) and, in local mode, charges the round in the ledger, so that an
+/// update the coordinator reads is always counted, whether it is then accepted or refused.
+async fn check_header_and_charge(
+    shared: &Arc<Shared>,
+    device: &str,
+    task: &pb::TaskRef,
+    base_version: u64,
+) -> Result<(), Status> {
+    let (run_id, round, device) = (task.run_id.clone(), task.round_id, device.to_string());
+    let task_token = task.task_token.clone();
+    let probe = run_id.clone();
+    shared
+        .in_memory_if(
+            |c| {
+                c.engine(&probe)
+                    .is_some_and(|e| !e.update_header_charges(round))
+            },
+            move |c| {
+                check_run_and_version(c, &run_id, round, base_version)?;
+                let actions = c
+                    .handle(
+                        &run_id,
+                        Event::UpdateHeader {
+                            device: device.clone(),
+                            round,
+                            task_token,
+                        },
+                        now_ms(),
+                    )
+                    .map_err(coordinator_status)?;
+                match outcome_for(actions, &device) {
+                    Some(Err(status)) => Err(status),
+                    _ => Ok(()),
+                }
+            },
+        )
+        .await
 }
 
 /// What the engine's actions say about `device`'s update: accepted, refused (with the
