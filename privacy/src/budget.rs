@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::error::check;
-use crate::pld::{Accountant, PldAccountant};
+use crate::pld::{Accountant, PldAccountant, composed_gaussian_noise_multiplier, gaussian_epsilon};
 use crate::{
     Audience, OrderGrid, PrivacyError, PrivacyMode, PrivacyStatement, RdpAccountant, RoundRelease,
 };
@@ -46,8 +46,6 @@ pub struct Budget {
     /// The releases as the PLD accountant composed them: (q, effective σ, count).
     #[serde(default)]
     pld_schedule: Vec<PldRounds>,
-    #[serde(skip)]
-    pld: Option<PldAccountant>,
 }
 
 /// A run of identical releases in a PLD budget's schedule.
@@ -62,14 +60,29 @@ fn legacy_kind() -> Accountant {
     Accountant::Rdp
 }
 
-/// The PLD of a schedule, each run of identical releases composed by one FFT power: a pure
-/// function of the schedule, so a budget read back from its stored form agrees exactly.
-fn pld_of(schedule: &[PldRounds]) -> Result<PldAccountant, PrivacyError> {
+/// The PLD ε of a schedule at δ: a pure function of the schedule, so a budget read back from
+/// its stored form states the same ε to the bit. Unsampled Gaussians (local mode, q = 1)
+/// compose exactly to one Gaussian; otherwise each run of identical releases is composed by
+/// one FFT power.
+fn pld_epsilon(schedule: &[PldRounds], delta: f64) -> Result<f64, PrivacyError> {
+    for s in schedule {
+        check::sampling_rate(s.sampling_rate)?;
+        check::positive("noise_multiplier", s.noise_multiplier)?;
+    }
+    if schedule.is_empty() {
+        return Ok(0.0);
+    }
+    if schedule.iter().all(|s| s.sampling_rate == 1.0) {
+        let sigma = composed_gaussian_noise_multiplier(
+            schedule.iter().map(|s| (s.noise_multiplier, s.count)),
+        );
+        return Ok(gaussian_epsilon(sigma, delta));
+    }
     let mut pld = PldAccountant::default();
     for s in schedule {
         pld.compose_subsampled_gaussian(s.sampling_rate, s.noise_multiplier, s.count)?;
     }
-    Ok(pld)
+    Ok(pld.epsilon(delta)?.epsilon)
 }
 
 /// The schedule after one more release.
@@ -110,11 +123,8 @@ impl TryFrom<BudgetRepr> for Budget {
         b.rounds = r.rounds;
         b.mode = r.mode;
         b.audience = r.audience;
-        // Rebuild the PLD from its schedule (each entry validated again on the way), by the
-        // same operations `spend` used, so the stored budget states the same ε to the bit.
-        if b.pld.is_some() {
-            b.pld = Some(pld_of(&r.pld_schedule)?);
-        }
+        // The stored schedule is validated again (it is what ε is computed from).
+        pld_epsilon(&r.pld_schedule, b.delta)?;
         b.pld_schedule = r.pld_schedule;
         Ok(b)
     }
@@ -149,7 +159,6 @@ impl Budget {
             audience: Audience::Anyone,
             kind,
             pld_schedule: Vec::new(),
-            pld: (kind == Accountant::Pld).then(PldAccountant::default),
         })
     }
 
@@ -184,7 +193,7 @@ impl Budget {
     pub fn spent(&self) -> PrivacyStatement {
         self.statement(
             &self.accountant,
-            self.pld.as_ref(),
+            &self.pld_schedule,
             self.mode,
             self.audience,
         )
@@ -204,8 +213,7 @@ impl Budget {
     /// Spends one round, or refuses with [`PrivacyError::BudgetExceeded`] and records nothing.
     pub fn spend(&mut self, next: &RoundRelease) -> Result<PrivacyStatement, PrivacyError> {
         self.check_mode(next)?;
-        let (statement, accountant, pld) = self.after(next)?;
-        let (q, sigma) = next.effective()?;
+        let (statement, accountant, schedule) = self.after(next)?;
         if statement.epsilon > self.epsilon {
             return Err(PrivacyError::BudgetExceeded {
                 would_be: statement.epsilon,
@@ -214,10 +222,7 @@ impl Budget {
             });
         }
         self.accountant = accountant;
-        if let Some(pld) = pld {
-            self.pld_schedule = schedule_after(&self.pld_schedule, q, sigma);
-            self.pld = Some(pld);
-        }
+        self.pld_schedule = schedule;
         self.rounds += 1;
         self.mode = Some(next.mode);
         self.audience = statement.audience;
@@ -236,36 +241,36 @@ impl Budget {
     fn after(
         &self,
         next: &RoundRelease,
-    ) -> Result<(PrivacyStatement, RdpAccountant, Option<PldAccountant>), PrivacyError> {
+    ) -> Result<(PrivacyStatement, RdpAccountant, Vec<PldRounds>), PrivacyError> {
         let (q, sigma) = next.effective()?;
         let mut accountant = self.accountant.clone();
         accountant.compose_subsampled_gaussian(q, sigma, 1)?;
-        let pld = match &self.pld {
-            Some(_) => Some(pld_of(&schedule_after(&self.pld_schedule, q, sigma))?),
-            None => None,
+        let schedule = match self.kind {
+            Accountant::Pld => schedule_after(&self.pld_schedule, q, sigma),
+            Accountant::Rdp => Vec::new(),
         };
         let audience = self.audience.narrowest(next.audience());
-        let statement = self.statement(&accountant, pld.as_ref(), Some(next.mode), audience);
-        Ok((statement, accountant, pld))
+        let statement = self.statement(&accountant, &schedule, Some(next.mode), audience);
+        Ok((statement, accountant, schedule))
     }
 
     fn statement(
         &self,
         accountant: &RdpAccountant,
-        pld: Option<&PldAccountant>,
+        schedule: &[PldRounds],
         mode: Option<PrivacyMode>,
         audience: Audience,
     ) -> PrivacyStatement {
         let mode = mode.unwrap_or(PrivacyMode::Local);
         // δ was validated at construction, so the conversions cannot fail.
-        match pld {
-            Some(pld) if mode != PrivacyMode::Distributed => {
-                let e = pld
-                    .epsilon(self.delta)
-                    .expect("budget δ is validated at construction");
+        match self.kind {
+            Accountant::Pld if mode != PrivacyMode::Distributed => {
+                // The schedule's entries were validated when they were spent or read back.
+                let epsilon = pld_epsilon(schedule, self.delta)
+                    .expect("the schedule is validated when recorded");
                 PrivacyStatement {
-                    epsilon: e.epsilon,
-                    delta: e.delta,
+                    epsilon,
+                    delta: self.delta,
                     order: None,
                     mode,
                     audience,

@@ -313,8 +313,9 @@ pub fn calibrate(
 
 /// ε after `rounds` identical releases, at δ, by the chosen accountant. With
 /// [`Accountant::Pld`] the releases are the Poisson-subsampled Gaussian under add/remove-one
-/// (central and distributed modes, at the effective σ) or the Gaussian of sensitivity 2C
-/// (local mode), discretised on the default grid; with [`Accountant::Rdp`] this is
+/// (central and distributed modes, at the effective σ), discretised on the default grid, or,
+/// at q = 1 (local mode's Gaussian of sensitivity 2C included), the Gaussian, whose
+/// composition is exact ([`crate::pld::gaussian_epsilon`]); with [`Accountant::Rdp`] this is
 /// [`epsilon_after`].
 pub fn epsilon_after_with(
     accountant: Accountant,
@@ -326,9 +327,12 @@ pub fn epsilon_after_with(
     match accountant {
         Accountant::Rdp => epsilon_after(release, rounds, delta, orders),
         Accountant::Pld => {
-            let acc = composed_pld(release, rounds)?;
-            let e = acc.epsilon(delta)?;
-            Ok(pld_statement(release, e.epsilon, e.delta))
+            let delta = crate::error::check::delta(delta)?;
+            let epsilon = match exact_gaussian(release, rounds)? {
+                Some(sigma) => crate::pld::gaussian_epsilon(sigma, delta),
+                None => composed_pld(release, rounds)?.epsilon(delta)?.epsilon,
+            };
+            Ok(pld_statement(release, epsilon, delta))
         }
     }
 }
@@ -344,9 +348,12 @@ pub fn delta_after_with(
     match accountant {
         Accountant::Rdp => delta_after(release, rounds, epsilon, orders),
         Accountant::Pld => {
-            let acc = composed_pld(release, rounds)?;
-            let d = acc.delta(epsilon)?;
-            Ok(pld_statement(release, d.epsilon, d.delta))
+            let epsilon = crate::error::check::epsilon(epsilon)?;
+            let delta = match exact_gaussian(release, rounds)? {
+                Some(sigma) => crate::pld::gaussian_delta(sigma, epsilon),
+                None => composed_pld(release, rounds)?.delta(epsilon)?.delta,
+            };
+            Ok(pld_statement(release, epsilon, delta))
         }
     }
 }
@@ -397,6 +404,15 @@ fn pld_statement(release: &RoundRelease, epsilon: f64, delta: f64) -> PrivacySta
         audience: release.audience(),
         accountant: Accountant::Pld,
     }
+}
+
+/// For unsampled releases, the effective σ of their exact composition (one Gaussian).
+fn exact_gaussian(release: &RoundRelease, rounds: u64) -> Result<Option<f64>, PrivacyError> {
+    if rounds == 0 {
+        return Err(PrivacyError::invalid("rounds", 0.0, "must be at least 1"));
+    }
+    let (q, sigma) = release.effective()?;
+    Ok((q == 1.0).then(|| crate::pld::composed_gaussian_noise_multiplier([(sigma, rounds)])))
 }
 
 fn composed_pld(release: &RoundRelease, rounds: u64) -> Result<PldAccountant, PrivacyError> {

@@ -385,6 +385,61 @@ impl PldAccountant {
     }
 }
 
+/// δ(ε) of the Gaussian mechanism with effective noise multiplier σ (noise std over the L2
+/// sensitivity), exactly: `Φ(1/(2σ) − εσ) − e^ε·Φ(−1/(2σ) − εσ)` (Balle & Wang 2018,
+/// "Improving the Gaussian Mechanism for Differential Privacy", Thm. 8). Its privacy loss is
+/// itself Gaussian, N(μ, 2μ) with μ = 1/(2σ²), so T rounds at σ_1 … σ_T compose *exactly* to
+/// one Gaussian at `(Σ σ_i⁻²)^(−1/2)`: no discretisation is needed for schedules of
+/// unsampled Gaussians (local mode, and q = 1).
+pub fn gaussian_delta(noise_multiplier: f64, epsilon: f64) -> f64 {
+    let s = noise_multiplier;
+    let phi = |x: f64| 0.5 * libm::erfc(-x / std::f64::consts::SQRT_2);
+    let a = 1.0 / (2.0 * s) - epsilon * s;
+    let b = -1.0 / (2.0 * s) - epsilon * s;
+    (phi(a) - epsilon.exp() * phi(b)).clamp(0.0, 1.0)
+}
+
+/// The smallest ε ≥ 0 with [`gaussian_delta`]`(σ, ε) ≤ δ`, by bisection to the last bits and
+/// rounded up (the returned ε always meets δ).
+pub fn gaussian_epsilon(noise_multiplier: f64, delta: f64) -> f64 {
+    if gaussian_delta(noise_multiplier, 0.0) <= delta {
+        return 0.0;
+    }
+    let (mut lo, mut hi) = (0.0f64, 1.0f64);
+    while gaussian_delta(noise_multiplier, hi) > delta {
+        lo = hi;
+        hi *= 2.0;
+        if hi > 1e6 {
+            return f64::INFINITY;
+        }
+    }
+    for _ in 0..200 {
+        let mid = 0.5 * (lo + hi);
+        if mid <= lo || mid >= hi {
+            break;
+        }
+        if gaussian_delta(noise_multiplier, mid) > delta {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    hi
+}
+
+/// The effective σ of a composition of unsampled Gaussians: `(Σ count_i·σ_i⁻²)^(−1/2)`.
+pub fn composed_gaussian_noise_multiplier(rounds: impl IntoIterator<Item = (f64, u64)>) -> f64 {
+    let precision: f64 = rounds
+        .into_iter()
+        .map(|(sigma, count)| count as f64 / (sigma * sigma))
+        .sum();
+    if precision == 0.0 {
+        f64::INFINITY
+    } else {
+        precision.sqrt().recip()
+    }
+}
+
 /// The result of [`calibrate_noise_multiplier_pld`].
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct PldCalibration {
@@ -508,6 +563,30 @@ mod tests {
         a.compose_gaussian(5.0, 2).unwrap();
         assert_eq!(a.schedule().len(), 2);
         assert_eq!(a.schedule()[0].count, 4);
+    }
+
+    #[test]
+    fn exact_gaussian_composition_agrees_with_the_discretised_pld() {
+        for &(sigma, rounds) in &[(1.0, 1u64), (2.0, 10), (5.0, 100)] {
+            let mut acc = PldAccountant::default();
+            acc.compose_gaussian(sigma, rounds).unwrap();
+            let numeric = acc.epsilon(1e-6).unwrap().epsilon;
+            let exact =
+                gaussian_epsilon(composed_gaussian_noise_multiplier([(sigma, rounds)]), 1e-6);
+            assert!(
+                exact <= numeric,
+                "σ={sigma} T={rounds}: {exact} > {numeric}"
+            );
+            assert!(
+                numeric - exact < 1e-4 * exact,
+                "σ={sigma} T={rounds}: {exact} vs {numeric}"
+            );
+            assert!(
+                gaussian_delta(composed_gaussian_noise_multiplier([(sigma, rounds)]), exact)
+                    <= 1e-6
+            );
+        }
+        assert_eq!(gaussian_epsilon(100.0, 0.5), 0.0);
     }
 
     #[test]
