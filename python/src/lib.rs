@@ -16,9 +16,14 @@
 //! the caller's input (an unreadable store, a failed run) as `fedpref.FedprefError`.
 //!
 //! ```
+//! // One Gaussian release, σ = 1, δ = 1e-5: the exact ε (PLD), and RDP's looser bound.
 //! let out = _native::accountant::epsilon(1.0, 1e-5, 1, 1.0, "central", "pld").unwrap();
 //! let v: serde_json::Value = serde_json::from_str(&out).unwrap();
 //! assert_eq!(v["mode"], "central");
+//! assert_eq!(v["accountant"], "pld");
+//! assert!((v["epsilon"].as_f64().unwrap() - 4.377178095681137).abs() < 1e-6);
+//! let out = _native::accountant::epsilon(1.0, 1e-5, 1, 1.0, "central", "rdp").unwrap();
+//! let v: serde_json::Value = serde_json::from_str(&out).unwrap();
 //! assert!((v["epsilon"].as_f64().unwrap() - 4.728507067217623).abs() < 1e-6);
 //! ```
 
