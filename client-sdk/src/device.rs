@@ -196,6 +196,9 @@ pub struct BudgetStatus {
     pub rounds: u64,
     /// Against whom the spent ε holds.
     pub audience: String,
+    /// Which accountant computed the spent ε: `pld` (the default), or `rdp` (distributed-mode
+    /// releases, and budgets stored before the PLD accountant existed).
+    pub accountant: String,
     /// The uploads, oldest first.
     pub uploads: Vec<UploadRecord>,
 }
@@ -796,6 +799,7 @@ impl Device {
             epsilon_remaining: budget.remaining(),
             rounds: budget.rounds(),
             audience: spent.audience.as_str().to_owned(),
+            accountant: spent.accountant.as_str().to_owned(),
             uploads,
         })
     }

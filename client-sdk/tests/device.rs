@@ -1,6 +1,8 @@
 //! The device through its public API, on real SQLite files in a temporary directory.
 
-use fedpref_client_sdk::fedpref_privacy::{PrivacyMode, l2_norm};
+use fedpref_client_sdk::fedpref_privacy::{
+    Accountant, OrderGrid, PrivacyMode, RoundRelease, epsilon_after_with, l2_norm,
+};
 use fedpref_client_sdk::{
     Device, DeviceConfig, LocalTraining, MatrixFactorization, PreferenceModel, ProfileEdit, Reason,
     SdkError, Timestamp, TrainingTask,
@@ -337,6 +339,36 @@ fn an_upload_is_clipped_noised_and_recorded_and_the_record_survives_a_restart() 
     let b = d.budget().unwrap();
     assert_eq!((b.rounds, b.uploads.len()), (1, 1));
     assert_eq!(b.epsilon_spent, spent.epsilon_spent);
+}
+
+#[test]
+fn the_on_device_accountant_is_pld_names_itself_and_spends_less_than_rdp() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = device(&dir);
+    d.install_model(model(3)).unwrap();
+    for _ in 0..3 {
+        d.prepare_upload(&task(3, 8.0), now()).unwrap();
+    }
+    let b = d.budget().unwrap();
+    assert_eq!(b.accountant, "pld");
+    // Three local uploads at σ = 8: what the PLD accountant says, below RDP's figure.
+    let release = RoundRelease {
+        mode: PrivacyMode::Local,
+        noise_multiplier: 8.0,
+        sampling_rate: 1.0,
+    };
+    let grid = OrderGrid::default();
+    let pld = epsilon_after_with(Accountant::Pld, &release, 3, b.delta, &grid).unwrap();
+    let rdp = epsilon_after_with(Accountant::Rdp, &release, 3, b.delta, &grid).unwrap();
+    assert!(
+        (b.epsilon_spent - pld.epsilon).abs() <= 1e-9 * pld.epsilon,
+        "{b:?} vs {pld:?}"
+    );
+    assert!(b.epsilon_spent < rdp.epsilon);
+    // Reopened from its store, the device states the same spend.
+    drop(d);
+    let d = Device::open(dir.path().join("device.db"), DeviceConfig::default()).unwrap();
+    assert_eq!(d.budget().unwrap().epsilon_spent, b.epsilon_spent);
 }
 
 #[test]

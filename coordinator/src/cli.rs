@@ -1,9 +1,9 @@
 //! The `fedpref-coordinator` command line.
 //!
 //! ```text
-//! fedpref-coordinator accountant epsilon   --noise-multiplier S --sampling-rate Q --rounds T --delta D   [--mode M] [--json]
-//! fedpref-coordinator accountant delta     --noise-multiplier S --sampling-rate Q --rounds T --epsilon E [--mode M] [--json]
-//! fedpref-coordinator accountant calibrate --target-epsilon E   --sampling-rate Q --rounds T --delta D   [--mode M] [--json]
+//! fedpref-coordinator accountant epsilon   --noise-multiplier S --sampling-rate Q --rounds T --delta D   [--mode M] [--accountant pld|rdp] [--json]
+//! fedpref-coordinator accountant delta     --noise-multiplier S --sampling-rate Q --rounds T --epsilon E [--mode M] [--accountant pld|rdp] [--json]
+//! fedpref-coordinator accountant calibrate --target-epsilon E   --sampling-rate Q --rounds T --delta D   [--mode M] [--accountant pld|rdp] [--json]
 //! fedpref-coordinator accountant tree (--noise-multiplier S | --target-epsilon E) --rounds T --delta D
 //!                                     --min-separation s --max-participations k [--restart-every R [--completion]] [--json]
 //! fedpref-coordinator ledger verify --db PATH [--run ID] [--checkpoint FILE]… [--json]
@@ -18,10 +18,12 @@
 //! zero rounds are usage errors naming the flag (exit code 2). In `--mode local` the rounds
 //! are the device's own uploads, each a replace-one release with sensitivity 2C, so σ is
 //! halved; a sampling rate other than 1 is refused, because the coordinator sees who
-//! uploaded and sampling does not amplify what it sees.
+//! uploaded and sampling does not amplify what it sees. `--accountant` picks the privacy-loss-
+//! distribution accountant (`pld`, the default: tight) or Rényi DP (`rdp`); every answer
+//! names the one used. `accountant tree` is always RDP/zCDP (DP-FTRL's tree).
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use fedpref_privacy::{OrderGrid, PrivacyMode, PrivacyStatement, RoundRelease};
+use fedpref_privacy::{Accountant, OrderGrid, PrivacyMode, PrivacyStatement, RoundRelease};
 use rand_core::TryRng;
 use serde_json::json;
 
@@ -37,7 +39,8 @@ pub struct Cli {
 /// Top-level commands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// The Rényi-DP accountant: ε for a schedule, δ for an ε, σ for a target.
+    /// The privacy accountant (PLD by default, or RDP): ε for a schedule, δ for an ε, σ for a
+    /// target.
     #[command(subcommand)]
     Accountant(AccountantCommand),
     /// Training runs in a coordinator database.
@@ -331,9 +334,30 @@ pub struct Schedule {
     /// Privacy mode.
     #[arg(long, value_enum, default_value_t = ModeArg::Central)]
     pub mode: ModeArg,
+    /// The accountant: `pld` (privacy loss distributions, tight) or `rdp` (Rényi DP).
+    #[arg(long, value_enum, default_value_t = AccountantArg::Pld)]
+    pub accountant: AccountantArg,
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
+}
+
+/// Accountants as the command line spells them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum AccountantArg {
+    /// Privacy loss distributions with pessimistic discretisation (the default).
+    Pld,
+    /// Rényi DP with the improved conversion.
+    Rdp,
+}
+
+impl From<AccountantArg> for Accountant {
+    fn from(a: AccountantArg) -> Self {
+        match a {
+            AccountantArg::Pld => Accountant::Pld,
+            AccountantArg::Rdp => Accountant::Rdp,
+        }
+    }
 }
 
 /// `accountant epsilon`.
@@ -793,20 +817,33 @@ fn run_accountant(cmd: &AccountantCommand) -> Result<String, CliError> {
         AccountantCommand::Epsilon(a) => {
             check_local_sampling(&a.schedule)?;
             let release = release(a.noise_multiplier, &a.schedule);
-            let s = fedpref_privacy::epsilon_after(&release, a.schedule.rounds, a.delta, &grid)
-                .map_err(failed)?;
+            let s = fedpref_privacy::epsilon_after_with(
+                a.schedule.accountant.into(),
+                &release,
+                a.schedule.rounds,
+                a.delta,
+                &grid,
+            )
+            .map_err(failed)?;
             (s, a.noise_multiplier, &a.schedule)
         }
         AccountantCommand::Delta(a) => {
             check_local_sampling(&a.schedule)?;
             let release = release(a.noise_multiplier, &a.schedule);
-            let s = fedpref_privacy::delta_after(&release, a.schedule.rounds, a.epsilon, &grid)
-                .map_err(failed)?;
+            let s = fedpref_privacy::delta_after_with(
+                a.schedule.accountant.into(),
+                &release,
+                a.schedule.rounds,
+                a.epsilon,
+                &grid,
+            )
+            .map_err(failed)?;
             (s, a.noise_multiplier, &a.schedule)
         }
         AccountantCommand::Calibrate(a) => {
             check_local_sampling(&a.schedule)?;
-            let (sigma, s) = fedpref_privacy::calibrate(
+            let (sigma, s) = fedpref_privacy::calibrate_with(
+                a.schedule.accountant.into(),
                 a.schedule.mode.into(),
                 a.target_epsilon,
                 a.delta,
@@ -853,6 +890,7 @@ fn render_json(s: &PrivacyStatement, sigma: f64, schedule: &Schedule) -> String 
         "rounds": schedule.rounds,
         "mode": s.mode.as_str(),
         "audience": s.audience.as_str(),
+        "accountant": s.accountant.as_str(),
     })
     .to_string()
 }
@@ -876,14 +914,23 @@ fn render_text(
     } else {
         ""
     };
+    let accountant = match s.accountant {
+        Accountant::Pld => {
+            "accountant: PLD (privacy loss distribution, pessimistic discretisation)".to_string()
+        }
+        Accountant::Rdp => format!(
+            "accountant: RDP, best Rényi order {}",
+            s.order.map_or("none".to_string(), |o| o.to_string())
+        ),
+    };
     format!(
         "{headline}\n\
-         mode {}, noise multiplier σ = {sigma}, sampling rate q = {}, rounds T = {}, best Rényi order {}\n\
+         mode {}, noise multiplier σ = {sigma}, sampling rate q = {}, rounds T = {}\n\
+         {accountant}\n\
          audience: {}{local_note}",
         s.mode,
         schedule.sampling_rate,
         schedule.rounds,
-        s.order,
         s.audience.describe(),
     )
 }

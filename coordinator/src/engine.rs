@@ -680,11 +680,14 @@ impl Engine {
         let orders = OrderGrid::default();
         let release = manifest.round_release();
         let budget_release = manifest.budget_release();
+        // The run's spend, the ledger's increments and `ledger verify` are RDP: the budget
+        // stays RDP too, so all three agree.
         let mut budget = release.map(|_| {
-            Budget::with_orders(
+            Budget::with_accountant(
                 manifest.budget.epsilon,
                 manifest.budget.delta,
                 orders.clone(),
+                fedpref_privacy::Accountant::Rdp,
             )
             .expect("the manifest's budget is validated")
         });

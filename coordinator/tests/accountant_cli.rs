@@ -2,7 +2,9 @@
 
 use std::process::{Command, Output};
 
-use fedpref_privacy::{OrderGrid, PrivacyMode, RoundRelease, epsilon_after};
+use fedpref_privacy::{
+    Accountant, OrderGrid, PrivacyMode, RoundRelease, epsilon_after, epsilon_after_with,
+};
 use serde_json::Value;
 
 fn run(args: &[&str]) -> Output {
@@ -35,6 +37,7 @@ fn usage_error(args: &[&str]) -> String {
 
 #[test]
 fn epsilon_json_has_exactly_the_documented_keys_and_matches_the_library() {
+    // Pinned to RDP: this checks the Rényi order, which only RDP has.
     let v = json(&[
         "accountant",
         "epsilon",
@@ -46,6 +49,8 @@ fn epsilon_json_has_exactly_the_documented_keys_and_matches_the_library() {
         "1000",
         "--delta",
         "1e-5",
+        "--accountant",
+        "rdp",
         "--json",
     ]);
     let mut keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
@@ -53,6 +58,7 @@ fn epsilon_json_has_exactly_the_documented_keys_and_matches_the_library() {
     assert_eq!(
         keys,
         [
+            "accountant",
             "audience",
             "delta",
             "epsilon",
@@ -70,13 +76,87 @@ fn epsilon_json_has_exactly_the_documented_keys_and_matches_the_library() {
     };
     let want = epsilon_after(&release, 1000, 1e-5, &OrderGrid::default()).unwrap();
     assert_eq!(v["epsilon"].as_f64().unwrap(), want.epsilon);
-    assert_eq!(v["order"].as_f64().unwrap(), want.order);
+    assert_eq!(v["order"].as_f64(), want.order);
     assert_eq!(v["delta"], 1e-5);
     assert_eq!(v["rounds"], 1000);
     assert_eq!(v["sampling_rate"], 0.01);
     assert_eq!(v["noise_multiplier"], 1.1);
     assert_eq!(v["mode"], "central");
     assert_eq!(v["audience"], "observers_unaware_of_participation");
+    assert_eq!(v["accountant"], "rdp");
+}
+
+#[test]
+fn the_default_accountant_is_pld_and_spends_less_than_rdp() {
+    let args = [
+        "accountant",
+        "epsilon",
+        "--noise-multiplier",
+        "1.1",
+        "--sampling-rate",
+        "0.01",
+        "--rounds",
+        "1000",
+        "--delta",
+        "1e-5",
+        "--json",
+    ];
+    let pld = json(&args);
+    let mut keys: Vec<&str> = pld
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    keys.sort();
+    assert_eq!(
+        keys,
+        [
+            "accountant",
+            "audience",
+            "delta",
+            "epsilon",
+            "mode",
+            "noise_multiplier",
+            "order",
+            "rounds",
+            "sampling_rate"
+        ]
+    );
+    assert_eq!(pld["accountant"], "pld");
+    assert!(pld["order"].is_null(), "PLD has no Rényi order: {pld}");
+    let release = RoundRelease {
+        mode: PrivacyMode::Central,
+        noise_multiplier: 1.1,
+        sampling_rate: 0.01,
+    };
+    let want =
+        epsilon_after_with(Accountant::Pld, &release, 1000, 1e-5, &OrderGrid::default()).unwrap();
+    assert_eq!(pld["epsilon"].as_f64().unwrap(), want.epsilon);
+    let mut explicit = args.to_vec();
+    explicit.splice(explicit.len() - 1.., ["--accountant", "pld", "--json"]);
+    assert_eq!(json(&explicit), pld);
+    let mut rdp = args.to_vec();
+    rdp.splice(rdp.len() - 1.., ["--accountant", "rdp", "--json"]);
+    let rdp = json(&rdp);
+    assert!(pld["epsilon"].as_f64().unwrap() < rdp["epsilon"].as_f64().unwrap());
+
+    let text = run(&args[..args.len() - 1]);
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.contains("accountant: PLD"), "{text}");
+    let err = usage_error(&[
+        "accountant",
+        "epsilon",
+        "--noise-multiplier",
+        "1",
+        "--rounds",
+        "3",
+        "--delta",
+        "1e-5",
+        "--accountant",
+        "prv",
+    ]);
+    assert!(err.contains("--accountant"), "{err}");
 }
 
 #[test]

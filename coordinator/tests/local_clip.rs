@@ -286,7 +286,14 @@ fn a_durable_local_run_records_c_in_the_ledger_and_the_report_states_the_local_a
         noise_multiplier: 1.0,
         sampling_rate: 1.0,
     };
-    let mut budget = fedpref_privacy::Budget::new(1e9, 1e-6).unwrap();
+    // The ledger accounts with RDP: compare with an RDP budget.
+    let mut budget = fedpref_privacy::Budget::with_accountant(
+        1e9,
+        1e-6,
+        fedpref_privacy::OrderGrid::default(),
+        fedpref_privacy::Accountant::Rdp,
+    )
+    .unwrap();
     for _ in 0..2 {
         budget.spend(&release).unwrap();
     }

@@ -3,6 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::error::check;
+use crate::pld::{Accountant, PldAccountant, composed_gaussian_noise_multiplier, gaussian_epsilon};
 use crate::{
     Audience, OrderGrid, PrivacyError, PrivacyMode, PrivacyStatement, RdpAccountant, RoundRelease,
 };
@@ -12,6 +13,11 @@ use crate::{
 /// The coordinator keeps one per training run, the SDK one per user. [`Budget::spend`]
 /// refuses a round that would take ε past the budget and records nothing in that case, so a
 /// holder that asks before every release never overspends.
+///
+/// ε is computed by the budget's [`Accountant`]: PLD by default (tight), or RDP. The RDP
+/// accountant is kept either way. Distributed-mode releases are recorded as the Gaussian whose
+/// *RDP* bounds the distributed discrete Gaussian's, which does not bound its (ε, δ) curve, so
+/// a budget of distributed releases falls back to RDP and its statements say so.
 ///
 /// ```
 /// use fedpref_privacy::{Budget, PrivacyMode, RoundRelease};
@@ -34,6 +40,63 @@ pub struct Budget {
     rounds: u64,
     mode: Option<PrivacyMode>,
     audience: Audience,
+    /// The accountant ε is computed with. Budgets stored before PLD existed were RDP.
+    #[serde(default = "legacy_kind")]
+    kind: Accountant,
+    /// The releases as the PLD accountant composed them: (q, effective σ, count).
+    #[serde(default)]
+    pld_schedule: Vec<PldRounds>,
+}
+
+/// A run of identical releases in a PLD budget's schedule.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+struct PldRounds {
+    sampling_rate: f64,
+    noise_multiplier: f64,
+    count: u64,
+}
+
+fn legacy_kind() -> Accountant {
+    Accountant::Rdp
+}
+
+/// The PLD ε of a schedule at δ: a pure function of the schedule, so a budget read back from
+/// its stored form states the same ε to the bit. Unsampled Gaussians (local mode, q = 1)
+/// compose exactly to one Gaussian; otherwise each run of identical releases is composed by
+/// one FFT power.
+fn pld_epsilon(schedule: &[PldRounds], delta: f64) -> Result<f64, PrivacyError> {
+    for s in schedule {
+        check::sampling_rate(s.sampling_rate)?;
+        check::positive("noise_multiplier", s.noise_multiplier)?;
+    }
+    if schedule.is_empty() {
+        return Ok(0.0);
+    }
+    if schedule.iter().all(|s| s.sampling_rate == 1.0) {
+        let sigma = composed_gaussian_noise_multiplier(
+            schedule.iter().map(|s| (s.noise_multiplier, s.count)),
+        );
+        return Ok(gaussian_epsilon(sigma, delta));
+    }
+    let mut pld = PldAccountant::default();
+    for s in schedule {
+        pld.compose_subsampled_gaussian(s.sampling_rate, s.noise_multiplier, s.count)?;
+    }
+    Ok(pld.epsilon(delta)?.epsilon)
+}
+
+/// The schedule after one more release.
+fn schedule_after(schedule: &[PldRounds], q: f64, sigma: f64) -> Vec<PldRounds> {
+    let mut next = schedule.to_vec();
+    match next.last_mut() {
+        Some(last) if last.sampling_rate == q && last.noise_multiplier == sigma => last.count += 1,
+        _ => next.push(PldRounds {
+            sampling_rate: q,
+            noise_multiplier: sigma,
+            count: 1,
+        }),
+    }
+    next
 }
 
 /// The serialised form, validated on the way in (a NaN ε would otherwise never be exceeded).
@@ -45,28 +108,48 @@ struct BudgetRepr {
     rounds: u64,
     mode: Option<PrivacyMode>,
     audience: Audience,
+    #[serde(default = "legacy_kind")]
+    kind: Accountant,
+    #[serde(default)]
+    pld_schedule: Vec<PldRounds>,
 }
 
 impl TryFrom<BudgetRepr> for Budget {
     type Error = PrivacyError;
     fn try_from(r: BudgetRepr) -> Result<Self, Self::Error> {
-        let mut b = Budget::with_orders(r.epsilon, r.delta, r.accountant.orders().clone())?;
+        let mut b =
+            Budget::with_accountant(r.epsilon, r.delta, r.accountant.orders().clone(), r.kind)?;
         b.accountant = r.accountant;
         b.rounds = r.rounds;
         b.mode = r.mode;
         b.audience = r.audience;
+        // The stored schedule is validated again (it is what ε is computed from).
+        pld_epsilon(&r.pld_schedule, b.delta)?;
+        b.pld_schedule = r.pld_schedule;
         Ok(b)
     }
 }
 
 impl Budget {
-    /// A budget of (ε, δ) with nothing spent, over the default order grid.
+    /// A budget of (ε, δ) with nothing spent, over the default order grid, accounted by the
+    /// default accountant (PLD).
     pub fn new(epsilon: f64, delta: f64) -> Result<Self, PrivacyError> {
         Self::with_orders(epsilon, delta, OrderGrid::default())
     }
 
-    /// A budget over a chosen order grid.
+    /// A budget over a chosen order grid (for the RDP accountant, which is kept either way),
+    /// accounted by the default accountant (PLD).
     pub fn with_orders(epsilon: f64, delta: f64, orders: OrderGrid) -> Result<Self, PrivacyError> {
+        Self::with_accountant(epsilon, delta, orders, Accountant::default())
+    }
+
+    /// A budget whose ε is computed by the given accountant.
+    pub fn with_accountant(
+        epsilon: f64,
+        delta: f64,
+        orders: OrderGrid,
+        kind: Accountant,
+    ) -> Result<Self, PrivacyError> {
         Ok(Self {
             epsilon: check::positive("epsilon", epsilon)?,
             delta: check::delta(delta)?,
@@ -74,7 +157,15 @@ impl Budget {
             rounds: 0,
             mode: None,
             audience: Audience::Anyone,
+            kind,
+            pld_schedule: Vec::new(),
         })
+    }
+
+    /// The accountant the budget was set up with (its statements name the one actually used:
+    /// RDP for distributed-mode releases).
+    pub fn accountant_kind(&self) -> Accountant {
+        self.kind
     }
 
     /// The budget's ε.
@@ -92,15 +183,20 @@ impl Budget {
         self.rounds
     }
 
-    /// The accountant holding what has been spent.
+    /// The RDP accountant holding what has been spent (kept whatever the budget's accountant).
     pub fn accountant(&self) -> &RdpAccountant {
         &self.accountant
     }
 
     /// What has been spent, as ε at the budget's δ, with its audience (the narrowest of the
-    /// rounds' audiences).
+    /// rounds' audiences) and the accountant that computed it.
     pub fn spent(&self) -> PrivacyStatement {
-        self.statement(&self.accountant, self.audience)
+        self.statement(
+            &self.accountant,
+            &self.pld_schedule,
+            self.mode,
+            self.audience,
+        )
     }
 
     /// ε left before the budget is reached (never negative).
@@ -117,7 +213,7 @@ impl Budget {
     /// Spends one round, or refuses with [`PrivacyError::BudgetExceeded`] and records nothing.
     pub fn spend(&mut self, next: &RoundRelease) -> Result<PrivacyStatement, PrivacyError> {
         self.check_mode(next)?;
-        let (statement, accountant) = self.after(next)?;
+        let (statement, accountant, schedule) = self.after(next)?;
         if statement.epsilon > self.epsilon {
             return Err(PrivacyError::BudgetExceeded {
                 would_be: statement.epsilon,
@@ -126,6 +222,7 @@ impl Budget {
             });
         }
         self.accountant = accountant;
+        self.pld_schedule = schedule;
         self.rounds += 1;
         self.mode = Some(next.mode);
         self.audience = statement.audience;
@@ -144,27 +241,55 @@ impl Budget {
     fn after(
         &self,
         next: &RoundRelease,
-    ) -> Result<(PrivacyStatement, RdpAccountant), PrivacyError> {
+    ) -> Result<(PrivacyStatement, RdpAccountant, Vec<PldRounds>), PrivacyError> {
         let (q, sigma) = next.effective()?;
         let mut accountant = self.accountant.clone();
         accountant.compose_subsampled_gaussian(q, sigma, 1)?;
+        let schedule = match self.kind {
+            Accountant::Pld => schedule_after(&self.pld_schedule, q, sigma),
+            Accountant::Rdp => Vec::new(),
+        };
         let audience = self.audience.narrowest(next.audience());
-        let mut statement = self.statement(&accountant, audience);
-        statement.mode = next.mode;
-        Ok((statement, accountant))
+        let statement = self.statement(&accountant, &schedule, Some(next.mode), audience);
+        Ok((statement, accountant, schedule))
     }
 
-    fn statement(&self, accountant: &RdpAccountant, audience: Audience) -> PrivacyStatement {
-        // δ was validated at construction, so the conversion cannot fail.
-        let e = accountant
-            .epsilon(self.delta)
-            .expect("budget δ is validated at construction");
-        PrivacyStatement {
-            epsilon: e.epsilon,
-            delta: e.delta,
-            order: e.order,
-            mode: self.mode.unwrap_or(PrivacyMode::Local),
-            audience,
+    fn statement(
+        &self,
+        accountant: &RdpAccountant,
+        schedule: &[PldRounds],
+        mode: Option<PrivacyMode>,
+        audience: Audience,
+    ) -> PrivacyStatement {
+        let mode = mode.unwrap_or(PrivacyMode::Local);
+        // δ was validated at construction, so the conversions cannot fail.
+        match self.kind {
+            Accountant::Pld if mode != PrivacyMode::Distributed => {
+                // The schedule's entries were validated when they were spent or read back.
+                let epsilon = pld_epsilon(schedule, self.delta)
+                    .expect("the schedule is validated when recorded");
+                PrivacyStatement {
+                    epsilon,
+                    delta: self.delta,
+                    order: None,
+                    mode,
+                    audience,
+                    accountant: Accountant::Pld,
+                }
+            }
+            _ => {
+                let e = accountant
+                    .epsilon(self.delta)
+                    .expect("budget δ is validated at construction");
+                PrivacyStatement {
+                    epsilon: e.epsilon,
+                    delta: e.delta,
+                    order: Some(e.order),
+                    mode,
+                    audience,
+                    accountant: Accountant::Rdp,
+                }
+            }
         }
     }
 }
@@ -235,6 +360,67 @@ mod tests {
         assert!(serde_json::from_str::<Budget>(&text).is_err());
         let back: Budget = serde_json::from_str(&serde_json::to_string(&b).unwrap()).unwrap();
         assert_eq!(back, b);
+    }
+
+    #[test]
+    fn a_pld_budget_affords_more_rounds_than_an_rdp_one_and_says_which_it_is() {
+        let count = |kind: Accountant| {
+            let mut b = Budget::with_accountant(2.0, 1e-5, OrderGrid::default(), kind).unwrap();
+            while b.spend(&central(0.05)).is_ok() {}
+            assert_eq!(b.spent().accountant, kind);
+            assert!(b.spent().epsilon <= 2.0);
+            b.rounds()
+        };
+        let (pld, rdp) = (count(Accountant::Pld), count(Accountant::Rdp));
+        assert!(pld > rdp, "PLD {pld} rounds, RDP {rdp}");
+        assert_eq!(
+            Budget::new(1.0, 1e-5).unwrap().accountant_kind(),
+            Accountant::Pld
+        );
+    }
+
+    #[test]
+    fn a_pld_budget_survives_a_round_trip_through_its_stored_form() {
+        let mut b = Budget::new(5.0, 1e-5).unwrap();
+        for q in [0.01, 0.01, 0.02] {
+            b.spend(&central(q)).unwrap();
+        }
+        let text = serde_json::to_string(&b).unwrap();
+        let back: Budget = serde_json::from_str(&text).unwrap();
+        assert_eq!(back, b);
+        assert_eq!(back.spent(), b.spent());
+        // A stored schedule with a bad entry is refused, not trusted.
+        let bad = text.replace("\"noise_multiplier\":1.0", "\"noise_multiplier\":-1.0");
+        assert_ne!(bad, text);
+        assert!(serde_json::from_str::<Budget>(&bad).is_err());
+    }
+
+    #[test]
+    fn a_budget_stored_before_pld_existed_stays_rdp() {
+        let mut b =
+            Budget::with_accountant(5.0, 1e-5, OrderGrid::default(), Accountant::Rdp).unwrap();
+        b.spend(&central(0.01)).unwrap();
+        let mut value: serde_json::Value = serde_json::to_value(&b).unwrap();
+        let obj = value.as_object_mut().unwrap();
+        obj.remove("kind");
+        obj.remove("pld_schedule");
+        let back: Budget = serde_json::from_value(value).unwrap();
+        assert_eq!(back.accountant_kind(), Accountant::Rdp);
+        assert_eq!(back.spent(), b.spent());
+    }
+
+    #[test]
+    fn distributed_releases_fall_back_to_rdp_and_say_so() {
+        let mut b = Budget::new(50.0, 1e-5).unwrap();
+        let s = b
+            .spend(&RoundRelease {
+                mode: PrivacyMode::Distributed,
+                noise_multiplier: 1.0,
+                sampling_rate: 1.0,
+            })
+            .unwrap();
+        assert_eq!(s.accountant, Accountant::Rdp);
+        assert_eq!(b.spent().accountant, Accountant::Rdp);
     }
 
     #[test]

@@ -13,6 +13,9 @@
 //! - [`RdpAccountant`]: the Gaussian and Poisson-subsampled Gaussian mechanisms at integer
 //!   and fractional orders, exact; composition; conversion to (ε, δ) with the improved
 //!   bound; [`calibrate_noise_multiplier`].
+//! - [`PldAccountant`] ([`pld`]): privacy loss distributions with pessimistic
+//!   (connect-the-dots) discretisation, composed by FFT: the tight (ε, δ) accountant and the
+//!   default [`Accountant`]; RDP remains for what PLD does not cover.
 //! - [`PrivacyMode`]: local, central and distributed DP with their neighbouring relations
 //!   and sensitivities; every [`PrivacyStatement`] says which [`Audience`] it holds against.
 //! - [`Budget`]: spent, remaining, and `would_exceed` before every round.
@@ -52,6 +55,7 @@ mod error;
 pub mod evaluation;
 mod mode;
 pub mod noise;
+pub mod pld;
 pub mod rdp;
 pub mod signal;
 mod special;
@@ -64,11 +68,12 @@ pub use budget::Budget;
 pub use clip::{Clipped, clip_l2, clip_l2_tensors, l2_norm};
 pub use error::PrivacyError;
 pub use mode::{
-    Audience, Neighbouring, PrivacyMode, PrivacyStatement, RoundRelease, calibrate, delta_after,
-    epsilon_after,
+    Audience, Neighbouring, PrivacyMode, PrivacyStatement, RoundRelease, calibrate, calibrate_with,
+    delta_after, delta_after_with, epsilon_after, epsilon_after_with,
 };
 pub use noise::{
     ClippedSum, GaussianMechanism, GaussianSampler, Lattice, Provenance, Released, Secure,
     SecureSampler, Simulated, SimulationSampler,
 };
+pub use pld::{Accountant, PldAccountant};
 pub use rdp::OrderGrid;

@@ -4,6 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::error::check;
+use crate::pld::{Accountant, DEFAULT_VALUE_DISCRETIZATION_INTERVAL, PldAccountant};
 use crate::{OrderGrid, PrivacyError, RdpAccountant};
 
 /// Which pairs of datasets the guarantee distinguishes. The unit of privacy is always **one
@@ -214,19 +215,29 @@ impl RoundRelease {
     }
 }
 
-/// An ε (or δ) with everything needed to read it: the mode, the audience and the order.
+/// An ε (or δ) with everything needed to read it: the accountant, the mode, the audience
+/// and (for RDP) the order.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct PrivacyStatement {
     /// ε.
     pub epsilon: f64,
     /// δ.
     pub delta: f64,
-    /// The Rényi order at which the conversion was tightest.
-    pub order: f64,
+    /// The Rényi order at which the conversion was tightest; `None` for the PLD accountant,
+    /// which has no order.
+    pub order: Option<f64>,
     /// The privacy mode the releases were made in.
     pub mode: PrivacyMode,
     /// Against whom the statement holds.
     pub audience: Audience,
+    /// Which accountant computed it. Statements stored before the PLD accountant existed
+    /// were RDP's.
+    #[serde(default = "legacy_accountant")]
+    pub accountant: Accountant,
+}
+
+fn legacy_accountant() -> Accountant {
+    Accountant::Rdp
 }
 
 /// ε after `rounds` identical releases, at δ.
@@ -241,9 +252,10 @@ pub fn epsilon_after(
     Ok(PrivacyStatement {
         epsilon: e.epsilon,
         delta: e.delta,
-        order: e.order,
+        order: Some(e.order),
         mode: release.mode,
         audience: release.audience(),
+        accountant: Accountant::Rdp,
     })
 }
 
@@ -259,9 +271,10 @@ pub fn delta_after(
     Ok(PrivacyStatement {
         epsilon: d.epsilon,
         delta: d.delta,
-        order: d.order,
+        order: Some(d.order),
         mode: release.mode,
         audience: release.audience(),
+        accountant: Accountant::Rdp,
     })
 }
 
@@ -290,11 +303,126 @@ pub fn calibrate(
         PrivacyStatement {
             epsilon: c.epsilon,
             delta,
-            order: c.order,
+            order: Some(c.order),
             mode,
             audience: probe.audience(),
+            accountant: Accountant::Rdp,
         },
     ))
+}
+
+/// ε after `rounds` identical releases, at δ, by the chosen accountant. With
+/// [`Accountant::Pld`] the releases are the Poisson-subsampled Gaussian under add/remove-one
+/// (central and distributed modes, at the effective σ), discretised on the default grid, or,
+/// at q = 1 (local mode's Gaussian of sensitivity 2C included), the Gaussian, whose
+/// composition is exact ([`crate::pld::gaussian_epsilon`]); with [`Accountant::Rdp`] this is
+/// [`epsilon_after`].
+pub fn epsilon_after_with(
+    accountant: Accountant,
+    release: &RoundRelease,
+    rounds: u64,
+    delta: f64,
+    orders: &OrderGrid,
+) -> Result<PrivacyStatement, PrivacyError> {
+    match accountant {
+        Accountant::Rdp => epsilon_after(release, rounds, delta, orders),
+        Accountant::Pld => {
+            let delta = crate::error::check::delta(delta)?;
+            let epsilon = match exact_gaussian(release, rounds)? {
+                Some(sigma) => crate::pld::gaussian_epsilon(sigma, delta),
+                None => composed_pld(release, rounds)?.epsilon(delta)?.epsilon,
+            };
+            Ok(pld_statement(release, epsilon, delta))
+        }
+    }
+}
+
+/// δ after `rounds` identical releases, at ε, by the chosen accountant.
+pub fn delta_after_with(
+    accountant: Accountant,
+    release: &RoundRelease,
+    rounds: u64,
+    epsilon: f64,
+    orders: &OrderGrid,
+) -> Result<PrivacyStatement, PrivacyError> {
+    match accountant {
+        Accountant::Rdp => delta_after(release, rounds, epsilon, orders),
+        Accountant::Pld => {
+            let epsilon = crate::error::check::epsilon(epsilon)?;
+            let delta = match exact_gaussian(release, rounds)? {
+                Some(sigma) => crate::pld::gaussian_delta(sigma, epsilon),
+                None => composed_pld(release, rounds)?.delta(epsilon)?.delta,
+            };
+            Ok(pld_statement(release, epsilon, delta))
+        }
+    }
+}
+
+/// The smallest configured σ for which `rounds` releases stay within (target ε, δ), by the
+/// chosen accountant (PLD: to a relative 1e-6).
+pub fn calibrate_with(
+    accountant: Accountant,
+    mode: PrivacyMode,
+    target_epsilon: f64,
+    delta: f64,
+    sampling_rate: f64,
+    rounds: u64,
+    orders: &OrderGrid,
+) -> Result<(f64, PrivacyStatement), PrivacyError> {
+    match accountant {
+        Accountant::Rdp => calibrate(mode, target_epsilon, delta, sampling_rate, rounds, orders),
+        Accountant::Pld => {
+            let probe = RoundRelease {
+                mode,
+                noise_multiplier: 1.0,
+                sampling_rate,
+            };
+            probe.effective()?;
+            let c = crate::pld::calibrate_noise_multiplier_pld(
+                target_epsilon,
+                delta,
+                sampling_rate,
+                rounds,
+                DEFAULT_VALUE_DISCRETIZATION_INTERVAL,
+            )?;
+            let sigma = c.noise_multiplier * mode.sensitivity();
+            let release = RoundRelease {
+                noise_multiplier: sigma,
+                ..probe
+            };
+            Ok((sigma, pld_statement(&release, c.epsilon, delta)))
+        }
+    }
+}
+
+fn pld_statement(release: &RoundRelease, epsilon: f64, delta: f64) -> PrivacyStatement {
+    PrivacyStatement {
+        epsilon,
+        delta,
+        order: None,
+        mode: release.mode,
+        audience: release.audience(),
+        accountant: Accountant::Pld,
+    }
+}
+
+/// For unsampled releases, the effective σ of their exact composition (one Gaussian).
+fn exact_gaussian(release: &RoundRelease, rounds: u64) -> Result<Option<f64>, PrivacyError> {
+    if rounds == 0 {
+        return Err(PrivacyError::invalid("rounds", 0.0, "must be at least 1"));
+    }
+    let (q, sigma) = release.effective()?;
+    Ok((q == 1.0).then(|| crate::pld::composed_gaussian_noise_multiplier([(sigma, rounds)])))
+}
+
+fn composed_pld(release: &RoundRelease, rounds: u64) -> Result<PldAccountant, PrivacyError> {
+    if rounds == 0 {
+        return Err(PrivacyError::invalid("rounds", 0.0, "must be at least 1"));
+    }
+    let (q, sigma) = release.effective()?;
+    let mut acc = PldAccountant::default();
+    acc.compose_subsampled_gaussian(q, sigma, rounds)?;
+    Ok(acc)
 }
 
 fn composed(
@@ -356,6 +484,85 @@ mod tests {
             Audience::Anyone.narrowest(Audience::ObserversUnawareOfParticipation),
             Audience::ObserversUnawareOfParticipation
         );
+    }
+
+    #[test]
+    fn pld_statements_name_their_accountant_and_are_below_rdp() {
+        let grid = OrderGrid::default();
+        for release in [
+            RoundRelease {
+                mode: PrivacyMode::Local,
+                noise_multiplier: 4.0,
+                sampling_rate: 1.0,
+            },
+            RoundRelease {
+                mode: PrivacyMode::Central,
+                noise_multiplier: 1.0,
+                sampling_rate: 0.02,
+            },
+        ] {
+            let pld = epsilon_after_with(Accountant::Pld, &release, 50, 1e-6, &grid).unwrap();
+            let rdp = epsilon_after_with(Accountant::Rdp, &release, 50, 1e-6, &grid).unwrap();
+            assert_eq!(pld.accountant, Accountant::Pld);
+            assert_eq!(rdp.accountant, Accountant::Rdp);
+            assert!(pld.order.is_none() && rdp.order.unwrap() > 1.0);
+            assert!(
+                pld.epsilon < rdp.epsilon,
+                "{} vs {}",
+                pld.epsilon,
+                rdp.epsilon
+            );
+            assert_eq!(pld.audience, rdp.audience);
+            let d = delta_after_with(Accountant::Pld, &release, 50, pld.epsilon, &grid).unwrap();
+            assert!((d.delta - 1e-6).abs() < 1e-9, "{}", d.delta);
+        }
+        let sampled_local = RoundRelease {
+            mode: PrivacyMode::Local,
+            noise_multiplier: 4.0,
+            sampling_rate: 0.5,
+        };
+        assert!(epsilon_after_with(Accountant::Pld, &sampled_local, 5, 1e-6, &grid).is_err());
+    }
+
+    #[test]
+    fn pld_calibration_needs_less_noise_than_rdp_and_meets_the_target() {
+        let grid = OrderGrid::default();
+        let (pld, s) = calibrate_with(
+            Accountant::Pld,
+            PrivacyMode::Local,
+            3.0,
+            1e-5,
+            1.0,
+            10,
+            &grid,
+        )
+        .unwrap();
+        let (rdp, _) = calibrate_with(
+            Accountant::Rdp,
+            PrivacyMode::Local,
+            3.0,
+            1e-5,
+            1.0,
+            10,
+            &grid,
+        )
+        .unwrap();
+        assert!(pld < rdp, "{pld} vs {rdp}");
+        assert!(s.epsilon <= 3.0 && s.accountant == Accountant::Pld);
+        let release = RoundRelease {
+            mode: PrivacyMode::Local,
+            noise_multiplier: pld,
+            sampling_rate: 1.0,
+        };
+        let check = epsilon_after_with(Accountant::Pld, &release, 10, 1e-5, &grid).unwrap();
+        assert!(check.epsilon <= 3.0);
+    }
+
+    #[test]
+    fn a_stored_statement_without_an_accountant_reads_as_rdp() {
+        let text = r#"{"epsilon":1.0,"delta":1e-5,"order":8.0,"mode":"central","audience":"release_observers"}"#;
+        let s: PrivacyStatement = serde_json::from_str(text).unwrap();
+        assert_eq!(s.accountant, Accountant::Rdp);
     }
 
     #[test]

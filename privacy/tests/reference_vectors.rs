@@ -148,9 +148,9 @@ fn local_mode_epsilon_matches_replace_one_reference() {
         let got = epsilon_after(&release, f(v, "T") as u64, f(v, "delta"), &grid).unwrap();
         checked += 1;
         let want = f(v, "epsilon");
-        if !rel_close(got.epsilon, want, 1e-6) || got.order != f(v, "optimal_order") {
+        if !rel_close(got.epsilon, want, 1e-6) || got.order != Some(f(v, "optimal_order")) {
             failures.push(format!(
-                "{}: ε {} at α={} vs {want} at α={}",
+                "{}: ε {} at α={:?} vs {want} at α={}",
                 v["id"], got.epsilon, got.order, v["optimal_order"]
             ));
         }

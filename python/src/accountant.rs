@@ -5,10 +5,12 @@
 //! with add/remove-one neighbours (sensitivity C, amplified by sampling at rate q),
 //! `distributed` the same numbers under zero-out neighbours; `local` accounts each device's own uploads with replace-one
 //! neighbours (sensitivity 2C, so the accountant uses σ/2) and no amplification, so q must
-//! be 1. The output is one JSON object with the keys `epsilon` (`null` for +∞), `delta`,
-//! `order`, `noise_multiplier`, `sampling_rate`, `rounds`, `mode` and `audience`.
+//! be 1. `accountant` is `"pld"` (privacy loss distributions, the default) or `"rdp"`. The
+//! output is one JSON object with the keys `epsilon` (`null` for +∞), `delta`, `order`
+//! (`null` for PLD, which has no Rényi order), `noise_multiplier`, `sampling_rate`, `rounds`,
+//! `mode`, `audience` and `accountant`.
 
-use fedpref_privacy::{OrderGrid, PrivacyMode, PrivacyStatement, RoundRelease};
+use fedpref_privacy::{Accountant, OrderGrid, PrivacyMode, PrivacyStatement, RoundRelease};
 use serde_json::json;
 
 use crate::Error;
@@ -26,6 +28,11 @@ fn mode(name: &str) -> Result<PrivacyMode, Error> {
             "mode {other:?}: must be one of \"local\", \"central\", \"distributed\""
         ))),
     }
+}
+
+fn accountant(name: &str) -> Result<Accountant, Error> {
+    name.parse()
+        .map_err(|_| invalid(format!("accountant {name:?}: must be \"pld\" or \"rdp\"")))
 }
 
 /// The schedule's checks, with the command line's rules and the argument names.
@@ -77,6 +84,7 @@ fn render(s: &PrivacyStatement, sigma: f64, sampling_rate: f64, rounds: u64) -> 
         "rounds": rounds,
         "mode": s.mode.as_str(),
         "audience": s.audience.as_str(),
+        "accountant": s.accountant.as_str(),
     })
     .to_string()
 }
@@ -94,8 +102,10 @@ pub fn epsilon(
     rounds: u64,
     sampling_rate: f64,
     mode_name: &str,
+    accountant_name: &str,
 ) -> Result<String, Error> {
     let mode = schedule(rounds, sampling_rate, mode_name)?;
+    let accountant = accountant(accountant_name)?;
     check_sigma(noise_multiplier)?;
     check_delta(delta)?;
     let release = RoundRelease {
@@ -103,8 +113,14 @@ pub fn epsilon(
         noise_multiplier,
         sampling_rate,
     };
-    let s = fedpref_privacy::epsilon_after(&release, rounds, delta, &OrderGrid::default())
-        .map_err(failed)?;
+    let s = fedpref_privacy::epsilon_after_with(
+        accountant,
+        &release,
+        rounds,
+        delta,
+        &OrderGrid::default(),
+    )
+    .map_err(failed)?;
     Ok(render(&s, noise_multiplier, sampling_rate, rounds))
 }
 
@@ -115,8 +131,10 @@ pub fn delta(
     rounds: u64,
     sampling_rate: f64,
     mode_name: &str,
+    accountant_name: &str,
 ) -> Result<String, Error> {
     let mode = schedule(rounds, sampling_rate, mode_name)?;
+    let accountant = accountant(accountant_name)?;
     check_sigma(noise_multiplier)?;
     if !(epsilon.is_finite() && epsilon >= 0.0) {
         return Err(invalid(format!(
@@ -128,8 +146,14 @@ pub fn delta(
         noise_multiplier,
         sampling_rate,
     };
-    let s = fedpref_privacy::delta_after(&release, rounds, epsilon, &OrderGrid::default())
-        .map_err(failed)?;
+    let s = fedpref_privacy::delta_after_with(
+        accountant,
+        &release,
+        rounds,
+        epsilon,
+        &OrderGrid::default(),
+    )
+    .map_err(failed)?;
     Ok(render(&s, noise_multiplier, sampling_rate, rounds))
 }
 
@@ -140,15 +164,18 @@ pub fn calibrate(
     rounds: u64,
     sampling_rate: f64,
     mode_name: &str,
+    accountant_name: &str,
 ) -> Result<String, Error> {
     let mode = schedule(rounds, sampling_rate, mode_name)?;
+    let accountant = accountant(accountant_name)?;
     if !(target_epsilon.is_finite() && target_epsilon > 0.0) {
         return Err(invalid(format!(
             "target_epsilon {target_epsilon}: the target ε must be a finite number greater than 0"
         )));
     }
     check_delta(delta)?;
-    let (sigma, s) = fedpref_privacy::calibrate(
+    let (sigma, s) = fedpref_privacy::calibrate_with(
+        accountant,
         mode,
         target_epsilon,
         delta,
@@ -170,8 +197,8 @@ mod tests {
 
     #[test]
     fn local_mode_uses_half_the_noise_multiplier() {
-        let local = parse(&epsilon(2.0, 1e-5, 10, 1.0, "local").unwrap());
-        let central = parse(&epsilon(1.0, 1e-5, 10, 1.0, "central").unwrap());
+        let local = parse(&epsilon(2.0, 1e-5, 10, 1.0, "local", "pld").unwrap());
+        let central = parse(&epsilon(1.0, 1e-5, 10, 1.0, "central", "pld").unwrap());
         assert_eq!(local["epsilon"], central["epsilon"]);
         assert_eq!(local["noise_multiplier"], 2.0);
         assert_eq!(local["mode"], "local");
@@ -179,31 +206,43 @@ mod tests {
 
     #[test]
     fn calibrated_sigma_meets_the_target_and_delta_inverts_epsilon() {
-        let c = parse(&calibrate(3.0, 1e-5, 100, 0.01, "central").unwrap());
+        let c = parse(&calibrate(3.0, 1e-5, 100, 0.01, "central", "pld").unwrap());
         let sigma = c["noise_multiplier"].as_f64().unwrap();
-        let e = parse(&epsilon(sigma, 1e-5, 100, 0.01, "central").unwrap());
+        let e = parse(&epsilon(sigma, 1e-5, 100, 0.01, "central", "pld").unwrap());
         let eps = e["epsilon"].as_f64().unwrap();
         assert!(eps <= 3.0 * (1.0 + 1e-9) && eps > 2.99, "{eps}");
-        let d = parse(&delta(sigma, eps, 100, 0.01, "central").unwrap());
+        let d = parse(&delta(sigma, eps, 100, 0.01, "central", "pld").unwrap());
         let got = d["delta"].as_f64().unwrap();
         assert!(got <= 1e-5 * (1.0 + 1e-6), "{got}");
     }
 
     #[test]
+    fn the_accountant_is_named_and_pld_is_tighter() {
+        let pld = parse(&epsilon(1.1, 1e-5, 100, 0.01, "central", "pld").unwrap());
+        let rdp = parse(&epsilon(1.1, 1e-5, 100, 0.01, "central", "rdp").unwrap());
+        assert_eq!(pld["accountant"], "pld");
+        assert_eq!(rdp["accountant"], "rdp");
+        assert!(pld["order"].is_null() && rdp["order"].as_f64().unwrap() > 1.0);
+        assert!(pld["epsilon"].as_f64().unwrap() < rdp["epsilon"].as_f64().unwrap());
+        let e = epsilon(1.0, 1e-5, 10, 1.0, "central", "prv").unwrap_err();
+        assert!(e.to_string().starts_with("accountant \"prv\""), "{e}");
+    }
+
+    #[test]
     fn bad_arguments_are_named() {
-        let e = epsilon(1.0, 1e-5, 10, 0.5, "local").unwrap_err();
+        let e = epsilon(1.0, 1e-5, 10, 0.5, "local", "pld").unwrap_err();
         assert!(
             e.to_string()
                 .starts_with("sampling_rate 0.5 cannot be used"),
             "{e}"
         );
-        let e = epsilon(0.0, 1e-5, 10, 1.0, "central").unwrap_err();
+        let e = epsilon(0.0, 1e-5, 10, 1.0, "central", "pld").unwrap_err();
         assert!(e.to_string().starts_with("noise_multiplier 0"), "{e}");
-        let e = epsilon(1.0, 1.0, 10, 1.0, "central").unwrap_err();
+        let e = epsilon(1.0, 1.0, 10, 1.0, "central", "pld").unwrap_err();
         assert!(e.to_string().starts_with("delta 1"), "{e}");
-        let e = epsilon(1.0, 1e-5, 0, 1.0, "central").unwrap_err();
+        let e = epsilon(1.0, 1e-5, 0, 1.0, "central", "pld").unwrap_err();
         assert!(e.to_string().starts_with("rounds"), "{e}");
-        let e = calibrate(1.0, 1e-5, 1, 1.0, "none").unwrap_err();
+        let e = calibrate(1.0, 1e-5, 1, 1.0, "none", "pld").unwrap_err();
         assert!(e.to_string().starts_with("mode \"none\""), "{e}");
     }
 }

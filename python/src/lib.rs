@@ -2,7 +2,7 @@
 //!
 //! The native part of the `fedpref` Python package (`fedpref._native`), for notebooks:
 //!
-//! - the Rényi-DP accountant ([`accountant`]): ε for a schedule, δ for an ε, σ for a target,
+//! - the privacy accountant ([`accountant`], PLD by default or RDP): ε for a schedule, δ for an ε, σ for a target,
 //!   with the semantics and the JSON keys of `fedpref-coordinator accountant … --json`;
 //! - the simulator ([`simulate`]): a `fedpref-sim run` from a dictionary of its `--config`
 //!   settings, in-process, writing no files; the same seed gives the same numbers as the
@@ -16,9 +16,14 @@
 //! the caller's input (an unreadable store, a failed run) as `fedpref.FedprefError`.
 //!
 //! ```
-//! let out = _native::accountant::epsilon(1.0, 1e-5, 1, 1.0, "central").unwrap();
+//! // One Gaussian release, σ = 1, δ = 1e-5: the exact ε (PLD), and RDP's looser bound.
+//! let out = _native::accountant::epsilon(1.0, 1e-5, 1, 1.0, "central", "pld").unwrap();
 //! let v: serde_json::Value = serde_json::from_str(&out).unwrap();
 //! assert_eq!(v["mode"], "central");
+//! assert_eq!(v["accountant"], "pld");
+//! assert!((v["epsilon"].as_f64().unwrap() - 4.377178095681137).abs() < 1e-6);
+//! let out = _native::accountant::epsilon(1.0, 1e-5, 1, 1.0, "central", "rdp").unwrap();
+//! let v: serde_json::Value = serde_json::from_str(&out).unwrap();
 //! assert!((v["epsilon"].as_f64().unwrap() - 4.728507067217623).abs() < 1e-6);
 //! ```
 
@@ -64,7 +69,7 @@ impl From<Error> for PyErr {
     }
 }
 
-/// `epsilon(noise_multiplier, delta, rounds, sampling_rate, mode) -> str` (JSON).
+/// `epsilon(noise_multiplier, delta, rounds, sampling_rate, mode, accountant) -> str` (JSON).
 #[pyfunction]
 #[pyo3(name = "epsilon")]
 fn py_epsilon(
@@ -74,12 +79,23 @@ fn py_epsilon(
     rounds: u64,
     sampling_rate: f64,
     mode: &str,
+    accountant: &str,
 ) -> PyResult<String> {
     let mode = mode.to_owned();
-    Ok(py.detach(|| accountant::epsilon(noise_multiplier, delta, rounds, sampling_rate, &mode))?)
+    let accountant = accountant.to_owned();
+    Ok(py.detach(|| {
+        accountant::epsilon(
+            noise_multiplier,
+            delta,
+            rounds,
+            sampling_rate,
+            &mode,
+            &accountant,
+        )
+    })?)
 }
 
-/// `delta(noise_multiplier, epsilon, rounds, sampling_rate, mode) -> str` (JSON).
+/// `delta(noise_multiplier, epsilon, rounds, sampling_rate, mode, accountant) -> str` (JSON).
 #[pyfunction]
 #[pyo3(name = "delta")]
 fn py_delta(
@@ -89,12 +105,23 @@ fn py_delta(
     rounds: u64,
     sampling_rate: f64,
     mode: &str,
+    accountant: &str,
 ) -> PyResult<String> {
     let mode = mode.to_owned();
-    Ok(py.detach(|| accountant::delta(noise_multiplier, epsilon, rounds, sampling_rate, &mode))?)
+    let accountant = accountant.to_owned();
+    Ok(py.detach(|| {
+        accountant::delta(
+            noise_multiplier,
+            epsilon,
+            rounds,
+            sampling_rate,
+            &mode,
+            &accountant,
+        )
+    })?)
 }
 
-/// `calibrate(target_epsilon, delta, rounds, sampling_rate, mode) -> str` (JSON).
+/// `calibrate(target_epsilon, delta, rounds, sampling_rate, mode, accountant) -> str` (JSON).
 #[pyfunction]
 #[pyo3(name = "calibrate")]
 fn py_calibrate(
@@ -104,9 +131,20 @@ fn py_calibrate(
     rounds: u64,
     sampling_rate: f64,
     mode: &str,
+    accountant: &str,
 ) -> PyResult<String> {
     let mode = mode.to_owned();
-    Ok(py.detach(|| accountant::calibrate(target_epsilon, delta, rounds, sampling_rate, &mode))?)
+    let accountant = accountant.to_owned();
+    Ok(py.detach(|| {
+        accountant::calibrate(
+            target_epsilon,
+            delta,
+            rounds,
+            sampling_rate,
+            &mode,
+            &accountant,
+        )
+    })?)
 }
 
 /// `simulate(config_json) -> str` (JSON).

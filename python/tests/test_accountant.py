@@ -27,6 +27,7 @@ def test_epsilon_matches_the_exact_rdp_reference(vectors):
             rounds=v["T"],
             sampling_rate=v["q"],
             mode="central",
+            accountant="rdp",
         )
         if not rel_close(got["epsilon"], v["epsilon_exact_rdp"], 1e-6):
             failures.append((v["id"], got["epsilon"], v["epsilon_exact_rdp"]))
@@ -40,7 +41,9 @@ def test_local_mode_matches_the_replace_one_reference(vectors):
     cases = [v for v in vectors if v["kind"] == "epsilon_replace_one"]
     assert cases
     for v in cases:
-        got = fedpref.epsilon(v["noise_multiplier"], v["delta"], v["T"], mode="local")
+        got = fedpref.epsilon(
+            v["noise_multiplier"], v["delta"], v["T"], mode="local", accountant="rdp"
+        )
         assert rel_close(got["epsilon"], v["epsilon"], 1e-6), (v["id"], got)
         assert got["order"] == v["optimal_order"], (v["id"], got)
         assert got["mode"] == "local"
@@ -51,7 +54,7 @@ def test_delta_matches_the_exact_rdp_reference(vectors):
     assert cases
     for v in cases:
         got = fedpref.delta(
-            v["effective_noise_multiplier"], v["epsilon_target"], v["T"], v["q"]
+            v["effective_noise_multiplier"], v["epsilon_target"], v["T"], v["q"], accountant="rdp"
         )["delta"]
         want = v["delta_exact_rdp"]
         assert rel_close(got, want, 1e-6) or abs(math.log(got) - math.log(want)) <= 1e-8, (
@@ -65,10 +68,30 @@ def test_calibrate_matches_the_exact_rdp_reference_and_meets_the_target(vectors)
     cases = [v for v in vectors if v["kind"] == "calibrate_sigma"]
     assert cases
     for v in cases:
-        got = fedpref.calibrate(v["target_epsilon"], v["delta"], v["T"], v["q"])
+        got = fedpref.calibrate(
+            v["target_epsilon"], v["delta"], v["T"], v["q"], accountant="rdp"
+        )
         want = v["noise_multiplier_exact_rdp"]
         assert abs(got["noise_multiplier"] - want) <= 1e-6 * want, (v["id"], got, want)
         assert got["epsilon"] <= v["target_epsilon"] * (1 + 1e-9), (v["id"], got)
+
+
+def test_the_default_pld_accountant_matches_its_reference_and_names_itself(vectors):
+    cases = [
+        v
+        for v in vectors
+        if v["kind"] == "epsilon" and v.get("epsilon_pld") is not None and v["T"] <= 100
+    ]
+    assert len(cases) > 20
+    for v in cases:
+        got = fedpref.epsilon(
+            v["effective_noise_multiplier"], v["delta"], v["T"], v["q"]
+        )
+        assert got["accountant"] == "pld" and got["order"] is None, got
+        assert rel_close(got["epsilon"], v["epsilon_pld"], 2e-3), (v["id"], got)
+        assert got["epsilon"] <= v["epsilon"], (v["id"], got)
+    with pytest.raises(ValueError, match="^accountant \"prv\""):
+        fedpref.epsilon(1.0, 1e-5, 10, accountant="prv")
 
 
 @pytest.mark.parametrize(
@@ -89,6 +112,10 @@ def test_calibrate_matches_the_exact_rdp_reference_and_meets_the_target(vectors)
         (
             ["calibrate", "--target-epsilon", "3", "--sampling-rate", "0.01", "--rounds", "500", "--delta", "1e-5", "--mode", "distributed"],
             lambda: fedpref.calibrate(3.0, 1e-5, 500, 0.01, mode="distributed"),
+        ),
+        (
+            ["epsilon", "--noise-multiplier", "1.1", "--sampling-rate", "0.01", "--rounds", "1000", "--delta", "1e-5", "--accountant", "rdp"],
+            lambda: fedpref.epsilon(1.1, 1e-5, 1000, 0.01, accountant="rdp"),
         ),
     ],
 )

@@ -1,4 +1,4 @@
-"""fedpref for notebooks: the Rényi-DP accountant, the simulator and the ledger reader.
+"""fedpref for notebooks: the privacy accountant (PLD by default, or RDP), the simulator and the ledger reader.
 
 Everything runs in-process in the Rust code the command lines use, so the numbers are the
 command lines' numbers::
@@ -42,6 +42,7 @@ def epsilon(
     rounds: int,
     sampling_rate: float = 1.0,
     mode: str = "central",
+    accountant: str = "pld",
 ) -> Dict[str, Any]:
     """ε after ``rounds`` releases of the (Poisson-subsampled) Gaussian mechanism, at δ.
 
@@ -49,12 +50,15 @@ def epsilon(
     amplified by sampling at rate q) or ``"local"`` (replace-one neighbours, sensitivity 2C,
     so σ/2 is accounted; rounds are the device's own uploads and q must be 1). Returns the
     object of ``fedpref-coordinator accountant epsilon --json``: ``epsilon`` (None for +∞),
-    ``delta``, ``order``, ``noise_multiplier``, ``sampling_rate``, ``rounds``, ``mode``,
-    ``audience``.
+    ``delta``, ``order`` (None for PLD), ``noise_multiplier``, ``sampling_rate``, ``rounds``,
+    ``mode``, ``audience``, ``accountant``. ``accountant`` is ``"pld"`` (privacy loss
+    distributions: tight, the default) or ``"rdp"`` (Rényi DP).
     """
     return json.loads(
         _native.epsilon(
-            float(noise_multiplier), float(delta), _rounds(rounds), float(sampling_rate), mode
+            float(noise_multiplier), float(delta), _rounds(rounds), float(sampling_rate),
+            mode,
+            accountant,
         )
     )
 
@@ -65,11 +69,14 @@ def delta(
     rounds: int,
     sampling_rate: float = 1.0,
     mode: str = "central",
+    accountant: str = "pld",
 ) -> Dict[str, Any]:
     """δ after ``rounds`` releases, at ε (as ``accountant delta --json``)."""
     return json.loads(
         _native.delta(
-            float(noise_multiplier), float(epsilon), _rounds(rounds), float(sampling_rate), mode
+            float(noise_multiplier), float(epsilon), _rounds(rounds), float(sampling_rate),
+            mode,
+            accountant,
         )
     )
 
@@ -80,6 +87,7 @@ def calibrate(
     rounds: int,
     sampling_rate: float = 1.0,
     mode: str = "central",
+    accountant: str = "pld",
 ) -> Dict[str, Any]:
     """The smallest noise multiplier σ keeping ``rounds`` releases within (ε, δ).
 
@@ -87,7 +95,9 @@ def calibrate(
     """
     return json.loads(
         _native.calibrate(
-            float(target_epsilon), float(delta), _rounds(rounds), float(sampling_rate), mode
+            float(target_epsilon), float(delta), _rounds(rounds), float(sampling_rate),
+            mode,
+            accountant,
         )
     )
 
