@@ -92,6 +92,7 @@ pub fn run(args: &BenchArgs) -> Result<String, CliError> {
         adaptive_clipping: None,
         dropout: 0.0,
         corruption_rate: 0.0,
+        noise_path: args.noise_path,
     };
     let mut simulation =
         Simulation::new(&settings, &data).map_err(|e| CliError::Usage(e.to_string()))?;
@@ -133,12 +134,13 @@ pub fn run(args: &BenchArgs) -> Result<String, CliError> {
         "noise_multiplier": args.noise_multiplier,
         "clip_norm": args.clip_norm,
         "seed": args.seed,
+        "noise_path": args.noise_path.as_str(),
     });
     if args.json {
         return Ok(value.to_string());
     }
     Ok(format!(
-        "workload: U = {}, I = {}, n = {}, k = {}, m = {}, R = {}, σ = {}, C = {} ({} threads)\n\
+        "workload: U = {}, I = {}, n = {}, k = {}, m = {}, R = {}, σ = {}, C = {}, noise path {} ({} threads)\n\
          client_updates_per_s {:.0}\n\
          peak_rss_bytes {}\n\
          rmse {}\n\
@@ -152,6 +154,7 @@ pub fn run(args: &BenchArgs) -> Result<String, CliError> {
         args.rounds,
         args.noise_multiplier,
         args.clip_norm,
+        args.noise_path.as_str(),
         threads,
         per_s,
         peak_rss_bytes().map_or("n/a".into(), |b| b.to_string()),
