@@ -10,15 +10,23 @@
 //!    (its RNG is stream (seed, 5, round)); in mode `local` the accountant refuses q < 1
 //!    (the coordinator sees who uploaded), so there each user checks in with probability q
 //!    and every one that does is given a task;
-//! 2. the selected devices train in parallel (rayon): the SDK's [`local_round`] (ridge fit of
-//!    the private part, epochs of the shared update, dense update), then — in mode `local` —
-//!    [`clip_l2`] and [`GaussianMechanism::release_update`] with
-//!    `SimulationSampler::for_stream(seed, &[round, client])`; in mode `central` devices clip
-//!    and the engine clips again, sums and noises once;
-//! 3. the updates are handed to the engine (`Event::Update`) in task order, so the
-//!    aggregate is the same bytes on any number of threads;
+//! 2. the selected devices train in parallel (rayon). With `--noise-path per-device`: the
+//!    SDK's [`local_round`] (ridge fit of the private part, epochs of the shared update,
+//!    dense update), then — in mode `local` — [`clip_l2`] and
+//!    [`GaussianMechanism::release_update`] with
+//!    `SimulationSampler::for_stream(seed, &[round, client])`, as a phone does. With
+//!    `--noise-path aggregate` (the default): the SDK's [`local_round_sparse`] (the same
+//!    numbers on the rated items' rows, their biases and the offset only) clipped sparsely;
+//!    in modes `none` and `local` the clipped sparse update goes to the engine un-noised, in
+//!    modes `central` (and DP-FTRL) it is scattered into the dense update the engine's
+//!    lattice sum needs. In mode `central` the engine clips again, sums and noises once;
+//! 3. the updates are handed to the engine (`Event::Update`, or `Event::SimulatedUpdate`
+//!    for sparse ones) in task order, so the aggregate is the same bytes on any number of
+//!    threads;
 //! 4. a tick at the deadline closes the round (aggregation, server optimiser, accountant)
-//!    with `SimulationSampler::for_stream(seed, &[round, u64::MAX])` for central noise.
+//!    with `SimulationSampler::for_stream(seed, &[round, u64::MAX])`: central noise, or — on
+//!    the aggregate path in mode `local` — the one aggregate draw of N(0, Σᵢ wᵢ²σ²C²) per
+//!    coordinate that stands in for every device's own noise (see [`NoisePath`]).
 
 use std::path::PathBuf;
 use std::time::Instant;
