@@ -2,9 +2,10 @@
 //! same engine, SDK training and privacy code as `run`.
 //!
 //! Workload data ([`crate::data::workload`]), k factors, a cohort of m clients per round
-//! drawn uniformly without replacement, the SDK's local round (ridge fit, one epoch, dense
-//! update), clipping to C and local Gaussian noise σC on every coordinate
-//! (`SimulationSampler`), FedAvg with η = 1 in the coordinator's engine (weighted by example
+//! drawn uniformly without replacement, the SDK's local round (ridge fit, one epoch),
+//! clipping to C and local Gaussian noise σC on every coordinate (`SimulationSampler`) —
+//! per device with `--noise-path per-device`, or, by default, sparse updates plus one
+//! aggregate draw per round with the same distribution (see `docs/performance.md`), FedAvg with η = 1 in the coordinator's engine (weighted by example
 //! counts, which are equal here, so unweighted as the workload says), then the final RMSE
 //! after every user refits its private part. `client_updates_per_s` counts the rounds'
 //! wall-clock time only (not data generation or the final evaluation).
