@@ -87,8 +87,8 @@ pub use evaluation::{EvaluationCounts, EvaluationRelease, EvaluationWindow, Prep
 pub use event::{CatalogueItem, Event, EventError, EventLimits, ExplicitKind, Feedback, Signal};
 pub use examples::{Example, ExampleTable, ItemExample, SignalMapping};
 pub use model::{
-    LocalTraining, MatrixFactorization, ModelError, PreferenceModel, TensorLayout, TensorSpec,
-    UserState, local_round,
+    LocalTraining, MatrixFactorization, ModelError, PreferenceModel, SparseUpdate, TensorLayout,
+    TensorSpec, UserState, local_round, local_round_sparse,
 };
 pub use participation::{
     CoordinatorClient, DownloadProgress, MetricsOutcome, ParticipateOptions, ParticipationConfig,

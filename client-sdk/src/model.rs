@@ -213,6 +213,46 @@ pub fn local_round<M: PreferenceModel>(
     (private, update)
 }
 
+/// [`local_round`] for matrix factorisation with the sparse update
+/// ([`MatrixFactorization::shared_update_sparse`]).
+pub fn local_round_sparse(
+    model: &MatrixFactorization,
+    examples: &[Example],
+    training: &LocalTraining,
+) -> (UserState, SparseUpdate) {
+    let private = model.fit_private(examples, training);
+    let update = model.shared_update_sparse(&private, examples, training);
+    (private, update)
+}
+
+/// An update to the shared part that is zero outside `indices`: `values[j]` is coordinate
+/// `indices[j]` of a `dimension`-long update. Indices are strictly increasing.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SparseUpdate {
+    /// The dense update's length ([`TensorLayout::dimension`]).
+    pub dimension: usize,
+    /// The coordinates that may be non-zero, strictly increasing.
+    pub indices: Vec<u32>,
+    /// Their values.
+    pub values: Vec<f64>,
+}
+
+impl SparseUpdate {
+    /// The L2 norm (the dense update's: every other coordinate is 0).
+    pub fn norm(&self) -> f64 {
+        self.values.iter().map(|x| x * x).sum::<f64>().sqrt()
+    }
+
+    /// The dense update.
+    pub fn to_dense(&self) -> Vec<f64> {
+        let mut dense = vec![0.0; self.dimension];
+        for (&i, &v) in self.indices.iter().zip(&self.values) {
+            dense[i as usize] = v;
+        }
+        dense
+    }
+}
+
 /// The private part of matrix factorisation: never leaves the device.
 #[derive(Clone, Debug, PartialEq)]
 pub struct UserState {
@@ -366,6 +406,97 @@ impl MatrixFactorization {
 
     fn row(&self, j: usize) -> &[f64] {
         &self.factors[j * self.k..(j + 1) * self.k]
+    }
+
+    /// The local epochs on the touched rows only: the new rows of V (in example order,
+    /// k each), the new item biases (in example order) and the new global offset. The
+    /// shared update is their difference from the downloaded values; every other
+    /// coordinate's update is exactly 0.
+    fn touched_rows(
+        &self,
+        private: &UserState,
+        examples: &[Example],
+        training: &LocalTraining,
+    ) -> (Vec<f64>, Vec<f64>, f64) {
+        let k = self.k;
+        let mut rows: Vec<f64> = examples
+            .iter()
+            .flat_map(|e| self.row(e.item).iter().copied())
+            .collect();
+        let mut biases: Vec<f64> = examples.iter().map(|e| self.biases[e.item]).collect();
+        let mut mu = self.offset;
+        let total_weight: f64 = examples.iter().map(|e| e.weight).sum();
+        let (lr, reg) = (training.learning_rate, training.l2_regularization);
+        let bias_reg = reg * training.bias_l2_ratio;
+        let mut errors = vec![0.0; examples.len()];
+        for _ in 0..training.epochs {
+            for (i, e) in examples.iter().enumerate() {
+                let row = &rows[i * k..(i + 1) * k];
+                errors[i] = e.target - (mu + biases[i] + private.bias + dot(row, &private.factor));
+            }
+            let mut mean_error = 0.0;
+            for (i, e) in examples.iter().enumerate() {
+                let we = e.weight * errors[i];
+                for (v, u) in rows[i * k..(i + 1) * k].iter_mut().zip(&private.factor) {
+                    *v += lr * (we * u - reg * *v);
+                }
+                biases[i] += lr * (we - bias_reg * biases[i]);
+                mean_error += we;
+            }
+            mu += lr * mean_error / total_weight;
+        }
+        (rows, biases, mu)
+    }
+
+    /// [`PreferenceModel::shared_update`] as a sparse vector: only the coordinates the
+    /// examples can move (the rows of V of the rated items, their biases and the global
+    /// offset), in increasing layout order. Scattered into zeros it is exactly the dense
+    /// update (same values, same bytes), so its L2 norm is the dense update's and clipping
+    /// it is clipping the dense update. Costs O(examples × k), not O(items × k).
+    pub fn shared_update_sparse(
+        &self,
+        private: &UserState,
+        examples: &[Example],
+        training: &LocalTraining,
+    ) -> SparseUpdate {
+        let k = self.k;
+        let n = self.item_ids.len();
+        let dimension = n * k + n + 1;
+        if examples.is_empty() {
+            return SparseUpdate {
+                dimension,
+                indices: vec![],
+                values: vec![],
+            };
+        }
+        let (rows, biases, mu) = self.touched_rows(private, examples, training);
+        // Sorted by item; with a repeated item the last example wins, as in the dense update.
+        let mut order: Vec<usize> = (0..examples.len()).collect();
+        order.sort_by_key(|&i| (examples[i].item, std::cmp::Reverse(i)));
+        order.dedup_by_key(|i| examples[*i].item);
+        let nnz = order.len() * (k + 1) + 1;
+        let mut indices = Vec::with_capacity(nnz);
+        let mut values = Vec::with_capacity(nnz);
+        for &i in &order {
+            let item = examples[i].item;
+            let old = self.row(item);
+            for c in 0..k {
+                indices.push((item * k + c) as u32);
+                values.push(rows[i * k + c] - old[c]);
+            }
+        }
+        for &i in &order {
+            let item = examples[i].item;
+            indices.push((n * k + item) as u32);
+            values.push(biases[i] - self.biases[item]);
+        }
+        indices.push((n * k + n) as u32);
+        values.push(mu - self.offset);
+        SparseUpdate {
+            dimension,
+            indices,
+            values,
+        }
     }
 
     /// Adds `scale` × an update (in layout order) to the shared part: what the coordinator
@@ -648,33 +779,7 @@ impl PreferenceModel for MatrixFactorization {
         if examples.is_empty() {
             return update;
         }
-        // Work on the touched rows only; untouched rows' update is exactly 0.
-        let mut rows: Vec<f64> = examples
-            .iter()
-            .flat_map(|e| self.row(e.item).iter().copied())
-            .collect();
-        let mut biases: Vec<f64> = examples.iter().map(|e| self.biases[e.item]).collect();
-        let mut mu = self.offset;
-        let total_weight: f64 = examples.iter().map(|e| e.weight).sum();
-        let (lr, reg) = (training.learning_rate, training.l2_regularization);
-        let bias_reg = reg * training.bias_l2_ratio;
-        let mut errors = vec![0.0; examples.len()];
-        for _ in 0..training.epochs {
-            for (i, e) in examples.iter().enumerate() {
-                let row = &rows[i * k..(i + 1) * k];
-                errors[i] = e.target - (mu + biases[i] + private.bias + dot(row, &private.factor));
-            }
-            let mut mean_error = 0.0;
-            for (i, e) in examples.iter().enumerate() {
-                let we = e.weight * errors[i];
-                for (v, u) in rows[i * k..(i + 1) * k].iter_mut().zip(&private.factor) {
-                    *v += lr * (we * u - reg * *v);
-                }
-                biases[i] += lr * (we - bias_reg * biases[i]);
-                mean_error += we;
-            }
-            mu += lr * mean_error / total_weight;
-        }
+        let (rows, biases, mu) = self.touched_rows(private, examples, training);
         for (i, e) in examples.iter().enumerate() {
             let old = self.row(e.item);
             for c in 0..k {
@@ -727,6 +832,44 @@ mod tests {
                 weight: 0.5,
             },
         ]
+    }
+
+    #[test]
+    fn the_sparse_update_scatters_to_the_dense_update_bytes() {
+        let m = MatrixFactorization::initial(1, ids(6), 3, 0.5, 7).unwrap();
+        let t = LocalTraining {
+            epochs: 3,
+            bias_l2_ratio: 0.3,
+            ..LocalTraining::default()
+        };
+        // In example order 4, 1, 3; and a repeated item (the last example wins in both).
+        let mut unordered = examples();
+        unordered.rotate_left(2);
+        let mut repeated = examples();
+        repeated.push(Example {
+            item: 1,
+            target: 2.0,
+            weight: 1.0,
+        });
+        for ex in [examples(), unordered, repeated, vec![]] {
+            let p = m.fit_private(&ex, &t);
+            let dense = m.shared_update(&p, &ex, &t);
+            let sparse = m.shared_update_sparse(&p, &ex, &t);
+            assert_eq!(sparse.dimension, dense.len());
+            assert!(sparse.indices.windows(2).all(|w| w[0] < w[1]), "{sparse:?}");
+            let back = sparse.to_dense();
+            let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&back), bits(&dense));
+            let norm = dense.iter().map(|x| x * x).sum::<f64>().sqrt();
+            assert!((sparse.norm() - norm).abs() <= 1e-12 * norm.max(1.0));
+        }
+        let ex = examples();
+        let p = m.fit_private(&ex, &t);
+        // 3 rated items: 3 rows of k = 3, 3 biases, the offset.
+        assert_eq!(
+            m.shared_update_sparse(&p, &ex, &t).indices.len(),
+            3 * 3 + 3 + 1
+        );
     }
 
     #[test]

@@ -150,6 +150,10 @@ pub struct RoundAggregator {
     contributions: usize,
     privacy: AggregationPrivacy,
     accumulator: Accumulator,
+    /// Σ w_k² (σC)² over the un-noised simulated updates ([`RoundAggregator::add_simulated`]):
+    /// the variance of the one aggregate noise draw per coordinate that [`finish`](Self::finish)
+    /// adds to the weighted sum in their devices' place.
+    simulated_noise_variance: f64,
 }
 
 impl std::fmt::Debug for RoundAggregator {
@@ -237,6 +241,7 @@ impl RoundAggregator {
             contributions: 0,
             privacy: *privacy,
             accumulator,
+            simulated_noise_variance: 0.0,
         })
     }
 
@@ -314,6 +319,103 @@ impl RoundAggregator {
         Ok(())
     }
 
+    /// Simulations only: accumulates one device's **clipped, un-noised** sparse update
+    /// (`values[j]` at coordinate `indices[j]`, zero elsewhere) with `weight`, standing in for
+    /// the dense update the device would have released with N(0, `noise_std`²) noise on every
+    /// coordinate (local mode: `noise_std` = σC; 0 without DP).
+    ///
+    /// Why it is the same release: the devices' noises are independent, so the weighted sum
+    /// Σ_k w_k (Δ_k + N(0, (σC)² I)) has exactly the distribution of Σ_k w_k Δ_k +
+    /// N(0, Σ_k w_k² (σC)² I). [`finish`](Self::finish) draws that one aggregate noise vector
+    /// from its sampler and refuses a secure sampler, so a model built from an aggregate of
+    /// simulated updates can never carry [`Secure`] provenance (a real device's update is
+    /// never un-noised). The per-update privacy guarantee (local DP, sensitivity C under
+    /// replace-one-user neighbouring of the device's own data) holds only in this simulated
+    /// sense: nobody but the simulator ever sees an un-noised update.
+    ///
+    /// Weighted-mean paths only (modes none and local, the FedAvg-family optimisers): the
+    /// central lattice sum and the robust statistics need dense updates. Validation as
+    /// [`add`](Self::add), plus: `indices` strictly increasing and below the dimension, as
+    /// many values as indices, `noise_std` finite and ≥ 0. On error nothing is accumulated.
+    pub fn add_simulated(
+        &mut self,
+        indices: &[u32],
+        values: &[f32],
+        weight: f64,
+        noise_std: f64,
+    ) -> Result<(), UpdateRejected> {
+        let sparse = |reason: String| UpdateRejected::InvalidSparse { reason };
+        let Accumulator::Mean {
+            weighted_sum,
+            total_weight,
+        } = &mut self.accumulator
+        else {
+            return Err(sparse(format!(
+                "a simulated sparse update needs the weighted-mean path (privacy mode none or local, a FedAvg-family optimiser); this round aggregates in mode {} with a dense-only path",
+                self.privacy.name()
+            )));
+        };
+        if indices.len() != values.len() {
+            return Err(sparse(format!(
+                "{} indices but {} values",
+                indices.len(),
+                values.len()
+            )));
+        }
+        if let Some(j) = indices.windows(2).position(|w| w[0] >= w[1]) {
+            return Err(sparse(format!(
+                "indices must be strictly increasing: indices[{}] = {} then {}",
+                j,
+                indices[j],
+                indices[j + 1]
+            )));
+        }
+        if let Some(&last) = indices.last()
+            && last as usize >= self.dimension
+        {
+            return Err(sparse(format!(
+                "index {last} is out of range: the model has {} coordinates",
+                self.dimension
+            )));
+        }
+        if !(noise_std.is_finite() && noise_std >= 0.0) {
+            return Err(sparse(format!(
+                "noise_std {noise_std} must be finite and ≥ 0"
+            )));
+        }
+        if !weight.is_finite() || weight < 0.0 {
+            return Err(UpdateRejected::InvalidWeight {
+                weight,
+                reason: "weights must be finite and ≥ 0",
+            });
+        }
+        if weight > MAX_WEIGHT {
+            return Err(UpdateRejected::InvalidWeight {
+                weight,
+                reason: "weights above 2^53 are refused: they are example counts",
+            });
+        }
+        if let Some(j) = kernel::first_non_finite(values) {
+            return Err(UpdateRejected::NonFinite {
+                index: indices[j] as usize,
+                value: values[j],
+            });
+        }
+        for (&i, &v) in indices.iter().zip(values) {
+            weighted_sum[i as usize] += weight * f64::from(v);
+        }
+        *total_weight += weight;
+        self.simulated_noise_variance += weight * weight * noise_std * noise_std;
+        self.contributions += 1;
+        Ok(())
+    }
+
+    /// The variance per coordinate of the aggregate noise [`finish`](Self::finish) will add
+    /// to the weighted sum for the simulated updates so far: Σ_k w_k² (σC)².
+    pub fn simulated_noise_variance(&self) -> f64 {
+        self.simulated_noise_variance
+    }
+
     /// The number of updates accepted so far.
     pub fn contributions(&self) -> usize {
         self.contributions
@@ -359,7 +461,13 @@ impl RoundAggregator {
         {
             return Err(AggregationError::NoDpWithSecureSampler);
         }
+        if self.simulated_noise_variance > 0.0
+            && TypeId::of::<S::Provenance>() == TypeId::of::<Secure>()
+        {
+            return Err(AggregationError::SimulatedNoiseWithSecureSampler);
+        }
         let contributions = self.contributions;
+        let simulated_noise_variance = self.simulated_noise_variance;
         let (delta, denominator, noise_std) = match self.accumulator {
             Accumulator::Mean {
                 mut weighted_sum,
@@ -367,6 +475,17 @@ impl RoundAggregator {
             } => {
                 if total_weight <= 0.0 {
                     return Err(AggregationError::NothingToAverage { contributions });
+                }
+                if simulated_noise_variance > 0.0 {
+                    // One draw of N(0, Σ w_k² (σC)²) per coordinate in place of every
+                    // simulated device's own noise (see `add_simulated`).
+                    let std = simulated_noise_variance.sqrt();
+                    let mechanism = GaussianMechanism::new(1.0, std)?;
+                    let zeros = clip_l2(vec![0.0; self.dimension], std)?;
+                    let noise = mechanism.release_update(zeros, sampler)?;
+                    for (x, n) in weighted_sum.iter_mut().zip(noise.values()) {
+                        *x += n;
+                    }
                 }
                 weighted_sum.iter_mut().for_each(|x| *x /= total_weight);
                 (weighted_sum, total_weight, 0.0)

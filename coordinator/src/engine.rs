@@ -148,6 +148,33 @@ pub enum Event {
         /// The task token it was given.
         task_token: String,
     },
+    /// Simulations only: a simulated device's **clipped, un-noised** update, sparse
+    /// (`values[j]` at coordinate `indices[j]`, zero elsewhere, indices strictly increasing).
+    /// Taken in privacy modes `none` and `local` with a FedAvg-family optimiser. In mode
+    /// `local` the engine checks the norm is at most the round's C and, instead of the
+    /// device's dense N(0, (σC)²) noise, the round's aggregator adds one aggregate draw of
+    /// N(0, Σ w² (σC)²) per coordinate when the round closes — the same distribution of the
+    /// released aggregate ([`crate::aggregation::RoundAggregator::add_simulated`]). The
+    /// closing tick must then be given a simulation sampler: with the secure sampler the
+    /// round is abandoned, so no real model can come from such updates. No transport
+    /// constructs this event; real uploads are [`Event::Update`]. Validation, tasks and
+    /// accounting are those of [`Event::Update`].
+    SimulatedUpdate {
+        /// Its opaque id.
+        device: String,
+        /// The round it says the update is for.
+        round: u64,
+        /// The task token it was given.
+        task_token: String,
+        /// The coordinates that may be non-zero, strictly increasing.
+        indices: Vec<u32>,
+        /// Their clipped values.
+        values: Vec<f32>,
+        /// Its number of local examples.
+        examples: u64,
+        /// Adaptive clipping in local mode: the device's noised clip bit.
+        clip_bit: Option<ClipBit>,
+    },
     /// A device hands its task back (budget, conditions, opt-out); in a fixed cohort its
     /// slot goes to the next device that checks in.
     Decline {
@@ -280,6 +307,16 @@ pub struct Task {
 struct UploadMeta {
     examples: u64,
     clip_bit: Option<ClipBit>,
+}
+
+/// An upload's values: a device's dense update, or a simulated sparse un-noised one.
+#[derive(Clone, Copy)]
+enum Upload<'a> {
+    Dense(&'a [f32]),
+    Simulated {
+        indices: &'a [u32],
+        values: &'a [f32],
+    },
 }
 
 /// A device's clip bit for adaptive clipping in local mode, with the C it was computed for.
@@ -1112,7 +1149,26 @@ impl Engine {
                 device,
                 round,
                 &task_token,
-                &values,
+                Upload::Dense(&values),
+                UploadMeta { examples, clip_bit },
+                &mut actions,
+            ),
+            Event::SimulatedUpdate {
+                device,
+                round,
+                task_token,
+                indices,
+                values,
+                examples,
+                clip_bit,
+            } => self.update(
+                device,
+                round,
+                &task_token,
+                Upload::Simulated {
+                    indices: &indices,
+                    values: &values,
+                },
                 UploadMeta { examples, clip_bit },
                 &mut actions,
             ),
@@ -1325,7 +1381,7 @@ impl Engine {
         device: String,
         round: u64,
         task_token: &str,
-        values: &[f32],
+        upload: Upload<'_>,
         UploadMeta { examples, clip_bit }: UploadMeta,
         actions: &mut Vec<Action>,
     ) {
@@ -1401,8 +1457,52 @@ impl Engine {
         };
         // The clip bit is computed before the update enters the aggregator (which refuses
         // NaN and wrong lengths itself; such an update adds no bit either).
+        // A simulated update stands in for a device's noised one: local mode's σC goes
+        // into the aggregate noise draw, and the update must be clipped to the round's C.
+        let simulated_noise_std = match self.manifest.privacy_mode {
+            ManifestPrivacyMode::Local => self.manifest.task_noise_multiplier() * open.clip_norm,
+            _ => 0.0,
+        };
+        if let Upload::Simulated { values, .. } = upload {
+            let limit = match self.manifest.privacy_mode {
+                ManifestPrivacyMode::Local => Some(open.clip_norm),
+                ManifestPrivacyMode::None => None,
+                mode => {
+                    actions.push(reject(
+                        RejectKind::InvalidArgument,
+                        format!(
+                            "a simulated sparse update is refused in privacy mode {}: it is taken in modes none and local only",
+                            mode.as_str()
+                        ),
+                    ));
+                    return;
+                }
+            };
+            let norm = values
+                .iter()
+                .map(|&x| f64::from(x) * f64::from(x))
+                .sum::<f64>()
+                .sqrt();
+            // The f32 rounding of a clipped update can lift its norm by a few ulps.
+            if let Some(c) = limit
+                && norm > c * (1.0 + 1e-5)
+            {
+                actions.push(reject(
+                    RejectKind::InvalidArgument,
+                    format!(
+                        "the simulated update's norm {norm} exceeds round {round}'s clip norm {c}: it must be clipped"
+                    ),
+                ));
+                return;
+            }
+        }
+        let values = match upload {
+            Upload::Dense(values) => values,
+            Upload::Simulated { values, .. } => values,
+        };
         let bit = match &open.bits {
-            Some(_) if values.len() == open.aggregator.dimension() => {
+            Some(_) if matches!(upload, Upload::Dense(v) if v.len() == open.aggregator.dimension()) =>
+            {
                 let norm = values
                     .iter()
                     .map(|&x| f64::from(x) * f64::from(x))
@@ -1412,7 +1512,14 @@ impl Engine {
             }
             _ => None,
         };
-        match open.aggregator.add(values, weight) {
+        let added = match upload {
+            Upload::Dense(values) => open.aggregator.add(values, weight),
+            Upload::Simulated { indices, values } => {
+                open.aggregator
+                    .add_simulated(indices, values, weight, simulated_noise_std)
+            }
+        };
+        match added {
             Ok(()) => {
                 if let (Some(bits), Some(bit)) = (open.bits.as_mut(), bit) {
                     // One device moves the bit sum by at most ½; a failure here would be

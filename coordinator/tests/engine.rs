@@ -1426,3 +1426,151 @@ fn local_mode_weighs_every_update_equally_whatever_example_count_reaches_the_eng
         "the uniform mean of +1 and -1 is 0; moved {moved}"
     );
 }
+
+/// `COHORT_MANIFEST` in mode `local` with σ and a model of `items` × 8 factors.
+fn local_manifest(items: usize, sigma: f64) -> String {
+    COHORT_MANIFEST
+        .replace("privacy_mode = \"central\"", "privacy_mode = \"local\"")
+        .replace(
+            "noise_multiplier = 1.0",
+            &format!("noise_multiplier = {sigma}"),
+        )
+        .replace(
+            "items = 10\nfactors = 2",
+            &format!("items = {items}\nfactors = 8"),
+        )
+        .replace("epsilon = 20.0", "epsilon = 1e9")
+}
+
+fn simulated(
+    task: &fedpref_coordinator::engine::Task,
+    indices: Vec<u32>,
+    values: Vec<f32>,
+) -> Event {
+    Event::SimulatedUpdate {
+        device: task.device.clone(),
+        round: task.round,
+        task_token: task.task_token.clone(),
+        indices,
+        values,
+        examples: 10,
+        clip_bit: None,
+    }
+}
+
+#[test]
+fn simulated_sparse_updates_are_validated_and_refused_outside_modes_none_and_local() {
+    let mut h = Harness::new(&local_manifest(10, 1.0));
+    let dim = h.dimension() as u32;
+    let t = h.task("a").unwrap();
+    for (indices, values, needle) in [
+        (vec![3, 2], vec![0.1, 0.1], "strictly increasing"),
+        (vec![2, 2], vec![0.1, 0.1], "strictly increasing"),
+        (vec![dim], vec![0.1], "out of range"),
+        (vec![1, 2], vec![0.1], "2 indices but 1 values"),
+        (vec![1, 5], vec![0.1, f32::NAN], "coordinate 5"),
+        // Norm 1.5 > C = 1: a simulated update must arrive clipped.
+        (vec![0, 1], vec![0.9, 1.2], "exceeds round 1's clip norm"),
+    ] {
+        let (kind, msg) = rejection(&h.send(simulated(&t, indices, values)));
+        assert_eq!(kind, RejectKind::InvalidArgument);
+        assert!(msg.contains(needle), "{needle}: {msg}");
+    }
+    // None of them counted.
+    assert!(matches!(
+        h.send(simulated(&t, vec![0, 1], vec![0.6, 0.8]))[0],
+        Action::UpdateAccepted { .. }
+    ));
+
+    let mut central = Harness::new(COHORT_MANIFEST);
+    let t = central.task("a").unwrap();
+    let (kind, msg) = rejection(&central.send(simulated(&t, vec![0], vec![0.1])));
+    assert_eq!(kind, RejectKind::InvalidArgument);
+    assert!(msg.contains("privacy mode central"), "{msg}");
+}
+
+#[test]
+fn a_round_of_simulated_updates_is_abandoned_when_closed_with_the_secure_sampler() {
+    let mut h = Harness::new(&local_manifest(10, 1.0));
+    let version = h.engine.model().0;
+    for name in ["a", "b"] {
+        let t = h.task(name).unwrap();
+        h.send(simulated(&t, vec![0], vec![0.5]));
+    }
+    h.now = h.engine.next_wakeup().unwrap();
+    let mut secure = fedpref_privacy::SecureSampler::from_os().unwrap();
+    let actions = h.engine.handle(Event::Tick, h.now, &mut h.rng, &mut secure);
+    let reason = actions
+        .iter()
+        .find_map(|a| match a {
+            Action::AbandonRound { reason, .. } => Some(reason.clone()),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("expected the round to be abandoned: {actions:?}"));
+    assert!(reason.contains("secure sampler"), "{reason}");
+    assert_eq!(h.engine.model().0, version, "no model was published");
+}
+
+/// The per-coordinate variance of Δ after one round of four devices whose updates are 0,
+/// noised per device (dense, as a phone does) or by the aggregate draw.
+fn round_noise_variance(per_device: bool, seed: u64) -> f64 {
+    use fedpref_privacy::{GaussianMechanism, SimulationSampler, clip_l2};
+    let sigma = 1.5;
+    let mut h = Harness::new(&local_manifest(2_000, sigma));
+    h.sampler = SimulationSampler::seed_from_u64(seed);
+    let before = h.engine.model().1.to_vec();
+    let dim = before.len();
+    let mechanism = GaussianMechanism::new(sigma, 1.0).unwrap();
+    for i in 0..4u64 {
+        let t = h.task(&format!("d{i}")).unwrap();
+        let event = if per_device {
+            let mut s = SimulationSampler::for_stream(seed, &[1, i]);
+            let noised = mechanism
+                .release_update(clip_l2(vec![0.0; dim], 1.0).unwrap(), &mut s)
+                .unwrap();
+            Event::Update {
+                device: t.device.clone(),
+                round: t.round,
+                task_token: t.task_token.clone(),
+                values: noised.values().iter().map(|&x| x as f32).collect(),
+                examples: 10,
+                clip_bit: None,
+            }
+        } else {
+            simulated(&t, vec![], vec![])
+        };
+        assert!(matches!(h.send(event)[0], Action::UpdateAccepted { .. }));
+    }
+    let actions = h.finish_round();
+    assert!(
+        actions.iter().any(|a| matches!(a, Action::CommitRound(_))),
+        "{actions:?}"
+    );
+    let after = h.engine.model().1;
+    let n = dim as f64;
+    let d: Vec<f64> = after
+        .iter()
+        .zip(&before)
+        .map(|(a, b)| f64::from(*a) - f64::from(*b))
+        .collect();
+    let mean = d.iter().sum::<f64>() / n;
+    d.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0)
+}
+
+#[test]
+fn the_aggregate_noise_has_the_per_device_noise_variance() {
+    // Mean of 4 updates with N(0, σ²C²) each: Var = 4 σ²C² / 4² = σ²C²/4 = 0.5625. With
+    // 18,001 coordinates the sample variance's relative standard error is √(2/18,000) ≈ 1 %;
+    // the tolerance is 5 %.
+    let expected = 1.5f64.powi(2) / 4.0;
+    for seed in [1, 2] {
+        let aggregate = round_noise_variance(false, seed);
+        let per_device = round_noise_variance(true, seed);
+        for (name, v) in [("aggregate", aggregate), ("per-device", per_device)] {
+            assert!(
+                (v / expected - 1.0).abs() < 0.05,
+                "{name}: variance {v}, expected {expected}"
+            );
+        }
+    }
+}

@@ -2,9 +2,10 @@
 //! same engine, SDK training and privacy code as `run`.
 //!
 //! Workload data ([`crate::data::workload`]), k factors, a cohort of m clients per round
-//! drawn uniformly without replacement, the SDK's local round (ridge fit, one epoch, dense
-//! update), clipping to C and local Gaussian noise σC on every coordinate
-//! (`SimulationSampler`), FedAvg with η = 1 in the coordinator's engine (weighted by example
+//! drawn uniformly without replacement, the SDK's local round (ridge fit, one epoch),
+//! clipping to C and local Gaussian noise σC on every coordinate (`SimulationSampler`) —
+//! per device with `--noise-path per-device`, or, by default, sparse updates plus one
+//! aggregate draw per round with the same distribution (see `docs/performance.md`), FedAvg with η = 1 in the coordinator's engine (weighted by example
 //! counts, which are equal here, so unweighted as the workload says), then the final RMSE
 //! after every user refits its private part. `client_updates_per_s` counts the rounds'
 //! wall-clock time only (not data generation or the final evaluation).
@@ -92,6 +93,7 @@ pub fn run(args: &BenchArgs) -> Result<String, CliError> {
         adaptive_clipping: None,
         dropout: 0.0,
         corruption_rate: 0.0,
+        noise_path: args.noise_path,
     };
     let mut simulation =
         Simulation::new(&settings, &data).map_err(|e| CliError::Usage(e.to_string()))?;
@@ -133,12 +135,13 @@ pub fn run(args: &BenchArgs) -> Result<String, CliError> {
         "noise_multiplier": args.noise_multiplier,
         "clip_norm": args.clip_norm,
         "seed": args.seed,
+        "noise_path": args.noise_path.as_str(),
     });
     if args.json {
         return Ok(value.to_string());
     }
     Ok(format!(
-        "workload: U = {}, I = {}, n = {}, k = {}, m = {}, R = {}, σ = {}, C = {} ({} threads)\n\
+        "workload: U = {}, I = {}, n = {}, k = {}, m = {}, R = {}, σ = {}, C = {}, noise path {} ({} threads)\n\
          client_updates_per_s {:.0}\n\
          peak_rss_bytes {}\n\
          rmse {}\n\
@@ -152,6 +155,7 @@ pub fn run(args: &BenchArgs) -> Result<String, CliError> {
         args.rounds,
         args.noise_multiplier,
         args.clip_norm,
+        args.noise_path.as_str(),
         threads,
         per_s,
         peak_rss_bytes().map_or("n/a".into(), |b| b.to_string()),

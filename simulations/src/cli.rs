@@ -17,7 +17,7 @@ use crate::data::{self, Dataset, SyntheticSpec};
 use crate::feedback::Scenario;
 use crate::guardrails::{Alert, Guardrails, Monitor};
 use crate::report;
-use crate::sim::{self, FedavgWeighting, RoundRecord, Sampling, Settings, Simulation};
+use crate::sim::{self, FedavgWeighting, NoisePath, RoundRecord, Sampling, Settings, Simulation};
 
 /// Seeded federated simulations through the coordinator's engine and the SDK's training.
 #[derive(Debug, Parser)]
@@ -336,6 +336,11 @@ pub struct RunArgs {
     /// counts on [default: 0].
     #[arg(long, value_name = "G")]
     pub corruption_rate: Option<f64>,
+    /// How a round makes its noise: `aggregate` (sparse clipped updates, one aggregate noise
+    /// draw per round; the same distribution) or `per-device` (every device's dense noised
+    /// update, as a phone makes it) [default: aggregate]. See docs/performance.md.
+    #[arg(long, value_name = "PATH")]
+    pub noise_path: Option<NoisePath>,
 }
 
 /// `--config FILE`: the flags' settings in TOML.
@@ -379,6 +384,7 @@ struct FileConfig {
     fedavg_weighting: Option<FedavgWeighting>,
     dropout: Option<f64>,
     corruption_rate: Option<f64>,
+    noise_path: Option<NoisePath>,
     scenario: Option<Scenario>,
     guardrails: Option<Guardrails>,
 }
@@ -417,6 +423,9 @@ pub struct BenchArgs {
     /// Worker threads [default: all cores].
     #[arg(long)]
     pub threads: Option<usize>,
+    /// How a round makes its noise: `aggregate` or `per-device` (see `run --noise-path`).
+    #[arg(long, value_name = "PATH", default_value = "aggregate")]
+    pub noise_path: NoisePath,
     /// Print one JSON object.
     #[arg(long)]
     pub json: bool,
@@ -925,6 +934,12 @@ fn plan_with(args: &RunArgs, file: FileConfig) -> Result<RunPlan, CliError> {
             "--transport grpc and --fedavg-weighting examples: an SDK device sends no example count, so the coordinator weighs every update equally; drop one",
         ));
     }
+    let noise_path = args.noise_path.or(file.noise_path);
+    if transport == Transport::Grpc && noise_path == Some(NoisePath::Aggregate) {
+        return Err(usage(
+            "--transport grpc and --noise-path aggregate: over gRPC every device is the SDK, which noises its own dense update; drop --noise-path",
+        ));
+    }
     let fedavg_weighting = match transport {
         Transport::Grpc => Some(FedavgWeighting::Uniform),
         Transport::Inprocess => fedavg_weighting.or(defaults.fedavg_weighting),
@@ -954,6 +969,10 @@ fn plan_with(args: &RunArgs, file: FileConfig) -> Result<RunPlan, CliError> {
         adaptive_clipping,
         dropout: dropout.unwrap_or(0.0),
         corruption_rate: corruption_rate.unwrap_or(0.0),
+        noise_path: match transport {
+            Transport::Grpc => NoisePath::PerDevice,
+            Transport::Inprocess => noise_path.unwrap_or_default(),
+        },
     };
     if mode == Mode::Distributed {
         crate::distributed::check(&settings).map_err(|e| usage(e.to_string()))?;
@@ -998,6 +1017,10 @@ fn plan_with(args: &RunArgs, file: FileConfig) -> Result<RunPlan, CliError> {
     }
     if let Some(a) = &adaptive_clipping {
         settings_json["adaptive_clipping"] = json!(a);
+    }
+    // Files without the key were made by the per-device path, which keeps their bytes.
+    if settings.noise_path != NoisePath::PerDevice && !args.centralised {
+        settings_json["noise_path"] = json!(settings.noise_path.as_str());
     }
     if mode == Mode::Distributed {
         settings_json["dropout"] = json!(settings.dropout);

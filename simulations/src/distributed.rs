@@ -10,7 +10,8 @@
 //!    claimed and rounds compose at q = 1). The engine gives each a task carrying the round's
 //!    secure-aggregation config (context and graph seed from the engine's RNG, stream
 //!    (seed, 5, round));
-//! 2. the devices train in parallel with the SDK's [`local_round`], clip to C with
+//! 2. the devices train in parallel with the SDK's sparse local round
+//!    ([`local_round_sparse`], scattered into the dense update), clip to C with
 //!    [`clip_l2`], and make their noised integer share with the task's
 //!    [`DistributedDiscreteGaussian`] (conditional randomised rounding to the lattice γ·Z, plus
 //!    the discrete Gaussian share of variance s²), drawn by a [`SimulationShareSampler`] seeded
@@ -50,7 +51,7 @@
 
 use std::time::Instant;
 
-use fedpref_client_sdk::{LocalTraining, local_round};
+use fedpref_client_sdk::{LocalTraining, local_round_sparse};
 use fedpref_coordinator::engine::{Action, Engine, Event, RunState, Task};
 use fedpref_coordinator::ledger::AudienceEpsilon;
 use fedpref_coordinator::manifest::{ManifestPrivacyMode, RunManifest};
@@ -666,10 +667,12 @@ fn device_share(
 ) -> Result<DeviceShare, SimError> {
     let t = Instant::now();
     let examples = examples(&data.users[user].train, training);
-    let (_private, update) = local_round(model, &examples, training);
+    // The sparse local round (the rated items' rows, their biases and the offset); secure
+    // aggregation then needs the dense vector, masked and noised on every coordinate.
+    let (_private, update) = local_round_sparse(model, &examples, training);
     let fit_ns = t.elapsed().as_nanos() as u64;
     let t = Instant::now();
-    let clipped = clip_l2(update, clip_norm)?;
+    let clipped = clip_l2(update.to_dense(), clip_norm)?;
     let stream = splitmix64(seed ^ splitmix64(round ^ splitmix64(user as u64 ^ 0xd15d)));
     let mut sampler = SimulationShareSampler::seed_from_u64(stream);
     let share = mechanism.noised_share(&clipped, &mut sampler)?;

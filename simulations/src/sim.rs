@@ -10,20 +10,30 @@
 //!    (its RNG is stream (seed, 5, round)); in mode `local` the accountant refuses q < 1
 //!    (the coordinator sees who uploaded), so there each user checks in with probability q
 //!    and every one that does is given a task;
-//! 2. the selected devices train in parallel (rayon): the SDK's [`local_round`] (ridge fit of
-//!    the private part, epochs of the shared update, dense update), then — in mode `local` —
-//!    [`clip_l2`] and [`GaussianMechanism::release_update`] with
-//!    `SimulationSampler::for_stream(seed, &[round, client])`; in mode `central` devices clip
-//!    and the engine clips again, sums and noises once;
-//! 3. the updates are handed to the engine (`Event::Update`) in task order, so the
-//!    aggregate is the same bytes on any number of threads;
+//! 2. the selected devices train in parallel (rayon). With `--noise-path per-device`: the
+//!    SDK's [`local_round`] (ridge fit of the private part, epochs of the shared update,
+//!    dense update), then — in mode `local` — [`clip_l2`] and
+//!    [`GaussianMechanism::release_update`] with
+//!    `SimulationSampler::for_stream(seed, &[round, client])`, as a phone does. With
+//!    `--noise-path aggregate` (the default): the SDK's [`local_round_sparse`] (the same
+//!    numbers on the rated items' rows, their biases and the offset only) clipped sparsely;
+//!    in modes `none` and `local` the clipped sparse update goes to the engine un-noised, in
+//!    modes `central` (and DP-FTRL) it is scattered into the dense update the engine's
+//!    lattice sum needs. In mode `central` the engine clips again, sums and noises once;
+//! 3. the updates are handed to the engine (`Event::Update`, or `Event::SimulatedUpdate`
+//!    for sparse ones) in task order, so the aggregate is the same bytes on any number of
+//!    threads;
 //! 4. a tick at the deadline closes the round (aggregation, server optimiser, accountant)
-//!    with `SimulationSampler::for_stream(seed, &[round, u64::MAX])` for central noise.
+//!    with `SimulationSampler::for_stream(seed, &[round, u64::MAX])`: central noise, or — on
+//!    the aggregate path in mode `local` — the one aggregate draw of N(0, Σᵢ wᵢ²σ²C²) per
+//!    coordinate that stands in for every device's own noise (see [`NoisePath`]).
 
 use std::path::PathBuf;
 use std::time::Instant;
 
-use fedpref_client_sdk::{LocalTraining, MatrixFactorization, ModelError, local_round};
+use fedpref_client_sdk::{
+    LocalTraining, MatrixFactorization, ModelError, SparseUpdate, local_round, local_round_sparse,
+};
 use fedpref_coordinator::aggregation::ServerOptimizer;
 use fedpref_coordinator::distributed::{DistributedNoiseKind, SecureAggregationSpec};
 use fedpref_coordinator::engine::{Action, ClipBit, Engine, Event, RunState, Task};
@@ -106,6 +116,43 @@ impl FedavgWeighting {
     }
 }
 
+/// How a simulated round makes its noise (`--noise-path`).
+///
+/// `aggregate` (the default) computes and clips each device's update sparsely — only the
+/// rows of V of the items it rated, their biases and the global offset, whose L2 norm is
+/// the dense update's — and, in mode `local`, replaces every device's dense N(0, (σC)²)
+/// noise by one draw of N(0, Σᵢ wᵢ² σ²C²) per coordinate per round, added by the engine's
+/// aggregator. The released aggregate has exactly the same distribution, because the
+/// devices' noises are independent Gaussians. `per-device` keeps every device's dense
+/// noised update, as a phone makes it (the same bytes as before this option existed).
+///
+/// Only modes `none` and `local` (with a FedAvg-family optimiser) aggregate sparse updates;
+/// mode `central` (and DP-FTRL, which is central) already noises once per round and sums on
+/// the privacy crate's dense lattice, and mode `distributed` must mask and noise a dense
+/// share on every device (secure aggregation reveals only the sum of those); there the
+/// devices still train and clip sparsely, then hand the engine the dense update.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize, clap::ValueEnum,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum NoisePath {
+    /// Sparse clipped updates and one aggregate noise draw per round.
+    #[default]
+    Aggregate,
+    /// Every device's dense noised update.
+    PerDevice,
+}
+
+impl NoisePath {
+    /// Its name in flags and outputs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Aggregate => "aggregate",
+            Self::PerDevice => "per-device",
+        }
+    }
+}
+
 /// Everything a run needs, resolved from flags and the config file.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Settings {
@@ -158,6 +205,8 @@ pub struct Settings {
     /// coordinator (`--corruption-rate`), which sizes the threshold and the honest devices
     /// the accountant counts on.
     pub corruption_rate: f64,
+    /// How a round makes its noise (`--noise-path`).
+    pub noise_path: NoisePath,
 }
 
 impl Default for Settings {
@@ -186,6 +235,7 @@ impl Default for Settings {
             adaptive_clipping: None,
             dropout: 0.0,
             corruption_rate: 0.0,
+            noise_path: NoisePath::Aggregate,
         }
     }
 }
@@ -391,8 +441,16 @@ pub struct Simulation<'d> {
     update_norms: Vec<f64>,
 }
 
+/// What a simulated device hands the engine.
+enum Upload {
+    /// Its dense update (noised in mode `local`): `Event::Update`.
+    Dense(Vec<f32>),
+    /// Its clipped, un-noised sparse update: `Event::SimulatedUpdate`.
+    Sparse { indices: Vec<u32>, values: Vec<f32> },
+}
+
 struct ClientUpdate {
-    values: Vec<f32>,
+    upload: Upload,
     examples: u64,
     /// Adaptive clipping in local mode: the device's noised clip bit.
     clip_bit: Option<f64>,
@@ -568,6 +626,7 @@ impl<'d> Simulation<'d> {
         };
         let training = self.settings.training;
         let data = self.data;
+        let path = self.sparse_path();
         let uniform = self.settings.effective_weighting() == FedavgWeighting::Uniform;
         let train = |batch: &[(usize, Task)]| -> Result<Vec<ClientUpdate>, SimError> {
             batch
@@ -583,6 +642,7 @@ impl<'d> Simulation<'d> {
                         bit_noise_std,
                         seed,
                         round,
+                        path,
                     )?;
                     if uniform {
                         // The engine weighs by the reported example count.
@@ -785,22 +845,30 @@ fn feed(
     for ((user, task), update) in batch.iter().zip(updates) {
         timings.fit_ns += update.fit_ns;
         timings.privacy_ns += update.privacy_ns;
-        let actions = engine.handle(
-            Event::Update {
+        let clip_bit = update.clip_bit.map(|noised_bit| ClipBit {
+            clip_norm: task.clip_norm,
+            noised_bit,
+        });
+        let event = match update.upload {
+            Upload::Dense(values) => Event::Update {
                 device: task.device.clone(),
                 round: task.round,
                 task_token: task.task_token.clone(),
-                values: update.values,
+                values,
                 examples: update.examples,
-                clip_bit: update.clip_bit.map(|noised_bit| ClipBit {
-                    clip_norm: task.clip_norm,
-                    noised_bit,
-                }),
+                clip_bit,
             },
-            now,
-            rng,
-            sampler,
-        );
+            Upload::Sparse { indices, values } => Event::SimulatedUpdate {
+                device: task.device.clone(),
+                round: task.round,
+                task_token: task.task_token.clone(),
+                indices,
+                values,
+                examples: update.examples,
+                clip_bit,
+            },
+        };
+        let actions = engine.handle(event, now, rng, sampler);
         for a in actions {
             if let Action::Reject { rejection, .. } = a {
                 return Err(SimError::Refused {
@@ -834,6 +902,52 @@ pub fn shared_model(
     )
 }
 
+/// How a device's update travels in this round.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum LocalPath {
+    /// Today's dense path: the SDK's dense update, clipped and (mode `local`) noised
+    /// densely — `--noise-path per-device`.
+    PerDevice,
+    /// Sparse training and clipping, handed to the engine sparse and un-noised (modes
+    /// `none` and `local`; the engine's aggregator draws the aggregate noise).
+    Sparse,
+    /// Sparse training and clipping, handed to the engine dense (modes `central` and
+    /// DP-FTRL, whose engine paths need dense updates).
+    SparseThenDense,
+}
+
+impl Simulation<'_> {
+    /// The path this run's devices take (see [`NoisePath`]).
+    fn sparse_path(&self) -> LocalPath {
+        let robust = matches!(
+            self.settings.server_optimizer,
+            ServerOptimizer::Median { .. } | ServerOptimizer::TrimmedMean { .. }
+        );
+        match (self.settings.noise_path, self.settings.privacy_mode) {
+            (NoisePath::PerDevice, _) => LocalPath::PerDevice,
+            (NoisePath::Aggregate, ManifestPrivacyMode::None | ManifestPrivacyMode::Local)
+                if !robust =>
+            {
+                LocalPath::Sparse
+            }
+            (NoisePath::Aggregate, _) => LocalPath::SparseThenDense,
+        }
+    }
+}
+
+/// Clips a sparse update's values to L2 norm `c` (its norm is the dense update's, so this
+/// is clipping the dense update) and narrows them to f32, as an upload carries them.
+fn clip_sparse(update: SparseUpdate, c: Option<f64>) -> Result<(Vec<u32>, Vec<f32>), SimError> {
+    let values = match c {
+        Some(c) => clip_l2(update.values, c)?.into_values(),
+        None => update.values,
+    };
+    Ok((
+        update.indices,
+        values.into_iter().map(|x| x as f32).collect(),
+    ))
+}
+
 #[allow(clippy::too_many_arguments)]
 fn train_client(
     model: &MatrixFactorization,
@@ -845,9 +959,48 @@ fn train_client(
     bit_noise_std: Option<f64>,
     seed: u64,
     round: u64,
+    path: LocalPath,
 ) -> Result<ClientUpdate, SimError> {
     let t = Instant::now();
     let examples = examples(&data.users[user].train, training);
+    if path != LocalPath::PerDevice {
+        let (_private, update) = local_round_sparse(model, &examples, training);
+        let norm_before_clipping = update.norm();
+        let fit_ns = t.elapsed().as_nanos() as u64;
+        let t = Instant::now();
+        let dimension = update.dimension;
+        // Mode local: the device's C; the engine's aggregator adds the noise.
+        let c = mechanism.map(|m| m.clip_norm()).or(clip);
+        let (indices, values) = clip_sparse(update, c)?;
+        let mut clip_bit = None;
+        if let (Some(mechanism), Some(sigma_b)) = (mechanism, bit_noise_std) {
+            let mut sampler = SimulationSampler::for_stream(seed, &[round, user as u64]);
+            let bit = fedpref_privacy::adaptive_clip::local_bit_release(
+                norm_before_clipping,
+                mechanism.clip_norm(),
+                sigma_b,
+                &mut sampler,
+            )?;
+            clip_bit = Some(bit.values()[0] + 0.5);
+        }
+        let upload = if path == LocalPath::Sparse {
+            Upload::Sparse { indices, values }
+        } else {
+            let mut dense = vec![0.0f32; dimension];
+            for (&i, &v) in indices.iter().zip(&values) {
+                dense[i as usize] = v;
+            }
+            Upload::Dense(dense)
+        };
+        return Ok(ClientUpdate {
+            upload,
+            examples: examples.len() as u64,
+            clip_bit,
+            norm_before_clipping,
+            fit_ns,
+            privacy_ns: t.elapsed().as_nanos() as u64,
+        });
+    }
     let (_private, update) = local_round(model, &examples, training);
     let norm_before_clipping = update.iter().map(|x| x * x).sum::<f64>().sqrt();
     let fit_ns = t.elapsed().as_nanos() as u64;
@@ -879,7 +1032,7 @@ fn train_client(
         (None, None) => update.iter().map(|&x| x as f32).collect(),
     };
     Ok(ClientUpdate {
-        values,
+        upload: Upload::Dense(values),
         examples: examples.len() as u64,
         clip_bit,
         norm_before_clipping,

@@ -641,3 +641,71 @@ fn presets_and_their_overrides_are_written_with_the_settings() {
     assert_eq!(code, 2);
     assert!(stderr.contains("--bias-l2-ratio"), "{stderr}");
 }
+
+#[test]
+fn the_noise_path_is_a_flag_of_run_and_bench_written_with_the_settings() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |path: Option<&str>, out: &std::path::Path| {
+        let mut args = vec![
+            "run",
+            "--users",
+            "40",
+            "--items",
+            "20",
+            "--rounds",
+            "1",
+            "--cohort-size",
+            "10",
+            "--privacy-mode",
+            "local",
+            "--noise-multiplier",
+            "1",
+            "--quiet",
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        if let Some(p) = path {
+            args.extend_from_slice(&["--noise-path", p]);
+        }
+        let (code, _, stderr) = sim(&args);
+        assert_eq!(code, 0, "{stderr}");
+        let text = std::fs::read_to_string(out.join("metrics.json")).unwrap();
+        serde_json::from_str::<serde_json::Value>(&text).unwrap()["settings"]["noise_path"].clone()
+    };
+    // The default is the aggregate path; per-device files keep their old keys.
+    assert_eq!(run(None, &dir.path().join("a")), "aggregate");
+    assert_eq!(
+        run(Some("per-device"), &dir.path().join("b")),
+        serde_json::Value::Null
+    );
+
+    let (code, _, stderr) = sim(&["run", "--noise-path", "sparse"]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("--noise-path"), "{stderr}");
+    let (code, _, stderr) = sim(&["run", "--transport", "grpc", "--noise-path", "aggregate"]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("--noise-path"), "{stderr}");
+
+    for path in ["aggregate", "per-device"] {
+        let (code, stdout, stderr) = sim(&[
+            "bench",
+            "--users",
+            "50",
+            "--items",
+            "30",
+            "--ratings-per-user",
+            "10",
+            "--clients-per-round",
+            "10",
+            "--rounds",
+            "2",
+            "--noise-path",
+            path,
+            "--json",
+        ]);
+        assert_eq!(code, 0, "{stderr}");
+        let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+        assert_eq!(v["noise_path"], path);
+        assert!(v["rmse"].as_f64().unwrap().is_finite());
+    }
+}

@@ -61,6 +61,12 @@ pub enum AggregationError {
         "privacy mode \"none\" is for simulations only: its aggregate carries no DP noise and cannot be finished with the secure sampler"
     )]
     NoDpWithSecureSampler,
+    /// Simulated (un-noised) updates were accumulated, and their aggregate noise would be
+    /// drawn by the secure sampler: only a simulation may add them.
+    #[error(
+        "this round holds simulated un-noised updates: their aggregate noise is the simulator's, so the round cannot be finished with the secure sampler"
+    )]
+    SimulatedNoiseWithSecureSampler,
     /// The aggregate has a NaN or infinite coordinate (cannot happen with validated inputs).
     #[error("the aggregate's coordinate {index} is not finite; nothing was released")]
     NonFiniteAggregate {
@@ -131,6 +137,12 @@ pub enum UpdateRejected {
         weight: f64,
         /// Why it is refused.
         reason: &'static str,
+    },
+    /// A simulated sparse update is malformed or this round's path cannot take it.
+    #[error("sparse update refused: {reason}")]
+    InvalidSparse {
+        /// What is wrong.
+        reason: String,
     },
     /// The privacy crate refused the update (e.g. the lattice sum would overflow).
     #[error("the central sum refused the update: {0}")]
