@@ -13,7 +13,7 @@ use fedpref_privacy::pld::{PldAccountant, PldMechanism, calibrate_noise_multipli
 use fedpref_privacy::{RdpAccountant, pld::DEFAULT_VALUE_DISCRETIZATION_INTERVAL as INTERVAL};
 use serde_json::Value;
 
-/// The and the README's agreement target for PLD values.
+/// The reference README's agreement target for PLD values.
 const REL: f64 = 2e-3;
 
 fn vectors() -> Vec<Value> {
