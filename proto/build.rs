@@ -35,10 +35,12 @@ fn main() -> Result<(), Box<dyn Error>> {
 
     fs::write(out_dir.join(DESCRIPTOR_FILE), descriptors.encode_to_vec())?;
 
+    // The services and clients only with the `grpc` feature; the messages always.
+    let grpc = env::var_os("CARGO_FEATURE_GRPC").is_some();
     tonic_prost_build::configure()
-        .build_client(true)
-        .build_server(true)
-        .build_transport(true)
+        .build_client(grpc)
+        .build_server(grpc)
+        .build_transport(grpc)
         // An update's chunks are `Bytes`: the server decodes them as slices of the receive
         // buffer instead of copying every byte of every upload into a fresh `Vec`.
         .bytes(".fedpref.v1.TensorChunk.content")

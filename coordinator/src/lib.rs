@@ -23,34 +23,21 @@
 //! ```
 
 pub mod admin_client;
-pub mod aggregation;
 pub mod audit;
-pub mod checkpoint;
 pub mod cli;
 pub mod config;
 pub mod coordinator;
-pub mod distributed;
-pub mod engine;
-pub mod grants;
-pub mod guardrail;
-pub mod ledger;
-pub mod manifest;
 pub mod metrics;
-pub mod model;
 pub mod replica;
 pub mod report;
-pub mod secure_round;
 pub mod server;
 pub mod service;
 pub mod store;
 
-/// Lower-case hex of a byte string.
-pub fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write;
-    bytes
-        .iter()
-        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-            let _ = write!(s, "{b:02x}");
-            s
-        })
-}
+pub use fedpref_engine::hex;
+// The pure core lives in `fedpref-engine`; its modules are re-exported under their old paths so
+// `fedpref_coordinator::engine::Engine` and `crate::ledger::…` name the same items.
+pub use fedpref_engine::{
+    aggregation, checkpoint, distributed, engine, grants, guardrail, ledger, manifest, model,
+    secure_round,
+};

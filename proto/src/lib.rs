@@ -93,7 +93,7 @@ pub use prost_types;
 #[allow(missing_docs)]
 #[allow(clippy::all, clippy::pedantic)]
 pub mod v1 {
-    tonic::include_proto!("fedpref.v1");
+    include!(concat!(env!("OUT_DIR"), "/fedpref.v1.rs"));
 }
 
 /// The encoded `google.protobuf.FileDescriptorSet` of fedpref.v1, with its

@@ -2,7 +2,7 @@
 //!
 //! The store is opened **read-only** (SQLite `SQLITE_OPEN_READ_ONLY`; nothing is migrated
 //! or written, so a notebook can read the store of a running coordinator), and every run's
-//! ledger is checked with the coordinator's own [`fedpref_coordinator::ledger::verify`],
+//! ledger is checked with the coordinator's own [`fedpref_engine::ledger::verify`],
 //! which recomputes the hash chain and every cumulative ε from the recorded σ, q and mode.
 //!
 //! The result is a JSON list with one object per run, oldest first: `run_id`, `status`,
@@ -13,8 +13,8 @@
 
 use std::path::Path;
 
-use fedpref_coordinator::ledger::{SealedEntry, verify};
 use fedpref_coordinator::store::MIGRATIONS;
+use fedpref_engine::ledger::{SealedEntry, verify};
 use rusqlite::{Connection, OpenFlags, params};
 use serde_json::{Value, json};
 

@@ -14,7 +14,7 @@
 //! with `null` for an empty cell) and `alerts` (the guardrail alerts of `alerts.json`, if
 //! the run raised any).
 
-use fedpref_coordinator::manifest::ManifestPrivacyMode;
+use fedpref_engine::manifest::ManifestPrivacyMode;
 use fedpref_simulations::cli::{CliError, plan_from_table, run_plan};
 use fedpref_simulations::data::Dataset;
 use fedpref_simulations::sim::RoundRecord;

@@ -13,8 +13,8 @@
 use std::time::Instant;
 
 use fedpref_client_sdk::LocalTraining;
-use fedpref_coordinator::aggregation::ServerOptimizer;
-use fedpref_coordinator::manifest::ManifestPrivacyMode;
+use fedpref_engine::aggregation::ServerOptimizer;
+use fedpref_engine::manifest::ManifestPrivacyMode;
 use serde_json::json;
 
 use crate::cli::{BenchArgs, CliError};

@@ -20,8 +20,8 @@
 use std::time::Instant;
 
 use fedpref_client_sdk::{Example, LocalTraining, MatrixFactorization, PreferenceModel};
-use fedpref_coordinator::manifest::ModelSpec;
-use fedpref_coordinator::model::initial_parameters;
+use fedpref_engine::manifest::ModelSpec;
+use fedpref_engine::model::initial_parameters;
 use rayon::prelude::*;
 
 use crate::data::Dataset;

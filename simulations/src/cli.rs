@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 
 use clap::{Parser, Subcommand, ValueEnum};
 use fedpref_client_sdk::LocalTraining;
-use fedpref_coordinator::aggregation::ServerOptimizer;
-use fedpref_coordinator::manifest::{AdaptiveClippingSpec, ManifestPrivacyMode};
+use fedpref_engine::aggregation::ServerOptimizer;
+use fedpref_engine::manifest::{AdaptiveClippingSpec, ManifestPrivacyMode};
 use fedpref_privacy::tree::ParticipationLimits;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Deserialize;
@@ -1032,7 +1032,12 @@ fn plan_with(args: &RunArgs, file: FileConfig) -> Result<RunPlan, CliError> {
                 "--transport grpc and --centralised: the centralised baseline has no devices to connect; drop one",
             ));
         }
+        #[cfg(feature = "grpc")]
         crate::grpc::check(&settings).map_err(|e| usage(e.to_string()))?;
+        #[cfg(not(feature = "grpc"))]
+        return Err(usage(
+            "--transport grpc: this fedpref-sim was built without the `grpc` feature",
+        ));
     }
     Ok(RunPlan {
         data,
@@ -1089,13 +1094,52 @@ pub struct RunOutcome {
 }
 
 /// The warning `run` gives before training when the noise would swamp the signal
-/// ([`fedpref_coordinator::manifest::RunManifest::noise_warning`]).
+/// ([`fedpref_engine::manifest::RunManifest::noise_warning`]).
 pub fn noise_warning(settings: &Settings, data: &Dataset) -> Option<String> {
     let population = data.users.iter().filter(|u| u.trains).count();
     settings
         .manifest(population, data.items.len())
         .ok()?
         .noise_warning()
+}
+
+/// What a run gives `run_plan`: its records, client updates, timings and σ.
+type RunParts = (Vec<RoundRecord>, u64, sim::Timings, Option<f64>);
+
+/// The run through a real coordinator and SDK devices over loopback gRPC, and its ε
+/// statement's assumption.
+#[cfg(feature = "grpc")]
+fn grpc_run(
+    plan: &RunPlan,
+    bar: &ProgressBar,
+    watch: &mut impl FnMut(&RoundRecord),
+) -> Result<(RunParts, String), CliError> {
+    let run = crate::grpc::run(&plan.settings, &plan.data, |r| {
+        watch(r);
+        bar.set_position(r.round);
+        if let Some(e) = &r.evaluation {
+            bar.set_message(format!("rmse {:.4}", e.rmse));
+        }
+    })
+    .map_err(|e| CliError::Failed(e.into()))?;
+    let sigma = run.manifest.noise_multiplier;
+    Ok((
+        (run.records, run.client_updates, run.timings, sigma),
+        run.manifest.epsilon_assumption(),
+    ))
+}
+
+/// Without the `grpc` feature, plans with `--transport grpc` are refused when they are made;
+/// this is never reached.
+#[cfg(not(feature = "grpc"))]
+fn grpc_run(
+    _plan: &RunPlan,
+    _bar: &ProgressBar,
+    _watch: &mut impl FnMut(&RoundRecord),
+) -> Result<(RunParts, String), CliError> {
+    Err(usage(
+        "--transport grpc: this fedpref-sim was built without the `grpc` feature",
+    ))
 }
 
 /// Runs a plan (federated, or `--centralised`) and writes its outputs under `out`.
@@ -1144,17 +1188,9 @@ pub fn run_plan(
         run.records.iter().for_each(&mut watch);
         (run.records, 0, timings, None)
     } else if plan.transport == Transport::Grpc {
-        let run = crate::grpc::run(s, &plan.data, |r| {
-            watch(r);
-            bar.set_position(r.round);
-            if let Some(e) = &r.evaluation {
-                bar.set_message(format!("rmse {:.4}", e.rmse));
-            }
-        })
-        .map_err(|e| CliError::Failed(e.into()))?;
-        let sigma = run.manifest.noise_multiplier;
-        assumption = Some(run.manifest.epsilon_assumption());
-        (run.records, run.client_updates, run.timings, sigma)
+        let (run, epsilon_assumption) = grpc_run(plan, bar, &mut watch)?;
+        assumption = Some(epsilon_assumption);
+        run
     } else if s.privacy_mode == ManifestPrivacyMode::Distributed {
         let mut simulation = crate::distributed::DistributedSimulation::new(s, &plan.data)
             .map_err(|e| usage(e.to_string()))?;
@@ -1217,7 +1253,10 @@ pub fn run_plan(
     settings_json["noise_multiplier"] = json!(sigma);
     if plan.transport == Transport::Grpc {
         settings_json["transport"] = json!("grpc");
-        settings_json["round_seconds"] = json!(crate::grpc::ROUND_SECONDS);
+        #[cfg(feature = "grpc")]
+        {
+            settings_json["round_seconds"] = json!(crate::grpc::ROUND_SECONDS);
+        }
     }
     let csv = report::metrics_csv(&plan.data, &records);
     let metrics = report::metrics_json(&plan.data, settings_json, &records);

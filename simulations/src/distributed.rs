@@ -39,7 +39,7 @@
 //! section: `--dropout` as its drop-out rate, `--corruption-rate` as its corruption rate, and
 //! `sampling.minimum_size` = ⌈(1 − 2·RATE)·n⌉: the expected survivors at drop-out rate RATE,
 //! minus as many again), validated by the coordinator's manifest code; the engine takes every
-//! round's parameters from the coordinator's [`fedpref_coordinator::distributed::plan`]: the
+//! round's parameters from the coordinator's [`fedpref_engine::distributed::plan`]: the
 //! graph degree k and threshold t ([`SecAggParams::choose`]), m = max(t, minimum_size), the
 //! lattice step, and the per-device noise variance sized so that the `m − ⌈γn⌉ − 1` honest
 //! devices guaranteed in a released sum (m, minus the colluders, minus the user) carry (σC)²
@@ -52,11 +52,11 @@
 use std::time::Instant;
 
 use fedpref_client_sdk::{LocalTraining, local_round_sparse};
-use fedpref_coordinator::engine::{Action, Engine, Event, RunState, Task};
-use fedpref_coordinator::ledger::AudienceEpsilon;
-use fedpref_coordinator::manifest::{ManifestPrivacyMode, RunManifest};
-use fedpref_coordinator::model::initial_parameters;
-use fedpref_coordinator::secure_round::StageInput;
+use fedpref_engine::engine::{Action, Engine, Event, RunState, Task};
+use fedpref_engine::ledger::AudienceEpsilon;
+use fedpref_engine::manifest::{ManifestPrivacyMode, RunManifest};
+use fedpref_engine::model::initial_parameters;
+use fedpref_engine::secure_round::StageInput;
 use fedpref_privacy::distributed::{DistributedDiscreteGaussian, SimulationShareSampler};
 use fedpref_privacy::{SimulationSampler, clip_l2};
 use fedpref_secagg::inprocess::Dropouts;
@@ -92,10 +92,10 @@ pub struct DistributedPlan {
 
 impl DistributedPlan {
     /// The plan of a validated distributed run manifest, from the coordinator's own
-    /// [`fedpref_coordinator::distributed::plan`], so the in-process run and a coordinator
+    /// [`fedpref_engine::distributed::plan`], so the in-process run and a coordinator
     /// pick the very same n, t, graph, m, lattice and noise. Errors name the flag.
     pub fn from_manifest(manifest: &RunManifest) -> Result<Self, SimError> {
-        let plan = fedpref_coordinator::distributed::plan(manifest).map_err(|e| {
+        let plan = fedpref_engine::distributed::plan(manifest).map_err(|e| {
             SimError::Settings(crate::sim::flag_names(&format!(
                 "{} = {}: {}",
                 e.key, e.value, e.reason
@@ -385,7 +385,7 @@ impl<'d> DistributedSimulation<'d> {
             .engine
             .handle(event, self.now, &mut random.rng, &mut random.sampler);
         // A simulation keeps no store: a release the engine asks to record is recorded.
-        if let Some(round) = fedpref_coordinator::engine::release_to_record(&actions) {
+        if let Some(round) = fedpref_engine::engine::release_to_record(&actions) {
             actions.extend(self.engine.handle(
                 Event::ReleaseRecorded { round },
                 self.now,

@@ -215,8 +215,8 @@ mod tests {
     use super::*;
     use crate::data::{SyntheticSpec, synthetic};
     use crate::sim::{Settings, shared_model};
-    use fedpref_coordinator::manifest::ModelSpec;
-    use fedpref_coordinator::model::initial_parameters;
+    use fedpref_engine::manifest::ModelSpec;
+    use fedpref_engine::model::initial_parameters;
 
     fn setup() -> (Dataset, MatrixFactorization) {
         let data = synthetic(&SyntheticSpec {

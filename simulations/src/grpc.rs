@@ -34,11 +34,12 @@ use fedpref_client_sdk::{
     ParticipationEvent, Timestamp, participate,
 };
 use fedpref_coordinator::config::{Config, Limits, self_signed_localhost};
-use fedpref_coordinator::ledger::{LedgerEntry, LedgerEvent};
-use fedpref_coordinator::manifest::{ManifestPrivacyMode, RunManifest, SamplingSpec};
+use fedpref_coordinator::coordinator::create_run;
 use fedpref_coordinator::server::{ServeOptions, start};
 use fedpref_coordinator::store::{RunStatus, Store};
-use fedpref_coordinator::{coordinator::create_run, model};
+use fedpref_engine::ledger::{LedgerEntry, LedgerEvent};
+use fedpref_engine::manifest::{ManifestPrivacyMode, RunManifest, SamplingSpec};
+use fedpref_engine::model;
 
 use crate::data::Dataset;
 use crate::feedback::FeedbackModel;

@@ -33,6 +33,7 @@ pub mod cli;
 pub mod data;
 pub mod distributed;
 pub mod feedback;
+#[cfg(feature = "grpc")]
 pub mod grpc;
 pub mod guardrails;
 pub mod metrics;

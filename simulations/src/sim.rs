@@ -34,15 +34,15 @@ use std::time::Instant;
 use fedpref_client_sdk::{
     LocalTraining, MatrixFactorization, ModelError, SparseUpdate, local_round, local_round_sparse,
 };
-use fedpref_coordinator::aggregation::ServerOptimizer;
-use fedpref_coordinator::distributed::{DistributedNoiseKind, SecureAggregationSpec};
-use fedpref_coordinator::engine::{Action, ClipBit, Engine, Event, RunState, Task};
-use fedpref_coordinator::ledger::AudienceEpsilon;
-use fedpref_coordinator::manifest::{
+use fedpref_engine::aggregation::ServerOptimizer;
+use fedpref_engine::distributed::{DistributedNoiseKind, SecureAggregationSpec};
+use fedpref_engine::engine::{Action, ClipBit, Engine, Event, RunState, Task};
+use fedpref_engine::ledger::AudienceEpsilon;
+use fedpref_engine::manifest::{
     AdaptiveClippingSpec, BudgetAudience, BudgetSpec, ManifestPrivacyMode, ModelSpec, OptOutPolicy,
     RunManifest, SamplingSpec,
 };
-use fedpref_coordinator::model::initial_parameters;
+use fedpref_engine::model::initial_parameters;
 use fedpref_privacy::tree::ParticipationLimits;
 use fedpref_privacy::{GaussianMechanism, SimulationSampler, clip_l2};
 use rand::RngExt;

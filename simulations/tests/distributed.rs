@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use fedpref_coordinator::manifest::ManifestPrivacyMode;
+use fedpref_engine::manifest::ManifestPrivacyMode;
 use fedpref_simulations::cli::{Mode, RunArgs, RunPlan, plan, run_plan};
 use fedpref_simulations::data::{SyntheticSpec, synthetic};
 use fedpref_simulations::distributed::DistributedSimulation;

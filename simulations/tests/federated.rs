@@ -1,6 +1,6 @@
 //! Short federated runs learn: they beat the global-mean baseline.
 
-use fedpref_coordinator::aggregation::ServerOptimizer;
+use fedpref_engine::aggregation::ServerOptimizer;
 use fedpref_simulations::centralised::centralised;
 use fedpref_simulations::data::{SyntheticSpec, synthetic, workload};
 use fedpref_simulations::metrics::global_mean_rmse;
@@ -36,7 +36,7 @@ fn local_dp_spends_epsilon_for_anyone_and_central_dp_with_a_target_stays_under_i
     let local = Settings {
         rounds: 2,
         sampling: Sampling::Cohort(20),
-        privacy_mode: fedpref_coordinator::manifest::ManifestPrivacyMode::Local,
+        privacy_mode: fedpref_engine::manifest::ManifestPrivacyMode::Local,
         noise_multiplier: Some(2.0),
         eval_every: 0,
         ranking: false,
@@ -50,7 +50,7 @@ fn local_dp_spends_epsilon_for_anyone_and_central_dp_with_a_target_stays_under_i
 
     let central = Settings {
         sampling: Sampling::Rate(0.2),
-        privacy_mode: fedpref_coordinator::manifest::ManifestPrivacyMode::Central,
+        privacy_mode: fedpref_engine::manifest::ManifestPrivacyMode::Central,
         noise_multiplier: None,
         target_epsilon: Some(3.0),
         server_optimizer: ServerOptimizer::Fedavg {

@@ -228,7 +228,7 @@ fn local_adaptive_clipping_needs_a_bit_noise_named_by_its_flag() {
 
 #[test]
 fn local_adaptive_clipping_converges_to_within_ten_percent_of_the_true_quantile_of_update_norms() {
-    use fedpref_coordinator::manifest::{AdaptiveClippingSpec, ManifestPrivacyMode};
+    use fedpref_engine::manifest::{AdaptiveClippingSpec, ManifestPrivacyMode};
     use fedpref_simulations::data::{SyntheticSpec, synthetic};
     use fedpref_simulations::sim::{Sampling, Settings, Simulation};
 

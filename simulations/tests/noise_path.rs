@@ -2,7 +2,7 @@
 //! of a phone's upload), `aggregate` clips sparse updates and draws one aggregate noise
 //! vector per round. They agree in distribution; `per-device` keeps its bytes.
 
-use fedpref_coordinator::manifest::ManifestPrivacyMode;
+use fedpref_engine::manifest::ManifestPrivacyMode;
 use fedpref_simulations::data::workload;
 use fedpref_simulations::sim::{NoisePath, Sampling, Settings, Simulation, digest};
 

@@ -1,6 +1,7 @@
 //! `--transport grpc`: the same run as in-process, over a real coordinator on 127.0.0.1 with
 //! TLS and the users as real SDK clients. Byte equality is impossible by design (the SDK's
 //! noise is OS-seeded, see `src/grpc.rs`); what must be equal is asserted exactly.
+#![cfg(feature = "grpc")]
 
 use fedpref_simulations::cli::{Mode, RunArgs, Transport, plan, run_plan};
 use fedpref_simulations::sim::candidates;

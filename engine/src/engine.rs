@@ -5,7 +5,7 @@
 //! simulation) and the noise sampler; it executes the returned actions (send a task, write a
 //! ledger entry and model version, publish) and calls `handle(Event::Tick, …)` when
 //! [`Engine::next_wakeup`] has passed. The durable driver is
-//! [`crate::coordinator::Coordinator`]; simulations drive the engine directly.
+//! `fedpref_coordinator::coordinator::Coordinator`; simulations drive the engine directly.
 //!
 //! # Rounds
 //! A round opens when a device checks in while the run is active, has rounds left and no

@@ -41,7 +41,7 @@
 //!
 //! # Example
 //! ```
-//! use fedpref_coordinator::aggregation::{
+//! use fedpref_engine::aggregation::{
 //!     apply, AggregationPrivacy, RoundAggregator, ServerOptimizer, ServerState,
 //! };
 //! use fedpref_privacy::SimulationSampler;
@@ -561,7 +561,7 @@ impl Aggregate<Secure> {
 /// does not type-check there:
 ///
 /// ```compile_fail,E0308
-/// use fedpref_coordinator::aggregation::{Aggregate, AggregationPrivacy, RoundAggregator, ServerOptimizer};
+/// use fedpref_engine::aggregation::{Aggregate, AggregationPrivacy, RoundAggregator, ServerOptimizer};
 /// use fedpref_privacy::{Secure, SimulationSampler};
 /// let privacy = AggregationPrivacy::Central { clip_norm: 1.0, noise_multiplier: 1.0, expected_cohort_size: 10.0 };
 /// let round = RoundAggregator::new(&ServerOptimizer::default(), &privacy, 4).unwrap();

@@ -1395,16 +1395,22 @@ description = "off until the user turns it on"
 
     #[test]
     fn the_shipped_example_manifest_is_valid() {
-        let m = RunManifest::from_toml(include_str!("../manifests/example.toml"), "example.toml")
-            .unwrap();
+        let m = RunManifest::from_toml(
+            include_str!("../../coordinator/manifests/example.toml"),
+            "example.toml",
+        )
+        .unwrap();
         assert!(m.noise_multiplier.unwrap() > 0.5);
         assert_eq!(m.sampling.accounting_rate(), 0.02);
     }
 
     #[test]
     fn the_shipped_dp_ftrl_manifest_is_valid_and_fits_its_budget() {
-        let m = RunManifest::from_toml(include_str!("../manifests/dp-ftrl.toml"), "dp-ftrl.toml")
-            .unwrap();
+        let m = RunManifest::from_toml(
+            include_str!("../../coordinator/manifests/dp-ftrl.toml"),
+            "dp-ftrl.toml",
+        )
+        .unwrap();
         assert!(
             m.round_release().is_none(),
             "the tree accountant, not per-round RDP"
@@ -1771,7 +1777,7 @@ corruption_rate = 0.05
     #[test]
     fn the_distributed_example_manifest_is_valid() {
         let m = RunManifest::from_toml(
-            include_str!("../manifests/distributed.toml"),
+            include_str!("../../coordinator/manifests/distributed.toml"),
             "distributed.toml",
         )
         .unwrap();
