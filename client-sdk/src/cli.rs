@@ -556,3 +556,16 @@ fn report(device: &mut Device, args: &ReportMetricsArgs) -> Result<String, CliEr
         .map_err(|e| participation_error(e, &flags))?;
     Ok(outcome.to_string())
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    /// clap's consistency checks over every subcommand (conflicting flag names, a subcommand
+    /// argument named like a global one, …), which otherwise fire only when that subcommand
+    /// is parsed in a debug build.
+    #[test]
+    fn every_subcommand_is_well_formed() {
+        super::Cli::command().debug_assert();
+    }
+}

@@ -755,7 +755,7 @@ impl Device {
         // The coordinator's report schedule belonged to the old enrolment.
         tx.execute(
             "DELETE FROM settings WHERE key = ?1",
-            [crate::evaluation::NEXT_REPORT_KEY],
+            [store::NEXT_REPORT_KEY],
         )?;
         tx.commit()?;
         self.conn.execute_batch("VACUUM")?;

@@ -69,8 +69,7 @@ use crate::time::Timestamp;
 /// A user with at least this many distinct rated items is in the `heavy` cohort.
 pub const HEAVY_FROM_RATED_ITEMS: usize = 20;
 
-/// The settings key of the earliest time of the next report (ms since the epoch).
-pub(crate) const NEXT_REPORT_KEY: &str = "evaluation_next_report_ms";
+use crate::store::NEXT_REPORT_KEY;
 
 /// The counts of one window, as `fedpref.v1.EvaluationCounts` carries them.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]

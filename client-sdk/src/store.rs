@@ -194,6 +194,10 @@ pub(crate) const USER_TABLES: &[&str] = &[
     "private_model",
 ];
 
+/// The settings key of the earliest time of the next federated-evaluation report (ms since
+/// the epoch), as the coordinator scheduled it for this enrolment.
+pub(crate) const NEXT_REPORT_KEY: &str = "evaluation_next_report_ms";
+
 /// How long a write waits for another handle's lock before it fails with "database is
 /// locked".
 pub const BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);

@@ -24,7 +24,7 @@ use fedpref_proto::v1::admin_service_client::AdminServiceClient;
 use tonic::Request;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
-use crate::cli::CliError;
+use crate::cli_error::CliError;
 
 /// Where the admin API is and how to authenticate.
 #[derive(Debug, Args)]
@@ -134,6 +134,8 @@ pub enum RunsCommand {
         reason: String,
     },
     /// Publish an earlier model version's parameters as a new version.
+    // `--version` is the model version here, not the program's: no `-V/--version` flag.
+    #[command(disable_version_flag = true)]
     Rollback {
         #[command(flatten)]
         #[allow(missing_docs)]

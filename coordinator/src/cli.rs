@@ -461,19 +461,7 @@ fn parse_target_epsilon(s: &str) -> Result<f64, String> {
     }
 }
 
-/// Why a command did not produce output.
-#[derive(Debug, thiserror::Error)]
-pub enum CliError {
-    /// The flags are inconsistent (exit code 2, like a parse error).
-    #[error("{0}")]
-    Usage(String),
-    /// The command ran and failed (exit code 1).
-    #[error("{0}")]
-    Failed(String),
-    /// Verification found a problem: print the report, exit code 1.
-    #[error("{0}")]
-    Verification(String),
-}
+pub use crate::cli_error::CliError;
 
 /// Runs a parsed command and returns what to print.
 pub fn run(cli: &Cli) -> Result<String, CliError> {
@@ -933,4 +921,17 @@ fn render_text(
         schedule.rounds,
         s.audience.describe(),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    /// clap's consistency checks over every subcommand (conflicting flag names, a subcommand
+    /// argument named like a global one, …), which otherwise fire only when that subcommand
+    /// is parsed in a debug build.
+    #[test]
+    fn every_subcommand_is_well_formed() {
+        super::Cli::command().debug_assert();
+    }
 }

@@ -25,6 +25,7 @@
 pub mod admin_client;
 pub mod audit;
 pub mod cli;
+pub mod cli_error;
 pub mod config;
 pub mod coordinator;
 pub mod metrics;

@@ -14,12 +14,10 @@ use sha2::{Digest, Sha256};
 
 use crate::manifest::ModelSpec;
 
-/// Tensor names in a snapshot.
-pub const ITEM_FACTORS: &str = "item_factors";
+/// Tensor names in a snapshot and an update, as the protocol defines them.
+pub use fedpref_proto::tensor_names::{GLOBAL_OFFSET, ITEM_FACTORS};
 /// Item biases.
-pub const ITEM_BIAS: &str = "item_biases";
-/// The global offset.
-pub const GLOBAL_OFFSET: &str = "global_offset";
+pub const ITEM_BIAS: &str = fedpref_proto::tensor_names::ITEM_BIASES;
 
 /// A model version as stored: its number (from 1; the initial model is version 1), the
 /// encoded snapshot and the snapshot's SHA-256.

@@ -104,6 +104,21 @@ pub mod v1 {
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/fedpref_v1_descriptor.bin"));
 
+/// The names of the tensors that fedpref.v1 messages carry (`common.proto`'s
+/// `MatrixFactorizationSpec`, `secagg.proto`'s masked upload). Model snapshots and updates
+/// name their tensors with these, in this order.
+pub mod tensor_names {
+    /// The item factor matrix, shape `[item_count, factor_dimension]`.
+    pub const ITEM_FACTORS: &str = "item_factors";
+    /// The per-item biases, shape `[item_count]`.
+    pub const ITEM_BIASES: &str = "item_biases";
+    /// The global offset, a scalar (shape `[]`).
+    pub const GLOBAL_OFFSET: &str = "global_offset";
+    /// A distributed round's one uploaded tensor: the three above flattened in order,
+    /// clipped, encoded in fixed point, noised and masked (`DTYPE_U32`, shape `[d]`).
+    pub const MASKED_UPDATE: &str = "masked_update";
+}
+
 /// Length in bytes of every SHA-256 digest in the protocol.
 pub const SHA256_LEN: usize = 32;
 

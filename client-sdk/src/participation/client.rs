@@ -22,8 +22,8 @@ use crate::device::Device;
 use crate::time::Timestamp;
 use crate::upload::{PreparedShare, PreparedUpload};
 
-/// The one tensor of a distributed-mode upload: the masked fixed-point update.
-pub const MASKED_UPDATE: &str = "masked_update";
+/// The one tensor of a distributed round's upload (the protocol's name).
+pub use fedpref_proto::tensor_names::MASKED_UPDATE;
 
 /// Upload chunks never exceed this, whatever the task allows (256 KiB keeps a retried
 /// chunk cheap on a phone's network).

@@ -41,6 +41,8 @@ fn guardrail_kind_from_proto(k: pb::GuardrailMetricKind) -> Option<GuardrailMetr
         pb::GuardrailMetricKind::InjectedShare => GuardrailMetricKind::InjectedShare,
     })
 }
+use crate::engine::RejectKind;
+use crate::model::{GLOBAL_OFFSET, ITEM_BIAS, ITEM_FACTORS};
 use crate::store::{RunRecord, RunStatus};
 
 /// The file name manifest errors carry.
@@ -1026,3 +1028,63 @@ pub fn ledger_entry_to_proto(
 }
 
 use fedpref_proto::prost_types;
+/// The tensors an update must contain, in order, as `fedpref.v1.MatrixFactorizationSpec`
+/// names them (and the client SDK builds them): `item_factors` [items, k], `item_biases`
+/// \[items\], `global_offset` \[\] (a scalar), F64. Flattened in this order they are the
+/// engine's parameter layout ([`crate::model`]: factors, biases, offset).
+///
+/// In distributed mode the update is one tensor instead, [`MASKED_UPDATE`](fedpref_proto::tensor_names::MASKED_UPDATE): the same values
+/// flattened in that order, encoded in fixed point, noised and masked, `DTYPE_U32` of shape
+/// \[d\].
+pub fn update_tensors(manifest: &RunManifest) -> Vec<pb::TensorSpec> {
+    if manifest.privacy_mode == ManifestPrivacyMode::Distributed {
+        return vec![pb::TensorSpec {
+            name: fedpref_proto::tensor_names::MASKED_UPDATE.to_string(),
+            shape: vec![manifest.dimension() as u64],
+            dtype: pb::Dtype::U32 as i32,
+        }];
+    }
+    let (items, k) = (manifest.model.items, manifest.model.factors);
+    [
+        (ITEM_FACTORS, vec![items, k]),
+        (ITEM_BIAS, vec![items]),
+        (GLOBAL_OFFSET, vec![]),
+    ]
+    .into_iter()
+    .map(|(name, shape)| pb::TensorSpec {
+        name: name.to_string(),
+        shape,
+        dtype: pb::Dtype::F64 as i32,
+    })
+    .collect()
+}
+
+pub(super) fn proto_mode(m: ManifestPrivacyMode) -> pb::PrivacyMode {
+    match m {
+        ManifestPrivacyMode::None => pb::PrivacyMode::None,
+        ManifestPrivacyMode::Local => pb::PrivacyMode::Local,
+        ManifestPrivacyMode::Central => pb::PrivacyMode::Central,
+        ManifestPrivacyMode::Distributed => pb::PrivacyMode::Distributed,
+    }
+}
+
+pub(super) fn reject_status(kind: RejectKind, message: String) -> Status {
+    match kind {
+        RejectKind::InvalidArgument => Status::invalid_argument(message),
+        RejectKind::FailedPrecondition => Status::failed_precondition(message),
+    }
+}
+
+pub(super) fn task_ref(task: Option<&pb::TaskRef>, field: &str) -> Result<pb::TaskRef, Status> {
+    let t = task.ok_or_else(|| invalid(field, "must be set"))?;
+    if t.run_id.is_empty() {
+        return Err(invalid(&format!("{field}.run_id"), "must not be empty"));
+    }
+    if t.round_id == 0 {
+        return Err(invalid(&format!("{field}.round_id"), "must be at least 1"));
+    }
+    if t.task_token.is_empty() {
+        return Err(invalid(&format!("{field}.task_token"), "must not be empty"));
+    }
+    Ok(t.clone())
+}

@@ -17,17 +17,9 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 
+use super::convert::{proto_mode, reject_status, task_ref, update_tensors};
 use super::{Shared, auth, coordinator_status, duration, invalid, now_ms, timestamp, unhex};
-use crate::engine::{Action, Event, RejectKind, RunState};
-use crate::manifest::{ManifestPrivacyMode, RunManifest};
-use crate::model::{GLOBAL_OFFSET, ITEM_FACTORS};
-
-/// The protocol's name of the item-bias tensor in updates (the stored snapshot still says
-/// `item_bias`, [`crate::model::ITEM_BIAS`]).
-pub const UPDATE_ITEM_BIASES: &str = "item_biases";
-
-/// The one tensor of a distributed round's upload: the masked, fixed-point update.
-pub const MASKED_UPDATE: &str = "masked_update";
+use crate::engine::{Action, Event, RunState};
 
 /// How long a device waits when no run exists at all, in ms.
 const NO_RUN_RETRY_MS: i64 = 60_000;
@@ -70,46 +62,6 @@ impl DeviceApi {
     }
 }
 
-/// The tensors an update must contain, in order, as `fedpref.v1.MatrixFactorizationSpec`
-/// names them (and the client SDK builds them): `item_factors` [items, k], `item_biases`
-/// \[items\], `global_offset` \[\] (a scalar), F64. Flattened in this order they are the
-/// engine's parameter layout ([`crate::model`]: factors, biases, offset).
-///
-/// In distributed mode the update is one tensor instead, [`MASKED_UPDATE`]: the same values
-/// flattened in that order, encoded in fixed point, noised and masked, `DTYPE_U32` of shape
-/// \[d\].
-pub fn update_tensors(manifest: &RunManifest) -> Vec<pb::TensorSpec> {
-    if manifest.privacy_mode == ManifestPrivacyMode::Distributed {
-        return vec![pb::TensorSpec {
-            name: MASKED_UPDATE.to_string(),
-            shape: vec![manifest.dimension() as u64],
-            dtype: pb::Dtype::U32 as i32,
-        }];
-    }
-    let (items, k) = (manifest.model.items, manifest.model.factors);
-    [
-        (ITEM_FACTORS, vec![items, k]),
-        (UPDATE_ITEM_BIASES, vec![items]),
-        (GLOBAL_OFFSET, vec![]),
-    ]
-    .into_iter()
-    .map(|(name, shape)| pb::TensorSpec {
-        name: name.to_string(),
-        shape,
-        dtype: pb::Dtype::F64 as i32,
-    })
-    .collect()
-}
-
-pub(super) fn proto_mode(m: ManifestPrivacyMode) -> pb::PrivacyMode {
-    match m {
-        ManifestPrivacyMode::None => pb::PrivacyMode::None,
-        ManifestPrivacyMode::Local => pb::PrivacyMode::Local,
-        ManifestPrivacyMode::Central => pb::PrivacyMode::Central,
-        ManifestPrivacyMode::Distributed => pb::PrivacyMode::Distributed,
-    }
-}
-
 /// The engine's come-back reasons as the protocol's enum.
 fn come_back_reason(reason: &str) -> pb::ComeBackReason {
     match reason {
@@ -123,27 +75,6 @@ fn come_back_reason(reason: &str) -> pb::ComeBackReason {
         r if r.starts_with("participation limit") => pb::ComeBackReason::ParticipationLimit,
         _ => pb::ComeBackReason::NotSelected,
     }
-}
-
-pub(super) fn reject_status(kind: RejectKind, message: String) -> Status {
-    match kind {
-        RejectKind::InvalidArgument => Status::invalid_argument(message),
-        RejectKind::FailedPrecondition => Status::failed_precondition(message),
-    }
-}
-
-pub(super) fn task_ref(task: Option<&pb::TaskRef>, field: &str) -> Result<pb::TaskRef, Status> {
-    let t = task.ok_or_else(|| invalid(field, "must be set"))?;
-    if t.run_id.is_empty() {
-        return Err(invalid(&format!("{field}.run_id"), "must not be empty"));
-    }
-    if t.round_id == 0 {
-        return Err(invalid(&format!("{field}.round_id"), "must be at least 1"));
-    }
-    if t.task_token.is_empty() {
-        return Err(invalid(&format!("{field}.task_token"), "must not be empty"));
-    }
-    Ok(t.clone())
 }
 
 fn sdk_version(v: &str, field: &str) -> Result<(), Status> {

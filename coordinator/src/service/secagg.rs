@@ -17,7 +17,7 @@ use fedpref_secagg::{
 use tokio::sync::OwnedSemaphorePermit;
 use tonic::{Request, Response, Status};
 
-use super::device::{reject_status, task_ref};
+use super::convert::{reject_status, task_ref};
 use super::{Shared, auth, coordinator_status, duration, invalid, now_ms, timestamp};
 use crate::engine::{Action, Event};
 use crate::secure_round::{SecureRoundInfo, StageInput};

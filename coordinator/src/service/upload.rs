@@ -12,7 +12,7 @@ use fedpref_proto::v1::{self as pb, upload_update_request::Part};
 use sha2::{Digest, Sha256};
 use tonic::{Status, Streaming};
 
-use super::device::{proto_mode, reject_status, task_ref, update_tensors};
+use super::convert::{proto_mode, reject_status, task_ref, update_tensors};
 use super::{Shared, auth, coordinator_status, invalid, now_ms, timestamp};
 use crate::config::Limits;
 use crate::engine::{Action, Event, RunState};
@@ -335,7 +335,7 @@ async fn receive_masked(
     mut stream: Streaming<pb::UploadUpdateRequest>,
 ) -> Result<pb::UploadReceipt, Status> {
     let expected = pb::TensorSpec {
-        name: super::device::MASKED_UPDATE.to_string(),
+        name: fedpref_proto::tensor_names::MASKED_UPDATE.to_string(),
         shape: vec![dimension as u64],
         dtype: pb::Dtype::U32 as i32,
     };
