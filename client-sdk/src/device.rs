@@ -805,7 +805,7 @@ impl Device {
     }
 
     /// Everything the store holds, as one JSON document (format `fedpref-device-export`,
-    /// version 1; see the README). `records` are in the JSON Lines input format, so they
+    /// version 1; see docs/app-developers.md). `records` are in the JSON Lines input format, so they
     /// can be ingested again.
     pub fn export(&mut self, now: Timestamp) -> Result<Value, SdkError> {
         self.purge_expired(now)?;

@@ -18,7 +18,7 @@
 //!
 //! Updates cycle through a pool of 16 distinct updates (1 MiB at d = 16,384, where everything
 //! stays in cache, so the "bandwidth" there is cache bandwidth; 64 MiB at d = 1,048,576, twice
-//! the 32 MiB L3 of the machine the README's numbers come from, so updates stream from DRAM).
+//! the 32 MiB L3 of the machine docs/benchmarks.md's numbers come from, so updates stream from DRAM).
 //! Criterion prints its own estimates; at the end a table gives, for each mode, ns per update,
 //! ns per coordinate, updates/s, the effective bandwidth 20·d bytes / time, and the fraction
 //! of the bound achieved (bound time / add time), from the mean time of all timed iterations.

@@ -158,7 +158,7 @@ pub enum LedgerCommand {
         out: Option<std::path::PathBuf>,
     },
     /// Export a run's entries with their canonical text and hashes, for re-derivation
-    /// elsewhere (the fields are documented in the README).
+    /// elsewhere (the fields are documented in docs/reference/ledger-export.md).
     Export {
         /// The coordinator's SQLite database.
         #[arg(long, value_name = "PATH")]

@@ -818,7 +818,7 @@ fn rederive_text(run_id: &str, tree: bool) -> Vec<String> {
             "`fedpref-coordinator ledger verify --db PATH --run {run_id}` recomputes the hash chain and re-derives every round's RDP increments and the cumulative ε per audience from the recorded σ, q and mode; its head hash must equal the one printed at the top of this report."
         ),
         format!(
-            "`fedpref-coordinator ledger export --db PATH --run {run_id} --format json` prints every entry with its canonical text, previous hash and hash (documented field by field in the README): the rounds, cohort sizes, ε per round, guardrail alerts, pauses, rollbacks and the stop shown here are those entries."
+            "`fedpref-coordinator ledger export --db PATH --run {run_id} --format json` prints every entry with its canonical text, previous hash and hash (documented field by field in docs/reference/ledger-export.md): the rounds, cohort sizes, ε per round, guardrail alerts, pauses, rollbacks and the stop shown here are those entries."
         ),
         "Per-device ε composes, for each device, the rounds it took part in at each round's σ without amplification by sampling (`fedpref-coordinator accountant epsilon --noise-multiplier σ --sampling-rate 1 --rounds K --delta δ` gives the same figure for K participations at one σ).".to_string(),
         format!(

@@ -1,4 +1,4 @@
-"""The README's Python example runs as shown."""
+"""The Python example in docs/app-developers.md runs as shown."""
 
 from __future__ import annotations
 

@@ -116,7 +116,7 @@ fn shared_ml_100k() -> Option<PathBuf> {
     }
 }
 
-/// A short version of the README's comparison: DP-FedAvg with Poisson sampling and DP-FTRL
+/// A short version of the comparison in docs/ml-engineers.md: DP-FedAvg with Poisson sampling and DP-FTRL
 /// without sampling, both calibrated to ε = 8 at δ = 1e-5, both learn beyond the global mean.
 #[test]
 fn on_movielens_100k_dp_fedavg_with_sampling_and_dp_ftrl_without_both_learn_at_epsilon_8() {

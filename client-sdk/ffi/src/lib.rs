@@ -641,7 +641,7 @@ impl FedprefDevice {
     }
 
     /// Stores the records of a JSON Lines text (catalogue items, feedback, explicit data,
-    /// consents; the format of the SDK's README). Without `skip_invalid` one bad line
+    /// consents; the format in docs/app-developers.md). Without `skip_invalid` one bad line
     /// refuses the whole text ([`FedprefError::InvalidLines`]); with it, the valid lines
     /// are stored and the bad ones reported. `now`: the clock if `None`.
     pub fn ingest_jsonl(

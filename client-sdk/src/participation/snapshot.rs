@@ -8,7 +8,7 @@
 //! are used as they are. The current coordinator does not send them — its manifest knows
 //! only the number of items — so then row `r` is the catalogue key
 //! `{item_key_prefix}{r}` (default prefix `i`: rows 0, 1, 2 … are items `i0`, `i1`,
-//! `i2` …, the keys the README's JSON Lines use). An app whose catalogue uses other keys
+//! `i2` …, the keys the JSON Lines examples in docs/app-developers.md use). An app whose catalogue uses other keys
 //! either sets the prefix or has its coordinator publish `item_keys`. Catalogue items
 //! without a row are simply not in the model (they rank by popularity); rows without a
 //! catalogue item are trained by no one on this device.

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """fedpref.v1 from a second gRPC implementation (Python grpcio).
 
-Generates Python stubs from proto/ with grpcio-tools, sets a coordinator up the way the README
+Generates Python stubs from proto/ with grpcio-tools, sets a coordinator up the way docs/operators.md
 does (`init`, `run create`, `serve` on free loopback ports), then over TLS: the gRPC health
 check, and one full device round (Enroll, CheckIn, DownloadModel with its SHA-256 checked,
 UploadUpdate), and finally, over the admin service, the committed round and an intact ledger.
