@@ -68,6 +68,26 @@ fn child(db: &Path, abort_at_commit: bool) -> Command {
     cmd
 }
 
+/// Waits until the first child has created the run (its `run_created` entry is durable), so
+/// that the kills land while rounds run however slow the machine is; a kill before that would
+/// leave no run to check.
+fn wait_for_run(db: &Path) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let created = Store::open(db)
+            .and_then(|store| store.ledger("r1"))
+            .is_ok_and(|entries| !entries.is_empty());
+        if created {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the child never created its run"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 /// Checks everything that must hold after any crash, then returns rounds committed.
 fn check_consistent(db: &Path) -> u64 {
     let store = Store::open(db).unwrap();
@@ -160,6 +180,9 @@ fn kill_9_at_arbitrary_points_never_loses_or_double_counts_budget() {
     let mut last = 0;
     for (i, delay_ms) in [150u64, 230, 90, 310].into_iter().enumerate() {
         let mut proc = child(&db, false).spawn().unwrap();
+        if i == 0 {
+            wait_for_run(&db);
+        }
         std::thread::sleep(Duration::from_millis(delay_ms + 40 * i as u64));
         proc.kill().unwrap(); // SIGKILL
         proc.wait().unwrap();

@@ -1,0 +1,107 @@
+//! Enrolled devices and their participations.
+
+use super::*;
+
+impl Store {
+    pub(super) fn rounds_of(&self, sql: &str, params: &[Value]) -> Result<Vec<u64>, StoreError> {
+        self.read(|tx| tx.query(sql, params)?.iter().map(|r| r.u64(0)).collect())
+    }
+
+    /// The rounds a device took part in, for one run.
+    pub fn participations(&self, run_id: &str, device_id: &str) -> Result<Vec<u64>, StoreError> {
+        self.rounds_of(
+            "SELECT round FROM participations WHERE run_id = ?1 AND device_id = ?2 ORDER BY round",
+            vals![run_id, device_id],
+        )
+    }
+
+    /// Enrols a device: its opaque id and the SHA-256 (hex) of its token. The token itself is
+    /// never stored.
+    pub fn insert_device(
+        &self,
+        device_id: &str,
+        token_sha256: &str,
+        sdk_version: &str,
+        at_ms: i64,
+    ) -> Result<(), StoreError> {
+        self.write(|tx| {
+            tx.execute(
+                "INSERT INTO devices (id, token_sha256, sdk_version, enrolled_at_ms) VALUES (?1, ?2, ?3, ?4)",
+                vals![device_id, token_sha256, sdk_version, at_ms],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// Devices enrolled at or after `since_ms`.
+    pub fn enrolments_since(&self, since_ms: i64) -> Result<u64, StoreError> {
+        self.read(|tx| {
+            tx.query_one(
+                "SELECT COUNT(*) FROM devices WHERE enrolled_at_ms >= ?1",
+                vals![since_ms],
+            )?
+            .u64(0)
+        })
+    }
+
+    /// The device whose token hashes to `token_sha256` (hex), if any.
+    pub fn device_by_token_hash(&self, token_sha256: &str) -> Result<Option<String>, StoreError> {
+        self.read(|tx| {
+            tx.query_opt(
+                "SELECT id FROM devices WHERE token_sha256 = ?1",
+                vals![token_sha256],
+            )?
+            .map(|r| r.text(0))
+            .transpose()
+        })
+    }
+
+    /// Enrolled devices.
+    pub fn device_count(&self) -> Result<u64, StoreError> {
+        self.read(|tx| tx.query_one("SELECT COUNT(*) FROM devices", &[])?.u64(0))
+    }
+
+    /// Whether `device_id` took part in a committed round of `run_id`.
+    pub fn took_part(&self, run_id: &str, device_id: &str) -> Result<bool, StoreError> {
+        self.read(|tx| {
+            Ok(tx
+                .query_opt(
+                    "SELECT 1 FROM participations WHERE run_id = ?1 AND device_id = ?2 LIMIT 1",
+                    vals![run_id, device_id],
+                )?
+                .is_some())
+        })
+    }
+
+    /// The run's committed rounds, in order: a round's position in this list (from 1) is the
+    /// release index the participation limits count in.
+    pub fn committed_rounds(&self, run_id: &str) -> Result<Vec<u64>, StoreError> {
+        self.rounds_of(
+            "SELECT round FROM rounds WHERE run_id = ?1 AND outcome = 'committed' ORDER BY round",
+            vals![run_id],
+        )
+    }
+
+    /// The rounds each device took part in, for one run, by device id. Device ids stay
+    /// inside the coordinator; reports show only the distribution.
+    pub fn participations_by_device(
+        &self,
+        run_id: &str,
+    ) -> Result<Vec<(String, Vec<u64>)>, StoreError> {
+        let rows = self.read(|tx| {
+            tx.query(
+                "SELECT device_id, round FROM participations WHERE run_id = ?1 ORDER BY device_id, round",
+                vals![run_id],
+            )
+        })?;
+        let mut out: Vec<(String, Vec<u64>)> = vec![];
+        for row in rows {
+            let (device, round) = (row.text(0)?, row.u64(1)?);
+            match out.last_mut() {
+                Some((d, rounds)) if *d == device => rounds.push(round),
+                _ => out.push((device, vec![round])),
+            }
+        }
+        Ok(out)
+    }
+}
