@@ -15,8 +15,9 @@
 //! the run raised any).
 
 use fedpref_engine::manifest::ManifestPrivacyMode;
-use fedpref_simulations::cli::{CliError, plan_from_table, run_plan};
+use fedpref_simulations::cli::{CliError, plan_from_table, simulate};
 use fedpref_simulations::data::Dataset;
+use fedpref_simulations::report;
 use fedpref_simulations::sim::RoundRecord;
 use indicatif::ProgressBar;
 use serde_json::{Map, Value, json};
@@ -114,10 +115,10 @@ pub fn rows(data: &Dataset, records: &[RoundRecord]) -> Vec<Value> {
 
 /// Runs the simulation a JSON configuration object describes; returns the result object.
 ///
-/// The run goes through [`fedpref_simulations::cli::run_plan`], the very function behind
-/// `fedpref-sim run`, with its outputs written to a temporary directory that is read back
-/// and removed: the numbers, keys and guardrail alerts are the command line's by
-/// construction.
+/// The run goes through [`fedpref_simulations::cli::simulate`], the very function behind
+/// `fedpref-sim run`, in memory: no file is written, and the numbers, keys and guardrail
+/// alerts are the command line's by construction (`metrics.json`'s object is built by the
+/// same [`fedpref_simulations::report::metrics_json`]).
 pub fn simulate_json(config_json: &str) -> Result<String, Error> {
     let config: Value = serde_json::from_str(config_json)
         .map_err(|e| Error::Invalid(format!("config: not a JSON object: {e}")))?;
@@ -147,30 +148,16 @@ pub fn simulate_json(config_json: &str) -> Result<String, Error> {
                 .into(),
         ));
     }
-    let out = tempfile::tempdir()
-        .map_err(|e| Error::Failed(format!("cannot make a temporary directory: {e}")))?;
-    let outcome =
-        run_plan(&plan, centralised, out.path(), &ProgressBar::hidden()).map_err(cli_error)?;
-    let read = |name: &str| -> Result<Option<Value>, Error> {
-        let path = out.path().join(name);
-        if !path.exists() {
-            return Ok(None);
-        }
-        let text = std::fs::read_to_string(&path)
-            .map_err(|e| Error::Failed(format!("{}: {e}", path.display())))?;
-        serde_json::from_str(&text)
-            .map(Some)
-            .map_err(|e| Error::Failed(format!("{}: {e}", path.display())))
-    };
-    let metrics = read("metrics.json")?
-        .ok_or_else(|| Error::Failed("the run wrote no metrics.json".into()))?;
-    let alerts = read("alerts.json")?.unwrap_or_else(|| json!([]));
+    let run = simulate(&plan, centralised, &ProgressBar::hidden(), "python").map_err(cli_error)?;
+    let metrics = report::metrics_json(&plan.data, run.settings.clone(), &run.records);
+    let alerts = serde_json::to_value(&run.alerts)
+        .map_err(|e| Error::Failed(format!("guardrail alerts: {e}")))?;
     Ok(json!({
-        "summary": outcome.summary,
+        "summary": run.summary,
         "dataset": metrics["dataset"],
         "settings": metrics["settings"],
         "records": metrics["rounds"],
-        "rounds": rows(&plan.data, &outcome.records),
+        "rounds": rows(&plan.data, &run.records),
         "alerts": alerts,
     })
     .to_string())

@@ -71,7 +71,7 @@ pub struct ExportSplitArgs {
 }
 
 /// Writes the split of `export-split`; returns what to print.
-fn export_split(args: &ExportSplitArgs) -> Result<String, CliError> {
+pub(crate) fn export_split(args: &ExportSplitArgs) -> Result<String, CliError> {
     let plan = plan(&RunArgs {
         dataset: Some(args.dataset),
         path: args.path.clone(),
@@ -1049,7 +1049,7 @@ fn plan_with(args: &RunArgs, file: FileConfig) -> Result<RunPlan, CliError> {
     })
 }
 
-fn progress(rounds: u64, quiet: bool) -> ProgressBar {
+pub(crate) fn progress(rounds: u64, quiet: bool) -> ProgressBar {
     if quiet || !std::io::stderr().is_terminal() {
         return ProgressBar::hidden();
     }
@@ -1062,7 +1062,7 @@ fn progress(rounds: u64, quiet: bool) -> ProgressBar {
     bar
 }
 
-fn with_threads<T: Send>(
+pub(crate) fn with_threads<T: Send>(
     threads: Option<usize>,
     f: impl FnOnce() -> T + Send,
 ) -> Result<T, CliError> {
@@ -1149,6 +1149,41 @@ pub fn run_plan(
     out: &Path,
     bar: &ProgressBar,
 ) -> Result<RunOutcome, CliError> {
+    let run = simulate(plan, centralised, bar, &out.display().to_string())?;
+    let files = write_outputs(plan, &run, out)?;
+    Ok(RunOutcome {
+        records: run.records,
+        summary: run.summary,
+        files,
+        noise_multiplier: run.noise_multiplier,
+        alerts: run.alerts,
+    })
+}
+
+/// A run's results in memory: what [`simulate`] returns and [`write_outputs`] writes.
+#[derive(Clone, Debug)]
+pub struct SimulatedRun {
+    /// Per-round records.
+    pub records: Vec<RoundRecord>,
+    /// The summary object (`summary.json`).
+    pub summary: Value,
+    /// The settings as `metrics.json` records them, with the σ used.
+    pub settings: Value,
+    /// The validated σ, if any.
+    pub noise_multiplier: Option<f64>,
+    /// The guardrail alerts, in round order (empty without `[guardrails]`).
+    pub alerts: Vec<Alert>,
+}
+
+/// Runs a plan (federated, or `--centralised`) in memory and writes no file: the library
+/// entry point behind `fedpref-sim run` and the Python package. Guardrail alerts and the
+/// noise warning go to stderr as they happen (prefixed with `label`), above `bar`.
+pub fn simulate(
+    plan: &RunPlan,
+    centralised: bool,
+    bar: &ProgressBar,
+    label: &str,
+) -> Result<SimulatedRun, CliError> {
     let s = &plan.settings;
     // Guardrails are checked as each round ends; alerts go to stderr at once (above the
     // progress bar) and to `alerts.json`.
@@ -1157,7 +1192,7 @@ pub fn run_plan(
     let mut watch = |r: &RoundRecord| {
         if let Some(m) = monitor.as_mut() {
             for a in m.check(r) {
-                bar.suspend(|| eprintln!("alert [{}]: {a}", out.display()));
+                bar.suspend(|| eprintln!("alert [{label}]: {a}"));
                 alerts.push(a);
             }
         }
@@ -1258,9 +1293,32 @@ pub fn run_plan(
             settings_json["round_seconds"] = json!(crate::grpc::ROUND_SECONDS);
         }
     }
-    let csv = report::metrics_csv(&plan.data, &records);
-    let metrics = report::metrics_json(&plan.data, settings_json, &records);
-    let mut files = report::write(out, &csv, &metrics, &summary)
+    Ok(SimulatedRun {
+        records,
+        summary,
+        settings: settings_json,
+        noise_multiplier: sigma,
+        alerts,
+    })
+}
+
+/// Writes a run's metrics (CSV, JSON), summary, alerts and plots under `out`; returns the
+/// files written.
+pub fn write_outputs(
+    plan: &RunPlan,
+    run: &SimulatedRun,
+    out: &Path,
+) -> Result<Vec<PathBuf>, CliError> {
+    let SimulatedRun {
+        records,
+        summary,
+        settings,
+        alerts,
+        ..
+    } = run;
+    let csv = report::metrics_csv(&plan.data, records);
+    let metrics = report::metrics_json(&plan.data, settings.clone(), records);
+    let mut files = report::write(out, &csv, &metrics, summary)
         .map_err(|e| CliError::Failed(anyhow::anyhow!("--out: {e}")))?;
     if plan.guardrails.is_some() {
         let path = out.join("alerts.json");
@@ -1351,113 +1409,5 @@ pub fn run_plan(
             .map_err(|e| CliError::Failed(e.into()))?,
         );
     }
-    Ok(RunOutcome {
-        records,
-        summary,
-        files,
-        noise_multiplier: sigma,
-        alerts,
-    })
-}
-
-fn fmt(v: &Value) -> String {
-    match v.as_f64() {
-        Some(x) => format!("{x:.4}"),
-        None => "n/a".into(),
-    }
-}
-
-/// Runs the command and returns what to print on stdout.
-pub fn execute(cli: &Cli) -> Result<String, CliError> {
-    match &cli.command {
-        Command::Run(args) => {
-            let plan = plan(args)?;
-            let bar = progress(plan.settings.rounds, args.quiet);
-            let outcome = with_threads(args.threads, || {
-                run_plan(&plan, args.centralised, &plan.out, &bar)
-            })??;
-            bar.finish_and_clear();
-            if args.json {
-                return Ok(outcome.summary.to_string());
-            }
-            let s = &outcome.summary;
-            let mut text = format!(
-                "{} on {} ({} users, {} items): {} rounds, {} client updates\n",
-                if args.centralised {
-                    "centralised"
-                } else {
-                    "federated"
-                },
-                plan.data.name,
-                plan.data.users.len(),
-                plan.data.items.len(),
-                s["rounds"],
-                s["client_updates"],
-            );
-            text += &format!(
-                "rmse {}  mae {}  rating_accuracy {}  hit_rate@10 {}  ndcg@10 {}  coverage {}  diversity {}  injected {}  cohort gap {}\n",
-                fmt(&s["rmse"]),
-                fmt(&s["mae"]),
-                fmt(&s["rating_accuracy"]),
-                fmt(&s["hit_rate_at_10"]),
-                fmt(&s["ndcg_at_10"]),
-                fmt(&s["coverage"]),
-                fmt(&s["intra_list_diversity"]),
-                fmt(&s["injected_share"]),
-                fmt(&s["cohort_rmse_gap"]),
-            );
-            text += &format!(
-                "global-mean baseline rmse {:.4}\n",
-                crate::metrics::global_mean_rmse(&plan.data)
-            );
-            if s.get("popularity_hit_rate_at_10").is_some() {
-                text += &format!(
-                    "popularity ranking hit_rate@10 {}  ndcg@10 {}\n",
-                    fmt(&s["popularity_hit_rate_at_10"]),
-                    fmt(&s["popularity_ndcg_at_10"]),
-                );
-            }
-            if let Some(c) = s.get("centralised") {
-                text += &format!(
-                    "centralised: {} sweeps of alternating least squares, chosen on validation data\n",
-                    c["sweeps"]
-                );
-            }
-            if s.get("opt_out_rate").is_some() {
-                text += &format!(
-                    "user feedback: negative_feedback_rate {}  opt_out_rate {}\n",
-                    fmt(&s["negative_feedback_rate"]),
-                    fmt(&s["opt_out_rate"]),
-                );
-            }
-            if let Some(n) = s.get("alerts") {
-                text += &format!("guardrail alerts: {n} (see alerts.json)\n");
-            }
-            if let Some(eps) = s["epsilon"].as_f64() {
-                text += &format!(
-                    "ε = {eps:.4} at δ = {} (σ = {:.4}), {}; assumption: {}\n",
-                    s["delta"],
-                    outcome.noise_multiplier.unwrap_or(0.0),
-                    s["epsilon_assumption"].as_str().unwrap_or(""),
-                    s["epsilon_rests_on"].as_str().unwrap_or("")
-                );
-                if let Some(c) = s.get("clip_norm").and_then(Value::as_f64) {
-                    text += &format!("adaptive clipping: final C = {c:.4}\n");
-                }
-            }
-            text += &format!(
-                "wrote {}",
-                outcome
-                    .files
-                    .iter()
-                    .map(|p| p.display().to_string())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            );
-            Ok(text)
-        }
-        Command::Bench(args) => with_threads(args.threads, || crate::bench::run(args))?,
-        Command::Sweep(args) => with_threads(args.threads, || crate::sweep::run(args))?,
-        Command::ExportSplit(args) => export_split(args),
-    }
+    Ok(files)
 }

@@ -30,6 +30,7 @@
 pub mod bench;
 pub mod centralised;
 pub mod cli;
+pub mod command;
 pub mod data;
 pub mod distributed;
 pub mod feedback;

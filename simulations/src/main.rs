@@ -3,7 +3,8 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use fedpref_simulations::cli::{Cli, execute};
+use fedpref_simulations::cli::Cli;
+use fedpref_simulations::command::execute;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
