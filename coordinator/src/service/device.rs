@@ -134,9 +134,7 @@ pub(super) fn reject_status(kind: RejectKind, message: String) -> Status {
 
 pub(super) fn task_ref(task: Option<&pb::TaskRef>, field: &str) -> Result<pb::TaskRef, Status> {
     let t = task.ok_or_else(|| invalid(field, "must be set"))?;
-    if t.run_id.is_empty() {
-        return Err(invalid(&format!("{field}.run_id"), "must not be empty"));
-    }
+    super::check_run_id(&format!("{field}.run_id"), &t.run_id)?;
     if t.round_id == 0 {
         return Err(invalid(&format!("{field}.round_id"), "must be at least 1"));
     }
@@ -384,9 +382,7 @@ impl DeviceService for DeviceApi {
     ) -> Result<Response<Self::DownloadModelStream>, Status> {
         let (device, permit) = self.admit(request.metadata()).await?;
         let r = request.into_inner();
-        if r.run_id.is_empty() {
-            return Err(invalid("run_id", "must not be empty"));
-        }
+        super::check_run_id("run_id", &r.run_id)?;
         if r.model_version.is_none() && r.offset != 0 {
             return Err(invalid(
                 "model_version",
@@ -539,9 +535,7 @@ impl DeviceService for DeviceApi {
     ) -> Result<Response<pb::ReportMetricsResponse>, Status> {
         let (_device, _permit) = self.admit(request.metadata()).await?;
         let r = request.into_inner();
-        if r.run_id.is_empty() {
-            return Err(invalid("run_id", "must not be empty"));
-        }
+        super::check_run_id("run_id", &r.run_id)?;
         if r.evaluation_token.is_empty() {
             return Err(invalid(
                 "evaluation_token",
