@@ -15,7 +15,7 @@ them changed. At the end the device that held a task through all of it still upl
     ... --check docs/reliability.md
 
 Exit status 1 when a class got a status other than the expected one, a message without the
-expected words, a table changed, the legitimate device could not upload afterwards, or (with
+expected words or longer than 1,000 characters, a table changed, the legitimate device could not upload afterwards, or (with
 `--check`) the committed table differs from the one generated.
 
 Needs `grpcio-tools` (`.ci/run` installs it). The coordinator's per-device rate limit is
@@ -90,6 +90,8 @@ RATE_LIMITS = {"device_requests_per_second = 5.0": "device_requests_per_second =
 APPEND_ONLY = {"ledger", "ledger_signatures", "schema_migrations"}
 
 MEGABYTES = 3 * 1024 * 1024
+# The longest status message a refusal may carry.
+MAX_MESSAGE_CHARS = 1000
 
 
 def table_checksums(db: Path) -> dict:
@@ -158,7 +160,9 @@ class Matrix:
         time.sleep(0.05)
         after = table_checksums(self.db)
         changed = [t for t in sorted(set(before) | set(after)) if before.get(t) != after.get(t)]
-        ok = outcome.code == expected and words in outcome.message and not changed
+        # A refusal names what was wrong; it does not send a hostile string back.
+        ok = (outcome.code == expected and words in outcome.message and not changed
+              and len(outcome.message) <= MAX_MESSAGE_CHARS)
         self.rows.append(Row(klass, request, expected, outcome, changed, ok))
         mark = "ok  " if ok else "FAIL"
         print(f"{mark} {klass}: {request} -> {outcome.code} {sanitise(outcome.message)[:160]}"
@@ -518,6 +522,16 @@ def main() -> int:
             m.check("strings of megabytes", f"{U}: a 3 MiB `run_id`", "INVALID_ARGUMENT",
                     "header.task.run_id: \"xxxxxxxx",
                     up([header(task, ref=task_ref(task, run_id=huge)), *chunks_of(parts)]))
+            long_name = list(task.update_tensors)
+            long_name[0] = common_pb2.TensorSpec(name=huge, shape=[ITEMS, FACTORS], dtype=common_pb2.DTYPE_F64)
+            m.check("strings of megabytes", f"{U}: a 3 MiB tensor name", "INVALID_ARGUMENT",
+                    "header.tensors[0].name: `xxxxxxxx", up([header(task, tensors=long_name)]))
+            long_shape = list(task.update_tensors)
+            long_shape[0] = common_pb2.TensorSpec(name="item_factors", shape=[7] * 300_000,
+                                                  dtype=common_pb2.DTYPE_F64)
+            m.check("absurd counts", f"{U}: a shape of 300,000 dimensions", "INVALID_ARGUMENT",
+                    "header.tensors[0].shape: tensor `item_factors` has shape [7, 7",
+                    up([header(task, tensors=long_shape)]))
             m.check("strings of megabytes", f"{U}: a 3 MiB task token", "INVALID_ARGUMENT", "unknown task token",
                     up([header(task, ref=task_ref(task, task_token=huge)), *chunks_of(parts)]))
             m.check("strings of megabytes", "DownloadModel: a 3 MiB `run_id`", "INVALID_ARGUMENT", "run_id: \"xxxxxxxx",
