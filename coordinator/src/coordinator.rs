@@ -51,6 +51,17 @@ pub enum CoordinatorError {
 /// How a pause made by a guardrail begins its ledger reason.
 pub const GUARDRAIL_PAUSE_PREFIX: &str = "guardrail: ";
 
+/// The longest run id, in bytes.
+pub const MAX_RUN_ID_LEN: usize = 128;
+
+/// Whether `id` can name a run: 1 to [`MAX_RUN_ID_LEN`] ASCII letters, digits, `-` or `_`.
+pub fn is_run_id(id: &str) -> bool {
+    (1..=MAX_RUN_ID_LEN).contains(&id.len())
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
 /// Points between the steps of carrying out actions, for crash tests.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Stage {
@@ -729,13 +740,10 @@ pub fn create_run(
             "privacy_mode = \"none\" is for simulations only; a coordinator run needs local, central or distributed".into(),
         ));
     }
-    if run_id.is_empty()
-        || !run_id
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-    {
+    if !is_run_id(run_id) {
         return Err(CoordinatorError::Refused(format!(
-            "run id {run_id:?} must be non-empty ASCII letters, digits, '-' or '_'"
+            "run id {:?} must be 1 to {MAX_RUN_ID_LEN} ASCII letters, digits, '-' or '_'",
+            crate::service::shorten(run_id)
         )));
     }
     let seed = match manifest.seed {

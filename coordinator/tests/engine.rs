@@ -496,6 +496,24 @@ fn a_distributed_round_moves_through_its_stages_at_their_deadlines_and_unmasks_t
                 .iter()
                 .any(|a| matches!(a, Action::UpdateAccepted { .. }))
         );
+        if k == 0 {
+            // The stages closed early: a device that has contributed is told to come back
+            // when the current stage ends, not at the masked-input deadline planned when the
+            // round opened (twenty seconds later here; ten minutes with the defaults).
+            let retry = h
+                .send(Event::CheckIn {
+                    device: task.device.clone(),
+                    eligible: true,
+                })
+                .into_iter()
+                .find_map(|a| match a {
+                    Action::ComeBackLater { retry_at_ms, .. } => Some(retry_at_ms),
+                    _ => None,
+                })
+                .expect("told to come back");
+            assert_eq!(retry, h.engine.next_wakeup().unwrap());
+            assert!(retry < task.deadline_ms, "{retry} vs {}", task.deadline_ms);
+        }
         for (e, v) in expected.iter_mut().zip(&x) {
             *e += v;
         }

@@ -1303,9 +1303,15 @@ impl Engine {
         }
         if let Some(token) = open.tasks.get(&device) {
             if open.uploaded_set.contains(&device) {
+                // A distributed round's stages close as soon as they wait for nobody, long
+                // before its planned deadlines: come back when the current stage ends.
+                let at = open
+                    .secure
+                    .as_ref()
+                    .map_or(open.deadline_ms, |s| s.stage_deadline());
                 actions.push(later(
                     "this device has already contributed to the open round",
-                    open.deadline_ms,
+                    at,
                 ));
             } else {
                 actions.push(Action::SendTask(task_in(

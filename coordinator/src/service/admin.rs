@@ -48,15 +48,25 @@ impl AdminApi {
 }
 
 fn run_id(id: &str) -> Result<String, Status> {
-    if id.is_empty() {
-        return Err(invalid("run_id", "must not be empty"));
-    }
+    super::check_run_id("run_id", id)?;
     Ok(id.to_string())
 }
+
+/// The longest reason an admin command records in the (append-only) ledger, in bytes.
+pub const MAX_REASON_BYTES: usize = 4096;
 
 fn reason(r: &str) -> Result<String, Status> {
     if r.trim().is_empty() {
         return Err(invalid("reason", "must not be empty: it is recorded"));
+    }
+    if r.len() > MAX_REASON_BYTES {
+        return Err(invalid(
+            "reason",
+            format!(
+                "{} bytes; at most {MAX_REASON_BYTES}: it is recorded in the ledger for good",
+                r.len()
+            ),
+        ));
     }
     Ok(r.to_string())
 }
@@ -529,5 +539,22 @@ impl AdminService for AdminApi {
             ledger_intact: report.ledger.intact,
             generated_at: Some(timestamp(generated_at)),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reason_of_megabytes_is_refused_before_it_reaches_the_ledger() {
+        let e = reason(&"x".repeat(3 << 20)).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        assert_eq!(
+            e.message(),
+            "reason: 3145728 bytes; at most 4096: it is recorded in the ledger for good"
+        );
+        assert_eq!(reason(&"x".repeat(MAX_REASON_BYTES)).unwrap().len(), 4096);
+        assert!(reason("  ").is_err());
     }
 }

@@ -66,8 +66,19 @@ fn whole_seconds(field: &str, d: Option<&prost_types::Duration>) -> Result<u64, 
     Ok(d.seconds as u64)
 }
 
+/// The largest protocol manifest accepted, encoded, in bytes: a manifest is kilobytes of
+/// text, and the bound keeps megabyte strings out of the store and the ledger.
+pub const MAX_MANIFEST_BYTES: usize = 256 * 1024;
+
 /// A protocol manifest as a validated TOML manifest (σ calibrated from a target ε).
 pub fn manifest_from_proto(m: &pb::RunManifest) -> Result<RunManifest, Status> {
+    let size = prost::Message::encoded_len(m);
+    if size > MAX_MANIFEST_BYTES {
+        return Err(invalid(
+            MANIFEST_SOURCE,
+            format!("{size} bytes encoded; at most {MAX_MANIFEST_BYTES}"),
+        ));
+    }
     let participation = match &m.participation_limits {
         None => None,
         Some(p) => Some(
@@ -1077,9 +1088,7 @@ pub(super) fn reject_status(kind: RejectKind, message: String) -> Status {
 
 pub(super) fn task_ref(task: Option<&pb::TaskRef>, field: &str) -> Result<pb::TaskRef, Status> {
     let t = task.ok_or_else(|| invalid(field, "must be set"))?;
-    if t.run_id.is_empty() {
-        return Err(invalid(&format!("{field}.run_id"), "must not be empty"));
-    }
+    super::check_run_id(&format!("{field}.run_id"), &t.run_id)?;
     if t.round_id == 0 {
         return Err(invalid(&format!("{field}.round_id"), "must be at least 1"));
     }
@@ -1087,4 +1096,50 @@ pub(super) fn task_ref(task: Option<&pb::TaskRef>, field: &str) -> Result<pb::Ta
         return Err(invalid(&format!("{field}.task_token"), "must not be empty"));
     }
     Ok(t.clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MANIFEST: &str = r#"
+title = "t"
+purpose = "p"
+owner = "o@example.com"
+privacy_mode = "central"
+rounds = 2
+clip_norm = 1.0
+noise_multiplier = 1.0
+[budget]
+epsilon = 10.0
+delta = 1e-6
+[sampling]
+kind = "cohort"
+target_size = 2
+minimum_size = 1
+round_seconds = 60
+[server_optimizer]
+kind = "fedavg"
+[model]
+items = 5
+factors = 2
+[opt_out_policy]
+consent_model = "opt-in"
+"#;
+
+    #[test]
+    fn a_manifest_with_a_title_of_megabytes_is_refused_before_it_is_stored() {
+        let m = RunManifest::from_toml(MANIFEST, "t").unwrap();
+        let mut p = manifest_to_proto(&m);
+        assert!(manifest_from_proto(&p).is_ok());
+        p.title = "x".repeat(3 << 20);
+        let e = manifest_from_proto(&p).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        assert!(
+            e.message().starts_with("CreateRunRequest.manifest: 3145")
+                && e.message().ends_with("bytes encoded; at most 262144"),
+            "{}",
+            e.message()
+        );
+    }
 }

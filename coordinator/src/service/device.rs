@@ -315,9 +315,7 @@ impl DeviceService for DeviceApi {
     ) -> Result<Response<Self::DownloadModelStream>, Status> {
         let (device, permit) = self.admit(request.metadata()).await?;
         let r = request.into_inner();
-        if r.run_id.is_empty() {
-            return Err(invalid("run_id", "must not be empty"));
-        }
+        super::check_run_id("run_id", &r.run_id)?;
         if r.model_version.is_none() && r.offset != 0 {
             return Err(invalid(
                 "model_version",
@@ -470,9 +468,7 @@ impl DeviceService for DeviceApi {
     ) -> Result<Response<pb::ReportMetricsResponse>, Status> {
         let (_device, _permit) = self.admit(request.metadata()).await?;
         let r = request.into_inner();
-        if r.run_id.is_empty() {
-            return Err(invalid("run_id", "must not be empty"));
-        }
+        super::check_run_id("run_id", &r.run_id)?;
         if r.evaluation_token.is_empty() {
             return Err(invalid(
                 "evaluation_token",

@@ -22,7 +22,7 @@ pub mod convert;
 pub mod device;
 pub mod limits;
 pub mod secagg;
-mod upload;
+pub mod upload;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -276,6 +276,38 @@ pub fn store_status(e: StoreError) -> Status {
     coordinator_status(CoordinatorError::Store(e))
 }
 
+/// Characters of a request's string that an error message quotes.
+const QUOTED_CHARS: usize = 64;
+
+/// A string from a request as an error message quotes it: whole when short, else its first
+/// characters and its length, so that a hostile megabyte string is not sent back.
+pub fn shorten(s: &str) -> String {
+    match s.char_indices().nth(QUOTED_CHARS) {
+        None => s.to_string(),
+        Some((end, _)) => format!("{}… ({} bytes)", &s[..end], s.len()),
+    }
+}
+
+/// `INVALID_ARGUMENT` naming `field` unless `id` can name a run
+/// ([`crate::coordinator::is_run_id`]), checked before any lookup so that no error quotes an
+/// arbitrary string.
+pub fn check_run_id(field: &str, id: &str) -> Result<(), Status> {
+    if id.is_empty() {
+        return Err(invalid(field, "must not be empty"));
+    }
+    if !crate::coordinator::is_run_id(id) {
+        return Err(invalid(
+            field,
+            format!(
+                "{:?} is not a run id (1 to {} ASCII letters, digits, '-' or '_')",
+                shorten(id),
+                crate::coordinator::MAX_RUN_ID_LEN
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// `INVALID_ARGUMENT` naming the field.
 pub fn invalid(field: &str, problem: impl std::fmt::Display) -> Status {
     Status::invalid_argument(format!("{field}: {problem}"))
@@ -311,3 +343,41 @@ pub fn unhex(s: &str) -> Vec<u8> {
 }
 
 use fedpref_proto::prost_types;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_run_id_of_megabytes_is_refused_without_being_quoted_back() {
+        let huge = "x".repeat(3 << 20);
+        let e = check_run_id("task.run_id", &huge).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        assert!(
+            e.message().starts_with("task.run_id: \"xxxx"),
+            "{}",
+            e.message()
+        );
+        assert!(e.message().contains("(3145728 bytes)"), "{}", e.message());
+        assert!(e.message().len() < 200, "{} bytes", e.message().len());
+        let e = check_run_id("run_id", "run/../x").unwrap_err();
+        assert!(e.message().contains("is not a run id"), "{}", e.message());
+        assert!(
+            check_run_id("run_id", "")
+                .unwrap_err()
+                .message()
+                .ends_with("must not be empty")
+        );
+        assert!(check_run_id("run_id", &"r".repeat(128)).is_ok());
+        assert!(check_run_id("run_id", &"r".repeat(129)).is_err());
+    }
+
+    #[test]
+    fn shorten_keeps_short_strings_and_cuts_long_ones_on_a_character_boundary() {
+        assert_eq!(shorten("run-1"), "run-1");
+        let long = "é".repeat(100);
+        let short = shorten(&long);
+        assert!(short.starts_with(&"é".repeat(64)), "{short}");
+        assert!(short.ends_with("… (200 bytes)"), "{short}");
+    }
+}

@@ -4,6 +4,9 @@
 //! values (and at most one element's bytes split across two chunks), so an upload in flight
 //! costs its `f32` values and no more; the engine sees the update only once it is complete
 //! and every byte has been checked.
+//!
+//! The checks themselves do no IO ([`check_header`], [`UpdateDecoder`], [`MaskedDecoder`]):
+//! the stream's driver feeds them, and so do the fuzz targets under `fuzz/`.
 
 use std::sync::Arc;
 
@@ -13,9 +16,10 @@ use sha2::{Digest, Sha256};
 use tonic::{Status, Streaming};
 
 use super::convert::{proto_mode, reject_status, task_ref, update_tensors};
-use super::{Shared, auth, coordinator_status, invalid, now_ms, timestamp};
+use super::{Shared, auth, coordinator_status, invalid, now_ms, shorten, timestamp};
 use crate::config::Limits;
 use crate::engine::{Action, Event, RunState};
+use crate::manifest::RunManifest;
 
 /// Bytes per element of an update dtype (F32 or F64), or `None`.
 fn float_width(dtype: i32) -> Option<u64> {
@@ -71,111 +75,12 @@ pub(super) async fn receive(
             ),
         ));
     }
-    // The header must repeat the task: privacy settings and tensors.
-    if header.privacy_mode != proto_mode(manifest.privacy_mode) as i32 {
-        return Err(invalid(
-            "header.privacy_mode",
-            format!("must be the task's {:?}", proto_mode(manifest.privacy_mode)),
-        ));
-    }
-    // With adaptive clipping in local mode C changes with the rounds: the engine checks the
-    // header's C against the open round's, under the lock.
-    let local_bits = manifest.local_clip_bits();
-    if !local_bits && header.clip_norm != manifest.clip_norm {
-        return Err(invalid(
-            "header.clip_norm",
-            format!(
-                "{} is not the task's {}",
-                header.clip_norm, manifest.clip_norm
-            ),
-        ));
-    }
-    let sigma = manifest.task_noise_multiplier();
-    if header.noise_multiplier != sigma {
-        return Err(invalid(
-            "header.noise_multiplier",
-            format!("{} is not the task's {sigma}", header.noise_multiplier),
-        ));
-    }
-    let clip_bit = match (local_bits, header.clip_bit) {
-        (true, Some(bit)) => match crate::engine::check_clip_bit(bit, &manifest) {
-            Ok(()) => Some(crate::engine::ClipBit {
-                clip_norm: header.clip_norm,
-                noised_bit: bit,
-            }),
-            Err(message) => return Err(Status::invalid_argument(message)),
-        },
-        (true, None) => {
-            return Err(invalid(
-                "header.clip_bit",
-                "missing: the task requested a clip bit (adaptive clipping in local mode)",
-            ));
+    let (mut decoder, clip_bit) = match check_header(&header, &manifest, &shared.limits)? {
+        Plan::Update { decoder, clip_bit } => (decoder, clip_bit),
+        Plan::Masked(decoder) => {
+            return receive_masked(shared, device, header, task, decoder, stream).await;
         }
-        (false, Some(_)) => {
-            return Err(invalid(
-                "header.clip_bit",
-                "must be unset: the task did not request a clip bit",
-            ));
-        }
-        (false, None) => None,
     };
-    if !header.update_sha256.is_empty() && header.update_sha256.len() != fedpref_proto::SHA256_LEN {
-        return Err(invalid("header.update_sha256", "must be empty or 32 bytes"));
-    }
-    if manifest.privacy_mode == crate::manifest::ManifestPrivacyMode::Distributed {
-        return receive_masked(shared, device, header, task, manifest.dimension(), stream).await;
-    }
-    let expected = update_tensors(&manifest);
-    if header.tensors.len() != expected.len() {
-        return Err(invalid(
-            "header.tensors",
-            format!(
-                "{} tensors, but the task asks for {} ({})",
-                header.tensors.len(),
-                expected.len(),
-                expected
-                    .iter()
-                    .map(|t| t.name.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
-        ));
-    }
-    let mut widths = vec![];
-    for (i, (got, want)) in header.tensors.iter().zip(&expected).enumerate() {
-        if got.name != want.name {
-            return Err(invalid(
-                &format!("header.tensors[{i}].name"),
-                format!("`{}`, but the task asks for `{}`", got.name, want.name),
-            ));
-        }
-        if got.shape != want.shape {
-            return Err(invalid(
-                &format!("header.tensors[{i}].shape"),
-                format!(
-                    "tensor `{}` has shape {:?}, but the task asks for {:?}",
-                    got.name, got.shape, want.shape
-                ),
-            ));
-        }
-        let width = float_width(got.dtype).ok_or_else(|| {
-            invalid(
-                &format!("header.tensors[{i}].dtype"),
-                "must be DTYPE_F64 or DTYPE_F32",
-            )
-        })?;
-        widths.push(width);
-    }
-    let mut decoder = Decoder::new(&header.tensors, &widths, manifest.dimension());
-    if decoder.total > shared.limits.max_upload_bytes {
-        return Err(invalid(
-            "header.tensors",
-            format!(
-                "the update is {} bytes, more than this coordinator's limit of {} bytes",
-                decoder.total, shared.limits.max_upload_bytes
-            ),
-        ));
-    }
     check_header_and_charge(shared, &device, &task, header.base_model_version).await?;
     while let Some(message) = stream.message().await? {
         let chunk = match message.part {
@@ -244,6 +149,145 @@ pub(super) async fn receive(
         bytes_received: received,
         accepted_at: Some(timestamp(now_ms())),
     })
+}
+
+/// What a checked header says is coming: a plain update, decoded into the engine's `f32`
+/// layout, with its clip bit (adaptive clipping in local mode); or, in distributed mode, the
+/// masked fixed-point update.
+pub enum Plan {
+    /// Local or central mode.
+    Update {
+        /// Decodes the chunks that follow.
+        decoder: UpdateDecoder,
+        /// The noised clip bit the header carried.
+        clip_bit: Option<crate::engine::ClipBit>,
+    },
+    /// Distributed mode.
+    Masked(MaskedDecoder),
+}
+
+/// Checks an upload's header against the run's manifest and this coordinator's limits: the
+/// privacy settings must repeat the task's, the tensors must be the task's (names, shapes,
+/// dtypes) and fit `limits.max_upload_bytes`. What only the engine knows (the round, the task
+/// token, the model version) is checked elsewhere. No IO: the service calls it before reading
+/// any chunk, and the fuzz targets call it on arbitrary headers.
+pub fn check_header(
+    header: &pb::UpdateHeader,
+    manifest: &RunManifest,
+    limits: &Limits,
+) -> Result<Plan, Status> {
+    // The header must repeat the task: privacy settings and tensors.
+    if header.privacy_mode != proto_mode(manifest.privacy_mode) as i32 {
+        return Err(invalid(
+            "header.privacy_mode",
+            format!("must be the task's {:?}", proto_mode(manifest.privacy_mode)),
+        ));
+    }
+    // With adaptive clipping in local mode C changes with the rounds: the engine checks the
+    // header's C against the open round's, under the lock.
+    let local_bits = manifest.local_clip_bits();
+    if !local_bits && header.clip_norm != manifest.clip_norm {
+        return Err(invalid(
+            "header.clip_norm",
+            format!(
+                "{} is not the task's {}",
+                header.clip_norm, manifest.clip_norm
+            ),
+        ));
+    }
+    let sigma = manifest.task_noise_multiplier();
+    if header.noise_multiplier != sigma {
+        return Err(invalid(
+            "header.noise_multiplier",
+            format!("{} is not the task's {sigma}", header.noise_multiplier),
+        ));
+    }
+    let clip_bit = match (local_bits, header.clip_bit) {
+        (true, Some(bit)) => match crate::engine::check_clip_bit(bit, manifest) {
+            Ok(()) => Some(crate::engine::ClipBit {
+                clip_norm: header.clip_norm,
+                noised_bit: bit,
+            }),
+            Err(message) => return Err(Status::invalid_argument(message)),
+        },
+        (true, None) => {
+            return Err(invalid(
+                "header.clip_bit",
+                "missing: the task requested a clip bit (adaptive clipping in local mode)",
+            ));
+        }
+        (false, Some(_)) => {
+            return Err(invalid(
+                "header.clip_bit",
+                "must be unset: the task did not request a clip bit",
+            ));
+        }
+        (false, None) => None,
+    };
+    if !header.update_sha256.is_empty() && header.update_sha256.len() != fedpref_proto::SHA256_LEN {
+        return Err(invalid("header.update_sha256", "must be empty or 32 bytes"));
+    }
+    if manifest.privacy_mode == crate::manifest::ManifestPrivacyMode::Distributed {
+        return masked_plan(header, manifest.dimension(), limits).map(Plan::Masked);
+    }
+    let expected = update_tensors(manifest);
+    if header.tensors.len() != expected.len() {
+        return Err(invalid(
+            "header.tensors",
+            format!(
+                "{} tensors, but the task asks for {} ({})",
+                header.tensors.len(),
+                expected.len(),
+                expected
+                    .iter()
+                    .map(|t| t.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        ));
+    }
+    let mut widths = vec![];
+    for (i, (got, want)) in header.tensors.iter().zip(&expected).enumerate() {
+        if got.name != want.name {
+            return Err(invalid(
+                &format!("header.tensors[{i}].name"),
+                format!(
+                    "`{}`, but the task asks for `{}`",
+                    shorten(&got.name),
+                    want.name
+                ),
+            ));
+        }
+        if got.shape != want.shape {
+            return Err(invalid(
+                &format!("header.tensors[{i}].shape"),
+                format!(
+                    "tensor `{}` has shape {}, but the task asks for {:?}",
+                    got.name,
+                    shorten(&format!("{:?}", got.shape)),
+                    want.shape
+                ),
+            ));
+        }
+        let width = float_width(got.dtype).ok_or_else(|| {
+            invalid(
+                &format!("header.tensors[{i}].dtype"),
+                "must be DTYPE_F64 or DTYPE_F32",
+            )
+        })?;
+        widths.push(width);
+    }
+    let decoder = UpdateDecoder::new(header.tensors.clone(), widths, manifest.dimension());
+    if decoder.total > limits.max_upload_bytes {
+        return Err(invalid(
+            "header.tensors",
+            format!(
+                "the update is {} bytes, more than this coordinator's limit of {} bytes",
+                decoder.total, limits.max_upload_bytes
+            ),
+        ));
+    }
+    Ok(Plan::Update { decoder, clip_bit })
 }
 
 /// Before any chunk is read: the engine checks the header against the device's task (round,
@@ -331,61 +375,9 @@ async fn receive_masked(
     device: String,
     header: pb::UpdateHeader,
     task: pb::TaskRef,
-    dimension: usize,
+    mut decoder: MaskedDecoder,
     mut stream: Streaming<pb::UploadUpdateRequest>,
 ) -> Result<pb::UploadReceipt, Status> {
-    let expected = pb::TensorSpec {
-        name: fedpref_proto::tensor_names::MASKED_UPDATE.to_string(),
-        shape: vec![dimension as u64],
-        dtype: pb::Dtype::U32 as i32,
-    };
-    match header.tensors.as_slice() {
-        [t] if *t == expected => {}
-        [t] if t.name != expected.name => {
-            return Err(invalid(
-                "header.tensors[0].name",
-                format!(
-                    "`{}`, but a distributed round takes `{}`",
-                    t.name, expected.name
-                ),
-            ));
-        }
-        [t] if t.dtype != expected.dtype => {
-            return Err(invalid(
-                "header.tensors[0].dtype",
-                "must be DTYPE_U32: a distributed round takes the masked fixed-point update",
-            ));
-        }
-        [t] => {
-            return Err(invalid(
-                "header.tensors[0].shape",
-                format!("{:?}, but the round's dimension is [{dimension}]", t.shape),
-            ));
-        }
-        other => {
-            return Err(invalid(
-                "header.tensors",
-                format!(
-                    "{} tensors, but a distributed round takes exactly one, `{}`",
-                    other.len(),
-                    expected.name
-                ),
-            ));
-        }
-    }
-    let total = 4 * dimension as u64;
-    if total > shared.limits.max_upload_bytes {
-        return Err(invalid(
-            "header.tensors",
-            format!(
-                "the update is {total} bytes, more than this coordinator's limit of {} bytes",
-                shared.limits.max_upload_bytes
-            ),
-        ));
-    }
-    let mut bytes: Vec<u8> = Vec::with_capacity(total as usize);
-    let mut chunks = 0u32;
-    let mut hasher = Sha256::new();
     while let Some(message) = stream.message().await? {
         let Some(Part::Chunk(chunk)) = message.part else {
             return Err(invalid(
@@ -393,66 +385,14 @@ async fn receive_masked(
                 "every message after the header must be a chunk",
             ));
         };
-        chunks += 1;
-        if chunks > shared.limits.max_upload_chunks {
-            return Err(invalid(
-                "chunk",
-                format!(
-                    "more than this coordinator's limit of {} chunks",
-                    shared.limits.max_upload_chunks
-                ),
-            ));
-        }
-        let len = chunk.content.len() as u64;
-        if len == 0 || len > u64::from(shared.limits.max_chunk_bytes) {
-            return Err(invalid(
-                "chunk.content",
-                format!(
-                    "{len} bytes; must be 1 to {} bytes",
-                    shared.limits.max_chunk_bytes
-                ),
-            ));
-        }
-        if chunk.tensor_index != 0 {
-            return Err(invalid(
-                "chunk.tensor_index",
-                format!("{}, but the upload has one tensor, 0", chunk.tensor_index),
-            ));
-        }
-        if chunk.offset != bytes.len() as u64 {
-            return Err(invalid(
-                "chunk.offset",
-                format!("{}, but the next byte is {}", chunk.offset, bytes.len()),
-            ));
-        }
-        if bytes.len() as u64 + len > total {
-            return Err(invalid(
-                "chunk.content",
-                format!("more bytes than the header's {total} bytes of tensors"),
-            ));
-        }
-        hasher.update(&chunk.content);
-        bytes.extend_from_slice(&chunk.content);
+        decoder.push(&chunk, &shared.limits)?;
     }
-    if bytes.len() as u64 != total {
-        return Err(invalid(
-            "chunk",
-            format!(
-                "the upload ended after {} of its {total} bytes",
-                bytes.len()
-            ),
-        ));
-    }
-    let digest = hasher.finalize().to_vec();
+    let (values, digest, total) = decoder.finish()?;
     if !header.update_sha256.is_empty() && header.update_sha256 != digest {
         return Err(Status::data_loss(
             "header.update_sha256: does not match the bytes received",
         ));
     }
-    let values: Vec<u32> = bytes
-        .chunks_exact(4)
-        .map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")))
-        .collect();
     let run_id = task.run_id.clone();
     let round = task.round_id;
     let device_for_engine = device.clone();
@@ -491,12 +431,158 @@ async fn receive_masked(
     })
 }
 
+/// A distributed round's header: exactly the one tensor `masked_update`, `DTYPE_U32` of
+/// shape \[d\], within `limits.max_upload_bytes`.
+fn masked_plan(
+    header: &pb::UpdateHeader,
+    dimension: usize,
+    limits: &Limits,
+) -> Result<MaskedDecoder, Status> {
+    let expected = pb::TensorSpec {
+        name: fedpref_proto::tensor_names::MASKED_UPDATE.to_string(),
+        shape: vec![dimension as u64],
+        dtype: pb::Dtype::U32 as i32,
+    };
+    match header.tensors.as_slice() {
+        [t] if *t == expected => {}
+        [t] if t.name != expected.name => {
+            return Err(invalid(
+                "header.tensors[0].name",
+                format!(
+                    "`{}`, but a distributed round takes `{}`",
+                    shorten(&t.name),
+                    expected.name
+                ),
+            ));
+        }
+        [t] if t.dtype != expected.dtype => {
+            return Err(invalid(
+                "header.tensors[0].dtype",
+                "must be DTYPE_U32: a distributed round takes the masked fixed-point update",
+            ));
+        }
+        [t] => {
+            return Err(invalid(
+                "header.tensors[0].shape",
+                format!(
+                    "{}, but the round's dimension is [{dimension}]",
+                    shorten(&format!("{:?}", t.shape))
+                ),
+            ));
+        }
+        other => {
+            return Err(invalid(
+                "header.tensors",
+                format!(
+                    "{} tensors, but a distributed round takes exactly one, `{}`",
+                    other.len(),
+                    expected.name
+                ),
+            ));
+        }
+    }
+    let total = 4 * dimension as u64;
+    if total > limits.max_upload_bytes {
+        return Err(invalid(
+            "header.tensors",
+            format!(
+                "the update is {total} bytes, more than this coordinator's limit of {} bytes",
+                limits.max_upload_bytes
+            ),
+        ));
+    }
+    Ok(MaskedDecoder {
+        total,
+        bytes: Vec::with_capacity(total as usize),
+        chunks: 0,
+        hasher: Sha256::new(),
+    })
+}
+
+/// The chunks of a masked upload, checked as they arrive: one tensor, in order, without gaps.
+pub struct MaskedDecoder {
+    total: u64,
+    bytes: Vec<u8>,
+    chunks: u32,
+    hasher: Sha256,
+}
+
+impl MaskedDecoder {
+    /// Checks one chunk's place and size, then hashes and keeps its bytes.
+    pub fn push(&mut self, chunk: &pb::TensorChunk, limits: &Limits) -> Result<(), Status> {
+        let total = self.total;
+        self.chunks += 1;
+        if self.chunks > limits.max_upload_chunks {
+            return Err(invalid(
+                "chunk",
+                format!(
+                    "more than this coordinator's limit of {} chunks",
+                    limits.max_upload_chunks
+                ),
+            ));
+        }
+        let len = chunk.content.len() as u64;
+        if len == 0 || len > u64::from(limits.max_chunk_bytes) {
+            return Err(invalid(
+                "chunk.content",
+                format!("{len} bytes; must be 1 to {} bytes", limits.max_chunk_bytes),
+            ));
+        }
+        if chunk.tensor_index != 0 {
+            return Err(invalid(
+                "chunk.tensor_index",
+                format!("{}, but the upload has one tensor, 0", chunk.tensor_index),
+            ));
+        }
+        if chunk.offset != self.bytes.len() as u64 {
+            return Err(invalid(
+                "chunk.offset",
+                format!(
+                    "{}, but the next byte is {}",
+                    chunk.offset,
+                    self.bytes.len()
+                ),
+            ));
+        }
+        if self.bytes.len() as u64 + len > total {
+            return Err(invalid(
+                "chunk.content",
+                format!("more bytes than the header's {total} bytes of tensors"),
+            ));
+        }
+        self.hasher.update(&chunk.content);
+        self.bytes.extend_from_slice(&chunk.content);
+        Ok(())
+    }
+
+    /// The masked values, the SHA-256 of every byte received and the byte count, once the
+    /// upload is complete.
+    pub fn finish(self) -> Result<(Vec<u32>, Vec<u8>, u64), Status> {
+        let total = self.total;
+        if self.bytes.len() as u64 != total {
+            return Err(invalid(
+                "chunk",
+                format!(
+                    "the upload ended after {} of its {total} bytes",
+                    self.bytes.len()
+                ),
+            ));
+        }
+        let values = self
+            .bytes
+            .chunks_exact(4)
+            .map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")))
+            .collect();
+        Ok((values, self.hasher.finalize().to_vec(), total))
+    }
+}
+
 /// The chunks of one upload, checked and decoded as they arrive: in tensor order, each
 /// tensor's bytes in order and without gaps, every element finite and within `f32`.
-struct Decoder<'a> {
-    specs: &'a [pb::TensorSpec],
+pub struct UpdateDecoder {
+    specs: Vec<pb::TensorSpec>,
     /// Bytes per element of each tensor.
-    widths: &'a [u64],
+    widths: Vec<u64>,
     /// Bytes of each tensor.
     sizes: Vec<u64>,
     /// Bytes of all tensors.
@@ -515,14 +601,14 @@ struct Decoder<'a> {
     values: Vec<f32>,
 }
 
-impl<'a> Decoder<'a> {
-    fn new(specs: &'a [pb::TensorSpec], widths: &'a [u64], dimension: usize) -> Self {
+impl UpdateDecoder {
+    fn new(specs: Vec<pb::TensorSpec>, widths: Vec<u64>, dimension: usize) -> Self {
         let sizes: Vec<u64> = specs
             .iter()
-            .zip(widths)
+            .zip(&widths)
             .map(|(spec, w)| spec.shape.iter().product::<u64>() * w)
             .collect();
-        Decoder {
+        UpdateDecoder {
             specs,
             widths,
             total: sizes.iter().sum(),
@@ -540,7 +626,7 @@ impl<'a> Decoder<'a> {
     }
 
     /// Checks one chunk's place and size, then hashes and decodes its bytes.
-    fn push(&mut self, chunk: &pb::TensorChunk, limits: &Limits) -> Result<(), Status> {
+    pub fn push(&mut self, chunk: &pb::TensorChunk, limits: &Limits) -> Result<(), Status> {
         self.chunks += 1;
         if self.chunks > limits.max_upload_chunks {
             return Err(invalid(
@@ -678,7 +764,7 @@ impl<'a> Decoder<'a> {
 
     /// The decoded values, the SHA-256 of every byte received and the byte count, once the
     /// upload is complete.
-    fn finish(self) -> Result<(Vec<f32>, Vec<u8>, u64), Status> {
+    pub fn finish(self) -> Result<(Vec<f32>, Vec<u8>, u64), Status> {
         if self.received != self.total {
             return Err(invalid(
                 "chunk",
@@ -722,7 +808,7 @@ mod tests {
             .iter()
             .map(|s| float_width(s.dtype).unwrap())
             .collect();
-        let mut decoder = Decoder::new(specs, &widths, 0);
+        let mut decoder = UpdateDecoder::new(specs.to_vec(), widths, 0);
         let limits = Limits::default();
         for (i, bytes) in tensors.iter().enumerate() {
             for (k, piece) in bytes.chunks(step).enumerate() {
@@ -800,6 +886,68 @@ mod tests {
     }
 
     #[test]
+    fn a_tensor_name_or_shape_of_megabytes_is_not_quoted_back() {
+        let manifest = RunManifest::from_toml(
+            r#"
+title = "t"
+purpose = "p"
+owner = "o@example.com"
+privacy_mode = "central"
+rounds = 2
+clip_norm = 1.0
+noise_multiplier = 1.0
+[budget]
+epsilon = 10.0
+delta = 1e-6
+[sampling]
+kind = "cohort"
+target_size = 2
+minimum_size = 1
+round_seconds = 60
+[server_optimizer]
+kind = "fedavg"
+[model]
+items = 5
+factors = 2
+[opt_out_policy]
+consent_model = "opt-in"
+"#,
+            "t",
+        )
+        .unwrap();
+        let mut header = pb::UpdateHeader {
+            privacy_mode: pb::PrivacyMode::Central as i32,
+            clip_norm: 1.0,
+            noise_multiplier: 1.0,
+            tensors: update_tensors(&manifest),
+            ..Default::default()
+        };
+        assert!(check_header(&header, &manifest, &Limits::default()).is_ok());
+        header.tensors[0].name = "x".repeat(3 << 20);
+        let Err(e) = check_header(&header, &manifest, &Limits::default()) else {
+            panic!("accepted");
+        };
+        assert!(
+            e.message().starts_with("header.tensors[0].name: `xxx"),
+            "{}",
+            e.message()
+        );
+        assert!(e.message().len() < 200, "{} bytes", e.message().len());
+        header.tensors = update_tensors(&manifest);
+        header.tensors[0].shape = vec![7; 500_000];
+        let Err(e) = check_header(&header, &manifest, &Limits::default()) else {
+            panic!("accepted");
+        };
+        assert!(
+            e.message()
+                .starts_with("header.tensors[0].shape: tensor `item_factors` has shape [7, 7"),
+            "{}",
+            e.message()
+        );
+        assert!(e.message().len() < 300, "{} bytes", e.message().len());
+    }
+
+    #[test]
     fn out_of_order_gapped_short_and_overlong_uploads_are_refused() {
         let specs = [
             spec("a", vec![2], pb::Dtype::F32),
@@ -809,7 +957,7 @@ mod tests {
         let limits = Limits::default();
         let bytes = f32_bytes(&[1.0, 2.0]);
         // Tensor 1 before tensor 0 is complete.
-        let mut d = Decoder::new(&specs, &widths, 3);
+        let mut d = UpdateDecoder::new(specs.to_vec(), widths.to_vec(), 3);
         d.push(&chunk(0, 0, &bytes[..4]), &limits).unwrap();
         let e = d.push(&chunk(1, 0, &bytes[..4]), &limits).unwrap_err();
         assert!(
@@ -818,7 +966,7 @@ mod tests {
             e.message()
         );
         // A gap.
-        let mut d = Decoder::new(&specs, &widths, 3);
+        let mut d = UpdateDecoder::new(specs.to_vec(), widths.to_vec(), 3);
         let e = d.push(&chunk(0, 4, &bytes[..4]), &limits).unwrap_err();
         assert!(
             e.message().starts_with("chunk.offset: 4"),
@@ -826,7 +974,7 @@ mod tests {
             e.message()
         );
         // Past the end of a tensor.
-        let mut d = Decoder::new(&specs, &widths, 3);
+        let mut d = UpdateDecoder::new(specs.to_vec(), widths.to_vec(), 3);
         let e = d.push(&chunk(0, 0, &[0; 12]), &limits).unwrap_err();
         assert!(
             e.message().contains("runs past the end of tensor 0"),
@@ -834,7 +982,7 @@ mod tests {
             e.message()
         );
         // Short.
-        let mut d = Decoder::new(&specs, &widths, 3);
+        let mut d = UpdateDecoder::new(specs.to_vec(), widths.to_vec(), 3);
         d.push(&chunk(0, 0, &bytes), &limits).unwrap();
         let e = d.finish().unwrap_err();
         assert!(
@@ -843,7 +991,7 @@ mod tests {
             e.message()
         );
         // An empty chunk.
-        let mut d = Decoder::new(&specs, &widths, 3);
+        let mut d = UpdateDecoder::new(specs.to_vec(), widths.to_vec(), 3);
         let e = d.push(&chunk(0, 0, &[]), &limits).unwrap_err();
         assert!(
             e.message().starts_with("chunk.content: 0 bytes"),
