@@ -15,11 +15,16 @@
 //!    dense update), then — in mode `local` — [`clip_l2`] and
 //!    [`GaussianMechanism::release_update`] with
 //!    `SimulationSampler::for_stream(seed, &[round, client])`, as a phone does. With
-//!    `--noise-path aggregate` (the default): the SDK's [`local_round_sparse`] (the same
-//!    numbers on the rated items' rows, their biases and the offset only) clipped sparsely;
+//!    `--noise-path aggregate` (the default): the SDK's [`local_round_sparse_with`] (the
+//!    same numbers on the rated items' rows, their biases and the offset only, in working
+//!    memory each worker thread reuses) clipped sparsely;
 //!    in modes `none` and `local` the clipped sparse update goes to the engine un-noised, in
 //!    modes `central` (and DP-FTRL) it is scattered into the dense update the engine's
-//!    lattice sum needs. In mode `central` the engine clips again, sums and noises once;
+//!    lattice sum needs. In mode `central` the engine clips again, sums and noises once.
+//!    The first batch of candidates already trains while the engine takes the check-ins (a
+//!    device's update depends on the model, its data and its own stream, not on its task);
+//!    that batch is used only if its users are the first tasks and the round's C is the one
+//!    it trained at, and trained again otherwise;
 //! 3. the updates are handed to the engine (`Event::Update`, or `Event::SimulatedUpdate`
 //!    for sparse ones) in task order, so the aggregate is the same bytes on any number of
 //!    threads;
