@@ -88,7 +88,8 @@ pub use event::{CatalogueItem, Event, EventError, EventLimits, ExplicitKind, Fee
 pub use examples::{Example, ExampleTable, ItemExample, SignalMapping};
 pub use model::{
     LocalTraining, MatrixFactorization, ModelError, PreferenceModel, SparseUpdate, TensorLayout,
-    TensorSpec, UserState, local_round, local_round_sparse,
+    TensorSpec, TrainingScratch, UserState, local_round, local_round_sparse,
+    local_round_sparse_with,
 };
 pub use participation::{
     CoordinatorClient, DownloadProgress, MetricsOutcome, ParticipateOptions, ParticipationConfig,

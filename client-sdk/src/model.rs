@@ -225,6 +225,19 @@ pub fn local_round_sparse(
     (private, update)
 }
 
+/// [`local_round_sparse`] with reusable working memory ([`TrainingScratch`]): the same bits,
+/// for callers that run many local rounds on one thread.
+pub fn local_round_sparse_with(
+    model: &MatrixFactorization,
+    examples: &[Example],
+    training: &LocalTraining,
+    scratch: &mut TrainingScratch,
+) -> (UserState, SparseUpdate) {
+    let private = model.fit_private_with(examples, training, scratch);
+    let update = model.shared_update_sparse_with(&private, examples, training, scratch);
+    (private, update)
+}
+
 /// An update to the shared part that is zero outside `indices`: `values[j]` is coordinate
 /// `indices[j]` of a `dimension`-long update. Indices are strictly increasing.
 #[derive(Clone, Debug, PartialEq)]
@@ -408,44 +421,198 @@ impl MatrixFactorization {
         &self.factors[j * self.k..(j + 1) * self.k]
     }
 
-    /// The local epochs on the touched rows only: the new rows of V (in example order,
-    /// k each), the new item biases (in example order) and the new global offset. The
-    /// shared update is their difference from the downloaded values; every other
-    /// coordinate's update is exactly 0.
+    /// [`PreferenceModel::fit_private`] with reusable working memory: the same bits, without
+    /// allocating anything but the returned state once `scratch` has grown to the model's
+    /// size. For callers that fit many users in a row (a simulator's worker thread).
+    pub fn fit_private_with(
+        &self,
+        examples: &[Example],
+        training: &LocalTraining,
+        scratch: &mut TrainingScratch,
+    ) -> UserState {
+        let k = self.k;
+        let d = k + 1;
+        if examples.is_empty() {
+            return UserState {
+                factor: vec![0.0; k],
+                bias: 0.0,
+            };
+        }
+        // The lower triangle of XᵀWX and XᵀWy with x = [V_j, 1]. Each entry sums the
+        // examples in order, one product (w x_i) x_j at a time, so the bits do not depend on
+        // how the loops are vectorised. Only the lower triangle is read by the solve.
+        self.gather(examples, scratch);
+        scratch.gram.clear();
+        scratch.gram.resize(d * d, 0.0);
+        scratch.rhs.clear();
+        scratch.rhs.resize(d, 0.0);
+        match k {
+            4 => Self::gram_fixed::<4>(scratch),
+            8 => Self::gram_fixed::<8>(scratch),
+            16 => Self::gram_fixed::<16>(scratch),
+            32 => Self::gram_fixed::<32>(scratch),
+            _ => Self::gram_any(k, scratch),
+        }
+        let (gram, rhs) = (&scratch.gram, &scratch.rhs);
+        let total_weight: f64 = examples.iter().map(|e| e.weight).sum();
+        let mut jitter = training.private_lambda(total_weight);
+        loop {
+            let system = &mut scratch.system;
+            system.clear();
+            system.extend_from_slice(gram);
+            for i in 0..k {
+                system[i * d + i] += jitter;
+            }
+            system[k * d + k] += jitter * training.bias_l2_ratio;
+            let mut w = Vec::with_capacity(d);
+            w.extend_from_slice(rhs);
+            if solve_spd(system, &mut w, d) {
+                let bias = w.pop().expect("d ≥ 2");
+                return UserState { factor: w, bias };
+            }
+            // Only reachable with λ_u = 0 and a singular system: regularise minimally.
+            jitter = if jitter == 0.0 { 1e-9 } else { jitter * 10.0 };
+        }
+    }
+
+    /// Gathers the examples' rows of V into `scratch.rows`, their residual targets
+    /// y = r − μ − b_j into `scratch.residuals` and their weights into `scratch.weights`, so
+    /// that the Gram loops read contiguous memory.
+    fn gather(&self, examples: &[Example], scratch: &mut TrainingScratch) {
+        scratch.rows.clear();
+        scratch.residuals.clear();
+        scratch.weights.clear();
+        for e in examples {
+            scratch.rows.extend_from_slice(self.row(e.item));
+            scratch
+                .residuals
+                .push(e.target - self.offset - self.biases[e.item]);
+            scratch.weights.push(e.weight);
+        }
+    }
+
+    /// Writes the lower triangle of XᵀWX (d × d, x = [V_j, 1]) into `scratch.gram` and XᵀWy
+    /// into `scratch.rhs`, from [`Self::gather`]'s rows for a compile-time k. Each entry
+    /// starts at 0 and adds the examples' products (w x_i) x_j in example order, one at a
+    /// time, exactly as a plain triple loop would: the bits do not depend on the
+    /// vectorisation. Row i is accumulated in registers over all examples; its columns
+    /// past i (the upper triangle) are computed and dropped.
+    fn gram_fixed<const K: usize>(scratch: &mut TrainingScratch) {
+        let d = K + 1;
+        let TrainingScratch {
+            gram,
+            rhs,
+            rows,
+            residuals: ys,
+            weights,
+            ..
+        } = scratch;
+        let rows = rows.as_chunks::<K>().0;
+        for i in 0..K {
+            // Row i needs columns 0..=i: accumulate the narrowest whole block of 4 that
+            // holds them (the rest of the block is upper triangle, dropped).
+            let (acc, r) = match (i / 4 + 1) * 4 {
+                4 => gram_row::<K, 4>(i, rows, ys, weights),
+                8 => gram_row::<K, 8>(i, rows, ys, weights),
+                12 => gram_row::<K, 12>(i, rows, ys, weights),
+                16 => gram_row::<K, 16>(i, rows, ys, weights),
+                20 => gram_row::<K, 20>(i, rows, ys, weights),
+                24 => gram_row::<K, 24>(i, rows, ys, weights),
+                28 => gram_row::<K, 28>(i, rows, ys, weights),
+                _ => gram_row::<K, K>(i, rows, ys, weights),
+            };
+            gram[i * d..=i * d + i].copy_from_slice(&acc[..=i]);
+            rhs[i] = r;
+        }
+        // The bias row: x_k = 1.
+        let mut acc = [0.0f64; K];
+        let (mut r, mut last) = (0.0, 0.0);
+        for ((row, &y), &w) in rows.iter().zip(ys.iter()).zip(weights.iter()) {
+            let wxk = w * 1.0;
+            r += wxk * y;
+            for j in 0..K {
+                acc[j] += wxk * row[j];
+            }
+            last += wxk * 1.0;
+        }
+        gram[K * d..K * d + K].copy_from_slice(&acc);
+        gram[K * d + K] = last;
+        rhs[K] = r;
+    }
+
+    /// [`Self::gram_fixed`] for any k (the same arithmetic in the same order).
+    fn gram_any(k: usize, scratch: &mut TrainingScratch) {
+        let d = k + 1;
+        let TrainingScratch {
+            gram,
+            rhs,
+            rows,
+            residuals: ys,
+            weights,
+            ..
+        } = scratch;
+        for ((row, &y), &w) in rows.chunks_exact(k).zip(ys.iter()).zip(weights.iter()) {
+            for (i, (&xi, r)) in row.iter().zip(rhs.iter_mut()).enumerate() {
+                let wxi = w * xi;
+                *r += wxi * y;
+                let lower = &mut gram[i * d..=i * d + i];
+                for (a, &xj) in lower.iter_mut().zip(row) {
+                    *a += wxi * xj;
+                }
+            }
+            let wxk = w * 1.0;
+            rhs[k] += wxk * y;
+            let last = &mut gram[k * d..k * d + d];
+            for (a, &xj) in last.iter_mut().zip(row) {
+                *a += wxk * xj;
+            }
+            last[k] += wxk * 1.0;
+        }
+    }
+
+    /// The local epochs on the touched rows only, into `scratch`: the new rows of V (in
+    /// example order, k each) in `scratch.rows`, the new item biases (in example order) in
+    /// `scratch.biases`; returns the new global offset. The shared update is their
+    /// difference from the downloaded values; every other coordinate's update is exactly 0.
     fn touched_rows(
         &self,
         private: &UserState,
         examples: &[Example],
         training: &LocalTraining,
-    ) -> (Vec<f64>, Vec<f64>, f64) {
-        let k = self.k;
-        let mut rows: Vec<f64> = examples
-            .iter()
-            .flat_map(|e| self.row(e.item).iter().copied())
-            .collect();
-        let mut biases: Vec<f64> = examples.iter().map(|e| self.biases[e.item]).collect();
+        scratch: &mut TrainingScratch,
+    ) -> f64 {
+        scratch.rows.clear();
+        for e in examples {
+            scratch.rows.extend_from_slice(self.row(e.item));
+        }
+        scratch.biases.clear();
+        scratch
+            .biases
+            .extend(examples.iter().map(|e| self.biases[e.item]));
+        scratch.errors.clear();
+        scratch.errors.resize(examples.len(), 0.0);
         let mut mu = self.offset;
         let total_weight: f64 = examples.iter().map(|e| e.weight).sum();
         let (lr, reg) = (training.learning_rate, training.l2_regularization);
         let bias_reg = reg * training.bias_l2_ratio;
-        let mut errors = vec![0.0; examples.len()];
+        let epoch = Epoch {
+            examples,
+            private,
+            lr,
+            reg,
+            bias_reg,
+            total_weight,
+        };
         for _ in 0..training.epochs {
-            for (i, e) in examples.iter().enumerate() {
-                let row = &rows[i * k..(i + 1) * k];
-                errors[i] = e.target - (mu + biases[i] + private.bias + dot(row, &private.factor));
-            }
-            let mut mean_error = 0.0;
-            for (i, e) in examples.iter().enumerate() {
-                let we = e.weight * errors[i];
-                for (v, u) in rows[i * k..(i + 1) * k].iter_mut().zip(&private.factor) {
-                    *v += lr * (we * u - reg * *v);
-                }
-                biases[i] += lr * (we - bias_reg * biases[i]);
-                mean_error += we;
-            }
-            mu += lr * mean_error / total_weight;
+            mu = match self.k {
+                4 if private.factor.len() == 4 => epoch.run::<4>(mu, scratch),
+                8 if private.factor.len() == 8 => epoch.run::<8>(mu, scratch),
+                16 if private.factor.len() == 16 => epoch.run::<16>(mu, scratch),
+                32 if private.factor.len() == 32 => epoch.run::<32>(mu, scratch),
+                _ => epoch.run_any(self.k, mu, scratch),
+            };
         }
-        (rows, biases, mu)
+        mu
     }
 
     /// [`PreferenceModel::shared_update`] as a sparse vector: only the coordinates the
@@ -459,6 +626,18 @@ impl MatrixFactorization {
         examples: &[Example],
         training: &LocalTraining,
     ) -> SparseUpdate {
+        self.shared_update_sparse_with(private, examples, training, &mut TrainingScratch::default())
+    }
+
+    /// [`MatrixFactorization::shared_update_sparse`] with reusable working memory (the same
+    /// bits; it allocates only the returned vectors).
+    pub fn shared_update_sparse_with(
+        &self,
+        private: &UserState,
+        examples: &[Example],
+        training: &LocalTraining,
+        scratch: &mut TrainingScratch,
+    ) -> SparseUpdate {
         let k = self.k;
         let n = self.item_ids.len();
         let dimension = n * k + n + 1;
@@ -469,26 +648,40 @@ impl MatrixFactorization {
                 values: vec![],
             };
         }
-        let (rows, biases, mu) = self.touched_rows(private, examples, training);
+        let mu = self.touched_rows(private, examples, training, scratch);
         // Sorted by item; with a repeated item the last example wins, as in the dense update.
-        let mut order: Vec<usize> = (0..examples.len()).collect();
-        order.sort_by_key(|&i| (examples[i].item, std::cmp::Reverse(i)));
-        order.dedup_by_key(|i| examples[*i].item);
+        // Keys (item, position from the end) in one u64: distinct, so the unstable sort
+        // gives the one order, and the first of each item is its last example.
+        let order = &mut scratch.order;
+        order.clear();
+        let last = examples.len() as u64 - 1;
+        order.extend(
+            examples
+                .iter()
+                .enumerate()
+                .map(|(i, e)| ((e.item as u64) << 32) | (last - i as u64)),
+        );
+        if !order.is_sorted_by(|a, b| a >> 32 < b >> 32) {
+            order.sort_unstable();
+            order.dedup_by_key(|key| *key >> 32);
+        }
         let nnz = order.len() * (k + 1) + 1;
         let mut indices = Vec::with_capacity(nnz);
         let mut values = Vec::with_capacity(nnz);
-        for &i in &order {
+        let position = |key: u64| (last - (key & 0xFFFF_FFFF)) as usize;
+        for &key in order.iter() {
+            let i = position(key);
             let item = examples[i].item;
-            let old = self.row(item);
-            for c in 0..k {
-                indices.push((item * k + c) as u32);
-                values.push(rows[i * k + c] - old[c]);
-            }
+            let first = (item * k) as u32;
+            indices.extend(first..first + k as u32);
+            let new = &scratch.rows[i * k..(i + 1) * k];
+            values.extend(new.iter().zip(self.row(item)).map(|(v, old)| v - old));
         }
-        for &i in &order {
+        for &key in order.iter() {
+            let i = position(key);
             let item = examples[i].item;
             indices.push((n * k + item) as u32);
-            values.push(biases[i] - self.biases[item]);
+            values.push(scratch.biases[i] - self.biases[item]);
         }
         indices.push((n * k + n) as u32);
         values.push(mu - self.offset);
@@ -497,6 +690,50 @@ impl MatrixFactorization {
             indices,
             values,
         }
+    }
+
+    /// Replaces the shared part by a downloaded parameter vector of the same layout (in
+    /// layout order: V row-major, the item biases, μ; f32 as the coordinator stores them,
+    /// widened exactly to f64) at `version`. The item ids and their index stay, so this is
+    /// what a new model version costs without rebuilding the catalogue's index. The same
+    /// numbers as building the model anew from these parameters; refused, naming the field,
+    /// and leaving the model unchanged, if the length differs or a value is not finite.
+    pub fn load_parameters(&mut self, version: u64, parameters: &[f32]) -> Result<(), ModelError> {
+        let dimension = self.layout().dimension();
+        if parameters.len() != dimension {
+            return Err(model_error(
+                "parameters",
+                format!(
+                    "has {} values; the layout has {dimension}",
+                    parameters.len()
+                ),
+            ));
+        }
+        let (v, rest) = parameters.split_at(self.factors.len());
+        let (b, mu) = rest.split_at(self.biases.len());
+        if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+            return Err(model_error(
+                format!("items[{}].factors", i / self.k),
+                "must be finite",
+            ));
+        }
+        if let Some(i) = b.iter().position(|x| !x.is_finite()) {
+            return Err(model_error(format!("items[{i}].bias"), "must be finite"));
+        }
+        if !mu[0].is_finite() {
+            return Err(model_error("global_offset", "must be finite"));
+        }
+        self.factors
+            .iter_mut()
+            .zip(v)
+            .for_each(|(x, &p)| *x = f64::from(p));
+        self.biases
+            .iter_mut()
+            .zip(b)
+            .for_each(|(x, &p)| *x = f64::from(p));
+        self.offset = f64::from(mu[0]);
+        self.version = version;
+        Ok(())
     }
 
     /// Adds `scale` × an update (in layout order) to the shared part: what the coordinator
@@ -646,33 +883,133 @@ fn dot(a: &[f64], b: &[f64]) -> f64 {
     (acc[0] + acc[1]) + (acc[2] + acc[3]) + tail
 }
 
-/// Solves A x = b for symmetric positive-definite A (d × d, row-major) by Cholesky, in
-/// place: on return `b` holds x. Returns false if A is not positive definite.
+/// One epoch of the shared update on the touched rows (module docs, step 2), over the
+/// rows, biases and errors in a [`TrainingScratch`].
+struct Epoch<'a> {
+    examples: &'a [Example],
+    private: &'a UserState,
+    lr: f64,
+    reg: f64,
+    bias_reg: f64,
+    total_weight: f64,
+}
+
+impl Epoch<'_> {
+    /// The epoch for a compile-time k (`private.factor` has K entries); returns the new μ.
+    fn run<const K: usize>(&self, mu: f64, scratch: &mut TrainingScratch) -> f64 {
+        let u: &[f64; K] = self.private.factor[..].try_into().expect("K factors");
+        let rows = scratch.rows.as_chunks_mut::<K>().0;
+        for (((e, row), b), err) in self
+            .examples
+            .iter()
+            .zip(rows.iter())
+            .zip(scratch.biases.iter())
+            .zip(scratch.errors.iter_mut())
+        {
+            *err = e.target - (mu + b + self.private.bias + dot(row, u));
+        }
+        let mut mean_error = 0.0;
+        for (((e, row), b), err) in self
+            .examples
+            .iter()
+            .zip(rows.iter_mut())
+            .zip(scratch.biases.iter_mut())
+            .zip(scratch.errors.iter())
+        {
+            let we = e.weight * err;
+            for (v, u) in row.iter_mut().zip(u) {
+                *v += self.lr * (we * u - self.reg * *v);
+            }
+            *b += self.lr * (we - self.bias_reg * *b);
+            mean_error += we;
+        }
+        mu + self.lr * mean_error / self.total_weight
+    }
+
+    /// [`Epoch::run`] for any k.
+    fn run_any(&self, k: usize, mu: f64, scratch: &mut TrainingScratch) -> f64 {
+        let u = &self.private.factor[..];
+        for (((e, row), b), err) in self
+            .examples
+            .iter()
+            .zip(scratch.rows.chunks_exact(k))
+            .zip(scratch.biases.iter())
+            .zip(scratch.errors.iter_mut())
+        {
+            *err = e.target - (mu + b + self.private.bias + dot(row, u));
+        }
+        let mut mean_error = 0.0;
+        for (((e, row), b), err) in self
+            .examples
+            .iter()
+            .zip(scratch.rows.chunks_exact_mut(k))
+            .zip(scratch.biases.iter_mut())
+            .zip(scratch.errors.iter())
+        {
+            let we = e.weight * err;
+            for (v, u) in row.iter_mut().zip(u) {
+                *v += self.lr * (we * u - self.reg * *v);
+            }
+            *b += self.lr * (we - self.bias_reg * *b);
+            mean_error += we;
+        }
+        mu + self.lr * mean_error / self.total_weight
+    }
+}
+
+/// Row i of XᵀWX over columns 0..W (W ≤ K, past i when i < W − 1) and entry i of XᵀWy:
+/// each sum starts at 0 and adds (w x_i) x_j example by example, in order. The row is
+/// held in registers over all examples. Returns a K-wide array (columns ≥ W are 0).
+#[inline(always)]
+fn gram_row<const K: usize, const W: usize>(
+    i: usize,
+    rows: &[[f64; K]],
+    ys: &[f64],
+    weights: &[f64],
+) -> ([f64; K], f64) {
+    let mut acc = [0.0f64; W];
+    let mut r = 0.0;
+    for ((row, &y), &w) in rows.iter().zip(ys).zip(weights) {
+        let wxi = w * row[i];
+        r += wxi * y;
+        for (a, &x) in acc.iter_mut().zip(&row[..W]) {
+            *a += wxi * x;
+        }
+    }
+    let mut out = [0.0f64; K];
+    out[..W].copy_from_slice(&acc);
+    (out, r)
+}
+
+/// Solves A x = b for symmetric positive-definite A (d × d, row-major; only the lower
+/// triangle is read) by Cholesky, in place: on return `b` holds x. Returns false if A is
+/// not positive definite. Every sum runs in index order, one term at a time.
 fn solve_spd(a: &mut [f64], b: &mut [f64], d: usize) -> bool {
     for j in 0..d {
-        let mut s = a[j * d + j];
-        for p in 0..j {
-            s -= a[j * d + p] * a[j * d + p];
-        }
+        let (head, tail) = a.split_at_mut((j + 1) * d);
+        let row_j = &mut head[j * d..];
+        let s = row_j[..j].iter().fold(row_j[j], |s, &x| s - x * x);
         if s <= 0.0 || !s.is_finite() {
             return false;
         }
         let l = s.sqrt();
-        a[j * d + j] = l;
-        for i in j + 1..d {
-            let mut s = a[i * d + j];
-            for p in 0..j {
-                s -= a[i * d + p] * a[j * d + p];
-            }
-            a[i * d + j] = s / l;
+        row_j[j] = l;
+        let row_j = &row_j[..j];
+        for row_i in tail.chunks_exact_mut(d) {
+            let s = row_i[..j]
+                .iter()
+                .zip(row_j)
+                .fold(row_i[j], |s, (&x, &y)| s - x * y);
+            row_i[j] = s / l;
         }
     }
     for i in 0..d {
-        let mut s = b[i];
-        for p in 0..i {
-            s -= a[i * d + p] * b[p];
-        }
-        b[i] = s / a[i * d + i];
+        let row_i = &a[i * d..i * d + i + 1];
+        let s = row_i[..i]
+            .iter()
+            .zip(&b[..i])
+            .fold(b[i], |s, (&x, &y)| s - x * y);
+        b[i] = s / row_i[i];
     }
     for i in (0..d).rev() {
         let mut s = b[i];
@@ -682,6 +1019,24 @@ fn solve_spd(a: &mut [f64], b: &mut [f64], d: usize) -> bool {
         b[i] = s / a[i * d + i];
     }
     true
+}
+
+/// Working memory for [`MatrixFactorization`]'s local rounds
+/// ([`MatrixFactorization::fit_private_with`],
+/// [`MatrixFactorization::shared_update_sparse_with`]), kept between rounds so that fitting
+/// many users in a row allocates nothing per user but its results. It holds no state that
+/// changes a result: a fresh one and a reused one give the same bits.
+#[derive(Clone, Debug, Default)]
+pub struct TrainingScratch {
+    gram: Vec<f64>,
+    rhs: Vec<f64>,
+    system: Vec<f64>,
+    rows: Vec<f64>,
+    residuals: Vec<f64>,
+    weights: Vec<f64>,
+    biases: Vec<f64>,
+    errors: Vec<f64>,
+    order: Vec<u64>,
 }
 
 impl PreferenceModel for MatrixFactorization {
@@ -722,49 +1077,7 @@ impl PreferenceModel for MatrixFactorization {
     }
 
     fn fit_private(&self, examples: &[Example], training: &LocalTraining) -> UserState {
-        let k = self.k;
-        let d = k + 1;
-        if examples.is_empty() {
-            return UserState {
-                factor: vec![0.0; k],
-                bias: 0.0,
-            };
-        }
-        let mut a = vec![0.0; d * d];
-        let mut rhs = vec![0.0; d];
-        let mut x = vec![1.0; d];
-        for e in examples {
-            x[..k].copy_from_slice(self.row(e.item));
-            let y = e.target - self.offset - self.biases[e.item];
-            for i in 0..d {
-                let wxi = e.weight * x[i];
-                rhs[i] += wxi * y;
-                for j in 0..=i {
-                    a[i * d + j] += wxi * x[j];
-                }
-            }
-        }
-        for i in 0..d {
-            for j in 0..i {
-                a[j * d + i] = a[i * d + j];
-            }
-        }
-        let total_weight: f64 = examples.iter().map(|e| e.weight).sum();
-        let mut jitter = training.private_lambda(total_weight);
-        loop {
-            let mut m = a.clone();
-            for i in 0..k {
-                m[i * d + i] += jitter;
-            }
-            m[k * d + k] += jitter * training.bias_l2_ratio;
-            let mut w = rhs.clone();
-            if solve_spd(&mut m, &mut w, d) {
-                let bias = w.pop().expect("d ≥ 2");
-                return UserState { factor: w, bias };
-            }
-            // Only reachable with λ_u = 0 and a singular system: regularise minimally.
-            jitter = if jitter == 0.0 { 1e-9 } else { jitter * 10.0 };
-        }
+        self.fit_private_with(examples, training, &mut TrainingScratch::default())
     }
 
     fn shared_update(
@@ -779,13 +1092,14 @@ impl PreferenceModel for MatrixFactorization {
         if examples.is_empty() {
             return update;
         }
-        let (rows, biases, mu) = self.touched_rows(private, examples, training);
+        let mut scratch = TrainingScratch::default();
+        let mu = self.touched_rows(private, examples, training, &mut scratch);
         for (i, e) in examples.iter().enumerate() {
             let old = self.row(e.item);
             for c in 0..k {
-                update[e.item * k + c] = rows[i * k + c] - old[c];
+                update[e.item * k + c] = scratch.rows[i * k + c] - old[c];
             }
-            update[n * k + e.item] = biases[i] - self.biases[e.item];
+            update[n * k + e.item] = scratch.biases[i] - self.biases[e.item];
         }
         update[n * k + n] = mu - self.offset;
         update
@@ -870,6 +1184,223 @@ mod tests {
             m.shared_update_sparse(&p, &ex, &t).indices.len(),
             3 * 3 + 3 + 1
         );
+    }
+
+    /// The ridge fit as first written (full symmetric Gram matrix, a fresh allocation per
+    /// step): the reference the working-memory version must match bit for bit.
+    fn reference_fit(
+        m: &MatrixFactorization,
+        examples: &[Example],
+        t: &LocalTraining,
+    ) -> UserState {
+        let k = m.k;
+        let d = k + 1;
+        let mut a = vec![0.0; d * d];
+        let mut rhs = vec![0.0; d];
+        let mut x = vec![1.0; d];
+        for e in examples {
+            x[..k].copy_from_slice(m.row(e.item));
+            let y = e.target - m.offset - m.biases[e.item];
+            for i in 0..d {
+                let wxi = e.weight * x[i];
+                rhs[i] += wxi * y;
+                for j in 0..=i {
+                    a[i * d + j] += wxi * x[j];
+                }
+            }
+        }
+        for i in 0..d {
+            for j in 0..i {
+                a[j * d + i] = a[i * d + j];
+            }
+        }
+        let total_weight: f64 = examples.iter().map(|e| e.weight).sum();
+        let mut jitter = t.private_lambda(total_weight);
+        loop {
+            let mut m2 = a.clone();
+            for i in 0..k {
+                m2[i * d + i] += jitter;
+            }
+            m2[k * d + k] += jitter * t.bias_l2_ratio;
+            let mut w = rhs.clone();
+            // Cholesky, written with plain indices.
+            let mut ok = true;
+            'chol: for j in 0..d {
+                let mut s = m2[j * d + j];
+                for p in 0..j {
+                    s -= m2[j * d + p] * m2[j * d + p];
+                }
+                if s <= 0.0 || !s.is_finite() {
+                    ok = false;
+                    break 'chol;
+                }
+                let l = s.sqrt();
+                m2[j * d + j] = l;
+                for i in j + 1..d {
+                    let mut s = m2[i * d + j];
+                    for p in 0..j {
+                        s -= m2[i * d + p] * m2[j * d + p];
+                    }
+                    m2[i * d + j] = s / l;
+                }
+            }
+            if ok {
+                for i in 0..d {
+                    let mut s = w[i];
+                    for p in 0..i {
+                        s -= m2[i * d + p] * w[p];
+                    }
+                    w[i] = s / m2[i * d + i];
+                }
+                for i in (0..d).rev() {
+                    let mut s = w[i];
+                    for p in i + 1..d {
+                        s -= m2[p * d + i] * w[p];
+                    }
+                    w[i] = s / m2[i * d + i];
+                }
+                let bias = w.pop().unwrap();
+                return UserState { factor: w, bias };
+            }
+            jitter = if jitter == 0.0 { 1e-9 } else { jitter * 10.0 };
+        }
+    }
+
+    /// The dense shared update as first written: the reference for the epochs.
+    fn reference_update(
+        m: &MatrixFactorization,
+        private: &UserState,
+        examples: &[Example],
+        t: &LocalTraining,
+    ) -> Vec<f64> {
+        let (k, n) = (m.k, m.item_ids.len());
+        let mut update = vec![0.0; n * k + n + 1];
+        if examples.is_empty() {
+            return update;
+        }
+        let mut rows: Vec<f64> = examples
+            .iter()
+            .flat_map(|e| m.row(e.item).iter().copied())
+            .collect();
+        let mut biases: Vec<f64> = examples.iter().map(|e| m.biases[e.item]).collect();
+        let mut mu = m.offset;
+        let total_weight: f64 = examples.iter().map(|e| e.weight).sum();
+        let (lr, reg) = (t.learning_rate, t.l2_regularization);
+        let bias_reg = reg * t.bias_l2_ratio;
+        let mut errors = vec![0.0; examples.len()];
+        for _ in 0..t.epochs {
+            for (i, e) in examples.iter().enumerate() {
+                let row = &rows[i * k..(i + 1) * k];
+                errors[i] = e.target - (mu + biases[i] + private.bias + dot(row, &private.factor));
+            }
+            let mut mean_error = 0.0;
+            for (i, e) in examples.iter().enumerate() {
+                let we = e.weight * errors[i];
+                for (v, u) in rows[i * k..(i + 1) * k].iter_mut().zip(&private.factor) {
+                    *v += lr * (we * u - reg * *v);
+                }
+                biases[i] += lr * (we - bias_reg * biases[i]);
+                mean_error += we;
+            }
+            mu += lr * mean_error / total_weight;
+        }
+        for (i, e) in examples.iter().enumerate() {
+            let old = m.row(e.item);
+            for c in 0..k {
+                update[e.item * k + c] = rows[i * k + c] - old[c];
+            }
+            update[n * k + e.item] = biases[i] - m.biases[e.item];
+        }
+        update[n * k + n] = mu - m.offset;
+        update
+    }
+
+    #[test]
+    fn the_local_round_with_working_memory_is_the_reference_round_bit_for_bit() {
+        let bits = |p: &UserState| {
+            let mut v: Vec<u64> = p.factor.iter().map(|x| x.to_bits()).collect();
+            v.push(p.bias.to_bits());
+            v
+        };
+        // One scratch across models of different k and example sets of different sizes,
+        // weights and orders: reuse must not leak one fit into the next.
+        let mut scratch = TrainingScratch::default();
+        let mut state = 99u64;
+        let mut uniform = move || (splitmix64(&mut state) >> 11) as f64 / (1u64 << 53) as f64;
+        for (k, items, n) in [
+            (16, 200, 40),
+            (3, 6, 3),
+            (7, 50, 1),
+            (16, 200, 60),
+            (1, 4, 9),
+        ] {
+            let m = MatrixFactorization::initial(1, ids(items), k, 0.3, k as u64).unwrap();
+            for round in 0..4 {
+                let ex: Vec<Example> = (0..n)
+                    .map(|j| Example {
+                        item: (j * 37 + round * 11) % items,
+                        target: 1.0 + 4.0 * uniform(),
+                        weight: if round % 2 == 0 { 1.0 } else { 0.1 + uniform() },
+                    })
+                    .collect();
+                let t = LocalTraining {
+                    private_l2: if round == 3 { 0.0 } else { 0.5 + uniform() },
+                    private_l2_per_example: 0.01 * round as f64,
+                    bias_l2_ratio: 0.5 + uniform(),
+                    ..LocalTraining::default()
+                };
+                let want = reference_fit(&m, &ex, &t);
+                assert_eq!(
+                    bits(&m.fit_private_with(&ex, &t, &mut scratch)),
+                    bits(&want)
+                );
+                assert_eq!(bits(&m.fit_private(&ex, &t)), bits(&want));
+                let t = LocalTraining {
+                    epochs: 1 + round as u32,
+                    ..t
+                };
+                let dense_bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                let want = reference_update(&m, &want, &ex, &t);
+                let p = m.fit_private_with(&ex, &t, &mut scratch);
+                let sparse = m.shared_update_sparse_with(&p, &ex, &t, &mut scratch);
+                assert_eq!(dense_bits(&sparse.to_dense()), dense_bits(&want));
+                assert_eq!(dense_bits(&m.shared_update(&p, &ex, &t)), dense_bits(&want));
+            }
+        }
+    }
+
+    #[test]
+    fn loading_parameters_gives_the_model_built_from_them_and_refuses_bad_ones() {
+        let mut m = MatrixFactorization::initial(1, ids(3), 2, 0.1, 1).unwrap();
+        let params: Vec<f32> = (0..3 * 2 + 3 + 1).map(|i| 0.25 * i as f32 - 1.0).collect();
+        m.load_parameters(7, &params).unwrap();
+        let wide = |s: &[f32]| s.iter().map(|&x| f64::from(x)).collect::<Vec<_>>();
+        let built = MatrixFactorization::new(
+            7,
+            ids(3),
+            2,
+            wide(&params[..6]),
+            wide(&params[6..9]),
+            f64::from(params[9]),
+        )
+        .unwrap();
+        assert_eq!(m, built);
+        assert_eq!(m.item_index("i2"), Some(2));
+        let before = m.clone();
+        let err = m.load_parameters(8, &params[..9]).unwrap_err();
+        assert_eq!(err.field, "parameters");
+        for (at, field) in [
+            (3, "items[1].factors"),
+            (7, "items[1].bias"),
+            (9, "global_offset"),
+        ] {
+            let mut bad = params.clone();
+            bad[at] = f32::NAN;
+            assert_eq!(m.load_parameters(8, &bad).unwrap_err().field, field);
+            bad[at] = f32::INFINITY;
+            assert_eq!(m.load_parameters(8, &bad).unwrap_err().field, field);
+        }
+        assert_eq!(m, before, "a refused load changes nothing");
     }
 
     #[test]

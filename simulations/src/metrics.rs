@@ -62,15 +62,20 @@ pub struct Evaluation {
 
 /// Training examples of a user: the most recent `max_examples` training ratings.
 pub fn examples(train: &[Rating], training: &LocalTraining) -> Vec<Example> {
+    example_iter(train, training).collect()
+}
+
+/// [`examples`] without collecting them (to fill a reused buffer).
+pub fn example_iter<'a>(
+    train: &'a [Rating],
+    training: &LocalTraining,
+) -> impl ExactSizeIterator<Item = Example> + 'a {
     let skip = train.len().saturating_sub(training.max_examples);
-    train[skip..]
-        .iter()
-        .map(|r| Example {
-            item: r.item as usize,
-            target: f64::from(r.value),
-            weight: 1.0,
-        })
-        .collect()
+    train[skip..].iter().map(|r| Example {
+        item: r.item as usize,
+        target: f64::from(r.value),
+        weight: 1.0,
+    })
 }
 
 #[derive(Default)]

@@ -15,11 +15,16 @@
 //!    dense update), then — in mode `local` — [`clip_l2`] and
 //!    [`GaussianMechanism::release_update`] with
 //!    `SimulationSampler::for_stream(seed, &[round, client])`, as a phone does. With
-//!    `--noise-path aggregate` (the default): the SDK's [`local_round_sparse`] (the same
-//!    numbers on the rated items' rows, their biases and the offset only) clipped sparsely;
+//!    `--noise-path aggregate` (the default): the SDK's [`local_round_sparse_with`] (the
+//!    same numbers on the rated items' rows, their biases and the offset only, in working
+//!    memory each worker thread reuses) clipped sparsely;
 //!    in modes `none` and `local` the clipped sparse update goes to the engine un-noised, in
 //!    modes `central` (and DP-FTRL) it is scattered into the dense update the engine's
-//!    lattice sum needs. In mode `central` the engine clips again, sums and noises once;
+//!    lattice sum needs. In mode `central` the engine clips again, sums and noises once.
+//!    The first batch of candidates already trains while the engine takes the check-ins (a
+//!    device's update depends on the model, its data and its own stream, not on its task);
+//!    that batch is used only if its users are the first tasks and the round's C is the one
+//!    it trained at, and trained again otherwise;
 //! 3. the updates are handed to the engine (`Event::Update`, or `Event::SimulatedUpdate`
 //!    for sparse ones) in task order, so the aggregate is the same bytes on any number of
 //!    threads;
@@ -32,7 +37,8 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use fedpref_client_sdk::{
-    LocalTraining, MatrixFactorization, ModelError, SparseUpdate, local_round, local_round_sparse,
+    Example, LocalTraining, MatrixFactorization, ModelError, SparseUpdate, TrainingScratch,
+    local_round, local_round_sparse_with,
 };
 use fedpref_engine::aggregation::ServerOptimizer;
 use fedpref_engine::distributed::{DistributedNoiseKind, SecureAggregationSpec};
@@ -52,7 +58,7 @@ use serde::Serialize;
 
 use crate::data::{Dataset, splitmix64, stream_rng};
 use crate::feedback::{FeedbackModel, RoundFeedback, Scenario};
-use crate::metrics::{Evaluation, evaluate, examples};
+use crate::metrics::{Evaluation, evaluate, example_iter, examples};
 
 /// A simulation that cannot go on, naming what is wrong.
 #[derive(Debug, thiserror::Error)]
@@ -429,6 +435,9 @@ pub struct Simulation<'d> {
     now: i64,
     step: u64,
     item_ids: Vec<String>,
+    /// The devices' copy of the shared model, reloaded from the engine's parameters at the
+    /// start of every round (its item index is built once).
+    shared: MatrixFactorization,
     feedback: Option<FeedbackModel>,
     /// Where the time went so far.
     pub timings: Timings,
@@ -474,6 +483,8 @@ impl<'d> Simulation<'d> {
         let population = data.users.iter().filter(|u| u.trains).count();
         let manifest = settings.manifest(population, data.items.len())?;
         let params = initial_parameters(&manifest.model, settings.seed);
+        let item_ids: Vec<String> = data.items.iter().map(|i| i.id.clone()).collect();
+        let shared = shared_model(0, &item_ids, settings.factors, &params)?;
         let engine = Engine::new("fedpref-sim", manifest.clone(), params);
         Ok(Self {
             settings: settings.clone(),
@@ -482,7 +493,8 @@ impl<'d> Simulation<'d> {
             engine,
             now: 1_700_000_000_000,
             step: 0,
-            item_ids: data.items.iter().map(|i| i.id.clone()).collect(),
+            item_ids,
+            shared,
             feedback: settings.scenario.map(|s| FeedbackModel::new(s, data)),
             timings: Timings::default(),
             client_updates: 0,
@@ -571,47 +583,12 @@ impl<'d> Simulation<'d> {
         let candidates = candidates_among(&self.settings, self.data, round, opted_out);
         let mut rng = stream_rng(seed, &[5, round]);
         let mut sampler = SimulationSampler::for_stream(seed, &[round, u64::MAX - 1]);
-        let mut tasks = Vec::new();
-        let mut limited_devices = 0usize;
         let checked_in = candidates.len();
-        for user in candidates {
-            let actions = self.engine.handle(
-                Event::CheckIn {
-                    device: device_id(user),
-                    eligible: true,
-                },
-                self.now,
-                &mut rng,
-                &mut sampler,
-            );
-            for a in actions {
-                match a {
-                    Action::SendTask(task) => tasks.push((user, task)),
-                    // Limits count committed rounds, so when every device is refused by
-                    // them no round can commit and none will be allowed again: the run is
-                    // over.
-                    Action::ComeBackLater { reason, .. }
-                        if reason.starts_with("participation limit") =>
-                    {
-                        limited_devices += 1;
-                    }
-                    _ => {}
-                }
-            }
-        }
-        self.timings.aggregation_ns += t.elapsed().as_nanos() as u64;
 
+        // The devices train on the model they download, which check-ins do not change: load
+        // it once, before them.
         let (version, params) = self.engine.model();
-        let model = shared_model(version, &self.item_ids, self.settings.factors, params)?;
-        // Local mode: the devices' update noise (raised to σ_Δ with adaptive clipping, whose
-        // bits take the rest of the combined multiplier) at the open round's C.
-        let mechanism = match self.settings.privacy_mode {
-            ManifestPrivacyMode::Local => Some(GaussianMechanism::new(
-                self.manifest.task_noise_multiplier(),
-                self.engine.clip_norm(),
-            )?),
-            _ => None,
-        };
+        self.shared.load_parameters(version, params)?;
         let bit_noise_std = self
             .manifest
             .local_clip_bits()
@@ -624,21 +601,35 @@ impl<'d> Simulation<'d> {
             ManifestPrivacyMode::Central if self.settings.adaptive_clipping.is_some() => None,
             _ => Some(self.manifest.clip_norm),
         };
+        // Local mode: the devices' update noise (raised to σ_Δ with adaptive clipping, whose
+        // bits take the rest of the combined multiplier) at the open round's C.
+        let noise_multiplier = self.manifest.task_noise_multiplier();
+        let mechanism_at = |c: f64| -> Result<Option<GaussianMechanism>, SimError> {
+            Ok(match self.settings.privacy_mode {
+                ManifestPrivacyMode::Local => Some(GaussianMechanism::new(noise_multiplier, c)?),
+                _ => None,
+            })
+        };
+        let clip_norm_before = self.engine.clip_norm();
+        let early_mechanism = mechanism_at(clip_norm_before)?;
         let training = self.settings.training;
         let data = self.data;
         let path = self.sparse_path();
         let uniform = self.settings.effective_weighting() == FedavgWeighting::Uniform;
-        let train = |batch: &[(usize, Task)]| -> Result<Vec<ClientUpdate>, SimError> {
-            batch
+        let model = &self.shared;
+        let train = |users: &[usize],
+                     mechanism: Option<&GaussianMechanism>|
+         -> Result<Vec<ClientUpdate>, SimError> {
+            users
                 .par_iter()
-                .map(|(user, _)| {
+                .map(|&user| {
                     let mut update = train_client(
-                        &model,
+                        model,
                         data,
-                        *user,
+                        user,
                         &training,
                         clip,
-                        mechanism.as_ref(),
+                        mechanism,
                         bit_noise_std,
                         seed,
                         round,
@@ -652,12 +643,79 @@ impl<'d> Simulation<'d> {
                 })
                 .collect()
         };
+
+        // Check-ins on this thread while the workers already train the first candidates: a
+        // device's update depends only on the model, its data and its own noise stream, not
+        // on its task, so the result is the same as training after the check-ins. The early
+        // batch is used only if those candidates are the first tasks, in order, and the
+        // round's C is the one it was trained at.
+        let head: Vec<usize> = candidates.iter().copied().take(BATCH).collect();
+        let engine = &mut self.engine;
+        let now = self.now;
+        let (checked, early) = rayon::join(
+            || {
+                let mut tasks = Vec::with_capacity(candidates.len());
+                let mut limited_devices = 0usize;
+                for &user in &candidates {
+                    let actions = engine.handle(
+                        Event::CheckIn {
+                            device: device_id(user),
+                            eligible: true,
+                        },
+                        now,
+                        &mut rng,
+                        &mut sampler,
+                    );
+                    for a in actions {
+                        match a {
+                            Action::SendTask(task) => tasks.push((user, task)),
+                            // Limits count committed rounds, so when every device is refused
+                            // by them no round can commit and none will be allowed again: the
+                            // run is over.
+                            Action::ComeBackLater { reason, .. }
+                                if reason.starts_with("participation limit") =>
+                            {
+                                limited_devices += 1;
+                            }
+                            _ => {}
+                        }
+                    }
+                }
+                (tasks, limited_devices)
+            },
+            || train(&head, early_mechanism.as_ref()),
+        );
+        let (tasks, limited_devices) = checked;
+        self.timings.aggregation_ns += t.elapsed().as_nanos() as u64;
+        if self.engine.model().0 != version {
+            return Err(SimError::Settings(format!(
+                "round {round}: the model changed during check-ins"
+            )));
+        }
+        let mechanism = mechanism_at(self.engine.clip_norm())?;
+        let first = tasks.len().min(BATCH);
+        let early_fits = first > 0
+            && self.engine.clip_norm() == clip_norm_before
+            && first == head.len()
+            && tasks[..first]
+                .iter()
+                .map(|(u, _)| *u)
+                .eq(head.iter().copied());
+        let early = if early_fits { Some(early?) } else { None };
+
         // Pipelined: while the workers train batch i + 1, this thread hands batch i to the
         // engine (in task order, so the aggregate does not depend on the thread count).
         let mut pending: Option<TrainedBatch> = None;
         self.update_norms.clear();
-        let now = self.now;
-        for batch in tasks.chunks(BATCH) {
+        let mut batches = tasks.chunks(BATCH).peekable();
+        if let Some(trained) = early {
+            let batch = batches.next().expect("the early batch's tasks");
+            self.update_norms
+                .extend(trained.iter().map(|u| u.norm_before_clipping));
+            pending = Some((batch, trained));
+        }
+        for batch in batches {
+            let users: Vec<usize> = batch.iter().map(|(u, _)| *u).collect();
             let (fed, trained) = rayon::join(
                 || {
                     feed(
@@ -670,7 +728,7 @@ impl<'d> Simulation<'d> {
                         pending.take(),
                     )
                 },
-                || train(batch),
+                || train(&users, mechanism.as_ref()),
             );
             fed?;
             let trained = trained?;
@@ -719,7 +777,7 @@ impl<'d> Simulation<'d> {
                 Some(
                     state
                         .observe(
-                            &model,
+                            model,
                             self.data,
                             &self.settings.training,
                             seed,
@@ -948,6 +1006,13 @@ fn clip_sparse(update: SparseUpdate, c: Option<f64>) -> Result<(Vec<u32>, Vec<f3
     ))
 }
 
+thread_local! {
+    /// A worker thread's examples buffer and training working memory, reused by every device
+    /// it trains (the results do not depend on it).
+    static DEVICE_SCRATCH: std::cell::RefCell<(Vec<Example>, TrainingScratch)> =
+        std::cell::RefCell::default();
+}
+
 #[allow(clippy::too_many_arguments)]
 fn train_client(
     model: &MatrixFactorization,
@@ -962,9 +1027,14 @@ fn train_client(
     path: LocalPath,
 ) -> Result<ClientUpdate, SimError> {
     let t = Instant::now();
-    let examples = examples(&data.users[user].train, training);
     if path != LocalPath::PerDevice {
-        let (_private, update) = local_round_sparse(model, &examples, training);
+        // One thread's devices train one after another: their working memory is reused.
+        let (update, example_count) = DEVICE_SCRATCH.with_borrow_mut(|(examples, scratch)| {
+            examples.clear();
+            examples.extend(example_iter(&data.users[user].train, training));
+            let (_private, update) = local_round_sparse_with(model, examples, training, scratch);
+            (update, examples.len() as u64)
+        });
         let norm_before_clipping = update.norm();
         let fit_ns = t.elapsed().as_nanos() as u64;
         let t = Instant::now();
@@ -994,13 +1064,14 @@ fn train_client(
         };
         return Ok(ClientUpdate {
             upload,
-            examples: examples.len() as u64,
+            examples: example_count,
             clip_bit,
             norm_before_clipping,
             fit_ns,
             privacy_ns: t.elapsed().as_nanos() as u64,
         });
     }
+    let examples = examples(&data.users[user].train, training);
     let (_private, update) = local_round(model, &examples, training);
     let norm_before_clipping = update.iter().map(|x| x * x).sum::<f64>().sqrt();
     let fit_ns = t.elapsed().as_nanos() as u64;
