@@ -41,6 +41,9 @@ pub enum Command {
     /// rating, with the data set's own ids), so that other libraries can be measured on
     /// exactly the same ratings (`simulations/baselines/surprise_baselines.py`).
     ExportSplit(ExportSplitArgs),
+    /// Test RMSE against ε for modes local, central and distributed at several populations,
+    /// with the no-noise and bias-only lines (CSV and plot; see `frontier.rs`).
+    Frontier(crate::frontier::FrontierArgs),
 }
 
 /// `fedpref-sim export-split` flags.
@@ -1420,5 +1423,6 @@ pub fn execute(cli: &Cli) -> Result<String, CliError> {
         Command::Bench(args) => with_threads(args.threads, || crate::bench::run(args))?,
         Command::Sweep(args) => with_threads(args.threads, || crate::sweep::run(args))?,
         Command::ExportSplit(args) => export_split(args),
+        Command::Frontier(args) => with_threads(args.threads, || crate::frontier::run(args))?,
     }
 }
