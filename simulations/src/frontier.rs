@@ -27,7 +27,8 @@
 //! when it is below `bias-only`.
 //!
 //! `--quick` is a grid small enough for tests: 1,000 synthetic users, 100 items, a cohort of
-//! 100, 3 rounds, ε ∈ {1, 16}. Runs go one after another (each uses every core), so only one
+//! 100, 3 rounds, ε ∈ {1, 16}. Mode `distributed` runs real SecAgg+ on every device, so it is
+//! left out where the cohort exceeds `--distributed-max-cohort` (100). Runs go one after another (each uses every core), so only one
 //! data set is in memory at a time.
 
 use std::path::PathBuf;
@@ -102,9 +103,14 @@ pub struct FrontierArgs {
     /// The clip norm C of every run, the no-noise line's included [default: 1].
     #[arg(long, value_name = "C")]
     pub clip_norm: Option<f64>,
-    /// FedAdam's server learning rate η [default: 0.1].
+    /// FedAdam's server learning rate η [default: 0.03, `run`'s].
     #[arg(long, value_name = "ETA")]
     pub server_learning_rate: Option<f64>,
+    /// Mode distributed runs real SecAgg+ on every device, whose cost per round grows with
+    /// the cohort (n log n masks of the model's size): its points with a larger cohort are
+    /// left out [default: 100].
+    #[arg(long, value_name = "N")]
+    pub distributed_max_cohort: Option<u64>,
     /// The directory of MovieLens 1M [default: ../shared/data/ml-1m].
     #[arg(long, value_name = "P")]
     pub path: Option<PathBuf>,
@@ -195,6 +201,8 @@ pub struct Grid {
     pub clip_norm: f64,
     /// FedAdam's η.
     pub server_learning_rate: f64,
+    /// The largest cohort mode distributed is simulated at.
+    pub distributed_max_cohort: u64,
     /// MovieLens 1M's directory.
     pub path: Option<PathBuf>,
     /// Score on validation data.
@@ -203,8 +211,9 @@ pub struct Grid {
     pub seed: u64,
 }
 
-/// The default server learning rate of the frontier's runs.
-pub const DEFAULT_SERVER_LEARNING_RATE: f64 = 0.1;
+/// The default server learning rate of the frontier's runs: `run`'s, so that the
+/// million-user central point at ε = 1 is `run`'s own command for it.
+pub const DEFAULT_SERVER_LEARNING_RATE: f64 = 0.03;
 
 impl Grid {
     /// Resolves the flags (with `--quick`'s defaults when given); errors name the flag.
@@ -294,10 +303,19 @@ impl Grid {
             factors: args.factors.unwrap_or(16),
             clip_norm,
             server_learning_rate,
+            distributed_max_cohort: args.distributed_max_cohort.unwrap_or(100),
             path: args.path.clone(),
             validation: args.validation,
             seed: args.seed.unwrap_or(42),
         })
+    }
+
+    /// Devices per round on `population` (`users` of them train).
+    pub fn cohort(&self, population: &Population, users: usize) -> u64 {
+        match population {
+            Population::Synthetic(n) => ((*n as f64) * self.cohort_share).round().max(1.0) as u64,
+            Population::Movielens1m => users as u64,
+        }
     }
 
     /// The `run` settings every run on `population` shares (as a `--config` table).
@@ -311,8 +329,7 @@ impl Grid {
                 set("dataset", "synthetic".into());
                 set("users", (*n as i64).into());
                 set("items", (self.items as i64).into());
-                let cohort = ((*n as f64) * self.cohort_share).round().max(1.0);
-                set("cohort_size", (cohort as i64).into());
+                set("cohort_size", (self.cohort(population, *n) as i64).into());
             }
             Population::Movielens1m => {
                 set("dataset", "movielens-1m".into());
@@ -528,6 +545,16 @@ pub fn frontier(
         rows.push(row);
         drop(plan);
         for &mode in &grid.modes {
+            if mode == FrontierMode::Distributed
+                && grid.cohort(population, users) > grid.distributed_max_cohort
+            {
+                eprintln!(
+                    "{label}: mode distributed left out: {} devices a round is more than --distributed-max-cohort {}",
+                    grid.cohort(population, users),
+                    grid.distributed_max_cohort
+                );
+                continue;
+            }
             for &target in &grid.epsilons {
                 let mut table = base.clone();
                 table.insert("privacy_mode".into(), mode.as_str().into());
@@ -578,6 +605,8 @@ pub fn frontier(
                 };
                 progress(&row);
                 rows.push(row);
+                // What has run so far survives an interrupted grid.
+                write_table(out, &rows)?;
             }
         }
     }
@@ -585,11 +614,7 @@ pub fn frontier(
     Ok((rows, written))
 }
 
-fn write(
-    out: &std::path::Path,
-    grid: &Grid,
-    rows: &[FrontierRow],
-) -> Result<Vec<PathBuf>, CliError> {
+fn write_table(out: &std::path::Path, rows: &[FrontierRow]) -> Result<(), CliError> {
     let failed =
         |e: std::io::Error| CliError::Failed(anyhow::anyhow!("--out {}: {e}", out.display()));
     std::fs::create_dir_all(out).map_err(failed)?;
@@ -598,7 +623,15 @@ fn write(
         out.join("frontier.json"),
         serde_json::to_string_pretty(rows).expect("serialisable") + "\n",
     )
-    .map_err(failed)?;
+    .map_err(failed)
+}
+
+fn write(
+    out: &std::path::Path,
+    grid: &Grid,
+    rows: &[FrontierRow],
+) -> Result<Vec<PathBuf>, CliError> {
+    write_table(out, rows)?;
     let mut written = vec![out.join("frontier.csv"), out.join("frontier.json")];
     written
         .extend(plot(&out.join("frontier"), grid, rows).map_err(|e| CliError::Failed(e.into()))?);
@@ -697,10 +730,14 @@ where
             .margin(12)
             .x_label_area_size(38)
             .y_label_area_size(55)
-            .build_cartesian_2d((x0..x1).log_scale(), bottom..top)
+            // The band above `top` holds the legend, clear of the points.
+            .build_cartesian_2d((x0..x1).log_scale(), bottom..top + 0.6 * (top - bottom))
             .map_err(|e| e.to_string())?;
         chart
             .configure_mesh()
+            .light_line_style(WHITE)
+            .x_labels(6)
+            .x_label_formatter(&|x| format!("{x}"))
             .x_desc("ε (log scale)")
             .y_desc("test RMSE")
             .label_style((FONT, 12))

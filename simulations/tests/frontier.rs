@@ -122,3 +122,30 @@ fn bad_frontier_flags_are_errors_naming_the_flag() {
         assert!(stderr.contains(expected), "{args:?}: {stderr}");
     }
 }
+
+#[test]
+fn distributed_points_above_the_cohort_cap_are_left_out_and_the_rest_still_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("f");
+    let (code, _, stderr) = sim(&[
+        "frontier",
+        "--quick",
+        "--epsilons",
+        "4",
+        "--modes",
+        "central,distributed",
+        "--distributed-max-cohort",
+        "99",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stderr.contains("--distributed-max-cohort 99"), "{stderr}");
+    let text = std::fs::read_to_string(out.join("frontier.csv")).unwrap();
+    let modes: Vec<String> = text.lines().skip(1).map(|l| cells(l)[4].clone()).collect();
+    assert_eq!(
+        modes,
+        ["global-mean", "bias-only", "no-noise", "central"],
+        "{text}"
+    );
+}
