@@ -43,7 +43,7 @@ pub enum Command {
     ExportSplit(ExportSplitArgs),
     /// Test RMSE against ε for modes local, central and distributed at several populations,
     /// with the no-noise and bias-only lines (CSV and plot; see `frontier.rs`).
-    Frontier(crate::frontier::FrontierArgs),
+    Frontier(Box<crate::frontier::FrontierArgs>),
 }
 
 /// `fedpref-sim export-split` flags.

@@ -38,7 +38,7 @@ use fedpref_coordinator::manifest::ManifestPrivacyMode;
 use fedpref_privacy::OrderGrid;
 use indicatif::ProgressBar;
 use plotters::prelude::*;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::baseline::bias_only_rmse;
@@ -130,6 +130,10 @@ pub struct FrontierArgs {
     /// Worker threads [default: all cores]; results do not depend on it.
     #[arg(long, value_name = "N")]
     pub threads: Option<usize>,
+    /// Run nothing: merge the `frontier.json` of earlier frontiers (comma-separated
+    /// directories, e.g. one per data set) into one table and plot under --out.
+    #[arg(long, value_delimiter = ',', value_name = "DIRS")]
+    pub replot: Option<Vec<PathBuf>>,
     /// Print the rows as JSON.
     #[arg(long)]
     pub json: bool,
@@ -353,7 +357,7 @@ impl Grid {
 }
 
 /// One row of the frontier: a private run, or a reference line (no ε).
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct FrontierRow {
     /// The data set's label.
     pub data: String,
@@ -633,8 +637,12 @@ fn write(
 ) -> Result<Vec<PathBuf>, CliError> {
     write_table(out, rows)?;
     let mut written = vec![out.join("frontier.csv"), out.join("frontier.json")];
+    let title = format!(
+        "test RMSE against ε (user-level, δ = {:e}, {} rounds, C = {})",
+        grid.delta, grid.rounds, grid.clip_norm
+    );
     written
-        .extend(plot(&out.join("frontier"), grid, rows).map_err(|e| CliError::Failed(e.into()))?);
+        .extend(plot(&out.join("frontier"), &title, rows).map_err(|e| CliError::Failed(e.into()))?);
     Ok(written)
 }
 
@@ -650,52 +658,59 @@ const LINES: [(&str, &str); 3] = [
 /// margin) are drawn on the top edge as triangles.
 fn plot(
     stem: &std::path::Path,
-    grid: &Grid,
+    title: &str,
     rows: &[FrontierRow],
 ) -> Result<Vec<PathBuf>, PlotError> {
     register_font();
     let png = stem.with_extension("png");
     let svg = stem.with_extension("svg");
-    let size = (1100, 420 * grid.populations.len().div_ceil(2).max(1) as u32);
+    let panels = data_labels(rows).len();
+    let size = (1100, 420 * panels.div_ceil(2).max(1) as u32);
     let err = |file: &std::path::Path| {
         let file = file.display().to_string();
         move |message: String| PlotError { file, message }
     };
     draw(
         BitMapBackend::new(&png, size).into_drawing_area(),
-        grid,
+        title,
         rows,
     )
     .map_err(err(&png))?;
-    draw(SVGBackend::new(&svg, size).into_drawing_area(), grid, rows).map_err(err(&svg))?;
+    draw(SVGBackend::new(&svg, size).into_drawing_area(), title, rows).map_err(err(&svg))?;
     Ok(vec![png, svg])
+}
+
+/// The data sets of `rows`, in their first appearance's order.
+fn data_labels(rows: &[FrontierRow]) -> Vec<String> {
+    let mut labels: Vec<String> = vec![];
+    for r in rows {
+        if !labels.contains(&r.data) {
+            labels.push(r.data.clone());
+        }
+    }
+    labels
 }
 
 fn draw<DB: DrawingBackend>(
     root: DrawingArea<DB, plotters::coord::Shift>,
-    grid: &Grid,
+    title: &str,
     rows: &[FrontierRow],
 ) -> Result<(), String>
 where
     DB::ErrorType: 'static,
 {
     root.fill(&WHITE).map_err(|e| e.to_string())?;
-    let root = root
-        .titled(
-            &format!(
-                "test RMSE against ε (user-level, δ = {:e}, {} rounds, C = {})",
-                grid.delta, grid.rounds, grid.clip_norm
-            ),
-            (FONT, 20),
-        )
-        .map_err(|e| e.to_string())?;
-    let labels: Vec<String> = grid.populations.iter().map(Population::label).collect();
+    let root = root.titled(title, (FONT, 20)).map_err(|e| e.to_string())?;
+    let labels = data_labels(rows);
     let columns = if labels.len() > 1 { 2 } else { 1 };
     let panels = root.split_evenly((labels.len().div_ceil(columns), columns));
-    let (e0, e1) = (
-        grid.epsilons.first().copied().unwrap_or(1.0),
-        grid.epsilons.last().copied().unwrap_or(1.0),
-    );
+    let (e0, e1) = rows
+        .iter()
+        .filter_map(|r| r.target_epsilon)
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), e| {
+            (lo.min(e), hi.max(e))
+        });
+    let (e0, e1) = if e0 <= e1 { (e0, e1) } else { (1.0, 1.0) };
     let (x0, x1) = (e0 / 1.5, e1 * 1.5);
     for (label, area) in labels.iter().zip(panels) {
         let mine: Vec<&FrontierRow> = rows.iter().filter(|r| &r.data == label).collect();
@@ -806,13 +821,63 @@ where
     root.present().map_err(|e| e.to_string())
 }
 
-/// `fedpref-sim frontier`: runs the grid and returns what to print.
+/// Merges the rows of earlier frontiers' `frontier.json` files and writes the table and
+/// the plot under `out`; errors name `--replot` and the file.
+pub fn replot(
+    dirs: &[PathBuf],
+    out: &std::path::Path,
+) -> Result<(Vec<FrontierRow>, Vec<PathBuf>), CliError> {
+    if dirs.is_empty() {
+        return Err(CliError::Usage(
+            "--replot: give at least one directory".into(),
+        ));
+    }
+    let mut rows: Vec<FrontierRow> = vec![];
+    for dir in dirs {
+        let file = dir.join("frontier.json");
+        let text = std::fs::read_to_string(&file)
+            .map_err(|e| CliError::Usage(format!("--replot {}: {e}", file.display())))?;
+        let mine: Vec<FrontierRow> = serde_json::from_str(&text)
+            .map_err(|e| CliError::Usage(format!("--replot {}: {e}", file.display())))?;
+        rows.extend(mine);
+    }
+    let private = rows.iter().find(|r| r.target_epsilon.is_some());
+    let title = format!(
+        "test RMSE against ε (user-level, δ = {:e}, {} rounds)",
+        private.and_then(|r| r.delta).unwrap_or(f64::NAN),
+        private.map_or(0, |r| r.rounds)
+    );
+    write_table(out, &rows)?;
+    let mut written = vec![out.join("frontier.csv"), out.join("frontier.json")];
+    written.extend(
+        plot(&out.join("frontier"), &title, &rows).map_err(|e| CliError::Failed(e.into()))?,
+    );
+    Ok((rows, written))
+}
+
+/// `fedpref-sim frontier`: runs the grid (or `--replot`s earlier ones) and returns what to
+/// print.
 pub fn run(args: &FrontierArgs) -> Result<String, CliError> {
-    let grid = Grid::from_args(args)?;
     let out = args
         .out
         .clone()
         .unwrap_or_else(|| PathBuf::from("fedpref-sim-frontier"));
+    if let Some(dirs) = &args.replot {
+        let (rows, written) = replot(dirs, &out)?;
+        if args.json {
+            return Ok(serde_json::to_string(&rows).expect("serialisable"));
+        }
+        return Ok(format!(
+            "{}wrote {}",
+            csv(&rows),
+            written
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
+    let grid = Grid::from_args(args)?;
     let (rows, written) = frontier(&grid, &out, |r| {
         if !args.json {
             eprintln!(

@@ -148,4 +148,44 @@ fn distributed_points_above_the_cohort_cap_are_left_out_and_the_rest_still_run()
         ["global-mean", "bias-only", "no-noise", "central"],
         "{text}"
     );
+    // --replot merges earlier frontiers' tables into one table and plot, running nothing.
+    let merged = dir.path().join("merged");
+    let (code, _, stderr) = sim(&[
+        "frontier",
+        "--replot",
+        &format!("{},{}", out.display(), out.display()),
+        "--out",
+        merged.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    let again = std::fs::read_to_string(merged.join("frontier.csv")).unwrap();
+    let (before, after): (Vec<_>, Vec<_>) = (
+        text.lines().skip(1).map(cells).collect(),
+        again.lines().skip(1).map(cells).collect(),
+    );
+    assert_eq!(after.len(), 2 * before.len(), "{again}");
+    for (a, b) in after.iter().zip(before.iter().chain(before.iter())) {
+        assert_eq!(a[4], b[4]);
+        let (x, y) = (a[10].parse::<f64>().unwrap(), b[10].parse::<f64>().unwrap());
+        assert!((x - y).abs() < 1e-12, "{x} vs {y}");
+    }
+    assert!(
+        std::fs::metadata(merged.join("frontier.png"))
+            .unwrap()
+            .len()
+            > 1000
+    );
+    let missing = dir.path().join("nowhere");
+    let (code, _, stderr) = sim(&[
+        "frontier",
+        "--replot",
+        missing.to_str().unwrap(),
+        "--out",
+        merged.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(
+        stderr.contains("--replot") && stderr.contains("nowhere"),
+        "{stderr}"
+    );
 }
