@@ -41,6 +41,9 @@ pub enum Command {
     /// rating, with the data set's own ids), so that other libraries can be measured on
     /// exactly the same ratings (`simulations/baselines/surprise_baselines.py`).
     ExportSplit(ExportSplitArgs),
+    /// Test RMSE against ε for modes local, central and distributed at several populations,
+    /// with the no-noise and bias-only lines (CSV and plot; see `frontier.rs`).
+    Frontier(Box<crate::frontier::FrontierArgs>),
 }
 
 /// `fedpref-sim export-split` flags.

@@ -1,9 +1,9 @@
 //! `fedpref-sim`'s commands, dispatched: the one place that knows every command, so that the
 //! command line's definitions ([`crate::cli`]) and the commands built on them
-//! ([`crate::bench`], [`crate::sweep`]) do not depend on each other.
+//! ([`crate::bench`], [`crate::sweep`], [`crate::frontier`]) do not depend on each other.
 
 use crate::cli::{Cli, CliError, Command, export_split, plan, progress, run_plan, with_threads};
-use crate::{bench, sweep};
+use crate::{bench, frontier, sweep};
 use serde_json::Value;
 
 /// Runs the command and returns what to print on stdout.
@@ -98,6 +98,7 @@ pub fn execute(cli: &Cli) -> Result<String, CliError> {
         Command::Bench(args) => with_threads(args.threads, || bench::run(args))?,
         Command::Sweep(args) => with_threads(args.threads, || sweep::run(args))?,
         Command::ExportSplit(args) => export_split(args),
+        Command::Frontier(args) => with_threads(args.threads, || frontier::run(args))?,
     }
 }
 

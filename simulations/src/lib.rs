@@ -7,7 +7,7 @@
 //! [`report`]), a user-feedback scenario with negative feedback and opt-outs ([`feedback`]),
 //! distributed DP under real secure aggregation with simulated drop-out ([`distributed`]),
 //! guardrail alerts on drifting metrics ([`guardrails`]), labelled plots ([`plot`]), grids of
-//! runs ([`sweep`]), and the standard speed workload ([`bench`](mod@bench)).
+//! runs ([`sweep`]), RMSE against ε per privacy mode ([`frontier`]), and the standard speed workload ([`bench`](mod@bench)).
 //! Same seed, same bytes: every client's randomness is its own stream keyed by (seed, round,
 //! client), and updates reach the engine in a fixed order whatever the number of threads.
 //!
@@ -27,6 +27,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+pub mod baseline;
 pub mod bench;
 pub mod centralised;
 pub mod cli;
@@ -34,6 +35,7 @@ pub mod command;
 pub mod data;
 pub mod distributed;
 pub mod feedback;
+pub mod frontier;
 #[cfg(feature = "grpc")]
 pub mod grpc;
 pub mod guardrails;

@@ -29,12 +29,12 @@ pub struct Series {
 }
 
 /// The font family every plot's text uses.
-const FONT: &str = "sans-serif";
+pub(crate) const FONT: &str = "sans-serif";
 
 static REGISTER_FONT: Once = Once::new();
 
 /// Registers the embedded DejaVu Sans as plotters' `sans-serif` (once per process).
-fn register_font() {
+pub(crate) fn register_font() {
     REGISTER_FONT.call_once(|| {
         // The bytes are a valid TrueType font shipped inside the dependency; a failure here
         // would be a broken build, not bad input.
@@ -45,7 +45,7 @@ fn register_font() {
     });
 }
 
-const COLOURS: [RGBColor; 6] = [
+pub(crate) const COLOURS: [RGBColor; 6] = [
     RGBColor(31, 119, 180),
     RGBColor(214, 39, 40),
     RGBColor(44, 160, 44),
