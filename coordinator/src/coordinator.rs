@@ -16,6 +16,7 @@ use fedpref_privacy::{OrderGrid, SecureSampler};
 use rand::SeedableRng;
 use rand::rngs::{ChaCha20Rng, SysRng};
 
+use crate::accounting::LedgerSpend;
 use crate::aggregation::ServerState;
 use crate::engine::{Action, AdminCommand, Engine, Event, Progress, RunState};
 use crate::grants::TaskGrants;
@@ -50,6 +51,18 @@ pub enum CoordinatorError {
 
 /// How a pause made by a guardrail begins its ledger reason.
 pub const GUARDRAIL_PAUSE_PREFIX: &str = "guardrail: ";
+
+/// Characters of a request's string that an error message quotes.
+const QUOTED_CHARS: usize = 64;
+
+/// A string from a request as an error message quotes it: whole when short, else its first
+/// characters and its length, so that a hostile megabyte string is not sent back.
+pub fn shorten(s: &str) -> String {
+    match s.char_indices().nth(QUOTED_CHARS) {
+        None => s.to_string(),
+        Some((end, _)) => format!("{}… ({} bytes)", &s[..end], s.len()),
+    }
+}
 
 /// The longest run id, in bytes.
 pub const MAX_RUN_ID_LEN: usize = 128;
@@ -128,7 +141,7 @@ fn load_engine(
     };
     // The spend is rebuilt from the ledger, not from the `runs` row's counter: a counter
     // that says fewer rounds than the ledger records must not hand budget back.
-    let spend = LedgerSpend::read(store, &run.id)?;
+    let spend = ledger_spend(store, &run.id)?;
     let ledger_rounds = spend.committed;
     if ledger_rounds != run.rounds_committed {
         tracing::warn!(run = %run.id, ledger = ledger_rounds, counter = run.rounds_committed,
@@ -166,55 +179,25 @@ fn load_engine(
     Ok(Some(engine))
 }
 
-/// What a run's ledger says was spent: what its engine's spend is rebuilt from.
-struct LedgerSpend {
-    /// Rounds committed.
-    committed: u64,
-    /// Local rounds charged that did not commit (abandoned, or still open).
-    uncommitted_charges: u64,
-    /// The charged round still open (neither committed nor abandoned), if any.
-    open_charge: Option<u64>,
-}
-
-impl LedgerSpend {
-    fn read(store: &Store, run_id: &str) -> Result<Self, CoordinatorError> {
-        let mut spend = Self {
-            committed: 0,
-            uncommitted_charges: 0,
-            open_charge: None,
-        };
-        for sealed in store.ledger(run_id)? {
-            let entry: LedgerEntry = serde_json::from_str(&sealed.body).map_err(|e| {
-                StoreError::Corrupt(format!(
-                    "ledger entry {} of run {run_id}: {e}",
-                    sealed.sequence
-                ))
-            })?;
-            match entry.event {
-                LedgerEvent::RoundCharged { round, .. } => {
-                    spend.uncommitted_charges += 1;
-                    spend.open_charge = Some(round);
-                }
-                LedgerEvent::RoundCommitted { round, .. } => {
-                    spend.committed += 1;
-                    if spend.open_charge.take() == Some(round) {
-                        spend.uncommitted_charges -= 1;
-                    }
-                }
-                LedgerEvent::RoundAbandoned { round, .. } if spend.open_charge == Some(round) => {
-                    spend.open_charge = None;
-                }
-                _ => {}
-            }
-        }
-        Ok(spend)
+/// What a run's ledger says was spent ([`LedgerSpend::from_entries`]), read from the store.
+fn ledger_spend(store: &Store, run_id: &str) -> Result<LedgerSpend, CoordinatorError> {
+    let mut entries = vec![];
+    for sealed in store.ledger(run_id)? {
+        let entry: LedgerEntry = serde_json::from_str(&sealed.body).map_err(|e| {
+            StoreError::Corrupt(format!(
+                "ledger entry {} of run {run_id}: {e}",
+                sealed.sequence
+            ))
+        })?;
+        entries.push(entry);
     }
+    Ok(LedgerSpend::from_entries(&entries))
 }
 
 /// Records as abandoned a local round that was charged (an update arrived) but never ended:
 /// the coordinator stopped while it was open. Its ε stays spent.
 fn close_open_charge(store: &mut Store, run_id: &str, now_ms: i64) -> Result<(), CoordinatorError> {
-    if let Some(round) = LedgerSpend::read(store, run_id)?.open_charge {
+    if let Some(round) = ledger_spend(store, run_id)?.open_charge {
         let reason =
             "open when the coordinator stopped; updates may have arrived, so its ε stays spent";
         store.abandon_round(run_id, round, 0, reason, now_ms)?;
@@ -460,7 +443,7 @@ impl Coordinator {
     ) -> Option<String> {
         self.grants
             .task_given(run_id, device, model_version, evaluation, new_token, |t| {
-                crate::service::auth::sha256(t.as_bytes())
+                <sha2::Sha256 as sha2::Digest>::digest(t.as_bytes()).into()
             })
     }
 
@@ -743,7 +726,7 @@ pub fn create_run(
     if !is_run_id(run_id) {
         return Err(CoordinatorError::Refused(format!(
             "run id {:?} must be 1 to {MAX_RUN_ID_LEN} ASCII letters, digits, '-' or '_'",
-            crate::service::shorten(run_id)
+            shorten(run_id)
         )));
     }
     let seed = match manifest.seed {

@@ -39,6 +39,6 @@ pub use fedpref_engine::hex;
 // The pure core lives in `fedpref-engine`; its modules are re-exported under their old paths so
 // `fedpref_coordinator::engine::Engine` and `crate::ledger::…` name the same items.
 pub use fedpref_engine::{
-    aggregation, checkpoint, distributed, engine, grants, guardrail, ledger, manifest, model,
-    secure_round,
+    accounting, aggregation, checkpoint, distributed, engine, grants, guardrail, ledger, manifest,
+    model, protocol, secure_round,
 };

@@ -46,8 +46,6 @@ use fedpref_secagg::encoding::FixedPoint;
 use fedpref_secagg::{EncodingParams, SecAggParams};
 use serde::{Deserialize, Serialize};
 
-use crate::manifest::{RunManifest, SamplingSpec};
-
 /// Conditional randomised rounding's default β, KLS21's e^(−1/2).
 pub const DEFAULT_ROUNDING_BETA: f64 = 0.606_530_659_712_633_4;
 
@@ -155,10 +153,28 @@ fn fail(key: &str, value: impl ToString, reason: impl Into<String>) -> PlanError
     }
 }
 
+/// What a distributed plan is derived from: the parts of a run's manifest it reads (a
+/// `&RunManifest` converts into it).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct PlanInputs {
+    /// The manifest's `[secure_aggregation]` section.
+    pub secure_aggregation: Option<SecureAggregationSpec>,
+    /// `sampling`: `Some((target_size, minimum_size))` for a cohort, `None` for Poisson
+    /// sampling (which distributed mode refuses).
+    pub cohort: Option<(u32, u32)>,
+    /// σ.
+    pub noise_multiplier: Option<f64>,
+    /// The number of model parameters d.
+    pub dimension: usize,
+    /// The clip norm C.
+    pub clip_norm: f64,
+}
+
 /// Derives a distributed run's per-round parameters from its manifest, checking each one
 /// (see the module docs). The manifest must be in distributed mode with its section.
-pub fn plan(manifest: &RunManifest) -> Result<DistributedPlan, PlanError> {
-    let spec = manifest.secure_aggregation.ok_or_else(|| {
+pub fn plan(inputs: impl Into<PlanInputs>) -> Result<DistributedPlan, PlanError> {
+    let inputs = inputs.into();
+    let spec = inputs.secure_aggregation.ok_or_else(|| {
         fail(
             "secure_aggregation",
             "(missing)",
@@ -172,13 +188,9 @@ pub fn plan(manifest: &RunManifest) -> Result<DistributedPlan, PlanError> {
             "the Skellam mechanism is not implemented: use \"discrete_gaussian\"",
         ));
     }
-    let (n, minimum_size) = match manifest.sampling {
-        SamplingSpec::Cohort {
-            target_size,
-            minimum_size,
-            ..
-        } => (target_size, minimum_size),
-        SamplingSpec::Poisson { .. } => {
+    let (n, minimum_size) = match inputs.cohort {
+        Some(cohort) => cohort,
+        None => {
             return Err(fail(
                 "sampling.kind",
                 "\"poisson\"",
@@ -259,15 +271,15 @@ pub fn plan(manifest: &RunManifest) -> Result<DistributedPlan, PlanError> {
             "must be in [0, 0.99]",
         ));
     }
-    let sigma = manifest.noise_multiplier.ok_or_else(|| {
+    let sigma = inputs.noise_multiplier.ok_or_else(|| {
         fail(
             "noise_multiplier",
             "(missing)",
             "distributed mode needs noise_multiplier",
         )
     })?;
-    let dimension = manifest.dimension();
-    let clip_norm = manifest.clip_norm;
+    let dimension = inputs.dimension;
+    let clip_norm = inputs.clip_norm;
     let mechanism_at = |scale: f64| {
         DistributedDiscreteGaussian::for_noise_multiplier(
             clip_norm,

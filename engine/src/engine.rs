@@ -46,7 +46,7 @@
 //!
 //! # DP-FTRL
 //! With `server_optimizer.kind = "dp-ftrl"` each committed round's clipped sum goes into a
-//! binary tree ([`FtrlTree`]); Δ is the difference of consecutive noised prefix sums, and the
+//! binary tree ([`crate::aggregation::FtrlTree`], owned by [`crate::accounting::RunAccounting`]); Δ is the difference of consecutive noised prefix sums, and the
 //! run's ε is the tree accountant's under the participation limits (no sampling assumed).
 //! The tree's nodes live only in memory (they hold un-noised sums and secret noise): when
 //! the process restarts, the engine starts a new **segment** with a new tree, and the
@@ -89,219 +89,24 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
-use fedpref_privacy::adaptive_clip::{QuantileClipConfig, QuantileClipper, centred_bit};
-use fedpref_privacy::tree::{ParticipationLimits, TreeAccountant, epsilon_from_zcdp_gaussian};
-use fedpref_privacy::{
-    Audience, Budget, ClippedSum, GaussianSampler, OrderGrid, RdpAccountant, RoundRelease,
-};
+use fedpref_privacy::adaptive_clip::centred_bit;
+use fedpref_privacy::tree::ParticipationLimits;
+use fedpref_privacy::{ClippedSum, GaussianSampler, Provenance};
 use rand_core::Rng;
 
-use fedpref_secagg::{AdvertiseKeys, AggregateOutput, ShareKeys, Unmask};
+use fedpref_secagg::{AdvertiseKeys, AggregateOutput};
 
-use crate::aggregation::{
-    Aggregate, AggregationPrivacy, FtrlTree, RoundAggregator, ServerState, TreeProgress, apply,
-};
-use crate::distributed::DistributedPlan;
-use crate::ledger::{
-    AudienceEpsilon, AudienceRdp, LedgerEvent, TreeRound, round_increments, tracked_audiences,
-    tree_rho,
-};
+use crate::accounting::{CommitSpend, RunAccounting};
+use crate::aggregation::{Aggregate, AggregationPrivacy, RoundAggregator, ServerState, apply};
+use crate::ledger::{AudienceEpsilon, LedgerEvent};
 use crate::manifest::{ManifestPrivacyMode, RunManifest, SamplingSpec};
-use crate::model::{ModelBlob, encode};
-use crate::secure_round::{Ending, SecureRound, SecureRoundInfo, StageView};
+use crate::model::encode;
+use crate::secure_round::{Ending, SecureRound, StageView};
 
-/// Something that happened.
-#[derive(Clone, Debug)]
-pub enum Event {
-    /// A device asked for work.
-    CheckIn {
-        /// Its opaque id.
-        device: String,
-        /// Whether the app says it may train now (idle, charging, unmetered, budget left).
-        eligible: bool,
-    },
-    /// A device uploaded its update.
-    Update {
-        /// Its opaque id.
-        device: String,
-        /// The round it says the update is for.
-        round: u64,
-        /// The task token it was given.
-        task_token: String,
-        /// The update to the shared parameters.
-        values: Vec<f32>,
-        /// Its number of local examples.
-        examples: u64,
-        /// Adaptive clipping in local mode: the device's noised clip bit (required exactly
-        /// then; refused otherwise).
-        clip_bit: Option<ClipBit>,
-    },
-    /// A device's upload header arrived (its body, the noised update, not yet read): the
-    /// header is checked against the device's task and, in local mode, the round is charged
-    /// in the ledger ([`Action::ChargeRound`]) before the body is read, so that the ledger
-    /// counts every update the coordinator could have seen.
-    UpdateHeader {
-        /// Its opaque id.
-        device: String,
-        /// The round it says the update is for.
-        round: u64,
-        /// The task token it was given.
-        task_token: String,
-    },
-    /// Simulations only: a simulated device's **clipped, un-noised** update, sparse
-    /// (`values[j]` at coordinate `indices[j]`, zero elsewhere, indices strictly increasing).
-    /// Taken in privacy modes `none` and `local` with a FedAvg-family optimiser. In mode
-    /// `local` the engine checks the norm is at most the round's C and, instead of the
-    /// device's dense N(0, (σC)²) noise, the round's aggregator adds one aggregate draw of
-    /// N(0, Σ w² (σC)²) per coordinate when the round closes — the same distribution of the
-    /// released aggregate ([`crate::aggregation::RoundAggregator::add_simulated`]). The
-    /// closing tick must then be given a simulation sampler: with the secure sampler the
-    /// round is abandoned, so no real model can come from such updates. No transport
-    /// constructs this event; real uploads are [`Event::Update`]. Validation, tasks and
-    /// accounting are those of [`Event::Update`].
-    SimulatedUpdate {
-        /// Its opaque id.
-        device: String,
-        /// The round it says the update is for.
-        round: u64,
-        /// The task token it was given.
-        task_token: String,
-        /// The coordinates that may be non-zero, strictly increasing.
-        indices: Vec<u32>,
-        /// Their clipped values.
-        values: Vec<f32>,
-        /// Its number of local examples.
-        examples: u64,
-        /// Adaptive clipping in local mode: the device's noised clip bit.
-        clip_bit: Option<ClipBit>,
-    },
-    /// A device hands its task back (budget, conditions, opt-out); in a fixed cohort its
-    /// slot goes to the next device that checks in.
-    Decline {
-        /// Its opaque id.
-        device: String,
-        /// The round of the task.
-        round: u64,
-        /// The task token it was given.
-        task_token: String,
-    },
-    /// Distributed mode, stage 1: a device advertises its keys.
-    SecAggKeys {
-        /// Its opaque id.
-        device: String,
-        /// The round of the task.
-        round: u64,
-        /// The task token it was given.
-        task_token: String,
-        /// Its two public keys.
-        keys: AdvertiseKeys,
-    },
-    /// Distributed mode, stage 2: a device sends its encrypted shares.
-    SecAggShares {
-        /// Its opaque id.
-        device: String,
-        /// The round of the task.
-        round: u64,
-        /// The task token it was given.
-        task_token: String,
-        /// One ciphertext per neighbour.
-        shares: ShareKeys,
-    },
-    /// Distributed mode, stage 3: a device uploads its masked input.
-    MaskedUpdate {
-        /// Its opaque id.
-        device: String,
-        /// The round of the task.
-        round: u64,
-        /// The task token it was given.
-        task_token: String,
-        /// The masked, fixed-point values modulo 2³².
-        values: Vec<u32>,
-    },
-    /// Distributed mode, stage 4: a device reveals the shares its plan asks for.
-    SecAggUnmask {
-        /// Its opaque id.
-        device: String,
-        /// The round of the task.
-        round: u64,
-        /// The task token it was given.
-        task_token: String,
-        /// The revealed shares.
-        unmask: Unmask,
-    },
-    /// The driver durably recorded the release an [`Action::RecordRelease`] asked for: the
-    /// round's sum may now be unmasked.
-    ReleaseRecorded {
-        /// The round.
-        round: u64,
-    },
-    /// Time passed (deadlines are checked against `now`).
-    Tick,
-    /// An operator's command.
-    Admin(AdminCommand),
-}
-
-/// Operator commands.
-#[derive(Clone, Debug)]
-pub enum AdminCommand {
-    /// Stop opening rounds; the open round, if any, is abandoned.
-    Pause {
-        /// Why.
-        reason: String,
-    },
-    /// Open rounds again.
-    Resume {
-        /// Why (recorded in the ledger).
-        reason: String,
-    },
-    /// Stop the run for good.
-    Stop {
-        /// Why.
-        reason: String,
-    },
-    /// Publish an earlier version's parameters as a new version. The spend stays.
-    Rollback {
-        /// The version to restore.
-        to_version: u64,
-        /// Its parameters (the driver reads them from the store).
-        params: Vec<f32>,
-        /// Why (recorded in the ledger).
-        reason: String,
-    },
-}
-
-impl AdminCommand {
-    fn name(&self) -> &'static str {
-        match self {
-            Self::Pause { .. } => "pause",
-            Self::Resume { .. } => "resume",
-            Self::Stop { .. } => "stop",
-            Self::Rollback { .. } => "rollback (to a version of another shape)",
-        }
-    }
-}
-
-/// A task for a device.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Task {
-    /// The device.
-    pub device: String,
-    /// The round.
-    pub round: u64,
-    /// The token the upload must carry.
-    pub task_token: String,
-    /// The model version to train against.
-    pub model_version: u64,
-    /// When the upload must arrive, ms since the epoch.
-    pub deadline_ms: i64,
-    /// Distributed mode: the round's secure-aggregation parameters and stage deadlines.
-    pub secure_aggregation: Option<Arc<SecureRoundInfo>>,
-    /// The clip norm C of the round (adaptive clipping's current C, else the manifest's).
-    pub clip_norm: f64,
-    /// Adaptive clipping in local mode: the standard deviation σ_b of the noise the device
-    /// must add to its clip bit (the task requests a bit); `None` when no bit is requested.
-    pub clip_bit_noise_std: Option<f64>,
-}
+pub use crate::protocol::{
+    Action, AdminCommand, ClipBit, Event, RejectKind, Rejection, ReleaseRecord, RoundOutcome,
+    RunState, Task, release_to_record,
+};
 
 /// What an upload says besides its values.
 struct UploadMeta {
@@ -317,196 +122,6 @@ enum Upload<'a> {
         indices: &'a [u32],
         values: &'a [f32],
     },
-}
-
-/// A device's clip bit for adaptive clipping in local mode, with the C it was computed for.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct ClipBit {
-    /// The clip norm the device applied and compared its update's norm with; must be the
-    /// round's C.
-    pub clip_norm: f64,
-    /// 1 if the update's norm before clipping was at most C, else 0, plus the device's
-    /// N(0, σ_b²) noise. Must be finite.
-    pub noised_bit: f64,
-}
-
-/// How a rejection maps to a status code.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum RejectKind {
-    /// The request itself is malformed (`INVALID_ARGUMENT`).
-    InvalidArgument,
-    /// The request is well-formed but not allowed now (`FAILED_PRECONDITION`).
-    FailedPrecondition,
-}
-
-/// Why a request was refused.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Rejection {
-    /// The status it maps to.
-    pub kind: RejectKind,
-    /// A message naming the problem.
-    pub message: String,
-}
-
-/// A distributed round's release, to be recorded before its sum is unmasked.
-#[derive(Clone, Debug, PartialEq)]
-pub struct ReleaseRecord {
-    /// The round.
-    pub round: u64,
-    /// The devices whose masked inputs are in the sum.
-    pub participants: Vec<String>,
-    /// The `round_released` ledger entry.
-    pub event: LedgerEvent,
-}
-
-/// The round whose release `actions` ask to record, if any: once it is recorded, the driver
-/// answers [`Event::ReleaseRecorded`] for it.
-pub fn release_to_record(actions: &[Action]) -> Option<u64> {
-    actions.iter().find_map(|a| match a {
-        Action::RecordRelease(r) => Some(r.round),
-        _ => None,
-    })
-}
-
-/// What the engine asks its driver to do.
-#[derive(Clone, Debug)]
-pub enum Action {
-    /// Give a device its task.
-    SendTask(Task),
-    /// Distributed mode: record this release durably (fenced, with its ledger entry and the
-    /// contributors' participations), then answer [`Event::ReleaseRecorded`]; the sum is
-    /// unmasked only then. If recording fails the round is never unmasked.
-    RecordRelease(Box<ReleaseRecord>),
-    /// Tell a device to come back later.
-    ComeBackLater {
-        /// The device.
-        device: String,
-        /// When, ms since the epoch.
-        retry_at_ms: i64,
-        /// Why.
-        reason: String,
-    },
-    /// Refuse a request.
-    Reject {
-        /// The device.
-        device: String,
-        /// Why.
-        rejection: Rejection,
-    },
-    /// A task was handed back; the device is not asked again this round.
-    TaskDeclined {
-        /// The device.
-        device: String,
-        /// The round.
-        round: u64,
-    },
-    /// An update was accepted into the round (in distributed mode: a masked input).
-    UpdateAccepted {
-        /// The device.
-        device: String,
-        /// The round.
-        round: u64,
-    },
-    /// Distributed mode: a device's keys, shares or revealed shares were accepted.
-    SecAggAccepted {
-        /// The device.
-        device: String,
-        /// The round.
-        round: u64,
-    },
-    /// Durably record a round: its ledger event, participants and the model version it
-    /// produced (unpublished), in one transaction.
-    CommitRound(Box<RoundOutcome>),
-    /// Local mode: record the round's spend (its `round_charged` ledger entry) now, before any
-    /// of its updates is read: each device's upload is a release to the coordinator whether
-    /// the round later commits or not. The round's commit adds nothing to it; an abandonment
-    /// leaves it spent. If recording fails, the upload must be refused unread.
-    ChargeRound {
-        /// The round.
-        round: u64,
-        /// The `RoundCharged` ledger event.
-        event: LedgerEvent,
-    },
-    /// Make a committed model version visible. Always comes after its `CommitRound`.
-    PublishModel {
-        /// The version.
-        version: u64,
-    },
-    /// Record that a round was abandoned: nothing of it is published. It released nothing,
-    /// unless an [`Action::RecordRelease`] for the same round came first (a distributed round
-    /// whose sum was unmasked, or was about to be, when it failed).
-    AbandonRound {
-        /// The round.
-        round: u64,
-        /// Updates received.
-        contributions: u64,
-        /// Why.
-        reason: String,
-    },
-    /// The run's status changed; record the ledger event.
-    StatusChanged {
-        /// The new status.
-        status: RunState,
-        /// The ledger event to append.
-        event: LedgerEvent,
-    },
-    /// An operator command that cannot be carried out now (`FAILED_PRECONDITION`).
-    AdminRefused {
-        /// Why.
-        message: String,
-    },
-    /// Store and publish a rollback.
-    RolledBack {
-        /// The restored version.
-        to_version: u64,
-        /// The new version number.
-        new_version: u64,
-        /// The new version, encoded.
-        model: ModelBlob,
-        /// The server optimiser's fresh state, as JSON.
-        server_state: String,
-        /// Why, as the operator gave it.
-        reason: String,
-    },
-}
-
-/// A committed round.
-#[derive(Clone, Debug)]
-pub struct RoundOutcome {
-    /// The round.
-    pub round: u64,
-    /// Devices aggregated.
-    pub participants: Vec<String>,
-    /// The new model version, encoded.
-    pub model: ModelBlob,
-    /// The server optimiser's state, as JSON.
-    pub server_state: String,
-    /// The `RoundCommitted` ledger event.
-    pub event: LedgerEvent,
-    /// `RunStopped` when this round completes the run.
-    pub stop: Option<LedgerEvent>,
-}
-
-/// The run's state as the engine sees it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum RunState {
-    /// Rounds open.
-    Active,
-    /// No rounds until resumed.
-    Paused,
-    /// Done.
-    Stopped,
-}
-
-impl RunState {
-    /// Lower-case name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Active => "active",
-            Self::Paused => "paused",
-            Self::Stopped => "stopped",
-        }
-    }
 }
 
 /// Where a run stands, for [`Engine::restore`].
@@ -554,67 +169,6 @@ struct OpenRound {
     charged: bool,
 }
 
-/// Distributed mode's accounting: the mechanism every round uses, its RDP curve and the run's
-/// composition of it.
-struct DistributedAccounting {
-    plan: DistributedPlan,
-    curve: Vec<f64>,
-    accountant: RdpAccountant,
-    /// `[participation] max_participations`: no device's data is in more than this many
-    /// released sums (the engine hands out no task past it, and every round runs the same
-    /// mechanism), so the worst-case device's RDP is this many rounds' and the accountant
-    /// composes no more. `None`: every round may hold the same device.
-    max_participations: Option<u64>,
-    /// Rounds composed into `accountant` (at most `max_participations`).
-    composed: u64,
-    /// Every public key (encryption or masking) a device advertised in an earlier or the
-    /// current round of this run, since the engine was created or restored. A key is never
-    /// accepted twice: a device reusing its masking key could, by surviving one round and
-    /// dropping in another, hand the coordinator both its self-mask seed and its masking key
-    /// for the first.
-    seen_keys: HashSet<[u8; 32]>,
-}
-
-impl DistributedAccounting {
-    fn epsilon_of(&self, accountant: &RdpAccountant, delta: f64) -> f64 {
-        accountant
-            .epsilon(delta)
-            .map(|e| e.epsilon)
-            .unwrap_or(f64::INFINITY)
-    }
-
-    /// Whether one more released round adds to the worst-case device's RDP: always, unless
-    /// the participation limit has been composed already.
-    fn next_round_counts(&self) -> bool {
-        self.max_participations.is_none_or(|k| self.composed < k)
-    }
-
-    /// The accountant after one more released round, `None` if composing failed.
-    fn after_one_more(&self) -> Option<RdpAccountant> {
-        let mut next = self.accountant.clone();
-        if self.next_round_counts() {
-            next.compose_rdp(&self.curve, 1).ok()?;
-        }
-        Some(next)
-    }
-
-    /// Adopts `next` (from [`Self::after_one_more`]) as the accountant.
-    fn adopt(&mut self, next: RdpAccountant) {
-        if self.next_round_counts() {
-            self.composed += 1;
-        }
-        self.accountant = next;
-    }
-
-    /// ε after one more round.
-    fn next_epsilon(&self, delta: f64) -> f64 {
-        match self.after_one_more() {
-            Some(next) => self.epsilon_of(&next, delta),
-            None => f64::INFINITY,
-        }
-    }
-}
-
 /// The last sum a distributed round unmasked (the round's release, before the server
 /// optimiser), kept for simulations and tests.
 #[derive(Clone, Debug, PartialEq)]
@@ -627,43 +181,13 @@ pub struct UnmaskedSum {
     pub contributors: Vec<String>,
 }
 
-/// dp-ftrl's state in the engine.
-struct TreeState {
-    accountant: TreeAccountant,
-    /// Finished segments' rounds, then the current segment's.
-    progress: TreeProgress,
-    /// The current segment's tree (created when the segment starts), or why it could not be.
-    tree: Result<FtrlTree, String>,
-    /// Cumulative ε after the committed rounds.
-    epsilon: f64,
-}
-
-impl TreeState {
-    fn segments_with(&self, extra: u64) -> Vec<u64> {
-        let mut v = self.progress.finished_segments.clone();
-        v.push(self.progress.current_segment + extra);
-        v
-    }
-}
-
-/// A device's committed participations: the last release index and how many.
-#[derive(Clone, Copy, Debug, Default)]
-struct Participation {
-    last: Option<u64>,
-    count: u64,
-}
-
 /// The round engine for one run.
 pub struct Engine {
     run_id: String,
     manifest: RunManifest,
-    release: Option<RoundRelease>,
-    /// The release the budget is charged with: `release` at the sampling rate of the audience
-    /// the budget binds ([`RunManifest::budget_release`]).
-    budget_release: Option<RoundRelease>,
-    orders: OrderGrid,
-    budget: Option<Budget>,
-    cumulative: Vec<(Audience, RdpAccountant)>,
+    /// The budget, the audiences' ε, participation history, DP-FTRL's tree, adaptive
+    /// clipping and distributed accounting.
+    accounting: RunAccounting,
     state: RunState,
     progress_rounds: u64,
     /// Set while an operator's command is handled: a distributed round that becomes ready
@@ -675,11 +199,12 @@ pub struct Engine {
     params: Vec<f32>,
     server_state: ServerState,
     open: Option<OpenRound>,
-    limits: Option<ParticipationLimits>,
-    participation: HashMap<String, Participation>,
-    tree: Option<TreeState>,
-    clipper: Option<QuantileClipper>,
-    distributed: Option<DistributedAccounting>,
+    /// Distributed mode: every public key (encryption or masking) a device advertised in an
+    /// earlier or the current round of this run, since the engine was created or restored. A
+    /// key is never accepted twice: a device reusing its masking key could, by surviving one
+    /// round and dropping in another, hand the coordinator both its self-mask seed and its
+    /// masking key for the first.
+    seen_keys: Option<HashSet<[u8; 32]>>,
     last_unmasked: Option<UnmaskedSum>,
     ended_secure: Option<EndedSecureRound>,
 }
@@ -712,160 +237,27 @@ impl Engine {
     }
 
     /// An engine resumed from stored progress: the budget is rebuilt by spending the
-    /// manifest's release once per committed round, exactly as the ledger recorded it.
+    /// manifest's release once per committed round, exactly as the ledger recorded it
+    /// ([`RunAccounting::restore`]).
     pub fn restore(run_id: &str, manifest: RunManifest, progress: Progress) -> Self {
-        let orders = OrderGrid::default();
-        let release = manifest.round_release();
-        let budget_release = manifest.budget_release();
-        // The run's spend, the ledger's increments and `ledger verify` are RDP: the budget
-        // stays RDP too, so all three agree.
-        let mut budget = release.map(|_| {
-            Budget::with_accountant(
-                manifest.budget.epsilon,
-                manifest.budget.delta,
-                orders.clone(),
-                fedpref_privacy::Accountant::Rdp,
-            )
-            .expect("the manifest's budget is validated")
-        });
-        let mut cumulative: Vec<(Audience, RdpAccountant)> = release
-            .map(|r| {
-                tracked_audiences(&r)
-                    .into_iter()
-                    .map(|(a, _)| (a, RdpAccountant::new(orders.clone())))
-                    .collect()
-            })
-            .unwrap_or_default();
-        let mut state = progress.state;
-        if let (Some(release), Some(budget)) = (release, budget.as_mut()) {
-            let increments = round_increments(&release, &orders);
-            for _ in 0..progress.rounds_committed + progress.uncommitted_charges {
-                // Restoring what was already spent. Each round fitted the budget when it was
-                // committed; if replaying one does not (the manifest was altered), the run
-                // must not go on, or it could spend past its budget.
-                if budget
-                    .spend(&budget_release.expect("set with release"))
-                    .is_err()
-                {
-                    state = RunState::Stopped;
-                }
-                for ((_, acc), inc) in cumulative.iter_mut().zip(&increments) {
-                    acc.compose_rdp(&inc.rdp, 1).expect("same grid");
-                }
-            }
-        }
         let mut server_state = progress.server_state;
-        // Both are validated with the manifest; failing here silently would mean unaccounted
-        // or unadapted noise, so an impossible failure is a loud one.
-        let clipper = manifest.adaptive_clipping.map(|a| {
-            QuantileClipper::new(QuantileClipConfig {
-                // A stored C outside the bounds (written before they existed) is brought in.
-                initial_clip_norm: server_state
-                    .clip_norm()
-                    .filter(|c| c.is_finite() && *c > 0.0)
-                    .unwrap_or(manifest.clip_norm),
-                target_quantile: a.target_quantile,
-                learning_rate: a.learning_rate,
-                bit_noise_std: manifest
-                    .bit_noise_std()
-                    .expect("adaptive clipping has σ_b (validated with the manifest)"),
-                expected_contributions: manifest.sampling.expected_cohort_size(),
-            })
-            .and_then(|c| {
-                let (lo, hi) = manifest
-                    .clip_norm_bounds()
-                    .expect("adaptive clipping has bounds");
-                c.with_bounds(lo, hi)
-            })
-            .expect("adaptive clipping settings are validated with the manifest")
-        });
-        let tree_accountant = manifest.server_optimizer.is_tree().then(|| {
-            manifest
-                .tree_accountant()
-                .expect("dp-ftrl has σ, a schedule and participation limits (validated)")
-        });
-        let tree = tree_accountant.map(|accountant| {
-            // A new process: the previous segment's tree is gone, so a new segment starts.
-            let mut tree_progress = server_state.tree_progress().cloned().unwrap_or_default();
-            // Committed rounds the stored segments do not account for (a state written
-            // without them) are charged as one finished segment, never dropped.
-            let accounted: u64 =
-                tree_progress.finished_segments.iter().sum::<u64>() + tree_progress.current_segment;
-            if progress.rounds_committed > accounted {
-                tree_progress
-                    .finished_segments
-                    .push(progress.rounds_committed - accounted);
-            }
-            if tree_progress.current_segment > 0 {
-                let finished = tree_progress.current_segment;
-                tree_progress.finished_segments.push(finished);
-                tree_progress.current_segment = 0;
-            }
-            server_state.set_tree_progress(Some(tree_progress.clone()));
-            let clip_norm = clipper
-                .as_ref()
-                .map_or(manifest.clip_norm, QuantileClipper::clip_norm);
-            let mut state = TreeState {
-                accountant,
-                progress: tree_progress,
-                tree: FtrlTree::new(
-                    accountant.noise_multiplier(),
-                    clip_norm,
-                    progress.params.len(),
-                    accountant.schedule(),
-                )
-                .map_err(|e| e.to_string()),
-                epsilon: 0.0,
-            };
-            let rho = tree_rho(
-                &accountant,
-                &state.segments_with(0),
-                manifest.bit_noise_std(),
-            );
-            state.epsilon =
-                epsilon_from_zcdp_gaussian(rho, manifest.budget.delta).unwrap_or(f64::INFINITY);
-            state
-        });
-        let distributed = manifest.distributed_plan().map(|plan| {
-            let curve = plan.mechanism.rdp_curve(&orders);
-            let mut accountant = RdpAccountant::new(orders.clone());
-            let max_participations = manifest.participation.map(|l| l.max_participations());
-            let composed = max_participations.map_or(progress.rounds_committed, |k| {
-                k.min(progress.rounds_committed)
-            });
-            if composed > 0 {
-                accountant.compose_rdp(&curve, composed).expect("same grid");
-            }
-            DistributedAccounting {
-                plan,
-                curve,
-                accountant,
-                max_participations,
-                composed,
-                seen_keys: HashSet::new(),
-            }
-        });
-        if distributed.as_ref().is_some_and(|d| {
-            d.epsilon_of(&d.accountant, manifest.budget.delta) > manifest.budget.epsilon
-        }) {
-            state = RunState::Stopped;
-        }
-        // As for the RDP budget above: a replay that does not fit must not go on.
-        if tree
-            .as_ref()
-            .is_some_and(|t| t.epsilon > manifest.budget.epsilon)
-        {
-            state = RunState::Stopped;
-        }
+        let accounting = RunAccounting::restore(
+            &manifest,
+            progress.rounds_committed,
+            progress.uncommitted_charges,
+            &mut server_state,
+            progress.params.len(),
+        );
+        let state = if accounting.overspent() {
+            RunState::Stopped
+        } else {
+            progress.state
+        };
         Self {
             run_id: run_id.to_string(),
-            limits: manifest.participation,
+            seen_keys: accounting.is_distributed().then(HashSet::new),
+            accounting,
             manifest,
-            release,
-            budget_release,
-            orders,
-            budget,
-            cumulative,
             state,
             progress_rounds: progress.rounds_committed,
             holding_release: false,
@@ -874,10 +266,6 @@ impl Engine {
             params: progress.params,
             server_state,
             open: None,
-            participation: HashMap::new(),
-            tree,
-            clipper,
-            distributed,
             last_unmasked: None,
             ended_secure: None,
         }
@@ -892,33 +280,8 @@ impl Engine {
         committed_rounds: &[u64],
         by_device: &[(String, Vec<u64>)],
     ) {
-        let index: HashMap<u64, u64> = committed_rounds
-            .iter()
-            .enumerate()
-            .map(|(i, r)| (*r, i as u64 + 1))
-            .collect();
-        for (device, rounds) in by_device {
-            // A release that never committed (a distributed round recorded just before a
-            // crash) counts too, at the index the next committed round takes.
-            let releases: Vec<u64> = rounds
-                .iter()
-                .map(|r| {
-                    index.get(r).copied().unwrap_or_else(|| {
-                        committed_rounds.iter().filter(|c| *c < r).count() as u64 + 1
-                    })
-                })
-                .collect();
-            if releases.is_empty() {
-                continue;
-            }
-            self.participation.insert(
-                device.clone(),
-                Participation {
-                    last: releases.iter().max().copied(),
-                    count: releases.len() as u64,
-                },
-            );
-        }
+        self.accounting
+            .restore_participations(committed_rounds, by_device);
     }
 
     /// Distributed mode: the number of rounds whose release the store recorded (committed or
@@ -927,47 +290,32 @@ impl Engine {
     /// ignore it. `cap_recorded`: whether the run's `run_created` entry names its
     /// participation limits (a run created before they bounded the ε composes every release).
     pub fn restore_releases(&mut self, released: u64, cap_recorded: bool) {
-        let Some(d) = self.distributed.as_mut() else {
-            return;
-        };
-        if !cap_recorded {
-            d.max_participations = None;
-        }
-        let composed = d.max_participations.map_or(released, |k| k.min(released));
-        let mut accountant = RdpAccountant::new(d.accountant.orders().clone());
-        if composed > 0 && accountant.compose_rdp(&d.curve, composed).is_err() {
-            self.state = RunState::Stopped;
-            return;
-        }
-        d.accountant = accountant;
-        d.composed = composed;
-        if d.epsilon_of(&d.accountant, self.manifest.budget.delta) > self.manifest.budget.epsilon {
+        self.accounting.restore_releases(released, cap_recorded);
+        if self.accounting.overspent() {
             self.state = RunState::Stopped;
         }
     }
 
     /// The participation limits in force, if any.
     pub fn participation_limits(&self) -> Option<ParticipationLimits> {
-        self.limits
+        self.accounting.participation_limits()
+    }
+
+    /// The run's accounting: budget, audiences, participations, clipping, trees.
+    pub fn accounting(&self) -> &RunAccounting {
+        &self.accounting
     }
 
     /// The clip norm C the next round will use (the manifest's, or adaptive clipping's
     /// current one).
     pub fn clip_norm(&self) -> f64 {
-        match (&self.tree, &self.clipper) {
-            (Some(t), _) => t
-                .tree
-                .as_ref()
-                .map_or(self.manifest.clip_norm, FtrlTree::clip_norm),
-            (None, Some(c)) => c.clip_norm(),
-            (None, None) => self.manifest.clip_norm,
-        }
+        self.accounting.clip_norm()
     }
 
     /// Adaptive clipping's C before each update so far in this process (the ledger holds the
     /// whole run's), or `None` without adaptive clipping.
     pub fn clip_trajectory(&self) -> Option<&[f64]> {
-        self.clipper.as_ref().map(QuantileClipper::trajectory)
+        self.accounting.clip_trajectory()
     }
 
     /// The sentence naming the assumption the run's ε rests on.
@@ -1006,28 +354,7 @@ impl Engine {
 
     /// Cumulative ε per tracked audience at the run's δ.
     pub fn spent(&self) -> Vec<AudienceEpsilon> {
-        if let Some(d) = &self.distributed {
-            return vec![AudienceEpsilon {
-                audience: Audience::ReleaseObservers.as_str().to_string(),
-                epsilon: d.epsilon_of(&d.accountant, self.manifest.budget.delta),
-            }];
-        }
-        if let Some(t) = &self.tree {
-            return vec![AudienceEpsilon {
-                audience: Audience::ReleaseObservers.as_str().to_string(),
-                epsilon: t.epsilon,
-            }];
-        }
-        self.cumulative
-            .iter()
-            .map(|(a, acc)| AudienceEpsilon {
-                audience: a.as_str().to_string(),
-                epsilon: acc
-                    .epsilon(self.manifest.budget.delta)
-                    .map(|e| e.epsilon)
-                    .unwrap_or(f64::INFINITY),
-            })
-            .collect()
+        self.accounting.spent()
     }
 
     /// When the driver must call `handle(Event::Tick, …)` next (the open round's deadline,
@@ -1212,8 +539,8 @@ impl Engine {
                     let accepted = actions.iter().any(
                         |a| matches!(a, Action::SecAggAccepted { device, .. } if *device == sender),
                     );
-                    if let (true, Some(d)) = (accepted, self.distributed.as_mut()) {
-                        d.seen_keys.extend(pair);
+                    if let (true, Some(seen)) = (accepted, self.seen_keys.as_mut()) {
+                        seen.extend(pair);
                     }
                 }
             }
@@ -1328,12 +655,11 @@ impl Engine {
             actions.push(later("not selected for this round", open.deadline_ms));
             return;
         }
-        if let Some(limits) = self.limits {
+        {
             let release = self.progress_rounds + 1;
-            let p = self.participation.get(&device).copied().unwrap_or_default();
-            if !limits.allows(p.last, p.count, release) {
+            if let Some(refusal) = self.accounting.limit_refusal(&device, release) {
                 let round_ms = self.manifest.sampling.round_millis();
-                let (retry_at_ms, detail) = match limits.next_allowed_round(p.last, p.count) {
+                let (retry_at_ms, detail) = match refusal.next_allowed {
                     // Each release takes at least one round window: release n cannot open
                     // before (n − release − 1) windows after this round's deadline.
                     Some(n) => (
@@ -1341,7 +667,7 @@ impl Engine {
                             .saturating_add(round_ms.saturating_mul((n - release - 1) as i64)),
                         format!(
                             "participation limit: at most once every {} committed rounds; this device may take part again from committed round {n}",
-                            limits.min_separation()
+                            refusal.min_separation
                         ),
                     ),
                     None => (
@@ -1350,7 +676,7 @@ impl Engine {
                         )),
                         format!(
                             "participation limit: this device has taken part {} times, the most this run allows",
-                            p.count
+                            refusal.count
                         ),
                     ),
                 };
@@ -1597,8 +923,7 @@ impl Engine {
 
     /// Local mode with per-round accounting: every upload is a release to the coordinator.
     fn charges_local_rounds(&self) -> bool {
-        self.manifest.privacy_mode == crate::manifest::ManifestPrivacyMode::Local
-            && self.release.is_some()
+        self.accounting.charges_local_rounds()
     }
 
     /// Charges the open round once, in local mode: spends its release from the budget, adds
@@ -1611,19 +936,11 @@ impl Engine {
         let Some(round) = self.open.as_ref().filter(|o| !o.charged).map(|o| o.round) else {
             return Ok(());
         };
-        let release = self.release.expect("checked by charges_local_rounds");
-        if let (Some(budget), Some(budget_release)) = (self.budget.as_mut(), &self.budget_release)
-            && let Err(e) = budget.spend(budget_release)
-        {
-            return Err(Rejection {
+        let (increments, cumulative_epsilon) =
+            self.accounting.charge_local().map_err(|e| Rejection {
                 kind: RejectKind::FailedPrecondition,
                 message: format!("round {round} cannot take updates: refused by the budget: {e}"),
-            });
-        }
-        let increments = round_increments(&release, &self.orders);
-        for ((_, acc), inc) in self.cumulative.iter_mut().zip(&increments) {
-            acc.compose_rdp(&inc.rdp, 1).expect("same grid");
-        }
+            })?;
         if let Some(open) = self.open.as_mut() {
             open.charged = true;
         }
@@ -1634,7 +951,7 @@ impl Engine {
                 noise_multiplier: self.manifest.noise_multiplier.unwrap_or(0.0),
                 mode: self.manifest.privacy_mode.as_str().to_string(),
                 rdp_increments: increments,
-                cumulative_epsilon: self.spent(),
+                cumulative_epsilon,
             },
         });
         Ok(())
@@ -1737,6 +1054,27 @@ impl Engine {
         }
     }
 
+    /// A plain round that fails after its deadline (aggregation or the server optimiser):
+    /// it is abandoned, nothing is published from it. In a DP-FTRL run the tree may already
+    /// hold the round's updates, so the run also stops ([`Self::abandon_tree_round`]).
+    fn fail_plain_round(
+        &mut self,
+        round: u64,
+        contributions: usize,
+        reason: String,
+        actions: &mut Vec<Action>,
+    ) {
+        if self.accounting.is_tree() {
+            self.abandon_tree_round(round, contributions, reason, actions);
+        } else {
+            actions.push(Action::AbandonRound {
+                round,
+                contributions: contributions as u64,
+                reason,
+            });
+        }
+    }
+
     /// A DP-FTRL round that cannot be committed after the tree may have taken its sum: the
     /// round is abandoned (nothing is published from it) and the run stops, because the
     /// tree's exact sums may now hold that round's updates and any later release from the
@@ -1748,9 +1086,7 @@ impl Engine {
         reason: String,
         actions: &mut Vec<Action>,
     ) {
-        if let Some(t) = self.tree.as_mut() {
-            t.tree = Err(format!("stopped after a failed round: {reason}"));
-        }
+        self.accounting.retire_tree(&reason);
         actions.push(Action::AbandonRound {
             round,
             contributions: contributions as u64,
@@ -1786,61 +1122,9 @@ impl Engine {
             self.stop("completed".into(), actions);
             return false;
         }
-        if let (Some(release), Some(budget)) = (&self.budget_release, &self.budget)
-            && budget.would_exceed(release).unwrap_or(true)
-        {
-            let reason = format!(
-                "budget exhausted: one more round would exceed ε = {} at δ = {}",
-                self.manifest.budget.epsilon, self.manifest.budget.delta
-            );
+        if let Err(reason) = self.accounting.check_next_round(&self.manifest) {
             self.stop(reason, actions);
             return false;
-        }
-        if self.manifest.privacy_mode == ManifestPrivacyMode::Distributed
-            && self.distributed.is_none()
-        {
-            // Validated manifests always have a plan; without one no round may open, since
-            // it would be a plain round with neither masking nor a budget check.
-            let why = match crate::distributed::plan(&self.manifest) {
-                Err(e) => format!("{} = {}: {}", e.key, e.value, e.reason),
-                Ok(_) => "the plan was not available when the run was loaded".into(),
-            };
-            self.stop(
-                format!("privacy_mode = \"distributed\" without a valid plan: {why}"),
-                actions,
-            );
-            return false;
-        }
-        if let Some(d) = &self.distributed
-            && d.next_epsilon(self.manifest.budget.delta) > self.manifest.budget.epsilon
-        {
-            let reason = format!(
-                "budget exhausted: one more round would exceed ε = {} at δ = {} ({})",
-                self.manifest.budget.epsilon,
-                self.manifest.budget.delta,
-                self.manifest.epsilon_assumption()
-            );
-            self.stop(reason, actions);
-            return false;
-        }
-        if let Some(t) = &self.tree {
-            let rho = tree_rho(
-                &t.accountant,
-                &t.segments_with(1),
-                self.manifest.bit_noise_std(),
-            );
-            let next = epsilon_from_zcdp_gaussian(rho, self.manifest.budget.delta)
-                .unwrap_or(f64::INFINITY);
-            if next > self.manifest.budget.epsilon {
-                let reason = format!(
-                    "budget exhausted: one more round would exceed ε = {} at δ = {} (tree accounting under {})",
-                    self.manifest.budget.epsilon,
-                    self.manifest.budget.delta,
-                    self.manifest.epsilon_assumption()
-                );
-                self.stop(reason, actions);
-                return false;
-            }
         }
         true
     }
@@ -1856,8 +1140,8 @@ impl Engine {
         if !self.stop_if_done(actions) {
             return;
         }
-        let secure = match &self.distributed {
-            Some(d) => match SecureRound::open(&d.plan, now, rng) {
+        let secure = match self.accounting.distributed_plan() {
+            Some(plan) => match SecureRound::open(plan, now, rng) {
                 Ok(round) => Some(round),
                 Err(e) => {
                     // The plan is validated with the manifest; a failure here means the
@@ -1901,13 +1185,8 @@ impl Engine {
                 return;
             }
         };
-        let local_bits = self.manifest.local_clip_bits();
-        let (bits, bit_clip_norm) = match &self.clipper {
-            Some(c) if !local_bits => (c.begin_bits().ok(), c.clip_norm()),
-            Some(c) => (None, c.clip_norm()),
-            None => (None, clip_norm),
-        };
-        let device_bits = (local_bits && self.clipper.is_some()).then_some(0.0);
+        let (bits, bit_clip_norm, device_bits) =
+            self.accounting.begin_bits(self.manifest.local_clip_bits());
         self.open = Some(OpenRound {
             round: self.next_round,
             deadline_ms: secure.as_ref().map_or(
@@ -1969,133 +1248,97 @@ impl Engine {
             });
             return;
         }
-        let finished = match self.tree.as_mut() {
-            Some(t) => match t.tree.as_mut() {
-                Ok(tree) => open.aggregator.finish_tree(tree, sampler),
-                Err(e) => {
-                    let reason = format!("tree aggregation is unavailable: {e}");
-                    self.abandon_tree_round(open.round, contributions, reason, actions);
-                    return;
-                }
-            },
+        let finished = match self.accounting.ftrl_tree() {
+            Some(Ok(tree)) => open.aggregator.finish_tree(tree, sampler),
+            Some(Err(e)) => {
+                let reason = format!("tree aggregation is unavailable: {e}");
+                self.abandon_tree_round(open.round, contributions, reason, actions);
+                return;
+            }
             None => open.aggregator.finish(sampler),
         };
         let aggregate = match finished {
             Ok(a) => a,
             Err(e) => {
                 let reason = format!("aggregation failed: {e}");
-                if self.tree.is_some() {
-                    self.abandon_tree_round(open.round, contributions, reason, actions);
-                } else {
-                    actions.push(Action::AbandonRound {
-                        round: open.round,
-                        contributions: contributions as u64,
-                        reason,
-                    });
-                }
+                self.fail_plain_round(open.round, contributions, reason, actions);
                 return;
             }
         };
+        let spend = CommitSpend::Plain {
+            charged: open.charged,
+            bits: open.bits,
+            device_bits: open.device_bits,
+        };
+        self.commit_round(
+            open.round,
+            open.clip_norm,
+            open.uploaded,
+            &aggregate,
+            spend,
+            None,
+            Some(sampler),
+            actions,
+        );
+    }
+
+    /// Commits a round whose aggregate was computed, plain or distributed: the server
+    /// optimiser takes its step, the accounting commits the round's spend
+    /// ([`RunAccounting::commit`]), and the new model version is recorded
+    /// ([`Action::CommitRound`], with `RunStopped` when the run is complete) and then
+    /// published. If the optimiser fails the round is abandoned (a plain round) or fails
+    /// after unmasking (a distributed one); if the budget refuses a plain round it is
+    /// abandoned with nothing spent.
+    #[allow(clippy::too_many_arguments)]
+    fn commit_round<P: Provenance, S: GaussianSampler>(
+        &mut self,
+        round: u64,
+        clip_norm: f64,
+        participants: Vec<String>,
+        aggregate: &Aggregate<P>,
+        spend: CommitSpend,
+        unmasked: Option<UnmaskedSum>,
+        sampler: Option<&mut S>,
+        actions: &mut Vec<Action>,
+    ) {
+        let contributions = participants.len();
+        let distributed = matches!(spend, CommitSpend::Distributed(_));
         let mut params = self.params.clone();
         let mut server_state = self.server_state.clone();
         if let Err(e) = apply(
             &self.manifest.server_optimizer,
             &mut server_state,
             &mut params,
-            &aggregate,
+            aggregate,
         ) {
             let reason = format!("the server optimiser failed: {e}");
-            if self.tree.is_some() {
-                self.abandon_tree_round(open.round, contributions, reason, actions);
+            if distributed {
+                self.fail_after_unmasking(round, contributions, reason, actions);
             } else {
+                self.fail_plain_round(round, contributions, reason, actions);
+            }
+            return;
+        }
+        let committed = match self.accounting.commit(
+            spend,
+            round,
+            &participants,
+            self.progress_rounds + 1,
+            &mut server_state,
+            sampler,
+        ) {
+            Ok(c) => c,
+            Err(reason) => {
                 actions.push(Action::AbandonRound {
-                    round: open.round,
+                    round,
                     contributions: contributions as u64,
                     reason,
                 });
+                return;
             }
-            return;
-        }
-        if let (false, Some(release), Some(budget)) =
-            (open.charged, &self.budget_release, self.budget.as_mut())
-            && let Err(e) = budget.spend(release)
-        {
-            // Checked when the round opened; reaching here means the manifest changed under us.
-            actions.push(Action::AbandonRound {
-                round: open.round,
-                contributions: contributions as u64,
-                reason: format!("refused by the budget: {e}"),
-            });
-            return;
-        }
-        let increments = self
-            .release
-            .map(|r| round_increments(&r, &self.orders))
-            .unwrap_or_default();
-        // A charged round's spend is in the run's ε already.
-        if !open.charged {
-            for ((_, acc), inc) in self.cumulative.iter_mut().zip(&increments) {
-                acc.compose_rdp(&inc.rdp, 1).expect("same grid");
-            }
-        }
-        // Adaptive clipping: the bits are released with the round (their cost is in the
-        // accounting of the committed round), and C moves.
-        if let (Some(clipper), Some(bits)) = (self.clipper.as_mut(), open.bits)
-            && let Err(e) = clipper.release_and_update(bits, sampler)
-        {
-            // Only a lattice overflow can fail here, which σ_b rules out; C then stays.
-            tracing::warn!(round = open.round, error = %e, "clip bits not released; C unchanged");
-        }
-        // Local mode: the devices' noised bits are already released; C moves with their sum.
-        if let (Some(clipper), Some(sum)) = (self.clipper.as_mut(), open.device_bits)
-            && let Err(e) = clipper.update(sum)
-        {
-            // The sum of finite bits is finite; C then stays.
-            tracing::warn!(round = open.round, error = %e, "clip bits not usable; C unchanged");
-        }
-        let mut tree_record = None;
-        if let Some(t) = self.tree.as_mut() {
-            t.progress.current_segment += 1;
-            let segments = t.segments_with(0);
-            let bit_noise_std = self.manifest.bit_noise_std();
-            let rho = tree_rho(&t.accountant, &segments, bit_noise_std);
-            t.epsilon = epsilon_from_zcdp_gaussian(rho, self.manifest.budget.delta)
-                .unwrap_or(f64::INFINITY);
-            let schedule = t.accountant.schedule();
-            let limits = t.accountant.limits();
-            tree_record = Some(TreeRound {
-                restart_every: schedule.rounds_per_tree(),
-                completion: schedule.completion(),
-                min_separation: limits.min_separation(),
-                max_participations: limits.max_participations(),
-                segment: t.progress.finished_segments.len() as u64,
-                segment_round: t.progress.current_segment,
-                bit_noise_std,
-                rho,
-            });
-            server_state.set_tree_progress(Some(t.progress.clone()));
-            // A new C takes effect only with a new tree (a node's noise is drawn for one C).
-            if let (Some(clipper), Ok(tree)) = (&self.clipper, &t.tree)
-                && tree.at_tree_boundary()
-                && clipper.clip_norm() != tree.clip_norm()
-            {
-                t.tree = FtrlTree::new(
-                    t.accountant.noise_multiplier(),
-                    clipper.clip_norm(),
-                    self.params.len(),
-                    schedule,
-                )
-                .map_err(|e| e.to_string());
-            }
-        }
-        if let Some(clipper) = &self.clipper {
-            server_state.set_clip_norm(Some(clipper.clip_norm()));
-        }
-        let release_index = self.progress_rounds + 1;
-        for device in &open.uploaded {
-            let p = self.participation.entry(device.clone()).or_default();
-            p.last = Some(release_index);
-            p.count += 1;
+        };
+        if unmasked.is_some() {
+            self.last_unmasked = unmasked;
         }
         self.params = params;
         self.server_state = server_state;
@@ -2104,25 +1347,24 @@ impl Engine {
         let model = encode(
             &self.run_id,
             self.version,
-            open.round,
+            round,
             &self.manifest.model,
             &self.params,
         );
         let event = LedgerEvent::RoundCommitted {
-            round: open.round,
+            round,
             cohort_size: contributions as u64,
             noise_multiplier: self.manifest.noise_multiplier.unwrap_or(0.0),
-            clip_norm: open.clip_norm,
+            clip_norm,
             mode: self.manifest.privacy_mode.as_str().to_string(),
-            rdp_increments: increments,
+            rdp_increments: committed.rdp_increments,
             cumulative_epsilon: self.spent(),
             model_version: self.version,
             model_sha256: model.sha256.clone(),
-            epsilon_assumption: (tree_record.is_some() || self.clipper.is_some())
-                .then(|| self.manifest.epsilon_assumption()),
-            tree: tree_record,
-            next_clip_norm: self.clipper.as_ref().map(|_| self.clip_norm()),
-            distributed: None,
+            epsilon_assumption: committed.epsilon_assumption,
+            tree: committed.tree,
+            next_clip_norm: committed.next_clip_norm,
+            distributed: committed.distributed,
         };
         let stop = (self.progress_rounds >= self.manifest.rounds).then(|| {
             self.state = RunState::Stopped;
@@ -2133,8 +1375,8 @@ impl Engine {
             }
         });
         actions.push(Action::CommitRound(Box::new(RoundOutcome {
-            round: open.round,
-            participants: open.uploaded,
+            round,
+            participants,
             model,
             server_state: serde_json::to_string(&self.server_state).expect("serialisable"),
             event,
@@ -2219,21 +1461,16 @@ impl Engine {
         let Some(secure) = self.open.as_mut().and_then(|o| o.secure.as_mut()) else {
             return;
         };
-        let (distributed, budget) = (&self.distributed, &self.manifest.budget);
+        let accounting = &self.accounting;
         let hold = self.holding_release;
         let may_unmask = || {
-            match distributed {
-            _ if hold => Err(
-                "an operator's command arrived as the round became ready to unmask: nothing was unmasked or spent"
-                    .into(),
-            ),
-            Some(d) if d.next_epsilon(budget.delta) <= budget.epsilon => Ok(()),
-            Some(_) => Err(format!(
-                "refused by the budget before unmasking: the round would take ε past {}",
-                budget.epsilon
-            )),
-            None => Err("no distributed accounting for this run".into()),
-        }
+            if hold {
+                return Err(
+                    "an operator's command arrived as the round became ready to unmask: nothing was unmasked or spent"
+                        .into(),
+                );
+            }
+            accounting.may_release_distributed()
         };
         match secure.advance(now, rng, may_unmask) {
             Ending::Running => {}
@@ -2284,26 +1521,11 @@ impl Engine {
         let participants = secure.devices_of(indices);
         let record = secure.info().ledger_record(participants.len() as u64);
         let round = open.round;
-        let Some(d) = self.distributed.as_mut() else {
-            unreachable!("may_unmask refuses a run without distributed accounting");
-        };
-        let Some(next) = d.after_one_more() else {
-            unreachable!("may_unmask checked that one more round composes within the budget");
-        };
-        d.adopt(next);
-        let rdp_increments = vec![AudienceRdp {
-            audience: Audience::ReleaseObservers.as_str().to_string(),
-            sampling_rate: 1.0,
-            rdp: d.curve.clone(),
-        }];
         // The release counts towards each contributor's limits whether or not the round
         // commits.
-        let release_index = self.progress_rounds + 1;
-        for device in &participants {
-            let p = self.participation.entry(device.clone()).or_default();
-            p.last = Some(release_index);
-            p.count += 1;
-        }
+        let rdp_increments = self
+            .accounting
+            .release_distributed(&participants, self.progress_rounds + 1);
         let event = LedgerEvent::RoundReleased {
             round,
             contributors: participants.len() as u64,
@@ -2321,7 +1543,7 @@ impl Engine {
 
     /// A refusal if `keys` repeats a public key already advertised in this run.
     fn reused_key(&self, keys: &AdvertiseKeys) -> Option<Rejection> {
-        let seen = &self.distributed.as_ref()?.seen_keys;
+        let seen = self.seen_keys.as_ref()?;
         [
             ("encryption_public_key", &keys.encryption_public_key),
             ("masking_public_key", &keys.masking_public_key),
@@ -2364,8 +1586,8 @@ impl Engine {
         );
     }
 
-    /// A distributed round whose sum was unmasked: decode it, take the optimiser step, spend
-    /// the mechanism's RDP, and commit and publish like any other round.
+    /// A distributed round whose sum was unmasked: decode it and commit it like any other
+    /// round ([`Self::commit_round`]); its release was spent when it was recorded.
     fn commit_distributed(
         &mut self,
         open: OpenRound,
@@ -2376,7 +1598,6 @@ impl Engine {
         let info = Arc::clone(secure.info());
         let contributors = secure.devices_of(&output.contributors);
         let count = output.contributors.len();
-        // The release was spent and recorded before the sum was unmasked (`release`).
         let mechanism = info.plan.mechanism;
         let integers = info.config.encoding.decode_integers(&output.sum);
         let granularity = mechanism.granularity();
@@ -2394,82 +1615,24 @@ impl Engine {
                 return;
             }
         };
-        let mut params = self.params.clone();
-        let mut server_state = self.server_state.clone();
-        if let Err(e) = apply(
-            &self.manifest.server_optimizer,
-            &mut server_state,
-            &mut params,
-            &aggregate,
-        ) {
-            self.fail_after_unmasking(
-                open.round,
-                count,
-                format!("the server optimiser failed: {e}"),
-                actions,
-            );
-            return;
-        }
-        let increments = vec![AudienceRdp {
-            audience: Audience::ReleaseObservers.as_str().to_string(),
-            sampling_rate: 1.0,
-            rdp: self
-                .distributed
-                .as_ref()
-                .map(|d| d.curve.clone())
-                .unwrap_or_default(),
-        }];
         let record = info.ledger_record(count as u64);
-        self.last_unmasked = Some(UnmaskedSum {
+        let unmasked = UnmaskedSum {
             round: open.round,
             integers,
             contributors: contributors.clone(),
-        });
-        self.params = params;
-        self.server_state = server_state;
-        self.version += 1;
-        self.progress_rounds += 1;
-        let model = encode(
-            &self.run_id,
-            self.version,
-            open.round,
-            &self.manifest.model,
-            &self.params,
-        );
-        let event = LedgerEvent::RoundCommitted {
-            round: open.round,
-            cohort_size: count as u64,
-            noise_multiplier: self.manifest.noise_multiplier.unwrap_or(0.0),
-            clip_norm: open.clip_norm,
-            mode: self.manifest.privacy_mode.as_str().to_string(),
-            rdp_increments: increments,
-            cumulative_epsilon: self.spent(),
-            model_version: self.version,
-            model_sha256: model.sha256.clone(),
-            epsilon_assumption: Some(self.manifest.epsilon_assumption()),
-            tree: None,
-            next_clip_norm: None,
-            distributed: Some(Box::new(record)),
         };
-        let stop = (self.progress_rounds >= self.manifest.rounds).then(|| {
-            self.state = RunState::Stopped;
-            LedgerEvent::RunStopped {
-                reason: "completed".into(),
-                rounds_committed: self.progress_rounds,
-                cumulative_epsilon: self.spent(),
-            }
-        });
-        actions.push(Action::CommitRound(Box::new(RoundOutcome {
-            round: open.round,
-            participants: contributors,
-            model,
-            server_state: serde_json::to_string(&self.server_state).expect("serialisable"),
-            event,
-            stop,
-        })));
-        actions.push(Action::PublishModel {
-            version: self.version,
-        });
+        // The coordinator adds no noise to a distributed round: it is committed without a
+        // sampler.
+        self.commit_round(
+            open.round,
+            open.clip_norm,
+            contributors,
+            &aggregate,
+            CommitSpend::Distributed(Box::new(record)),
+            Some(unmasked),
+            None::<&mut fedpref_privacy::SecureSampler>,
+            actions,
+        );
     }
 }
 

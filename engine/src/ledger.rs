@@ -18,6 +18,7 @@ use fedpref_privacy::{Audience, OrderGrid, PrivacyMode, RdpAccountant, RoundRele
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+pub use crate::manifest::tracked_audiences;
 use crate::manifest::{AlertAction, GuardrailMetricKind, ThresholdDirection};
 
 /// The hash before the first entry.
@@ -483,22 +484,6 @@ pub fn export_json(run_id: &str, entries: &[SealedEntry]) -> String {
     out
 }
 
-/// The audiences a run's ledger tracks, with the sampling rate each is accounted at. The
-/// first is the one the budget is enforced on.
-pub fn tracked_audiences(release: &RoundRelease) -> Vec<(Audience, f64)> {
-    match release.mode {
-        PrivacyMode::Local => vec![(Audience::Anyone, 1.0)],
-        PrivacyMode::Central | PrivacyMode::Distributed if release.sampling_rate < 1.0 => vec![
-            (
-                Audience::ObserversUnawareOfParticipation,
-                release.sampling_rate,
-            ),
-            (Audience::ReleaseObservers, 1.0),
-        ],
-        PrivacyMode::Central | PrivacyMode::Distributed => vec![(Audience::ReleaseObservers, 1.0)],
-    }
-}
-
 /// A distributed round's RDP increment: the mechanism's curve, for observers of the released
 /// models (the coordinator knows who took part, so no amplification by sampling).
 pub fn distributed_increments(round: &DistributedRound, orders: &OrderGrid) -> Vec<AudienceRdp> {
@@ -567,106 +552,111 @@ pub struct VerifyFailure {
 /// are the first record's, and its segment and position continue the records before it
 /// (a position one past the last, or a new segment — numbered one past the last — at
 /// position 1), the segments together holding every round committed so far.
+///
+/// Each entry goes through [`check_link`] (the hash chain) and then the check of its kind
+/// (the `check_*` methods of the run's running state, each of which says what it verifies).
 pub fn verify(run_id: &str, entries: &[SealedEntry]) -> Result<VerifiedTotals, VerifyFailure> {
-    let fail = |sequence: u64, problem: String| VerifyFailure { sequence, problem };
-    let mut prev_hash = GENESIS_HASH.to_string();
-    let mut grid: Option<OrderGrid> = None;
-    let mut delta = 0.0;
-    // The budget ε run_created records: no cumulative ε (of the audience the budget binds,
-    // the first listed) may exceed it.
-    let mut budget = f64::INFINITY;
-    let mut budget_audience: Option<String> = None;
-    let mut totals: Vec<(String, RdpAccountant)> = vec![];
-    let mut last_eps: Vec<AudienceEpsilon> = vec![];
-    let mut segments: Vec<u64> = vec![];
-    // dp-ftrl: the participation limits `run_created` records (None: not a dp-ftrl run), and
-    // the schedule and σ_b of the run's first tree record, which every later one must repeat.
-    let mut tree_limits: Option<ParticipationLimits> = None;
-    // Whether run_created records a distributed run: its rounds must then carry their
-    // mechanism.
-    let mut distributed_run = false;
-    let mut capped = DistributedCap::default();
-    // The round whose release was recorded last, with its record, until its commit or
-    // abandonment; and whether this ledger records releases at all (older ledgers of
-    // distributed runs spend at commit).
-    let mut released: Option<(u64, DistributedRound)> = None;
-    let mut records_releases = false;
-    // Local mode: the round charged last, until its commit or abandonment.
-    let mut charged: Option<u64> = None;
-    let mut tree_reference: Option<TreeRound> = None;
-    let (mut committed, mut abandoned) = (0u64, 0);
     if entries.is_empty() {
-        return Err(fail(1, format!("run {run_id} has no ledger entries")));
+        return Err(VerifyFailure {
+            sequence: 1,
+            problem: format!("run {run_id} has no ledger entries"),
+        });
     }
+    let mut run = ChainState::default();
+    let mut prev_hash = GENESIS_HASH.to_string();
     for (i, stored) in entries.iter().enumerate() {
-        let expected = i as u64 + 1;
-        if stored.sequence != expected {
-            return Err(fail(
-                expected,
-                format!(
-                    "found sequence {} where {expected} was expected: an entry was removed or reordered",
-                    stored.sequence
-                ),
-            ));
-        }
-        if stored.prev_hash != prev_hash {
-            return Err(fail(
-                expected,
-                "its previous-entry hash does not match the entry before it: that entry or this one was edited, removed or reordered".into(),
-            ));
-        }
-        if chain_hash(&stored.prev_hash, &stored.body) != stored.hash {
-            return Err(fail(
-                expected,
-                "its contents do not match its hash: it was edited".into(),
-            ));
-        }
-        let entry: LedgerEntry = serde_json::from_str(&stored.body)
-            .map_err(|e| fail(expected, format!("its body is not a ledger entry: {e}")))?;
-        if entry.run_id != run_id || entry.sequence != expected {
-            return Err(fail(
-                expected,
-                "its body names another run or position".into(),
-            ));
-        }
-        match (&entry.event, expected) {
-            (
-                LedgerEvent::RunCreated {
-                    orders,
-                    budget_delta,
-                    budget_epsilon,
-                    budget_audience: bound,
-                    participation_limits,
-                    epsilon_assumption,
-                    privacy_mode,
-                    ..
-                },
-                1,
-            ) => {
-                budget = *budget_epsilon;
-                budget_audience = bound.clone();
-                distributed_run = privacy_mode == "distributed";
-                capped = DistributedCap::from_run_created(
-                    distributed_run,
-                    *participation_limits,
-                    epsilon_assumption.as_deref(),
-                );
-                // A dp-ftrl run records its limits and, as the assumption its ε rests on,
-                // exactly those limits; a run with limits but another optimiser names another
-                // assumption.
-                tree_limits = (*participation_limits).filter(|limits| {
-                    epsilon_assumption.as_deref() == Some(limits.assumption().as_str())
-                });
-                grid = Some(
-                    OrderGrid::new(orders.clone())
-                        .map_err(|e| fail(1, format!("bad order grid: {e}")))?,
-                );
-                delta = *budget_delta;
-            }
-            (_, 1) => return Err(fail(1, "the first entry is not run_created".into())),
-            (LedgerEvent::RunCreated { .. }, _) => {
-                return Err(fail(expected, "run_created after the first entry".into()));
-            }
+        let sequence = i as u64 + 1;
+        let entry = check_link(run_id, stored, sequence, &prev_hash)
+            .map_err(|problem| VerifyFailure { sequence, problem })?;
+        run.check_entry(&entry.event, sequence)
+            .map_err(|problem| VerifyFailure { sequence, problem })?;
+        prev_hash = stored.hash.clone();
+    }
+    Ok(VerifiedTotals {
+        entries: entries.len() as u64,
+        rounds_committed: run.committed,
+        rounds_abandoned: run.abandoned,
+        cumulative_epsilon: run.last_eps,
+        delta: run.delta,
+        head_hash: prev_hash,
+    })
+}
+
+/// Verifies one link of the hash chain: the entry is at position `sequence`, its
+/// `prev_hash` is the previous entry's hash (`prev_hash`), its hash is that of its stored
+/// text, and its body parses as a ledger entry of this run at this position.
+fn check_link(
+    run_id: &str,
+    stored: &SealedEntry,
+    sequence: u64,
+    prev_hash: &str,
+) -> Result<LedgerEntry, String> {
+    if stored.sequence != sequence {
+        return Err(format!(
+            "found sequence {} where {sequence} was expected: an entry was removed or reordered",
+            stored.sequence
+        ));
+    }
+    if stored.prev_hash != prev_hash {
+        return Err(
+            "its previous-entry hash does not match the entry before it: that entry or this one was edited, removed or reordered".into(),
+        );
+    }
+    if chain_hash(&stored.prev_hash, &stored.body) != stored.hash {
+        return Err("its contents do not match its hash: it was edited".into());
+    }
+    let entry: LedgerEntry = serde_json::from_str(&stored.body)
+        .map_err(|e| format!("its body is not a ledger entry: {e}"))?;
+    if entry.run_id != run_id || entry.sequence != sequence {
+        return Err("its body names another run or position".into());
+    }
+    Ok(entry)
+}
+
+/// What [`verify`] has learnt from the entries so far.
+#[derive(Default)]
+struct ChainState {
+    /// The Rényi orders `run_created` records.
+    grid: Option<OrderGrid>,
+    /// The run's δ.
+    delta: f64,
+    /// The budget ε `run_created` records: no cumulative ε (of the audience the budget
+    /// binds, the first listed) may exceed it. (`+∞` until `run_created` is read.)
+    budget: Option<f64>,
+    budget_audience: Option<String>,
+    /// One RDP accountant per audience, as the rounds composed them.
+    totals: Vec<(String, RdpAccountant)>,
+    /// The cumulative ε of the last round (or release, or charge).
+    last_eps: Vec<AudienceEpsilon>,
+    /// dp-ftrl: rounds per tree segment.
+    segments: Vec<u64>,
+    /// dp-ftrl: the participation limits `run_created` records (None: not a dp-ftrl run).
+    tree_limits: Option<ParticipationLimits>,
+    /// dp-ftrl: the run's first tree record, whose schedule and σ_b every later one repeats.
+    tree_reference: Option<TreeRound>,
+    /// Whether `run_created` records a distributed run: its rounds must carry their
+    /// mechanism.
+    distributed_run: bool,
+    capped: DistributedCap,
+    /// The round whose release was recorded last, with its record, until its commit or
+    /// abandonment.
+    released: Option<(u64, DistributedRound)>,
+    /// Whether this ledger records releases at all (older ledgers of distributed runs spend
+    /// at commit).
+    records_releases: bool,
+    /// Local mode: the round charged last, until its commit or abandonment.
+    charged: Option<u64>,
+    committed: u64,
+    abandoned: u64,
+}
+
+impl ChainState {
+    /// Checks one entry (whose link is verified) by its kind, and learns from it.
+    fn check_entry(&mut self, event: &LedgerEvent, sequence: u64) -> Result<(), String> {
+        match (event, sequence) {
+            (LedgerEvent::RunCreated { .. }, 1) => self.check_run_created(event),
+            (_, 1) => Err("the first entry is not run_created".into()),
+            (LedgerEvent::RunCreated { .. }, _) => Err("run_created after the first entry".into()),
             (
                 LedgerEvent::RoundCommitted {
                     noise_multiplier,
@@ -675,356 +665,14 @@ pub fn verify(run_id: &str, entries: &[SealedEntry]) -> Result<VerifiedTotals, V
                     ..
                 },
                 _,
-            ) => {
-                check_tree_settings(tree, tree_limits, tree_reference.as_ref())
-                    .map_err(|problem| fail(expected, problem))?;
-                if tree_reference.is_none() {
-                    tree_reference = Some(tree.clone());
-                }
-                let accountant = tree
-                    .accountant(*noise_multiplier)
-                    .map_err(|e| fail(expected, format!("invalid tree accounting: {e}")))?;
-                let segment = tree.segment as usize;
-                if segment + 1 < segments.len() || segment > segments.len() {
-                    return Err(fail(
-                        expected,
-                        format!(
-                            "its tree.segment {segment} is out of order: segments must be {} or {}",
-                            segments.len().saturating_sub(1),
-                            segments.len()
-                        ),
-                    ));
-                }
-                if segment == segments.len() {
-                    segments.push(0);
-                }
-                if tree.segment_round != segments[segment] + 1 {
-                    return Err(fail(
-                        expected,
-                        format!(
-                            "its tree.segment_round {} in tree segment {segment} does not follow {}",
-                            tree.segment_round, segments[segment]
-                        ),
-                    ));
-                }
-                segments[segment] += 1;
-                let in_segments: u64 = segments.iter().sum();
-                if in_segments != committed + 1 {
-                    return Err(fail(
-                        expected,
-                        format!(
-                            "its tree segments hold {in_segments} rounds where {} have been committed",
-                            committed + 1
-                        ),
-                    ));
-                }
-                let rho = tree_rho(&accountant, &segments, tree.bit_noise_std);
-                if !close(rho, tree.rho) {
-                    return Err(fail(
-                        expected,
-                        format!(
-                            "its ρ {} does not follow from the tree rounds before it ({rho})",
-                            tree.rho
-                        ),
-                    ));
-                }
-                let epsilon = epsilon_from_zcdp_gaussian(rho, delta)
-                    .map_err(|e| fail(expected, e.to_string()))?;
-                let eps = vec![AudienceEpsilon {
-                    audience: Audience::ReleaseObservers.as_str().to_string(),
-                    epsilon,
-                }];
-                if !same_epsilons(&eps, cumulative_epsilon) {
-                    return Err(fail(
-                        expected,
-                        format!(
-                            "its cumulative ε {cumulative_epsilon:?} does not follow from the tree rounds before it ({eps:?})"
-                        ),
-                    ));
-                }
-                within_budget(&eps, budget, budget_audience.as_deref())
-                    .map_err(|problem| fail(expected, problem))?;
-                last_eps = eps;
-                committed += 1;
-            }
-            (
-                LedgerEvent::RoundCommitted {
-                    round,
-                    noise_multiplier,
-                    mode,
-                    rdp_increments,
-                    cumulative_epsilon,
-                    distributed,
-                    epsilon_assumption,
-                    ..
-                },
-                _,
-            ) => {
-                // A local round charged when its first update arrived spent its ε there.
-                let after_charge = match charged.take() {
-                    Some(r) if r == *round => true,
-                    Some(r) => {
-                        return Err(fail(
-                            expected,
-                            format!(
-                                "round {r}'s charge was neither committed nor abandoned before round {round} committed"
-                            ),
-                        ));
-                    }
-                    None => false,
-                };
-                // A distributed round whose release was recorded spent its ε there.
-                let after_release = after_charge
-                    || match (released.take(), distributed) {
-                        (Some((r, record)), Some(d)) if r == *round => {
-                            if **d != record {
-                                return Err(fail(
-                                    expected,
-                                    "its distributed record differs from its release's".into(),
-                                ));
-                            }
-                            true
-                        }
-                        (Some((r, _)), _) => {
-                            return Err(fail(
-                                expected,
-                                format!(
-                                    "round {r}'s release was neither committed nor abandoned before round {round} committed"
-                                ),
-                            ));
-                        }
-                        (None, Some(_)) if records_releases => {
-                            return Err(fail(
-                                expected,
-                                "a distributed round committed without a recorded release".into(),
-                            ));
-                        }
-                        _ => false,
-                    };
-                if let Some(limits) = tree_limits {
-                    return Err(fail(
-                        expected,
-                        format!(
-                            "it carries no tree record, but run_created records a dp-ftrl run under {limits}"
-                        ),
-                    ));
-                }
-                let grid = grid.as_ref().expect("set by the first entry");
-                let mode: PrivacyMode = mode.parse().map_err(|e: String| fail(expected, e))?;
-                if (distributed_run || mode == PrivacyMode::Distributed)
-                    && (mode != PrivacyMode::Distributed || distributed.is_none())
-                {
-                    return Err(fail(
-                        expected,
-                        format!(
-                            "a round of a distributed run must be in mode distributed and carry its distributed record (mode {mode:?}, record {})",
-                            if distributed.is_some() {
-                                "present"
-                            } else {
-                                "absent"
-                            }
-                        ),
-                    ));
-                }
-                if let Some(d) = distributed.as_ref().filter(|_| !after_release) {
-                    capped
-                        .check(d, epsilon_assumption.as_deref())
-                        .map_err(|problem| fail(expected, problem))?;
-                }
-                let derived = match distributed {
-                    Some(d) if mode == PrivacyMode::Distributed => distributed_increments(d, grid),
-                    Some(_) => {
-                        return Err(fail(
-                            expected,
-                            format!("it carries a distributed record in mode {mode:?}"),
-                        ));
-                    }
-                    None => {
-                        let sampling_rate = rdp_increments
-                            .first()
-                            .map(|a| a.sampling_rate)
-                            .unwrap_or(1.0);
-                        let release = RoundRelease {
-                            mode,
-                            noise_multiplier: *noise_multiplier,
-                            sampling_rate,
-                        };
-                        release
-                            .effective()
-                            .map_err(|e| fail(expected, format!("invalid release: {e}")))?;
-                        round_increments(&release, grid)
-                    }
-                };
-                if !same_increments(&derived, rdp_increments) {
-                    return Err(fail(
-                        expected,
-                        "its RDP increments do not follow from its σ, q and mode".into(),
-                    ));
-                }
-                let counts = !after_release && (distributed.is_none() || capped.counts_next());
-                let eps = compose_totals(&mut totals, &derived, counts, grid, delta)
-                    .map_err(|e| fail(expected, e))?;
-                if !same_epsilons(&eps, cumulative_epsilon) {
-                    return Err(fail(
-                        expected,
-                        format!(
-                            "its cumulative ε {cumulative_epsilon:?} does not follow from the rounds before it ({eps:?})"
-                        ),
-                    ));
-                }
-                within_budget(&eps, budget, budget_audience.as_deref())
-                    .map_err(|problem| fail(expected, problem))?;
-                last_eps = eps;
-                committed += 1;
-            }
-            (
-                LedgerEvent::RoundReleased {
-                    round,
-                    contributors,
-                    rdp_increments,
-                    cumulative_epsilon,
-                    epsilon_assumption,
-                    distributed: d,
-                },
-                _,
-            ) => {
-                if !distributed_run {
-                    return Err(fail(
-                        expected,
-                        "it records a released distributed sum, but run_created is not a distributed run".into(),
-                    ));
-                }
-                if let Some((r, _)) = &released {
-                    return Err(fail(
-                        expected,
-                        format!(
-                            "round {r}'s release was neither committed nor abandoned before this one"
-                        ),
-                    ));
-                }
-                if *contributors != d.contributors {
-                    return Err(fail(
-                        expected,
-                        format!(
-                            "it names {contributors} contributors but its record {}",
-                            d.contributors
-                        ),
-                    ));
-                }
-                capped
-                    .check(d, Some(epsilon_assumption))
-                    .map_err(|problem| fail(expected, problem))?;
-                let grid = grid.as_ref().expect("set by the first entry");
-                let derived = distributed_increments(d, grid);
-                if !same_increments(&derived, rdp_increments) {
-                    return Err(fail(
-                        expected,
-                        "its RDP increments do not follow from its mechanism".into(),
-                    ));
-                }
-                let counts = capped.counts_next();
-                let eps = compose_totals(&mut totals, &derived, counts, grid, delta)
-                    .map_err(|e| fail(expected, e))?;
-                if !same_epsilons(&eps, cumulative_epsilon) {
-                    return Err(fail(
-                        expected,
-                        format!(
-                            "its cumulative ε {cumulative_epsilon:?} does not follow from the releases before it ({eps:?})"
-                        ),
-                    ));
-                }
-                within_budget(&eps, budget, budget_audience.as_deref())
-                    .map_err(|problem| fail(expected, problem))?;
-                last_eps = eps;
-                released = Some((*round, (**d).clone()));
-                records_releases = true;
-            }
-            (
-                LedgerEvent::EvaluationReleased {
-                    model_version,
-                    noise_multiplier,
-                    delta: evaluation_delta,
-                    ..
-                },
-                _,
-            ) => {
-                // The entry must be what its σ gives at the run's δ: C and ε re-derived.
-                let again =
-                    evaluation_release_event(*model_version, *noise_multiplier, *evaluation_delta);
-                if *evaluation_delta != delta || !same_evaluation(&entry.event, &again) {
-                    return Err(fail(
-                        expected,
-                        format!(
-                            "its evaluation release does not follow from σ = {noise_multiplier} at the run's δ = {delta} (expected {again:?})"
-                        ),
-                    ));
-                }
-            }
-            (
-                LedgerEvent::RoundCharged {
-                    round,
-                    noise_multiplier,
-                    mode,
-                    rdp_increments,
-                    cumulative_epsilon,
-                },
-                _,
-            ) => {
-                if distributed_run || tree_limits.is_some() || mode != "local" {
-                    return Err(fail(
-                        expected,
-                        format!(
-                            "a round_charged entry in mode {mode} of a run that is not a local per-round run"
-                        ),
-                    ));
-                }
-                if let Some(r) = charged {
-                    return Err(fail(
-                        expected,
-                        format!(
-                            "round {r}'s charge was neither committed nor abandoned before this one"
-                        ),
-                    ));
-                }
-                let grid = grid.as_ref().expect("set by the first entry");
-                let release = RoundRelease {
-                    mode: PrivacyMode::Local,
-                    noise_multiplier: *noise_multiplier,
-                    sampling_rate: 1.0,
-                };
-                release
-                    .effective()
-                    .map_err(|e| fail(expected, format!("invalid release: {e}")))?;
-                let derived = round_increments(&release, grid);
-                if !same_increments(&derived, rdp_increments) {
-                    return Err(fail(
-                        expected,
-                        "its RDP increments do not follow from its σ and mode".into(),
-                    ));
-                }
-                let eps = compose_totals(&mut totals, &derived, true, grid, delta)
-                    .map_err(|e| fail(expected, e))?;
-                if !same_epsilons(&eps, cumulative_epsilon) {
-                    return Err(fail(
-                        expected,
-                        format!(
-                            "its cumulative ε {cumulative_epsilon:?} does not follow from the rounds before it ({eps:?})"
-                        ),
-                    ));
-                }
-                within_budget(&eps, budget, budget_audience.as_deref())
-                    .map_err(|problem| fail(expected, problem))?;
-                last_eps = eps;
-                charged = Some(*round);
-            }
+            ) => self.check_tree_round(tree, *noise_multiplier, cumulative_epsilon),
+            (LedgerEvent::RoundCommitted { .. }, _) => self.check_committed_round(event),
+            (LedgerEvent::RoundReleased { .. }, _) => self.check_release(event),
+            (LedgerEvent::EvaluationReleased { .. }, _) => self.check_evaluation(event),
+            (LedgerEvent::RoundCharged { .. }, _) => self.check_charge(event),
             (LedgerEvent::RoundAbandoned { round, .. }, _) => {
-                if released.as_ref().is_some_and(|(r, _)| r == round) {
-                    released = None;
-                }
-                if charged == Some(*round) {
-                    charged = None;
-                }
-                abandoned += 1;
+                self.abandon(*round);
+                Ok(())
             }
             (
                 LedgerEvent::RunStopped {
@@ -1033,26 +681,390 @@ pub fn verify(run_id: &str, entries: &[SealedEntry]) -> Result<VerifiedTotals, V
                     ..
                 },
                 _,
-            ) if *rounds_committed != committed
-                || !same_epsilons(&last_eps, cumulative_epsilon) =>
-            {
-                return Err(fail(
-                    expected,
-                    "its final totals do not match the rounds".into(),
-                ));
-            }
-            _ => {}
+            ) => self.check_stop(*rounds_committed, cumulative_epsilon),
+            _ => Ok(()),
         }
-        prev_hash = stored.hash.clone();
     }
-    Ok(VerifiedTotals {
-        entries: entries.len() as u64,
-        rounds_committed: committed,
-        rounds_abandoned: abandoned,
-        cumulative_epsilon: last_eps,
-        delta,
-        head_hash: prev_hash,
-    })
+
+    /// `run_created`: reads the run's budget, δ, order grid, mode and limits, which every
+    /// later check uses. Verifies that the order grid is valid.
+    fn check_run_created(&mut self, event: &LedgerEvent) -> Result<(), String> {
+        let LedgerEvent::RunCreated {
+            orders,
+            budget_delta,
+            budget_epsilon,
+            budget_audience,
+            participation_limits,
+            epsilon_assumption,
+            privacy_mode,
+            ..
+        } = event
+        else {
+            unreachable!("called on run_created");
+        };
+        self.budget = Some(*budget_epsilon);
+        self.budget_audience = budget_audience.clone();
+        self.distributed_run = privacy_mode == "distributed";
+        self.capped = DistributedCap::from_run_created(
+            self.distributed_run,
+            *participation_limits,
+            epsilon_assumption.as_deref(),
+        );
+        // A dp-ftrl run records its limits and, as the assumption its ε rests on, exactly
+        // those limits; a run with limits but another optimiser names another assumption.
+        self.tree_limits = (*participation_limits)
+            .filter(|limits| epsilon_assumption.as_deref() == Some(limits.assumption().as_str()));
+        self.grid =
+            Some(OrderGrid::new(orders.clone()).map_err(|e| format!("bad order grid: {e}"))?);
+        self.delta = *budget_delta;
+        Ok(())
+    }
+
+    fn grid(&self) -> &OrderGrid {
+        self.grid.as_ref().expect("set by the first entry")
+    }
+
+    /// A dp-ftrl round (one with a tree record): its settings are the run's
+    /// ([`check_tree_settings`]), its segment and position continue the records before it,
+    /// the segments hold every committed round, and its ρ and cumulative ε follow from the
+    /// tree rounds so far; the ε is within the budget.
+    fn check_tree_round(
+        &mut self,
+        tree: &TreeRound,
+        noise_multiplier: f64,
+        cumulative_epsilon: &[AudienceEpsilon],
+    ) -> Result<(), String> {
+        check_tree_settings(tree, self.tree_limits, self.tree_reference.as_ref())?;
+        if self.tree_reference.is_none() {
+            self.tree_reference = Some(tree.clone());
+        }
+        let accountant = tree
+            .accountant(noise_multiplier)
+            .map_err(|e| format!("invalid tree accounting: {e}"))?;
+        let segments = &mut self.segments;
+        let segment = tree.segment as usize;
+        if segment + 1 < segments.len() || segment > segments.len() {
+            return Err(format!(
+                "its tree.segment {segment} is out of order: segments must be {} or {}",
+                segments.len().saturating_sub(1),
+                segments.len()
+            ));
+        }
+        if segment == segments.len() {
+            segments.push(0);
+        }
+        if tree.segment_round != segments[segment] + 1 {
+            return Err(format!(
+                "its tree.segment_round {} in tree segment {segment} does not follow {}",
+                tree.segment_round, segments[segment]
+            ));
+        }
+        segments[segment] += 1;
+        let in_segments: u64 = segments.iter().sum();
+        if in_segments != self.committed + 1 {
+            return Err(format!(
+                "its tree segments hold {in_segments} rounds where {} have been committed",
+                self.committed + 1
+            ));
+        }
+        let rho = tree_rho(&accountant, segments, tree.bit_noise_std);
+        if !close(rho, tree.rho) {
+            return Err(format!(
+                "its ρ {} does not follow from the tree rounds before it ({rho})",
+                tree.rho
+            ));
+        }
+        let epsilon = epsilon_from_zcdp_gaussian(rho, self.delta).map_err(|e| e.to_string())?;
+        let eps = vec![AudienceEpsilon {
+            audience: Audience::ReleaseObservers.as_str().to_string(),
+            epsilon,
+        }];
+        if !same_epsilons(&eps, cumulative_epsilon) {
+            return Err(format!(
+                "its cumulative ε {cumulative_epsilon:?} does not follow from the tree rounds before it ({eps:?})"
+            ));
+        }
+        self.within_budget(&eps)?;
+        self.last_eps = eps;
+        self.committed += 1;
+        Ok(())
+    }
+
+    /// A committed round without a tree record: it settles the local charge or distributed
+    /// release recorded for it (if any), is not a round of a dp-ftrl run, is in the run's mode
+    /// (a distributed run's rounds carry their mechanism), its increments follow from its σ, q
+    /// and mode (or mechanism), and its cumulative ε from the rounds before it — unchanged if
+    /// it was charged or released before; the ε is within the budget.
+    fn check_committed_round(&mut self, event: &LedgerEvent) -> Result<(), String> {
+        let LedgerEvent::RoundCommitted {
+            round,
+            noise_multiplier,
+            mode,
+            rdp_increments,
+            cumulative_epsilon,
+            distributed,
+            epsilon_assumption,
+            ..
+        } = event
+        else {
+            unreachable!("called on round_committed");
+        };
+        // A local round charged when its first update arrived spent its ε there; a
+        // distributed round whose release was recorded spent its ε there.
+        let after_release =
+            self.settle_charge(*round)? || self.settle_release(*round, distributed.as_deref())?;
+        if let Some(limits) = self.tree_limits {
+            return Err(format!(
+                "it carries no tree record, but run_created records a dp-ftrl run under {limits}"
+            ));
+        }
+        let mode: PrivacyMode = mode.parse()?;
+        if (self.distributed_run || mode == PrivacyMode::Distributed)
+            && (mode != PrivacyMode::Distributed || distributed.is_none())
+        {
+            return Err(format!(
+                "a round of a distributed run must be in mode distributed and carry its distributed record (mode {mode:?}, record {})",
+                if distributed.is_some() {
+                    "present"
+                } else {
+                    "absent"
+                }
+            ));
+        }
+        if let Some(d) = distributed.as_ref().filter(|_| !after_release) {
+            self.capped.check(d, epsilon_assumption.as_deref())?;
+        }
+        let derived = match distributed {
+            Some(d) if mode == PrivacyMode::Distributed => distributed_increments(d, self.grid()),
+            Some(_) => {
+                return Err(format!("it carries a distributed record in mode {mode:?}"));
+            }
+            None => {
+                let sampling_rate = rdp_increments
+                    .first()
+                    .map(|a| a.sampling_rate)
+                    .unwrap_or(1.0);
+                let release = RoundRelease {
+                    mode,
+                    noise_multiplier: *noise_multiplier,
+                    sampling_rate,
+                };
+                release
+                    .effective()
+                    .map_err(|e| format!("invalid release: {e}"))?;
+                round_increments(&release, self.grid())
+            }
+        };
+        if !same_increments(&derived, rdp_increments) {
+            return Err("its RDP increments do not follow from its σ, q and mode".into());
+        }
+        let counts = !after_release && (distributed.is_none() || self.capped.counts_next());
+        self.accumulate(&derived, counts, cumulative_epsilon, "rounds")?;
+        self.committed += 1;
+        Ok(())
+    }
+
+    /// The local charge pending when round `round` commits: `true` if it is this round's (its
+    /// ε was spent then); an error if another round's charge was left open.
+    fn settle_charge(&mut self, round: u64) -> Result<bool, String> {
+        match self.charged.take() {
+            Some(r) if r == round => Ok(true),
+            Some(r) => Err(format!(
+                "round {r}'s charge was neither committed nor abandoned before round {round} committed"
+            )),
+            None => Ok(false),
+        }
+    }
+
+    /// The distributed release pending when round `round` commits: `true` if it is this
+    /// round's, with the same record (its ε was spent then); an error if another round's
+    /// release was left open, or if a ledger that records releases commits a distributed round
+    /// without one.
+    fn settle_release(
+        &mut self,
+        round: u64,
+        distributed: Option<&DistributedRound>,
+    ) -> Result<bool, String> {
+        match (self.released.take(), distributed) {
+            (Some((r, record)), Some(d)) if r == round => {
+                if *d != record {
+                    return Err("its distributed record differs from its release's".into());
+                }
+                Ok(true)
+            }
+            (Some((r, _)), _) => Err(format!(
+                "round {r}'s release was neither committed nor abandoned before round {round} committed"
+            )),
+            (None, Some(_)) if self.records_releases => {
+                Err("a distributed round committed without a recorded release".into())
+            }
+            _ => Ok(false),
+        }
+    }
+
+    /// A distributed round's release (`round_released`): the run is distributed, no other
+    /// release is open, its record is consistent (and, under a participation cap, the run's
+    /// mechanism and assumption), its increments follow from its mechanism and its cumulative
+    /// ε from the releases before it; the ε is within the budget.
+    fn check_release(&mut self, event: &LedgerEvent) -> Result<(), String> {
+        let LedgerEvent::RoundReleased {
+            round,
+            contributors,
+            rdp_increments,
+            cumulative_epsilon,
+            epsilon_assumption,
+            distributed: d,
+        } = event
+        else {
+            unreachable!("called on round_released");
+        };
+        if !self.distributed_run {
+            return Err(
+                "it records a released distributed sum, but run_created is not a distributed run"
+                    .into(),
+            );
+        }
+        if let Some((r, _)) = &self.released {
+            return Err(format!(
+                "round {r}'s release was neither committed nor abandoned before this one"
+            ));
+        }
+        if *contributors != d.contributors {
+            return Err(format!(
+                "it names {contributors} contributors but its record {}",
+                d.contributors
+            ));
+        }
+        self.capped.check(d, Some(epsilon_assumption))?;
+        let derived = distributed_increments(d, self.grid());
+        if !same_increments(&derived, rdp_increments) {
+            return Err("its RDP increments do not follow from its mechanism".into());
+        }
+        let counts = self.capped.counts_next();
+        self.accumulate(&derived, counts, cumulative_epsilon, "releases")?;
+        self.released = Some((*round, (**d).clone()));
+        self.records_releases = true;
+        Ok(())
+    }
+
+    /// A federated-evaluation release: the entry is what its σ gives at the run's δ (C and ε
+    /// re-derived).
+    fn check_evaluation(&self, event: &LedgerEvent) -> Result<(), String> {
+        let LedgerEvent::EvaluationReleased {
+            model_version,
+            noise_multiplier,
+            delta: evaluation_delta,
+            ..
+        } = event
+        else {
+            unreachable!("called on evaluation_released");
+        };
+        let again = evaluation_release_event(*model_version, *noise_multiplier, *evaluation_delta);
+        if *evaluation_delta != self.delta || !same_evaluation(event, &again) {
+            return Err(format!(
+                "its evaluation release does not follow from σ = {noise_multiplier} at the run's δ = {} (expected {again:?})",
+                self.delta
+            ));
+        }
+        Ok(())
+    }
+
+    /// A local round's charge (`round_charged`): the run is a local per-round run, no other
+    /// charge is open, its increments follow from its σ in local mode, and its cumulative ε
+    /// from the rounds before it; the ε is within the budget.
+    fn check_charge(&mut self, event: &LedgerEvent) -> Result<(), String> {
+        let LedgerEvent::RoundCharged {
+            round,
+            noise_multiplier,
+            mode,
+            rdp_increments,
+            cumulative_epsilon,
+        } = event
+        else {
+            unreachable!("called on round_charged");
+        };
+        if self.distributed_run || self.tree_limits.is_some() || mode != "local" {
+            return Err(format!(
+                "a round_charged entry in mode {mode} of a run that is not a local per-round run"
+            ));
+        }
+        if let Some(r) = self.charged {
+            return Err(format!(
+                "round {r}'s charge was neither committed nor abandoned before this one"
+            ));
+        }
+        let release = RoundRelease {
+            mode: PrivacyMode::Local,
+            noise_multiplier: *noise_multiplier,
+            sampling_rate: 1.0,
+        };
+        release
+            .effective()
+            .map_err(|e| format!("invalid release: {e}"))?;
+        let derived = round_increments(&release, self.grid());
+        if !same_increments(&derived, rdp_increments) {
+            return Err("its RDP increments do not follow from its σ and mode".into());
+        }
+        self.accumulate(&derived, true, cumulative_epsilon, "rounds")?;
+        self.charged = Some(*round);
+        Ok(())
+    }
+
+    /// An abandoned round closes its pending release or charge (their ε stays spent).
+    fn abandon(&mut self, round: u64) {
+        if self.released.as_ref().is_some_and(|(r, _)| *r == round) {
+            self.released = None;
+        }
+        if self.charged == Some(round) {
+            self.charged = None;
+        }
+        self.abandoned += 1;
+    }
+
+    /// `run_stopped`: its totals are the rounds committed and the last cumulative ε.
+    fn check_stop(
+        &self,
+        rounds_committed: u64,
+        cumulative_epsilon: &[AudienceEpsilon],
+    ) -> Result<(), String> {
+        if rounds_committed != self.committed || !same_epsilons(&self.last_eps, cumulative_epsilon)
+        {
+            return Err("its final totals do not match the rounds".into());
+        }
+        Ok(())
+    }
+
+    /// Composes one spend's derived increments into the running totals (unless `counts` is
+    /// false: a charged or released round's commit, or a distributed run past its cap) and
+    /// verifies that the recorded cumulative ε is what they give and within the budget.
+    /// `before` names what came before in the message (`rounds`, `releases`).
+    fn accumulate(
+        &mut self,
+        derived: &[AudienceRdp],
+        counts: bool,
+        recorded: &[AudienceEpsilon],
+        before: &str,
+    ) -> Result<(), String> {
+        let grid = self.grid().clone();
+        let eps = compose_totals(&mut self.totals, derived, counts, &grid, self.delta)?;
+        if !same_epsilons(&eps, recorded) {
+            return Err(format!(
+                "its cumulative ε {recorded:?} does not follow from the {before} before it ({eps:?})"
+            ));
+        }
+        self.within_budget(&eps)?;
+        self.last_eps = eps;
+        Ok(())
+    }
+
+    /// Verifies that a cumulative ε is within the budget `run_created` records.
+    fn within_budget(&self, eps: &[AudienceEpsilon]) -> Result<(), String> {
+        within_budget(
+            eps,
+            self.budget.unwrap_or(f64::INFINITY),
+            self.budget_audience.as_deref(),
+        )
+    }
 }
 
 /// Whether a cumulative ε is within the budget: the ε of the audience the budget binds

@@ -2,7 +2,8 @@
 //!
 //! The pure core of fedpref, with no sockets, no database and no async runtime: what a run
 //! is ([`manifest`], [`distributed`]), what a round does ([`engine`], the sans-IO round
-//! engine, with [`secure_round`] for distributed mode), how updates become a model
+//! engine, with [`secure_round`] for distributed mode; [`protocol`] holds the events, actions,
+//! tasks and rejections it speaks, and [`accounting`] what a run spends), how updates become a model
 //! ([`aggregation`], [`model`]), what the privacy ledger records and how it is verified
 //! ([`ledger`], [`checkpoint`]), what a task entitles a device to ([`grants`]) and the
 //! guardrail metrics of federated evaluation ([`guardrail`]).
@@ -13,8 +14,10 @@
 //!
 //! Architecture invariant (ARCHITECTURE.md): this crate's normal dependencies contain no
 //! tokio, tonic, hyper, axum, h2, rustls, rusqlite, postgres, rcgen, indicatif or plotters
-//! (`engine/tests/dependencies.rs`).
+//! (`engine/tests/dependencies.rs`). No module imports itself through others
+//! (`doc-check/tests/import_cycles.rs`).
 
+pub mod accounting;
 pub mod aggregation;
 pub mod checkpoint;
 pub mod distributed;
@@ -24,6 +27,7 @@ pub mod guardrail;
 pub mod ledger;
 pub mod manifest;
 pub mod model;
+pub mod protocol;
 pub mod secure_round;
 
 /// Lower-case hex of a byte string.

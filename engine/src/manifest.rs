@@ -75,7 +75,7 @@
 use std::path::Path;
 
 use fedpref_privacy::tree::{ParticipationLimits, TreeAccountant};
-use fedpref_privacy::{OrderGrid, PrivacyMode, RoundRelease};
+use fedpref_privacy::{Audience, OrderGrid, PrivacyMode, RoundRelease};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -578,6 +578,41 @@ pub struct RunManifest {
     pub secure_aggregation: Option<SecureAggregationSpec>,
 }
 
+/// The audiences a run's ledger tracks, with the sampling rate each is accounted at. The
+/// first is the one the budget is enforced on.
+pub fn tracked_audiences(release: &RoundRelease) -> Vec<(Audience, f64)> {
+    match release.mode {
+        PrivacyMode::Local => vec![(Audience::Anyone, 1.0)],
+        PrivacyMode::Central | PrivacyMode::Distributed if release.sampling_rate < 1.0 => vec![
+            (
+                Audience::ObserversUnawareOfParticipation,
+                release.sampling_rate,
+            ),
+            (Audience::ReleaseObservers, 1.0),
+        ],
+        PrivacyMode::Central | PrivacyMode::Distributed => vec![(Audience::ReleaseObservers, 1.0)],
+    }
+}
+
+impl From<&RunManifest> for crate::distributed::PlanInputs {
+    fn from(manifest: &RunManifest) -> Self {
+        Self {
+            secure_aggregation: manifest.secure_aggregation,
+            cohort: match manifest.sampling {
+                SamplingSpec::Cohort {
+                    target_size,
+                    minimum_size,
+                    ..
+                } => Some((target_size, minimum_size)),
+                SamplingSpec::Poisson { .. } => None,
+            },
+            noise_multiplier: manifest.noise_multiplier,
+            dimension: manifest.dimension(),
+            clip_norm: manifest.clip_norm,
+        }
+    }
+}
+
 impl RunManifest {
     /// Reads and validates a manifest file.
     pub fn from_file(path: &Path) -> Result<Self, ManifestError> {
@@ -650,7 +685,7 @@ impl RunManifest {
     pub fn budget_release(&self) -> Option<RoundRelease> {
         let release = self.round_release()?;
         let audience = self.budget_audience();
-        let q = crate::ledger::tracked_audiences(&release)
+        let q = tracked_audiences(&release)
             .into_iter()
             .find(|(a, _)| *a == audience)
             .map_or(1.0, |(_, q)| q);
@@ -838,10 +873,7 @@ impl RunManifest {
                 })
             });
             let tracked: Vec<fedpref_privacy::Audience> = match release {
-                Some(r) => crate::ledger::tracked_audiences(&r)
-                    .into_iter()
-                    .map(|(a, _)| a)
-                    .collect(),
+                Some(r) => tracked_audiences(&r).into_iter().map(|(a, _)| a).collect(),
                 None if self.privacy_mode == ManifestPrivacyMode::Local => {
                     vec![fedpref_privacy::Audience::Anyone]
                 }

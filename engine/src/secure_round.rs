@@ -53,68 +53,8 @@ use fedpref_secagg::{
 use rand_core::Rng;
 
 use crate::distributed::DistributedPlan;
-use crate::engine::{RejectKind, Rejection};
-
-/// The public description of a distributed round, the same for every device of the round:
-/// what a task carries.
-#[derive(Clone, Debug, PartialEq)]
-pub struct SecureRoundInfo {
-    /// The secure-aggregation config (context, n, t, graph, m, checked encoding).
-    pub config: RoundConfig,
-    /// The run's distributed plan (mechanism, β, durations).
-    pub plan: DistributedPlan,
-    /// Absolute deadlines, ms since the epoch: advertise keys, share keys, masked input,
-    /// unmasking.
-    pub deadlines: [i64; 4],
-}
-
-impl SecureRoundInfo {
-    /// The ledger's record of this round once its sum was unmasked from `contributors`
-    /// masked inputs: the mechanism, the neighbouring relation, t, k, m and the assumption.
-    pub fn ledger_record(&self, contributors: u64) -> crate::ledger::DistributedRound {
-        crate::ledger::DistributedRound {
-            mechanism_name: "distributed_discrete_gaussian".into(),
-            mechanism: self.plan.mechanism,
-            neighbouring: "zero-out".into(),
-            threshold: self.config.threshold,
-            neighbour_count: match self.config.graph {
-                fedpref_secagg::Graph::Complete => self.config.cohort_size - 1,
-                fedpref_secagg::Graph::Harary { degree, .. } => degree,
-            },
-            min_contributors: self.config.min_contributors,
-            contributors,
-            assumption: self.plan.assumption(),
-        }
-    }
-}
-
-/// What a device is given for the current stage.
-#[derive(Clone, Debug, PartialEq)]
-pub enum StageInput {
-    /// Nothing: the stage needs nothing from the device, or the device is no longer part of
-    /// the round (it missed an earlier stage) and must stop.
-    None,
-    /// Share keys: the device's index and its neighbours' keys.
-    KeyDirectory(KeyDirectory),
-    /// Masked input: the encrypted shares addressed to the device.
-    ShareInbox(ShareInbox),
-    /// Unmasking: which neighbours survived and which dropped.
-    UnmaskingPlan(UnmaskingPlan),
-}
-
-/// The round's stage as one device sees it.
-#[derive(Clone, Debug, PartialEq)]
-pub struct StageView {
-    /// The stage.
-    pub stage: ServerStage,
-    /// When it closes, ms since the epoch (the round's last deadline once it has ended).
-    pub deadline_ms: i64,
-    /// The device's input for it.
-    pub input: StageInput,
-    /// How long the device should wait before polling again, ms: 100 ms per 50 devices of
-    /// the cohort (at most 5 s), so a round's polls stay near 500 a second whatever n.
-    pub poll_after_ms: i64,
-}
+use crate::protocol::{RejectKind, Rejection};
+pub use crate::protocol::{SecureRoundInfo, StageInput, StageView};
 
 /// How a round ended, once it has.
 #[derive(Debug)]

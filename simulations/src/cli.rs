@@ -10,7 +10,7 @@ use fedpref_engine::aggregation::ServerOptimizer;
 use fedpref_engine::manifest::{AdaptiveClippingSpec, ManifestPrivacyMode};
 use fedpref_privacy::tree::ParticipationLimits;
 use indicatif::{ProgressBar, ProgressStyle};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use crate::data::{self, Dataset, SyntheticSpec};
@@ -43,7 +43,99 @@ pub enum Command {
     ExportSplit(ExportSplitArgs),
     /// Test RMSE against ε for modes local, central and distributed at several populations,
     /// with the no-noise and bias-only lines (CSV and plot; see `frontier.rs`).
-    Frontier(Box<crate::frontier::FrontierArgs>),
+    Frontier(Box<FrontierArgs>),
+}
+
+/// The privacy modes a frontier draws.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FrontierMode {
+    /// Each device clips and noises its own update.
+    Local,
+    /// The coordinator clips, sums and noises once.
+    Central,
+    /// Each device adds a share of the noise; secure aggregation reveals only the sum.
+    Distributed,
+}
+
+impl FrontierMode {
+    /// Its name in flags and outputs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Local => "local",
+            Self::Central => "central",
+            Self::Distributed => "distributed",
+        }
+    }
+}
+
+/// `fedpref-sim frontier` flags.
+#[derive(Debug, Default, clap::Args)]
+#[command(allow_negative_numbers = true)]
+pub struct FrontierArgs {
+    /// Data sets: synthetic population sizes and/or `movielens-1m`, comma-separated
+    /// [default: 10000,100000,1000000,movielens-1m].
+    #[arg(long, value_delimiter = ',', value_name = "LIST")]
+    pub populations: Option<Vec<String>>,
+    /// Privacy modes [default: local,central,distributed].
+    #[arg(long, value_delimiter = ',', value_enum, value_name = "LIST")]
+    pub modes: Option<Vec<FrontierMode>>,
+    /// Target ε values [default: 1,4,16].
+    #[arg(long, value_delimiter = ',', value_name = "LIST")]
+    pub epsilons: Option<Vec<f64>>,
+    /// δ of every private run [default: 1e-7].
+    #[arg(long, value_name = "D")]
+    pub delta: Option<f64>,
+    /// Rounds of every run [default: 50].
+    #[arg(long, value_name = "N")]
+    pub rounds: Option<u64>,
+    /// Synthetic data: items [default: 1000].
+    #[arg(long, value_name = "N")]
+    pub items: Option<usize>,
+    /// Synthetic data: the share of the population in each round's cohort, in (0, 1]
+    /// [default: 0.01].
+    #[arg(long, value_name = "Q")]
+    pub cohort_share: Option<f64>,
+    /// Latent factors k [default: 16].
+    #[arg(long, value_name = "K")]
+    pub factors: Option<usize>,
+    /// The clip norm C of every run, the no-noise line's included [default: 1].
+    #[arg(long, value_name = "C")]
+    pub clip_norm: Option<f64>,
+    /// FedAdam's server learning rate η [default: 0.03, `run`'s].
+    #[arg(long, value_name = "ETA")]
+    pub server_learning_rate: Option<f64>,
+    /// Mode distributed runs real SecAgg+ on every device, whose cost per round grows with
+    /// the cohort (n log n masks of the model's size): its points with a larger cohort are
+    /// left out [default: 100].
+    #[arg(long, value_name = "N")]
+    pub distributed_max_cohort: Option<u64>,
+    /// The directory of MovieLens 1M [default: ../shared/data/ml-1m].
+    #[arg(long, value_name = "P")]
+    pub path: Option<PathBuf>,
+    /// Score on the validation split carved from the training ratings (for tuning); the
+    /// test ratings are not loaded.
+    #[arg(long)]
+    pub validation: bool,
+    /// A grid small enough for tests (see the module docs); explicit flags still apply.
+    #[arg(long)]
+    pub quick: bool,
+    /// The seed of everything [default: 42].
+    #[arg(long, value_name = "N")]
+    pub seed: Option<u64>,
+    /// Where the CSV, the plot and every run's metrics go [default: fedpref-sim-frontier].
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
+    /// Worker threads [default: all cores]; results do not depend on it.
+    #[arg(long, value_name = "N")]
+    pub threads: Option<usize>,
+    /// Run nothing: merge the `frontier.json` of earlier frontiers (comma-separated
+    /// directories, e.g. one per data set) into one table and plot under --out.
+    #[arg(long, value_delimiter = ',', value_name = "DIRS")]
+    pub replot: Option<Vec<PathBuf>>,
+    /// Print the rows as JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `fedpref-sim export-split` flags.

@@ -276,17 +276,7 @@ pub fn store_status(e: StoreError) -> Status {
     coordinator_status(CoordinatorError::Store(e))
 }
 
-/// Characters of a request's string that an error message quotes.
-const QUOTED_CHARS: usize = 64;
-
-/// A string from a request as an error message quotes it: whole when short, else its first
-/// characters and its length, so that a hostile megabyte string is not sent back.
-pub fn shorten(s: &str) -> String {
-    match s.char_indices().nth(QUOTED_CHARS) {
-        None => s.to_string(),
-        Some((end, _)) => format!("{}… ({} bytes)", &s[..end], s.len()),
-    }
-}
+pub use crate::coordinator::shorten;
 
 /// `INVALID_ARGUMENT` naming `field` unless `id` can name a run
 /// ([`crate::coordinator::is_run_id`]), checked before any lookup so that no error quotes an
