@@ -681,7 +681,14 @@ fn run_ledger(cmd: &LedgerCommand) -> Result<String, CliError> {
                         let eps = t
                             .cumulative_epsilon
                             .iter()
-                            .map(|a| format!("ε = {:.6} ({})", a.epsilon, a.audience))
+                            .map(|a| {
+                                format!(
+                                    "ε = {:.6} ({}, {})",
+                                    a.epsilon,
+                                    a.audience,
+                                    a.accountant.unwrap_or(fedpref_privacy::Accountant::Rdp)
+                                )
+                            })
                             .collect::<Vec<_>>()
                             .join(", ");
                         let signed = match &v.signed.public_key {

@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
-use fedpref_privacy::{OrderGrid, SecureSampler};
+use fedpref_privacy::{Accountant, OrderGrid, SecureSampler};
 use rand::SeedableRng;
 use rand::rngs::{ChaCha20Rng, SysRng};
 
@@ -141,7 +141,11 @@ fn load_engine(
     };
     // The spend is rebuilt from the ledger, not from the `runs` row's counter: a counter
     // that says fewer rounds than the ledger records must not hand budget back.
-    let spend = ledger_spend(store, &run.id)?;
+    let entries = ledger_entries(store, &run.id)?;
+    let spend = LedgerSpend::from_entries(&entries);
+    // The run keeps the accountant its ledger was written with.
+    let mut manifest = run.manifest.clone();
+    manifest.accountant = Some(recorded_accountant(&entries));
     let ledger_rounds = spend.committed;
     if ledger_rounds != run.rounds_committed {
         tracing::warn!(run = %run.id, ledger = ledger_rounds, counter = run.rounds_committed,
@@ -149,7 +153,7 @@ fn load_engine(
     }
     let mut engine = Engine::restore(
         &run.id,
-        run.manifest.clone(),
+        manifest,
         Progress {
             state,
             rounds_committed: ledger_rounds.max(run.rounds_committed),
@@ -181,6 +185,23 @@ fn load_engine(
 
 /// What a run's ledger says was spent ([`LedgerSpend::from_entries`]), read from the store.
 fn ledger_spend(store: &Store, run_id: &str) -> Result<LedgerSpend, CoordinatorError> {
+    Ok(LedgerSpend::from_entries(&ledger_entries(store, run_id)?))
+}
+
+/// The accountant a run's `run_created` entry records: the one its ε were computed with. A run
+/// created before runs named their accountant is RDP's.
+fn recorded_accountant(entries: &[LedgerEntry]) -> Accountant {
+    match entries.first().map(|e| &e.event) {
+        Some(LedgerEvent::RunCreated {
+            accountant: Some(a),
+            ..
+        }) => *a,
+        _ => Accountant::Rdp,
+    }
+}
+
+/// A run's ledger entries, parsed, in sequence order.
+fn ledger_entries(store: &Store, run_id: &str) -> Result<Vec<LedgerEntry>, CoordinatorError> {
     let mut entries = vec![];
     for sealed in store.ledger(run_id)? {
         let entry: LedgerEntry = serde_json::from_str(&sealed.body).map_err(|e| {
@@ -191,7 +212,7 @@ fn ledger_spend(store: &Store, run_id: &str) -> Result<LedgerSpend, CoordinatorE
         })?;
         entries.push(entry);
     }
-    Ok(LedgerSpend::from_entries(&entries))
+    Ok(entries)
 }
 
 /// Records as abandoned a local round that was charged (an update arrived) but never ended:
@@ -751,6 +772,7 @@ pub fn create_run(
         noise_multiplier: manifest.noise_multiplier,
         clip_norm: manifest.clip_norm,
         orders: OrderGrid::default().orders().to_vec(),
+        accountant: Some(manifest.accountant()),
         initial_model_sha256: blob.sha256.clone(),
         participation_limits: manifest.participation,
         epsilon_assumption: (manifest.participation.is_some()

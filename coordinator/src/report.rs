@@ -27,7 +27,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Write;
 
-use fedpref_privacy::{Audience, OrderGrid, PrivacyMode, RdpAccountant};
+use fedpref_privacy::{Accountant, Audience, OrderGrid, PrivacyMode, RdpAccountant};
 use serde::Serialize;
 
 use crate::guardrail::{VersionMetrics, all_versions};
@@ -142,6 +142,11 @@ pub struct Assessment {
     /// population of N", "participation limits (separation s, at most k)" or "none (worst
     /// case per device)".
     pub epsilon_assumption: String,
+    /// The accountant that computed the run's ε (`pld` or `rdp`), as `run_created` records it
+    /// (DP-FTRL and distributed runs fall back to `rdp`).
+    pub accountant: String,
+    /// The same, in words.
+    pub accountant_explained: String,
     /// Rounds planned.
     pub rounds_planned: u64,
     /// Consent and withdrawal.
@@ -378,6 +383,7 @@ impl ImpactReport {
         let (mut committed, mut abandoned) = (0u64, 0u64);
         let mut final_epsilon = vec![];
         let mut alerts = vec![];
+        let mut recorded_accountant = m.accountant();
         let mut evaluation = vec![];
         let mut operations = vec![];
         let mut clip_trajectory = vec![];
@@ -386,12 +392,15 @@ impl ImpactReport {
                 LedgerEvent::RunCreated {
                     orders,
                     budget_delta,
+                    accountant,
                     ..
                 } => {
                     if let Ok(g) = OrderGrid::new(orders.clone()) {
                         grid = g;
                     }
                     delta = *budget_delta;
+                    // A run created before runs named their accountant is RDP's.
+                    recorded_accountant = accountant.unwrap_or(Accountant::Rdp);
                 }
                 LedgerEvent::RoundCommitted {
                     round,
@@ -524,14 +533,26 @@ impl ImpactReport {
             })
             .collect();
         let participations = store.participations_by_device(run_id)?;
+        // The accountant of the run's per-round releases; DP-FTRL and distributed mode are RDP's.
+        let used_accountant = match m.epsilon_accountant() {
+            Some(Accountant::Pld) => recorded_accountant,
+            _ => Accountant::Rdp,
+        };
         // dp-ftrl: a device's share of the tree's ε is bounded by the run's (the worst
         // allowed pattern), which is what is shown for every device that took part.
         let tree_epsilon = m
             .server_optimizer
             .is_tree()
             .then(|| final_epsilon.first().map_or(0.0, |a| a.epsilon));
-        let per_device =
-            per_device_spend(&participations, &round_sigma, &grid, delta, m, tree_epsilon)?;
+        let per_device = per_device_spend(
+            &participations,
+            &round_sigma,
+            &grid,
+            delta,
+            m,
+            tree_epsilon,
+            used_accountant,
+        )?;
         let versions = all_versions(&store.evaluation_sums(run_id)?);
         let mode = m.privacy_mode.privacy_mode();
         let audiences: Vec<AudienceNote> = match m.round_release() {
@@ -617,6 +638,8 @@ impl ImpactReport {
                     m.sampling.accounting_rate()
                 },
                 epsilon_assumption: m.epsilon_assumption(),
+                accountant: used_accountant.as_str().to_string(),
+                accountant_explained: explain_accountant(used_accountant, recorded_accountant),
                 rounds_planned: m.rounds,
                 opt_out_policy: m.opt_out_policy.clone(),
                 harm_scenarios: m.harm_scenarios.clone(),
@@ -663,6 +686,15 @@ impl ImpactReport {
     }
 }
 
+/// The accountant that computed a run's ε, in words (`recorded`: the one `run_created` names).
+fn explain_accountant(used: Accountant, recorded: Accountant) -> String {
+    match (used, recorded) {
+        (Accountant::Pld, _) => "the PLD accountant (privacy loss distributions with pessimistic discretisation: an upper bound within about 0.1 % of the exact ε), as the manifest's accountant = \"pld\" says".into(),
+        (Accountant::Rdp, Accountant::Pld) => "the RDP accountant (Rényi DP, converted to (ε, δ)): the manifest names pld, but PLD does not apply to this run's mechanism (DP-FTRL's tree, or distributed mode's discrete Gaussian), so it falls back to RDP".into(),
+        (Accountant::Rdp, Accountant::Rdp) => "the RDP accountant (Rényi DP, converted to (ε, δ)), as the run's ledger records it".into(),
+    }
+}
+
 /// Composes each device's participations without amplification (see the module docs).
 fn per_device_spend(
     participations: &[(String, Vec<u64>)],
@@ -671,6 +703,7 @@ fn per_device_spend(
     delta: f64,
     m: &crate::manifest::RunManifest,
     tree_epsilon: Option<f64>,
+    accountant: Accountant,
 ) -> Result<PerDevice, ReportError> {
     let holds_against = match m.privacy_mode.privacy_mode() {
         Some(PrivacyMode::Local) => Audience::Anyone,
@@ -710,6 +743,26 @@ fn per_device_spend(
                 }
             }
             (None, Some(e)) => *e,
+            (None, None) if accountant == Accountant::Pld => {
+                // A device's rounds are unsampled Gaussian releases: PLD composes them exactly
+                // to one Gaussian.
+                let e = if key.is_empty() {
+                    0.0
+                } else {
+                    let sigma = fedpref_privacy::pld::composed_gaussian_noise_multiplier(
+                        key.iter().map(|(mode, sigma_bits, count)| {
+                            let mode: PrivacyMode = mode.parse().expect("a mode's own name parses");
+                            (
+                                mode.effective_noise_multiplier(f64::from_bits(*sigma_bits)),
+                                *count,
+                            )
+                        }),
+                    );
+                    fedpref_privacy::pld::gaussian_epsilon(sigma, delta)
+                };
+                cache.insert(key, e);
+                e
+            }
             (None, None) => {
                 let mut acc = RdpAccountant::new(grid.clone());
                 for (mode, sigma_bits, count) in &key {
@@ -929,6 +982,11 @@ impl ImpactReport {
             o,
             "- **The headline ε rests on:** {}",
             md(&a.epsilon_assumption)
+        );
+        let _ = writeln!(
+            o,
+            "- **Every ε is computed by:** {}",
+            md(&a.accountant_explained)
         );
         let p = &a.opt_out_policy;
         let _ = writeln!(
@@ -1411,6 +1469,11 @@ impl ImpactReport {
             &mut o,
             "The headline ε rests on",
             esc(&a.epsilon_assumption),
+        );
+        row(
+            &mut o,
+            "Every ε is computed by",
+            esc(&a.accountant_explained),
         );
         let p = &a.opt_out_policy;
         row(

@@ -16,7 +16,7 @@ use common::{COHORT_MANIFEST, durable_round, manifest};
 use fedpref_coordinator::coordinator::{Coordinator, Stage};
 use fedpref_coordinator::ledger::verify;
 use fedpref_coordinator::store::Store;
-use fedpref_privacy::{OrderGrid, PrivacyMode, RoundRelease, epsilon_after};
+use fedpref_privacy::{Accountant, OrderGrid, PrivacyMode, RoundRelease, epsilon_after_with};
 
 const T0: i64 = 1_700_000_000_000;
 const LONG_MANIFEST_ROUNDS: &str = "rounds = 100000";
@@ -106,8 +106,14 @@ fn check_consistent(db: &Path) -> u64 {
         sampling_rate: 1.0,
     };
     if run.rounds_committed > 0 {
-        let want =
-            epsilon_after(&release, run.rounds_committed, 1e-6, &OrderGrid::default()).unwrap();
+        let want = epsilon_after_with(
+            Accountant::Pld,
+            &release,
+            run.rounds_committed,
+            1e-6,
+            &OrderGrid::default(),
+        )
+        .unwrap();
         assert!((totals.cumulative_epsilon[0].epsilon - want.epsilon).abs() <= 1e-9 * want.epsilon);
     }
     // Every committed version is whole: it decodes and matches its hash.

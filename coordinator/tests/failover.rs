@@ -301,7 +301,8 @@ fn check_ledger_now(url: &str) -> u64 {
         );
         return 0;
     }
-    let want = fedpref_privacy::epsilon_after(
+    let want = fedpref_privacy::epsilon_after_with(
+        fedpref_privacy::Accountant::Pld,
         &run.manifest.round_release().unwrap(),
         run.rounds_committed,
         1e-6,

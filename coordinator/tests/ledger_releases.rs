@@ -9,7 +9,7 @@ use fedpref_coordinator::coordinator::Coordinator;
 use fedpref_coordinator::engine::{Action, Event, Task};
 use fedpref_coordinator::ledger::{LedgerEntry, LedgerEvent, verify};
 use fedpref_coordinator::store::Store;
-use fedpref_privacy::{OrderGrid, PrivacyMode, RoundRelease, epsilon_after};
+use fedpref_privacy::{Accountant, OrderGrid, PrivacyMode, RoundRelease, epsilon_after_with};
 
 const T0: i64 = 1_700_000_000_000;
 
@@ -54,9 +54,15 @@ fn local_epsilon(rounds: u64) -> f64 {
         noise_multiplier: 2.0,
         sampling_rate: 1.0,
     };
-    epsilon_after(&release, rounds, 1e-6, &OrderGrid::default())
-        .unwrap()
-        .epsilon
+    epsilon_after_with(
+        Accountant::Pld,
+        &release,
+        rounds,
+        1e-6,
+        &OrderGrid::default(),
+    )
+    .unwrap()
+    .epsilon
 }
 
 fn task(c: &mut Coordinator, device: &str, now: i64) -> Task {

@@ -286,12 +286,12 @@ fn a_durable_local_run_records_c_in_the_ledger_and_the_report_states_the_local_a
         noise_multiplier: 1.0,
         sampling_rate: 1.0,
     };
-    // The ledger accounts with RDP: compare with an RDP budget.
+    // The ledger accounts with the run's accountant (PLD, the default): compare with a PLD budget.
     let mut budget = fedpref_privacy::Budget::with_accountant(
         1e9,
         1e-6,
         fedpref_privacy::OrderGrid::default(),
-        fedpref_privacy::Accountant::Rdp,
+        fedpref_privacy::Accountant::Pld,
     )
     .unwrap();
     for _ in 0..2 {

@@ -336,7 +336,8 @@ fn per_device_epsilon_of_a_device_equals_the_accountants_answer_for_its_particip
     let r = ImpactReport::build(c.store(), RUN, GENERATED_AT).unwrap();
     assert_eq!(c.store().participations(RUN, "a").unwrap().len(), 4);
     let release = |k| {
-        fedpref_privacy::epsilon_after(
+        fedpref_privacy::epsilon_after_with(
+            fedpref_privacy::Accountant::Pld,
             &RoundRelease {
                 mode: PrivacyMode::Central,
                 noise_multiplier: 1.2,
@@ -866,7 +867,8 @@ fn a_poisson_sampled_run_reports_both_audiences_and_unamplified_per_device_epsil
         .sum();
     assert_eq!(total, r.spend.devices_participated);
     for g in &r.spend.per_device.by_participations {
-        let expected = fedpref_privacy::epsilon_after(
+        let expected = fedpref_privacy::epsilon_after_with(
+            fedpref_privacy::Accountant::Pld,
             &RoundRelease {
                 mode: PrivacyMode::Central,
                 noise_multiplier: 1.2,

@@ -1195,7 +1195,8 @@ consent_model = "opt-in"
     let totals =
         fedpref_coordinator::ledger::verify("restart", &store.ledger("restart").unwrap()).unwrap();
     assert_eq!(totals.rounds_committed, committed);
-    let one_round = fedpref_privacy::epsilon_after(
+    let one_round = fedpref_privacy::epsilon_after_with(
+        fedpref_privacy::Accountant::Pld,
         &m.round_release().unwrap(),
         committed,
         1e-6,

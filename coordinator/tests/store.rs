@@ -9,7 +9,7 @@ use common::{COHORT_MANIFEST, durable_round, manifest, pg};
 use fedpref_coordinator::coordinator::Coordinator;
 use fedpref_coordinator::ledger::{LedgerEvent, verify};
 use fedpref_coordinator::store::{LeaseOutcome, RoundCommit, Store, StoreError};
-use fedpref_privacy::{OrderGrid, PrivacyMode, RoundRelease, epsilon_after};
+use fedpref_privacy::{Accountant, OrderGrid, PrivacyMode, RoundRelease, epsilon_after_with};
 
 const T0: i64 = 1_700_000_000_000;
 
@@ -30,9 +30,15 @@ fn spend_of(rounds: u64) -> f64 {
         noise_multiplier: 1.0,
         sampling_rate: 1.0,
     };
-    epsilon_after(&release, rounds, 1e-6, &OrderGrid::default())
-        .unwrap()
-        .epsilon
+    epsilon_after_with(
+        Accountant::Pld,
+        &release,
+        rounds,
+        1e-6,
+        &OrderGrid::default(),
+    )
+    .unwrap()
+    .epsilon
 }
 
 #[test]

@@ -23,9 +23,11 @@
 use std::collections::HashMap;
 
 use fedpref_privacy::adaptive_clip::{QuantileClipConfig, QuantileClipper};
+use fedpref_privacy::pld::RepeatedReleases;
 use fedpref_privacy::tree::{ParticipationLimits, TreeAccountant, epsilon_from_zcdp_gaussian};
 use fedpref_privacy::{
-    Audience, Budget, ClippedSum, GaussianSampler, OrderGrid, RdpAccountant, RoundRelease,
+    Accountant, Audience, Budget, ClippedSum, GaussianSampler, OrderGrid, PrivacyError,
+    RdpAccountant, RoundRelease,
 };
 
 use crate::aggregation::{FtrlTree, ServerState, TreeProgress};
@@ -168,6 +170,17 @@ pub(crate) struct CommittedSpend {
     pub distributed: Option<Box<DistributedRound>>,
 }
 
+/// The budget of a run of per-round releases.
+enum PlainBudget {
+    /// RDP: the privacy crate's budget, charged with the budget release each round.
+    Rdp(Budget),
+    /// PLD: ε is PLD's of the releases so far at the budget release's sampling rate.
+    Pld {
+        /// The budget release's sampling rate.
+        sampling_rate: f64,
+    },
+}
+
 /// A run's privacy accounting (see the module docs).
 pub struct RunAccounting {
     budget_epsilon: f64,
@@ -184,8 +197,18 @@ pub struct RunAccounting {
     /// the budget binds ([`RunManifest::budget_release`]).
     budget_release: Option<RoundRelease>,
     orders: OrderGrid,
-    budget: Option<Budget>,
+    /// The accountant of the per-round releases (the manifest's).
+    accountant: Accountant,
+    budget: Option<PlainBudget>,
+    /// One RDP accountant per tracked audience (RDP's ε, and the ledger's increments).
     cumulative: Vec<(Audience, RdpAccountant)>,
+    /// Per-round releases composed so far (committed rounds and local charges).
+    releases: u64,
+    /// The PLD accountant of `releases` identical releases, per audience's sampling rate.
+    pld: RepeatedReleases,
+    /// With PLD: the cumulative ε per audience after `releases` (PLD's composition is not a
+    /// running sum, so the statement is kept rather than recomputed).
+    stated: Vec<AudienceEpsilon>,
     limits: Option<ParticipationLimits>,
     participation: HashMap<String, Participation>,
     tree: Option<TreeState>,
@@ -212,16 +235,22 @@ impl RunAccounting {
         let orders = OrderGrid::default();
         let release = manifest.round_release();
         let budget_release = manifest.budget_release();
-        // The run's spend, the ledger's increments and `ledger verify` are RDP: the budget
-        // stays RDP too, so all three agree.
-        let mut budget = release.map(|_| {
-            Budget::with_accountant(
-                manifest.budget.epsilon,
-                manifest.budget.delta,
-                orders.clone(),
-                fedpref_privacy::Accountant::Rdp,
-            )
-            .expect("the manifest's budget is validated")
+        // The budget, the ledger's cumulative ε and `ledger verify` use the run's accountant,
+        // so all three agree.
+        let accountant = manifest.accountant();
+        let mut budget = release.map(|_| match accountant {
+            Accountant::Rdp => PlainBudget::Rdp(
+                Budget::with_accountant(
+                    manifest.budget.epsilon,
+                    manifest.budget.delta,
+                    orders.clone(),
+                    Accountant::Rdp,
+                )
+                .expect("the manifest's budget is validated"),
+            ),
+            Accountant::Pld => PlainBudget::Pld {
+                sampling_rate: budget_release.map_or(1.0, |r| r.sampling_rate),
+            },
         });
         let mut cumulative: Vec<(Audience, RdpAccountant)> = release
             .map(|r| {
@@ -232,15 +261,18 @@ impl RunAccounting {
             })
             .unwrap_or_default();
         let mut overspent = false;
+        let mut releases = 0;
         if let (Some(release), Some(budget)) = (release, budget.as_mut()) {
             let increments = round_increments(&release, &orders);
-            for _ in 0..rounds_committed + uncommitted_charges {
+            releases = rounds_committed + uncommitted_charges;
+            for _ in 0..releases {
                 // Restoring what was already spent. Each round fitted the budget when it was
                 // committed; if replaying one does not (the manifest was altered), the run
                 // must not go on, or it could spend past its budget.
-                if budget
-                    .spend(&budget_release.expect("set with release"))
-                    .is_err()
+                if let PlainBudget::Rdp(budget) = budget
+                    && budget
+                        .spend(&budget_release.expect("set with release"))
+                        .is_err()
                 {
                     overspent = true;
                 }
@@ -350,7 +382,7 @@ impl RunAccounting {
         {
             overspent = true;
         }
-        Self {
+        let mut accounting = Self {
             budget_epsilon: manifest.budget.epsilon,
             delta: manifest.budget.delta,
             assumption: manifest.epsilon_assumption(),
@@ -361,15 +393,126 @@ impl RunAccounting {
             release,
             budget_release,
             orders,
+            accountant,
             budget,
             cumulative,
+            releases,
+            pld: RepeatedReleases::new(),
+            stated: vec![],
             limits: manifest.participation,
             participation: HashMap::new(),
             tree,
             clipper,
             distributed,
             overspent,
+        };
+        if accounting.states_pld() {
+            accounting.refresh_stated();
+            // As for RDP: a replay past the budget must not go on.
+            if accounting.budget_epsilon_after(0) > accounting.budget_epsilon {
+                accounting.overspent = true;
+            }
         }
+        accounting
+    }
+
+    /// Whether the per-round releases are accounted by PLD (with the run's accountant PLD and
+    /// a per-round release: not DP-FTRL, not distributed, not without DP).
+    fn states_pld(&self) -> bool {
+        self.accountant == Accountant::Pld && self.release.is_some()
+    }
+
+    /// The accountant that computes the run's ε (RDP for DP-FTRL and distributed mode, where
+    /// PLD does not apply); `None` without DP.
+    pub fn accountant(&self) -> Option<Accountant> {
+        if self.distributed.is_some() || self.tree.is_some() {
+            return Some(Accountant::Rdp);
+        }
+        self.release.map(|_| self.accountant)
+    }
+
+    /// The effective σ of the per-round release (noise std over the L2 sensitivity).
+    fn effective_noise_multiplier(&self) -> f64 {
+        let release = self
+            .release
+            .expect("only asked of runs with a per-round release");
+        release
+            .mode
+            .effective_noise_multiplier(release.noise_multiplier)
+    }
+
+    /// PLD's ε at the run's δ after `releases` per-round releases at sampling rate q.
+    fn pld_epsilon(&mut self, sampling_rate: f64, releases: u64) -> f64 {
+        let sigma = self.effective_noise_multiplier();
+        self.pld
+            .epsilon(sampling_rate, sigma, releases, self.delta)
+            .unwrap_or(f64::INFINITY)
+    }
+
+    /// Recomputes the PLD statement per audience after the releases so far.
+    fn refresh_stated(&mut self) {
+        let rates: Vec<(Audience, f64)> =
+            tracked_audiences(&self.release.expect("checked by states_pld"));
+        self.stated = rates
+            .into_iter()
+            .map(|(audience, q)| AudienceEpsilon {
+                audience: audience.as_str().to_string(),
+                epsilon: self.pld_epsilon(q, self.releases),
+                accountant: Some(Accountant::Pld),
+            })
+            .collect();
+    }
+
+    /// The ε of the audience the budget binds after `extra` more per-round releases, by the
+    /// run's accountant.
+    fn budget_epsilon_after(&mut self, extra: u64) -> f64 {
+        match &self.budget {
+            Some(PlainBudget::Pld { sampling_rate }) => {
+                let q = *sampling_rate;
+                self.pld_epsilon(q, self.releases + extra)
+            }
+            Some(PlainBudget::Rdp(budget)) if extra == 0 => budget.spent().epsilon,
+            Some(PlainBudget::Rdp(budget)) => match &self.budget_release {
+                Some(release) if budget.would_exceed(release).unwrap_or(true) => f64::INFINITY,
+                _ => 0.0,
+            },
+            None => 0.0,
+        }
+    }
+
+    /// Spends one per-round release: from the budget (refused, with nothing spent, if it
+    /// would take the bound audience's ε past it) and in every audience's accountant.
+    fn spend_plain_release(&mut self) -> Result<(), String> {
+        match &mut self.budget {
+            Some(PlainBudget::Rdp(budget)) => {
+                if let Some(release) = &self.budget_release {
+                    budget.spend(release).map_err(|e| e.to_string())?;
+                }
+            }
+            Some(PlainBudget::Pld { .. }) => {
+                let would_be = self.budget_epsilon_after(1);
+                if would_be > self.budget_epsilon {
+                    return Err(PrivacyError::BudgetExceeded {
+                        would_be,
+                        budget: self.budget_epsilon,
+                        delta: self.delta,
+                    }
+                    .to_string());
+                }
+            }
+            None => {}
+        }
+        if let Some(release) = self.release {
+            let increments = round_increments(&release, &self.orders);
+            for ((_, acc), inc) in self.cumulative.iter_mut().zip(&increments) {
+                acc.compose_rdp(&inc.rdp, 1).expect("same grid");
+            }
+            self.releases += 1;
+            if self.states_pld() {
+                self.refresh_stated();
+            }
+        }
+        Ok(())
     }
 
     /// Whether the spend restored (or re-read with [`Self::restore_releases`]) does not fit
@@ -502,13 +645,18 @@ impl RunAccounting {
             return vec![AudienceEpsilon {
                 audience: Audience::ReleaseObservers.as_str().to_string(),
                 epsilon: DistributedAccounting::epsilon_of(&d.accountant, self.delta),
+                accountant: Some(Accountant::Rdp),
             }];
         }
         if let Some(t) = &self.tree {
             return vec![AudienceEpsilon {
                 audience: Audience::ReleaseObservers.as_str().to_string(),
                 epsilon: t.epsilon,
+                accountant: Some(Accountant::Rdp),
             }];
+        }
+        if self.states_pld() {
+            return self.stated.clone();
         }
         self.cumulative
             .iter()
@@ -518,6 +666,7 @@ impl RunAccounting {
                     .epsilon(self.delta)
                     .map(|e| e.epsilon)
                     .unwrap_or(f64::INFINITY),
+                accountant: Some(Accountant::Rdp),
             })
             .collect()
     }
@@ -525,13 +674,11 @@ impl RunAccounting {
     /// Checks, before a round opens, that its release fits the budget (per round, as a
     /// distributed release, or in DP-FTRL's tree accounting) and that a distributed run has
     /// its plan. `Err` is the reason the run stops instead.
-    pub fn check_next_round(&self, manifest: &RunManifest) -> Result<(), String> {
-        if let (Some(release), Some(budget)) = (&self.budget_release, &self.budget)
-            && budget.would_exceed(release).unwrap_or(true)
-        {
+    pub fn check_next_round(&mut self, manifest: &RunManifest) -> Result<(), String> {
+        if self.budget.is_some() && self.budget_epsilon_after(1) > self.budget_epsilon {
             return Err(format!(
-                "budget exhausted: one more round would exceed ε = {} at δ = {}",
-                self.budget_epsilon, self.delta
+                "budget exhausted: one more round would exceed ε = {} at δ = {} by the {} accountant",
+                self.budget_epsilon, self.delta, self.accountant
             ));
         }
         if manifest.privacy_mode == ManifestPrivacyMode::Distributed && self.distributed.is_none() {
@@ -549,7 +696,7 @@ impl RunAccounting {
             && d.next_epsilon(self.delta) > self.budget_epsilon
         {
             return Err(format!(
-                "budget exhausted: one more round would exceed ε = {} at δ = {} ({})",
+                "budget exhausted: one more round would exceed ε = {} at δ = {} by the rdp accountant ({})",
                 self.budget_epsilon, self.delta, self.assumption
             ));
         }
@@ -558,7 +705,7 @@ impl RunAccounting {
             let next = epsilon_from_zcdp_gaussian(rho, self.delta).unwrap_or(f64::INFINITY);
             if next > self.budget_epsilon {
                 return Err(format!(
-                    "budget exhausted: one more round would exceed ε = {} at δ = {} (tree accounting under {})",
+                    "budget exhausted: one more round would exceed ε = {} at δ = {} by the rdp accountant (tree accounting under {})",
                     self.budget_epsilon, self.delta, self.assumption
                 ));
             }
@@ -579,16 +726,8 @@ impl RunAccounting {
         &mut self,
     ) -> Result<(Vec<AudienceRdp>, Vec<AudienceEpsilon>), String> {
         let release = self.release.expect("checked by charges_local_rounds");
-        if let (Some(budget), Some(budget_release)) = (self.budget.as_mut(), &self.budget_release)
-            && let Err(e) = budget.spend(budget_release)
-        {
-            return Err(e.to_string());
-        }
-        let increments = round_increments(&release, &self.orders);
-        for ((_, acc), inc) in self.cumulative.iter_mut().zip(&increments) {
-            acc.compose_rdp(&inc.rdp, 1).expect("same grid");
-        }
-        Ok((increments, self.spent()))
+        self.spend_plain_release()?;
+        Ok((round_increments(&release, &self.orders), self.spent()))
     }
 
     /// Distributed mode, right before a sum is unmasked: whether one more release fits the
@@ -699,23 +838,16 @@ impl RunAccounting {
                 device_bits,
             } => (charged, bits, device_bits),
         };
-        if let (false, Some(release), Some(budget)) =
-            (charged, &self.budget_release, self.budget.as_mut())
-            && let Err(e) = budget.spend(release)
-        {
-            // Checked when the round opened; reaching here means the manifest changed under us.
-            return Err(format!("refused by the budget: {e}"));
+        // A charged round's spend is in the run's ε already. The budget was checked when the
+        // round opened; a refusal here means the manifest changed under us.
+        if !charged {
+            self.spend_plain_release()
+                .map_err(|e| format!("refused by the budget: {e}"))?;
         }
         let increments = self
             .release
             .map(|r| round_increments(&r, &self.orders))
             .unwrap_or_default();
-        // A charged round's spend is in the run's ε already.
-        if !charged {
-            for ((_, acc), inc) in self.cumulative.iter_mut().zip(&increments) {
-                acc.compose_rdp(&inc.rdp, 1).expect("same grid");
-            }
-        }
         // Adaptive clipping: the bits are released with the round (their cost is in the
         // accounting of the committed round), and C moves.
         if let (Some(clipper), Some(bits), Some(sampler)) = (self.clipper.as_mut(), bits, sampler)
@@ -935,7 +1067,7 @@ mod tests {
     fn a_round_past_the_budget_is_refused_before_it_opens_and_a_replay_past_it_is_overspent() {
         let tight = EXAMPLE.replace("epsilon = 10.0", "epsilon = 1.0");
         let m = manifest(&tight);
-        let fresh = restored(&m, 0, 0);
+        let mut fresh = restored(&m, 0, 0);
         let reason = fresh.check_next_round(&m).unwrap_err();
         assert!(reason.starts_with("budget exhausted"), "{reason}");
         assert!(restored(&m, 3, 0).overspent());

@@ -11,10 +11,11 @@
 //! A chain can be rewritten from some entry onwards by someone with write access to the
 //! database; the hash of the head, printed in reports and kept elsewhere, is what detects that.
 
+use fedpref_privacy::pld::{PldAccountant, RepeatedReleases};
 use fedpref_privacy::tree::{
     ParticipationLimits, TreeAccountant, TreeSchedule, epsilon_from_zcdp_gaussian,
 };
-use fedpref_privacy::{Audience, OrderGrid, PrivacyMode, RdpAccountant, RoundRelease};
+use fedpref_privacy::{Accountant, Audience, OrderGrid, PrivacyMode, RdpAccountant, RoundRelease};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -24,13 +25,17 @@ use crate::manifest::{AlertAction, GuardrailMetricKind, ThresholdDirection};
 /// The hash before the first entry.
 pub const GENESIS_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
-/// ε for one audience.
+/// ε for one audience, and the accountant that computed it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct AudienceEpsilon {
     /// The audience (`fedpref_privacy::Audience::as_str`).
     pub audience: String,
     /// ε at the run's δ.
     pub epsilon: f64,
+    /// The accountant that computed `epsilon` (`pld` or `rdp`). Absent in entries written
+    /// before runs named their accountant: those are RDP's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accountant: Option<Accountant>,
 }
 
 /// The mechanism and secure aggregation behind one distributed round: enough to re-derive its
@@ -154,6 +159,11 @@ pub enum LedgerEvent {
         clip_norm: f64,
         /// The Rényi orders all RDP values in this ledger refer to.
         orders: Vec<f64>,
+        /// The accountant every cumulative ε of the run's per-round releases is computed with
+        /// (the manifest's `accountant`; DP-FTRL and distributed runs fall back to RDP). Absent
+        /// in ledgers written before runs named it: those are RDP.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        accountant: Option<Accountant>,
         /// SHA-256 of the initial model.
         initial_model_sha256: String,
         /// The participation limits the round engine enforces, if the manifest sets any.
@@ -624,8 +634,13 @@ struct ChainState {
     /// binds, the first listed) may exceed it. (`+∞` until `run_created` is read.)
     budget: Option<f64>,
     budget_audience: Option<String>,
-    /// One RDP accountant per audience, as the rounds composed them.
-    totals: Vec<(String, RdpAccountant)>,
+    /// The accountant `run_created` records (`None`: a ledger written before runs named it,
+    /// whose ε are RDP's and name no accountant).
+    accountant: Option<Accountant>,
+    /// What each audience has spent, as the rounds composed it.
+    totals: Vec<AudienceTotal>,
+    /// PLD's ε of runs of identical releases, remembered between entries.
+    pld: RepeatedReleases,
     /// The cumulative ε of the last round (or release, or charge).
     last_eps: Vec<AudienceEpsilon>,
     /// dp-ftrl: rounds per tree segment.
@@ -686,8 +701,8 @@ impl ChainState {
         }
     }
 
-    /// `run_created`: reads the run's budget, δ, order grid, mode and limits, which every
-    /// later check uses. Verifies that the order grid is valid.
+    /// `run_created`: reads the run's budget, δ, order grid, mode, limits and accountant,
+    /// which every later check uses. Verifies that the order grid is valid.
     fn check_run_created(&mut self, event: &LedgerEvent) -> Result<(), String> {
         let LedgerEvent::RunCreated {
             orders,
@@ -697,11 +712,13 @@ impl ChainState {
             participation_limits,
             epsilon_assumption,
             privacy_mode,
+            accountant,
             ..
         } = event
         else {
             unreachable!("called on run_created");
         };
+        self.accountant = *accountant;
         self.budget = Some(*budget_epsilon);
         self.budget_audience = budget_audience.clone();
         self.distributed_run = privacy_mode == "distributed";
@@ -778,6 +795,7 @@ impl ChainState {
         let eps = vec![AudienceEpsilon {
             audience: Audience::ReleaseObservers.as_str().to_string(),
             epsilon,
+            accountant: self.accountant.map(|_| Accountant::Rdp),
         }];
         if !same_epsilons(&eps, cumulative_epsilon) {
             return Err(format!(
@@ -834,8 +852,10 @@ impl ChainState {
         if let Some(d) = distributed.as_ref().filter(|_| !after_release) {
             self.capped.check(d, epsilon_assumption.as_deref())?;
         }
-        let derived = match distributed {
-            Some(d) if mode == PrivacyMode::Distributed => distributed_increments(d, self.grid()),
+        let (derived, release) = match distributed {
+            Some(d) if mode == PrivacyMode::Distributed => {
+                (distributed_increments(d, self.grid()), None)
+            }
             Some(_) => {
                 return Err(format!("it carries a distributed record in mode {mode:?}"));
             }
@@ -852,14 +872,15 @@ impl ChainState {
                 release
                     .effective()
                     .map_err(|e| format!("invalid release: {e}"))?;
-                round_increments(&release, self.grid())
+                (round_increments(&release, self.grid()), Some(release))
             }
         };
         if !same_increments(&derived, rdp_increments) {
             return Err("its RDP increments do not follow from its σ, q and mode".into());
         }
         let counts = !after_release && (distributed.is_none() || self.capped.counts_next());
-        self.accumulate(&derived, counts, cumulative_epsilon, "rounds")?;
+        let pld_sigma = self.pld_sigma(release.as_ref());
+        self.accumulate(&derived, counts, pld_sigma, cumulative_epsilon, "rounds")?;
         self.committed += 1;
         Ok(())
     }
@@ -941,7 +962,7 @@ impl ChainState {
             return Err("its RDP increments do not follow from its mechanism".into());
         }
         let counts = self.capped.counts_next();
-        self.accumulate(&derived, counts, cumulative_epsilon, "releases")?;
+        self.accumulate(&derived, counts, None, cumulative_epsilon, "releases")?;
         self.released = Some((*round, (**d).clone()));
         self.records_releases = true;
         Ok(())
@@ -1005,7 +1026,8 @@ impl ChainState {
         if !same_increments(&derived, rdp_increments) {
             return Err("its RDP increments do not follow from its σ and mode".into());
         }
-        self.accumulate(&derived, true, cumulative_epsilon, "rounds")?;
+        let pld_sigma = self.pld_sigma(Some(&release));
+        self.accumulate(&derived, true, pld_sigma, cumulative_epsilon, "rounds")?;
         self.charged = Some(*round);
         Ok(())
     }
@@ -1034,19 +1056,74 @@ impl ChainState {
         Ok(())
     }
 
+    /// The effective σ a per-round release is composed at by PLD, when `run_created`
+    /// records the PLD accountant (`None`: RDP composes it, as every distributed release).
+    fn pld_sigma(&self, release: Option<&RoundRelease>) -> Option<f64> {
+        let release = release.filter(|_| self.accountant == Some(Accountant::Pld))?;
+        Some(
+            release
+                .mode
+                .effective_noise_multiplier(release.noise_multiplier),
+        )
+    }
+
     /// Composes one spend's derived increments into the running totals (unless `counts` is
     /// false: a charged or released round's commit, or a distributed run past its cap) and
-    /// verifies that the recorded cumulative ε is what they give and within the budget.
-    /// `before` names what came before in the message (`rounds`, `releases`).
+    /// verifies that the recorded cumulative ε is what the run's accountant gives — PLD's of
+    /// the releases so far at each audience's sampling rate and effective σ `pld_sigma`, or
+    /// RDP's of the increments — names that accountant, and is within the budget. `before`
+    /// names what came before in the message (`rounds`, `releases`).
     fn accumulate(
         &mut self,
         derived: &[AudienceRdp],
         counts: bool,
+        pld_sigma: Option<f64>,
         recorded: &[AudienceEpsilon],
         before: &str,
     ) -> Result<(), String> {
         let grid = self.grid().clone();
-        let eps = compose_totals(&mut self.totals, derived, counts, &grid, self.delta)?;
+        if self.totals.is_empty() {
+            self.totals = derived
+                .iter()
+                .map(|a| AudienceTotal {
+                    audience: a.audience.clone(),
+                    rdp: RdpAccountant::new(grid.clone()),
+                    pld: vec![],
+                })
+                .collect();
+        }
+        let named = self.accountant.map(|_| match pld_sigma {
+            Some(_) => Accountant::Pld,
+            None => Accountant::Rdp,
+        });
+        let mut eps = vec![];
+        for (total, inc) in self.totals.iter_mut().zip(derived) {
+            if counts {
+                total
+                    .rdp
+                    .compose_rdp(&inc.rdp, 1)
+                    .map_err(|e| e.to_string())?;
+                if let Some(sigma) = pld_sigma {
+                    total.add_pld_release(inc.sampling_rate, sigma);
+                }
+            }
+            let epsilon = match pld_sigma {
+                Some(_) => schedule_epsilon(&mut self.pld, &total.pld, self.delta)
+                    .map_err(|e| e.to_string())?,
+                None => {
+                    total
+                        .rdp
+                        .epsilon(self.delta)
+                        .map_err(|e| e.to_string())?
+                        .epsilon
+                }
+            };
+            eps.push(AudienceEpsilon {
+                audience: total.audience.clone(),
+                epsilon,
+                accountant: named,
+            });
+        }
         if !same_epsilons(&eps, recorded) {
             return Err(format!(
                 "its cumulative ε {recorded:?} does not follow from the {before} before it ({eps:?})"
@@ -1116,6 +1193,7 @@ pub fn check_against_manifest(
         budget_audience,
         noise_multiplier,
         clip_norm,
+        accountant,
         ..
     } = parse(first)?.event
     else {
@@ -1181,6 +1259,20 @@ pub fn check_against_manifest(
             "C",
             clip_norm.to_string(),
             manifest.clip_norm.to_string(),
+        ));
+    }
+    // A ledger written before runs named their accountant is RDP's: its manifest names none,
+    // or names RDP.
+    let recorded = accountant.unwrap_or(Accountant::Rdp);
+    let expected = match (accountant, manifest.accountant) {
+        (None, None) => Accountant::Rdp,
+        _ => manifest.accountant(),
+    };
+    if recorded != expected {
+        return Err(differs(
+            "the accountant",
+            recorded.to_string(),
+            expected.to_string(),
         ));
     }
     let sigma = manifest.noise_multiplier.unwrap_or(0.0);
@@ -1287,33 +1379,49 @@ pub fn check_against_manifest(
     Ok(())
 }
 
-/// Composes one round's derived increments into the running totals (one accountant per
-/// audience, created on the first round) unless `counts` is false (a distributed run past its
-/// participation cap), and returns the cumulative ε per audience.
-fn compose_totals(
-    totals: &mut Vec<(String, RdpAccountant)>,
-    derived: &[AudienceRdp],
-    counts: bool,
-    grid: &OrderGrid,
-    delta: f64,
-) -> Result<Vec<AudienceEpsilon>, String> {
-    if totals.is_empty() {
-        *totals = derived
-            .iter()
-            .map(|a| (a.audience.clone(), RdpAccountant::new(grid.clone())))
-            .collect();
-    }
-    let mut eps = vec![];
-    for ((audience, acc), inc) in totals.iter_mut().zip(derived) {
-        if counts {
-            acc.compose_rdp(&inc.rdp, 1).map_err(|e| e.to_string())?;
+/// What one audience has spent, as [`verify`] re-derives it: the RDP composition of its
+/// increments, and the runs of identical releases PLD composes.
+struct AudienceTotal {
+    audience: String,
+    rdp: RdpAccountant,
+    /// (sampling rate q, effective σ, count), consecutive identical releases merged.
+    pld: Vec<(f64, f64, u64)>,
+}
+
+impl AudienceTotal {
+    fn add_pld_release(&mut self, sampling_rate: f64, sigma: f64) {
+        match self.pld.last_mut() {
+            Some((q, s, count)) if *q == sampling_rate && *s == sigma => *count += 1,
+            _ => self.pld.push((sampling_rate, sigma, 1)),
         }
-        eps.push(AudienceEpsilon {
-            audience: audience.clone(),
-            epsilon: acc.epsilon(delta).map_err(|e| e.to_string())?.epsilon,
-        });
     }
-    Ok(eps)
+}
+
+/// PLD's ε at δ of runs of identical Poisson-subsampled Gaussian releases (q, effective σ,
+/// count): for one run exactly what the engine states ([`RepeatedReleases`]); unsampled runs
+/// compose exactly to one Gaussian; any other mix is composed by the PLD accountant.
+fn schedule_epsilon(
+    memo: &mut RepeatedReleases,
+    runs: &[(f64, f64, u64)],
+    delta: f64,
+) -> Result<f64, fedpref_privacy::PrivacyError> {
+    match runs {
+        [] => Ok(0.0),
+        [(q, sigma, count)] => memo.epsilon(*q, *sigma, *count, delta),
+        _ if runs.iter().all(|(q, _, _)| *q == 1.0) => {
+            let sigma = fedpref_privacy::pld::composed_gaussian_noise_multiplier(
+                runs.iter().map(|(_, s, c)| (*s, *c)),
+            );
+            Ok(fedpref_privacy::pld::gaussian_epsilon(sigma, delta))
+        }
+        _ => {
+            let mut accountant = PldAccountant::default();
+            for (q, sigma, count) in runs {
+                accountant.compose_subsampled_gaussian(*q, *sigma, *count)?;
+            }
+            Ok(accountant.epsilon(delta)?.epsilon)
+        }
+    }
 }
 
 /// What `verify` keeps about a distributed run's participation cap.
@@ -1476,7 +1584,7 @@ fn same_increments(a: &[AudienceRdp], b: &[AudienceRdp]) -> bool {
 
 fn same_epsilons(a: &[AudienceEpsilon], b: &[AudienceEpsilon]) -> bool {
     a.len() == b.len()
-        && a.iter()
-            .zip(b)
-            .all(|(x, y)| x.audience == y.audience && close(x.epsilon, y.epsilon))
+        && a.iter().zip(b).all(|(x, y)| {
+            x.audience == y.audience && x.accountant == y.accountant && close(x.epsilon, y.epsilon)
+        })
 }

@@ -11,6 +11,7 @@
 //! rounds = 50
 //! clip_norm = 1.0
 //! noise_multiplier = 1.1          # or: target_epsilon = 3.0 (σ is then calibrated)
+//! accountant = "pld"              # or "rdp": computes every ε of the run (default "pld")
 //!
 //! [budget]
 //! epsilon = 8.0
@@ -75,7 +76,7 @@
 use std::path::Path;
 
 use fedpref_privacy::tree::{ParticipationLimits, TreeAccountant};
-use fedpref_privacy::{Audience, OrderGrid, PrivacyMode, RoundRelease};
+use fedpref_privacy::{Accountant, Audience, OrderGrid, PrivacyMode, RoundRelease};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -543,6 +544,13 @@ pub struct RunManifest {
     /// A target ε for all `rounds`, from which σ is calibrated at creation.
     #[serde(default)]
     pub target_epsilon: Option<f64>,
+    /// The accountant that computes the run's ε (`"pld"` or `"rdp"`): the calibration of σ
+    /// for `target_epsilon`, the budget's checks, the ledger's cumulative ε and `ledger
+    /// verify`'s re-derivation. Absent: PLD ([`RunManifest::accountant`]). DP-FTRL's tree and
+    /// distributed mode's mechanism are accounted by RDP whatever it says, and their ε
+    /// statements name RDP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accountant: Option<Accountant>,
     /// The number of rounds.
     pub rounds: u64,
     /// Device selection.
@@ -666,6 +674,26 @@ impl RunManifest {
     pub fn tree_accountant(&self) -> Option<TreeAccountant> {
         let schedule = self.server_optimizer.tree_schedule().ok()??;
         TreeAccountant::new(self.noise_multiplier?, schedule, self.participation?).ok()
+    }
+
+    /// The accountant the manifest names (`accountant = "pld" | "rdp"`), PLD when it names
+    /// none.
+    pub fn accountant(&self) -> Accountant {
+        self.accountant.unwrap_or_default()
+    }
+
+    /// The accountant that actually computes the run's ε: the manifest's for per-round
+    /// Gaussian releases (modes local and central with a per-round optimiser), RDP for
+    /// DP-FTRL's tree and distributed mode's mechanism (where PLD does not apply), and `None`
+    /// without DP.
+    pub fn epsilon_accountant(&self) -> Option<Accountant> {
+        if self.privacy_mode == ManifestPrivacyMode::None {
+            return None;
+        }
+        Some(match self.round_release() {
+            Some(_) => self.accountant(),
+            None => Accountant::Rdp,
+        })
     }
 
     /// The audience whose ε the budget binds: `[budget] audience` if given, else the strictest
@@ -1112,7 +1140,8 @@ impl RunManifest {
                 } else {
                     self.sampling.accounting_rate()
                 };
-                let (sigma, _) = fedpref_privacy::calibrate(
+                let (sigma, _) = fedpref_privacy::calibrate_with(
+                    self.accountant(),
                     mode,
                     e,
                     self.budget.delta,
@@ -1385,6 +1414,62 @@ description = "off until the user turns it on"
 "#;
 
     #[test]
+    fn the_accountant_key_is_pld_or_rdp_and_defaults_to_pld() {
+        let m = RunManifest::from_toml(EXAMPLE, "m.toml").unwrap();
+        assert_eq!(m.accountant, None);
+        assert_eq!(m.accountant(), Accountant::Pld);
+        assert_eq!(m.epsilon_accountant(), Some(Accountant::Pld));
+        assert!(!m.to_toml().contains("accountant"), "absent stays absent");
+        for (value, expected) in [("pld", Accountant::Pld), ("rdp", Accountant::Rdp)] {
+            let text = EXAMPLE.replace(
+                "noise_multiplier = 1.0",
+                &format!("noise_multiplier = 1.0\naccountant = \"{value}\""),
+            );
+            let m = RunManifest::from_toml(&text, "m.toml").unwrap();
+            assert_eq!(m.accountant(), expected);
+            let back = RunManifest::from_toml(&m.to_toml(), "again.toml").unwrap();
+            assert_eq!(back.accountant, Some(expected), "the key round-trips");
+        }
+        let bad = EXAMPLE.replace(
+            "noise_multiplier = 1.0",
+            "noise_multiplier = 1.0\naccountant = \"moments\"",
+        );
+        let e = RunManifest::from_toml(&bad, "m.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("accountant") && e.contains("m.toml"), "{e}");
+    }
+
+    #[test]
+    fn a_target_epsilon_costs_less_noise_with_pld_than_with_rdp() {
+        let sigma = |accountant: &str| {
+            let text = EXAMPLE.replace(
+                "noise_multiplier = 1.0",
+                &format!("target_epsilon = 4.0\naccountant = \"{accountant}\""),
+            );
+            RunManifest::from_toml(&text, "m.toml")
+                .unwrap()
+                .noise_multiplier
+                .unwrap()
+        };
+        let (pld, rdp) = (sigma("pld"), sigma("rdp"));
+        assert!(pld < rdp, "PLD σ {pld} < RDP σ {rdp}");
+        // Each meets the target by its own accountant.
+        let release = |s| RoundRelease {
+            mode: PrivacyMode::Central,
+            noise_multiplier: s,
+            sampling_rate: 1.0,
+        };
+        for (a, s) in [(Accountant::Pld, pld), (Accountant::Rdp, rdp)] {
+            let e =
+                fedpref_privacy::epsilon_after_with(a, &release(s), 5, 1e-6, &OrderGrid::default())
+                    .unwrap()
+                    .epsilon;
+            assert!(e <= 4.0 * (1.0 + 1e-9), "{a}: ε {e}");
+        }
+    }
+
+    #[test]
     fn a_cohort_too_small_for_its_noise_gets_a_warning_naming_the_cohort_needed() {
         // 10 items × 3 + 1 = 31 coordinates, σ = 1, central: a cohort of ⌈√31⌉ = 6 needed.
         let m = RunManifest::from_toml(EXAMPLE, "m.toml").unwrap();
@@ -1584,7 +1669,9 @@ description = "off until the user turns it on"
         let text = EXAMPLE.replace("noise_multiplier = 1.0", "target_epsilon = 4.0");
         let m = RunManifest::from_toml(&text, "m.toml").unwrap();
         let sigma = m.noise_multiplier.unwrap();
-        let spent = fedpref_privacy::epsilon_after(
+        // Calibrated by the run's accountant (PLD by default), whose ε meets the target.
+        let spent = fedpref_privacy::epsilon_after_with(
+            m.accountant(),
             &m.round_release().unwrap(),
             5,
             1e-6,

@@ -41,6 +41,15 @@ fn main() {
             target_epsilon: 8.0,
         },
         Schedule {
+            name: "ML-1M private preset (`--preset movielens-1m-private`): all 6,040 users, 40 rounds",
+            mode: PrivacyMode::Central,
+            sampling_rate: 1.0,
+            rounds: 40,
+            delta: 1e-6,
+            noise_multiplier: 4.3595,
+            target_epsilon: 8.0,
+        },
+        Schedule {
             name: "README: ML-100K DP-FedAvg, q = 0.106, 100 rounds",
             mode: PrivacyMode::Central,
             sampling_rate: 0.106,

@@ -73,6 +73,7 @@ pub fn run(args: &BenchArgs) -> Result<String, CliError> {
         },
         noise_multiplier: noise.then_some(args.noise_multiplier),
         target_epsilon: None,
+        accountant: Default::default(),
         delta: 1e-5,
         clip_norm: args.clip_norm,
         clip_without_privacy: true,

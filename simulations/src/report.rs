@@ -140,6 +140,7 @@ pub fn summary(
         "injected_share": get(&|e| e.injected_share),
         "cohort_rmse_gap": get(&|e| e.cohort_rmse_gap),
         "epsilon": spent.map(|s| s.epsilon),
+        "epsilon_accountant": spent.and_then(|s| s.accountant).map(|a| a.as_str()),
         "delta": spent.and(delta),
         "epsilon_assumption": spent.map(|s| s.audience.clone()),
         "rounds": records.iter().filter(|r| r.abandoned.is_none()).count(),

@@ -50,7 +50,7 @@ use fedpref_engine::manifest::{
 };
 use fedpref_engine::model::initial_parameters;
 use fedpref_privacy::tree::ParticipationLimits;
-use fedpref_privacy::{GaussianMechanism, SimulationSampler, clip_l2};
+use fedpref_privacy::{Accountant, GaussianMechanism, SimulationSampler, clip_l2};
 use rand::RngExt;
 use rand::rngs::Xoshiro256PlusPlus;
 use rayon::prelude::*;
@@ -172,6 +172,10 @@ pub struct Settings {
     pub noise_multiplier: Option<f64>,
     /// A target ε over all rounds, from which the manifest calibrates σ.
     pub target_epsilon: Option<f64>,
+    /// The accountant that calibrates σ for `target_epsilon` and computes every ε of the run
+    /// (`--accountant`; the manifest's `accountant`). DP-FTRL and distributed mode fall back
+    /// to RDP, and their ε say so.
+    pub accountant: Accountant,
     /// δ.
     pub delta: f64,
     /// C.
@@ -223,6 +227,7 @@ impl Default for Settings {
             privacy_mode: ManifestPrivacyMode::None,
             noise_multiplier: None,
             target_epsilon: None,
+            accountant: Accountant::Pld,
             delta: 1e-5,
             clip_norm: 1.0,
             clip_without_privacy: false,
@@ -312,6 +317,7 @@ impl Settings {
             clip_norm: self.clip_norm,
             noise_multiplier: if noise { self.noise_multiplier } else { None },
             target_epsilon: if noise { self.target_epsilon } else { None },
+            accountant: Some(self.accountant),
             rounds: self.rounds,
             sampling,
             server_optimizer: self.server_optimizer,

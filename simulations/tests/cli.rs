@@ -115,6 +115,7 @@ fn json_prints_one_summary_object_with_the_documented_keys_in_order() {
             "injected_share",
             "cohort_rmse_gap",
             "epsilon",
+            "epsilon_accountant",
             "delta",
             "epsilon_assumption",
             "rounds",
@@ -131,6 +132,7 @@ fn json_prints_one_summary_object_with_the_documented_keys_in_order() {
     assert_eq!(v["rounds"], 2);
     assert_eq!(v["client_updates"], 40);
     assert_eq!(v["epsilon_assumption"], "release_observers");
+    assert_eq!(v["epsilon_accountant"], "pld");
     assert_eq!(v["epsilon_rests_on"], "none (worst case per device)");
     let injected = v["injected_share"].as_f64().unwrap();
     assert!(injected > 0.0 && injected <= 0.2, "{injected}");
@@ -708,4 +710,60 @@ fn the_noise_path_is_a_flag_of_run_and_bench_written_with_the_settings() {
         assert_eq!(v["noise_path"], path);
         assert!(v["rmse"].as_f64().unwrap().is_finite());
     }
+}
+
+#[test]
+fn the_accountant_flag_calibrates_sigma_for_the_target_and_names_the_accountant() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("sim.toml");
+    std::fs::write(
+        &config,
+        "users = 80\nitems = 40\nrounds = 2\ncohort_size = 20\nprivacy_mode = \"central\"\ntarget_epsilon = 4.0\neval_every = 0\n",
+    )
+    .unwrap();
+    let run = |accountant: Option<&str>| {
+        let out = dir.path().join(accountant.unwrap_or("default"));
+        let mut args = vec![
+            "run",
+            "--config",
+            config.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--json",
+        ];
+        if let Some(a) = accountant {
+            args.extend(["--accountant", a]);
+        }
+        let (code, stdout, stderr) = sim(&args);
+        assert_eq!(code, 0, "{stderr}");
+        let summary: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+        let metrics: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap())
+                .unwrap();
+        (summary, metrics["settings"].clone())
+    };
+    let (pld, pld_settings) = run(None);
+    let (rdp, rdp_settings) = run(Some("rdp"));
+    assert_eq!(pld_settings["accountant"], "pld", "pld is the default");
+    assert_eq!(rdp_settings["accountant"], "rdp");
+    assert_eq!(pld["epsilon_accountant"], "pld");
+    assert_eq!(rdp["epsilon_accountant"], "rdp");
+    let (pld_sigma, rdp_sigma) = (
+        pld_settings["noise_multiplier"].as_f64().unwrap(),
+        rdp_settings["noise_multiplier"].as_f64().unwrap(),
+    );
+    assert!(
+        pld_sigma < rdp_sigma,
+        "PLD σ {pld_sigma} < RDP σ {rdp_sigma}"
+    );
+    for s in [&pld, &rdp] {
+        let e = s["epsilon"].as_f64().unwrap();
+        assert!(
+            e > 3.9 && e <= 4.0,
+            "each spends up to the target by its accountant: {e}"
+        );
+    }
+    let (code, _, stderr) = sim(&["run", "--accountant", "moments"]);
+    assert_eq!(code, 2);
+    assert!(stderr.contains("--accountant"), "{stderr}");
 }

@@ -3,6 +3,7 @@
 //! vector per round. They agree in distribution; `per-device` keeps its bytes.
 
 use fedpref_engine::manifest::ManifestPrivacyMode;
+use fedpref_privacy::Accountant;
 use fedpref_simulations::data::workload;
 use fedpref_simulations::sim::{NoisePath, Sampling, Settings, Simulation, digest};
 
@@ -27,6 +28,23 @@ fn record_bytes(settings: &Settings) -> Vec<u8> {
     serde_json::to_vec(&records).unwrap()
 }
 
+/// The records without the `accountant` key that every ε statement gained later.
+fn without_accountant(bytes: &[u8]) -> Vec<u8> {
+    fn strip(v: &mut serde_json::Value) {
+        match v {
+            serde_json::Value::Object(map) => {
+                map.shift_remove("accountant");
+                map.values_mut().for_each(strip);
+            }
+            serde_json::Value::Array(items) => items.iter_mut().for_each(strip),
+            _ => {}
+        }
+    }
+    let mut value: serde_json::Value = serde_json::from_slice(bytes).unwrap();
+    strip(&mut value);
+    serde_json::to_vec(&value).unwrap()
+}
+
 fn with_path(mut s: Settings, path: NoisePath) -> Settings {
     s.noise_path = path;
     s
@@ -34,11 +52,17 @@ fn with_path(mut s: Settings, path: NoisePath) -> Settings {
 
 #[test]
 fn the_per_device_path_keeps_the_bytes_it_had_before_the_aggregate_path_existed() {
-    // The digest of these records on the code before `--noise-path` was added.
-    let bytes = record_bytes(&with_path(local(11), NoisePath::PerDevice));
-    assert_eq!(digest(&bytes), 0x360b_5273_928d_0ce8);
+    // The digest of these records on the code before `--noise-path` was added, when every ε
+    // was RDP's (the records carry ε, so the accountant is pinned).
+    let rdp = Settings {
+        accountant: Accountant::Rdp,
+        ..local(11)
+    };
+    let bytes = record_bytes(&with_path(rdp.clone(), NoisePath::PerDevice));
+    // Each ε now names its accountant; without that key the bytes are the old ones.
+    assert_eq!(digest(&without_accountant(&bytes)), 0x360b_5273_928d_0ce8);
     // The aggregate path draws other noise: not the same bytes.
-    assert_ne!(record_bytes(&local(11)), bytes);
+    assert_ne!(record_bytes(&rdp), bytes);
 }
 
 #[test]

@@ -323,6 +323,8 @@ pub fn manifest_from_proto(m: &pb::RunManifest) -> Result<RunManifest, Status> {
         clip_norm: m.clip_norm,
         noise_multiplier: m.target_epsilon.is_none().then_some(m.noise_multiplier),
         target_epsilon: m.target_epsilon,
+        // The protocol's manifest names no accountant: the default (PLD).
+        accountant: None,
         rounds: m.rounds,
         sampling,
         server_optimizer,

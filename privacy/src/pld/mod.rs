@@ -48,6 +48,7 @@ use serde::{Deserialize, Serialize};
 
 pub use mechanism::{ExactLosses, PldMechanism};
 pub use pmf::LossPmf;
+use pmf::SelfComposer;
 
 use crate::PrivacyError;
 use crate::error::check;
@@ -385,6 +386,134 @@ impl PldAccountant {
     }
 }
 
+/// T identical rounds of one mechanism, composed for any T on demand: the single round's
+/// distribution, the log-MGF its self-composition's window needs and the last forward FFT are
+/// kept, so composing T rounds costs one power and one inverse FFT per direction.
+/// [`RepeatedMechanism::compose`] returns to the bit what [`PldAccountant::compose_mechanism`]
+/// composes for `count` rounds given at once.
+#[derive(Clone, Debug)]
+pub struct RepeatedMechanism {
+    mechanism: PldMechanism,
+    single: PrivacyLossDistribution,
+    remove: SelfComposer,
+    add: Option<SelfComposer>,
+}
+
+impl RepeatedMechanism {
+    /// The mechanism on a loss grid of spacing `interval`.
+    pub fn new(mechanism: PldMechanism, interval: f64) -> Result<Self, PrivacyError> {
+        mechanism.validate()?;
+        let single = mechanism.pld(interval)?;
+        Ok(Self {
+            mechanism,
+            remove: SelfComposer::new(single.remove.clone()),
+            add: single.add.clone().map(SelfComposer::new),
+            single,
+        })
+    }
+
+    /// The mechanism.
+    pub fn mechanism(&self) -> PldMechanism {
+        self.mechanism
+    }
+
+    /// The distribution of `count` rounds (nothing released for 0).
+    pub fn compose(&mut self, count: u64) -> PrivacyLossDistribution {
+        match count {
+            0 => PrivacyLossDistribution::identity(self.single.interval()),
+            1 => self.single.clone(),
+            _ => PrivacyLossDistribution {
+                remove: self.remove.compose(count, TAIL_MASS_TRUNCATION),
+                add: self
+                    .add
+                    .as_mut()
+                    .map(|a| a.compose(count, TAIL_MASS_TRUNCATION)),
+            },
+        }
+    }
+}
+
+/// The PLD ε of T identical Poisson-subsampled Gaussian releases under add/remove-one
+/// neighbouring, for a caller that asks again and again (a run after every round, a ledger
+/// check after every entry): exactly the ε [`crate::epsilon_after_with`] states with
+/// [`Accountant::Pld`] (to the bit), with each (q, σ)'s single-round distribution built once.
+///
+/// Unsampled releases (q = 1) compose exactly to one Gaussian and need no grid; sampled ones
+/// are self-composed by an FFT power on the default grid (Δ = 10⁻⁴), pessimistically (see the
+/// module docs). The last few answers are remembered, so asking for the ε of the next round
+/// before it opens and again when it commits costs one composition.
+#[derive(Clone, Debug, Default)]
+pub struct RepeatedReleases {
+    mechanisms: Vec<RepeatedMechanism>,
+    answers: Vec<([u64; 4], f64)>,
+}
+
+impl RepeatedReleases {
+    /// How many answers are remembered.
+    const ANSWERS: usize = 16;
+    /// How many (q, σ) are kept.
+    const MECHANISMS: usize = 4;
+
+    /// An accountant that has composed nothing yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// ε at δ after `rounds` releases at sampling rate q and effective noise multiplier σ
+    /// (noise std over the L2 sensitivity). 0 for no rounds.
+    pub fn epsilon(
+        &mut self,
+        sampling_rate: f64,
+        noise_multiplier: f64,
+        rounds: u64,
+        delta: f64,
+    ) -> Result<f64, PrivacyError> {
+        let q = check::sampling_rate(sampling_rate)?;
+        let sigma = check::positive("noise_multiplier", noise_multiplier)?;
+        let delta = check::delta(delta)?;
+        if rounds == 0 {
+            return Ok(0.0);
+        }
+        if q == 1.0 {
+            let composed = composed_gaussian_noise_multiplier([(sigma, rounds)]);
+            return Ok(gaussian_epsilon(composed, delta));
+        }
+        let key = [q.to_bits(), sigma.to_bits(), rounds, delta.to_bits()];
+        if let Some((_, epsilon)) = self.answers.iter().find(|(k, _)| *k == key) {
+            return Ok(*epsilon);
+        }
+        let mechanism = PldMechanism::SubsampledGaussian {
+            sampling_rate: q,
+            noise_multiplier: sigma,
+        };
+        let position = match self
+            .mechanisms
+            .iter()
+            .position(|m| m.mechanism() == mechanism)
+        {
+            Some(i) => i,
+            None => {
+                if self.mechanisms.len() == Self::MECHANISMS {
+                    self.mechanisms.remove(0);
+                }
+                self.mechanisms.push(RepeatedMechanism::new(
+                    mechanism,
+                    DEFAULT_VALUE_DISCRETIZATION_INTERVAL,
+                )?);
+                self.mechanisms.len() - 1
+            }
+        };
+        let epsilon = self.mechanisms[position]
+            .compose(rounds)
+            .epsilon_for_delta(delta);
+        if self.answers.len() == Self::ANSWERS {
+            self.answers.remove(0);
+        }
+        self.answers.push((key, epsilon));
+        Ok(epsilon)
+    }
+}
+
 /// δ(ε) of the Gaussian mechanism with effective noise multiplier σ (noise std over the L2
 /// sensitivity), exactly: `Φ(1/(2σ) − εσ) − e^ε·Φ(−1/(2σ) − εσ)` (Balle & Wang 2018,
 /// "Improving the Gaussian Mechanism for Differential Privacy", Thm. 8). Its privacy loss is
@@ -525,6 +654,41 @@ pub fn calibrate_noise_multiplier_pld(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn repeated_releases_state_exactly_what_epsilon_after_with_states() {
+        let grid = crate::OrderGrid::default();
+        let mut repeated = RepeatedReleases::new();
+        for (q, sigma, rounds, delta) in [
+            (0.1, 0.9, 1, 1e-5),
+            (0.1, 0.9, 2, 1e-5),
+            (0.1, 0.9, 30, 1e-5),
+            (1.0, 2.0, 20, 1e-6),
+            (0.01, 1.0, 200, 1e-5),
+            (0.1, 0.9, 31, 1e-5),
+            (0.1, 0.9, 30, 1e-5),
+        ] {
+            let release = crate::RoundRelease {
+                mode: crate::PrivacyMode::Central,
+                noise_multiplier: sigma,
+                sampling_rate: q,
+            };
+            let expected =
+                crate::epsilon_after_with(Accountant::Pld, &release, rounds, delta, &grid)
+                    .unwrap()
+                    .epsilon;
+            let got = repeated.epsilon(q, sigma, rounds, delta).unwrap();
+            assert_eq!(
+                got.to_bits(),
+                expected.to_bits(),
+                "q {q}, σ {sigma}, T {rounds}"
+            );
+        }
+        assert_eq!(repeated.epsilon(0.1, 0.9, 0, 1e-5).unwrap(), 0.0);
+        assert!(repeated.epsilon(1.5, 0.9, 3, 1e-5).is_err());
+        assert!(repeated.epsilon(0.1, -1.0, 3, 1e-5).is_err());
+        assert!(repeated.epsilon(0.1, 0.9, 3, 0.0).is_err());
+    }
 
     #[test]
     fn nothing_composed_means_epsilon_zero() {

@@ -227,30 +227,68 @@ impl LossPmf {
     /// inverse FFT over a window that a Chernoff bound shows holds all but `tail` of the mass
     /// on each side (that mass goes to +∞).
     pub(crate) fn self_compose(&self, count: u64, tail: f64) -> LossPmf {
+        SelfComposer::new(self.clone()).compose(count, tail)
+    }
+}
+
+/// The orders t = 2^(j/2), j = −12 … 26, at which the Chernoff bounds of a self-composition's
+/// window are tried.
+fn chernoff_orders() -> impl Iterator<Item = f64> {
+    (-12..=26).map(|j| 2f64.powf(j as f64 / 2.0))
+}
+
+/// Self-composes one distribution any number of times, keeping what does not depend on the
+/// count: the log-MGF at the Chernoff orders and the last forward FFT (per transform size).
+/// [`SelfComposer::compose`] returns exactly (to the bit) what [`LossPmf::self_compose`]
+/// returns; it only avoids recomputing, so a run asking for its ε after every round pays one
+/// power and one inverse FFT per direction and round.
+#[derive(Clone, Debug)]
+pub(crate) struct SelfComposer {
+    single: LossPmf,
+    /// (ln M(t), ln M(−t)) at each of [`chernoff_orders`].
+    log_mgf: Vec<(f64, f64)>,
+    /// The forward FFT of the single distribution folded onto a circle of the given size.
+    spectrum: Option<(usize, Vec<Complex<f64>>)>,
+}
+
+impl SelfComposer {
+    pub(crate) fn new(single: LossPmf) -> Self {
+        let log_mgf = chernoff_orders()
+            .map(|t| (single.log_mgf(t), single.log_mgf(-t)))
+            .collect();
+        Self {
+            single,
+            log_mgf,
+            spectrum: None,
+        }
+    }
+
+    /// The composition of `count` copies (see [`LossPmf::self_compose`]).
+    pub(crate) fn compose(&mut self, count: u64, tail: f64) -> LossPmf {
+        let single = &self.single;
         if count == 0 {
-            return LossPmf::identity(self.interval);
+            return LossPmf::identity(single.interval);
         }
         if count == 1 {
-            return self.clone();
+            return single.clone();
         }
         let n = count as f64;
-        let len = self.probs.len() as i64;
+        let len = single.probs.len() as i64;
         // Exact bounds of the composed support, in grid indices relative to count·offset.
         let exact_hi = (len - 1).saturating_mul(count as i64);
         let (mut rel_lo, mut rel_hi) = (0i64, exact_hi);
         let log_tail = tail.ln();
-        let base = self.offset as f64 * self.interval;
-        for j in -12..=26 {
-            let t = 2f64.powf(j as f64 / 2.0);
+        let base = single.offset as f64 * single.interval;
+        for (t, &(up, down)) in chernoff_orders().zip(&self.log_mgf) {
             // Upper: P(S ≥ a) ≤ e^{−ta} M(t)^n.
-            let a = (n * self.log_mgf(t) - log_tail) / t;
-            let idx = ((a - n * base) / self.interval).ceil();
+            let a = (n * up - log_tail) / t;
+            let idx = ((a - n * base) / single.interval).ceil();
             if idx.is_finite() && idx < rel_hi as f64 {
                 rel_hi = (idx as i64).max(0);
             }
             // Lower: P(S ≤ a) ≤ e^{ta} M(−t)^n.
-            let a = (log_tail - n * self.log_mgf(-t)) / t;
-            let idx = ((a - n * base) / self.interval).floor();
+            let a = (log_tail - n * down) / t;
+            let idx = ((a - n * base) / single.interval).floor();
             if idx.is_finite() && idx > rel_lo as f64 {
                 rel_lo = (idx as i64).min(exact_hi);
             }
@@ -260,12 +298,18 @@ impl LossPmf {
         }
         let width = (rel_hi - rel_lo + 1) as usize;
         let size = fast_len(width.max(2));
-        // Fold the single distribution onto the circle (aliasing only adds mass).
-        let mut input = vec![0.0; size];
-        for (i, &p) in self.probs.iter().enumerate() {
-            input[i % size] += p;
-        }
-        let spectrum = forward(&input);
+        let spectrum = match &self.spectrum {
+            Some((cached, spectrum)) if *cached == size => spectrum,
+            _ => {
+                // Fold the single distribution onto the circle (aliasing only adds mass).
+                let mut input = vec![0.0; size];
+                for (i, &p) in single.probs.iter().enumerate() {
+                    input[i % size] += p;
+                }
+                &self.spectrum.insert((size, forward(&input))).1
+            }
+        };
+        let single = &self.single;
         let powered: Vec<Complex<f64>> = spectrum
             .iter()
             .map(|z| {
@@ -282,11 +326,11 @@ impl LossPmf {
             probs.push(circular[r.rem_euclid(size as i64) as usize]);
         }
         // (f + m)^n − f^n: every product with at least one factor at +∞.
-        let finite = self.finite_mass();
-        let infinity = (finite + self.infinity_mass).powf(n) - finite.powf(n) + 2.0 * tail;
+        let finite = single.finite_mass();
+        let infinity = (finite + single.infinity_mass).powf(n) - finite.powf(n) + 2.0 * tail;
         let mut pmf = LossPmf::new(
-            self.interval,
-            self.offset * count as i64 + rel_lo,
+            single.interval,
+            single.offset * count as i64 + rel_lo,
             probs,
             infinity.min(1.0),
         );
@@ -377,6 +421,20 @@ pub(crate) fn convolve(a: &[f64], b: &[f64]) -> Vec<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_self_composer_reused_across_counts_gives_the_bits_of_a_fresh_self_composition() {
+        let single = pmf(-3, &[0.05, 0.1, 0.2, 0.3, 0.2, 0.1, 0.05], 1e-9);
+        let mut composer = SelfComposer::new(single.clone());
+        // Counts out of order, repeated, and crossing transform sizes.
+        for count in [0, 1, 2, 7, 3, 40, 41, 40, 500, 2, 1000] {
+            assert_eq!(
+                composer.compose(count, 1e-15),
+                single.self_compose(count, 1e-15),
+                "count {count}"
+            );
+        }
+    }
 
     fn pmf(offset: i64, probs: &[f64], inf: f64) -> LossPmf {
         LossPmf::new(0.5, offset, probs.to_vec(), inf)
