@@ -222,6 +222,13 @@ pub struct UploadRecord {
     pub epsilon_after: f64,
     /// `update` (a model update or share) or `evaluation` (a federated-evaluation release).
     pub kind: String,
+    /// Distributed mode only: `epsilon_after` holds if at least this many of the devices
+    /// in the released sum were honest (added their noise and kept the protocol). Shares
+    /// recorded before this was kept have none.
+    pub assumed_honest_devices: Option<u64>,
+    /// Distributed mode only: the fewest devices a released sum holds, the user's own among
+    /// them; `assumed_honest_devices` of these is the assumed honest fraction.
+    pub min_contributors: Option<u32>,
 }
 
 pub(crate) struct UserCache {
@@ -776,7 +783,7 @@ impl Device {
         let budget = stored_budget(&self.conn)?;
         let spent: PrivacyStatement = budget.spent();
         let mut stmt = self.conn.prepare(
-            "SELECT at_ms, round_id, model_version, mode, noise_multiplier, clip_norm, epsilon_after, kind FROM uploads ORDER BY id",
+            "SELECT at_ms, round_id, model_version, mode, noise_multiplier, clip_norm, epsilon_after, kind, assumed_honest_devices, min_contributors FROM uploads ORDER BY id",
         )?;
         let uploads = stmt
             .query_map([], |r| {
@@ -789,6 +796,8 @@ impl Device {
                     clip_norm: r.get(5)?,
                     epsilon_after: r.get(6)?,
                     kind: r.get(7)?,
+                    assumed_honest_devices: r.get::<_, Option<i64>>(8)?.map(|h| h as u64),
+                    min_contributors: r.get::<_, Option<i64>>(9)?.map(|m| m as u32),
                 })
             })?
             .collect::<Result<Vec<_>, _>>()?;

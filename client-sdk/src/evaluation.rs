@@ -961,6 +961,7 @@ impl Device {
                 model_version: window.model_version,
                 noise_multiplier: sigma,
                 clip_norm: ev::clip_norm(),
+                honest: None,
             },
             now,
         );

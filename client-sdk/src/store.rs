@@ -179,6 +179,10 @@ CREATE TABLE evaluation_token (
 );
 ALTER TABLE uploads ADD COLUMN kind TEXT NOT NULL DEFAULT 'update';
 "#,
+    r#"
+ALTER TABLE uploads ADD COLUMN assumed_honest_devices INTEGER;
+ALTER TABLE uploads ADD COLUMN min_contributors INTEGER;
+"#,
 ];
 
 /// The schema version this SDK writes.

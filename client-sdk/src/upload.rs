@@ -226,6 +226,7 @@ impl Device {
                 model_version: task.model_version,
                 noise_multiplier: task.noise_multiplier,
                 clip_norm: task.clip_norm,
+                honest: None,
             },
             now,
         )?;
@@ -377,6 +378,7 @@ impl Device {
                 model_version: task.model_version,
                 noise_multiplier: release.noise_multiplier,
                 clip_norm: mechanism.clip_norm(),
+                honest: Some((mechanism.honest_devices(), round.config.min_contributors)),
             },
             now,
         )?;
@@ -399,6 +401,9 @@ pub(crate) struct UploadRow {
     pub(crate) model_version: u64,
     pub(crate) noise_multiplier: f64,
     pub(crate) clip_norm: f64,
+    /// Distributed mode: the honest devices the share's ε assumes, and the fewest devices
+    /// a released sum holds (`assumed_honest_devices` of `min_contributors`).
+    pub(crate) honest: Option<(u64, u32)>,
 }
 
 impl Device {
@@ -427,8 +432,8 @@ impl Device {
             [serde_json::to_string(&budget).expect("budget serialises")],
         )?;
         tx.execute(
-            "INSERT INTO uploads (at_ms, round_id, model_version, mode, noise_multiplier, clip_norm, epsilon_after, kind)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            "INSERT INTO uploads (at_ms, round_id, model_version, mode, noise_multiplier, clip_norm, epsilon_after, kind, assumed_honest_devices, min_contributors)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
             params![
                 now.millis(),
                 row.round_id as i64,
@@ -437,7 +442,9 @@ impl Device {
                 row.noise_multiplier,
                 row.clip_norm,
                 spent.epsilon,
-                row.kind
+                row.kind,
+                row.honest.map(|(h, _)| h as i64),
+                row.honest.map(|(_, m)| i64::from(m)),
             ],
         )?;
         tx.commit()?;

@@ -339,6 +339,14 @@ fn an_upload_is_clipped_noised_and_recorded_and_the_record_survives_a_restart() 
     let b = d.budget().unwrap();
     assert_eq!((b.rounds, b.uploads.len()), (1, 1));
     assert_eq!(b.epsilon_spent, spent.epsilon_spent);
+    // No honest devices are assumed outside distributed mode.
+    assert_eq!(
+        (
+            b.uploads[0].assumed_honest_devices,
+            b.uploads[0].min_contributors
+        ),
+        (None, None)
+    );
 }
 
 #[test]

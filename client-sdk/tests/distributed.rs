@@ -111,6 +111,22 @@ fn a_share_is_recorded_before_it_leaves_and_survives_a_restart() {
     // sensitivity), never above.
     let recorded = spent.uploads[0].noise_multiplier;
     assert!(recorded > 4.5 && recorded <= 5.0, "{recorded}");
+    // It names the honest fraction the ε rests on: the task's, as a record of the device's own.
+    assert_eq!(
+        (
+            spent.uploads[0].assumed_honest_devices,
+            spent.uploads[0].min_contributors
+        ),
+        (
+            Some(u64::from(
+                task(5.0)
+                    .secure_aggregation_round
+                    .unwrap()
+                    .assumed_honest_devices
+            )),
+            Some(4)
+        )
+    );
     drop(d);
     let d = Device::open(dir.path().join("device.db"), DeviceConfig::default()).unwrap();
     assert_eq!(d.budget().unwrap().epsilon_spent, spent.epsilon_spent);

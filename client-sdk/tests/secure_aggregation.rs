@@ -210,6 +210,19 @@ async fn five_sdk_devices_complete_a_distributed_round_and_each_records_its_spen
         let b = d.budget().unwrap();
         assert_eq!((b.rounds, b.uploads.len()), (1, 1));
         assert_eq!(b.uploads[0].mode, "distributed");
+        // The record names the honest fraction its ε assumes.
+        let (honest, fewest) = (
+            b.uploads[0]
+                .assumed_honest_devices
+                .expect("a distributed share names it"),
+            b.uploads[0]
+                .min_contributors
+                .expect("and the fewest contributors"),
+        );
+        assert!(
+            honest >= 1 && honest < u64::from(fewest),
+            "{honest} of {fewest}"
+        );
         assert_eq!(b.audience, "release_observers");
         assert!(b.epsilon_spent > 0.0 && b.epsilon_spent < b.epsilon_budget);
     }

@@ -324,7 +324,12 @@ fn describe_run(r: &pb::Run) -> String {
                         .to_lowercase()
                 })
                 .unwrap_or_default();
-            format!("ε = {:.4} ({audience})", a.epsilon)
+            let accountant = match pb::Accountant::try_from(a.accountant) {
+                Ok(pb::Accountant::Pld) => "PLD",
+                Ok(pb::Accountant::Rdp) => "RDP",
+                _ => "accountant not named",
+            };
+            format!("ε = {:.4} ({audience}, {accountant})", a.epsilon)
         })
         .collect::<Vec<_>>()
         .join(", ");

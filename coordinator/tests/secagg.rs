@@ -1052,10 +1052,11 @@ async fn the_coordinator_never_takes_both_shares_of_a_device_and_bad_inputs_name
     not_selected
         .metadata_mut()
         .insert("authorization", bearer(stranger).parse().unwrap());
+    // A device with no task in the run is refused before anything about the run is told.
     assert_status(
         secagg.advertise_keys(not_selected).await,
-        Code::FailedPrecondition,
-        "not selected",
+        Code::PermissionDenied,
+        "no task in run",
     );
     assert_status(
         secagg.share_keys(p[0].shares_request(vec![])).await,

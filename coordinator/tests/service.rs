@@ -349,6 +349,14 @@ async fn three_devices_complete_three_rounds_over_tls_and_the_ledger_verifies() 
     assert_eq!(got.rounds_committed, 3);
     assert_eq!(got.latest_model_version, 4);
     assert!(!got.epsilon_spent.is_empty());
+    // The manifest named no accountant: the run's ε is PLD's, and says so.
+    assert_eq!(
+        got.manifest.as_ref().unwrap().accountant,
+        pb::Accountant::Unspecified as i32
+    );
+    for a in &got.epsilon_spent {
+        assert_eq!(a.accountant, pb::Accountant::Pld as i32, "{a:?}");
+    }
     let verification = admin
         .verify_ledger(authed(
             pb::VerifyLedgerRequest {
@@ -522,9 +530,51 @@ async fn each_bad_input_gets_its_status_code_and_a_message_naming_the_problem() 
     stolen.task_token = "0".repeat(32);
     assert_status(
         upload(&mut client, &b, upload_messages(&stolen, &good, 1024)).await,
-        Code::FailedPrecondition,
-        "not selected",
+        Code::PermissionDenied,
+        "no task in run",
     );
+    // Nor can B probe whether a run exists by uploading, declining or reporting: a real run
+    // and a run that does not exist get the same answer, before any other check.
+    for run_id in [run.run_id.as_str(), "no-such-run"] {
+        let mut probe = stolen.clone();
+        probe.run_id = run_id.into();
+        assert_status(
+            upload(&mut client, &b, upload_messages(&probe, &good, 1024)).await,
+            Code::PermissionDenied,
+            "no task in run",
+        );
+        assert_status(
+            client
+                .decline_task(authed(
+                    pb::DeclineTaskRequest {
+                        task: Some(pb::TaskRef {
+                            run_id: run_id.into(),
+                            round_id: probe.round_id,
+                            task_token: probe.task_token.clone(),
+                        }),
+                        reason: pb::DeclineReason::ConditionsChanged as i32,
+                    },
+                    &b,
+                ))
+                .await,
+            Code::PermissionDenied,
+            "no task in run",
+        );
+        assert_status(
+            client
+                .report_metrics(authed(
+                    pb::ReportMetricsRequest {
+                        run_id: run_id.into(),
+                        model_version: 99,
+                        ..evaluation_report(&probe, &[])
+                    },
+                    &b,
+                ))
+                .await,
+            Code::PermissionDenied,
+            "no task in run",
+        );
+    }
     // A stale (or future) round id.
     let mut stale = task.clone();
     stale.round_id += 1;
@@ -646,8 +696,8 @@ async fn each_bad_input_gets_its_status_code_and_a_message_naming_the_problem() 
     );
     assert_status(
         client.report_metrics(authed(mine, &b)).await,
-        Code::FailedPrecondition,
-        "evaluation_token",
+        Code::PermissionDenied,
+        "no task in run",
     );
 
     // The admin service: device tokens refused, no token unauthenticated.
@@ -841,6 +891,21 @@ async fn each_bad_input_gets_its_status_code_and_a_message_naming_the_problem() 
             .await,
         Code::InvalidArgument,
         "clip_norm",
+    );
+    let mut bad_accountant = manifest(1, 1, 60, 5);
+    bad_accountant.accountant = 7;
+    assert_status(
+        admin
+            .create_run(authed(
+                pb::CreateRunRequest {
+                    manifest: Some(bad_accountant),
+                    ..Default::default()
+                },
+                ADMIN_TOKEN,
+            ))
+            .await,
+        Code::InvalidArgument,
+        "manifest.accountant: 7 is not an Accountant",
     );
 
     // Health on both ports.
@@ -1532,8 +1597,8 @@ async fn hostile_evaluation_reports_are_refused_naming_the_field_and_store_nothi
     never_joined.model_version = 1;
     assert_status(
         client.report_metrics(authed(never_joined, &a)).await,
-        Code::FailedPrecondition,
-        "evaluation_token",
+        Code::PermissionDenied,
+        "no task in run",
     );
     // Ten fresh enrolments, each reporting the worst rates allowed, a forged token and
     // values far out of range: none is accepted, the run keeps running.
@@ -1549,8 +1614,8 @@ async fn hostile_evaluation_reports_are_refused_naming_the_field_and_store_nothi
         forged.evaluation_token = format!("forged-{i}");
         assert_status(
             client.report_metrics(authed(forged.clone(), &fresh)).await,
-            Code::FailedPrecondition,
-            "evaluation_token",
+            Code::PermissionDenied,
+            "no task in run",
         );
         forged.released_rates[Coordinate::NegativeFeedbackRate.index()] = 1e6;
         assert_status(

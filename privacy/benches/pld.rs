@@ -6,13 +6,16 @@
 //!   round to its running PLD and reading ε after each; divide by 1000 for the amortised
 //!   per-round step (goal < 10 ms);
 //! - `one more round after 1000`: the step at the end of such a run.
+//! - `engine: 1000 rounds q=0.01 σ=1 with ε after each`: what a run's accounting does
+//!   (`RepeatedReleases`: every round releases the same mechanism, so ε after T rounds is
+//!   one FFT power of the kept round); divide by 1000 for the per-round step.
 //!
 //! `cargo bench -p fedpref-privacy --bench pld`
 
 use std::time::Duration;
 
 use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
-use fedpref_privacy::pld::PldAccountant;
+use fedpref_privacy::pld::{PldAccountant, RepeatedReleases};
 
 fn bench(c: &mut Criterion) {
     let mut group = c.benchmark_group("pld");
@@ -54,6 +57,16 @@ fn bench(c: &mut Criterion) {
             },
             BatchSize::LargeInput,
         )
+    });
+    group.bench_function("engine: 1000 rounds q=0.01 σ=1 with ε after each", |b| {
+        b.iter(|| {
+            let mut acc = RepeatedReleases::new();
+            let mut eps = 0.0;
+            for t in 1..=1000 {
+                eps = acc.epsilon(0.01, 1.0, t, 1e-5).unwrap();
+            }
+            eps
+        })
     });
     group.finish();
 }

@@ -7,7 +7,7 @@ use std::fmt::Debug;
 use fedpref_proto::prost::Message;
 use fedpref_proto::prost_types::{Duration, Timestamp};
 use fedpref_proto::v1::{
-    AlertAction, Audience, ConsentModel, KeyDirectory, ParticipantKeys, SecAggStage,
+    Accountant, AlertAction, Audience, ConsentModel, KeyDirectory, ParticipantKeys, SecAggStage,
     ThresholdDirection,
 };
 use fedpref_proto::v1::{
@@ -121,6 +121,7 @@ fn manifest() -> RunManifest {
             on_alert: AlertAction::Pause as i32,
             minimum_reporting_devices: 50,
         }],
+        accountant: Accountant::Rdp as i32,
     }
 }
 
@@ -250,6 +251,7 @@ fn a_ledger_entry_round_trips_with_its_hashes() {
                     },
                 )),
             }),
+            accountant: Accountant::Pld as i32,
             rdp_increments: vec![RdpPoint {
                 order: 8.0,
                 rdp_epsilon: 0.0012,
@@ -361,6 +363,7 @@ fn a_message_from_a_newer_protocol_with_unknown_fields_still_decodes() {
         audience: Audience::ReleasedModels as i32,
         epsilon: 2.5,
         assumption: None,
+        accountant: Accountant::Pld as i32,
     }
     .encode_to_vec();
     // Field 999, varint 1: a field this version does not know.

@@ -365,6 +365,13 @@ pub struct UploadRecord {
     pub clip_norm: f64,
     /// ε spent after this upload.
     pub epsilon_after: f64,
+    /// `update` (a model update or share) or `evaluation` (a federated-evaluation release).
+    pub kind: String,
+    /// Distributed mode only: `epsilon_after` holds if at least this many of the devices in
+    /// the released sum were honest.
+    pub assumed_honest_devices: Option<u64>,
+    /// Distributed mode only: the fewest devices a released sum holds.
+    pub min_contributors: Option<u32>,
 }
 
 /// The on-device privacy accountant, for the app's UI.
@@ -793,6 +800,9 @@ impl FedprefDevice {
                     noise_multiplier: u.noise_multiplier,
                     clip_norm: u.clip_norm,
                     epsilon_after: u.epsilon_after,
+                    kind: u.kind,
+                    assumed_honest_devices: u.assumed_honest_devices,
+                    min_contributors: u.min_contributors,
                 })
                 .collect(),
         })

@@ -7,6 +7,7 @@
 //! limits, adaptive clipping, local-training settings, secure aggregation, DP-FTRL) are refused with `INVALID_ARGUMENT` naming the field,
 //! rather than silently dropped.
 
+use fedpref_privacy::pld::Accountant;
 use fedpref_proto::v1 as pb;
 use tonic::Status;
 
@@ -179,6 +180,21 @@ pub fn manifest_from_proto(m: &pb::RunManifest) -> Result<RunManifest, Status> {
             ));
         }
     };
+    // UNSPECIFIED stays absent, as in a TOML manifest without the key: the default (PLD).
+    let accountant = match pb::Accountant::try_from(m.accountant) {
+        Ok(pb::Accountant::Unspecified) => None,
+        Ok(pb::Accountant::Pld) => Some(Accountant::Pld),
+        Ok(pb::Accountant::Rdp) => Some(Accountant::Rdp),
+        Err(_) => {
+            return Err(invalid(
+                "manifest.accountant",
+                format!(
+                    "{} is not an Accountant: use ACCOUNTANT_PLD, ACCOUNTANT_RDP or leave it unset for PLD",
+                    m.accountant
+                ),
+            ));
+        }
+    };
     let budget = m
         .budget
         .as_ref()
@@ -323,8 +339,7 @@ pub fn manifest_from_proto(m: &pb::RunManifest) -> Result<RunManifest, Status> {
         clip_norm: m.clip_norm,
         noise_multiplier: m.target_epsilon.is_none().then_some(m.noise_multiplier),
         target_epsilon: m.target_epsilon,
-        // The protocol's manifest names no accountant: the default (PLD).
-        accountant: None,
+        accountant,
         rounds: m.rounds,
         sampling,
         server_optimizer,
@@ -554,7 +569,18 @@ pub fn manifest_to_proto(m: &RunManifest) -> pb::RunManifest {
             count_noise_multiplier: m.bit_noise_std().unwrap_or(0.0),
         }),
         secure_aggregation: secure_aggregation_to_proto(m),
+        accountant: m
+            .accountant
+            .map_or(pb::Accountant::Unspecified, accountant_to_proto) as i32,
         ..Default::default()
+    }
+}
+
+/// The accountant as the protocol names it.
+pub fn accountant_to_proto(a: Accountant) -> pb::Accountant {
+    match a {
+        Accountant::Pld => pb::Accountant::Pld,
+        Accountant::Rdp => pb::Accountant::Rdp,
     }
 }
 
@@ -692,6 +718,8 @@ pub fn audience_epsilon(a: &AudienceEpsilon, manifest: &RunManifest) -> pb::Audi
         audience: audience as i32,
         epsilon: a.epsilon,
         assumption: Some(assumption),
+        // Statements written before runs named their accountant are RDP's.
+        accountant: accountant_to_proto(a.accountant.unwrap_or(Accountant::Rdp)) as i32,
     }
 }
 
@@ -820,6 +848,7 @@ pub fn ledger_entry_to_proto(
                     epsilon_cumulative: a.epsilon,
                     assumption: p.assumption,
                     rdp_increments: vec![],
+                    accountant: p.accountant,
                 }
             })
             .collect()
@@ -1128,6 +1157,46 @@ factors = 2
 [opt_out_policy]
 consent_model = "opt-in"
 "#;
+
+    #[test]
+    fn the_accountant_round_trips_and_every_epsilon_names_its_own() {
+        let m = RunManifest::from_toml(MANIFEST, "t").unwrap();
+        let mut p = manifest_to_proto(&m);
+        assert_eq!(p.accountant, pb::Accountant::Unspecified as i32);
+        assert_eq!(manifest_from_proto(&p).unwrap().accountant, None);
+        for (proto, ours) in [
+            (pb::Accountant::Pld, Accountant::Pld),
+            (pb::Accountant::Rdp, Accountant::Rdp),
+        ] {
+            p.accountant = proto as i32;
+            let back = manifest_from_proto(&p).unwrap();
+            assert_eq!(back.accountant, Some(ours));
+            assert_eq!(manifest_to_proto(&back).accountant, proto as i32);
+        }
+        p.accountant = -1;
+        let e = manifest_from_proto(&p).unwrap_err();
+        assert!(
+            e.message().contains("manifest.accountant"),
+            "{}",
+            e.message()
+        );
+
+        let statement = |accountant| AudienceEpsilon {
+            audience: "anyone".into(),
+            epsilon: 1.5,
+            accountant,
+        };
+        for (accountant, expected) in [
+            (Some(Accountant::Pld), pb::Accountant::Pld),
+            (Some(Accountant::Rdp), pb::Accountant::Rdp),
+            // Written before statements named their accountant: RDP's.
+            (None, pb::Accountant::Rdp),
+        ] {
+            let out = audience_epsilon(&statement(accountant), &m);
+            assert_eq!(out.accountant, expected as i32);
+            assert_eq!(out.epsilon, 1.5);
+        }
+    }
 
     #[test]
     fn a_manifest_with_a_title_of_megabytes_is_refused_before_it_is_stored() {

@@ -337,16 +337,8 @@ impl DeviceService for DeviceApi {
         let (version, blob) = self
             .shared
             .blocking(move |c| {
-                // Only a device given a task in the run may download its models: to any
-                // other device an unknown run and a run it may not see look the same.
-                if !c
-                    .may_download(&run_id, &device)
-                    .map_err(super::coordinator_status)?
-                {
-                    return Err(Status::permission_denied(format!(
-                        "run_id: this device has no task in run {run_id:?} (or there is no such run)"
-                    )));
-                }
+                // Only a device given a task in the run may download its models.
+                super::require_task_in_run(c, &run_id, &device)?;
                 let record = c.store().run(&run_id).map_err(super::store_status)?;
                 let version = requested.unwrap_or(record.published_version);
                 if version > record.published_version {
@@ -431,6 +423,7 @@ impl DeviceService for DeviceApi {
         let retry_ms = self
             .shared
             .blocking(move |c| {
+                super::require_task_in_run(c, &run_id, &device_id)?;
                 let manifest = shared.manifest(c, &run_id)?;
                 let now = now_ms();
                 let actions = c
@@ -466,7 +459,7 @@ impl DeviceService for DeviceApi {
         &self,
         request: Request<pb::ReportMetricsRequest>,
     ) -> Result<Response<pb::ReportMetricsResponse>, Status> {
-        let (_device, _permit) = self.admit(request.metadata()).await?;
+        let (device, _permit) = self.admit(request.metadata()).await?;
         let r = request.into_inner();
         super::check_run_id("run_id", &r.run_id)?;
         if r.evaluation_token.is_empty() {
@@ -489,7 +482,8 @@ impl DeviceService for DeviceApi {
         let version = r.model_version;
         self.shared
             .blocking(move |c| {
-                c.store().run(&run_id).map_err(super::store_status)?;
+                // Checked, never stored: the release is kept apart from the device.
+                super::require_task_in_run(c, &run_id, &device)?;
                 c.record_evaluation(
                     &crate::coordinator::EvaluationRelease {
                         run_id: &run_id,

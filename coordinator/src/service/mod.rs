@@ -278,6 +278,20 @@ pub fn store_status(e: StoreError) -> Status {
 
 pub use crate::coordinator::shorten;
 
+/// `PERMISSION_DENIED` unless `device` was given a task in `run_id` (or took part in one of
+/// its rounds). Every device call that names a run checks this first, so that to a device
+/// without a task an unknown run and a run it may not see get the same answer, and nothing
+/// about the run (its round, its model versions, whether it is active) is told.
+pub fn require_task_in_run(c: &Coordinator, run_id: &str, device: &str) -> Result<(), Status> {
+    if c.may_download(run_id, device).map_err(coordinator_status)? {
+        Ok(())
+    } else {
+        Err(Status::permission_denied(format!(
+            "run_id: this device has no task in run {run_id:?} (or there is no such run)"
+        )))
+    }
+}
+
 /// `INVALID_ARGUMENT` naming `field` unless `id` can name a run
 /// ([`crate::coordinator::is_run_id`]), checked before any lookup so that no error quotes an
 /// arbitrary string.

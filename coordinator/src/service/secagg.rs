@@ -74,6 +74,7 @@ impl SecureAggregationApi {
     async fn submit(&self, run_id: String, device: String, event: Event) -> Result<(), Status> {
         self.shared
             .blocking(move |c| {
+                super::require_task_in_run(c, &run_id, &device)?;
                 if c.engine(&run_id).is_none() {
                     return Err(Status::failed_precondition(format!(
                         "run {run_id:?} is not active"
@@ -206,6 +207,7 @@ impl SecureAggregationService for SecureAggregationApi {
             .shared
             .blocking(move |c| {
                 let run_id = task.run_id;
+                super::require_task_in_run(c, &run_id, &device)?;
                 if c.engine(&run_id).is_none() {
                     return Err(Status::failed_precondition(format!(
                         "run {run_id:?} is not active"

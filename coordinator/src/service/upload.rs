@@ -57,7 +57,11 @@ pub(super) async fn receive(
     let run_id = task.run_id.clone();
     let state = Arc::clone(shared);
     let cached = shared.cached_manifest(&run_id).is_some();
+    let uploader = device.clone();
     let lookup = move |c: &mut crate::coordinator::Coordinator| {
+        // Before anything about the run is told: to a device without a task in it, a run
+        // and no run look the same.
+        super::require_task_in_run(c, &run_id, &uploader)?;
         let manifest = state.manifest(c, &run_id)?;
         let (open, version) = match c.engine(&run_id) {
             Some(e) => (e.open_round(), e.model().0),
@@ -115,6 +119,7 @@ pub(super) async fn receive(
                     .is_some_and(|e| e.update_stays_in_memory(now_ms()))
             },
             move |c| {
+                super::require_task_in_run(c, &run_id, &device_for_engine)?;
                 check_run_and_version(c, &run_id, round, base_version)?;
                 let actions = c
                     .handle(
@@ -399,6 +404,7 @@ async fn receive_masked(
     let base_version = header.base_model_version;
     shared
         .blocking(move |c| {
+            super::require_task_in_run(c, &run_id, &device_for_engine)?;
             check_run_and_version(c, &run_id, round, base_version)?;
             let actions = c
                 .handle(

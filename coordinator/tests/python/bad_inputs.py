@@ -410,7 +410,11 @@ def main() -> int:
                     "header.base_model_version",
                     up([header(task, base_model_version=task.model.model_version + 1), *chunks_of(parts)]))
             m.check("another device's task token", f"{U}: a device sends another device's task",
-                    "FAILED_PRECONDITION", "", up([header(task), *chunks_of(parts)], auth=bystander))
+                    "PERMISSION_DENIED", "no task in run", up([header(task), *chunks_of(parts)], auth=bystander))
+            m.check("probing for runs", f"{U}: a run that does not exist, from a device with no task",
+                    "PERMISSION_DENIED", "no task in run",
+                    up([header(task, ref=task_ref(task, run_id="no-such-run")), *chunks_of(parts)],
+                       auth=bystander))
             m.check("another device's task token", f"{U}: the task's device with another task's token",
                     "INVALID_ARGUMENT", "unknown task token",
                     up([header(task, ref=task_ref(task, task_token=replay_task.task_token)), *chunks_of(parts)]))
