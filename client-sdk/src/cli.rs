@@ -127,6 +127,11 @@ pub struct ConnectionArgs {
     /// The deployment's app key (used only to enrol; the device token is kept in the store).
     #[arg(long, value_name = "K")]
     pub app_key: String,
+    /// The enrolment grant the app's backend signed for this person (base64, as
+    /// `fedpref-coordinator grant sign` prints it); needed to enrol with a coordinator that
+    /// counts per person.
+    #[arg(long, value_name = "BASE64")]
+    pub enrolment_grant: Option<String>,
 }
 
 /// `participate` flags.
@@ -144,6 +149,24 @@ pub struct ParticipateArgs {
     /// Tasks to finish.
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     pub rounds: u32,
+    /// The enrolment grant the app's backend signed for this person (base64, as
+    /// `fedpref-coordinator grant sign` prints it); needed to enrol with a coordinator that
+    /// counts per person.
+    #[arg(long, value_name = "BASE64")]
+    pub enrolment_grant: Option<String>,
+}
+
+/// The participation settings for `--enrolment-grant`.
+fn participation_config(grant: Option<&str>) -> Result<ParticipationConfig, CliError> {
+    Ok(ParticipationConfig {
+        enrolment_grant: grant
+            .map(|g| {
+                crate::participation::enrolment_grant_from_bytes(g.as_bytes())
+                    .map_err(|e| CliError::Usage(format!("--enrolment-grant: {e}")))
+            })
+            .transpose()?,
+        ..ParticipationConfig::default()
+    })
 }
 
 /// Profile flags.
@@ -494,14 +517,10 @@ fn participate(device: &mut Device, args: &ParticipateArgs) -> Result<String, Cl
         rounds: args.rounds,
         ..ParticipateOptions::default()
     };
+    let config = participation_config(args.enrolment_grant.as_deref())?;
     let report = runtime
         .block_on(async {
-            let mut client = CoordinatorClient::connect(
-                &args.coordinator,
-                &ca_pem,
-                ParticipationConfig::default(),
-            )
-            .await?;
+            let mut client = CoordinatorClient::connect(&args.coordinator, &ca_pem, config).await?;
             participate_rounds(device, &mut client, &args.app_key, &options, &mut |e| {
                 println!("{e}")
             })
@@ -530,7 +549,9 @@ fn report(device: &mut Device, args: &ReportMetricsArgs) -> Result<String, CliEr
         ca_cert: c.ca_cert.clone(),
         app_key: c.app_key.clone(),
         rounds: 1,
+        enrolment_grant: c.enrolment_grant.clone(),
     };
+    let config = participation_config(c.enrolment_grant.as_deref())?;
     let ca_pem = std::fs::read(&c.ca_cert).map_err(|e| {
         CliError::Failed(format!(
             "--ca-cert {}: cannot read: {e}",
@@ -548,9 +569,7 @@ fn report(device: &mut Device, args: &ReportMetricsArgs) -> Result<String, CliEr
     };
     let outcome = runtime
         .block_on(async {
-            let mut client =
-                CoordinatorClient::connect(&c.coordinator, &ca_pem, ParticipationConfig::default())
-                    .await?;
+            let mut client = CoordinatorClient::connect(&c.coordinator, &ca_pem, config).await?;
             report_metrics(device, &mut client, &c.app_key, when).await
         })
         .map_err(|e| participation_error(e, &flags))?;

@@ -94,7 +94,7 @@ pub use model::{
 pub use participation::{
     CoordinatorClient, DownloadProgress, MetricsOutcome, ParticipateOptions, ParticipationConfig,
     ParticipationError, ParticipationEvent, ParticipationReport, ReportWhen, RetryPolicy,
-    participate, report_metrics,
+    enrolment_grant_from_bytes, participate, report_metrics,
 };
 pub use recommend::{Guardrails, PersonalView, Ranker, Reason, Recommendation};
 pub use time::Timestamp;

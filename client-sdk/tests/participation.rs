@@ -323,6 +323,80 @@ async fn a_wrong_ca_certificate_is_a_clear_tls_error() {
     server.running.shutdown().await.unwrap();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_enrolment_grants_devices_enrol_with_their_persons_grant_and_take_part() {
+    use fedpref_coordinator::checkpoint::LedgerSigner;
+    let backend = LedgerSigner::from_seed([21; 32]);
+    let server = TestServer::start_with_grant_keys(&[backend.public_key_hex()]).await;
+    let run_id = create_run(&server, 1).await;
+    let dir = tempfile::tempdir().unwrap();
+    let expires = Timestamp::now().millis() + 3_600_000;
+
+    // Without a grant the SDK gets a typed error naming the grant, and stores nothing.
+    let mut stranger = device(dir.path(), "no-grant", 9, DeviceConfig::default());
+    let e = server
+        .client(quick_retries())
+        .await
+        .ensure_enrolled(&mut stranger, APP_KEY)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, ParticipationError::Unauthenticated { call: "Enroll", message } if message.contains("grant")),
+        "{e}"
+    );
+    assert_eq!(stranger.enrolment().unwrap(), None);
+
+    // Two people, each with the grant their backend signed (as the app would receive it:
+    // base64 bytes), take part in the round.
+    let mut handles = vec![];
+    for (n, person) in ["ann", "ben"].into_iter().enumerate() {
+        let grant = fedpref_coordinator::enrolment::sign(&backend, person, expires);
+        let bytes = base64::Engine::encode(
+            &base64::engine::general_purpose::STANDARD,
+            prost::Message::encode_to_vec(&grant),
+        );
+        let config = ParticipationConfig {
+            enrolment_grant: Some(
+                fedpref_client_sdk::enrolment_grant_from_bytes(bytes.as_bytes()).unwrap(),
+            ),
+            ..quick_retries()
+        };
+        let mut d = device(dir.path(), person, n, DeviceConfig::default());
+        let mut client = server.client(config).await;
+        handles.push(tokio::spawn(async move {
+            let options = ParticipateOptions {
+                rounds: 1,
+                give_up_after: Some(Duration::from_secs(20)),
+                ..ParticipateOptions::default()
+            };
+            participate(&mut d, &mut client, APP_KEY, &options, &mut |_| {})
+                .await
+                .unwrap()
+        }));
+    }
+    for h in handles {
+        let report = h.await.unwrap();
+        assert_eq!(report.uploads, 1, "{:#?}", report.events);
+    }
+    let mut admin_client = server.admin().await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let run = admin_client
+            .get_run(admin(pb::GetRunRequest {
+                run_id: run_id.clone(),
+            }))
+            .await
+            .unwrap()
+            .into_inner();
+        if run.rounds_committed == 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{run:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    server.running.shutdown().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wrong_app_key_is_a_typed_unauthenticated_error_and_nothing_is_stored() {
     let server = TestServer::start().await;

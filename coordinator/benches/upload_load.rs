@@ -332,6 +332,7 @@ async fn measure(n: usize) -> String {
                     .enroll(pb::EnrollRequest {
                         app_key: "load-test-app-key-0123456789".into(),
                         sdk_version: "0.1.0".into(),
+                        grant: None,
                     })
                     .await;
                 match attempt {
@@ -401,6 +402,7 @@ async fn measure(n: usize) -> String {
             .enroll(pb::EnrollRequest {
                 app_key: "load-test-app-key-0123456789".into(),
                 sdk_version: "0.1.0".into(),
+                grant: None,
             })
             .await;
         let _ = client

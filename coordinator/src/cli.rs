@@ -92,6 +92,35 @@ pub enum Command {
         #[arg(long)]
         insecure_plaintext: bool,
     },
+    /// Enrolment grants: the app backend's key, and grants signed with it (for testing, and
+    /// for backends that shell out; the format is in docs/operators.md).
+    #[command(subcommand)]
+    Grant(GrantCommand),
+}
+
+/// Enrolment grant commands.
+#[derive(Debug, Subcommand)]
+pub enum GrantCommand {
+    /// Write a new Ed25519 key for the app's backend (the seed in hex, mode 0600) and print its
+    /// public key, the value for `auth.enrolment_grant_keys`.
+    Keygen {
+        /// The key file to write (never overwritten).
+        #[arg(long, value_name = "FILE")]
+        out: std::path::PathBuf,
+    },
+    /// Sign a grant naming one person; prints the encoded `EnrolmentGrant`, base64 (standard,
+    /// padded), for the app to pass to the SDK.
+    Sign {
+        /// The backend's key file (`grant keygen` wrote it).
+        #[arg(long, value_name = "FILE")]
+        key_file: std::path::PathBuf,
+        /// The backend's pseudonym for the person (1 to 128 bytes; not a name or an email).
+        #[arg(long)]
+        pseudonym: String,
+        /// How long the grant stays valid, in seconds (1 to 31536000).
+        #[arg(long, default_value_t = 600)]
+        expires_in_seconds: u64,
+    },
 }
 
 /// Run commands (offline, on the database file).
@@ -508,6 +537,43 @@ pub fn run(cli: &Cli) -> Result<String, CliError> {
             } else {
                 Err(CliError::Verification(printed))
             }
+        }
+        Command::Grant(GrantCommand::Keygen { out }) => {
+            let key = crate::checkpoint::LedgerSigner::write_new_file(out)
+                .map_err(|e| CliError::Failed(e.to_string()))?;
+            Ok(format!(
+                "wrote {}\npublic key (for auth.enrolment_grant_keys): {}",
+                out.display(),
+                key.public_key_hex()
+            ))
+        }
+        Command::Grant(GrantCommand::Sign {
+            key_file,
+            pseudonym,
+            expires_in_seconds,
+        }) => {
+            use base64::Engine as _;
+            use fedpref_proto::prost::Message as _;
+            if !(1..=31_536_000).contains(expires_in_seconds) {
+                return Err(CliError::Usage(
+                    "--expires-in-seconds: must be in 1..=31536000 (a year)".into(),
+                ));
+            }
+            if pseudonym.is_empty() || pseudonym.len() > crate::enrolment::MAX_PSEUDONYM_BYTES {
+                return Err(CliError::Usage(format!(
+                    "--pseudonym: {} bytes; must be 1 to {}",
+                    pseudonym.len(),
+                    crate::enrolment::MAX_PSEUDONYM_BYTES
+                )));
+            }
+            let key = crate::checkpoint::LedgerSigner::read_file(key_file)
+                .map_err(|e| CliError::Failed(format!("--key-file: {e}")))?;
+            let grant = crate::enrolment::sign(
+                &key,
+                pseudonym,
+                now_ms() + (*expires_in_seconds as i64) * 1000,
+            );
+            Ok(base64::engine::general_purpose::STANDARD.encode(grant.encode_to_vec()))
         }
         Command::Init { dir } => {
             let done = crate::config::init(dir).map_err(|e| CliError::Failed(e.to_string()))?;

@@ -25,6 +25,8 @@
 //! app_key_file = "app.key"
 //! admin_token_file = "admin.token"
 //! admin_client_ca = "tls/admin-ca.pem"  # optional: admin client certificates it signed
+//! enrolment_grant_keys = []   # optional: the app backend's Ed25519 public keys (hex); set,
+//!                             # every enrolment needs a grant and privacy counts per person
 //!
 //! [ledger]                    # optional: without it, ledger heads are not signed
 //! signing_key_file = "ledger.key"  # Ed25519 seed, hex, mode 0600 (see docs/ledger.md)
@@ -40,6 +42,8 @@
 //! tick_millis = 250
 //! max_enrolments_per_window = 10000   # enrolments with the app key, all devices together …
 //! enrolment_window_seconds = 60       # … per this many seconds
+//! max_enrolments_per_person = 10      # with enrolment grants: enrolments of one person …
+//! person_enrolment_window_seconds = 2592000  # … per this many seconds (30 days)
 //! ```
 //!
 //! Relative paths are relative to the directory of the configuration file. Unknown keys and
@@ -178,6 +182,12 @@ pub struct AuthConfig {
     /// asks for client certificates.
     #[serde(default)]
     pub admin_client_ca: Option<PathBuf>,
+    /// Optional: the app backend's Ed25519 public keys, hex (more than one while rotating).
+    /// Set, `Enroll` requires an enrolment grant signed by one of them, and the device acts as
+    /// the person the grant names: participation, its limits and every ε count per person
+    /// (see [`crate::enrolment`]). Empty: per enrolment, and grants are refused.
+    #[serde(default)]
+    pub enrolment_grant_keys: Vec<String>,
 }
 
 /// The privacy ledger.
@@ -215,6 +225,12 @@ pub struct Limits {
     pub max_enrolments_per_window: u32,
     /// The enrolment window, in seconds.
     pub enrolment_window_seconds: u64,
+    /// With enrolment grants: most enrolments of one person (across their devices and
+    /// re-enrolments) in any window of `person_enrolment_window_seconds`; more are refused
+    /// with `RESOURCE_EXHAUSTED`.
+    pub max_enrolments_per_person: u32,
+    /// That window, in seconds.
+    pub person_enrolment_window_seconds: u64,
 }
 
 impl Default for Limits {
@@ -230,6 +246,8 @@ impl Default for Limits {
             tick_millis: 250,
             max_enrolments_per_window: 10_000,
             enrolment_window_seconds: 60,
+            max_enrolments_per_person: 10,
+            person_enrolment_window_seconds: 30 * 86_400,
         }
     }
 }
@@ -346,6 +364,23 @@ impl Config {
                 "limits.enrolment_window_seconds",
                 "must be in 1..=604800 (a week)",
             ));
+        }
+        if l.max_enrolments_per_person == 0 {
+            return Err(bad(
+                "limits.max_enrolments_per_person",
+                "must be at least 1",
+            ));
+        }
+        if !(1..=31_622_400).contains(&l.person_enrolment_window_seconds) {
+            return Err(bad(
+                "limits.person_enrolment_window_seconds",
+                "must be in 1..=31622400 (a year)",
+            ));
+        }
+        if let Err(e) = crate::enrolment::GrantKeys::parse(&self.auth.enrolment_grant_keys) {
+            // `[i]: what is wrong`
+            let (index, message) = e.split_once(": ").unwrap_or(("", e.as_str()));
+            return Err(bad(&format!("auth.enrolment_grant_keys{index}"), message));
         }
         if self.listen.device == self.listen.admin {
             return Err(bad(
@@ -572,6 +607,11 @@ admin_token_file = "admin.token"
 # Admin clients may instead present a certificate signed by this CA (init wrote one:
 # tls/admin-client.pem with its key tls/admin-client.key). Remove the line to allow tokens only.
 admin_client_ca = "tls/admin-ca.pem"
+# Enrolment grants: set the app backend's Ed25519 public key(s), hex, and every enrolment needs
+# a grant the backend signed for the signed-in person; participation, its limits and every ε
+# then count per person, across their devices and re-enrolments. Empty: per enrolment.
+# `fedpref-coordinator grant keygen` makes a key pair.
+enrolment_grant_keys = []
 
 [ledger]
 # The Ed25519 key that signs each run's ledger head after every entry (keep it 0600 and back
@@ -591,6 +631,9 @@ tick_millis = 250
 # from the app can enrol devices; this bounds how fast).
 max_enrolments_per_window = 10000
 enrolment_window_seconds = 60
+# With enrolment grants: enrolments of one person (all their devices) per 30 days.
+max_enrolments_per_person = 10
+person_enrolment_window_seconds = 2592000
 "#;
 
 /// The example manifest `init` writes: a small central-DP run that three devices complete in
@@ -758,6 +801,17 @@ mod tests {
         assert_eq!(
             e,
             "c.toml: key `limits.max_upload_chunks`: must be at least 1"
+        );
+        let text = INIT_CONFIG.replace(
+            "enrolment_grant_keys = []",
+            "enrolment_grant_keys = [\"abc\"]",
+        );
+        let e = Config::from_toml(&text, "c.toml", Path::new("."))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "c.toml: key `auth.enrolment_grant_keys[0]`: not 64 hex digits (an Ed25519 public key)"
         );
         let text = INIT_CONFIG.replace("\"127.0.0.1:7444\"", "\"nowhere\"");
         let e = Config::from_toml(&text, "c.toml", Path::new("."))

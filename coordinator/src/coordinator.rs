@@ -111,6 +111,7 @@ pub struct Coordinator {
     metrics: Option<Arc<Metrics>>,
     remote_owners: BTreeMap<String, String>,
     grants: TaskGrants,
+    grant_keys: crate::enrolment::GrantKeys,
 }
 
 /// Restores a run's engine from the store (publishing a committed, unpublished version
@@ -283,6 +284,7 @@ impl Coordinator {
             metrics: None,
             remote_owners: BTreeMap::new(),
             grants: TaskGrants::default(),
+            grant_keys: Default::default(),
         })
     }
 
@@ -374,15 +376,49 @@ impl Coordinator {
         self.engines.get(run_id)
     }
 
+    /// The app backend's keys enrolment grants are checked against (`auth.enrolment_grant_keys`;
+    /// none by default). With keys, devices act as the person their grant names and new runs
+    /// record `"privacy_unit": "person"` in `run_created`.
+    pub fn set_grant_keys(&mut self, keys: crate::enrolment::GrantKeys) {
+        self.grant_keys = keys;
+    }
+
+    /// The keys enrolment grants are checked against.
+    pub fn grant_keys(&self) -> &crate::enrolment::GrantKeys {
+        &self.grant_keys
+    }
+
+    /// Runs whose `run_created` records per-person accounting ([`PRIVACY_UNIT_PERSON`]) and
+    /// that have not stopped: a coordinator without grant keys must not go on with them.
+    pub fn runs_counting_per_person(&self) -> Result<Vec<String>, CoordinatorError> {
+        let mut out = vec![];
+        for run in self.store.runs()? {
+            if run.status == RunStatus::Stopped {
+                continue;
+            }
+            if let Some(LedgerEvent::RunCreated { privacy_unit, .. }) =
+                ledger_entries(&self.store, &run.id)?
+                    .first()
+                    .map(|e| &e.event)
+                && privacy_unit.as_deref() == Some(PRIVACY_UNIT_PERSON)
+            {
+                out.push(run.id);
+            }
+        }
+        Ok(out)
+    }
+
     /// Creates a run from a validated manifest: initial model (seeded from the manifest's
-    /// `seed`, or randomly), the `run_created` ledger entry, and its engine.
+    /// `seed`, or randomly), the `run_created` ledger entry, and its engine. With enrolment
+    /// grant keys set, the run records that its guarantees hold per person.
     pub fn create_run(
         &mut self,
         run_id: &str,
         manifest: RunManifest,
         now_ms: i64,
     ) -> Result<(), CoordinatorError> {
-        create_run(&mut self.store, run_id, &manifest, now_ms)?;
+        let unit = self.grant_keys.required().then_some(PRIVACY_UNIT_PERSON);
+        create_run_counting(&mut self.store, run_id, &manifest, now_ms, unit)?;
         let record = self.store.run(run_id)?;
         let params = model::decode(&self.store.model(run_id, 1)?, &record.manifest.model)?;
         self.engines.insert(
@@ -731,13 +767,29 @@ impl Coordinator {
     }
 }
 
+/// `run_created`'s `privacy_unit` for a run whose devices enrolled with grants naming a person.
+pub const PRIVACY_UNIT_PERSON: &str = "person";
+
 /// Creates a run in the store (offline: `fedpref-coordinator run create`). Refuses privacy
-/// mode `none`, which exists for simulations only.
+/// mode `none`, which exists for simulations only. Its guarantees are recorded as holding per
+/// enrolment ([`create_run_counting`] records them per person).
 pub fn create_run(
     store: &mut Store,
     run_id: &str,
     manifest: &RunManifest,
     now_ms: i64,
+) -> Result<(), CoordinatorError> {
+    create_run_counting(store, run_id, manifest, now_ms, None)
+}
+
+/// [`create_run`], recording in `run_created` the unit its participation and ε count in:
+/// `Some("person")` with enrolment grants, `None` (per enrolment) without.
+pub fn create_run_counting(
+    store: &mut Store,
+    run_id: &str,
+    manifest: &RunManifest,
+    now_ms: i64,
+    privacy_unit: Option<&str>,
 ) -> Result<(), CoordinatorError> {
     if manifest.privacy_mode == ManifestPrivacyMode::None {
         return Err(CoordinatorError::Refused(
@@ -779,6 +831,7 @@ pub fn create_run(
             || manifest.adaptive_clipping.is_some()
             || manifest.privacy_mode == ManifestPrivacyMode::Distributed)
             .then(|| manifest.epsilon_assumption()),
+        privacy_unit: privacy_unit.map(str::to_string),
     };
     store.create_run(run_id, manifest, &blob, &server_state, created, now_ms)?;
     Ok(())

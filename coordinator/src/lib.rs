@@ -28,6 +28,7 @@ pub mod cli;
 pub mod cli_error;
 pub mod config;
 pub mod coordinator;
+pub mod enrolment;
 pub mod metrics;
 pub mod replica;
 pub mod report;

@@ -79,7 +79,9 @@ pub struct ImpactReport {
 
 /// Whom "one user" is: without enrolment grants from the app's backend (not built), each
 /// enrolment is its own user.
-pub const UNIT_OF_PRIVACY: &str = "one enrolment (one installation of the app on one device). The coordinator accepts no enrolment grants naming a person, so participation limits, every ε and the budget hold per enrolment, not per person: a person with two devices, or one who deletes everything and enrols again, counts as two. Sybil enrolment is limited only by the app key shipped in the app, per-address and per-device request limits, and the coordinator's cap on enrolments per window (limits.max_enrolments_per_window); distributed mode's ε assumes its honest devices are real, distinct users.";
+pub const UNIT_OF_PRIVACY: &str = "one enrolment (one installation of the app on one device). The coordinator accepted no enrolment grants naming a person when this run was created, so participation limits, every ε and the budget hold per enrolment, not per person: a person with two devices, or one who deletes everything and enrols again, counts as two. Sybil enrolment is limited only by the app key shipped in the app, per-address and per-device request limits, and the coordinator's cap on enrolments per window (limits.max_enrolments_per_window); distributed mode's ε assumes its honest devices are real, distinct users.";
+/// The report's unit of privacy for a run whose `run_created` records `"privacy_unit": "person"`.
+pub const UNIT_OF_PRIVACY_PERSON: &str = "one person, as the app's backend knows them. Every device enrolled with a grant the backend signed naming the person by a pseudonym (the coordinator keeps only its hash), and acts as that person: one update per round, and participation limits, every ε and the budget count per person across all their devices and re-enrolments. Enrolments per person are capped (limits.max_enrolments_per_person). Sybil enrolment is limited by the backend's accounts: whoever holds many accounts can still enrol many persons, and distributed mode's ε assumes its honest devices are real, distinct people.";
 
 /// The ledger's verification when the report was rendered.
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -384,6 +386,7 @@ impl ImpactReport {
         let mut final_epsilon = vec![];
         let mut alerts = vec![];
         let mut recorded_accountant = m.accountant();
+        let mut per_person = false;
         let mut evaluation = vec![];
         let mut operations = vec![];
         let mut clip_trajectory = vec![];
@@ -393,8 +396,11 @@ impl ImpactReport {
                     orders,
                     budget_delta,
                     accountant,
+                    privacy_unit,
                     ..
                 } => {
+                    per_person = privacy_unit.as_deref()
+                        == Some(crate::coordinator::PRIVACY_UNIT_PERSON);
                     if let Ok(g) = OrderGrid::new(orders.clone()) {
                         grid = g;
                     }
@@ -624,7 +630,12 @@ impl ImpactReport {
                 data_elements_not_used: m.data_elements_not_used.clone(),
                 privacy_mode: m.privacy_mode.as_str().into(),
                 mode_explained,
-                unit_of_privacy: UNIT_OF_PRIVACY.to_string(),
+                unit_of_privacy: if per_person {
+                    UNIT_OF_PRIVACY_PERSON
+                } else {
+                    UNIT_OF_PRIVACY
+                }
+                .to_string(),
                 budget_audience: m.budget_audience().as_str().to_string(),
                 audiences,
                 budget_epsilon: m.budget.epsilon,

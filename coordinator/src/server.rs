@@ -157,7 +157,19 @@ pub async fn start(config: &Config, options: &ServeOptions) -> Result<Running, S
     // Opening the store and the first reads block (PostgreSQL's client too): off the runtime.
     let store_config = config.clone();
     let shared = tokio::task::spawn_blocking(move || {
-        let coordinator = crate::replica::open(&store_config)?;
+        let mut coordinator = crate::replica::open(&store_config)?;
+        // Checked when the configuration was read.
+        let keys = crate::enrolment::GrantKeys::parse(&store_config.auth.enrolment_grant_keys)
+            .map_err(|e| CoordinatorError::Refused(format!("auth.enrolment_grant_keys{e}")))?;
+        if !keys.required() {
+            let runs = coordinator.runs_counting_per_person()?;
+            if !runs.is_empty() {
+                return Err(CoordinatorError::Refused(format!(
+                    "auth.enrolment_grant_keys is empty, but runs {runs:?} were created to count participation per person, which only enrolment grants make true: configure the keys again (a coordinator with them can also stop those runs)"
+                )));
+            }
+        }
+        coordinator.set_grant_keys(keys);
         Shared::new(
             coordinator,
             &app_key,

@@ -554,6 +554,7 @@ async fn enroll(client: &mut DeviceServiceClient<Channel>) -> String {
         .enroll(pb::EnrollRequest {
             app_key: APP_KEY.into(),
             sdk_version: "0.1.0".into(),
+            grant: None,
         })
         .await
         .unwrap()

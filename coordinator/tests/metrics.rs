@@ -78,6 +78,7 @@ async fn metrics_count_check_ins_and_refused_uploads() {
         .enroll(pb::EnrollRequest {
             app_key: app_key.trim().into(),
             sdk_version: "0.1.0".into(),
+            grant: None,
         })
         .await
         .unwrap()

@@ -147,6 +147,7 @@ admin_token_file = "admin.token"
                     .enroll(pb::EnrollRequest {
                         app_key: APP_KEY.into(),
                         sdk_version: "0.1.0".into(),
+                        grant: None,
                     })
                     .await
                     .unwrap()

@@ -4,14 +4,15 @@
 
 mod common;
 
-use common::device::{authed, check_in_request, update_for, upload, upload_messages};
+use common::device::{
+    authed, central_manifest as manifest, check_in_request, update_for, upload, upload_messages,
+};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use fedpref_coordinator::config::{Config, Limits};
 use fedpref_coordinator::server::{Running, ServeOptions, start};
 use fedpref_privacy::evaluation::Coordinate;
-use fedpref_proto::prost_types;
 use fedpref_proto::v1::{
     self as pb, admin_service_client::AdminServiceClient, check_in_response::Outcome,
     device_service_client::DeviceServiceClient, upload_update_request::Part,
@@ -110,64 +111,7 @@ admin_token_file = "admin.token"
     }
 }
 
-fn seconds(s: i64) -> Option<prost_types::Duration> {
-    Some(prost_types::Duration {
-        seconds: s,
-        nanos: 0,
-    })
-}
-
 /// A central-DP cohort run over the protocol's manifest: 100 items × 4 factors.
-fn manifest(target: u32, minimum: u32, round_seconds: i64, rounds: u64) -> pb::RunManifest {
-    pb::RunManifest {
-        title: "Service test".into(),
-        purpose: "Exercise the gRPC services".into(),
-        owner: "tests@example.com".into(),
-        data_elements_used: vec![pb::DataElement {
-            element: "ratings".into(),
-            rationale: String::new(),
-        }],
-        privacy_mode: pb::PrivacyMode::Central as i32,
-        budget: Some(pb::PrivacyBudget {
-            epsilon: 100.0,
-            delta: 1e-5,
-        }),
-        clip_norm: 1.0,
-        noise_multiplier: 1.0,
-        sampling: Some(pb::Sampling {
-            method: Some(pb::sampling::Method::Cohort(pb::CohortSampling {
-                target_cohort_size: target,
-                round_deadline: seconds(round_seconds),
-                minimum_cohort_size: minimum,
-            })),
-        }),
-        rounds,
-        server_optimizer: Some(pb::ServerOptimizer {
-            optimizer: Some(pb::server_optimizer::Optimizer::Fedavg(pb::FedAvg {
-                server_learning_rate: 1.0,
-            })),
-        }),
-        model: Some(pb::ModelSpec {
-            model: Some(pb::model_spec::Model::MatrixFactorization(
-                pb::MatrixFactorizationSpec {
-                    item_count: 100,
-                    factor_dimension: 4,
-                    item_biases: true,
-                    global_offset: true,
-                    init_stddev: 0.1,
-                    init_seed: Some(7),
-                },
-            )),
-        }),
-        opt_out_policy: Some(pb::OptOutPolicy {
-            consent_model: pb::ConsentModel::OptIn as i32,
-            description: String::new(),
-            withdrawal_effect: String::new(),
-        }),
-        ..Default::default()
-    }
-}
-
 async fn create_run(server: &TestServer, m: pb::RunManifest) -> pb::Run {
     server
         .admin()
@@ -190,6 +134,7 @@ async fn enroll(client: &mut DeviceServiceClient<Channel>) -> String {
         .enroll(pb::EnrollRequest {
             app_key: APP_KEY.into(),
             sdk_version: "0.1.0".into(),
+            grant: None,
         })
         .await
         .unwrap()
@@ -438,6 +383,7 @@ async fn each_bad_input_gets_its_status_code_and_a_message_naming_the_problem() 
             .enroll(pb::EnrollRequest {
                 app_key: "wrong-app-key-000000".into(),
                 sdk_version: "0.1.0".into(),
+                grant: None,
             })
             .await,
         Code::Unauthenticated,
@@ -1696,6 +1642,7 @@ async fn enrolments_past_the_window_cap_get_resource_exhausted_naming_the_limit(
         .enroll(pb::EnrollRequest {
             app_key: APP_KEY.into(),
             sdk_version: "0.1.0".into(),
+            grant: None,
         })
         .await
         .expect_err("over the cap");

@@ -120,7 +120,7 @@ impl LedgerSigner {
                 return Err(SigningKeyError::Invalid {
                     file,
                     message: format!(
-                        "mode {mode:o} lets others read the ledger signing key; make it 0600 (chmod 600)"
+                        "mode {mode:o} lets others read the signing key; make it 0600 (chmod 600)"
                     ),
                 });
             }
@@ -155,6 +155,12 @@ impl LedgerSigner {
         f.write_all(signer.key_file_text().as_bytes()).map_err(io)?;
         f.sync_all().map_err(io)?;
         Ok(signer)
+    }
+
+    /// Signs any message with this key (an Ed25519 signature, 64 bytes). The same key file
+    /// format serves the app backend's enrolment grant key (`fedpref-coordinator grant`).
+    pub fn sign_message(&self, message: &[u8]) -> [u8; 64] {
+        self.key.sign(message).to_bytes()
     }
 
     /// Signs the head of `run_id`'s chain: entry `sequence` with hash `hash`, written at
@@ -193,7 +199,8 @@ pub fn check_signature(public_key: &str, signature: &str, message: &[u8]) -> Res
         .map_err(|_| "the signature does not check".to_string())
 }
 
-fn decode_hex<const N: usize>(s: &str) -> Option<[u8; N]> {
+/// `N` bytes from exactly `2N` hex digits, or `None`.
+pub fn decode_hex<const N: usize>(s: &str) -> Option<[u8; N]> {
     if s.len() != 2 * N || !s.is_ascii() {
         return None;
     }

@@ -173,6 +173,11 @@ pub enum LedgerEvent {
         /// participation limits, dp-ftrl or adaptive clipping).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         epsilon_assumption: Option<String>,
+        /// `"person"` when the coordinator enrolled devices only with grants naming a person,
+        /// so participation, its limits and every ε of the run count per person across their
+        /// devices. Absent: per enrolment (one installation on one device).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        privacy_unit: Option<String>,
     },
     /// A round's aggregate was computed and its spend recorded. Written before the model
     /// version it produced is published.

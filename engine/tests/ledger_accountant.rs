@@ -72,6 +72,7 @@ fn run(m: &RunManifest, recorded: Option<Accountant>) -> (Vec<LedgerEvent>, u64)
         initial_model_sha256: "00".into(),
         participation_limits: None,
         epsilon_assumption: None,
+        privacy_unit: None,
     }];
     let mut rng = ChaCha20Rng::seed_from_u64(3);
     let mut sampler = SimulationSampler::seed_from_u64(3);

@@ -187,6 +187,28 @@ fn all_names(set: &FileDescriptorSet) -> Vec<(String, String)> {
     names
 }
 
+/// The one identity the protocol carries besides the coordinator's device id: the app
+/// backend's opaque pseudonym in an enrolment grant. Pinned, so the grant cannot grow into a
+/// carrier of anything else about the person.
+#[test]
+fn an_enrolment_grant_claims_only_a_pseudonym_and_an_expiry() {
+    let set = descriptors();
+    let claims = fedpref_files(&set)
+        .iter()
+        .flat_map(|f| &f.message_type)
+        .find(|m| m.name() == "GrantClaims")
+        .expect("GrantClaims exists");
+    let fields: Vec<(&str, Type)> = claims
+        .field
+        .iter()
+        .map(|f| (f.name(), f.r#type()))
+        .collect();
+    assert_eq!(
+        fields,
+        [("pseudonym", Type::String), ("expires_at", Type::Message)]
+    );
+}
+
 #[test]
 fn no_field_message_or_method_name_looks_like_private_user_data() {
     let violations: Vec<String> = all_names(&descriptors())
@@ -676,6 +698,9 @@ fn the_descriptor_set_includes_the_well_known_types_reflection_needs() {
 const DEVICE_SENT: &[(&str, &str, &str)] = &[
     ("EnrollRequest", "app_key", "public"),
     ("EnrollRequest", "sdk_version", "public"),
+    ("EnrollRequest", "grant", "public"),
+    ("EnrolmentGrant", "claims", "public"),
+    ("EnrolmentGrant", "signature", "public"),
     ("CheckInRequest", "sdk_version", "public"),
     ("CheckInRequest", "held_model", "public"),
     ("CheckInRequest", "eligibility", "bounded"),

@@ -394,7 +394,7 @@ pub struct BudgetStatus {
 }
 
 /// What one `participate` call is to do.
-#[derive(Clone, Copy, Debug, PartialEq, uniffi::Record)]
+#[derive(Clone, Debug, PartialEq, uniffi::Record)]
 pub struct ParticipateOptions {
     /// Tasks to finish (each ends with an upload, a decline or a refused upload), ≥ 1.
     pub rounds: u32,
@@ -403,6 +403,11 @@ pub struct ParticipateOptions {
     pub device_conditions_met: bool,
     /// Stop waiting for tasks after this many seconds in all; `None`: no limit.
     pub give_up_after_seconds: Option<f64>,
+    /// The enrolment grant the app's backend signed for the signed-in person (an encoded
+    /// `EnrolmentGrant`, raw or base64), sent when the device enrols; needed by a coordinator
+    /// that counts per person. `None`: enrol with the app key alone.
+    #[uniffi(default = None)]
+    pub enrolment_grant: Option<Vec<u8>>,
 }
 
 /// One step of a participation cycle, in order.
@@ -846,6 +851,15 @@ impl FedprefDevice {
                 )));
             }
         };
+        let config = sdk::ParticipationConfig {
+            enrolment_grant: options
+                .enrolment_grant
+                .as_deref()
+                .map(sdk::enrolment_grant_from_bytes)
+                .transpose()
+                .map_err(FedprefError::InvalidInput)?,
+            ..sdk::ParticipationConfig::default()
+        };
         let sdk_options = sdk::ParticipateOptions {
             rounds: options.rounds,
             device_conditions_met: options.device_conditions_met,
@@ -865,7 +879,7 @@ impl FedprefDevice {
             let mut client = sdk::CoordinatorClient::connect(
                 &coordinator_url,
                 ca_certificate_pem.as_bytes(),
-                sdk::ParticipationConfig::default(),
+                config,
             )
             .await?;
             sdk::participate(

@@ -121,6 +121,7 @@ fn two_devices_take_part_in_a_local_dp_round_and_their_budgets_show_it() {
         rounds: 1,
         device_conditions_met: true,
         give_up_after_seconds: Some(20.0),
+        enrolment_grant: None,
     };
     let started = Instant::now();
     let reports: Vec<_> = std::thread::scope(|s| {
@@ -128,7 +129,7 @@ fn two_devices_take_part_in_a_local_dp_round_and_their_budgets_show_it() {
             .iter()
             .zip(&listeners)
             .map(|(d, l)| {
-                let (url, ca) = (url.clone(), server.ca_pem.clone());
+                let (url, ca, options) = (url.clone(), server.ca_pem.clone(), options.clone());
                 let listener: Arc<dyn ParticipationListener> = l.clone();
                 s.spawn(move || d.participate(url, ca, APP_KEY.into(), options, Some(listener)))
             })
@@ -176,7 +177,7 @@ fn two_devices_take_part_in_a_local_dp_round_and_their_budgets_show_it() {
             url.clone(),
             server.ca_pem.clone(),
             "not-the-app-key".into(),
-            options,
+            options.clone(),
             None,
         )
         .unwrap_err();
@@ -190,11 +191,28 @@ fn two_devices_take_part_in_a_local_dp_round_and_their_budgets_show_it() {
             "not a url".into(),
             server.ca_pem.clone(),
             APP_KEY.into(),
-            options,
+            options.clone(),
             None,
         )
         .unwrap_err();
     assert!(matches!(e, FedprefError::InvalidEndpoint(_)), "{e:?}");
+    // An enrolment grant that is not one is refused before any network call.
+    let e = stranger
+        .participate(
+            url.clone(),
+            server.ca_pem.clone(),
+            APP_KEY.into(),
+            ParticipateOptions {
+                enrolment_grant: Some(b"not a grant".to_vec()),
+                ..options.clone()
+            },
+            None,
+        )
+        .unwrap_err();
+    assert!(
+        matches!(e, FedprefError::InvalidInput(ref m) if m.starts_with("enrolment grant:")),
+        "{e:?}"
+    );
     let e = stranger
         .participate(
             url,

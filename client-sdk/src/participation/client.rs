@@ -263,6 +263,7 @@ impl CoordinatorClient {
             let request = pb::EnrollRequest {
                 app_key: app_key.trim().to_string(),
                 sdk_version: self.config.sdk_version.clone(),
+                grant: self.config.enrolment_grant.clone(),
             };
             match self.inner.enroll(request).await {
                 Ok(r) => {

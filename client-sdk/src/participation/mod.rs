@@ -75,6 +75,34 @@ pub struct ParticipationConfig {
     pub connect_timeout: Duration,
     /// One call gives up after this. Default 120 s.
     pub request_timeout: Duration,
+    /// The enrolment grant the app's backend signed for the signed-in person, sent with
+    /// `Enroll`; a coordinator with `auth.enrolment_grant_keys` enrols no device without one
+    /// (see [`pb::EnrolmentGrant`]; decode the backend's bytes with `prost::Message::decode`).
+    /// Default: none.
+    pub enrolment_grant: Option<pb::EnrolmentGrant>,
+}
+
+/// An enrolment grant from the bytes the app's backend sent: an encoded
+/// [`pb::EnrolmentGrant`], raw or in base64 (standard alphabet, as `fedpref-coordinator grant
+/// sign` prints it). The error names what is wrong; the signature is checked by the coordinator.
+pub fn enrolment_grant_from_bytes(bytes: &[u8]) -> Result<pb::EnrolmentGrant, String> {
+    use base64::Engine as _;
+    use prost::Message as _;
+    let text = std::str::from_utf8(bytes).map(str::trim).unwrap_or("");
+    let raw = match base64::engine::general_purpose::STANDARD.decode(text) {
+        Ok(decoded) if !text.is_empty() => decoded,
+        _ => bytes.to_vec(),
+    };
+    let grant = pb::EnrolmentGrant::decode(raw.as_slice())
+        .map_err(|e| format!("enrolment grant: not an encoded EnrolmentGrant: {e}"))?;
+    if grant.claims.is_empty() || grant.signature.len() != 64 {
+        return Err(format!(
+            "enrolment grant: needs claims and a 64-byte signature, got {} and {} bytes",
+            grant.claims.len(),
+            grant.signature.len()
+        ));
+    }
+    Ok(grant)
 }
 
 impl Default for ParticipationConfig {
@@ -86,6 +114,7 @@ impl Default for ParticipationConfig {
             download_chunk_bytes: 0,
             connect_timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(120),
+            enrolment_grant: None,
         }
     }
 }

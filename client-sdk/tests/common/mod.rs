@@ -25,6 +25,12 @@ pub struct TestServer {
 
 impl TestServer {
     pub async fn start() -> Self {
+        Self::start_with_grant_keys(&[]).await
+    }
+
+    /// A coordinator that enrols only devices with an enrolment grant signed by one of `keys`
+    /// (Ed25519 public keys, hex); none: grants are neither needed nor accepted.
+    pub async fn start_with_grant_keys(keys: &[String]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let cert = self_signed_localhost().unwrap();
         let write = |name: &str, text: &str| std::fs::write(dir.path().join(name), text).unwrap();
@@ -32,7 +38,8 @@ impl TestServer {
         write("key.pem", &cert.private_key_pem);
         write("app.key", APP_KEY);
         write("admin.token", ADMIN_TOKEN);
-        let text = r#"
+        let text = format!(
+            r#"
 [listen]
 device = "127.0.0.1:0"
 admin = "127.0.0.1:1"
@@ -44,8 +51,10 @@ private_key = "key.pem"
 [auth]
 app_key_file = "app.key"
 admin_token_file = "admin.token"
-"#;
-        let mut config = Config::from_toml(text, "test.toml", dir.path()).unwrap();
+enrolment_grant_keys = {keys:?}
+"#
+        );
+        let mut config = Config::from_toml(&text, "test.toml", dir.path()).unwrap();
         config.limits = Limits {
             max_upload_bytes: 1 << 20,
             max_upload_chunks: 64,

@@ -46,7 +46,9 @@ pub fn app_key_matches(shared: &Shared, key: &str) -> bool {
     digest_eq(&sha256(key.as_bytes()), &shared.app_key_sha256)
 }
 
-/// The device a request's token belongs to, or `UNAUTHENTICATED`.
+/// Who a request's token acts as, or `UNAUTHENTICATED`: the person its enrolment grant named
+/// ([`crate::enrolment::Person::principal`]), or the enrolment's own device id where it had
+/// no grant. A coordinator that requires grants refuses enrolments made without one.
 pub async fn device(shared: &Shared, metadata: &MetadataMap) -> Result<String, Status> {
     let token = bearer(metadata)?;
     let hash = crate::hex(&sha256(token.as_bytes()));
@@ -55,7 +57,22 @@ pub async fn device(shared: &Shared, metadata: &MetadataMap) -> Result<String, S
     }
     let key = hash.clone();
     let found = shared
-        .blocking(move |c| c.store().device_by_token_hash(&key).map_err(store_status))
+        .blocking(move |c| {
+            let found = c
+                .store()
+                .enrolment_by_token_hash(&key)
+                .map_err(store_status)?;
+            Ok(match found {
+                Some((_, Some(principal))) => Some(principal),
+                Some((_, None)) if c.grant_keys().required() => {
+                    return Err(Status::unauthenticated(
+                        "this device enrolled without an enrolment grant, which this coordinator now requires: enrol again with one",
+                    ));
+                }
+                Some((id, None)) => Some(id),
+                None => None,
+            })
+        })
         .await?;
     let id = found.ok_or_else(|| Status::unauthenticated("unknown device token: enrol again"))?;
     shared.remember_device(hash, id.clone());

@@ -116,30 +116,72 @@ impl DeviceService for DeviceApi {
         let (device_id, token) = auth::new_credentials()?;
         let hash = crate::hex(&auth::sha256(token.as_bytes()));
         let id = device_id.clone();
-        let (cap, window_s) = (
-            self.shared.limits.max_enrolments_per_window,
-            self.shared.limits.enrolment_window_seconds,
-        );
-        self.shared
+        let limits = self.shared.limits.clone();
+        let person = self
+            .shared
             .blocking(move |c| {
                 // Counted and inserted under the coordinator's lock, so concurrent enrolments
-                // cannot pass the cap together.
+                // cannot pass the caps together.
                 let now = now_ms();
+                let person = match (&r.grant, c.grant_keys().required()) {
+                    (None, false) => None,
+                    (Some(_), false) => {
+                        return Err(Status::failed_precondition(
+                            "grant: this coordinator has no auth.enrolment_grant_keys to check enrolment grants with; enrol without one",
+                        ));
+                    }
+                    (None, true) => {
+                        return Err(Status::unauthenticated(
+                            crate::enrolment::GrantError::Missing.to_string(),
+                        ));
+                    }
+                    (Some(grant), true) => {
+                        Some(c.grant_keys().verify(grant, now).map_err(|e| {
+                            tracing::warn!(error = %e, "enrolment grant refused");
+                            Status::unauthenticated(e.to_string())
+                        })?)
+                    }
+                };
+                let window_s = limits.enrolment_window_seconds;
                 let recent = c
                     .store()
                     .enrolments_since(now - (window_s as i64) * 1000)
                     .map_err(super::store_status)?;
-                if recent >= u64::from(cap) {
+                if recent >= u64::from(limits.max_enrolments_per_window) {
                     return Err(Status::resource_exhausted(format!(
                         "enrolment: {recent} devices enrolled in the last {window_s} seconds, the most limits.max_enrolments_per_window allows; retry later"
                     )));
                 }
+                if let Some(p) = &person {
+                    let window_s = limits.person_enrolment_window_seconds;
+                    let theirs = c
+                        .store()
+                        .person_enrolments_since(&p.principal, now - (window_s as i64) * 1000)
+                        .map_err(super::store_status)?;
+                    if theirs >= u64::from(limits.max_enrolments_per_person) {
+                        return Err(Status::resource_exhausted(format!(
+                            "grant: this person enrolled {theirs} times in the last {window_s} seconds, the most limits.max_enrolments_per_person allows"
+                        )));
+                    }
+                }
                 c.store()
-                    .insert_device(&id, &hash, &r.sdk_version, now)
-                    .map_err(super::store_status)
+                    .insert_device(
+                        &id,
+                        &hash,
+                        &r.sdk_version,
+                        now,
+                        person.as_ref().map(|p| p.principal.as_str()),
+                    )
+                    .map_err(super::store_status)?;
+                Ok(person)
             })
             .await?;
-        tracing::info!(device = %device_id, "device enrolled");
+        match &person {
+            Some(p) => {
+                tracing::info!(device = %device_id, person = %p.principal, "device enrolled with a grant")
+            }
+            None => tracing::info!(device = %device_id, "device enrolled"),
+        }
         Ok(Response::new(pb::EnrollResponse {
             device_id,
             device_token: token,

@@ -69,6 +69,11 @@ impl From<Option<i64>> for Value {
         v.map_or(Self::Null, Self::I64)
     }
 }
+impl From<Option<&str>> for Value {
+    fn from(v: Option<&str>) -> Self {
+        v.map_or(Self::Null, |s| Self::Text(s.to_string()))
+    }
+}
 
 /// Builds a `&[Value]` from expressions that convert into [`Value`].
 macro_rules! vals {
@@ -152,6 +157,15 @@ impl Row {
         match self.at(i)? {
             Value::Text(v) => Ok(v.clone()),
             other => Err(column(i, "text", other)),
+        }
+    }
+
+    /// A nullable text column.
+    pub(crate) fn opt_text(&self, i: usize) -> Result<Option<String>, StoreError> {
+        match self.at(i)? {
+            Value::Null => Ok(None),
+            Value::Text(v) => Ok(Some(v.clone())),
+            other => Err(column(i, "text or NULL", other)),
         }
     }
 

@@ -15,21 +15,54 @@ impl Store {
         )
     }
 
-    /// Enrols a device: its opaque id and the SHA-256 (hex) of its token. The token itself is
-    /// never stored.
+    /// Enrols a device: its opaque id, the SHA-256 (hex) of its token and, for an enrolment
+    /// with a grant, the person it acts as ([`crate::enrolment::Person::principal`]). The token
+    /// itself is never stored.
     pub fn insert_device(
         &self,
         device_id: &str,
         token_sha256: &str,
         sdk_version: &str,
         at_ms: i64,
+        principal: Option<&str>,
     ) -> Result<(), StoreError> {
         self.write(|tx| {
             tx.execute(
-                "INSERT INTO devices (id, token_sha256, sdk_version, enrolled_at_ms) VALUES (?1, ?2, ?3, ?4)",
-                vals![device_id, token_sha256, sdk_version, at_ms],
+                "INSERT INTO devices (id, token_sha256, sdk_version, enrolled_at_ms, principal) VALUES (?1, ?2, ?3, ?4, ?5)",
+                vals![device_id, token_sha256, sdk_version, at_ms, principal],
             )?;
             Ok(())
+        })
+    }
+
+    /// Enrolments of the person `principal` at or after `since_ms`.
+    pub fn person_enrolments_since(
+        &self,
+        principal: &str,
+        since_ms: i64,
+    ) -> Result<u64, StoreError> {
+        self.read(|tx| {
+            tx.query_one(
+                "SELECT COUNT(*) FROM devices WHERE principal = ?1 AND enrolled_at_ms >= ?2",
+                vals![principal, since_ms],
+            )?
+            .u64(0)
+        })
+    }
+
+    /// The enrolment whose token hashes to `token_sha256` (hex), if any: its device id and
+    /// the person it enrolled as (`None` without a grant).
+    pub fn enrolment_by_token_hash(
+        &self,
+        token_sha256: &str,
+    ) -> Result<Option<(String, Option<String>)>, StoreError> {
+        self.read(|tx| {
+            tx.query_opt(
+                "SELECT id, principal FROM devices WHERE token_sha256 = ?1",
+                vals![token_sha256],
+            )?
+            .map(|r| Ok((r.text(0)?, r.opt_text(1)?)))
+            .transpose()
         })
     }
 

@@ -144,6 +144,12 @@ CREATE TABLE ledger_signatures (
     PRIMARY KEY (run_id, sequence)
 );
 "#,
+    // 8: enrolment grants: the person (a hash of the app backend's pseudonym, see
+    // crate::enrolment) a device enrolled as; NULL for an enrolment without a grant.
+    r#"
+ALTER TABLE devices ADD COLUMN principal TEXT;
+CREATE INDEX devices_by_principal ON devices (principal, enrolled_at_ms);
+"#,
 ];
 
 /// The PostgreSQL schema, one script per version, version for version the same as
@@ -296,5 +302,10 @@ CREATE TABLE ledger_signatures (
 );
 REVOKE UPDATE, DELETE, TRUNCATE ON ledger_signatures FROM PUBLIC;
 REVOKE UPDATE, DELETE, TRUNCATE ON ledger_signatures FROM CURRENT_USER;
+"#,
+    // 8: as in SQLite.
+    r#"
+ALTER TABLE devices ADD COLUMN principal TEXT;
+CREATE INDEX devices_by_principal ON devices (principal, enrolled_at_ms);
 "#,
 ];

@@ -86,3 +86,63 @@ pub async fn upload(
         .await
         .map(|r| r.into_inner())
 }
+
+/// A central-DP run over loopback: σ = 1, C = 1, ε budget 100, a cohort of `target` (at least
+/// `minimum`) with `round_seconds`-second rounds, 100 items × 4 factors.
+pub fn central_manifest(
+    target: u32,
+    minimum: u32,
+    round_seconds: i64,
+    rounds: u64,
+) -> pb::RunManifest {
+    pb::RunManifest {
+        title: "Service test".into(),
+        purpose: "Exercise the gRPC services".into(),
+        owner: "tests@example.com".into(),
+        data_elements_used: vec![pb::DataElement {
+            element: "ratings".into(),
+            rationale: String::new(),
+        }],
+        privacy_mode: pb::PrivacyMode::Central as i32,
+        budget: Some(pb::PrivacyBudget {
+            epsilon: 100.0,
+            delta: 1e-5,
+        }),
+        clip_norm: 1.0,
+        noise_multiplier: 1.0,
+        sampling: Some(pb::Sampling {
+            method: Some(pb::sampling::Method::Cohort(pb::CohortSampling {
+                target_cohort_size: target,
+                round_deadline: Some(fedpref_proto::prost_types::Duration {
+                    seconds: round_seconds,
+                    nanos: 0,
+                }),
+                minimum_cohort_size: minimum,
+            })),
+        }),
+        rounds,
+        server_optimizer: Some(pb::ServerOptimizer {
+            optimizer: Some(pb::server_optimizer::Optimizer::Fedavg(pb::FedAvg {
+                server_learning_rate: 1.0,
+            })),
+        }),
+        model: Some(pb::ModelSpec {
+            model: Some(pb::model_spec::Model::MatrixFactorization(
+                pb::MatrixFactorizationSpec {
+                    item_count: 100,
+                    factor_dimension: 4,
+                    item_biases: true,
+                    global_offset: true,
+                    init_stddev: 0.1,
+                    init_seed: Some(7),
+                },
+            )),
+        }),
+        opt_out_policy: Some(pb::OptOutPolicy {
+            consent_model: pb::ConsentModel::OptIn as i32,
+            description: String::new(),
+            withdrawal_effect: String::new(),
+        }),
+        ..Default::default()
+    }
+}

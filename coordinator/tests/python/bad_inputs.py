@@ -442,6 +442,11 @@ def main() -> int:
                     lambda: devices.Enroll(device_pb2.EnrollRequest(app_key="x" * len(app_key), sdk_version="0.1.0")))
             m.check("wrong app key", "Enroll: an empty app key", "UNAUTHENTICATED", "app_key: must not be empty",
                     lambda: devices.Enroll(device_pb2.EnrollRequest(app_key="", sdk_version="0.1.0")))
+            m.check("enrolment grant", "Enroll: a grant sent to a coordinator without grant keys",
+                    "FAILED_PRECONDITION", "auth.enrolment_grant_keys",
+                    lambda: devices.Enroll(device_pb2.EnrollRequest(
+                        app_key=app_key, sdk_version="0.1.0",
+                        grant=device_pb2.EnrolmentGrant(claims=b"\x0a\x01a", signature=b"s" * 64))))
             m.check("unknown enum value", f"{U}: `privacy_mode` 99", "INVALID_ARGUMENT", "header.privacy_mode",
                     up([header(task, privacy_mode=99), *chunks_of(parts)]))
             odd_dtype = list(task.update_tensors)
