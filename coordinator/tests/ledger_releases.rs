@@ -6,7 +6,7 @@ mod common;
 
 use common::manifest;
 use fedpref_coordinator::coordinator::Coordinator;
-use fedpref_coordinator::engine::{Action, Event, Task};
+use fedpref_coordinator::engine::{Action, AdminCommand, Event, Task};
 use fedpref_coordinator::ledger::{LedgerEntry, LedgerEvent, verify};
 use fedpref_coordinator::store::Store;
 use fedpref_privacy::{Accountant, OrderGrid, PrivacyMode, RoundRelease, epsilon_after_with};
@@ -271,4 +271,58 @@ fn a_committed_charged_round_is_spent_once() {
     drop(c);
     let c = Coordinator::open(&db, now).unwrap();
     assert!(close(c.engine("r1").unwrap().spent()[0].epsilon, eps));
+}
+
+/// An operator's pause, stop or rollback abandons the open round; in local mode the updates
+/// that arrived in it were released to the coordinator all the same, and the ledger charges
+/// them.
+#[test]
+fn a_round_abandoned_by_pause_stop_or_rollback_after_an_upload_is_charged() {
+    let commands: [(&str, fn(Vec<f32>) -> AdminCommand); 3] = [
+        ("pause", |_| AdminCommand::Pause {
+            reason: "maintenance".into(),
+        }),
+        ("stop", |_| AdminCommand::Stop {
+            reason: "done".into(),
+        }),
+        ("rollback", |params| AdminCommand::Rollback {
+            to_version: 1,
+            params,
+            reason: "bad model".into(),
+        }),
+    ];
+    for (name, command) in commands {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("c.db");
+        let mut c = Coordinator::open(&db, T0).unwrap();
+        c.create_run("r1", manifest(LOCAL), T0).unwrap();
+        let params = c.engine("r1").unwrap().model().1.to_vec();
+        let now = T0 + 1;
+        // One update arrives (below the minimum of 2: the round stays open) …
+        let t = task(&mut c, "a", now);
+        assert!(
+            upload(&mut c, &t, vec![0.01; params.len()], now)
+                .iter()
+                .any(|a| matches!(a, Action::UpdateAccepted { .. })),
+            "{name}"
+        );
+        // … then the operator's command abandons the round.
+        c.handle("r1", Event::Admin(command(params)), now + 1)
+            .unwrap();
+        drop(c);
+        let store = Store::open(&db).unwrap();
+        let ev = events(&store);
+        assert!(
+            ev.iter()
+                .any(|e| matches!(e, LedgerEvent::RoundAbandoned { round: 1, .. })),
+            "{name}: {ev:#?}"
+        );
+        assert!(
+            ev.iter()
+                .any(|e| matches!(e, LedgerEvent::RoundCharged { round: 1, .. })),
+            "{name}: the abandoned round is charged: {ev:#?}"
+        );
+        let eps = verified_epsilon(&store);
+        assert!(close(eps, local_epsilon(1)), "{name}: {eps}");
+    }
 }
