@@ -25,6 +25,7 @@ use tonic::Request;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
 use crate::cli_error::CliError;
+use crate::engine::AdminCommand;
 
 /// Where the admin API is and how to authenticate.
 #[derive(Debug, Args)]
@@ -304,6 +305,73 @@ fn status(e: tonic::Status) -> CliError {
     CliError::Failed(format!("{:?}: {}{hint}", e.code(), e.message()))
 }
 
+impl RunsCommand {
+    /// The engine's operator command this subcommand sends (`None` for the read-only ones).
+    pub fn admin_command(&self) -> Option<AdminCommand> {
+        Some(match self {
+            Self::Pause { reason, .. } => AdminCommand::Pause {
+                reason: reason.clone(),
+            },
+            Self::Resume { reason, .. } => AdminCommand::Resume {
+                reason: reason.clone(),
+            },
+            Self::Stop { reason, .. } => AdminCommand::Stop {
+                reason: reason.clone(),
+            },
+            Self::Rollback {
+                version, reason, ..
+            } => AdminCommand::Rollback {
+                to_version: *version,
+                reason: reason.clone(),
+                params: vec![],
+            },
+            _ => return None,
+        })
+    }
+}
+
+/// Sends one operator command as its AdminService call.
+async fn send_command(
+    client: &mut AdminServiceClient<Channel>,
+    token: &Option<String>,
+    run: &str,
+    command: AdminCommand,
+) -> Result<pb::Run, CliError> {
+    let run_id = run.to_string();
+    let reply = match command {
+        AdminCommand::Pause { reason } => {
+            client
+                .pause_run(authed(pb::PauseRunRequest { run_id, reason }, token)?)
+                .await
+        }
+        AdminCommand::Resume { reason } => {
+            client
+                .resume_run(authed(pb::ResumeRunRequest { run_id, reason }, token)?)
+                .await
+        }
+        AdminCommand::Stop { reason } => {
+            client
+                .stop_run(authed(pb::StopRunRequest { run_id, reason }, token)?)
+                .await
+        }
+        AdminCommand::Rollback {
+            to_version, reason, ..
+        } => {
+            client
+                .rollback_run(authed(
+                    pb::RollbackRunRequest {
+                        run_id,
+                        model_version: to_version,
+                        reason,
+                    },
+                    token,
+                )?)
+                .await
+        }
+    };
+    Ok(reply.map_err(status)?.into_inner())
+}
+
 fn describe_run(r: &pb::Run) -> String {
     let status = pb::RunStatus::try_from(r.status)
         .map(|s| {
@@ -420,82 +488,13 @@ async fn runs(cmd: &RunsCommand) -> Result<String, CliError> {
                 .into_inner();
             Ok(describe_run(&r))
         }
-        RunsCommand::Pause {
-            target,
-            run,
-            reason,
-        } => {
+        RunsCommand::Pause { target, run, .. }
+        | RunsCommand::Resume { target, run, .. }
+        | RunsCommand::Stop { target, run, .. }
+        | RunsCommand::Rollback { target, run, .. } => {
+            let command = cmd.admin_command().expect("an operator command");
             let (mut client, token) = connect(target).await?;
-            let r = client
-                .pause_run(authed(
-                    pb::PauseRunRequest {
-                        run_id: run.clone(),
-                        reason: reason.clone(),
-                    },
-                    &token,
-                )?)
-                .await
-                .map_err(status)?
-                .into_inner();
-            Ok(describe_run(&r))
-        }
-        RunsCommand::Stop {
-            target,
-            run,
-            reason,
-        } => {
-            let (mut client, token) = connect(target).await?;
-            let r = client
-                .stop_run(authed(
-                    pb::StopRunRequest {
-                        run_id: run.clone(),
-                        reason: reason.clone(),
-                    },
-                    &token,
-                )?)
-                .await
-                .map_err(status)?
-                .into_inner();
-            Ok(describe_run(&r))
-        }
-        RunsCommand::Resume {
-            target,
-            run,
-            reason,
-        } => {
-            let (mut client, token) = connect(target).await?;
-            let r = client
-                .resume_run(authed(
-                    pb::ResumeRunRequest {
-                        run_id: run.clone(),
-                        reason: reason.clone(),
-                    },
-                    &token,
-                )?)
-                .await
-                .map_err(status)?
-                .into_inner();
-            Ok(describe_run(&r))
-        }
-        RunsCommand::Rollback {
-            target,
-            run,
-            version,
-            reason,
-        } => {
-            let (mut client, token) = connect(target).await?;
-            let r = client
-                .rollback_run(authed(
-                    pb::RollbackRunRequest {
-                        run_id: run.clone(),
-                        model_version: *version,
-                        reason: reason.clone(),
-                    },
-                    &token,
-                )?)
-                .await
-                .map_err(status)?
-                .into_inner();
+            let r = send_command(&mut client, &token, run, command).await?;
             Ok(describe_run(&r))
         }
         RunsCommand::Ledger { target, run } => {

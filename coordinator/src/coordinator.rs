@@ -650,8 +650,8 @@ impl Coordinator {
             run_id,
             Event::Admin(AdminCommand::Rollback {
                 to_version,
-                params,
                 reason: reason.to_string(),
+                params,
             }),
             now_ms,
         )

@@ -155,34 +155,6 @@ pub fn redirect(c: &Coordinator, valid_for: Duration) -> Option<pb::CheckInRespo
 /// How long [`forward`] waits for the owning replica to take a command.
 pub const FORWARD_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// An admin command as queued for the owning replica.
-#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
-pub enum ForwardedCommand {
-    /// Pause.
-    Pause {
-        /// Why.
-        reason: String,
-    },
-    /// Resume.
-    Resume {
-        /// Why.
-        reason: String,
-    },
-    /// Stop for good.
-    Stop {
-        /// Why.
-        reason: String,
-    },
-    /// Roll back to an earlier version.
-    Rollback {
-        /// The version to restore.
-        to_version: u64,
-        /// Why.
-        reason: String,
-    },
-}
-
 /// The outcome the owner records: a gRPC code (0 for success) and a message.
 #[derive(serde::Serialize, serde::Deserialize)]
 struct Outcome {
@@ -196,7 +168,7 @@ struct Outcome {
 pub async fn forward(
     shared: &Arc<Shared>,
     run_id: &str,
-    command: ForwardedCommand,
+    command: AdminCommand,
 ) -> Result<bool, tonic::Status> {
     let run = run_id.to_string();
     let json = serde_json::to_string(&command).expect("serialisable");
@@ -286,7 +258,7 @@ fn apply_forwarded(c: &mut Coordinator, run_id: &str) -> Result<(), CoordinatorE
         return Ok(());
     }
     for (id, json) in c.store_mut().claim_admin_commands(run_id)? {
-        let result = match serde_json::from_str::<ForwardedCommand>(&json) {
+        let result = match serde_json::from_str::<AdminCommand>(&json) {
             Ok(command) => apply(c, run_id, command),
             Err(e) => Err(tonic::Status::invalid_argument(format!(
                 "unreadable forwarded command: {e}"
@@ -312,28 +284,11 @@ fn apply_forwarded(c: &mut Coordinator, run_id: &str) -> Result<(), CoordinatorE
     Ok(())
 }
 
-fn apply(
-    c: &mut Coordinator,
-    run_id: &str,
-    command: ForwardedCommand,
-) -> Result<(), tonic::Status> {
+fn apply(c: &mut Coordinator, run_id: &str, command: AdminCommand) -> Result<(), tonic::Status> {
     let actions = match command {
-        ForwardedCommand::Pause { reason } => c.handle(
-            run_id,
-            Event::Admin(AdminCommand::Pause { reason }),
-            now_ms(),
-        ),
-        ForwardedCommand::Resume { reason } => c.handle(
-            run_id,
-            Event::Admin(AdminCommand::Resume { reason }),
-            now_ms(),
-        ),
-        ForwardedCommand::Stop { reason } => c.handle(
-            run_id,
-            Event::Admin(AdminCommand::Stop { reason }),
-            now_ms(),
-        ),
-        ForwardedCommand::Rollback { to_version, reason } => {
+        AdminCommand::Rollback {
+            to_version, reason, ..
+        } => {
             let current = c.engine(run_id).map(|e| e.model().0).unwrap_or(0);
             if to_version >= current {
                 return Err(crate::service::invalid(
@@ -343,6 +298,7 @@ fn apply(
             }
             c.rollback(run_id, to_version, &reason, now_ms())
         }
+        other => c.handle(run_id, Event::Admin(other), now_ms()),
     }
     .map_err(coordinator_status)?;
     for a in actions {

@@ -278,7 +278,8 @@ fn a_committed_charged_round_is_spent_once() {
 /// them.
 #[test]
 fn a_round_abandoned_by_pause_stop_or_rollback_after_an_upload_is_charged() {
-    let commands: [(&str, fn(Vec<f32>) -> AdminCommand); 3] = [
+    type Command = fn(Vec<f32>) -> AdminCommand;
+    let commands: [(&str, Command); 3] = [
         ("pause", |_| AdminCommand::Pause {
             reason: "maintenance".into(),
         }),

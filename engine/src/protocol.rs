@@ -150,8 +150,10 @@ pub enum Event {
     Admin(AdminCommand),
 }
 
-/// Operator commands.
-#[derive(Clone, Debug)]
+/// Operator commands: the one type the engine, the coordinator's admin service, the replica
+/// forwarding (serialised as JSON with a `kind` tag) and the admin command line share.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
 pub enum AdminCommand {
     /// Stop opening rounds; the open round, if any, is abandoned.
     Pause {
@@ -172,10 +174,12 @@ pub enum AdminCommand {
     Rollback {
         /// The version to restore.
         to_version: u64,
-        /// Its parameters (the driver reads them from the store).
-        params: Vec<f32>,
         /// Why (recorded in the ledger).
         reason: String,
+        /// Its parameters: the driver reads them from the store before the engine sees the
+        /// command (never serialised; a forwarded rollback is resolved by the run's owner).
+        #[serde(skip)]
+        params: Vec<f32>,
     },
 }
 

@@ -15,7 +15,7 @@ use super::{Shared, auth, coordinator_status, invalid, now_ms, store_status, tim
 use crate::coordinator::Coordinator;
 use crate::engine::{Action, AdminCommand, Event};
 use crate::ledger::{LedgerEvent, verify};
-use crate::replica::{ForwardedCommand, forward};
+use crate::replica::forward;
 
 /// The AdminService implementation.
 pub struct AdminApi {
@@ -230,7 +230,7 @@ impl AdminService for AdminApi {
         if forward(
             &self.shared,
             &id,
-            ForwardedCommand::Pause {
+            AdminCommand::Pause {
                 reason: reason.clone(),
             },
         )
@@ -256,7 +256,7 @@ impl AdminService for AdminApi {
         if forward(
             &self.shared,
             &id,
-            ForwardedCommand::Resume {
+            AdminCommand::Resume {
                 reason: reason.clone(),
             },
         )
@@ -282,7 +282,7 @@ impl AdminService for AdminApi {
         if forward(
             &self.shared,
             &id,
-            ForwardedCommand::Stop {
+            AdminCommand::Stop {
                 reason: reason.clone(),
             },
         )
@@ -306,9 +306,10 @@ impl AdminService for AdminApi {
         let (id, why) = (run_id(&r.run_id)?, reason(&r.reason)?);
         let to = r.model_version;
         tracing::info!(run = %id, to_version = to, "rollback");
-        let rollback = ForwardedCommand::Rollback {
+        let rollback = AdminCommand::Rollback {
             to_version: to,
             reason: why.clone(),
+            params: vec![],
         };
         if forward(&self.shared, &id, rollback).await? {
             return self.forwarded_run(id).await;
