@@ -14,7 +14,7 @@
 //!
 //! Architecture invariant (ARCHITECTURE.md): this crate's normal dependencies contain no
 //! tokio, tonic, hyper, axum, h2, rustls, rusqlite, postgres, rcgen, indicatif or plotters
-//! (`engine/tests/dependencies.rs`). No module imports itself through others
+//! (`doc-check/tests/dependencies.rs`). No module imports itself through others
 //! (`doc-check/tests/import_cycles.rs`).
 
 pub mod accounting;

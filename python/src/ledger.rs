@@ -13,12 +13,15 @@
 
 use std::path::Path;
 
-use fedpref_coordinator::store::MIGRATIONS;
 use fedpref_engine::ledger::{SealedEntry, verify};
 use rusqlite::{Connection, OpenFlags, params};
 use serde_json::{Value, json};
 
 use crate::Error;
+
+/// The newest coordinator store schema this reader knows (the coordinator's
+/// `store::MIGRATIONS.len()`, checked by a test; the wheel does not link the coordinator).
+pub const SUPPORTED_SCHEMA: i64 = 8;
 
 /// Reads and verifies every run's ledger in the store at `db`.
 pub fn read(db: &Path) -> Result<String, Error> {
@@ -43,11 +46,10 @@ pub fn read(db: &Path) -> Result<String, Error> {
                 db.display()
             ))
         })?;
-    if version > MIGRATIONS.len() as i64 {
+    if version > SUPPORTED_SCHEMA {
         return Err(Error::Failed(format!(
-            "{}: the store has schema version {version}; this reader supports up to {}",
+            "{}: the store has schema version {version}; this reader supports up to {SUPPORTED_SCHEMA}",
             db.display(),
-            MIGRATIONS.len()
         )));
     }
     let mut runs = conn
@@ -125,6 +127,14 @@ pub fn read(db: &Path) -> Result<String, Error> {
 mod tests {
     use super::*;
     use fedpref_coordinator::store::Store;
+
+    #[test]
+    fn the_reader_knows_the_coordinators_newest_schema() {
+        assert_eq!(
+            SUPPORTED_SCHEMA,
+            fedpref_coordinator::store::MIGRATIONS.len() as i64
+        );
+    }
 
     #[test]
     fn a_missing_file_and_a_foreign_database_are_refused() {

@@ -159,6 +159,12 @@ pub fn simulate_json(config_json: &str) -> Result<String, Error> {
         "records": metrics["rounds"],
         "rounds": rows(&plan.data, &run.records),
         "alerts": alerts,
+        "model": run.model.as_ref().map(|m| json!({
+            "factor_dimension": m.factor_dimension(),
+            "item_factors": m.item_factors(),
+            "item_biases": m.item_biases(),
+            "global_offset": m.global_offset(),
+        })),
     })
     .to_string())
 }
@@ -188,6 +194,16 @@ mod tests {
         assert_eq!(a["summary"]["seed"], 7);
         let b = run(config).unwrap();
         assert_eq!(a["records"], b["records"]);
+        // The trained model comes back: 30 items × 4 factors, 30 biases, one offset.
+        let m = &a["model"];
+        assert_eq!(m["factor_dimension"], 4);
+        assert_eq!(m["item_factors"].as_array().unwrap().len(), 30 * 4);
+        assert_eq!(m["item_biases"].as_array().unwrap().len(), 30);
+        assert!(m["global_offset"].as_f64().unwrap().is_finite());
+        assert_eq!(
+            a["model"], b["model"],
+            "the same seed trains the same model"
+        );
     }
 
     #[test]

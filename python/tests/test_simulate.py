@@ -78,6 +78,28 @@ def test_metrics_are_a_dataframe_with_pandas_and_dicts_without():
     assert frame.loc[2, "rmse"] == result.rounds[1]["rmse"]
 
 
+def test_the_trained_model_comes_back_as_arrays():
+    result = fedpref.simulate(CONFIG, rounds=2)
+    model = result.model
+    assert model is not None
+    try:
+        import numpy
+    except ImportError:
+        assert len(model["item_factors"]) == CONFIG["items"]
+        assert len(model["item_factors"][0]) == CONFIG["factors"]
+        return
+    assert isinstance(model["item_factors"], numpy.ndarray)
+    assert model["item_factors"].shape == (CONFIG["items"], CONFIG["factors"])
+    assert model["item_biases"].shape == (CONFIG["items"],)
+    assert numpy.isfinite(model["item_factors"]).all()
+    # The same seed trains the same model; the centralised baseline returns none.
+    again = fedpref.simulate(CONFIG, rounds=2).model
+    assert (again["item_factors"] == model["item_factors"]).all()
+    plain = {k: v for k, v in CONFIG.items()
+             if k not in ("privacy_mode", "target_epsilon", "clip_norm")}
+    assert fedpref.simulate(plain, rounds=2, centralised=True).model is None
+
+
 def test_keyword_settings_override_the_config_and_seeds_matter():
     a = fedpref.simulate(CONFIG, rounds=2)
     b = fedpref.simulate(CONFIG, rounds=2, seed=12)

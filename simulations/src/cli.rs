@@ -1304,6 +1304,10 @@ pub struct SimulatedRun {
     pub noise_multiplier: Option<f64>,
     /// The guardrail alerts, in round order (empty without `[guardrails]`).
     pub alerts: Vec<Alert>,
+    /// The trained shared model (item factors, item biases, global offset) of an in-process
+    /// federated run; `None` for `--centralised` and `--transport grpc`, whose models are not
+    /// the simulator's to hand back.
+    pub model: Option<fedpref_client_sdk::MatrixFactorization>,
 }
 
 /// Runs a plan (federated, or `--centralised`) in memory and writes no file: the library
@@ -1338,6 +1342,7 @@ pub fn simulate(
         bar.suspend(|| eprintln!("warning: {w}"));
     }
     let mut chosen: Option<Value> = None;
+    let mut model = None;
     let (records, client_updates, timings, sigma) = if centralised {
         let run = crate::centralised::centralised(s, &plan.data)
             .map_err(|e| CliError::Failed(e.into()))?;
@@ -1370,6 +1375,7 @@ pub fn simulate(
                 }
             })
             .map_err(|e| CliError::Failed(e.into()))?;
+        model = Some(simulation.model().map_err(|e| CliError::Failed(e.into()))?);
         (
             records,
             simulation.client_updates,
@@ -1389,6 +1395,7 @@ pub fn simulate(
                 }
             })
             .map_err(|e| CliError::Failed(e.into()))?;
+        model = Some(simulation.model().map_err(|e| CliError::Failed(e.into()))?);
         (
             records,
             simulation.client_updates,
@@ -1430,6 +1437,7 @@ pub fn simulate(
         settings: settings_json,
         noise_multiplier: sigma,
         alerts,
+        model,
     })
 }
 

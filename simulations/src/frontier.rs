@@ -34,7 +34,7 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use fedpref_coordinator::manifest::ManifestPrivacyMode;
+use fedpref_engine::manifest::ManifestPrivacyMode;
 use fedpref_privacy::OrderGrid;
 use indicatif::ProgressBar;
 use plotters::prelude::*;

@@ -110,6 +110,24 @@ def _rounds(rounds: Any) -> int:
     return rounds
 
 
+def _model(raw: Dict[str, Any] | None) -> Dict[str, Any] | None:
+    if raw is None:
+        return None
+    k = raw["factor_dimension"]
+    flat = raw["item_factors"]
+    try:
+        import numpy
+    except ImportError:
+        rows = [flat[i : i + k] for i in range(0, len(flat), k)] if k else []
+        return {"item_factors": rows, "item_biases": raw["item_biases"],
+                "global_offset": raw["global_offset"]}
+    return {
+        "item_factors": numpy.asarray(flat, dtype=numpy.float64).reshape(-1, k),
+        "item_biases": numpy.asarray(raw["item_biases"], dtype=numpy.float64),
+        "global_offset": float(raw["global_offset"]),
+    }
+
+
 class SimulationResult:
     """The outcome of :func:`simulate`.
 
@@ -122,6 +140,10 @@ class SimulationResult:
         dataset: the data set's name, size and cohorts.
         settings: the resolved settings (σ included when calibrated).
         alerts: the guardrail alerts the run raised (as ``alerts.json``), if any.
+        model: the trained shared model of an in-process federated run, or None (the
+            centralised baseline, ``transport="grpc"``): ``item_factors`` (items × factors),
+            ``item_biases`` (items) and ``global_offset``, as NumPy arrays when NumPy is
+            installed, else nested lists.
     """
 
     def __init__(self, document: Dict[str, Any]):
@@ -131,6 +153,7 @@ class SimulationResult:
         self.dataset: Dict[str, Any] = document["dataset"]
         self.settings: Dict[str, Any] = document["settings"]
         self.alerts: List[Dict[str, Any]] = document.get("alerts") or []
+        self.model: Dict[str, Any] | None = _model(document.get("model"))
 
     @property
     def metrics(self) -> Union["pandas.DataFrame", List[Dict[str, Any]]]:  # noqa: F821

@@ -1,6 +1,8 @@
-//! Architecture invariant: the engine is the pure core. Its normal dependencies (what a
-//! program that links it links) contain no async runtime, no gRPC or HTTP stack, no TLS, no
-//! database client, no certificate generator and no terminal or plotting crate.
+//! What links what. Architecture invariants: the engine is the pure core, its normal
+//! dependencies (what a program that links it links) contain no async runtime, no gRPC or HTTP
+//! stack, no TLS, no database client, no certificate generator and no terminal or plotting
+//! crate; the Python wheel links no part of the coordinator (its HTTP server, PostgreSQL
+//! client or certificate generator).
 
 use std::collections::BTreeSet;
 use std::process::Command;
@@ -20,13 +22,13 @@ const FORBIDDEN: &[&str] = &[
     "plotters",
 ];
 
-/// The package names in `cargo tree -p fedpref-engine -e normal`.
-fn normal_dependencies() -> BTreeSet<String> {
+/// The package names in `cargo tree -p <package> -e normal`.
+fn normal_dependencies(package: &str) -> BTreeSet<String> {
     let out = Command::new(env!("CARGO"))
         .args([
             "tree",
             "-p",
-            "fedpref-engine",
+            package,
             "-e",
             "normal",
             "--prefix",
@@ -53,7 +55,7 @@ fn normal_dependencies() -> BTreeSet<String> {
 
 #[test]
 fn the_engine_links_no_io_crate() {
-    let deps = normal_dependencies();
+    let deps = normal_dependencies("fedpref-engine");
     // The tree is real: it names the engine and the privacy crate it is built on.
     assert!(deps.contains("fedpref-engine"), "{deps:?}");
     assert!(deps.contains("fedpref-privacy"), "{deps:?}");
@@ -68,5 +70,26 @@ fn the_engine_links_no_io_crate() {
     assert!(
         found.is_empty(),
         "fedpref-engine must stay free of IO crates, but its normal dependencies include {found:?}"
+    );
+}
+
+/// The wheel's simulator runs in process: no coordinator, so no HTTP server, database client
+/// or certificate generator. (The SDK's gRPC client, tonic over hyper and rustls, is still
+/// linked through the simulator's use of the SDK's training: not built yet.)
+#[test]
+fn the_python_wheel_links_no_part_of_the_coordinator() {
+    let deps = normal_dependencies("fedpref-python");
+    assert!(deps.contains("fedpref-simulations"), "{deps:?}");
+    let found: Vec<&String> = deps
+        .iter()
+        .filter(|name| {
+            ["fedpref-coordinator", "axum", "postgres", "rcgen"]
+                .iter()
+                .any(|bad| *name == bad || name.starts_with(&format!("{bad}-")))
+        })
+        .collect();
+    assert!(
+        found.is_empty(),
+        "the Python wheel must not link the coordinator, but its normal dependencies include {found:?}"
     );
 }
