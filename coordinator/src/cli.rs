@@ -117,7 +117,8 @@ pub enum GrantCommand {
         /// The backend's pseudonym for the person (1 to 128 bytes; not a name or an email).
         #[arg(long)]
         pseudonym: String,
-        /// How long the grant stays valid, in seconds (1 to 31536000).
+        /// How long the grant stays valid, in seconds (1 to 604800, a week: coordinators refuse
+        /// longer grants).
         #[arg(long, default_value_t = 600)]
         expires_in_seconds: u64,
     },
@@ -554,9 +555,9 @@ pub fn run(cli: &Cli) -> Result<String, CliError> {
         }) => {
             use base64::Engine as _;
             use fedpref_proto::prost::Message as _;
-            if !(1..=31_536_000).contains(expires_in_seconds) {
+            if !(1..=604_800).contains(expires_in_seconds) {
                 return Err(CliError::Usage(
-                    "--expires-in-seconds: must be in 1..=31536000 (a year)".into(),
+                    "--expires-in-seconds: must be in 1..=604800 (a week)".into(),
                 ));
             }
             if pseudonym.is_empty() || pseudonym.len() > crate::enrolment::MAX_PSEUDONYM_BYTES {

@@ -112,6 +112,8 @@ pub struct Coordinator {
     remote_owners: BTreeMap<String, String>,
     grants: TaskGrants,
     grant_keys: crate::enrolment::GrantKeys,
+    /// Whether each run's `run_created` says it counts per person (read once per run).
+    per_person: BTreeMap<String, bool>,
 }
 
 /// Restores a run's engine from the store (publishing a committed, unpublished version
@@ -285,6 +287,7 @@ impl Coordinator {
             remote_owners: BTreeMap::new(),
             grants: TaskGrants::default(),
             grant_keys: Default::default(),
+            per_person: BTreeMap::new(),
         })
     }
 
@@ -388,6 +391,19 @@ impl Coordinator {
         &self.grant_keys
     }
 
+    /// Whether `run_id`'s `run_created` records per-person accounting (cached per run).
+    pub fn counts_per_person(&mut self, run_id: &str) -> Result<bool, CoordinatorError> {
+        if let Some(&p) = self.per_person.get(run_id) {
+            return Ok(p);
+        }
+        let p = matches!(
+            ledger_entries(&self.store, run_id)?.first().map(|e| &e.event),
+            Some(LedgerEvent::RunCreated { privacy_unit: Some(u), .. }) if u == PRIVACY_UNIT_PERSON
+        );
+        self.per_person.insert(run_id.to_string(), p);
+        Ok(p)
+    }
+
     /// Runs whose `run_created` records per-person accounting ([`PRIVACY_UNIT_PERSON`]) and
     /// that have not stopped: a coordinator without grant keys must not go on with them.
     pub fn runs_counting_per_person(&self) -> Result<Vec<String>, CoordinatorError> {
@@ -451,6 +467,20 @@ impl Coordinator {
         event: Event,
         now_ms: i64,
     ) -> Result<Vec<Action>, CoordinatorError> {
+        if !self.engines.contains_key(run_id) {
+            return Err(CoordinatorError::NoSuchRun(run_id.to_string()));
+        }
+        // A run that counts per person takes part only through persons: whatever replica
+        // serves it, with or without grant keys, an enrolment without a grant cannot add a
+        // second update for someone (or a Sybil) to it.
+        if let Some(device) = event.device()
+            && !device.starts_with(crate::enrolment::PRINCIPAL_PREFIX)
+            && self.counts_per_person(run_id)?
+        {
+            return Err(CoordinatorError::Refused(format!(
+                "run {run_id:?} counts privacy per person: only devices enrolled with an enrolment grant take part in it"
+            )));
+        }
         let engine = self
             .engines
             .get_mut(run_id)

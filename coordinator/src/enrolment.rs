@@ -25,6 +25,12 @@ use crate::checkpoint::{LedgerSigner, decode_hex};
 pub const MAX_CLAIMS_BYTES: usize = 1024;
 /// Longest `GrantClaims.pseudonym`, in bytes.
 pub const MAX_PSEUDONYM_BYTES: usize = 128;
+/// The longest a grant may still be valid when it is presented: 7 days. A grant is meant to be
+/// fetched when the device enrols; a longer one would be a standing credential.
+pub const MAX_GRANT_LIFETIME_MS: i64 = 7 * 86_400_000;
+/// What the backend signs: this tag, then the encoded claims (so that no other message signed
+/// with the same kind of key can pass for a grant).
+pub const GRANT_SIGNATURE_DOMAIN: &[u8] = b"fedpref enrolment grant v1\n";
 /// Prefix of a person's principal (the identity a grant-enrolled device acts as).
 pub const PRINCIPAL_PREFIX: &str = "person-";
 const PRINCIPAL_DOMAIN: &[u8] = b"fedpref enrolment grant person v1\n";
@@ -126,10 +132,11 @@ impl GrantKeys {
             )
         })?;
         let signature = Signature::from_bytes(&signature);
+        let signed = signed_bytes(&grant.claims);
         if !self
             .0
             .iter()
-            .any(|k| k.verify_strict(&grant.claims, &signature).is_ok())
+            .any(|k| k.verify_strict(&signed, &signature).is_ok())
         {
             return Err(GrantError::BadSignature);
         }
@@ -147,12 +154,28 @@ impl GrantKeys {
         let expires = claims
             .expires_at
             .ok_or_else(|| invalid("claims.expires_at", "must be set".into()))?;
+        if !(0..1_000_000_000).contains(&expires.nanos) {
+            return Err(invalid(
+                "claims.expires_at",
+                format!("nanos {} is not in 0..1000000000", expires.nanos),
+            ));
+        }
         let expires_at_ms = expires
             .seconds
             .saturating_mul(1000)
             .saturating_add(i64::from(expires.nanos) / 1_000_000);
         if expires_at_ms <= now_ms {
             return Err(GrantError::Expired { expires_at_ms });
+        }
+        if expires_at_ms - now_ms > MAX_GRANT_LIFETIME_MS {
+            return Err(invalid(
+                "claims.expires_at",
+                format!(
+                    "{} s from now; a grant may be valid for at most {} s (7 days)",
+                    (expires_at_ms - now_ms) / 1000,
+                    MAX_GRANT_LIFETIME_MS / 1000
+                ),
+            ));
         }
         Ok(Person::from_pseudonym(&claims.pseudonym))
     }
@@ -170,9 +193,14 @@ pub fn sign(key: &LedgerSigner, pseudonym: &str, expires_at_ms: i64) -> pb::Enro
     }
     .encode_to_vec();
     pb::EnrolmentGrant {
-        signature: key.sign_message(&claims).to_vec(),
+        signature: key.sign_message(&signed_bytes(&claims)).to_vec(),
         claims,
     }
+}
+
+/// The bytes a grant's signature covers: [`GRANT_SIGNATURE_DOMAIN`], then the claims.
+pub fn signed_bytes(claims: &[u8]) -> Vec<u8> {
+    [GRANT_SIGNATURE_DOMAIN, claims].concat()
 }
 
 #[cfg(test)]
@@ -247,7 +275,7 @@ mod tests {
         // Signed bytes that are not claims, and claims without an expiry.
         let garbage = b"\xff\xff\xff".to_vec();
         let forged = pb::EnrolmentGrant {
-            signature: signer.sign_message(&garbage).to_vec(),
+            signature: signer.sign_message(&signed_bytes(&garbage)).to_vec(),
             claims: garbage,
         };
         assert!(message(&forged).starts_with("grant.claims: not an encoded GrantClaims"));
@@ -257,10 +285,36 @@ mod tests {
         }
         .encode_to_vec();
         let forged = pb::EnrolmentGrant {
-            signature: signer.sign_message(&no_expiry).to_vec(),
+            signature: signer.sign_message(&signed_bytes(&no_expiry)).to_vec(),
             claims: no_expiry,
         };
         assert_eq!(message(&forged), "grant.claims.expires_at: must be set");
+        // The claims alone, signed without the domain tag, are not a grant.
+        let mut untagged = good.clone();
+        untagged.signature = signer.sign_message(&good.claims).to_vec();
+        assert_eq!(keys.verify(&untagged, NOW), Err(GrantError::BadSignature));
+        // A grant valid for years is a standing credential: refused.
+        assert!(
+            message(&sign(&signer, "user-42", NOW + 8 * 86_400_000))
+                .starts_with("grant.claims.expires_at: 691200 s from now")
+        );
+        assert!(
+            keys.verify(&sign(&signer, "user-42", NOW + MAX_GRANT_LIFETIME_MS), NOW)
+                .is_ok()
+        );
+        let far = pb::GrantClaims {
+            pseudonym: "user-42".into(),
+            expires_at: Some(fedpref_proto::prost_types::Timestamp {
+                seconds: i64::MAX,
+                nanos: -5,
+            }),
+        }
+        .encode_to_vec();
+        let forged = pb::EnrolmentGrant {
+            signature: signer.sign_message(&signed_bytes(&far)).to_vec(),
+            claims: far,
+        };
+        assert!(message(&forged).starts_with("grant.claims.expires_at: nanos -5"));
     }
 
     #[test]

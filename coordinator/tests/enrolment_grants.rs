@@ -337,3 +337,41 @@ async fn devices_with_grants_act_as_their_person_and_the_run_says_per_person() {
         "{e}"
     );
 }
+
+/// Whatever replica serves it, with or without grant keys, a run that counts per person takes
+/// part only through persons: an enrolment without a grant is refused by the coordinator
+/// itself, and check-in does not offer it the run.
+#[test]
+fn a_per_person_run_refuses_enrolments_without_a_grant_on_any_coordinator() {
+    use fedpref_coordinator::coordinator::{Coordinator, create_run_counting};
+    use fedpref_coordinator::engine::{Action, Event};
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("c.db");
+    let t0 = 1_800_000_000_000;
+    {
+        let mut store = fedpref_coordinator::store::Store::open(&db).unwrap();
+        let m = fedpref_coordinator::service::convert::manifest_from_proto(&manifest()).unwrap();
+        create_run_counting(&mut store, "per-person", &m, t0, Some("person")).unwrap();
+    }
+    // A coordinator without grant keys (a replica that adopted the run, say).
+    let mut c = Coordinator::open(&db, t0 + 1).unwrap();
+    assert!(!c.grant_keys().required());
+    assert!(c.counts_per_person("per-person").unwrap());
+    let check_in = |device: &str| Event::CheckIn {
+        device: device.into(),
+        eligible: true,
+    };
+    let e = c
+        .handle("per-person", check_in("dev-0123"), t0 + 2)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("counts privacy per person"), "{e}");
+    let person = Person::from_pseudonym("alice").principal;
+    let actions = c.handle("per-person", check_in(&person), t0 + 3).unwrap();
+    assert!(
+        actions
+            .iter()
+            .any(|a| matches!(a, Action::SendTask(t) if t.device == person)),
+        "{actions:?}"
+    );
+}

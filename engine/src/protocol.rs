@@ -150,6 +150,25 @@ pub enum Event {
     Admin(AdminCommand),
 }
 
+impl Event {
+    /// The device (or person) the event comes from; `None` for ticks, recorded releases and
+    /// operator commands.
+    pub fn device(&self) -> Option<&str> {
+        match self {
+            Self::CheckIn { device, .. }
+            | Self::Update { device, .. }
+            | Self::UpdateHeader { device, .. }
+            | Self::SimulatedUpdate { device, .. }
+            | Self::Decline { device, .. }
+            | Self::SecAggKeys { device, .. }
+            | Self::SecAggShares { device, .. }
+            | Self::MaskedUpdate { device, .. }
+            | Self::SecAggUnmask { device, .. } => Some(device),
+            Self::ReleaseRecorded { .. } | Self::Tick | Self::Admin(_) => None,
+        }
+    }
+}
+
 /// Operator commands: the one type the engine, the coordinator's admin service, the replica
 /// forwarding (serialised as JSON with a `kind` tag) and the admin command line share.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]

@@ -214,6 +214,13 @@ impl DeviceService for DeviceApi {
                     if state == RunState::Stopped {
                         continue;
                     }
+                    // A run that counts per person is not offered to an enrolment without a
+                    // grant (`Coordinator::handle` would refuse it).
+                    if !device.starts_with(crate::enrolment::PRINCIPAL_PREFIX)
+                        && c.counts_per_person(&run_id).map_err(coordinator_status)?
+                    {
+                        continue;
+                    }
                     let actions = c
                         .handle(
                             &run_id,
@@ -320,12 +327,13 @@ impl DeviceService for DeviceApi {
                 let (retry_at, reason, detail, latest_model) = match later {
                     Some((_, at, reason, run_id)) => {
                         let version = c.engine(&run_id).map(|e| e.model().0).unwrap_or(0);
-                        (
-                            at,
-                            come_back_reason(&reason),
-                            reason,
-                            Some(shared.model_ref(c, &run_id, version)?),
-                        )
+                        // Only a model this device may download is named to it.
+                        let model = if c.may_download(&run_id, &device).map_err(coordinator_status)? {
+                            Some(shared.model_ref(c, &run_id, version)?)
+                        } else {
+                            None
+                        };
+                        (at, come_back_reason(&reason), reason, model)
                     }
                     None => (
                         now + NO_RUN_RETRY_MS,
