@@ -117,31 +117,32 @@ impl DeviceService for DeviceApi {
         let hash = crate::hex(&auth::sha256(token.as_bytes()));
         let id = device_id.clone();
         let limits = self.shared.limits.clone();
+        // The grant is checked before the coordinator's lock is taken: a flood of forged
+        // grants costs signature checks, not the lock every upload needs.
+        let keys = &self.shared.grant_keys;
+        let person = match (&r.grant, keys.required()) {
+            (None, false) => None,
+            (Some(_), false) => {
+                return Err(Status::failed_precondition(
+                    "grant: this coordinator has no auth.enrolment_grant_keys to check enrolment grants with; enrol without one",
+                ));
+            }
+            (None, true) => {
+                return Err(Status::unauthenticated(
+                    crate::enrolment::GrantError::Missing.to_string(),
+                ));
+            }
+            (Some(grant), true) => Some(keys.verify(grant, now_ms()).map_err(|e| {
+                tracing::warn!(error = %e, "enrolment grant refused");
+                Status::unauthenticated(e.to_string())
+            })?),
+        };
         let person = self
             .shared
             .blocking(move |c| {
                 // Counted and inserted under the coordinator's lock, so concurrent enrolments
                 // cannot pass the caps together.
                 let now = now_ms();
-                let person = match (&r.grant, c.grant_keys().required()) {
-                    (None, false) => None,
-                    (Some(_), false) => {
-                        return Err(Status::failed_precondition(
-                            "grant: this coordinator has no auth.enrolment_grant_keys to check enrolment grants with; enrol without one",
-                        ));
-                    }
-                    (None, true) => {
-                        return Err(Status::unauthenticated(
-                            crate::enrolment::GrantError::Missing.to_string(),
-                        ));
-                    }
-                    (Some(grant), true) => {
-                        Some(c.grant_keys().verify(grant, now).map_err(|e| {
-                            tracing::warn!(error = %e, "enrolment grant refused");
-                            Status::unauthenticated(e.to_string())
-                        })?)
-                    }
-                };
                 let window_s = limits.enrolment_window_seconds;
                 let recent = c
                     .store()

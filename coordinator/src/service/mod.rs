@@ -76,6 +76,9 @@ pub struct Shared {
     caches: Caches,
     /// Prometheus metrics (also fed by the coordinator's engine steps).
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// The enrolment grant keys (the coordinator's, copied so that `Enroll` checks a grant's
+    /// signature without holding the coordinator's lock).
+    pub grant_keys: crate::enrolment::GrantKeys,
 }
 
 impl Shared {
@@ -95,6 +98,7 @@ impl Shared {
             .into_iter()
             .map(|r| r.id)
             .collect();
+        let grant_keys = coordinator.grant_keys().clone();
         Ok(Arc::new(Self {
             coordinator: Arc::new(Mutex::new(coordinator)),
             run_order: Mutex::new(run_order),
@@ -105,6 +109,7 @@ impl Shared {
             limits,
             caches: Caches::default(),
             metrics,
+            grant_keys,
         }))
     }
 
