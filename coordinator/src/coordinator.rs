@@ -406,18 +406,10 @@ impl Coordinator {
 
     /// Runs whose `run_created` records per-person accounting ([`PRIVACY_UNIT_PERSON`]) and
     /// that have not stopped: a coordinator without grant keys must not go on with them.
-    pub fn runs_counting_per_person(&self) -> Result<Vec<String>, CoordinatorError> {
+    pub fn runs_counting_per_person(&mut self) -> Result<Vec<String>, CoordinatorError> {
         let mut out = vec![];
         for run in self.store.runs()? {
-            if run.status == RunStatus::Stopped {
-                continue;
-            }
-            if let Some(LedgerEvent::RunCreated { privacy_unit, .. }) =
-                ledger_entries(&self.store, &run.id)?
-                    .first()
-                    .map(|e| &e.event)
-                && privacy_unit.as_deref() == Some(PRIVACY_UNIT_PERSON)
-            {
+            if run.status != RunStatus::Stopped && self.counts_per_person(&run.id)? {
                 out.push(run.id);
             }
         }
