@@ -92,9 +92,9 @@ pub use model::{
     local_round_sparse_with,
 };
 pub use participation::{
-    CoordinatorClient, DownloadProgress, MetricsOutcome, ParticipateOptions, ParticipationConfig,
-    ParticipationError, ParticipationEvent, ParticipationReport, ReportWhen, RetryPolicy,
-    enrolment_grant_from_bytes, participate, report_metrics,
+    CallTime, CoordinatorClient, DownloadProgress, MetricsOutcome, ParticipateOptions,
+    ParticipationConfig, ParticipationError, ParticipationEvent, ParticipationReport, ReportWhen,
+    RetryPolicy, enrolment_grant_from_bytes, participate, report_metrics,
 };
 pub use recommend::{Guardrails, PersonalView, Ranker, Reason, Recommendation};
 pub use time::Timestamp;

@@ -146,13 +146,25 @@ async fn three_devices_complete_two_local_dp_rounds_and_the_ledger_verifies() {
             let report = participate(&mut d, &mut client, APP_KEY, &options, &mut |_| {})
                 .await
                 .unwrap();
-            (d, report)
+            (
+                d,
+                report,
+                client.take_call_times(),
+                client.take_call_times(),
+            )
         }));
     }
     let mut devices = vec![];
     for h in handles {
-        let (d, report) = h.await.unwrap();
+        let (d, report, times, none_left) = h.await.unwrap();
         assert_eq!(report.uploads, 2, "{:#?}", report.events);
+        // The client kept the timing of each call it made, and handed them over once.
+        let ok = |call: &str| times.iter().filter(|t| t.call == call && t.ok).count();
+        assert!(ok("CheckIn") >= 2, "{times:?}");
+        assert_eq!(ok("UploadUpdate"), 2, "{times:?}");
+        assert_eq!(ok("DownloadModel"), 2, "{times:?}");
+        assert!(times.iter().all(|t| t.took < Duration::from_secs(20)));
+        assert!(none_left.is_empty());
         assert!(
             report.events.iter().any(|e| matches!(
                 e,

@@ -1,6 +1,7 @@
 //! [`CoordinatorClient`]: the `fedpref.v1.DeviceService` calls over TLS, with retries.
 
-use std::time::Duration;
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
 
 use fedpref_proto::metadata::{AUTHORIZATION, bearer};
 use fedpref_proto::prost::Message;
@@ -51,6 +52,22 @@ pub enum DownloadProgress {
     },
 }
 
+/// How many [`CallTime`]s a client keeps before it forgets the oldest.
+pub const CALL_TIMES_KEPT: usize = 256;
+
+/// One request to the coordinator as the device saw it: which call, how long it took from
+/// sending to the answer, and whether the answer was a success. Kept on the device only
+/// (nothing of it is sent): an app can log its own latency, and the soak test measures with it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CallTime {
+    /// The RPC: `CheckIn`, `DownloadModel` (the whole stream) or `UploadUpdate`.
+    pub call: &'static str,
+    /// From sending the request to the last byte of the answer.
+    pub took: Duration,
+    /// Whether the coordinator answered OK (a refused or failed attempt is kept too).
+    pub ok: bool,
+}
+
 /// A TLS connection to a coordinator's DeviceService, and the device's credentials there.
 pub struct CoordinatorClient {
     endpoint: String,
@@ -61,6 +78,8 @@ pub struct CoordinatorClient {
     config: ParticipationConfig,
     enrolment: Option<Enrolment>,
     rng: ChaCha8Rng,
+    /// The latest [`CALL_TIMES_KEPT`] calls' timings, oldest first.
+    call_times: VecDeque<CallTime>,
 }
 
 impl std::fmt::Debug for CoordinatorClient {
@@ -162,7 +181,25 @@ impl CoordinatorClient {
             config,
             enrolment: None,
             rng,
+            call_times: VecDeque::new(),
         })
+    }
+
+    /// The timings of the latest calls (at most [`CALL_TIMES_KEPT`], oldest first), removed
+    /// from the client.
+    pub fn take_call_times(&mut self) -> Vec<CallTime> {
+        self.call_times.drain(..).collect()
+    }
+
+    fn record_call(&mut self, call: &'static str, sent: Instant, ok: bool) {
+        if self.call_times.len() == CALL_TIMES_KEPT {
+            self.call_times.pop_front();
+        }
+        self.call_times.push_back(CallTime {
+            call,
+            took: sent.elapsed(),
+            ok,
+        });
     }
 
     /// Moves to the coordinator replica at `url`, as a check-in's `Redirect` asks: the same
@@ -296,7 +333,10 @@ impl CoordinatorClient {
                 },
                 "CheckIn",
             )?;
-            match self.inner.check_in(request).await {
+            let sent = Instant::now();
+            let answer = self.inner.check_in(request).await;
+            self.record_call("CheckIn", sent, answer.is_ok());
+            match answer {
                 Ok(r) => return Ok(r.into_inner()),
                 Err(s) => self.backoff("CheckIn", attempt, s).await?,
             }
@@ -349,9 +389,11 @@ impl CoordinatorClient {
                 },
                 "DownloadModel",
             )?;
+            let sent = Instant::now();
             let mut stream = match self.inner.download_model(request).await {
                 Ok(r) => r.into_inner(),
                 Err(s) => {
+                    self.record_call("DownloadModel", sent, false);
                     self.backoff("DownloadModel", attempt, s).await?;
                     continue;
                 }
@@ -359,8 +401,12 @@ impl CoordinatorClient {
             loop {
                 let chunk = match stream.message().await {
                     Ok(Some(c)) => c,
-                    Ok(None) => break,
+                    Ok(None) => {
+                        self.record_call("DownloadModel", sent, true);
+                        break;
+                    }
                     Err(s) => {
+                        self.record_call("DownloadModel", sent, false);
                         self.backoff("DownloadModel", attempt, s).await?;
                         break;
                     }
@@ -469,7 +515,10 @@ impl CoordinatorClient {
         loop {
             attempt += 1;
             let request = self.authed(tokio_stream::iter(messages.clone()), "UploadUpdate")?;
-            match self.inner.upload_update(request).await {
+            let sent = Instant::now();
+            let answer = self.inner.upload_update(request).await;
+            self.record_call("UploadUpdate", sent, answer.is_ok());
+            match answer {
                 Ok(r) => return Ok(r.into_inner()),
                 Err(s) => self.backoff("UploadUpdate", attempt, s).await?,
             }
@@ -702,4 +751,38 @@ fn stream(
         }
     }
     messages
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_client_keeps_only_the_latest_call_times() {
+        let channel = Endpoint::from_static("https://127.0.0.1:9").connect_lazy();
+        let mut client = CoordinatorClient {
+            endpoint: "https://127.0.0.1:9".into(),
+            ca_pem: vec![],
+            inner: DeviceServiceClient::new(channel.clone()),
+            secagg: SecureAggregationServiceClient::new(channel),
+            config: ParticipationConfig::default(),
+            enrolment: None,
+            rng: ChaCha8Rng::seed_from_u64(1),
+            call_times: VecDeque::new(),
+        };
+        let sent = Instant::now();
+        for n in 0..CALL_TIMES_KEPT + 10 {
+            client.record_call(
+                if n < 10 { "CheckIn" } else { "UploadUpdate" },
+                sent,
+                n % 2 == 0,
+            );
+        }
+        let times = client.take_call_times();
+        assert_eq!(times.len(), CALL_TIMES_KEPT);
+        // The ten oldest (the check-ins) were forgotten first.
+        assert!(times.iter().all(|t| t.call == "UploadUpdate"));
+        assert!(times[0].ok && !times[1].ok);
+        assert!(client.take_call_times().is_empty());
+    }
 }

@@ -49,7 +49,7 @@ use thiserror::Error;
 use tonic::Code;
 
 pub use backoff::{RETRY_PUSHBACK, RetryPolicy, pushback, retryable};
-pub use client::{CoordinatorClient, DownloadProgress, MASKED_UPDATE};
+pub use client::{CALL_TIMES_KEPT, CallTime, CoordinatorClient, DownloadProgress, MASKED_UPDATE};
 pub use metrics::{MetricsOutcome, ReportWhen, report_metrics};
 pub use snapshot::{Enrolment, PartialDownload, model_from_snapshot};
 
