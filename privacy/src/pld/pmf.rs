@@ -231,6 +231,11 @@ impl LossPmf {
     }
 }
 
+/// The widest window a self-composition is computed over, in grid points (2²⁴: 16.8 M points,
+/// 268 MB of complex FFT input). A composition whose Chernoff window is wider spends an ε far
+/// beyond any budget; it is answered with all its mass at +∞.
+pub(crate) const MAX_COMPOSED_WINDOW: usize = 1 << 24;
+
 /// The orders t = 2^(j/2), j = −12 … 26, at which the Chernoff bounds of a self-composition's
 /// window are tried.
 fn chernoff_orders() -> impl Iterator<Item = f64> {
@@ -275,7 +280,7 @@ impl SelfComposer {
         let n = count as f64;
         let len = single.probs.len() as i64;
         // Exact bounds of the composed support, in grid indices relative to count·offset.
-        let exact_hi = (len - 1).saturating_mul(count as i64);
+        let exact_hi = (len - 1).saturating_mul(i64::try_from(count).unwrap_or(i64::MAX));
         let (mut rel_lo, mut rel_hi) = (0i64, exact_hi);
         let log_tail = tail.ln();
         let base = single.offset as f64 * single.interval;
@@ -296,6 +301,19 @@ impl SelfComposer {
         if rel_lo > rel_hi {
             rel_lo = rel_hi;
         }
+        // An absurd count (a manifest asking for 2⁶² rounds, say) would need a window wider
+        // than memory, or grid indices beyond i64. Everything at +∞ is a valid, pessimistic
+        // answer (ε = ∞), and calibration then looks for more noise.
+        let composed_offset = i64::try_from(count)
+            .ok()
+            .and_then(|c| single.offset.checked_mul(c))
+            .and_then(|o| o.checked_add(rel_lo));
+        let (Some(composed_offset), true) = (
+            composed_offset,
+            rel_hi - rel_lo < MAX_COMPOSED_WINDOW as i64,
+        ) else {
+            return LossPmf::new(single.interval, 0, vec![], 1.0);
+        };
         let width = (rel_hi - rel_lo + 1) as usize;
         let size = fast_len(width.max(2));
         let spectrum = match &self.spectrum {
@@ -328,12 +346,7 @@ impl SelfComposer {
         // (f + m)^n − f^n: every product with at least one factor at +∞.
         let finite = single.finite_mass();
         let infinity = (finite + single.infinity_mass).powf(n) - finite.powf(n) + 2.0 * tail;
-        let mut pmf = LossPmf::new(
-            single.interval,
-            single.offset * count as i64 + rel_lo,
-            probs,
-            infinity.min(1.0),
-        );
+        let mut pmf = LossPmf::new(single.interval, composed_offset, probs, infinity.min(1.0));
         pmf.truncate_tails(tail);
         pmf
     }
@@ -434,6 +447,23 @@ mod tests {
                 "count {count}"
             );
         }
+    }
+
+    #[test]
+    fn an_absurd_count_is_all_mass_at_infinity_not_a_panic_or_a_huge_window() {
+        // Found by fuzzing a run manifest asking for about 2⁶³ rounds: the composed offset
+        // overflowed i64, and smaller absurd counts would need windows wider than memory.
+        let single = pmf(-3, &[0.05, 0.1, 0.2, 0.3, 0.2, 0.1, 0.05], 1e-9);
+        for count in [u64::MAX, 1 << 63, (1 << 62) + 5, 1 << 40] {
+            let composed = single.self_compose(count, 1e-15);
+            assert_eq!(composed.infinity_mass(), 1.0, "count {count}");
+            assert_eq!(composed.epsilon_for_delta(1e-6), f64::INFINITY);
+        }
+        // A large but reasonable count is still computed.
+        let single = pmf(-3, &[0.05, 0.1, 0.2, 0.3, 0.2, 0.1, 0.05], 0.0);
+        let composed = single.self_compose(100_000, 1e-15);
+        assert!(composed.infinity_mass() < 1e-6);
+        assert!(composed.epsilon_for_delta(1e-6).is_finite());
     }
 
     fn pmf(offset: i64, probs: &[f64], inf: f64) -> LossPmf {
