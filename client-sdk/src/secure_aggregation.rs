@@ -77,7 +77,7 @@ pub struct DistributedRound {
 
 fn millis(t: &Option<fedpref_proto::prost_types::Timestamp>) -> Option<i64> {
     t.as_ref()
-        .map(|t| t.seconds.saturating_mul(1000) + i64::from(t.nanos / 1_000_000))
+        .map(|t| crate::time::Timestamp::from_proto(t).millis())
 }
 
 const ROUND: &str = "secure_aggregation_round";

@@ -24,6 +24,16 @@ impl Timestamp {
         self.0
     }
 
+    /// A protobuf timestamp from the coordinator, to the millisecond; values beyond the
+    /// representable range (hostile or corrupt ones) saturate instead of overflowing.
+    pub fn from_proto(t: &fedpref_proto::prost_types::Timestamp) -> Self {
+        Self(
+            t.seconds
+                .saturating_mul(1000)
+                .saturating_add(i64::from(t.nanos / 1_000_000)),
+        )
+    }
+
     /// The system clock, for the edge of the program (never called by the SDK's logic).
     pub fn now() -> Self {
         let since = std::time::SystemTime::now()
@@ -203,6 +213,17 @@ fn civil_from_days(z: i64) -> (i64, i64, i64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_protobuf_timestamp_saturates_rather_than_overflowing() {
+        use fedpref_proto::prost_types::Timestamp as Proto;
+        let at = |seconds, nanos| Timestamp::from_proto(&Proto { seconds, nanos }).millis();
+        assert_eq!(at(1_700_000_000, 250_000_000), 1_700_000_000_250);
+        // Found by fuzzing a distributed task's stage deadlines.
+        assert_eq!(at(i64::MAX, 999_999_999), i64::MAX);
+        assert_eq!(at(i64::MIN, -999_999_999), i64::MIN);
+        assert_eq!(at(i64::MAX / 1000, i32::MAX), i64::MAX);
+    }
 
     #[test]
     fn the_epoch_and_a_known_date_parse_to_their_millisecond_counts() {

@@ -129,7 +129,7 @@ pub enum GrantCommand {
 pub enum RunCommand {
     /// Create a run from a manifest; prints its id.
     Create {
-        /// The coordinator's SQLite database (created if missing).
+        /// The coordinator's SQLite database (created if missing), or a postgres:// URL
         #[arg(long, value_name = "PATH")]
         db: std::path::PathBuf,
         /// The run manifest (TOML).
@@ -664,8 +664,14 @@ fn run_runs(cmd: &RunCommand) -> Result<String, CliError> {
                     format!("run-{}", crate::hex(&bytes))
                 }
             };
-            let mut store = crate::store::Store::open(db)
-                .map_err(|e| CliError::Failed(format!("{}: {e}", db.display())))?;
+            // A new SQLite file is created; a PostgreSQL database must exist (its schema is
+            // made on first use, as `serve` does).
+            let mut store = match db.to_str().filter(|u| crate::store::is_postgres_url(u)) {
+                Some(url) => crate::store::Store::open_postgres(url)
+                    .map_err(|e| CliError::Failed(format!("--db: {e}")))?,
+                None => crate::store::Store::open(db)
+                    .map_err(|e| CliError::Failed(format!("{}: {e}", db.display())))?,
+            };
             crate::coordinator::create_run(&mut store, &id, &m, now_ms())
                 .map_err(|e| CliError::Failed(e.to_string()))?;
             Ok(if *json {

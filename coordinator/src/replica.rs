@@ -73,6 +73,9 @@ pub fn renew(c: &mut Coordinator) -> Result<Vec<String>, CoordinatorError> {
         let step = match c.store_mut().acquire_lease(&run.id) {
             Ok(LeaseOutcome::Acquired { lease, taken_from }) => {
                 tracing::info!(run = %run.id, token = lease.token, from = ?taken_from, "run lease taken");
+                if taken_from.as_deref() == c.store().replica_id() {
+                    tracing::warn!(run = %run.id, "run lease taken over from an earlier process of this replica that stopped without releasing it (two live processes configured with one replica id would take it from each other)");
+                }
                 c.adopt(&run.id, taken_from.as_deref(), now)
                     .and_then(|_| apply_forwarded(c, &run.id))
             }

@@ -288,6 +288,40 @@ fn run_create_command_validates_the_manifest_and_refuses_mode_none() {
 }
 
 #[test]
+fn run_create_command_takes_a_postgres_url_as_every_other_db_command_does() {
+    let Some(server) = common::pg::server() else {
+        return;
+    };
+    let url = server.create_database();
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good.toml");
+    std::fs::write(&good, COHORT_MANIFEST).unwrap();
+    let bin = env!("CARGO_BIN_EXE_fedpref-coordinator");
+    let out = Command::new(bin)
+        .args(["run", "create", "--id", "pg-run", "--json", "--manifest"])
+        .arg(&good)
+        .args(["--db", &url])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let store = Store::open_location(&url).unwrap();
+    assert_eq!(store.runs().unwrap().len(), 1);
+    let out = Command::new(bin)
+        .args(["ledger", "verify", "--run", "pg-run", "--db", &url])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
 fn a_distributed_round_without_its_record_is_found() {
     // A central chain relabelled as distributed, hashes recomputed: the rounds then claim
     // mode distributed with no mechanism record, which verify must not account as a

@@ -368,6 +368,50 @@ fn a_released_lease_is_taken_at_once_without_abandoning_a_round() {
 }
 
 #[test]
+fn a_restarted_replica_takes_its_predecessors_lease_at_once_and_fences_it() {
+    for (location, _dir) in locations() {
+        let (mut a, _b) = two_replicas(&location, 60_000);
+        durable_round(&mut a, "r1", "first", 4, T0 + 1);
+        // Replica A's process is killed and started again under the same id: the new
+        // process holds no token, and the lease still names replica-a for a minute.
+        let mut restarted = Store::open_location(&location).unwrap();
+        restarted.enable_fencing("replica-a", "https://a.example:7443", 60_000);
+        let LeaseOutcome::Acquired { lease, taken_from } = restarted.acquire_lease("r1").unwrap()
+        else {
+            panic!("{location}: the restarted replica did not take its own lease");
+        };
+        assert_eq!(lease.token, 2, "{location}: the fencing token went up");
+        assert_eq!(taken_from.as_deref(), Some("replica-a"));
+        // The old process, were it still alive, can write nothing more.
+        let before = restarted.ledger("r1").unwrap();
+        let err = a
+            .store_mut()
+            .append_event(
+                "r1",
+                LedgerEvent::RoundAbandoned {
+                    round: 2,
+                    contributions: 0,
+                    reason: "stale".into(),
+                },
+                T0 + 2,
+            )
+            .unwrap_err();
+        assert!(matches!(err, StoreError::LeaseLost { .. }), "{err}");
+        assert_eq!(restarted.ledger("r1").unwrap(), before);
+        // And it does not take the lease back: it holds a token, just not the current one.
+        assert!(matches!(
+            a.store_mut().acquire_lease("r1").unwrap(),
+            LeaseOutcome::HeldBy(ref l) if l.token == 2
+        ));
+        // The new process renews what it took.
+        assert!(matches!(
+            restarted.acquire_lease("r1").unwrap(),
+            LeaseOutcome::Renewed(ref l) if l.token == 2
+        ));
+    }
+}
+
+#[test]
 fn the_ledger_is_append_only_for_the_coordinators_postgres_role() {
     let Some(server) = pg::server() else {
         return;

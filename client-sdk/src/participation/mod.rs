@@ -707,10 +707,10 @@ pub async fn participate(
         }
         // Refusals that cost nothing come first: a task the device cannot finish is given
         // back before any budget is spent on it.
-        let deadline_passed = task.upload_deadline.as_ref().is_some_and(|d| {
-            Timestamp::now().millis()
-                >= d.seconds.saturating_mul(1000) + i64::from(d.nanos / 1_000_000)
-        });
+        let deadline_passed = task
+            .upload_deadline
+            .as_ref()
+            .is_some_and(|d| Timestamp::now().millis() >= Timestamp::from_proto(d).millis());
         let early = if deadline_passed {
             Some((
                 pb::DeclineReason::DeadlineUnreachable,

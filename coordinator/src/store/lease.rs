@@ -100,9 +100,10 @@ impl Store {
     }
 
     /// Takes or renews a run's lease, in one transaction, by the database's clock: taken when
-    /// there is no lease row, when it was released or when it lapsed (the fencing token goes
-    /// up by one); renewed (same token) when this replica holds it with the token it
-    /// remembers. Otherwise another replica holds it, and this replica forgets any token it
+    /// there is no lease row, when it was released, when it lapsed, or when it is held under
+    /// this replica's id by an earlier process of it (this one holds no token for the run)
+    /// (the fencing token goes up by one); renewed (same token) when this replica holds it
+    /// with the token it remembers. Otherwise another replica holds it, and this replica forgets any token it
     /// had for the run. Needs [`Store::enable_fencing`].
     pub fn acquire_lease(&mut self, run_id: &str) -> Result<LeaseOutcome, StoreError> {
         let f = self.fencing.clone().ok_or_else(|| {
@@ -145,7 +146,12 @@ impl Store {
                 expires_at_ms: row.i64(3)?,
             };
             let mine = current.owner == f.replica_id && Some(current.token) == held;
-            let free = current.owner.is_empty() || current.expires_at_ms <= now;
+            // Held under this replica's id by a process of it that this one is not: an
+            // earlier process that stopped without releasing it (killed, crashed). Waiting
+            // for it to lapse would only redirect devices to this very replica; the token
+            // goes up, so a process that were still alive could write nothing more.
+            let predecessor = current.owner == f.replica_id && held.is_none();
+            let free = current.owner.is_empty() || current.expires_at_ms <= now || predecessor;
             if !mine && !free {
                 return Ok(LeaseOutcome::HeldBy(current));
             }
