@@ -139,7 +139,7 @@ fn try_report(
     let token = c
         .task_given(RUN, device, version, true, || {
             format!("token-{device}-{version}")
-        })
+        })?
         .unwrap_or_else(|| format!("token-{device}-{version}"));
     let rates = EvaluationRates::from_counts(&EvaluationCounts {
         lists_shown: 4,

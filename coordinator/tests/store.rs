@@ -166,6 +166,46 @@ fn evaluation_releases_sum_on_both_backends_with_no_device_or_time_stored() {
 }
 
 #[test]
+fn a_restarted_coordinator_never_issues_a_device_a_second_evaluation_token_for_a_version() {
+    for (location, _dir) in locations() {
+        let mut c = Coordinator::open_location(&location, T0).unwrap();
+        c.create_run("r1", manifest(COHORT_MANIFEST), T0).unwrap();
+        let token = |c: &mut Coordinator, device: &str, version: u64| {
+            c.task_given("r1", device, version, true, || {
+                format!("tok-{device}-{version}")
+            })
+            .unwrap()
+        };
+        assert_eq!(token(&mut c, "d1", 1).as_deref(), Some("tok-d1-1"));
+        assert_eq!(token(&mut c, "d1", 1), None, "{location}: once per version");
+        drop(c);
+        // After a restart the device may not report on version 1 again (its first token,
+        // if unredeemed, is gone with the process), but gets version 2's; other devices
+        // are unaffected.
+        let mut c = Coordinator::open_location(&location, T0 + 1).unwrap();
+        assert_eq!(token(&mut c, "d1", 1), None, "{location}");
+        assert_eq!(token(&mut c, "d1", 2).as_deref(), Some("tok-d1-2"));
+        assert_eq!(token(&mut c, "d2", 1).as_deref(), Some("tok-d2-1"));
+        // A task without evaluation (distributed mode) claims nothing.
+        assert_eq!(
+            c.task_given("r1", "d3", 1, false, || "never".into())
+                .unwrap(),
+            None
+        );
+        assert_eq!(token(&mut c, "d3", 1).as_deref(), Some("tok-d3-1"));
+        // Versions far behind are forgotten with the next version's first token.
+        let far = 1 + fedpref_coordinator::grants::KEEP_VERSIONS + 1;
+        assert!(token(&mut c, "d4", far).is_some());
+        let mut store = Store::open_location(&location).unwrap();
+        assert!(
+            store.claim_evaluation_token("r1", 1, "d1", 0).unwrap(),
+            "{location}: version 1 was forgotten"
+        );
+        assert!(!store.claim_evaluation_token("r1", 2, "d1", 0).unwrap());
+    }
+}
+
+#[test]
 fn a_recorded_release_is_listed_until_its_round_ends_on_both_backends() {
     for (location, _dir) in locations() {
         let mut c = Coordinator::open_location(&location, T0).unwrap();

@@ -12,7 +12,10 @@
 //! ([`TaskGrants::redeem`]) cannot be tied to a device by what is stored, and each device
 //! reports at most once per version. Tokens live in memory: after a restart, unredeemed
 //! tokens are refused (their evaluation is simply not counted), and a version's tokens are
-//! forgotten once the run is [`KEEP_VERSIONS`] versions past it.
+//! forgotten once the run is [`KEEP_VERSIONS`] versions past it. *Which* devices were issued
+//! a version's token is also kept by the coordinator's store, so that a restart (or another
+//! replica) never issues a device a second token for the same version
+//! ([`TaskGrants::mark_evaluation_issued`]).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
@@ -96,6 +99,23 @@ impl TaskGrants {
         for k in stale {
             self.evaluation_issued.remove(&k);
         }
+    }
+
+    /// Whether this process issued `device` the evaluation token of (`run_id`,
+    /// `model_version`), or learnt with [`TaskGrants::mark_evaluation_issued`] that it had one.
+    pub fn evaluation_issued_to(&self, run_id: &str, device: &str, model_version: u64) -> bool {
+        self.evaluation_issued
+            .get(&(run_id.to_owned(), model_version))
+            .is_some_and(|devices| devices.contains(device))
+    }
+
+    /// Records that `device` already had the evaluation token of (`run_id`, `model_version`)
+    /// from elsewhere (a process before a restart, another replica): it is given no other.
+    pub fn mark_evaluation_issued(&mut self, run_id: &str, device: &str, model_version: u64) {
+        self.evaluation_issued
+            .entry((run_id.to_owned(), model_version))
+            .or_default()
+            .insert(device.to_owned());
     }
 
     /// Whether `device` was given a task in `run_id` since this coordinator started.

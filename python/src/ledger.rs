@@ -21,7 +21,7 @@ use crate::Error;
 
 /// The newest coordinator store schema this reader knows (the coordinator's
 /// `store::MIGRATIONS.len()`, checked by a test; the wheel does not link the coordinator).
-pub const SUPPORTED_SCHEMA: i64 = 8;
+pub const SUPPORTED_SCHEMA: i64 = 9;
 
 /// Reads and verifies every run's ledger in the store at `db`.
 pub fn read(db: &Path) -> Result<String, Error> {

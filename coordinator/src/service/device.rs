@@ -252,6 +252,7 @@ impl DeviceService for DeviceApi {
                                             }
                                         }
                                     })
+                                    .map_err(coordinator_status)?
                                     .unwrap_or_default();
                                 if let Some(e) = token_error {
                                     return Err(e);

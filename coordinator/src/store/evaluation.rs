@@ -61,6 +61,44 @@ impl Store {
         })
     }
 
+    /// Records that `principal` (a device id, or a person's principal) is issued the
+    /// evaluation token of (run, model version), and forgets the run's versions below
+    /// `forget_below`, in one transaction. Returns false, recording nothing, when it already
+    /// was (by this process before a restart, or by another replica): a device reports at
+    /// most once per version whatever happens to the coordinator. Not fenced: it says who may
+    /// report, never what anyone reported.
+    pub fn claim_evaluation_token(
+        &mut self,
+        run_id: &str,
+        model_version: u64,
+        principal: &str,
+        forget_below: u64,
+    ) -> Result<bool, StoreError> {
+        let version = i64::try_from(model_version)
+            .map_err(|_| StoreError::Corrupt(format!("model version {model_version}")))?;
+        let below = i64::try_from(forget_below).unwrap_or(i64::MAX);
+        self.write(|tx| {
+            let insert = match tx.dialect() {
+                Dialect::Postgres => {
+                    "INSERT INTO evaluation_tokens_issued (run_id, model_version, principal) \
+                     VALUES (?1, ?2, ?3) ON CONFLICT DO NOTHING"
+                }
+                Dialect::Sqlite => {
+                    "INSERT OR IGNORE INTO evaluation_tokens_issued (run_id, model_version, principal) \
+                     VALUES (?1, ?2, ?3)"
+                }
+            };
+            let claimed = tx.execute(insert, vals![run_id, version, principal])? == 1;
+            if claimed && below > 0 {
+                tx.execute(
+                    "DELETE FROM evaluation_tokens_issued WHERE run_id = ?1 AND model_version < ?2",
+                    vals![run_id, below],
+                )?;
+            }
+            Ok(claimed)
+        })
+    }
+
     /// The noised evaluation sum of (run, model version); empty if none was reported.
     pub fn evaluation_sum(
         &self,

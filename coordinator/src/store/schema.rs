@@ -150,6 +150,17 @@ CREATE TABLE ledger_signatures (
 ALTER TABLE devices ADD COLUMN principal TEXT;
 CREATE INDEX devices_by_principal ON devices (principal, enrolled_at_ms);
 "#,
+    // 9: which devices (or persons) were issued the evaluation token of a model version, so
+    // that no restart or other replica issues a second one (see crate::grants). The tokens'
+    // hashes stay in memory, and nothing ties this table to the evaluation sums.
+    r#"
+CREATE TABLE evaluation_tokens_issued (
+    run_id TEXT NOT NULL REFERENCES runs(id),
+    model_version BIGINT NOT NULL,
+    principal TEXT NOT NULL,
+    PRIMARY KEY (run_id, model_version, principal)
+);
+"#,
 ];
 
 /// The PostgreSQL schema, one script per version, version for version the same as
@@ -307,5 +318,14 @@ REVOKE UPDATE, DELETE, TRUNCATE ON ledger_signatures FROM CURRENT_USER;
     r#"
 ALTER TABLE devices ADD COLUMN principal TEXT;
 CREATE INDEX devices_by_principal ON devices (principal, enrolled_at_ms);
+"#,
+    // 9: as in SQLite.
+    r#"
+CREATE TABLE evaluation_tokens_issued (
+    run_id TEXT NOT NULL REFERENCES runs(id),
+    model_version BIGINT NOT NULL,
+    principal TEXT NOT NULL,
+    PRIMARY KEY (run_id, model_version, principal)
+);
 "#,
 ];
