@@ -51,11 +51,12 @@ struct Args {
     coordinator: PathBuf,
     json: Option<PathBuf>,
     max_fd_growth: i64,
+    client_threads: usize,
 }
 
 fn usage(problem: &str) -> ! {
     eprintln!(
-        "soak: {problem}\nusage: soak [--devices N] [--minutes M] [--window-minutes W] [--warmup-minutes W] [--items N] [--cohort N] [--round-seconds S] [--coordinator PATH] [--json FILE] [--max-fd-growth N]"
+        "soak: {problem}\nusage: soak [--devices N] [--minutes M] [--window-minutes W] [--warmup-minutes W] [--items N] [--cohort N] [--round-seconds S] [--coordinator PATH] [--json FILE] [--max-fd-growth N] [--client-threads N]"
     );
     std::process::exit(2)
 }
@@ -79,6 +80,7 @@ fn parse_args() -> Args {
         coordinator: sibling,
         json: None,
         max_fd_growth: 32,
+        client_threads: 16,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -101,11 +103,12 @@ fn parse_args() -> Args {
             "--coordinator" => a.coordinator = PathBuf::from(value()),
             "--json" => a.json = Some(PathBuf::from(value())),
             "--max-fd-growth" => a.max_fd_growth = num(&flag, value()),
+            "--client-threads" => a.client_threads = num(&flag, value()),
             other => usage(&format!("unknown flag {other}")),
         }
     }
-    if a.devices == 0 || a.cohort == 0 || a.items < RATINGS_PER_DEVICE {
-        usage("--devices and --cohort must be positive and --items at least 20");
+    if a.devices == 0 || a.cohort == 0 || a.client_threads == 0 || a.items < RATINGS_PER_DEVICE {
+        usage("--devices, --cohort and --client-threads must be positive and --items at least 20");
     }
     if !(a.minutes > 0.0 && a.window_minutes > 0.0 && a.warmup_minutes >= 0.0)
         || a.warmup_minutes >= a.minutes
@@ -315,9 +318,21 @@ fn terminate(child: &mut Child) {
     let _ = child.wait();
 }
 
-#[tokio::main]
-async fn main() {
+fn main() {
     let a = parse_args();
+    // The devices' stores are SQLite, written synchronously inside their async tasks (as in
+    // an app, where each device is alone): enough worker threads that one device's fsync
+    // does not hold up another's answer, so the latencies are the coordinator's and the
+    // network's, not the harness's queue.
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(a.client_threads)
+        .enable_all()
+        .build()
+        .expect("the devices' runtime")
+        .block_on(soak(a));
+}
+
+async fn soak(a: Args) {
     let dir = tempfile::tempdir().expect("a temporary directory");
     let devices_dir = dir.path().join("devices");
     std::fs::create_dir(&devices_dir).expect("the devices' directory");
@@ -514,7 +529,7 @@ async fn main() {
     let windows = (a.minutes * 60.0 / window).ceil() as usize;
     let mut rows = vec![];
     println!(
-        "| minutes | check-ins | CheckIn p50 / p99 ms | uploads | UploadUpdate p50 / p99 ms | rounds committed / abandoned | uploads refused (late) | attempts retried | errors |"
+        "| minutes | check-ins | CheckIn p50 / p99 ms | uploads | UploadUpdate p50 / p99 ms | rounds committed / abandoned | uploads refused (late) | calls refused or failed | errors |"
     );
     println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
     for w in 0..windows {
@@ -548,7 +563,7 @@ async fn main() {
             "check_ins": checkins, "check_in_p50_ms": c50, "check_in_p99_ms": c99,
             "uploads": uploads, "upload_p50_ms": u50, "upload_p99_ms": u99,
             "rounds_committed": committed, "rounds_abandoned": gave_up,
-            "uploads_refused": refused, "attempts_retried": retried, "errors": errors,
+            "uploads_refused": refused, "calls_refused_or_failed": retried, "errors": errors,
         }));
     }
     let warm: Vec<Sample> = samples
@@ -565,6 +580,15 @@ async fn main() {
         )
     };
     let rss_slope = per_round(|s| s.rss_kib);
+    // Caches and the allocator's arenas fill for a while: the second half shows whether the
+    // growth goes on.
+    let second_half = &warm[warm.len() / 2..];
+    let rss_slope_late = slope(
+        &second_half
+            .iter()
+            .map(|s| (s.round as f64, s.rss_kib))
+            .collect::<Vec<_>>(),
+    );
     let fd_slope = per_round(|s| s.fds as f64);
     let thread_slope = per_round(|s| s.threads as f64);
     let (first, last) = (warm.first().copied(), warm.last().copied());
@@ -572,7 +596,7 @@ async fn main() {
     println!();
     match (first, last) {
         (Some(f), Some(l)) => println!(
-            "After {} min of warm-up, rounds {}–{} ({} committed): RSS {:.1} → {:.1} MiB (highest {:.1}), slope {:+.2} KiB per round; open descriptors {} → {}, slope {:+.4} per round; threads {} → {}, slope {:+.4} per round.",
+            "After {} min of warm-up, rounds {}–{} ({} committed): RSS {:.1} → {:.1} MiB (highest {:.1}), slope {:+.2} KiB per round ({:+.2} over the second half); open descriptors {} → {}, slope {:+.4} per round; threads {} → {}, slope {:+.4} per round.",
             a.warmup_minutes,
             f.round,
             l.round,
@@ -581,6 +605,7 @@ async fn main() {
             l.rss_kib / 1024.0,
             peak / 1024.0,
             rss_slope,
+            rss_slope_late,
             f.fds,
             l.fds,
             fd_slope,
@@ -599,7 +624,7 @@ async fn main() {
         .filter(|d| !d.1.starts_with("DECLINE_REASON_DEADLINE_UNREACHABLE"))
         .count();
     println!(
-        "Devices: {} uploads, {} refused as late (expected), {} declined, {} call attempts failed and were retried, {} errors. Coordinator log: {} ERROR, {} WARN lines.{}",
+        "Devices: {} uploads, {} refused as late (expected), {} declined, {} calls refused or failed, {} errors. Coordinator log: {} ERROR, {} WARN lines.{}",
         seen.uploads.len(),
         seen.refused.len(),
         seen.declined.len(),
@@ -654,7 +679,8 @@ async fn main() {
             "warmup_minutes": a.warmup_minutes,
             "windows": rows,
             "rounds_committed": committed_at.len(), "rounds_abandoned": abandoned,
-            "rss_kib_slope_per_round": rss_slope, "fds_slope_per_round": fd_slope,
+            "rss_kib_slope_per_round": rss_slope, "rss_kib_slope_per_round_second_half": rss_slope_late,
+            "fds_slope_per_round": fd_slope, "client_threads": a.client_threads,
             "threads_slope_per_round": thread_slope,
             "rss_kib_after_warmup": first.map(|s| s.rss_kib), "rss_kib_at_end": last.map(|s| s.rss_kib),
             "rss_kib_highest": peak,

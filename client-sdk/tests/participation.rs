@@ -302,6 +302,48 @@ async fn an_interrupted_download_resumes_from_the_bytes_kept_in_the_store() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_given_back_after_its_round_closed_is_not_an_error() {
+    let server = TestServer::start().await;
+    create_run(&server, 2).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = device(dir.path(), "slow", 1, DeviceConfig::default());
+    let mut client = server.client(quick_retries()).await;
+    client.ensure_enrolled(&mut d, APP_KEY).await.unwrap();
+    let eligible = pb::Eligibility {
+        device_conditions_met: true,
+        privacy_budget_available: true,
+    };
+    let answer = client.check_in(None, eligible).await.unwrap();
+    let Some(pb::check_in_response::Outcome::Task(task)) = answer.outcome else {
+        panic!("no task: {answer:?}");
+    };
+    // Alone in a round that needs two, the device is too slow: the round is abandoned at its
+    // 2-second deadline before the device gives its task back.
+    tokio::time::sleep(Duration::from_millis(3_000)).await;
+    let refused = client
+        .decline_task(&task, pb::DeclineReason::DeadlineUnreachable)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            refused,
+            ParticipationError::Rejected {
+                code: tonic::Code::FailedPrecondition,
+                ..
+            }
+        ),
+        "{refused}"
+    );
+    assert_eq!(
+        client
+            .give_back(&task, pb::DeclineReason::DeadlineUnreachable)
+            .await
+            .unwrap(),
+        None
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wrong_ca_certificate_is_a_clear_tls_error() {
     let server = TestServer::start().await;
     let other = fedpref_coordinator::config::self_signed_localhost().unwrap();

@@ -689,6 +689,25 @@ impl CoordinatorClient {
         }
     }
 
+    /// Gives `task` back with [`decline_task`](Self::decline_task), except that a round the
+    /// coordinator has already closed (`FAILED_PRECONDITION`) takes nothing back and is not an
+    /// error: the device is simply not in it. Returns how long to wait before checking in
+    /// again, or `None` when the round had closed.
+    pub async fn give_back(
+        &mut self,
+        task: &pb::Task,
+        reason: pb::DeclineReason,
+    ) -> Result<Option<Duration>, ParticipationError> {
+        match self.decline_task(task, reason).await {
+            Ok(wait) => Ok(Some(wait)),
+            Err(ParticipationError::Rejected {
+                code: Code::FailedPrecondition,
+                ..
+            }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     /// `ReportMetrics`: sends one window's aggregate counts; returns how long to wait
     /// before the next report.
     pub async fn report_metrics(

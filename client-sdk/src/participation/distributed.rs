@@ -73,16 +73,12 @@ async fn decline(
     why: String,
     emit: &mut (dyn FnMut(ParticipationEvent) + Send),
 ) -> Result<Outcome, ParticipationError> {
-    let wait = match client.decline_task(task, reason).await {
-        Ok(wait) => wait,
-        // A coordinator that has moved the round on no longer takes the task back; the
-        // device simply is not in the sum.
-        Err(ParticipationError::Rejected {
-            code: Code::FailedPrecondition,
-            ..
-        }) => Duration::ZERO,
-        Err(e) => return Err(e),
-    };
+    // A coordinator that has moved the round on no longer takes the task back; the device
+    // simply is not in the sum.
+    let wait = client
+        .give_back(task, reason)
+        .await?
+        .unwrap_or(Duration::ZERO);
     emit(ParticipationEvent::Declined {
         round_id: task.round_id,
         reason: reason.as_str_name().to_string(),

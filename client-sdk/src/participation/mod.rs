@@ -816,7 +816,11 @@ pub async fn participate(
                 Err(e) => return Err(e),
             },
             Err((reason, why)) => {
-                let wait = client.decline_task(&task, reason).await?;
+                // A round that closed meanwhile (a slow device) takes nothing back.
+                let wait = client
+                    .give_back(&task, reason)
+                    .await?
+                    .unwrap_or(Duration::ZERO);
                 report.declines += 1;
                 emit(
                     &mut report,
