@@ -8,7 +8,8 @@
 //! ```
 //!
 //! Each device is a [`Device`] with its own SQLite store (a catalogue of `--items` items and 20
-//! ratings drawn from the device's number) and its own TLS connection, driven by
+//! ratings drawn from the device's number; in /dev/shm when the machine has it, standing for
+//! each phone's own storage) and its own TLS connection, driven by
 //! [`participate`] one task at a time (check in, download, train, clip, noise, record, upload,
 //! report evaluation when due), exactly as an app runs it. The run is local DP, σ = 1, C = 1,
 //! cohorts of `--cohort` devices, rounds of at most `--round-seconds`. Every device connects
@@ -334,8 +335,15 @@ fn main() {
 
 async fn soak(a: Args) {
     let dir = tempfile::tempdir().expect("a temporary directory");
-    let devices_dir = dir.path().join("devices");
-    std::fs::create_dir(&devices_dir).expect("the devices' directory");
+    // The devices' stores stand for a thousand phones' own storage: in memory (/dev/shm)
+    // where there is one, so that their fsyncs do not queue with the coordinator's on the
+    // one disk the coordinator's store is on.
+    let devices_root = match Path::new("/dev/shm") {
+        shm if shm.is_dir() => tempfile::tempdir_in(shm),
+        _ => tempfile::tempdir(),
+    }
+    .expect("a directory for the devices' stores");
+    let devices_dir = devices_root.path().to_path_buf();
     let (config, ca, device_addr) = setup(dir.path(), &a);
     let log_path = dir.path().join("coordinator.log");
     let mut server = Command::new(&a.coordinator)
