@@ -541,8 +541,8 @@ impl Device {
                 model.version() as i64,
                 model.factor_dimension() as i64,
                 serde_json::to_string(model.item_ids()).expect("strings serialise"),
-                store::f64_blob(model.item_factors()),
-                store::f64_blob(model.item_biases()),
+                store::f64_blob(model.factors_flat()),
+                store::f64_blob(model.biases_flat()),
                 model.global_offset()
             ],
         )?;
@@ -917,7 +917,7 @@ fn load_model(conn: &Connection) -> Result<Option<MatrixFactorization>, SdkError
     let ids: Vec<String> = serde_json::from_str(&ids).map_err(|e| {
         SdkError::Storage(format!("the stored model's item ids are unreadable: {e}"))
     })?;
-    Ok(Some(MatrixFactorization::new(
+    Ok(Some(MatrixFactorization::from_flat(
         version as u64,
         ids,
         k as usize,

@@ -875,6 +875,7 @@ pub enum EvaluationRelease {
 
 impl Device {
     /// Keeps the evaluation token a task gave for (run, model version).
+    #[cfg(feature = "grpc")]
     pub(crate) fn store_evaluation_token(
         &mut self,
         run_id: &str,

@@ -63,14 +63,22 @@
 //! - [`evaluation`]: federated evaluation, the aggregate counts behind the coordinator's
 //!   guardrail metrics, reported with [`participation::report_metrics`].
 //! - [`cli`]: the `fedpref-device` reference program.
+//!
+//! ## Features
+//! - `grpc` (on by default): [`participation`], [`cli`] and the `fedpref-device` program,
+//!   with tonic, tokio and rustls. Without it the crate is the store, the model, private
+//!   training, evaluation and the user controls, with no network stack: what the simulator
+//!   and the Python package link.
 
 pub mod catalogue;
+#[cfg(feature = "grpc")]
 pub mod cli;
 pub mod device;
 pub mod evaluation;
 pub mod event;
 pub mod examples;
 pub mod model;
+#[cfg(feature = "grpc")]
 pub mod participation;
 pub mod recommend;
 pub mod secure_aggregation;
@@ -91,6 +99,7 @@ pub use model::{
     TensorSpec, TrainingScratch, UserState, local_round, local_round_sparse,
     local_round_sparse_with,
 };
+#[cfg(feature = "grpc")]
 pub use participation::{
     CallTime, CoordinatorClient, DownloadProgress, MetricsOutcome, ParticipateOptions,
     ParticipationConfig, ParticipationError, ParticipationEvent, ParticipationReport, ReportWhen,

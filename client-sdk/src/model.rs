@@ -26,6 +26,7 @@
 //!
 //! With every weight 1 this is exactly the workload's client round.
 
+use ndarray::{Array1, Array2, ArrayView1, ArrayView2};
 use std::collections::HashMap;
 
 use serde_json::{Value, json};
@@ -275,6 +276,21 @@ pub struct UserState {
     pub bias: f64,
 }
 
+/// An array's elements in logical (row-major) order: its own buffer when it is already laid
+/// out that way, else a copy.
+fn into_flat<D: ndarray::Dimension>(a: ndarray::Array<f64, D>) -> Vec<f64> {
+    if a.is_standard_layout() {
+        let len = a.len();
+        let (v, offset) = a.into_raw_vec_and_offset();
+        if offset.unwrap_or(0) == 0 && v.len() == len {
+            return v;
+        }
+        let start = offset.unwrap_or(0);
+        return v[start..start + len].to_vec();
+    }
+    a.iter().copied().collect()
+}
+
 /// Federated matrix factorisation's shared part, as downloaded from the coordinator.
 #[derive(Clone, Debug, PartialEq)]
 pub struct MatrixFactorization {
@@ -288,9 +304,37 @@ pub struct MatrixFactorization {
 }
 
 impl MatrixFactorization {
-    /// A model from its parts: `factors` is I × k row-major. Every number must be finite,
-    /// item ids unique and non-empty.
+    /// A model from its parts: `factors` is I × k (one row per item, in the order of
+    /// `item_ids`), `biases` one per item. Every number must be finite, item ids unique and
+    /// non-empty. A standard-layout `factors` is taken over without copying.
     pub fn new(
+        version: u64,
+        item_ids: Vec<String>,
+        factors: Array2<f64>,
+        biases: Array1<f64>,
+        global_offset: f64,
+    ) -> Result<Self, ModelError> {
+        let (rows, factor_dimension) = factors.dim();
+        if rows != item_ids.len() {
+            return Err(model_error(
+                "item_factors",
+                format!("has {rows} rows for {} items", item_ids.len()),
+            ));
+        }
+        let factors = into_flat(factors);
+        let biases = into_flat(biases);
+        Self::from_flat(
+            version,
+            item_ids,
+            factor_dimension,
+            factors,
+            biases,
+            global_offset,
+        )
+    }
+
+    /// [`MatrixFactorization::new`] from row-major `factors` (I × k) and `biases`.
+    pub(crate) fn from_flat(
         version: u64,
         item_ids: Vec<String>,
         factor_dimension: usize,
@@ -382,7 +426,7 @@ impl MatrixFactorization {
             factors.push(init_stddev * r * theta.sin());
         }
         factors.truncate(n * factor_dimension);
-        Self::new(
+        Self::from_flat(
             version,
             item_ids,
             factor_dimension,
@@ -402,13 +446,36 @@ impl MatrixFactorization {
         &self.item_ids
     }
 
-    /// V, I × k row-major.
-    pub fn item_factors(&self) -> &[f64] {
-        &self.factors
+    /// V: one row of k factors per item, in the order of [`MatrixFactorization::item_ids`].
+    pub fn item_factors(&self) -> ArrayView2<'_, f64> {
+        ArrayView2::from_shape((self.item_ids.len(), self.k), &self.factors)
+            .expect("the shape is checked when the model is made")
     }
 
     /// b, one per item.
-    pub fn item_biases(&self) -> &[f64] {
+    pub fn item_biases(&self) -> ArrayView1<'_, f64> {
+        ArrayView1::from(&self.biases[..])
+    }
+
+    /// The model's parts, moved out without copying: item ids, V (I × k), b and μ.
+    pub fn into_arrays(self) -> (Vec<String>, Array2<f64>, Array1<f64>, f64) {
+        let factors = Array2::from_shape_vec((self.item_ids.len(), self.k), self.factors)
+            .expect("the shape is checked when the model is made");
+        (
+            self.item_ids,
+            factors,
+            Array1::from(self.biases),
+            self.offset,
+        )
+    }
+
+    /// V, row-major, for kernels and the store.
+    pub(crate) fn factors_flat(&self) -> &[f64] {
+        &self.factors
+    }
+
+    /// b, for kernels and the store.
+    pub(crate) fn biases_flat(&self) -> &[f64] {
         &self.biases
     }
 
@@ -850,7 +917,7 @@ impl MatrixFactorization {
             );
             ids.push(id.to_owned());
         }
-        Self::new(version, ids, k, factors, biases, offset)
+        Self::from_flat(version, ids, k, factors, biases, offset)
     }
 }
 
@@ -1378,9 +1445,8 @@ mod tests {
         let built = MatrixFactorization::new(
             7,
             ids(3),
-            2,
-            wide(&params[..6]),
-            wide(&params[6..9]),
+            Array2::from_shape_vec((3, 2), wide(&params[..6])).unwrap(),
+            Array1::from(wide(&params[6..9])),
             f64::from(params[9]),
         )
         .unwrap();
@@ -1577,7 +1643,8 @@ mod tests {
 
     #[test]
     fn a_singular_system_without_regularisation_still_solves() {
-        let m = MatrixFactorization::new(1, ids(2), 2, vec![0.0; 4], vec![0.0; 2], 3.0).unwrap();
+        let m = MatrixFactorization::new(1, ids(2), Array2::zeros((2, 2)), Array1::zeros(2), 3.0)
+            .unwrap();
         let t = LocalTraining {
             private_l2: 0.0,
             ..LocalTraining::default()

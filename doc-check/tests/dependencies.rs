@@ -73,23 +73,41 @@ fn the_engine_links_no_io_crate() {
     );
 }
 
-/// The wheel's simulator runs in process: no coordinator, so no HTTP server, database client
-/// or certificate generator. (The SDK's gRPC client, tonic over hyper and rustls, is still
-/// linked through the simulator's use of the SDK's training: not built yet.)
+/// The wheel's simulator runs in process: it links the engine and the SDK's training, not
+/// the coordinator (its HTTP server, database client and certificate generator), not the SDK's
+/// gRPC client (tonic over hyper, h2 and rustls) and not the command line's progress bar.
 #[test]
-fn the_python_wheel_links_no_part_of_the_coordinator() {
+fn the_python_wheel_links_no_server_no_grpc_and_no_progress_bar() {
     let deps = normal_dependencies("fedpref-python");
-    assert!(deps.contains("fedpref-simulations"), "{deps:?}");
+    // The tree is real: the simulator, the engine and the SDK are in it.
+    for needed in [
+        "fedpref-simulations",
+        "fedpref-engine",
+        "fedpref-client-sdk",
+    ] {
+        assert!(deps.contains(needed), "{needed} missing from {deps:?}");
+    }
     let found: Vec<&String> = deps
         .iter()
         .filter(|name| {
-            ["fedpref-coordinator", "axum", "postgres", "rcgen"]
-                .iter()
-                .any(|bad| *name == bad || name.starts_with(&format!("{bad}-")))
+            [
+                "fedpref-coordinator",
+                "tokio",
+                "tonic",
+                "hyper",
+                "axum",
+                "h2",
+                "rustls",
+                "postgres",
+                "rcgen",
+                "indicatif",
+            ]
+            .iter()
+            .any(|bad| *name == bad || name.starts_with(&format!("{bad}-")) && *bad != "h2")
         })
         .collect();
     assert!(
         found.is_empty(),
-        "the Python wheel must not link the coordinator, but its normal dependencies include {found:?}"
+        "the Python wheel must link neither the coordinator, a gRPC client nor a progress bar, but its normal dependencies include {found:?}"
     );
 }

@@ -7,6 +7,7 @@
 
 use fedpref_proto::prost::Message;
 use fedpref_proto::v1::{ModelSnapshot, NamedTensor};
+use ndarray::{Array1, Array2};
 use rand::SeedableRng;
 use rand::rngs::ChaCha20Rng;
 use rand_distr::{Distribution, Normal};
@@ -133,6 +134,59 @@ pub fn decode(blob: &ModelBlob, spec: &ModelSpec) -> Result<Vec<f32>, ModelError
     Ok(params)
 }
 
+/// A model version's shared parameters as tensors, the shape in which a reader works with
+/// them: V (items × k), b (one per item) and μ. The engine itself keeps the flat vector.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SharedModel {
+    /// V: one row of k factors per item (row r is catalogue item r).
+    pub item_factors: Array2<f32>,
+    /// b: one bias per item.
+    pub item_biases: Array1<f32>,
+    /// μ, the global offset.
+    pub global_offset: f32,
+}
+
+impl SharedModel {
+    /// The tensors of a flat parameter vector laid out for `spec` (V, then b, then μ). The
+    /// factors' storage is taken over without copying.
+    pub fn from_parameters(spec: &ModelSpec, mut params: Vec<f32>) -> Result<Self, String> {
+        let (items, k) = (spec.items as usize, spec.factors as usize);
+        let want = items * (k + 1) + 1;
+        if params.len() != want {
+            return Err(format!(
+                "{} parameters; {items} items with k = {k} need {want}",
+                params.len()
+            ));
+        }
+        let global_offset = params[want - 1];
+        let item_biases = Array1::from(params[items * k..want - 1].to_vec());
+        params.truncate(items * k);
+        let item_factors = Array2::from_shape_vec((items, k), params).map_err(|e| e.to_string())?;
+        Ok(Self {
+            item_factors,
+            item_biases,
+            global_offset,
+        })
+    }
+
+    /// The flat parameter vector (V row-major, b, μ), as [`encode`] takes it.
+    pub fn to_parameters(&self) -> Vec<f32> {
+        let mut params: Vec<f32> = self.item_factors.iter().copied().collect();
+        params.extend(self.item_biases.iter().copied());
+        params.push(self.global_offset);
+        params
+    }
+}
+
+/// [`decode`], as tensors.
+pub fn decode_tensors(blob: &ModelBlob, spec: &ModelSpec) -> Result<SharedModel, ModelError> {
+    let params = decode(blob, spec)?;
+    SharedModel::from_parameters(spec, params).map_err(|problem| ModelError {
+        version: blob.version,
+        problem,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -154,6 +208,17 @@ mod tests {
         assert_eq!(*p.last().unwrap(), 3.0);
         let blob = encode("r", 1, 0, &spec(), &p);
         assert_eq!(decode(&blob, &spec()).unwrap(), p);
+        let tensors = decode_tensors(&blob, &spec()).unwrap();
+        let s = spec();
+        assert_eq!(
+            tensors.item_factors.dim(),
+            (s.items as usize, s.factors as usize)
+        );
+        assert_eq!(tensors.item_biases.len(), s.items as usize);
+        assert_eq!(tensors.item_factors[[1, 0]], p[s.factors as usize]);
+        assert_eq!(tensors.global_offset, *p.last().unwrap());
+        assert_eq!(tensors.to_parameters(), p);
+        assert!(SharedModel::from_parameters(&s, p[1..].to_vec()).is_err());
     }
 
     #[test]

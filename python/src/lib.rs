@@ -27,8 +27,10 @@
 //! assert!((v["epsilon"].as_f64().unwrap() - 4.728507067217623).abs() < 1e-6);
 //! ```
 
+use numpy::IntoPyArray;
 use pyo3::exceptions::{PyException, PyValueError};
 use pyo3::prelude::*;
+use pyo3::types::PyDict;
 
 pub mod accountant;
 pub mod ledger;
@@ -147,12 +149,35 @@ fn py_calibrate(
     })?)
 }
 
-/// `simulate(config_json) -> str` (JSON).
+/// `simulate(config_json) -> (str, dict)`: the result object as JSON, and its arrays —
+/// `model` (None, or a dict of `item_factors` items × k, `item_biases`, `global_offset`) and
+/// `columns` (name → one value per round). The arrays' memory is the buffers the simulator
+/// filled, handed to NumPy without a copy.
 #[pyfunction]
 #[pyo3(name = "simulate")]
-fn py_simulate(py: Python<'_>, config_json: &str) -> PyResult<String> {
+fn py_simulate<'py>(py: Python<'py>, config_json: &str) -> PyResult<(String, Bound<'py, PyDict>)> {
     let config = config_json.to_owned();
-    Ok(py.detach(|| simulate::simulate_json(&config))?)
+    let (text, arrays) = py.detach(|| simulate::simulate_json(&config))?;
+    let out = PyDict::new(py);
+    match arrays.model {
+        None => out.set_item("model", py.None())?,
+        Some((factors, biases, offset)) => {
+            let model = PyDict::new(py);
+            model.set_item("item_factors", factors.into_pyarray(py))?;
+            model.set_item("item_biases", biases.into_pyarray(py))?;
+            model.set_item("global_offset", offset)?;
+            out.set_item("model", model)?;
+        }
+    }
+    let columns = PyDict::new(py);
+    for (name, column) in arrays.columns {
+        match column {
+            simulate::Column::Integers(a) => columns.set_item(name, a.into_pyarray(py))?,
+            simulate::Column::Floats(a) => columns.set_item(name, a.into_pyarray(py))?,
+        }
+    }
+    out.set_item("columns", columns)?;
+    Ok((text, out))
 }
 
 /// `ledger(db_path) -> str` (JSON).

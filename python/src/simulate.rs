@@ -17,9 +17,10 @@
 use fedpref_engine::manifest::ManifestPrivacyMode;
 use fedpref_simulations::cli::{CliError, plan_from_table, simulate};
 use fedpref_simulations::data::Dataset;
+use fedpref_simulations::progress::Quiet;
 use fedpref_simulations::report;
 use fedpref_simulations::sim::RoundRecord;
-use indicatif::ProgressBar;
+use ndarray::{Array1, Array2};
 use serde_json::{Map, Value, json};
 
 use crate::Error;
@@ -113,13 +114,59 @@ pub fn rows(data: &Dataset, records: &[RoundRecord]) -> Vec<Value> {
         .collect()
 }
 
-/// Runs the simulation a JSON configuration object describes; returns the result object.
+/// A run's numbers for NumPy: the trained model's tensors and one array per numeric column of
+/// the per-round metrics, all owned here and handed to NumPy without copying.
+#[derive(Debug, Default)]
+pub struct Arrays {
+    /// The trained shared model's V (items × k) and b, and μ; `None` when the run has no
+    /// model to hand back (`centralised`, `transport = "grpc"`).
+    pub model: Option<(Array2<f64>, Array1<f64>, f64)>,
+    /// The per-round columns of `metrics.csv` that hold numbers, in the order of the first
+    /// row: whole numbers (`round`, counts) as integers, the rest as floats with NaN for an
+    /// empty cell.
+    pub columns: Vec<(String, Column)>,
+}
+
+/// One per-round column.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Column {
+    /// Every cell a whole number.
+    Integers(Array1<i64>),
+    /// Numbers, NaN where a round has no value.
+    Floats(Array1<f64>),
+}
+
+/// The numeric columns of `rows`, by name, in the first row's key order. A column holding
+/// text anywhere is left out (the DataFrame has it).
+pub fn columns(rows: &[Value]) -> Vec<(String, Column)> {
+    let Some(Value::Object(first)) = rows.first() else {
+        return vec![];
+    };
+    let mut out = vec![];
+    for key in first.keys() {
+        let cells: Vec<&Value> = rows.iter().map(|r| &r[key.as_str()]).collect();
+        if cells.iter().all(|v| v.is_i64()) {
+            let ints = cells.iter().filter_map(|v| v.as_i64()).collect::<Vec<_>>();
+            out.push((key.clone(), Column::Integers(Array1::from(ints))));
+        } else if cells.iter().all(|v| v.is_number() || v.is_null()) {
+            let floats = cells
+                .iter()
+                .map(|v| v.as_f64().unwrap_or(f64::NAN))
+                .collect::<Vec<_>>();
+            out.push((key.clone(), Column::Floats(Array1::from(floats))));
+        }
+    }
+    out
+}
+
+/// Runs the simulation a JSON configuration object describes; returns the result object and
+/// its arrays.
 ///
 /// The run goes through [`fedpref_simulations::cli::simulate`], the very function behind
 /// `fedpref-sim run`, in memory: no file is written, and the numbers, keys and guardrail
 /// alerts are the command line's by construction (`metrics.json`'s object is built by the
 /// same [`fedpref_simulations::report::metrics_json`]).
-pub fn simulate_json(config_json: &str) -> Result<String, Error> {
+pub fn simulate_json(config_json: &str) -> Result<(String, Arrays), Error> {
     let config: Value = serde_json::from_str(config_json)
         .map_err(|e| Error::Invalid(format!("config: not a JSON object: {e}")))?;
     let Value::Object(mut config) = config else {
@@ -148,25 +195,27 @@ pub fn simulate_json(config_json: &str) -> Result<String, Error> {
                 .into(),
         ));
     }
-    let run = simulate(&plan, centralised, &ProgressBar::hidden(), "python").map_err(cli_error)?;
+    let run = simulate(&plan, centralised, &Quiet, "python").map_err(cli_error)?;
     let metrics = report::metrics_json(&plan.data, run.settings.clone(), &run.records);
     let alerts = serde_json::to_value(&run.alerts)
         .map_err(|e| Error::Failed(format!("guardrail alerts: {e}")))?;
-    Ok(json!({
+    let rounds = rows(&plan.data, &run.records);
+    let arrays = Arrays {
+        columns: columns(&rounds),
+        model: run.model.map(|m| {
+            let (_, factors, biases, offset) = m.into_arrays();
+            (factors, biases, offset)
+        }),
+    };
+    let document = json!({
         "summary": run.summary,
         "dataset": metrics["dataset"],
         "settings": metrics["settings"],
         "records": metrics["rounds"],
-        "rounds": rows(&plan.data, &run.records),
+        "rounds": rounds,
         "alerts": alerts,
-        "model": run.model.as_ref().map(|m| json!({
-            "factor_dimension": m.factor_dimension(),
-            "item_factors": m.item_factors(),
-            "item_biases": m.item_biases(),
-            "global_offset": m.global_offset(),
-        })),
-    })
-    .to_string())
+    });
+    Ok((document.to_string(), arrays))
 }
 
 #[cfg(test)]
@@ -174,7 +223,7 @@ mod tests {
     use super::*;
 
     fn run(config: &str) -> Result<Value, Error> {
-        simulate_json(config).map(|s| serde_json::from_str(&s).unwrap())
+        simulate_json(config).map(|(s, _)| serde_json::from_str(&s).unwrap())
     }
 
     #[test]
@@ -182,7 +231,8 @@ mod tests {
         let config = r#"{"users": 40, "items": 30, "rounds": 3, "cohort_size": 10,
                          "factors": 4, "seed": 7, "privacy_mode": "central",
                          "noise_multiplier": 1.0}"#;
-        let a = run(config).unwrap();
+        let (text, arrays) = simulate_json(config).unwrap();
+        let a: Value = serde_json::from_str(&text).unwrap();
         let rows = a["rounds"].as_array().unwrap();
         assert_eq!(rows.len(), 3);
         assert_eq!(rows[2]["round"], 3);
@@ -192,18 +242,36 @@ mod tests {
         let eps = &rows[2][format!("epsilon_{audience}")];
         assert!(eps.as_f64().unwrap() > 0.0, "{eps}");
         assert_eq!(a["summary"]["seed"], 7);
-        let b = run(config).unwrap();
+        let (text_b, arrays_b) = simulate_json(config).unwrap();
+        let b: Value = serde_json::from_str(&text_b).unwrap();
         assert_eq!(a["records"], b["records"]);
         // The trained model comes back: 30 items × 4 factors, 30 biases, one offset.
-        let m = &a["model"];
-        assert_eq!(m["factor_dimension"], 4);
-        assert_eq!(m["item_factors"].as_array().unwrap().len(), 30 * 4);
-        assert_eq!(m["item_biases"].as_array().unwrap().len(), 30);
-        assert!(m["global_offset"].as_f64().unwrap().is_finite());
+        let (factors, biases, offset) = arrays.model.as_ref().unwrap();
+        assert_eq!(factors.dim(), (30, 4));
+        assert_eq!(biases.len(), 30);
+        assert!(offset.is_finite() && factors.iter().all(|x| x.is_finite()));
         assert_eq!(
-            a["model"], b["model"],
+            arrays.model, arrays_b.model,
             "the same seed trains the same model"
         );
+        // One array per numeric column, as many entries as rounds; `round` is whole.
+        let column = |name: &str| {
+            arrays
+                .columns
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, c)| c.clone())
+                .unwrap_or_else(|| panic!("no column {name}"))
+        };
+        assert_eq!(
+            column("round"),
+            Column::Integers(Array1::from(vec![1, 2, 3]))
+        );
+        let Column::Floats(rmse) = column("rmse") else {
+            panic!("rmse is a float column")
+        };
+        assert_eq!(rmse[2], rows[2]["rmse"].as_f64().unwrap());
+        assert_eq!(arrays.columns.len(), arrays_b.columns.len());
     }
 
     #[test]

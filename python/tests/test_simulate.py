@@ -79,25 +79,53 @@ def test_metrics_are_a_dataframe_with_pandas_and_dicts_without():
 
 
 def test_the_trained_model_comes_back_as_arrays():
+    import numpy
+
     result = fedpref.simulate(CONFIG, rounds=2)
     model = result.model
     assert model is not None
-    try:
-        import numpy
-    except ImportError:
-        assert len(model["item_factors"]) == CONFIG["items"]
-        assert len(model["item_factors"][0]) == CONFIG["factors"]
-        return
     assert isinstance(model["item_factors"], numpy.ndarray)
+    assert model["item_factors"].dtype == numpy.float64
     assert model["item_factors"].shape == (CONFIG["items"], CONFIG["factors"])
     assert model["item_biases"].shape == (CONFIG["items"],)
     assert numpy.isfinite(model["item_factors"]).all()
+    assert isinstance(model["global_offset"], float)
     # The same seed trains the same model; the centralised baseline returns none.
     again = fedpref.simulate(CONFIG, rounds=2).model
     assert (again["item_factors"] == model["item_factors"]).all()
     plain = {k: v for k, v in CONFIG.items()
              if k not in ("privacy_mode", "target_epsilon", "clip_norm")}
     assert fedpref.simulate(plain, rounds=2, centralised=True).model is None
+
+
+def test_arrays_are_the_simulators_buffers_not_copies():
+    # NumPy did not allocate these arrays: each one's memory belongs to the Rust buffer the
+    # simulator filled (kept alive by the array's base object), so nothing was copied.
+    result = fedpref.simulate(CONFIG, rounds=2)
+    for array in [result.model["item_factors"], result.model["item_biases"],
+                  *result.arrays.values()]:
+        assert not array.flags.owndata
+        assert array.base is not None
+        assert array.flags.c_contiguous
+
+
+def test_per_round_metrics_come_as_numpy_arrays_beside_the_rows():
+    import numpy
+
+    result = fedpref.simulate(CONFIG, rounds=3)
+    arrays = result.arrays
+    assert arrays["round"].dtype == numpy.int64
+    assert list(arrays["round"]) == [1, 2, 3]
+    assert arrays["rmse"].dtype == numpy.float64
+    assert list(arrays["rmse"]) == [row["rmse"] for row in result.rounds]
+    # Every numeric column of the rows is there, each one value per round.
+    def number(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    assert set(arrays) <= set(result.rounds[0])
+    assert {k for k in result.rounds[0]
+            if all(number(r[k]) for r in result.rounds)} <= set(arrays)
+    assert all(len(a) == 3 for a in arrays.values())
 
 
 def test_keyword_settings_override_the_config_and_seeds_matter():

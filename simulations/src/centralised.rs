@@ -22,6 +22,7 @@ use std::time::Instant;
 use fedpref_client_sdk::{Example, LocalTraining, MatrixFactorization, PreferenceModel};
 use fedpref_engine::manifest::ModelSpec;
 use fedpref_engine::model::initial_parameters;
+use ndarray::Array2;
 use rayon::prelude::*;
 
 use crate::data::Dataset;
@@ -156,11 +157,7 @@ impl<'d> Als<'d> {
         let transposed = MatrixFactorization::new(
             0,
             self.user_ids.clone(),
-            k,
-            users
-                .iter()
-                .flat_map(|p| p.factor.iter().copied())
-                .collect(),
+            rows_of(users.iter().map(|p| &p.factor[..]), k),
             users.iter().map(|p| p.bias).collect(),
             model.global_offset(),
         )?;
@@ -187,16 +184,19 @@ impl<'d> Als<'d> {
         self.model = MatrixFactorization::new(
             model.version() + 1,
             self.item_ids.clone(),
-            k,
-            solved
-                .iter()
-                .flat_map(|p| p.factor.iter().copied())
-                .collect(),
+            rows_of(solved.iter().map(|p| &p.factor[..]), k),
             solved.iter().map(|p| p.bias).collect(),
             model.global_offset(),
         )?;
         Ok(())
     }
+}
+
+/// Rows of k factors stacked into an n × k array.
+fn rows_of<'a>(rows: impl ExactSizeIterator<Item = &'a [f64]>, k: usize) -> Array2<f64> {
+    let n = rows.len();
+    let flat: Vec<f64> = rows.flat_map(|r| r.iter().copied()).collect();
+    Array2::from_shape_vec((n, k), flat).expect("every row has k factors")
 }
 
 #[cfg(test)]

@@ -1,7 +1,6 @@
 //! The `fedpref-sim` command line: `run` and `bench`. `main.rs` only parses and calls
 //! [`execute`].
 
-use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
 use clap::{Parser, Subcommand, ValueEnum};
@@ -9,13 +8,13 @@ use fedpref_client_sdk::LocalTraining;
 use fedpref_engine::aggregation::ServerOptimizer;
 use fedpref_engine::manifest::{AdaptiveClippingSpec, ManifestPrivacyMode};
 use fedpref_privacy::tree::ParticipationLimits;
-use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use crate::data::{self, Dataset, SyntheticSpec};
 use crate::feedback::Scenario;
 use crate::guardrails::{Alert, Guardrails, Monitor};
+use crate::progress::Progress;
 use crate::report;
 use crate::sim::{self, FedavgWeighting, NoisePath, RoundRecord, Sampling, Settings, Simulation};
 
@@ -1180,19 +1179,6 @@ fn plan_with(args: &RunArgs, file: FileConfig) -> Result<RunPlan, CliError> {
     })
 }
 
-pub(crate) fn progress(rounds: u64, quiet: bool) -> ProgressBar {
-    if quiet || !std::io::stderr().is_terminal() {
-        return ProgressBar::hidden();
-    }
-    let bar = ProgressBar::new(rounds);
-    bar.set_style(
-        ProgressStyle::with_template("{elapsed_precise} [{bar:30}] round {pos}/{len} {msg}")
-            .expect("a valid template")
-            .progress_chars("=> "),
-    );
-    bar
-}
-
 pub(crate) fn with_threads<T: Send>(
     threads: Option<usize>,
     f: impl FnOnce() -> T + Send,
@@ -1242,15 +1228,12 @@ type RunParts = (Vec<RoundRecord>, u64, sim::Timings, Option<f64>);
 #[cfg(feature = "grpc")]
 fn grpc_run(
     plan: &RunPlan,
-    bar: &ProgressBar,
+    bar: &dyn Progress,
     watch: &mut impl FnMut(&RoundRecord),
 ) -> Result<(RunParts, String), CliError> {
     let run = crate::grpc::run(&plan.settings, &plan.data, |r| {
         watch(r);
-        bar.set_position(r.round);
-        if let Some(e) = &r.evaluation {
-            bar.set_message(format!("rmse {:.4}", e.rmse));
-        }
+        bar.position(r.round, r.evaluation.as_ref().map(|e| e.rmse));
     })
     .map_err(|e| CliError::Failed(e.into()))?;
     let sigma = run.manifest.noise_multiplier;
@@ -1265,7 +1248,7 @@ fn grpc_run(
 #[cfg(not(feature = "grpc"))]
 fn grpc_run(
     _plan: &RunPlan,
-    _bar: &ProgressBar,
+    _bar: &dyn Progress,
     _watch: &mut impl FnMut(&RoundRecord),
 ) -> Result<(RunParts, String), CliError> {
     Err(usage(
@@ -1278,7 +1261,7 @@ pub fn run_plan(
     plan: &RunPlan,
     centralised: bool,
     out: &Path,
-    bar: &ProgressBar,
+    bar: &dyn Progress,
 ) -> Result<RunOutcome, CliError> {
     let run = simulate(plan, centralised, bar, &out.display().to_string())?;
     let files = write_outputs(plan, &run, out)?;
@@ -1316,7 +1299,7 @@ pub struct SimulatedRun {
 pub fn simulate(
     plan: &RunPlan,
     centralised: bool,
-    bar: &ProgressBar,
+    bar: &dyn Progress,
     label: &str,
 ) -> Result<SimulatedRun, CliError> {
     let s = &plan.settings;
@@ -1327,7 +1310,7 @@ pub fn simulate(
     let mut watch = |r: &RoundRecord| {
         if let Some(m) = monitor.as_mut() {
             for a in m.check(r) {
-                bar.suspend(|| eprintln!("alert [{label}]: {a}"));
+                bar.say(&format!("alert [{label}]: {a}"));
                 alerts.push(a);
             }
         }
@@ -1339,7 +1322,7 @@ pub fn simulate(
         noise_warning(s, &plan.data)
     };
     if let Some(w) = &warning {
-        bar.suspend(|| eprintln!("warning: {w}"));
+        bar.say(&format!("warning: {w}"));
     }
     let mut chosen: Option<Value> = None;
     let mut model = None;
@@ -1355,7 +1338,7 @@ pub fn simulate(
             "sweeps": run.sweeps,
             "validation_rmse": run.validation_rmse,
         }));
-        bar.set_position(s.rounds);
+        bar.position(s.rounds, None);
         run.records.iter().for_each(&mut watch);
         (run.records, 0, timings, None)
     } else if plan.transport == Transport::Grpc {
@@ -1369,10 +1352,7 @@ pub fn simulate(
         let records = simulation
             .run(|r| {
                 watch(r);
-                bar.set_position(r.round);
-                if let Some(e) = &r.evaluation {
-                    bar.set_message(format!("rmse {:.4}", e.rmse));
-                }
+                bar.position(r.round, r.evaluation.as_ref().map(|e| e.rmse));
             })
             .map_err(|e| CliError::Failed(e.into()))?;
         model = Some(simulation.model().map_err(|e| CliError::Failed(e.into()))?);
@@ -1389,10 +1369,7 @@ pub fn simulate(
         let records = simulation
             .run(|r| {
                 watch(r);
-                bar.set_position(r.round);
-                if let Some(e) = &r.evaluation {
-                    bar.set_message(format!("rmse {:.4}", e.rmse));
-                }
+                bar.position(r.round, r.evaluation.as_ref().map(|e| e.rmse));
             })
             .map_err(|e| CliError::Failed(e.into()))?;
         model = Some(simulation.model().map_err(|e| CliError::Failed(e.into()))?);

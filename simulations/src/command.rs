@@ -2,7 +2,8 @@
 //! command line's definitions ([`crate::cli`]) and the commands built on them
 //! ([`crate::bench`], [`crate::sweep`], [`crate::frontier`]) do not depend on each other.
 
-use crate::cli::{Cli, CliError, Command, export_split, plan, progress, run_plan, with_threads};
+use crate::cli::{Cli, CliError, Command, export_split, plan, run_plan, with_threads};
+use crate::progress;
 use crate::{bench, frontier, sweep};
 use serde_json::Value;
 
@@ -11,11 +12,11 @@ pub fn execute(cli: &Cli) -> Result<String, CliError> {
     match &cli.command {
         Command::Run(args) => {
             let plan = plan(args)?;
-            let bar = progress(plan.settings.rounds, args.quiet);
+            let bar = progress::bar(plan.settings.rounds, "round", args.quiet);
             let outcome = with_threads(args.threads, || {
-                run_plan(&plan, args.centralised, &plan.out, &bar)
+                run_plan(&plan, args.centralised, &plan.out, bar.as_ref())
             })??;
-            bar.finish_and_clear();
+            bar.finish();
             if args.json {
                 return Ok(outcome.summary.to_string());
             }

@@ -34,9 +34,9 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
+use crate::progress::Quiet;
 use fedpref_engine::manifest::ManifestPrivacyMode;
 use fedpref_privacy::OrderGrid;
-use indicatif::ProgressBar;
 use plotters::prelude::*;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -443,7 +443,7 @@ pub fn frontier(
             rows.push(row);
         }
         let start = Instant::now();
-        let outcome = run_plan(&plan, false, &dir.join("no-noise"), &ProgressBar::hidden())?;
+        let outcome = run_plan(&plan, false, &dir.join("no-noise"), &Quiet)?;
         let row = FrontierRow {
             cohort: outcome.summary["client_updates"].as_u64().unwrap_or(0) / grid.rounds,
             rounds: grid.rounds,
@@ -498,7 +498,7 @@ pub fn frontier(
                     &plan,
                     false,
                     &dir.join(format!("{}-eps{target}", mode.as_str())),
-                    &ProgressBar::hidden(),
+                    &Quiet,
                 )?;
                 let s = &outcome.summary;
                 let row = FrontierRow {

@@ -41,6 +41,7 @@ pub mod grpc;
 pub mod guardrails;
 pub mod metrics;
 pub mod plot;
+pub mod progress;
 pub mod report;
 pub mod sim;
 pub mod sweep;

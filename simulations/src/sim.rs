@@ -51,6 +51,7 @@ use fedpref_engine::manifest::{
 use fedpref_engine::model::initial_parameters;
 use fedpref_privacy::tree::ParticipationLimits;
 use fedpref_privacy::{Accountant, GaussianMechanism, SimulationSampler, clip_l2};
+use ndarray::Array2;
 use rand::RngExt;
 use rand::rngs::Xoshiro256PlusPlus;
 use rayon::prelude::*;
@@ -956,12 +957,16 @@ pub fn shared_model(
 ) -> Result<MatrixFactorization, ModelError> {
     let n = item_ids.len();
     let widen = |s: &[f32]| s.iter().map(|&x| f64::from(x)).collect::<Vec<f64>>();
+    let item_factors = Array2::from_shape_vec((n, factors), widen(&params[..n * factors]))
+        .map_err(|e| ModelError {
+            field: "parameters".into(),
+            message: e.to_string(),
+        })?;
     MatrixFactorization::new(
         version,
         item_ids.to_vec(),
-        factors,
-        widen(&params[..n * factors]),
-        widen(&params[n * factors..n * (factors + 1)]),
+        item_factors,
+        widen(&params[n * factors..n * (factors + 1)]).into(),
         f64::from(params[n * (factors + 1)]),
     )
 }

@@ -17,10 +17,9 @@
 //! The table holds only what the seed determines, so it is the same bytes on any number of
 //! threads.
 
-use std::io::IsTerminal;
 use std::path::PathBuf;
 
-use indicatif::ProgressBar;
+use crate::progress::{self, Quiet};
 use rayon::prelude::*;
 use serde_json::{Value, json};
 
@@ -88,18 +87,14 @@ pub fn run(args: &SweepArgs) -> Result<String, CliError> {
             plan_from_table(table.clone(), &format!("--grid {file}, run {}", i + 1))
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let bar = if std::io::stderr().is_terminal() {
-        ProgressBar::new(plans.len() as u64)
-    } else {
-        ProgressBar::hidden()
-    };
+    let bar = progress::bar(plans.len() as u64, "run", false);
     let rows: Vec<Value> = plans
         .par_iter()
         .zip(&runs)
         .enumerate()
         .map(|(i, (plan, (chosen, _)))| {
             let dir = out.join(format!("run-{:03}", i + 1));
-            let outcome = run_plan(plan, false, &dir, &ProgressBar::hidden())?;
+            let outcome = run_plan(plan, false, &dir, &Quiet)?;
             let s = &outcome.summary;
             let mut row = json!({ "run": i + 1 });
             for (k, v) in chosen {
@@ -126,11 +121,11 @@ pub fn run(args: &SweepArgs) -> Result<String, CliError> {
                 }
             }
             row["noise_multiplier_used"] = json!(outcome.noise_multiplier);
-            bar.inc(1);
+            bar.advance();
             Ok(row)
         })
         .collect::<Result<_, CliError>>()?;
-    bar.finish_and_clear();
+    bar.finish();
     let keys: Vec<String> = rows
         .first()
         .and_then(Value::as_object)

@@ -3,15 +3,14 @@
 use std::path::Path;
 
 use fedpref_simulations::cli::{RunArgs, RunPlan, plan, run_plan};
-use indicatif::ProgressBar;
+use fedpref_simulations::progress::Quiet;
 
 fn run_on(threads: usize, plan: &RunPlan, out: &Path) -> (Vec<u8>, Vec<u8>) {
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .build()
         .unwrap();
-    pool.install(|| run_plan(plan, false, out, &ProgressBar::hidden()))
-        .unwrap();
+    pool.install(|| run_plan(plan, false, out, &Quiet)).unwrap();
     (
         std::fs::read(out.join("metrics.csv")).unwrap(),
         std::fs::read(out.join("metrics.json")).unwrap(),

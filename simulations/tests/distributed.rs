@@ -7,16 +7,15 @@ use fedpref_engine::manifest::ManifestPrivacyMode;
 use fedpref_simulations::cli::{Mode, RunArgs, RunPlan, plan, run_plan};
 use fedpref_simulations::data::{SyntheticSpec, synthetic};
 use fedpref_simulations::distributed::DistributedSimulation;
+use fedpref_simulations::progress::Quiet;
 use fedpref_simulations::sim::{Sampling, Settings};
-use indicatif::ProgressBar;
 
 fn run_on(threads: usize, plan: &RunPlan, out: &Path) -> (Vec<u8>, Vec<u8>) {
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .build()
         .unwrap();
-    pool.install(|| run_plan(plan, false, out, &ProgressBar::hidden()))
-        .unwrap();
+    pool.install(|| run_plan(plan, false, out, &Quiet)).unwrap();
     (
         std::fs::read(out.join("metrics.csv")).unwrap(),
         std::fs::read(out.join("summary.json")).unwrap(),

@@ -3,16 +3,14 @@
 use std::path::{Path, PathBuf};
 
 use fedpref_simulations::cli::{Mode, RunArgs, RunPlan, plan, run_plan};
-use indicatif::ProgressBar;
+use fedpref_simulations::progress::Quiet;
 
 fn run_on(threads: usize, plan: &RunPlan, out: &Path) -> (Vec<u8>, Vec<u8>, serde_json::Value) {
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .build()
         .unwrap();
-    let outcome = pool
-        .install(|| run_plan(plan, false, out, &ProgressBar::hidden()))
-        .unwrap();
+    let outcome = pool.install(|| run_plan(plan, false, out, &Quiet)).unwrap();
     (
         std::fs::read(out.join("metrics.csv")).unwrap(),
         std::fs::read(out.join("metrics.json")).unwrap(),
@@ -88,7 +86,7 @@ fn dp_ftrl_settings_that_do_not_fit_are_errors_naming_the_flag() {
     a.max_participations = None;
     let p = plan(&a).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let e = run_plan(&p, false, dir.path(), &ProgressBar::hidden())
+    let e = run_plan(&p, false, dir.path(), &Quiet)
         .map(|_| ())
         .unwrap_err()
         .to_string();
@@ -217,7 +215,7 @@ fn local_adaptive_clipping_needs_a_bit_noise_named_by_its_flag() {
         Err(e) => e.to_string(),
         Ok(p) => {
             let dir = tempfile::tempdir().unwrap();
-            run_plan(&p, false, dir.path(), &ProgressBar::hidden())
+            run_plan(&p, false, dir.path(), &Quiet)
                 .map(|_| ())
                 .unwrap_err()
                 .to_string()

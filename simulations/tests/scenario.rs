@@ -6,8 +6,8 @@ use std::path::Path;
 use fedpref_simulations::cli::{RunArgs, RunPlan, plan, run_plan};
 use fedpref_simulations::data::{SyntheticSpec, synthetic};
 use fedpref_simulations::feedback::Scenario;
+use fedpref_simulations::progress::Quiet;
 use fedpref_simulations::sim::{Sampling, Settings, Simulation};
-use indicatif::ProgressBar;
 
 #[test]
 fn users_who_opt_out_are_never_sampled_again_and_the_run_ends_when_nobody_is_left() {
@@ -89,8 +89,7 @@ fn run_on(threads: usize, plan: &RunPlan, out: &Path) -> (Vec<u8>, Vec<u8>) {
         .num_threads(threads)
         .build()
         .unwrap();
-    pool.install(|| run_plan(plan, false, out, &ProgressBar::hidden()))
-        .unwrap();
+    pool.install(|| run_plan(plan, false, out, &Quiet)).unwrap();
     (
         std::fs::read(out.join("metrics.csv")).unwrap(),
         std::fs::read(out.join("metrics.json")).unwrap(),

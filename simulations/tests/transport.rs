@@ -4,8 +4,8 @@
 #![cfg(feature = "grpc")]
 
 use fedpref_simulations::cli::{Mode, RunArgs, Transport, plan, run_plan};
+use fedpref_simulations::progress::Quiet;
 use fedpref_simulations::sim::candidates;
-use indicatif::ProgressBar;
 
 fn args(transport: Transport) -> RunArgs {
     RunArgs {
@@ -26,8 +26,8 @@ fn grpc_runs_the_same_cohorts_rounds_and_epsilon_as_in_process_and_a_close_rmse(
     let dir = tempfile::tempdir().unwrap();
     let local = plan(&args(Transport::Inprocess)).unwrap();
     let grpc = plan(&args(Transport::Grpc)).unwrap();
-    let a = run_plan(&local, false, &dir.path().join("a"), &ProgressBar::hidden()).unwrap();
-    let b = run_plan(&grpc, false, &dir.path().join("b"), &ProgressBar::hidden()).unwrap();
+    let a = run_plan(&local, false, &dir.path().join("a"), &Quiet).unwrap();
+    let b = run_plan(&grpc, false, &dir.path().join("b"), &Quiet).unwrap();
     for key in ["rounds", "client_updates", "epsilon", "delta", "seed"] {
         assert_eq!(a.summary[key], b.summary[key], "{key}");
     }
@@ -116,8 +116,8 @@ fn distributed_over_grpc_runs_the_same_cohorts_and_epsilon_as_in_process() {
     };
     let local = plan(&distributed(Transport::Inprocess)).unwrap();
     let grpc = plan(&distributed(Transport::Grpc)).unwrap();
-    let a = run_plan(&local, false, &dir.path().join("a"), &ProgressBar::hidden()).unwrap();
-    let b = run_plan(&grpc, false, &dir.path().join("b"), &ProgressBar::hidden()).unwrap();
+    let a = run_plan(&local, false, &dir.path().join("a"), &Quiet).unwrap();
+    let b = run_plan(&grpc, false, &dir.path().join("b"), &Quiet).unwrap();
     for key in [
         "rounds",
         "client_updates",

@@ -124,7 +124,7 @@ pub fn model_from_snapshot(
             snapshot.item_keys.len()
         )));
     };
-    MatrixFactorization::new(
+    MatrixFactorization::from_flat(
         snapshot.model_version,
         keys,
         k as usize,
@@ -328,7 +328,10 @@ mod tests {
         let m = model_from_snapshot(&snapshot(vec![]), "i").unwrap();
         assert_eq!(m.item_ids(), ["i0", "i1"]);
         assert_eq!(m.version(), 3);
-        assert_eq!(m.item_factors(), [0.5, -0.5, 0.25, 1.0]);
+        assert_eq!(
+            m.item_factors().iter().copied().collect::<Vec<_>>(),
+            [0.5, -0.5, 0.25, 1.0]
+        );
         assert_eq!(m.item_biases()[1], f64::from(-0.1f32));
         assert_eq!(m.global_offset(), 3.0);
         let m = model_from_snapshot(&snapshot(vec!["a".into(), "b".into()]), "i").unwrap();

@@ -110,24 +110,6 @@ def _rounds(rounds: Any) -> int:
     return rounds
 
 
-def _model(raw: Dict[str, Any] | None) -> Dict[str, Any] | None:
-    if raw is None:
-        return None
-    k = raw["factor_dimension"]
-    flat = raw["item_factors"]
-    try:
-        import numpy
-    except ImportError:
-        rows = [flat[i : i + k] for i in range(0, len(flat), k)] if k else []
-        return {"item_factors": rows, "item_biases": raw["item_biases"],
-                "global_offset": raw["global_offset"]}
-    return {
-        "item_factors": numpy.asarray(flat, dtype=numpy.float64).reshape(-1, k),
-        "item_biases": numpy.asarray(raw["item_biases"], dtype=numpy.float64),
-        "global_offset": float(raw["global_offset"]),
-    }
-
-
 class SimulationResult:
     """The outcome of :func:`simulate`.
 
@@ -141,19 +123,25 @@ class SimulationResult:
         settings: the resolved settings (σ included when calibrated).
         alerts: the guardrail alerts the run raised (as ``alerts.json``), if any.
         model: the trained shared model of an in-process federated run, or None (the
-            centralised baseline, ``transport="grpc"``): ``item_factors`` (items × factors),
-            ``item_biases`` (items) and ``global_offset``, as NumPy arrays when NumPy is
-            installed, else nested lists.
+            centralised baseline, ``transport="grpc"``): ``item_factors`` (a NumPy array,
+            items × factors), ``item_biases`` (items) and ``global_offset`` (a float).
+        arrays: the per-round metrics as NumPy arrays, one per numeric column of
+            :attr:`rounds` (``round`` and counts as int64, the rest float64 with NaN for an
+            empty cell), each as long as the run has rounds.
+
+    The model's and the metrics' arrays are the buffers the simulator filled, handed to
+    NumPy without a copy.
     """
 
-    def __init__(self, document: Dict[str, Any]):
+    def __init__(self, document: Dict[str, Any], arrays: Dict[str, Any]):
         self.summary: Dict[str, Any] = document["summary"]
         self.rounds: List[Dict[str, Any]] = document["rounds"]
         self.records: List[Dict[str, Any]] = document["records"]
         self.dataset: Dict[str, Any] = document["dataset"]
         self.settings: Dict[str, Any] = document["settings"]
         self.alerts: List[Dict[str, Any]] = document.get("alerts") or []
-        self.model: Dict[str, Any] | None = _model(document.get("model"))
+        self.model: Dict[str, Any] | None = arrays["model"]
+        self.arrays: Dict[str, Any] = arrays["columns"]
 
     @property
     def metrics(self) -> Union["pandas.DataFrame", List[Dict[str, Any]]]:  # noqa: F821
@@ -194,7 +182,8 @@ def simulate(config: Dict[str, Any] | None = None, **settings: Any) -> Simulatio
         text = json.dumps(merged, allow_nan=False)
     except (TypeError, ValueError) as e:
         raise ValueError(f"config: {e}") from None
-    return SimulationResult(json.loads(_native.simulate(text)))
+    document, arrays = _native.simulate(text)
+    return SimulationResult(json.loads(document), arrays)
 
 
 def ledger(db_path: Union[str, "os.PathLike[str]"]) -> List[Dict[str, Any]]:
