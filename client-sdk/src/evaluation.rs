@@ -49,8 +49,10 @@
 //! update. What is sent: the noised rates, the run, the model version (the window: no time
 //! is sent), the noise multiplier and the single-use evaluation token the task carried. A
 //! window is reported only with a token, so only for a model version the device was given
-//! in a task, once; a window without one (distributed mode, whose devices send no
-//! evaluation) is closed unsent. A device whose user turned training participation off
+//! in a task, once; a window without one is closed unsent. Distributed-mode devices release
+//! their evaluation the same way, with local noise (the release needs no trust in the
+//! aggregation); in their accountant it joins their shares, stated under zero-out
+//! neighbouring ([`fedpref_privacy::Budget`]). A device whose user turned training participation off
 //! sends nothing. The item ids and topics kept to count feedback and coverage stay in the
 //! store (tables `evaluation_shown` and `evaluation_topics`), are deleted with the window
 //! once it is reported, and by [`Device::reset_model`] and [`Device::delete_everything`].

@@ -1,7 +1,8 @@
 //! Distributed mode end to end: SDK devices run the secure-aggregation stages against a real
 //! coordinator started in-process on 127.0.0.1 with TLS from a freshly generated
 //! certificate; each device its own SQLite file, its keys and noise from the operating
-//! system's random source.
+//! system's random source. Distributed devices release their federated evaluation with
+//! local noise after their share, as local-mode devices do after their update.
 
 mod common;
 
@@ -9,10 +10,10 @@ use common::{APP_KEY, TestServer, admin};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use fedpref_client_sdk::participation::ParticipationEvent;
+use fedpref_client_sdk::participation::{MetricsOutcome, ParticipationEvent};
 use fedpref_client_sdk::{
-    Device, DeviceConfig, ParticipateOptions, ParticipationConfig, RetryPolicy, Timestamp,
-    participate,
+    Device, DeviceConfig, ParticipateOptions, ParticipationConfig, ParticipationError,
+    PreferenceModel, RetryPolicy, Timestamp, participate,
 };
 use fedpref_proto::prost_types;
 use fedpref_proto::v1 as pb;
@@ -123,11 +124,15 @@ fn quick_retries() -> ParticipationConfig {
 }
 
 async fn create_run(server: &TestServer, stage_seconds: i64) -> String {
+    create_run_from(server, manifest(stage_seconds)).await
+}
+
+async fn create_run_from(server: &TestServer, manifest: pb::RunManifest) -> String {
     server
         .admin()
         .await
         .create_run(admin(pb::CreateRunRequest {
-            manifest: Some(manifest(stage_seconds)),
+            manifest: Some(manifest),
             request_id: "distributed".into(),
             simulation_seed: None,
         }))
@@ -162,6 +167,21 @@ async fn participate_all(
         out.push(h.await.unwrap());
     }
     out
+}
+
+/// The run's impact report, as JSON.
+async fn report_json(server: &TestServer, run_id: &str) -> serde_json::Value {
+    let report = server
+        .admin()
+        .await
+        .get_report(admin(pb::GetReportRequest {
+            run_id: run_id.to_string(),
+            format: pb::ReportFormat::Json as i32,
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    serde_json::from_slice(&report.content).unwrap()
 }
 
 /// Waits until the run has committed `rounds` rounds (or 20 s pass); returns the run.
@@ -284,4 +304,178 @@ async fn a_device_whose_budget_cannot_pay_for_the_round_declines_before_advertis
     }
     let run = committed(&server, &run_id, 1).await;
     assert_eq!(run.rounds_committed, 1, "{run:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn distributed_devices_release_their_evaluation_once_per_version_and_the_ledger_records_it() {
+    let server = TestServer::start().await;
+    // Three rounds, so the run is still active (its ledger open) when round 2's devices report.
+    let mut m = manifest(20);
+    m.rounds = 3;
+    let run_id = create_run_from(&server, m).await;
+    let dir = tempfile::tempdir().unwrap();
+    let devices = (0..COHORT as usize)
+        .map(|n| device(dir.path(), n, DeviceConfig::default()))
+        .collect();
+
+    // Round 1: each device downloads model version 1 (its task carries the version's
+    // evaluation token) and uploads its share; nothing was shown with the model yet.
+    let mut devices: Vec<Device> = participate_all(&server, devices)
+        .await
+        .into_iter()
+        .map(|(d, report)| {
+            assert_eq!(report.uploads, 1, "{:#?}", report.events);
+            assert!(
+                matches!(report.metrics, Some(MetricsOutcome::NotSent { .. })),
+                "{:?}",
+                report.metrics
+            );
+            d
+        })
+        .collect();
+    assert_eq!(committed(&server, &run_id, 1).await.rounds_committed, 1);
+
+    // The app shows lists with version 1; each device keeps its single-use token for it.
+    let mut tokens = vec![];
+    for d in &mut devices {
+        assert_eq!(d.model().unwrap().version(), 1);
+        assert!(!d.recommend(4, Timestamp::now()).unwrap().is_empty());
+        let windows = d.evaluation_windows().unwrap();
+        assert_eq!(
+            windows
+                .iter()
+                .map(|w| (w.run_id.as_str(), w.model_version))
+                .collect::<Vec<_>>(),
+            [(run_id.as_str(), 1)]
+        );
+        let conn = rusqlite::Connection::open(d.path()).unwrap();
+        let token: String = conn
+            .query_row(
+                "SELECT token FROM evaluation_token WHERE run_id = ?1 AND model_version = 1",
+                [&run_id],
+                |r| r.get(0),
+            )
+            .expect("the distributed task carried an evaluation token");
+        tokens.push(token);
+    }
+
+    // Round 2: after its share is uploaded each device releases its evaluation of version
+    // 1, noised on the device and recorded in its accountant beside its shares.
+    let results = participate_all(&server, devices).await;
+    for (d, report) in &results {
+        assert_eq!(report.uploads, 1, "{:#?}", report.events);
+        match &report.metrics {
+            Some(MetricsOutcome::Reported { windows, .. }) => {
+                assert_eq!(windows, &vec![(run_id.clone(), 1)]);
+            }
+            other => panic!("{other:?}: {:#?}", report.events),
+        }
+        assert!(d.evaluation_windows().unwrap().is_empty());
+        let b = d.budget().unwrap();
+        let kinds: Vec<(&str, &str)> = b
+            .uploads
+            .iter()
+            .map(|u| (u.kind.as_str(), u.mode.as_str()))
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                ("update", "distributed"),
+                ("update", "distributed"),
+                ("evaluation", "local")
+            ],
+            "{b:?}"
+        );
+        let evaluation = &b.uploads[2];
+        assert_eq!(evaluation.model_version, 1);
+        assert_eq!(
+            evaluation.noise_multiplier,
+            fedpref_privacy::evaluation::DEFAULT_NOISE_MULTIPLIER
+        );
+        assert!(evaluation.epsilon_after > b.uploads[1].epsilon_after);
+        // Composed with the shares under zero-out neighbours, by RDP.
+        assert_eq!(
+            (b.accountant.as_str(), b.audience.as_str()),
+            ("rdp", "release_observers")
+        );
+        assert_eq!(b.epsilon_spent, evaluation.epsilon_after);
+        assert!(b.epsilon_spent < b.epsilon_budget);
+    }
+    assert_eq!(committed(&server, &run_id, 2).await.rounds_committed, 2);
+
+    // The coordinator summed five releases of version 1; the ledger records what the
+    // evaluation cost, once for the version, and verifies.
+    let mut admin_client = server.admin().await;
+    let ledger = admin_client
+        .read_ledger(admin(pb::ReadLedgerRequest {
+            run_id: run_id.clone(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    let spends: Vec<&pb::LedgerEntry> = ledger
+        .entries
+        .iter()
+        .filter(|e| e.kind == pb::LedgerEntryKind::EvaluationReleased as i32)
+        .collect();
+    assert_eq!(spends.len(), 1, "{:#?}", ledger.entries);
+    assert_eq!(spends[0].model_version, 1);
+    assert_eq!(
+        spends[0].noise_multiplier,
+        fedpref_privacy::evaluation::DEFAULT_NOISE_MULTIPLIER
+    );
+    let verification = admin_client
+        .verify_ledger(admin(pb::VerifyLedgerRequest {
+            run_id: run_id.clone(),
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(verification.intact, "{verification:?}");
+    let json = report_json(&server, &run_id).await;
+    let versions = json["guardrails"]["versions"].as_array().unwrap();
+    let v1 = versions
+        .iter()
+        .find(|v| v["model_version"] == 1)
+        .unwrap_or_else(|| panic!("{versions:?}"));
+    assert_eq!(v1["reports"], COHORT, "{v1}");
+    let spent = json["guardrails"]["evaluation"].as_array().unwrap();
+    assert_eq!(spent.len(), 1, "{spent:?}");
+    assert_eq!(spent[0]["model_version"], 1);
+    assert!(spent[0]["epsilon"].as_f64().unwrap() > 0.0);
+
+    // A second report on version 1 with the device's token is refused, and not counted.
+    let (mut d, _) = results.into_iter().next().unwrap();
+    let mut client = server.client(quick_retries()).await;
+    client.ensure_enrolled(&mut d, APP_KEY).await.unwrap();
+    let again = client
+        .report_metrics(pb::ReportMetricsRequest {
+            run_id: run_id.clone(),
+            model_version: 1,
+            evaluation_token: tokens[0].clone(),
+            released_rates: vec![0.0; fedpref_privacy::evaluation::COORDINATES],
+            noise_multiplier: fedpref_privacy::evaluation::DEFAULT_NOISE_MULTIPLIER,
+        })
+        .await;
+    assert!(
+        matches!(
+            &again,
+            Err(ParticipationError::Rejected {
+                code: tonic::Code::FailedPrecondition,
+                ..
+            })
+        ),
+        "{again:?}"
+    );
+    let json = report_json(&server, &run_id).await;
+    let v1 = json["guardrails"]["versions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["model_version"] == 1)
+        .cloned()
+        .unwrap();
+    assert_eq!(v1["reports"], COHORT, "{v1}");
+    server.running.shutdown().await.unwrap();
 }

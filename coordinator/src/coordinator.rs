@@ -511,36 +511,33 @@ impl Coordinator {
 
     /// Records that `device` was given a task in `run_id` on `model_version` (see
     /// [`crate::grants`]); returns the evaluation token the task carries, if one is issued
-    /// (the first task of the device on that version, in every mode but distributed). The
-    /// store remembers who was issued a version's token, so a device that had one before a
+    /// (the first task of the device on that version, in every privacy mode). The store
+    /// remembers who was issued a version's token, so a device that had one before a
     /// restart, or from another replica, gets none.
     pub fn task_given(
         &mut self,
         run_id: &str,
         device: &str,
         model_version: u64,
-        evaluation: bool,
         new_token: impl FnOnce() -> String,
     ) -> Result<Option<String>, CoordinatorError> {
-        let mut evaluation = evaluation;
-        if evaluation
-            && !self
-                .grants
-                .evaluation_issued_to(run_id, device, model_version)
+        if !self
+            .grants
+            .evaluation_issued_to(run_id, device, model_version)
         {
             let forget_below = model_version.saturating_sub(crate::grants::KEEP_VERSIONS);
             if !self
                 .store
                 .claim_evaluation_token(run_id, model_version, device, forget_below)?
             {
+                // Marked: the grants below issue no token.
                 self.grants
                     .mark_evaluation_issued(run_id, device, model_version);
-                evaluation = false;
             }
         }
         Ok(self
             .grants
-            .task_given(run_id, device, model_version, evaluation, new_token, |t| {
+            .task_given(run_id, device, model_version, new_token, |t| {
                 <sha2::Sha256 as sha2::Digest>::digest(t.as_bytes()).into()
             }))
     }

@@ -137,9 +137,7 @@ fn try_report(
 ) -> Result<(), fedpref_coordinator::coordinator::CoordinatorError> {
     use fedpref_privacy::evaluation::{COORDINATES, EvaluationCounts, EvaluationRates};
     let token = c
-        .task_given(RUN, device, version, true, || {
-            format!("token-{device}-{version}")
-        })?
+        .task_given(RUN, device, version, || format!("token-{device}-{version}"))?
         .unwrap_or_else(|| format!("token-{device}-{version}"));
     let rates = EvaluationRates::from_counts(&EvaluationCounts {
         lists_shown: 4,

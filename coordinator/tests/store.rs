@@ -171,10 +171,8 @@ fn a_restarted_coordinator_never_issues_a_device_a_second_evaluation_token_for_a
         let mut c = Coordinator::open_location(&location, T0).unwrap();
         c.create_run("r1", manifest(COHORT_MANIFEST), T0).unwrap();
         let token = |c: &mut Coordinator, device: &str, version: u64| {
-            c.task_given("r1", device, version, true, || {
-                format!("tok-{device}-{version}")
-            })
-            .unwrap()
+            c.task_given("r1", device, version, || format!("tok-{device}-{version}"))
+                .unwrap()
         };
         assert_eq!(token(&mut c, "d1", 1).as_deref(), Some("tok-d1-1"));
         assert_eq!(token(&mut c, "d1", 1), None, "{location}: once per version");
@@ -186,12 +184,6 @@ fn a_restarted_coordinator_never_issues_a_device_a_second_evaluation_token_for_a
         assert_eq!(token(&mut c, "d1", 1), None, "{location}");
         assert_eq!(token(&mut c, "d1", 2).as_deref(), Some("tok-d1-2"));
         assert_eq!(token(&mut c, "d2", 1).as_deref(), Some("tok-d2-1"));
-        // A task without evaluation (distributed mode) claims nothing.
-        assert_eq!(
-            c.task_given("r1", "d3", 1, false, || "never".into())
-                .unwrap(),
-            None
-        );
         assert_eq!(token(&mut c, "d3", 1).as_deref(), Some("tok-d3-1"));
         // Versions far behind are forgotten with the next version's first token.
         let far = 1 + fedpref_coordinator::grants::KEEP_VERSIONS + 1;

@@ -7,7 +7,8 @@
 //! learns nothing, not even whether the run exists.
 //!
 //! **Evaluation tokens.** The first task a device is given for a (run, model version) carries
-//! a random, single-use evaluation token. The coordinator keeps only the token's SHA-256 with
+//! a random, single-use evaluation token, in every privacy mode (a distributed-mode device
+//! releases its evaluation with local noise too, so it needs no trust in the aggregation). The coordinator keeps only the token's SHA-256 with
 //! the run and version — never the device it went to — so the report redeemed with it
 //! ([`TaskGrants::redeem`]) cannot be tied to a device by what is stored, and each device
 //! reports at most once per version. Tokens live in memory: after a restart, unredeemed
@@ -46,16 +47,15 @@ pub struct TaskGrants {
 }
 
 impl TaskGrants {
-    /// Records that `device` was given a task in `run_id` for `model_version`. When
-    /// `evaluation` is true and the device has had no evaluation token for that version,
-    /// issues one: `new_token` makes the secret, whose SHA-256 (`hash`) is kept with the run
-    /// and version only. Returns the token to send, if any.
+    /// Records that `device` was given a task in `run_id` for `model_version`. When the
+    /// device has had no evaluation token for that version, issues one: `new_token` makes the
+    /// secret, whose SHA-256 (`hash`) is kept with the run and version only. Returns the
+    /// token to send, if any.
     pub fn task_given(
         &mut self,
         run_id: &str,
         device: &str,
         model_version: u64,
-        evaluation: bool,
         new_token: impl FnOnce() -> String,
         hash: impl Fn(&str) -> [u8; 32],
     ) -> Option<String> {
@@ -63,9 +63,6 @@ impl TaskGrants {
             .entry(run_id.to_owned())
             .or_default()
             .insert(device.to_owned());
-        if !evaluation {
-            return None;
-        }
         let key = (run_id.to_owned(), model_version);
         if !self
             .evaluation_issued
@@ -161,42 +158,37 @@ mod tests {
     fn one_token_per_device_and_version_redeemable_once_for_its_run_and_version_only() {
         let mut g = TaskGrants::default();
         assert!(!g.was_tasked("r", "d1"));
-        let t = g
-            .task_given("r", "d1", 3, true, || "tok-a".into(), h)
-            .unwrap();
+        let t = g.task_given("r", "d1", 3, || "tok-a".into(), h).unwrap();
         assert!(g.was_tasked("r", "d1"));
         assert!(!g.was_tasked("other", "d1"));
         // A second task on the same version carries no second token.
-        assert_eq!(g.task_given("r", "d1", 3, true, || "tok-b".into(), h), None);
+        assert_eq!(g.task_given("r", "d1", 3, || "tok-b".into(), h), None);
         assert_eq!(g.redeem(&h(&t), "r", 4), Err(RedeemError::Unknown));
         assert_eq!(g.redeem(&h(&t), "other", 3), Err(RedeemError::Unknown));
         assert_eq!(g.redeem(&h(&t), "r", 3), Ok(()));
         assert_eq!(g.redeem(&h(&t), "r", 3), Err(RedeemError::Unknown));
-        // Without evaluation (distributed mode) no token is issued.
-        assert_eq!(
-            g.task_given("r", "d2", 3, false, || "tok-c".into(), h),
-            None
-        );
+        // Every device gets its own token for the version, whatever the run's mode.
+        let t2 = g.task_given("r", "d2", 3, || "tok-c".into(), h).unwrap();
         assert!(g.was_tasked("r", "d2"));
+        assert_eq!(g.redeem(&h(&t2), "r", 3), Ok(()));
+        assert_eq!(g.redeem(&h(&t2), "r", 3), Err(RedeemError::Unknown));
+        // A device already known to have had the version's token gets none.
+        g.mark_evaluation_issued("r", "d3", 3);
+        assert_eq!(g.task_given("r", "d3", 3, || "tok-d".into(), h), None);
+        assert!(g.was_tasked("r", "d3"));
     }
 
     #[test]
     fn tokens_of_versions_more_than_keep_versions_old_are_forgotten() {
         let mut g = TaskGrants::default();
-        let old = g
-            .task_given("r", "d1", 1, true, || "old".into(), h)
-            .unwrap();
-        let other_run = g
-            .task_given("s", "d1", 1, true, || "other".into(), h)
-            .unwrap();
-        g.task_given("r", "d2", 1 + KEEP_VERSIONS, true, || "x".into(), h)
+        let old = g.task_given("r", "d1", 1, || "old".into(), h).unwrap();
+        let other_run = g.task_given("s", "d1", 1, || "other".into(), h).unwrap();
+        g.task_given("r", "d2", 1 + KEEP_VERSIONS, || "x".into(), h)
             .unwrap();
         // Version 1 is still within reach of version 1 + KEEP_VERSIONS …
         assert_eq!(g.redeem(&h(&old), "r", 1), Ok(()));
-        let old = g
-            .task_given("r", "d3", 1, true, || "old-2".into(), h)
-            .unwrap();
-        g.task_given("r", "d2", 2 + KEEP_VERSIONS, true, || "y".into(), h)
+        let old = g.task_given("r", "d3", 1, || "old-2".into(), h).unwrap();
+        g.task_given("r", "d2", 2 + KEEP_VERSIONS, || "y".into(), h)
             .unwrap();
         // … but not of 2 + KEEP_VERSIONS; another run's tokens stay.
         assert_eq!(g.redeem(&h(&old), "r", 1), Err(RedeemError::Unknown));

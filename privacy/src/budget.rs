@@ -19,6 +19,16 @@ use crate::{
 /// *RDP* bounds the distributed discrete Gaussian's, which does not bound its (ε, δ) curve, so
 /// a budget of distributed releases falls back to RDP and its statements say so.
 ///
+/// A budget composes releases of one privacy mode, with one exception: local releases and
+/// distributed ones may share a budget (a device that takes part in distributed runs also
+/// releases its federated evaluation with local noise). Their composition is stated in
+/// distributed mode — zero-out neighbouring, against the release observers, by RDP — which
+/// holds because a local release's guarantee (replace-one, sensitivity 2C, effective σ/2)
+/// bounds the divergence between *any* two inputs of the user, the zero-out pair included,
+/// and RDP composes additively over adaptively chosen mechanisms under one neighbouring
+/// relation. Other mixtures are refused: central mode's add/remove-one relation is not
+/// implied by the others.
+///
 /// ```
 /// use fedpref_privacy::{Budget, PrivacyMode, RoundRelease};
 /// let mut budget = Budget::new(1.0, 1e-5).unwrap();
@@ -206,13 +216,11 @@ impl Budget {
 
     /// Whether spending `next` would take ε past the budget.
     pub fn would_exceed(&self, next: &RoundRelease) -> Result<bool, PrivacyError> {
-        self.check_mode(next)?;
         Ok(self.after(next)?.0.epsilon > self.epsilon)
     }
 
     /// Spends one round, or refuses with [`PrivacyError::BudgetExceeded`] and records nothing.
     pub fn spend(&mut self, next: &RoundRelease) -> Result<PrivacyStatement, PrivacyError> {
-        self.check_mode(next)?;
         let (statement, accountant, schedule) = self.after(next)?;
         if statement.epsilon > self.epsilon {
             return Err(PrivacyError::BudgetExceeded {
@@ -224,17 +232,25 @@ impl Budget {
         self.accountant = accountant;
         self.pld_schedule = schedule;
         self.rounds += 1;
-        self.mode = Some(next.mode);
+        self.mode = Some(statement.mode);
         self.audience = statement.audience;
         Ok(statement)
     }
 
-    fn check_mode(&self, next: &RoundRelease) -> Result<(), PrivacyError> {
-        match self.mode {
-            Some(mode) if mode != next.mode => Err(PrivacyError::Unsupported(
-                "a budget accounts for releases of one privacy mode only",
+    /// The mode the budget's releases are stated in once `next` is spent: `next`'s own in a
+    /// budget of its mode (or of none yet); distributed when local and distributed releases
+    /// meet (see the type's docs: the local release's replace-one guarantee, sensitivity 2C,
+    /// also bounds the zero-out pair, so the composition holds under zero-out neighbouring).
+    /// Any other mixture is refused.
+    fn check_mode(&self, next: &RoundRelease) -> Result<PrivacyMode, PrivacyError> {
+        use PrivacyMode::{Distributed, Local};
+        match (self.mode, next.mode) {
+            (None, mode) => Ok(mode),
+            (Some(held), mode) if held == mode => Ok(mode),
+            (Some(Distributed), Local) | (Some(Local), Distributed) => Ok(Distributed),
+            _ => Err(PrivacyError::Unsupported(
+                "a budget accounts for releases of one privacy mode only (local releases may join distributed ones)",
             )),
-            _ => Ok(()),
         }
     }
 
@@ -242,6 +258,7 @@ impl Budget {
         &self,
         next: &RoundRelease,
     ) -> Result<(PrivacyStatement, RdpAccountant, Vec<PldRounds>), PrivacyError> {
+        let mode = self.check_mode(next)?;
         let (q, sigma) = next.effective()?;
         let mut accountant = self.accountant.clone();
         accountant.compose_subsampled_gaussian(q, sigma, 1)?;
@@ -250,7 +267,7 @@ impl Budget {
             Accountant::Rdp => Vec::new(),
         };
         let audience = self.audience.narrowest(next.audience());
-        let statement = self.statement(&accountant, &schedule, Some(next.mode), audience);
+        let statement = self.statement(&accountant, &schedule, Some(mode), audience);
         Ok((statement, accountant, schedule))
     }
 
@@ -337,6 +354,47 @@ mod tests {
             sampling_rate: 1.0,
         };
         assert!(b.spend(&local).is_err());
+    }
+
+    #[test]
+    fn local_releases_join_distributed_ones_in_either_order_stated_by_rdp_in_distributed_mode() {
+        let distributed = RoundRelease {
+            mode: PrivacyMode::Distributed,
+            noise_multiplier: 4.0,
+            sampling_rate: 1.0,
+        };
+        let local = RoundRelease {
+            mode: PrivacyMode::Local,
+            noise_multiplier: 4.0,
+            sampling_rate: 1.0,
+        };
+        let mut a = Budget::new(50.0, 1e-6).unwrap();
+        a.spend(&distributed).unwrap();
+        let s = a.spend(&local).unwrap();
+        let mut b = Budget::new(50.0, 1e-6).unwrap();
+        b.spend(&local).unwrap();
+        assert_eq!(b.spent().accountant, Accountant::Pld);
+        assert!(!b.would_exceed(&distributed).unwrap());
+        b.spend(&distributed).unwrap();
+        for (statement, budget) in [(s, &a), (b.spent(), &b)] {
+            assert_eq!(statement.mode, PrivacyMode::Distributed);
+            assert_eq!(statement.accountant, Accountant::Rdp);
+            assert_eq!(statement.audience, Audience::ReleaseObservers);
+            assert_eq!(budget.rounds(), 2);
+        }
+        // Composition does not depend on the order: the same RDP curves added.
+        assert_eq!(a.spent().epsilon, b.spent().epsilon);
+        // The local release is composed with its effective σ/2 (sensitivity 2C): the pair
+        // costs what two Gaussians of effective σ 4 and 2 cost.
+        let mut rdp = RdpAccountant::new(OrderGrid::default());
+        rdp.compose_subsampled_gaussian(1.0, 4.0, 1).unwrap();
+        rdp.compose_subsampled_gaussian(1.0, 2.0, 1).unwrap();
+        assert_eq!(a.spent().epsilon, rdp.epsilon(1e-6).unwrap().epsilon);
+        // A stored mixed budget reads back the same.
+        let back: Budget = serde_json::from_str(&serde_json::to_string(&a).unwrap()).unwrap();
+        assert_eq!(back.spent(), a.spent());
+        // Central releases still join neither.
+        assert!(a.spend(&central(1.0)).is_err());
     }
 
     #[test]

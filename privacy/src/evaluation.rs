@@ -228,7 +228,10 @@ pub fn value_bound(noise_multiplier: f64) -> f64 {
 }
 
 /// What the on-device accountant records for one evaluation release with noise multiplier
-/// σ: a local release (replace-one, sensitivity 2C, noise σC), q = 1.
+/// σ: a local release (replace-one, sensitivity 2C, noise σC), q = 1, in every privacy mode
+/// of the run evaluated. On a device that also releases distributed-mode shares it joins
+/// them in one budget stated under zero-out neighbouring ([`crate::Budget`]): the
+/// replace-one bound covers the zero-out pair too.
 pub fn release(noise_multiplier: f64) -> RoundRelease {
     RoundRelease {
         mode: PrivacyMode::Local,

@@ -9,8 +9,9 @@
 //! **What is sent.** Each window is released with differential privacy on the device first
 //! ([`Device::prepare_evaluation`]: bounded rates, Gaussian noise from the secure sampler,
 //! the spend recorded in the on-device accountant); only the noised rates, the run, the model
-//! version, σ and the task's single-use evaluation token are sent. A window without a token
-//! (its version came with no task that carried one, e.g. distributed mode) or that the budget
+//! version, σ and the task's single-use evaluation token are sent — in distributed mode too,
+//! where the report follows the share's upload just as it follows a local update. A window
+//! without a token (its version came with no task that carried one) or that the budget
 //! cannot pay for is closed unsent.
 //!
 //! **The user's switches.** A device whose user turned training participation off sends

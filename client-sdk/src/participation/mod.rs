@@ -28,9 +28,9 @@
 //! every other status is final and surfaces as a [`ParticipationError`] with the server's
 //! message. "Come back after T" answers are honoured with up to 10 % jitter added.
 //!
-//! **Federated evaluation.** At the end of [`participate`] the device sends its
-//! evaluation counts when a report is due ([`metrics`]); a failed report never fails
-//! participation.
+//! **Federated evaluation.** At the end of [`participate`], in every privacy mode (after a
+//! distributed round's share as after a local update), the device sends its evaluation
+//! counts when a report is due ([`metrics`]); a failed report never fails participation.
 //!
 //! **Offline.** Nothing here is needed for recommendations: they use the last installed
 //! model, and events are stored locally whatever the network does.

@@ -238,12 +238,11 @@ impl DeviceService for DeviceApi {
                             Action::SendTask(task) if task.device == device => {
                                 let manifest = shared.manifest(c, &run_id)?;
                                 let model = shared.model_ref(c, &run_id, task.model_version)?;
-                                // Distributed-mode devices send no evaluation (see
-                                // docs/what-leaves-the-device.md).
-                                let evaluation = task.secure_aggregation.is_none();
+                                // Every mode's devices release their evaluation with
+                                // local noise (see docs/what-leaves-the-device.md).
                                 let mut token_error = None;
                                 let evaluation_token = c
-                                    .task_given(&run_id, &device, task.model_version, evaluation, || {
+                                    .task_given(&run_id, &device, task.model_version, || {
                                         match auth::new_credentials() {
                                             Ok((_, token)) => token,
                                             Err(e) => {
