@@ -114,6 +114,8 @@ pub struct Coordinator {
     grant_keys: crate::enrolment::GrantKeys,
     /// Whether each run's `run_created` says it counts per person (read once per run).
     per_person: BTreeMap<String, bool>,
+    /// (run, model version) whose `evaluation_released` line is known to be in the ledger.
+    evaluation_charged: std::collections::BTreeSet<(String, u64)>,
 }
 
 /// Restores a run's engine from the store (publishing a committed, unpublished version
@@ -288,6 +290,7 @@ impl Coordinator {
             grants: TaskGrants::default(),
             grant_keys: Default::default(),
             per_person: BTreeMap::new(),
+            evaluation_charged: Default::default(),
         })
     }
 
@@ -514,13 +517,27 @@ impl Coordinator {
     /// (the first task of the device on that version, in every privacy mode). The store
     /// remembers who was issued a version's token, so a device that had one before a
     /// restart, or from another replica, gets none.
+    ///
+    /// Before the first token of a model version leaves, the run's ledger gets that
+    /// version's `evaluation_released` line: what one device's evaluation release of it
+    /// costs. The line is written whether or not anyone reports, so the ledger bounds every
+    /// release a token allows, including one that arrives after the run has stopped.
     pub fn task_given(
         &mut self,
         run_id: &str,
         device: &str,
         model_version: u64,
         new_token: impl FnOnce() -> String,
+        now_ms: i64,
     ) -> Result<Option<String>, CoordinatorError> {
+        // A stopped run's ledger is closed: it gives no token it could not charge for.
+        let running = self
+            .engines
+            .get(run_id)
+            .is_some_and(|e| e.state() != RunState::Stopped);
+        if !running {
+            return Ok(None);
+        }
         if !self
             .grants
             .evaluation_issued_to(run_id, device, model_version)
@@ -535,11 +552,48 @@ impl Coordinator {
                     .mark_evaluation_issued(run_id, device, model_version);
             }
         }
-        Ok(self
+        let token = self
             .grants
             .task_given(run_id, device, model_version, new_token, |t| {
                 <sha2::Sha256 as sha2::Digest>::digest(t.as_bytes()).into()
-            }))
+            });
+        if token.is_some() {
+            self.charge_evaluation(run_id, model_version, now_ms)?;
+        }
+        Ok(token)
+    }
+
+    /// Appends `model_version`'s `evaluation_released` line to the run's ledger unless it
+    /// has one (checked once per version and coordinator process).
+    fn charge_evaluation(
+        &mut self,
+        run_id: &str,
+        model_version: u64,
+        now_ms: i64,
+    ) -> Result<(), CoordinatorError> {
+        let key = (run_id.to_owned(), model_version);
+        if self.evaluation_charged.contains(&key) {
+            return Ok(());
+        }
+        let charged = self
+            .store
+            .ledger(run_id)?
+            .iter()
+            .filter_map(|e| serde_json::from_str::<LedgerEntry>(&e.body).ok())
+            .any(|e| {
+                matches!(e.event, LedgerEvent::EvaluationReleased { model_version: v, .. } if v == model_version)
+            });
+        if !charged {
+            let delta = self.store.run(run_id)?.manifest.budget.delta;
+            let event = crate::ledger::evaluation_release_event(
+                model_version,
+                fedpref_privacy::evaluation::DEFAULT_NOISE_MULTIPLIER,
+                delta,
+            );
+            self.store.append_event(run_id, event, now_ms)?;
+        }
+        self.evaluation_charged.insert(key);
+        Ok(())
     }
 
     /// Whether `device` may download `run_id`'s models: it was given a task in the run since
@@ -572,20 +626,10 @@ impl Coordinator {
         self.grants
             .redeem(&release.token_hash, run_id, release.model_version)
             .map_err(|e| CoordinatorError::Refused(e.to_string()))?;
-        let first =
-            self.store
-                .add_evaluation_release(run_id, release.model_version, &release.values)?;
-        // The ledger says, once per model version, what each device's evaluation release of
-        // it cost (a stopped run's ledger is closed; only the run's owner writes it).
-        let owner = self.store.replica_id().is_none() || self.engines.contains_key(run_id);
-        if first && owner && record.status != RunStatus::Stopped {
-            let event = crate::ledger::evaluation_release_event(
-                release.model_version,
-                release.noise_multiplier,
-                record.manifest.budget.delta,
-            );
-            self.store.append_event(run_id, event, now_ms)?;
-        }
+        // The version's `evaluation_released` line was written before its first token left
+        // (`task_given`), so the ledger already bounds this release.
+        self.store
+            .add_evaluation_release(run_id, release.model_version, &release.values)?;
         let guardrails = &record.manifest.guardrail_metrics;
         // A stopped run's ledger is closed: its counts are still summed for the report, but
         // no alert is appended after the stop.

@@ -400,3 +400,48 @@ fn an_evaluation_release_entry_verifies_only_with_the_epsilon_its_sigma_gives() 
     assert_eq!(sequence, store.ledger("r1").unwrap().len() as u64);
     assert!(problem.contains("evaluation release"), "{problem}");
 }
+
+#[test]
+fn a_run_stopped_before_its_first_round_verifies_and_its_stop_may_claim_no_spend() {
+    use fedpref_coordinator::engine::{AdminCommand, Event};
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("c.db");
+    let mut c = Coordinator::open(&db, T0).unwrap();
+    c.create_run("r1", manifest(COHORT_MANIFEST), T0).unwrap();
+    c.handle(
+        "r1",
+        Event::Admin(AdminCommand::Stop {
+            reason: "purpose withdrawn".into(),
+        }),
+        T0 + 1,
+    )
+    .unwrap();
+    drop(c);
+    assert_eq!(
+        kinds(&Store::open(&db).unwrap()),
+        ["run_created", "model_published", "run_stopped"]
+    );
+    assert_eq!(verify_db(&db), Ok(()));
+    // The stop's totals rewritten to claim a spend no round made (hashes recomputed).
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    let (body, prev): (String, String) = conn
+        .query_row(
+            "SELECT body, prev_hash FROM ledger WHERE run_id = 'r1' AND sequence = 3",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    let mut entry: serde_json::Value = serde_json::from_str(&body).unwrap();
+    entry["event"]["cumulative_epsilon"][0]["epsilon"] = serde_json::json!(0.5);
+    let body = serde_json::to_string(&entry).unwrap();
+    let hash = fedpref_coordinator::ledger::chain_hash(&prev, &body);
+    conn.execute(
+        "UPDATE ledger SET body = ?1, hash = ?2 WHERE run_id = 'r1' AND sequence = 3",
+        params![body, hash],
+    )
+    .unwrap();
+    drop(conn);
+    let (seq, problem) = verify_db(&db).unwrap_err();
+    assert_eq!(seq, 3);
+    assert!(problem.contains("final totals"), "{problem}");
+}

@@ -327,3 +327,71 @@ fn a_round_abandoned_by_pause_stop_or_rollback_after_an_upload_is_charged() {
         assert!(close(eps, local_epsilon(1)), "{name}: {eps}");
     }
 }
+
+#[test]
+fn an_evaluation_token_is_charged_before_it_leaves_so_a_report_after_the_stop_is_in_the_ledger() {
+    use fedpref_coordinator::coordinator::EvaluationRelease;
+    use fedpref_privacy::evaluation::{COORDINATES, DEFAULT_NOISE_MULTIPLIER};
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("c.db");
+    let mut c = Coordinator::open(&db, T0).unwrap();
+    c.create_run("r1", manifest(LOCAL), T0).unwrap();
+    let now = T0 + 1;
+    let t = task(&mut c, "a", now);
+    let evaluation_lines = |store: &Store| {
+        events(store)
+            .into_iter()
+            .filter(|e| matches!(e, LedgerEvent::EvaluationReleased { .. }))
+            .count()
+    };
+    // The task's evaluation token is issued: its version's line is written at once, once.
+    c.task_given("r1", "a", t.model_version, || "tok-a".into(), now)
+        .unwrap()
+        .expect("the first task on a version carries a token");
+    c.task_given("r1", "b", t.model_version, || "tok-b".into(), now)
+        .unwrap()
+        .expect("another device's token");
+    assert_eq!(evaluation_lines(c.store()), 1);
+    // A restarted coordinator does not write the line again.
+    drop(c);
+    let mut c = Coordinator::open(&db, now).unwrap();
+    let token = c
+        .task_given("r1", "c", t.model_version, || "tok-c".into(), now)
+        .unwrap()
+        .expect("a third device's token");
+    assert_eq!(evaluation_lines(c.store()), 1);
+    // The run stops before the device reports; its report is still bounded by the ledger.
+    c.handle(
+        "r1",
+        Event::Admin(AdminCommand::Stop {
+            reason: "done".into(),
+        }),
+        now + 1,
+    )
+    .unwrap();
+    c.record_evaluation(
+        &EvaluationRelease {
+            run_id: "r1",
+            model_version: t.model_version,
+            token_hash: fedpref_coordinator::service::auth::sha256(token.as_bytes()),
+            noise_multiplier: DEFAULT_NOISE_MULTIPLIER,
+            values: [0.0; COORDINATES],
+        },
+        now + 2,
+    )
+    .unwrap();
+    drop(c);
+    let store = Store::open(&db).unwrap();
+    assert_eq!(evaluation_lines(&store), 1);
+    let ev = events(&store);
+    let line = ev
+        .iter()
+        .position(|e| matches!(e, LedgerEvent::EvaluationReleased { model_version, .. } if *model_version == t.model_version))
+        .expect("the version's evaluation line");
+    let stop = ev
+        .iter()
+        .position(|e| matches!(e, LedgerEvent::RunStopped { .. }))
+        .expect("the stop");
+    assert!(line < stop, "{ev:#?}");
+    verify("r1", &store.ledger("r1").unwrap()).unwrap_or_else(|e| panic!("{e:?} {ev:#?}"));
+}

@@ -137,7 +137,13 @@ fn try_report(
 ) -> Result<(), fedpref_coordinator::coordinator::CoordinatorError> {
     use fedpref_privacy::evaluation::{COORDINATES, EvaluationCounts, EvaluationRates};
     let token = c
-        .task_given(RUN, device, version, || format!("token-{device}-{version}"))?
+        .task_given(
+            RUN,
+            device,
+            version,
+            || format!("token-{device}-{version}"),
+            now,
+        )?
         .unwrap_or_else(|| format!("token-{device}-{version}"));
     let rates = EvaluationRates::from_counts(&EvaluationCounts {
         lists_shown: 4,
@@ -888,6 +894,12 @@ fn a_stopped_runs_ledger_gets_no_alert_but_its_counts_are_still_summed() {
     let mut c = Coordinator::open(&dir.path().join("c.db"), T0).unwrap();
     c.create_run(RUN, RunManifest::from_toml(MANIFEST, "m").unwrap(), T0)
         .unwrap();
+    // Three devices were given tasks (and evaluation tokens) on version 1 before the stop.
+    for d in ["a", "b", "c"] {
+        c.task_given(RUN, d, 1, || format!("token-{d}-1"), T0)
+            .unwrap()
+            .unwrap();
+    }
     c.handle(
         RUN,
         Event::Admin(AdminCommand::Stop {
@@ -896,6 +908,12 @@ fn a_stopped_runs_ledger_gets_no_alert_but_its_counts_are_still_summed() {
         T0 + 1,
     )
     .unwrap();
+    // A stopped run gives no more evaluation tokens.
+    assert_eq!(
+        c.task_given(RUN, "d", 1, || "token-d-1".into(), T0 + 2)
+            .unwrap(),
+        None
+    );
     let before = c.store().ledger(RUN).unwrap().len();
     for d in ["a", "b", "c"] {
         report(&mut c, d, 1, 40, 0.0, T0 + 5000);
@@ -905,4 +923,5 @@ fn a_stopped_runs_ledger_gets_no_alert_but_its_counts_are_still_summed() {
     assert_eq!(r.guardrails.versions[0].reporting_devices, 3);
     assert!(r.guardrails.alerts.is_empty());
     assert_eq!(r.status, "stopped");
+    assert!(r.ledger.intact, "{:?}", r.ledger.problem);
 }

@@ -171,8 +171,14 @@ fn a_restarted_coordinator_never_issues_a_device_a_second_evaluation_token_for_a
         let mut c = Coordinator::open_location(&location, T0).unwrap();
         c.create_run("r1", manifest(COHORT_MANIFEST), T0).unwrap();
         let token = |c: &mut Coordinator, device: &str, version: u64| {
-            c.task_given("r1", device, version, || format!("tok-{device}-{version}"))
-                .unwrap()
+            c.task_given(
+                "r1",
+                device,
+                version,
+                || format!("tok-{device}-{version}"),
+                T0,
+            )
+            .unwrap()
         };
         assert_eq!(token(&mut c, "d1", 1).as_deref(), Some("tok-d1-1"));
         assert_eq!(token(&mut c, "d1", 1), None, "{location}: once per version");

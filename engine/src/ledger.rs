@@ -1054,7 +1054,11 @@ impl ChainState {
         rounds_committed: u64,
         cumulative_epsilon: &[AudienceEpsilon],
     ) -> Result<(), String> {
-        if rounds_committed != self.committed || !same_epsilons(&self.last_eps, cumulative_epsilon)
+        // A run stopped before anything was spent states ε = 0 for its audiences.
+        let nothing_spent =
+            self.last_eps.is_empty() && cumulative_epsilon.iter().all(|e| e.epsilon == 0.0);
+        if rounds_committed != self.committed
+            || !(nothing_spent || same_epsilons(&self.last_eps, cumulative_epsilon))
         {
             return Err("its final totals do not match the rounds".into());
         }

@@ -242,15 +242,19 @@ impl DeviceService for DeviceApi {
                                 // local noise (see docs/what-leaves-the-device.md).
                                 let mut token_error = None;
                                 let evaluation_token = c
-                                    .task_given(&run_id, &device, task.model_version, || {
-                                        match auth::new_credentials() {
+                                    .task_given(
+                                        &run_id,
+                                        &device,
+                                        task.model_version,
+                                        || match auth::new_credentials() {
                                             Ok((_, token)) => token,
                                             Err(e) => {
                                                 token_error = Some(e);
                                                 String::new()
                                             }
-                                        }
-                                    })
+                                        },
+                                        now,
+                                    )
                                     .map_err(coordinator_status)?
                                     .unwrap_or_default();
                                 if let Some(e) = token_error {
