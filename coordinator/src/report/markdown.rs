@@ -1,14 +1,14 @@
 //! The [`Document`] as Markdown (GitHub's dialect: tables, no raw HTML).
 //!
 //! Blocks are separated by one blank line. Text is flattened to one line (a line break in a
-//! manifest field must not end a list item or a table row) and, in table cells, `|` is
-//! escaped. Charts are replaced by their fallback tables; HTML classes and notes are dropped.
+//! manifest field must not end a list item or a table row), `<` and `>` become character
+//! references (no raw HTML), and in table cells `|` is escaped. Charts are replaced by their fallback tables; HTML classes and notes are dropped.
 
 use super::document::{Block, Document, Field, Inline, Item, Table};
 
 /// Renders a document.
 pub fn render(d: &Document) -> String {
-    let mut parts = vec![format!("# {}\n", flat(&d.title))];
+    let mut parts = vec![format!("# {}\n", no_tags(&flat(&d.title)))];
     blocks(&d.banner, &mut parts);
     blocks(&d.blocks, &mut parts);
     parts.join("\n")
@@ -21,7 +21,7 @@ fn blocks(bs: &[Block], out: &mut Vec<String>) {
             Block::Heading { level, text } => out.push(format!(
                 "{} {}\n",
                 "#".repeat(usize::from(*level)),
-                flat(text)
+                no_tags(&flat(text))
             )),
             Block::Paragraph { inlines: i, .. } => out.push(format!("{}\n", inlines(i, false))),
             Block::Callout { inlines: i, .. } => out.push(format!("> {}\n", inlines(i, false))),
@@ -42,7 +42,7 @@ fn blocks(bs: &[Block], out: &mut Vec<String>) {
             }
             Block::Columns(cols) => cols.iter().for_each(|c| blocks(c, out)),
             Block::Footer { heading, blocks: b } => {
-                out.push(format!("## {}\n", flat(heading)));
+                out.push(format!("## {}\n", no_tags(&flat(heading))));
                 blocks(b, out);
             }
         }
@@ -97,7 +97,7 @@ fn inlines(is: &[Inline], cell: bool) -> String {
     let mut o = String::new();
     for i in is {
         match i {
-            Inline::Text(s) | Inline::Ident(s) => o.push_str(&plain(s, cell)),
+            Inline::Text(s) | Inline::Ident(s) => o.push_str(&no_tags(&plain(s, cell))),
             Inline::Strong(inner) => {
                 o.push_str("**");
                 o.push_str(&inlines(inner, cell));
@@ -106,7 +106,7 @@ fn inlines(is: &[Inline], cell: bool) -> String {
             Inline::Code(s) | Inline::Hash(s) => o.push_str(&code_span(&plain(s, cell))),
             Inline::Status { text, .. } => {
                 o.push_str("**");
-                o.push_str(&plain(text, cell));
+                o.push_str(&no_tags(&plain(text, cell)));
                 o.push_str("**");
             }
             Inline::Note(_) => {}
@@ -119,6 +119,12 @@ fn inlines(is: &[Inline], cell: bool) -> String {
 fn plain(s: &str, cell: bool) -> String {
     let s = flat(s);
     if cell { s.replace('|', "\\|") } else { s }
+}
+
+/// `<` and `>` as character references, so that text (a manifest's purpose, a harm
+/// scenario) cannot become raw HTML where Markdown is rendered; code spans show it verbatim.
+fn no_tags(s: &str) -> String {
+    s.replace('<', "&lt;").replace('>', "&gt;")
 }
 
 /// Line breaks (`\r\n`, `\r`, `\n`) as spaces.

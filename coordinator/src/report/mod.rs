@@ -285,9 +285,15 @@ mod tests {
             assert!(!line.starts_with("| injected"), "{line}");
         }
         assert!(!md.contains('\r'));
+        // No user text becomes raw HTML where the Markdown is rendered: markup survives only
+        // inside code spans (the run id), which Markdown shows verbatim.
+        let flat = |f: &str| f.replace("\r\n", " ").replace('\n', " ");
+        let run_id = flat(&r.run_id);
+        assert!(!md.replace(&run_id, "").contains("<script"), "{md}");
+        assert!(md.contains(&format!("``` {run_id} ```")), "{md}");
         // Each user field is on one line.
-        for f in user_fields(&r) {
-            let flat = f.replace("\r\n", " ").replace('\n', " ");
+        for f in user_fields(&r).into_iter().skip(1) {
+            let flat = flat(&f).replace('<', "&lt;").replace('>', "&gt;");
             assert!(
                 md.contains(&flat) || md.contains(&flat.replace('|', "\\|")),
                 "{flat:?}"
@@ -325,7 +331,7 @@ mod tests {
         // The hostile harm scenario row is one row with four cells.
         let row = md
             .lines()
-            .find(|l| l.starts_with("| scenario <script>"))
+            .find(|l| l.starts_with("| scenario &lt;script&gt;"))
             .expect("the harm row");
         assert_eq!(unescaped_pipes(row), 5, "{row}");
     }
