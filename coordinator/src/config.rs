@@ -27,6 +27,7 @@
 //! admin_client_ca = "tls/admin-ca.pem"  # optional: admin client certificates it signed
 //! enrolment_grant_keys = []   # optional: the app backend's Ed25519 public keys (hex); set,
 //!                             # every enrolment needs a grant and privacy counts per person
+//! person_key_file = "person.key" # required with grant keys: keys each person's principal
 //!
 //! [ledger]                    # optional: without it, ledger heads are not signed
 //! signing_key_file = "ledger.key"  # Ed25519 seed, hex, mode 0600 (see docs/ledger.md)
@@ -188,6 +189,12 @@ pub struct AuthConfig {
     /// (see [`crate::enrolment`]). Empty: per enrolment, and grants are refused.
     #[serde(default)]
     pub enrolment_grant_keys: Vec<String>,
+    /// With enrolment grants, required: a secret file (one line, at least 32 characters; mode
+    /// 0600; `init` writes one) that keys the hash turning a grant's pseudonym into the
+    /// person's principal, so that the store holds nothing a guessed pseudonym can be checked
+    /// against without it. Every replica of a deployment needs the same file.
+    #[serde(default)]
+    pub person_key_file: Option<PathBuf>,
 }
 
 /// The privacy ledger.
@@ -307,6 +314,7 @@ impl Config {
                 &mut config.auth.admin_token_file,
             ])
             .chain(config.auth.admin_client_ca.as_mut())
+            .chain(config.auth.person_key_file.as_mut())
             .chain(config.ledger.as_mut().map(|l| &mut l.signing_key_file))
         {
             if p.is_relative() {
@@ -382,6 +390,12 @@ impl Config {
             let (index, message) = e.split_once(": ").unwrap_or(("", e.as_str()));
             return Err(bad(&format!("auth.enrolment_grant_keys{index}"), message));
         }
+        if !self.auth.enrolment_grant_keys.is_empty() && self.auth.person_key_file.is_none() {
+            return Err(bad(
+                "auth.person_key_file",
+                "required when auth.enrolment_grant_keys is set: the secret that keys each person's principal (`init` writes one; every replica needs the same file)",
+            ));
+        }
         if self.listen.device == self.listen.admin {
             return Err(bad(
                 "listen.admin",
@@ -447,6 +461,12 @@ impl Config {
                 .map(|p| ("auth.admin_client_ca", p)),
         )
         .chain(
+            self.auth
+                .person_key_file
+                .as_ref()
+                .map(|p| ("auth.person_key_file", p)),
+        )
+        .chain(
             self.ledger
                 .as_ref()
                 .map(|l| ("ledger.signing_key_file", &l.signing_key_file)),
@@ -460,6 +480,23 @@ impl Config {
 }
 
 impl Config {
+    /// The key of the person principal's hash (`auth.person_key_file`, at least 32
+    /// characters); `None` when the configuration names none.
+    pub fn person_key(&self) -> Result<Option<String>, ConfigError> {
+        let Some(path) = &self.auth.person_key_file else {
+            return Ok(None);
+        };
+        let key = read_secret(path, "auth.person_key_file")?;
+        if key.len() < 32 {
+            return Err(ConfigError::Invalid {
+                file: path.display().to_string(),
+                key: "auth.person_key_file".into(),
+                message: "the key must be at least 32 characters".into(),
+            });
+        }
+        Ok(Some(key))
+    }
+
     /// The ledger signing key the configuration names, read and checked (`None` without a
     /// `[ledger]` section).
     pub fn ledger_signer(&self) -> Result<Option<crate::checkpoint::LedgerSigner>, ConfigError> {
@@ -612,6 +649,9 @@ admin_client_ca = "tls/admin-ca.pem"
 # then count per person, across their devices and re-enrolments. Empty: per enrolment.
 # `fedpref-coordinator grant keygen` makes a key pair.
 enrolment_grant_keys = []
+# The secret that keys each person's principal (a keyed hash of the grant's pseudonym); every
+# replica needs the same file. Keep it 0600.
+person_key_file = "person.key"
 
 [ledger]
 # The Ed25519 key that signs each run's ledger head after every entry (keep it 0600 and back
@@ -683,8 +723,9 @@ pub struct Initialised {
 /// Writes `DIR/coordinator.toml`, `DIR/tls/cert.pem` and `DIR/tls/key.pem` (self-signed for
 /// localhost), `DIR/app.key` and `DIR/admin.token` (random, mode 0600), an admin client CA
 /// with one client certificate (`DIR/tls/admin-ca.pem`, `DIR/tls/admin-client.pem`,
-/// `DIR/tls/admin-client.key`, the key mode 0600), `DIR/manifest.toml` and the ledger signing
-/// key `DIR/ledger.key` (mode 0600). Refuses, writing nothing, if any of them exists.
+/// `DIR/tls/admin-client.key`, the key mode 0600), `DIR/manifest.toml`, the ledger signing
+/// key `DIR/ledger.key` and the person key `DIR/person.key` (both mode 0600). Refuses, writing
+/// nothing, if any of them exists.
 pub fn init(dir: &Path) -> Result<Initialised, ConfigError> {
     let io = |file: &Path| {
         let file = file.display().to_string();
@@ -701,6 +742,7 @@ pub fn init(dir: &Path) -> Result<Initialised, ConfigError> {
         (dir.join("tls").join("admin-client.key"), true),
         (dir.join("manifest.toml"), false),
         (dir.join("ledger.key"), true),
+        (dir.join("person.key"), true),
     ];
     for (f, _) in &files {
         if f.exists() {
@@ -722,6 +764,7 @@ pub fn init(dir: &Path) -> Result<Initialised, ConfigError> {
         crate::checkpoint::LedgerSigner::generate()
             .map_err(|e| ConfigError::Generate(e.to_string()))?
             .key_file_text(),
+        format!("{}\n", random_secret()?),
     ];
     let tls_dir = dir.join("tls");
     std::fs::create_dir_all(&tls_dir).map_err(io(&tls_dir))?;
@@ -786,6 +829,40 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("ledger.signing_key_file"), "{e}");
+    }
+
+    #[test]
+    fn init_writes_a_private_person_key_and_grant_keys_require_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let done = init(dir.path()).unwrap();
+        let key = dir.path().join("person.key");
+        assert!(done.files.contains(&key));
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&key).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600);
+        }
+        let c = Config::from_file(&dir.path().join("coordinator.toml")).unwrap();
+        assert!(c.person_key().unwrap().unwrap().len() >= 32);
+        // Grant keys without a person key are refused, naming the key.
+        let grants = INIT_CONFIG
+            .replace(
+                "enrolment_grant_keys = []",
+                &format!(
+                    "enrolment_grant_keys = [\"{}\"]",
+                    crate::checkpoint::LedgerSigner::from_seed([7; 32]).public_key_hex()
+                ),
+            )
+            .replace("person_key_file = \"person.key\"\n", "");
+        let e = Config::from_toml(&grants, "c.toml", Path::new("."))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("auth.person_key_file"), "{e}");
+        // A short key is refused too.
+        std::fs::write(&key, "short\n").unwrap();
+        let e = c.person_key().unwrap_err().to_string();
+        assert!(e.contains("auth.person_key_file"), "{e}");
     }
 
     #[test]

@@ -8,7 +8,7 @@
 //! requires an [`pb::EnrolmentGrant`]: an encoded [`pb::GrantClaims`] (the backend's pseudonym
 //! for the person and an expiry) with the backend's Ed25519 signature over exactly those bytes.
 //! The coordinator checks the signature against its keys, derives the person's
-//! [`Person::principal`] (a hash of the pseudonym, the only form it stores) and uses that, not
+//! [`Person::principal`] (a keyed hash of the pseudonym, the only form it stores) and uses that, not
 //! the enrolment, as the device's identity everywhere after authentication: the round engine's
 //! one update per round, the participation history behind the limits and DP-FTRL, and the
 //! secure-aggregation participant. Enrolments per person are capped
@@ -17,7 +17,8 @@
 use ed25519_dalek::{Signature, VerifyingKey};
 use fedpref_proto::prost::Message;
 use fedpref_proto::v1 as pb;
-use sha2::{Digest, Sha256};
+use hmac::{Hmac, KeyInit, Mac};
+use sha2::Sha256;
 
 use crate::checkpoint::{LedgerSigner, decode_hex};
 
@@ -65,20 +66,25 @@ pub enum GrantError {
 /// The person a valid grant names, as the coordinator keeps it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Person {
-    /// `person-` and the first 128 bits of SHA-256 over a domain tag and the pseudonym, hex:
-    /// the device's identity for everything after authentication. The pseudonym itself is not
-    /// stored.
+    /// `person-` and the first 128 bits of HMAC-SHA-256, under the deployment's person key
+    /// (`auth.person_key_file`), of a domain tag and the pseudonym, hex: the device's
+    /// identity for everything after authentication. The pseudonym itself is not stored, and
+    /// without the key a guessed pseudonym cannot be checked against a stored principal.
     pub principal: String,
 }
 
 impl Person {
-    /// The person with backend pseudonym `pseudonym`.
-    pub fn from_pseudonym(pseudonym: &str) -> Self {
-        let mut h = Sha256::new();
-        h.update(PRINCIPAL_DOMAIN);
-        h.update(pseudonym.as_bytes());
+    /// The person with backend pseudonym `pseudonym`, under the person key `key`.
+    pub fn from_pseudonym(key: &[u8], pseudonym: &str) -> Self {
+        let mut mac =
+            <Hmac<Sha256> as KeyInit>::new_from_slice(key).expect("HMAC takes a key of any length");
+        mac.update(PRINCIPAL_DOMAIN);
+        mac.update(pseudonym.as_bytes());
         Self {
-            principal: format!("{PRINCIPAL_PREFIX}{}", crate::hex(&h.finalize()[..16])),
+            principal: format!(
+                "{PRINCIPAL_PREFIX}{}",
+                crate::hex(&mac.finalize().into_bytes()[..16])
+            ),
         }
     }
 }
@@ -86,7 +92,11 @@ impl Person {
 /// The app backend's public keys a coordinator accepts grants from (more than one while a key
 /// is being rotated). Empty: grants are neither needed nor accepted.
 #[derive(Debug, Clone, Default)]
-pub struct GrantKeys(Vec<VerifyingKey>);
+pub struct GrantKeys {
+    keys: Vec<VerifyingKey>,
+    /// The key of the principal's HMAC (`auth.person_key_file`).
+    person_key: Vec<u8>,
+}
 
 impl GrantKeys {
     /// Keys from their hex form (64 hex digits each); the error names the bad entry.
@@ -101,12 +111,21 @@ impl GrantKeys {
                     .map_err(|_| format!("[{i}]: not an Ed25519 public key"))
             })
             .collect::<Result<Vec<_>, _>>()
-            .map(Self)
+            .map(|keys| Self {
+                keys,
+                person_key: vec![],
+            })
+    }
+
+    /// The keys, with `person_key` keying the principal of every person a grant names.
+    pub fn with_person_key(mut self, person_key: &str) -> Self {
+        self.person_key = person_key.as_bytes().to_vec();
+        self
     }
 
     /// Whether grants are required (some key is configured).
     pub fn required(&self) -> bool {
-        !self.0.is_empty()
+        !self.keys.is_empty()
     }
 
     /// Checks a grant at time `now_ms`: size, signature by one of the keys (strict Ed25519),
@@ -134,7 +153,7 @@ impl GrantKeys {
         let signature = Signature::from_bytes(&signature);
         let signed = signed_bytes(&grant.claims);
         if !self
-            .0
+            .keys
             .iter()
             .any(|k| k.verify_strict(&signed, &signature).is_ok())
         {
@@ -177,7 +196,7 @@ impl GrantKeys {
                 ),
             ));
         }
-        Ok(Person::from_pseudonym(&claims.pseudonym))
+        Ok(Person::from_pseudonym(&self.person_key, &claims.pseudonym))
     }
 }
 
@@ -209,8 +228,12 @@ mod tests {
 
     const NOW: i64 = 1_800_000_000_000;
 
+    const PERSON_KEY: &str = "a deployment's person key, 32 chars or more";
+
     fn keys(signer: &LedgerSigner) -> GrantKeys {
-        GrantKeys::parse(&[signer.public_key_hex()]).unwrap()
+        GrantKeys::parse(&[signer.public_key_hex()])
+            .unwrap()
+            .with_person_key(PERSON_KEY)
     }
 
     #[test]
@@ -234,6 +257,18 @@ mod tests {
             .verify(&sign(&signer, "user-43", NOW + 60_000), NOW)
             .unwrap();
         assert_ne!(a, other);
+        // The principal is keyed: the same pseudonym is another principal under another
+        // deployment's key, and no unkeyed hash of it matches.
+        let elsewhere = GrantKeys::parse(&[signer.public_key_hex()])
+            .unwrap()
+            .with_person_key("another deployment's person key, also long")
+            .verify(&sign(&signer, "user-42", NOW + 60_000), NOW)
+            .unwrap();
+        assert_ne!(a, elsewhere);
+        assert_eq!(a, Person::from_pseudonym(PERSON_KEY.as_bytes(), "user-42"));
+        use sha2::Digest;
+        let unkeyed = sha2::Sha256::digest([PRINCIPAL_DOMAIN, b"user-42"].concat());
+        assert!(!a.principal.contains(&crate::hex(&unkeyed[..16])));
     }
 
     #[test]

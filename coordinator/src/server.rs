@@ -161,6 +161,13 @@ pub async fn start(config: &Config, options: &ServeOptions) -> Result<Running, S
         // Checked when the configuration was read.
         let keys = crate::enrolment::GrantKeys::parse(&store_config.auth.enrolment_grant_keys)
             .map_err(|e| CoordinatorError::Refused(format!("auth.enrolment_grant_keys{e}")))?;
+        let keys = match store_config
+            .person_key()
+            .map_err(|e| CoordinatorError::Refused(e.to_string()))?
+        {
+            Some(person_key) => keys.with_person_key(&person_key),
+            None => keys,
+        };
         if !keys.required() {
             let runs = coordinator.runs_counting_per_person()?;
             if !runs.is_empty() {

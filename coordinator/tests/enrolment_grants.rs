@@ -25,6 +25,7 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig};
 
 const APP_KEY: &str = "test-app-key-0123456789abcdef";
 const ADMIN_TOKEN: &str = "test-admin-token-0123456789abcdef";
+const PERSON_KEY: &str = "test-person-key-0123456789abcdef-0123456789";
 const HOUR_MS: i64 = 3_600_000;
 
 struct Server {
@@ -39,6 +40,7 @@ fn write_files(dir: &Path) -> String {
     write("key.pem", &cert.signing_key.serialize_pem());
     write("app.key", APP_KEY);
     write("admin.token", ADMIN_TOKEN);
+    write("person.key", PERSON_KEY);
     cert.cert.pem()
 }
 
@@ -61,6 +63,7 @@ private_key = "key.pem"
 app_key_file = "app.key"
 admin_token_file = "admin.token"
 enrolment_grant_keys = {keys:?}
+person_key_file = "person.key"
 "#
     );
     let mut config = Config::from_toml(&text, "test.toml", dir).unwrap();
@@ -315,7 +318,7 @@ async fn devices_with_grants_act_as_their_person_and_the_run_says_per_person() {
     {
         let c = server.running.coordinator();
         let c = c.lock().unwrap();
-        let alice = Person::from_pseudonym("alice").principal;
+        let alice = Person::from_pseudonym(PERSON_KEY.as_bytes(), "alice").principal;
         assert!(c.may_download(&run_id, &alice).unwrap());
         let report = fedpref_coordinator::report::ImpactReport::build(c.store(), &run_id, now_ms())
             .expect("a report");
@@ -366,7 +369,7 @@ fn a_per_person_run_refuses_enrolments_without_a_grant_on_any_coordinator() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("counts privacy per person"), "{e}");
-    let person = Person::from_pseudonym("alice").principal;
+    let person = Person::from_pseudonym(PERSON_KEY.as_bytes(), "alice").principal;
     let actions = c.handle("per-person", check_in(&person), t0 + 3).unwrap();
     assert!(
         actions

@@ -997,7 +997,7 @@ async fn plaintext_is_refused_beyond_loopback() {
 fn init_writes_a_working_directory_and_never_overwrites() {
     let dir = tempfile::tempdir().unwrap();
     let done = fedpref_coordinator::config::init(dir.path()).unwrap();
-    assert_eq!(done.files.len(), 10);
+    assert_eq!(done.files.len(), 11);
     let config = Config::from_file(&dir.path().join("coordinator.toml")).unwrap();
     assert!(Path::new(&config.tls.certificate).exists());
     assert!(
@@ -1016,6 +1016,7 @@ fn init_writes_a_working_directory_and_never_overwrites() {
             "tls/key.pem",
             "tls/admin-client.key",
             "ledger.key",
+            "person.key",
         ] {
             let mode = std::fs::metadata(dir.path().join(secret))
                 .unwrap()

@@ -38,6 +38,7 @@ impl TestServer {
         write("key.pem", &cert.private_key_pem);
         write("app.key", APP_KEY);
         write("admin.token", ADMIN_TOKEN);
+        write("person.key", "test-person-key-0123456789abcdef-0123456789");
         let text = format!(
             r#"
 [listen]
@@ -52,6 +53,7 @@ private_key = "key.pem"
 app_key_file = "app.key"
 admin_token_file = "admin.token"
 enrolment_grant_keys = {keys:?}
+person_key_file = "person.key"
 "#
         );
         let mut config = Config::from_toml(&text, "test.toml", dir.path()).unwrap();
