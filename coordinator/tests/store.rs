@@ -529,3 +529,72 @@ fn forwarded_admin_commands_are_claimed_only_by_the_owner_and_withdrawn_only_whi
         assert!(a.store_mut().claim_admin_commands("r1").unwrap().is_empty());
     }
 }
+
+#[test]
+fn concurrent_enrolments_through_several_handles_never_pass_a_cap() {
+    use fedpref_coordinator::store::{EnrolmentCap, EnrolmentCaps};
+    let caps = EnrolmentCaps {
+        window_since_ms: T0,
+        max_in_window: 1_000,
+        person_since_ms: T0,
+        max_per_person: 3,
+    };
+    for (location, _dir) in locations() {
+        // Create the schema once, then four handles (as four replicas would hold) race to
+        // enrol twenty devices of one person and twenty of nobody in particular.
+        drop(Store::open_location(&location).unwrap());
+        let outcomes: Vec<Option<(EnrolmentCap, u64)>> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..4)
+                .map(|h| {
+                    let location = location.clone();
+                    s.spawn(move || {
+                        let store = Store::open_location(&location).unwrap();
+                        (0..10)
+                            .map(|i| {
+                                let person = (i % 2 == 0).then_some("person-x");
+                                store
+                                    .enrol_device_within_caps(
+                                        &format!("d{h}-{i}"),
+                                        &format!("{h:02}{i:062}"),
+                                        "test",
+                                        T0 + 1,
+                                        person,
+                                        &caps,
+                                    )
+                                    .unwrap()
+                            })
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .flat_map(|h| h.join().unwrap())
+                .collect()
+        });
+        let store = Store::open_location(&location).unwrap();
+        assert_eq!(
+            store.person_enrolments_since("person-x", T0).unwrap(),
+            3,
+            "{location}"
+        );
+        let refused = outcomes
+            .iter()
+            .filter(|o| matches!(o, Some((EnrolmentCap::Person, 3))))
+            .count();
+        assert_eq!(refused, 17, "{location}");
+        assert_eq!(store.enrolments_since(T0).unwrap(), 23, "{location}");
+        // The window cap holds the same way.
+        let full = EnrolmentCaps {
+            max_in_window: 23,
+            ..caps
+        };
+        assert_eq!(
+            store
+                .enrol_device_within_caps("late", &"f".repeat(64), "test", T0 + 2, None, &full)
+                .unwrap(),
+            Some((EnrolmentCap::Window, 23))
+        );
+        assert_eq!(store.enrolments_since(T0).unwrap(), 23, "{location}");
+    }
+}

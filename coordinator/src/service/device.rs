@@ -20,6 +20,7 @@ use tonic::{Request, Response, Status, Streaming};
 use super::convert::{proto_mode, reject_status, task_ref, update_tensors};
 use super::{Shared, auth, coordinator_status, duration, invalid, now_ms, timestamp, unhex};
 use crate::engine::{Action, Event, RunState};
+use crate::store::{EnrolmentCap, EnrolmentCaps};
 
 /// How long a device waits when no run exists at all, in ms.
 const NO_RUN_RETRY_MS: i64 = 60_000;
@@ -140,41 +141,38 @@ impl DeviceService for DeviceApi {
         let person = self
             .shared
             .blocking(move |c| {
-                // Counted and inserted under the coordinator's lock, so concurrent enrolments
-                // cannot pass the caps together.
+                // Counted and inserted in one store transaction that every replica takes in
+                // turn, so concurrent enrolments cannot pass the caps together.
                 let now = now_ms();
                 let window_s = limits.enrolment_window_seconds;
-                let recent = c
+                let person_window_s = limits.person_enrolment_window_seconds;
+                let caps = EnrolmentCaps {
+                    window_since_ms: now.saturating_sub((window_s as i64).saturating_mul(1000)),
+                    max_in_window: u64::from(limits.max_enrolments_per_window),
+                    person_since_ms: now
+                        .saturating_sub((person_window_s as i64).saturating_mul(1000)),
+                    max_per_person: u64::from(limits.max_enrolments_per_person),
+                };
+                let reached = c
                     .store()
-                    .enrolments_since(now - (window_s as i64) * 1000)
-                    .map_err(super::store_status)?;
-                if recent >= u64::from(limits.max_enrolments_per_window) {
-                    return Err(Status::resource_exhausted(format!(
-                        "enrolment: {recent} devices enrolled in the last {window_s} seconds, the most limits.max_enrolments_per_window allows; retry later"
-                    )));
-                }
-                if let Some(p) = &person {
-                    let window_s = limits.person_enrolment_window_seconds;
-                    let theirs = c
-                        .store()
-                        .person_enrolments_since(&p.principal, now - (window_s as i64) * 1000)
-                        .map_err(super::store_status)?;
-                    if theirs >= u64::from(limits.max_enrolments_per_person) {
-                        return Err(Status::resource_exhausted(format!(
-                            "grant: this person enrolled {theirs} times in the last {window_s} seconds, the most limits.max_enrolments_per_person allows"
-                        )));
-                    }
-                }
-                c.store()
-                    .insert_device(
+                    .enrol_device_within_caps(
                         &id,
                         &hash,
                         &r.sdk_version,
                         now,
                         person.as_ref().map(|p| p.principal.as_str()),
+                        &caps,
                     )
                     .map_err(super::store_status)?;
-                Ok(person)
+                match reached {
+                    None => Ok(person),
+                    Some((EnrolmentCap::Window, recent)) => Err(Status::resource_exhausted(format!(
+                        "enrolment: {recent} devices enrolled in the last {window_s} seconds, the most limits.max_enrolments_per_window allows; retry later"
+                    ))),
+                    Some((EnrolmentCap::Person, theirs)) => Err(Status::resource_exhausted(format!(
+                        "grant: this person enrolled {theirs} times in the last {person_window_s} seconds, the most limits.max_enrolments_per_person allows"
+                    ))),
+                }
             })
             .await?;
         match &person {

@@ -2,6 +2,28 @@
 
 use super::*;
 
+/// The enrolment caps [`Store::enrol_device_within_caps`] holds.
+#[derive(Clone, Copy, Debug)]
+pub struct EnrolmentCaps {
+    /// Count all enrolments from this time on (ms).
+    pub window_since_ms: i64,
+    /// At most this many in that window.
+    pub max_in_window: u64,
+    /// Count one person's enrolments from this time on (ms).
+    pub person_since_ms: i64,
+    /// At most this many of one person's.
+    pub max_per_person: u64,
+}
+
+/// Which cap an enrolment reached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EnrolmentCap {
+    /// All devices' enrolments in the window (`limits.max_enrolments_per_window`).
+    Window,
+    /// One person's (`limits.max_enrolments_per_person`).
+    Person,
+}
+
 impl Store {
     pub(super) fn rounds_of(&self, sql: &str, params: &[Value]) -> Result<Vec<u64>, StoreError> {
         self.read(|tx| tx.query(sql, params)?.iter().map(|r| r.u64(0)).collect())
@@ -15,23 +37,53 @@ impl Store {
         )
     }
 
-    /// Enrols a device: its opaque id, the SHA-256 (hex) of its token and, for an enrolment
-    /// with a grant, the person it acts as ([`crate::enrolment::Person::principal`]). The token
-    /// itself is never stored.
-    pub fn insert_device(
+    /// Enrols a device — its opaque id, the SHA-256 (hex) of its token and, for an enrolment
+    /// with a grant, the person it acts as ([`crate::enrolment::Person::principal`]); the token
+    /// itself is never stored — unless an enrolment cap is reached:
+    /// at most `caps.max_in_window` devices since `caps.window_since_ms` and, for a person, at
+    /// most `caps.max_per_person` of theirs since `caps.person_since_ms`. The counts and the
+    /// insert are one transaction that replicas sharing a PostgreSQL database take one at a
+    /// time (an advisory lock; SQLite's write transactions are exclusive already), so
+    /// concurrent enrolments on several replicas cannot pass a cap together. Returns the cap
+    /// that was reached and its count, and stores nothing then.
+    pub fn enrol_device_within_caps(
         &self,
         device_id: &str,
         token_sha256: &str,
         sdk_version: &str,
         at_ms: i64,
         principal: Option<&str>,
-    ) -> Result<(), StoreError> {
+        caps: &EnrolmentCaps,
+    ) -> Result<Option<(EnrolmentCap, u64)>, StoreError> {
         self.write(|tx| {
+            if tx.dialect() == Dialect::Postgres {
+                tx.batch("SELECT pg_advisory_xact_lock(7218309215)")?;
+            }
+            let recent = tx
+                .query_one(
+                    "SELECT COUNT(*) FROM devices WHERE enrolled_at_ms >= ?1",
+                    vals![caps.window_since_ms],
+                )?
+                .u64(0)?;
+            if recent >= caps.max_in_window {
+                return Ok(Some((EnrolmentCap::Window, recent)));
+            }
+            if let Some(p) = principal {
+                let theirs = tx
+                    .query_one(
+                        "SELECT COUNT(*) FROM devices WHERE principal = ?1 AND enrolled_at_ms >= ?2",
+                        vals![p, caps.person_since_ms],
+                    )?
+                    .u64(0)?;
+                if theirs >= caps.max_per_person {
+                    return Ok(Some((EnrolmentCap::Person, theirs)));
+                }
+            }
             tx.execute(
                 "INSERT INTO devices (id, token_sha256, sdk_version, enrolled_at_ms, principal) VALUES (?1, ?2, ?3, ?4, ?5)",
                 vals![device_id, token_sha256, sdk_version, at_ms, principal],
             )?;
-            Ok(())
+            Ok(None)
         })
     }
 

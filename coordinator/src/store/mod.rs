@@ -39,6 +39,7 @@ mod ledger;
 mod runs;
 mod schema;
 
+pub use devices::{EnrolmentCap, EnrolmentCaps};
 pub use lease::{Lease, LeaseOutcome};
 pub use runs::{RoundCommit, RunRecord, RunStatus};
 pub use schema::{MIGRATIONS, POSTGRES_MIGRATIONS};
