@@ -254,7 +254,7 @@ pub struct SparseUpdate {
 impl SparseUpdate {
     /// The L2 norm (the dense update's: every other coordinate is 0).
     pub fn norm(&self) -> f64 {
-        self.values.iter().map(|x| x * x).sum::<f64>().sqrt()
+        fedpref_privacy::l2_norm(&self.values)
     }
 
     /// The dense update.

@@ -810,11 +810,7 @@ impl Engine {
                     return;
                 }
             };
-            let norm = values
-                .iter()
-                .map(|&x| f64::from(x) * f64::from(x))
-                .sum::<f64>()
-                .sqrt();
+            let norm = fedpref_privacy::sum_of_squares_f32(values).sqrt();
             // The f32 rounding of a clipped update can lift its norm by a few ulps.
             if let Some(c) = limit
                 && norm > c * (1.0 + 1e-5)
@@ -835,11 +831,7 @@ impl Engine {
         let bit = match &open.bits {
             Some(_) if matches!(upload, Upload::Dense(v) if v.len() == open.aggregator.dimension()) =>
             {
-                let norm = values
-                    .iter()
-                    .map(|&x| f64::from(x) * f64::from(x))
-                    .sum::<f64>()
-                    .sqrt();
+                let norm = fedpref_privacy::sum_of_squares_f32(values).sqrt();
                 centred_bit(norm, open.bit_clip_norm).ok()
             }
             _ => None,

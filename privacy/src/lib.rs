@@ -65,7 +65,7 @@ pub use accountant::{
     Calibration, DeltaAtOrder, EpsilonAtOrder, RdpAccountant, calibrate_noise_multiplier,
 };
 pub use budget::Budget;
-pub use clip::{Clipped, clip_l2, clip_l2_tensors, l2_norm};
+pub use clip::{Clipped, clip_l2, clip_l2_tensors, l2_norm, sum_of_squares_f32};
 pub use error::PrivacyError;
 pub use mode::{
     Audience, Neighbouring, PrivacyMode, PrivacyStatement, RoundRelease, calibrate, calibrate_with,

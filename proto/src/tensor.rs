@@ -129,8 +129,8 @@ pub trait TensorElement: Copy + sealed::Sealed {
     const DTYPE: Dtype;
     /// Size of one element in bytes.
     const SIZE: usize;
-    /// Appends the element's little-endian bytes.
-    fn extend_le(self, out: &mut Vec<u8>);
+    /// Writes the element's little-endian bytes into exactly [`Self::SIZE`] bytes.
+    fn write_le(self, out: &mut [u8]);
     /// Reads one element from exactly [`Self::SIZE`] little-endian bytes.
     fn from_le(bytes: &[u8]) -> Self;
     /// Whether the element is finite (always true for integers).
@@ -144,8 +144,8 @@ macro_rules! tensor_element {
         impl TensorElement for $ty {
             const DTYPE: Dtype = $dtype;
             const SIZE: usize = std::mem::size_of::<$ty>();
-            fn extend_le(self, out: &mut Vec<u8>) {
-                out.extend_from_slice(&self.to_le_bytes());
+            fn write_le(self, out: &mut [u8]) {
+                out.copy_from_slice(&self.to_le_bytes());
             }
             fn from_le(bytes: &[u8]) -> Self {
                 let mut le = [0u8; std::mem::size_of::<$ty>()];
@@ -197,16 +197,20 @@ impl NamedTensor {
                 actual: values.len(),
             });
         }
-        if let Some((index, value)) = values.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+        // A branch-free pass over every value first (it vectorises); the index is looked for
+        // only when there is one to report.
+        if !values.iter().fold(true, |all, v| all & v.is_finite())
+            && let Some((index, value)) = values.iter().enumerate().find(|(_, v)| !v.is_finite())
+        {
             return Err(TensorError::NonFinite {
                 name,
                 index,
                 value: value.to_f64(),
             });
         }
-        let mut data = Vec::with_capacity(values.len() * T::SIZE);
-        for value in values {
-            value.extend_le(&mut data);
+        let mut data = vec![0u8; values.len() * T::SIZE];
+        for (bytes, value) in data.chunks_exact_mut(T::SIZE).zip(values) {
+            value.write_le(bytes);
         }
         Ok(NamedTensor {
             name,

@@ -1006,14 +1006,26 @@ impl Simulation<'_> {
 
 /// Clips a sparse update's values to L2 norm `c` (its norm is the dense update's, so this
 /// is clipping the dense update) and narrows them to f32, as an upload carries them.
-fn clip_sparse(update: SparseUpdate, c: Option<f64>) -> Result<(Vec<u32>, Vec<f32>), SimError> {
-    let values = match c {
-        Some(c) => clip_l2(update.values, c)?.into_values(),
-        None => update.values,
+/// Returns the indices, the clipped f32 values and the norm before clipping.
+fn clip_sparse(
+    update: SparseUpdate,
+    c: Option<f64>,
+) -> Result<(Vec<u32>, Vec<f32>, f64), SimError> {
+    let (values, norm_before) = match c {
+        Some(c) => {
+            let clipped = clip_l2(update.values, c)?;
+            let norm = clipped.norm_before();
+            (clipped.into_values(), norm)
+        }
+        None => {
+            let norm = update.norm();
+            (update.values, norm)
+        }
     };
     Ok((
         update.indices,
         values.into_iter().map(|x| x as f32).collect(),
+        norm_before,
     ))
 }
 
@@ -1046,13 +1058,12 @@ fn train_client(
             let (_private, update) = local_round_sparse_with(model, examples, training, scratch);
             (update, examples.len() as u64)
         });
-        let norm_before_clipping = update.norm();
         let fit_ns = t.elapsed().as_nanos() as u64;
         let t = Instant::now();
         let dimension = update.dimension;
         // Mode local: the device's C; the engine's aggregator adds the noise.
         let c = mechanism.map(|m| m.clip_norm()).or(clip);
-        let (indices, values) = clip_sparse(update, c)?;
+        let (indices, values, norm_before_clipping) = clip_sparse(update, c)?;
         let mut clip_bit = None;
         if let (Some(mechanism), Some(sigma_b)) = (mechanism, bit_noise_std) {
             let mut sampler = SimulationSampler::for_stream(seed, &[round, user as u64]);
@@ -1084,7 +1095,7 @@ fn train_client(
     }
     let examples = examples(&data.users[user].train, training);
     let (_private, update) = local_round(model, &examples, training);
-    let norm_before_clipping = update.iter().map(|x| x * x).sum::<f64>().sqrt();
+    let norm_before_clipping = fedpref_privacy::l2_norm(&update);
     let fit_ns = t.elapsed().as_nanos() as u64;
     let t = Instant::now();
     let mut clip_bit = None;
