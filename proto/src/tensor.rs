@@ -144,17 +144,19 @@ macro_rules! tensor_element {
         impl TensorElement for $ty {
             const DTYPE: Dtype = $dtype;
             const SIZE: usize = std::mem::size_of::<$ty>();
+            #[inline]
             fn write_le(self, out: &mut [u8]) {
                 out.copy_from_slice(&self.to_le_bytes());
             }
+            #[inline]
             fn from_le(bytes: &[u8]) -> Self {
                 let mut le = [0u8; std::mem::size_of::<$ty>()];
                 le.copy_from_slice(bytes);
                 <$ty>::from_le_bytes(le)
             }
+            #[inline]
             fn is_finite(self) -> bool {
-                let finite: fn($ty) -> bool = $finite;
-                finite(self)
+                ($finite)(self)
             }
             fn to_f64(self) -> f64 {
                 f64::from(self)

@@ -6,6 +6,11 @@ use clap::Parser;
 use fedpref_simulations::cli::Cli;
 use fedpref_simulations::command::execute;
 
+/// Simulated rounds allocate and free update-sized buffers at a high rate; mimalloc keeps
+/// their pages instead of returning them to the kernel after each free (docs/performance.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match execute(&cli) {

@@ -1095,13 +1095,14 @@ fn train_client(
     }
     let examples = examples(&data.users[user].train, training);
     let (_private, update) = local_round(model, &examples, training);
-    let norm_before_clipping = fedpref_privacy::l2_norm(&update);
     let fit_ns = t.elapsed().as_nanos() as u64;
     let t = Instant::now();
     let mut clip_bit = None;
-    let values: Vec<f32> = match (clip, mechanism) {
+    // The norm before clipping is the clip's own (one pass over the dense update).
+    let (values, norm_before_clipping): (Vec<f32>, f64) = match (clip, mechanism) {
         (_, Some(mechanism)) => {
             let clipped = clip_l2(update, mechanism.clip_norm())?;
+            let norm_before_clipping = clipped.norm_before();
             let mut sampler = SimulationSampler::for_stream(seed, &[round, user as u64]);
             let released = mechanism.release_update(clipped, &mut sampler)?;
             // Adaptive clipping in local mode: the device's bit, noised as the SDK does
@@ -1115,14 +1116,22 @@ fn train_client(
                 )?;
                 clip_bit = Some(bit.values()[0] + 0.5);
             }
-            released.values().iter().map(|&x| x as f32).collect()
+            (
+                released.values().iter().map(|&x| x as f32).collect(),
+                norm_before_clipping,
+            )
         }
-        (Some(c), None) => clip_l2(update, c)?
-            .values()
-            .iter()
-            .map(|&x| x as f32)
-            .collect(),
-        (None, None) => update.iter().map(|&x| x as f32).collect(),
+        (Some(c), None) => {
+            let clipped = clip_l2(update, c)?;
+            (
+                clipped.values().iter().map(|&x| x as f32).collect(),
+                clipped.norm_before(),
+            )
+        }
+        (None, None) => (
+            update.iter().map(|&x| x as f32).collect(),
+            fedpref_privacy::l2_norm(&update),
+        ),
     };
     Ok(ClientUpdate {
         upload: Upload::Dense(values),
