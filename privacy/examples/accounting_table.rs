@@ -41,12 +41,12 @@ fn main() {
             target_epsilon: 8.0,
         },
         Schedule {
-            name: "ML-1M private preset (`--preset movielens-1m-private`): all 6,040 users, 40 rounds",
+            name: "ML-1M private preset (`--preset movielens-1m-private`): all 6,040 users, 80 rounds",
             mode: PrivacyMode::Central,
             sampling_rate: 1.0,
-            rounds: 40,
+            rounds: 80,
             delta: 1e-6,
-            noise_multiplier: 4.3595,
+            noise_multiplier: 6.1653,
             target_epsilon: 8.0,
         },
         Schedule {

@@ -747,10 +747,10 @@ impl Defaults {
             // tighter clip did better on validation data (docs/personalisation.md).
             Some(Preset::Movielens1mPrivate) => Self {
                 dataset: DatasetKind::Movielens1m,
-                rounds: 40,
+                rounds: 80,
                 cohort_size: u32::MAX,
                 factors: 4,
-                server_learning_rate: Some(0.2),
+                server_learning_rate: Some(0.1),
                 eval_every: 10,
                 privacy_mode: Mode::Central,
                 target_epsilon: Some(8.0),
