@@ -71,7 +71,7 @@ use std::any::TypeId;
 use std::marker::PhantomData;
 
 use fedpref_privacy::{
-    ClippedSum, GaussianMechanism, GaussianSampler, Provenance, Secure, clip_l2,
+    Clipped, ClippedSum, GaussianMechanism, GaussianSampler, Provenance, Secure, clip_l2,
 };
 
 pub use error::{AggregationError, UpdateRejected};
@@ -478,16 +478,18 @@ impl RoundAggregator {
                 }
                 if simulated_noise_variance > 0.0 {
                     // One draw of N(0, Σ w_k² (σC)²) per coordinate in place of every
-                    // simulated device's own noise (see `add_simulated`).
+                    // simulated device's own noise (see `add_simulated`), added and divided
+                    // in one pass (the same two roundings as two passes).
                     let std = simulated_noise_variance.sqrt();
                     let mechanism = GaussianMechanism::new(1.0, std)?;
-                    let zeros = clip_l2(vec![0.0; self.dimension], std)?;
-                    let noise = mechanism.release_update(zeros, sampler)?;
+                    let noise =
+                        mechanism.release_update(Clipped::zeros(self.dimension, std)?, sampler)?;
                     for (x, n) in weighted_sum.iter_mut().zip(noise.values()) {
-                        *x += n;
+                        *x = (*x + n) / total_weight;
                     }
+                } else {
+                    weighted_sum.iter_mut().for_each(|x| *x /= total_weight);
                 }
-                weighted_sum.iter_mut().for_each(|x| *x /= total_weight);
                 (weighted_sum, total_weight, 0.0)
             }
             Accumulator::Central {

@@ -20,6 +20,17 @@ pub struct Clipped {
 }
 
 impl Clipped {
+    /// `dimension` zeros, which are within any clip norm C > 0: what a release of pure noise
+    /// starts from (the simulator's aggregate noise draw), without [`clip_l2`]'s passes over
+    /// them. Refuses a C that is not finite and positive, as [`clip_l2`] does.
+    pub fn zeros(dimension: usize, clip_norm: f64) -> Result<Self, PrivacyError> {
+        Ok(Self {
+            values: vec![0.0; dimension],
+            clip_norm: check::positive("clip_norm", clip_norm)?,
+            norm_before: 0.0,
+        })
+    }
+
     /// The clipped coordinates.
     pub fn values(&self) -> &[f64] {
         &self.values
@@ -171,6 +182,16 @@ pub fn clip_l2_tensors(tensors: &[&[f64]], clip_norm: f64) -> Result<Clipped, Pr
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn zeros_are_what_clipping_zeros_gives() {
+        assert_eq!(
+            Clipped::zeros(5, 0.7).unwrap(),
+            clip_l2(vec![0.0; 5], 0.7).unwrap()
+        );
+        assert!(Clipped::zeros(5, 0.0).is_err());
+        assert!(Clipped::zeros(5, f64::NAN).is_err());
+    }
 
     #[test]
     fn the_lane_sums_of_squares_agree_with_a_plain_sum_to_rounding() {
