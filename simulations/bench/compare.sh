@@ -12,8 +12,8 @@
 #   PYTHON        a Python with NumPy         [python3]
 #   PATHS         noise paths to run          ["aggregate per-device"]
 #   THREADS       thread counts to run        ["1 2"]
-#   REPEAT        runs per side, the fastest kept: NumPy's --repeat, and as many
-#                 fedpref-sim bench runs per row  [3; 1 when U ≥ 10^5]
+#   REPEAT        runs of the training loop per side, in one process each, the fastest
+#                 kept: NumPy's and fedpref-sim bench's --repeat  [3; 1 when U ≥ 10^5]
 #   OUT           where the JSON results go   [a new temporary directory]
 set -euo pipefail
 
@@ -44,18 +44,10 @@ for c in "${configs[@]}"; do
     --sigma "$sigma" --repeat "$repeat" --out "$out/numpy_$tag.json" >/dev/null
   for path in $paths; do
     for t in $threads; do
-      best="$out/fedpref_${tag}_${path}_t$t.json"
-      for r in $(seq "$repeat"); do
-        "$sim" bench --users "$users" --clients-per-round "$m" --rounds "$rounds" \
-          --noise-multiplier "$sigma" --noise-path "$path" --threads "$t" --json \
-          >"$out/run.json"
-        # Keep the fastest run, as NumPy's --repeat does (the runs are the same seeded work).
-        if [ "$r" = 1 ] || "$python" -c 'import json, sys
-a, b = (json.load(open(f))["client_updates_per_s"] for f in sys.argv[1:])
-sys.exit(0 if a > b else 1)' "$out/run.json" "$best"; then
-          cp "$out/run.json" "$best"
-        fi
-      done
+      # The fastest of $repeat runs of the training loop in one process, as NumPy's --repeat.
+      "$sim" bench --users "$users" --clients-per-round "$m" --rounds "$rounds" \
+        --noise-multiplier "$sigma" --noise-path "$path" --threads "$t" --repeat "$repeat" \
+        --json >"$out/fedpref_${tag}_${path}_t$t.json"
       "$python" - "$out/numpy_$tag.json" "$out/fedpref_${tag}_${path}_t$t.json" <<'PY'
 import json, sys
 np_ = json.load(open(sys.argv[1]))

@@ -546,6 +546,11 @@ pub struct BenchArgs {
     /// How a round makes its noise: `aggregate` or `per-device` (see `run --noise-path`).
     #[arg(long, value_name = "PATH", default_value = "aggregate")]
     pub noise_path: NoisePath,
+    /// Run the training loop N times in this process, each from a fresh coordinator engine
+    /// with the same seed (the same work and result), and report the fastest — as the NumPy
+    /// reference's `--repeat` does.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub repeat: u32,
     /// Print one JSON object.
     #[arg(long)]
     pub json: bool,

@@ -61,6 +61,7 @@ fn bad_flags_are_errors_naming_the_flag_with_exit_code_2() {
             vec!["bench", "--clients-per-round", "0"],
             "--clients-per-round",
         ),
+        (vec!["bench", "--repeat", "0"], "--repeat"),
     ] {
         let (code, _, stderr) = sim(&args);
         assert_eq!(code, 2, "{args:?}: {stderr}");
@@ -142,9 +143,9 @@ fn json_prints_one_summary_object_with_the_documented_keys_in_order() {
     }
 }
 
-#[test]
-fn bench_runs_a_tiny_workload_and_reports_speed_memory_and_rmse() {
-    let (code, stdout, stderr) = sim(&[
+/// `fedpref-sim bench --json` on a tiny workload (10 clients × 2 rounds) with `extra` flags.
+fn tiny_bench(extra: &[&str]) -> serde_json::Value {
+    let mut args = vec![
         "bench",
         "--users",
         "50",
@@ -157,13 +158,38 @@ fn bench_runs_a_tiny_workload_and_reports_speed_memory_and_rmse() {
         "--rounds",
         "2",
         "--json",
-    ]);
+    ];
+    args.extend_from_slice(extra);
+    let (code, stdout, stderr) = sim(&args);
     assert_eq!(code, 0, "{stderr}");
-    let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    serde_json::from_str(stdout.trim()).unwrap()
+}
+
+#[test]
+fn bench_runs_a_tiny_workload_and_reports_speed_memory_and_rmse() {
+    let v = tiny_bench(&[]);
     assert!(v["client_updates_per_s"].as_f64().unwrap() > 0.0);
     assert!(v["peak_rss_bytes"].as_u64().unwrap() > 0);
     assert!(v["rmse"].as_f64().unwrap().is_finite());
     assert_eq!(v["client_updates"], 20);
+}
+
+#[test]
+fn bench_repeats_the_same_seeded_work_and_keeps_the_fastest() {
+    let v = tiny_bench(&["--repeat", "3"]);
+    let walls: Vec<f64> = v["rounds_wall_repeats_s"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w.as_f64().unwrap())
+        .collect();
+    assert_eq!(walls.len(), 3);
+    assert_eq!(v["repeat"], 3);
+    // The reported wall time is the fastest repetition's, and the work is the same.
+    let fastest = walls.iter().copied().fold(f64::INFINITY, f64::min);
+    assert_eq!(v["rounds_wall_s"].as_f64().unwrap(), fastest);
+    assert_eq!(v["client_updates"], 20);
+    assert_eq!(v["rmse"], tiny_bench(&[])["rmse"]);
 }
 
 #[test]
